@@ -1,0 +1,5 @@
+import sys
+
+from dllama.cli import main
+
+sys.exit(main())

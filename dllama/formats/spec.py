@@ -1,0 +1,45 @@
+"""One description of a model, whatever file it came from (.m, GGUF)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelSpec:
+    arch: str = "llama"            # "llama" (also Mistral/TinyLlama/SmolLM2), "mixtral", "grok1", "qwen3", "qwen3_moe"
+    dim: int = 0                   # width of the residual stream x
+    hidden_dim: int = 0            # FFN width (per expert for MoE models)
+    n_layers: int = 0
+    n_heads: int = 0               # query heads
+    n_kv_heads: int = 0            # key/value heads (grouped-query attention when < n_heads)
+    head_dim: int = 0              # usually dim // n_heads
+    vocab_size: int = 0
+    seq_len: int = 0               # context length the model was trained for
+    n_experts: int = 0             # 0 for dense models
+    n_active_experts: int = 0
+    moe_hidden_dim: int = 0        # FFN width of one expert where the file says so (Qwen3 MoE)
+    hidden_act: str = "silu"       # "silu" or "gelu"
+    rope_type: str = "llama"       # "llama" (adjacent pairs), "llama3.1" (llama + frequency scaling), "falcon" (halves, neox)
+    rope_theta: float = 10000.0
+    rope_scaling_factor: float = 1.0
+    rope_scaling_low_freq_factor: float = 0.0
+    rope_scaling_high_freq_factor: float = 0.0
+    rope_scaling_orig_max_seq_len: int = 0
+    norm_eps: float = 1e-5
+    weight_type: str = "q40"       # dominant matmul weight type: "f32", "f16", "q40", "q41", "q80"
+    tied_embeddings: bool = False  # the output matrix is the token embedding
+    name: str = ""                 # human name (GGUF general.name, or the file stem)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.moe_hidden_dim if self.moe_hidden_dim else self.hidden_dim
