@@ -1,0 +1,59 @@
+"""Flags shared by every command that runs a model (inference, chat, dllama-api), as the reference names them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dllama.errors import DllamaError
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="model file: Distributed Llama .m or GGUF")
+    g.add_argument("--tokenizer", help="tokenizer file (.t); optional for GGUF models, which carry theirs")
+    g.add_argument("--max-seq-len", type=int, default=None,
+                   help="limit the context (KV cache) to this many tokens (default: the model's)")
+    g.add_argument("--nthreads", type=int, default=1, help="compute threads on this node (default 1)")
+    g.add_argument("--buffer-float-type", choices=("f32", "q80"), default="q80",
+                   help="float type of the activations exchanged between nodes (default q80)")
+    g.add_argument("--workers", nargs="*", default=[], metavar="HOST:PORT",
+                   help="worker nodes, in order (the root is node 0); 1 + workers must be a power of two")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    s.add_argument("--topp", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
+    s.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def parse_workers(items: list[str]) -> list[tuple[str, int]]:
+    out = []
+    for item in items:
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise DllamaError(f"--workers: {item!r} is not HOST:PORT")
+        out.append((host, int(port)))
+    return out
+
+
+def open_engine(args, log=None):
+    from dllama.engine import Engine
+    from dllama.kernels import cache_is_warm
+
+    if not cache_is_warm():
+        print("compiling kernels (first run only; later runs start in seconds)...", file=sys.stderr, flush=True)
+    return Engine.open(args.model, args.tokenizer, nthreads=args.nthreads, max_seq_len=args.max_seq_len,
+                       buffer_float_type=args.buffer_float_type, workers=parse_workers(args.workers), log=log)
+
+
+def make_sampler(args):
+    from dllama.sampler import Sampler
+
+    return Sampler(args.temperature, args.topp, args.seed)
+
+
+def isatty(stream) -> bool:
+    try:
+        return os.isatty(stream.fileno())
+    except (AttributeError, ValueError, OSError):
+        return False

@@ -1,0 +1,197 @@
+"""Generation: load a model (split over the workers, if any), evaluate prompts in batches, decode token by
+token, reuse the KV cache across calls, and time it all."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dllama.errors import DllamaError
+
+MAX_BATCH = 32  # prompt positions per forward pass, as the reference
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0          # tokens evaluated for the prompt (after KV-cache reuse)
+    reused_tokens: int = 0          # prompt tokens whose K/V were already in the cache
+    prompt_s: float = 0.0
+    generated: int = 0
+    gen_s: float = 0.0
+    transfer_s: float = 0.0         # of gen_s: time spent waiting on the network
+    sent_bytes: int = 0             # during generation
+    recv_bytes: int = 0
+    first_token_s: float = 0.0      # from generate() to the first generated token
+    token_ms: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        n = max(self.generated, 1)
+        avg_ms = 1000 * self.gen_s / n
+        avg_t = 1000 * self.transfer_s / n
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "reused_tokens": self.reused_tokens,
+            "generated_tokens": self.generated,
+            "prompt_tokens_per_s": self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0,
+            "generation_tokens_per_s": self.generated / self.gen_s if self.gen_s else 0.0,
+            "avg_token_ms": avg_ms,
+            "avg_inference_ms": avg_ms - avg_t,
+            "avg_transfer_ms": avg_t,
+            "sent_bytes_per_token": self.sent_bytes / n,
+            "recv_bytes_per_token": self.recv_bytes / n,
+            "time_to_first_token_s": self.first_token_s,
+        }
+
+
+class Engine:
+    """A loaded model ready to generate. Not re-entrant: one generate() at a time."""
+
+    def __init__(self, loaded, tokenizer, chat, model, coll, seq_len: int):
+        self.loaded, self.tokenizer, self.chat = loaded, tokenizer, chat
+        self.spec = loaded.spec
+        self.model, self.coll, self.seq_len = model, coll, seq_len
+        self.name = self.spec.name or os.path.basename(loaded.path)
+        self.cache_ids: list[int] = []      # tokens whose K/V are in the cache, in position order
+        self.stats = Stats()
+
+    @classmethod
+    def open(cls, model_path: str, tokenizer_path: str | None = None, nthreads: int = 1,
+             max_seq_len: int | None = None, buffer_float_type: str = "q80", workers=(),
+             log=None) -> "Engine":
+        """Load a model file (and tokenizer), connecting to and loading the workers if any.
+
+        Raises DllamaError for bad files, bad flags, and workers that cannot be reached.
+        """
+        from dllama import kernels as K
+        from dllama.chat import ChatTemplate
+        from dllama.formats.loader import load_model
+        from dllama.model.collective import LocalCollective
+        from dllama.model.llama import NodeModel
+        from dllama.model.partition import partition
+
+        if nthreads < 1:
+            raise DllamaError(f"--nthreads must be at least 1, got {nthreads}")
+        if buffer_float_type not in ("f32", "q80"):
+            raise DllamaError(f"--buffer-float-type must be f32 or q80, got {buffer_float_type!r}")
+        if max_seq_len is not None and max_seq_len < 1:
+            raise DllamaError(f"--max-seq-len must be at least 1, got {max_seq_len}")
+        loaded = load_model(model_path)
+        spec = loaded.spec
+        plan = partition(spec, 1 + len(workers))   # refuses bad node counts before connecting
+        tokenizer = _open_tokenizer(loaded, tokenizer_path)
+        chat = ChatTemplate.for_tokenizer(tokenizer)
+        seq_len = min(spec.seq_len, max_seq_len) if max_seq_len else spec.seq_len
+        K.set_threads(nthreads)
+        if workers:
+            from dllama.net.root import connect_workers
+            coll = connect_workers(list(workers), loaded, plan, seq_len, buffer_float_type, nthreads, log=log)
+        else:
+            coll = LocalCollective()
+        model = NodeModel(spec, plan[0], seq_len, MAX_BATCH, coll)
+        _load_slice(model, loaded, spec, plan[0])
+        loaded.release()
+        return cls(loaded, tokenizer, chat, model, coll, seq_len)
+
+    # ---- generation ------------------------------------------------------------------------------
+
+    def _forward(self, tokens: list[int], start: int) -> np.ndarray:
+        positions = np.arange(start, start + len(tokens), dtype=np.int64)
+        self.coll.step(len(tokens), positions)
+        return self.model.forward(np.asarray(tokens, dtype=np.int64), positions)
+
+    def prefill(self, prompt_ids: list[int]) -> np.ndarray:
+        """Evaluate the prompt's tokens not already in the cache; return the logits of its last one."""
+        keep = _common_prefix(self.cache_ids, prompt_ids)
+        keep = min(keep, len(prompt_ids) - 1)   # the last prompt token must run to give logits
+        self.cache_ids = self.cache_ids[:keep]
+        st = self.stats
+        st.reused_tokens = keep
+        todo = prompt_ids[keep:]
+        st.prompt_tokens = len(todo)
+        t0 = time.perf_counter()
+        logits = None
+        for i in range(0, len(todo), MAX_BATCH):
+            chunk = todo[i:i + MAX_BATCH]
+            logits = self._forward(chunk, keep + i)
+            self.cache_ids.extend(chunk)
+        st.prompt_s = time.perf_counter() - t0
+        return logits
+
+    def generate(self, prompt_ids: list[int], max_tokens: int, sampler, stop_ids=None):
+        """Yield up to `max_tokens` generated token ids after `prompt_ids`.
+
+        Stops early at a token of `stop_ids` (default: the tokenizer's end tokens), which is yielded too,
+        or when the context is full. Raises DllamaError if the prompt does not fit the context.
+        """
+        if not prompt_ids:
+            raise DllamaError("the prompt is empty")
+        if len(prompt_ids) >= self.seq_len:
+            raise DllamaError(f"the prompt has {len(prompt_ids)} tokens, more than the context allows "
+                              f"({self.seq_len} with the current --max-seq-len)")
+        stops = set(self.tokenizer.eos_ids if stop_ids is None else stop_ids)
+        self.stats = st = Stats()
+        t_start = time.perf_counter()
+        logits = self.prefill(prompt_ids)
+        c0 = (self.coll.transfer_s, self.coll.sent_bytes, self.coll.recv_bytes)
+        t0 = time.perf_counter()
+        try:
+            for _ in range(max_tokens):
+                tok = sampler(logits)
+                st.generated += 1
+                if st.generated == 1:
+                    st.first_token_s = time.perf_counter() - t_start
+                yield tok
+                if tok in stops or len(self.cache_ids) + 1 >= self.seq_len:
+                    break
+                t1 = time.perf_counter()
+                logits = self._forward([tok], len(self.cache_ids))
+                self.cache_ids.append(tok)
+                st.token_ms.append(1000 * (time.perf_counter() - t1))
+        finally:
+            st.gen_s = time.perf_counter() - t0
+            st.transfer_s = self.coll.transfer_s - c0[0]
+            st.sent_bytes = self.coll.sent_bytes - c0[1]
+            st.recv_bytes = self.coll.recv_bytes - c0[2]
+
+    @property
+    def context_left(self) -> int:
+        return self.seq_len - len(self.cache_ids)
+
+    def close(self) -> None:
+        self.coll.close()
+        self.loaded.close()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _open_tokenizer(loaded, tokenizer_path: str | None):
+    from dllama.tokenizer import Tokenizer
+
+    if tokenizer_path:
+        if not os.path.exists(tokenizer_path):
+            raise DllamaError(f"tokenizer file not found: {tokenizer_path}")
+        with open(tokenizer_path, "rb") as f:
+            is_gguf = f.read(4) == b"GGUF"
+        return Tokenizer.from_gguf(tokenizer_path) if is_gguf else Tokenizer.from_t(tokenizer_path)
+    if loaded.kind == "gguf":
+        return Tokenizer.from_gguf(loaded.path)
+    raise DllamaError(f"{loaded.path} is a Distributed Llama .m file: pass its tokenizer with --tokenizer")
+
+
+def _load_slice(model, loaded, spec, node) -> None:
+    from dllama.model.partition import node_tensor_names, slice_tensor
+
+    for name in node_tensor_names(spec, node):
+        part = slice_tensor(loaded.tensors[name], name, spec, node)
+        if part is not None:
+            model.load(name, *part)
+    model.finish_loading()

@@ -1,0 +1,234 @@
+"""The forward pass of one node's slice of a Llama-family model (Llama 2/3/3.1/3.2, Mistral, SmolLM2,
+TinyLlama; Mixtral-style mixture of experts).
+
+One node holds its query/KV heads, its FFN rows and its vocabulary rows (see `partition`). Every node runs
+this same code; where the nodes must exchange activations it calls the collective (`coll`), which is a no-op
+on one node. Matrices are packed for the kernels once, at load; the per-token path only fills buffers
+allocated here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dllama import kernels as K
+from dllama.formats.spec import ModelSpec
+from dllama.model.collective import Collective
+from dllama.model.partition import NodeSlice
+from dllama.quants import dequantize
+
+# Matrices packed together because they read the same input: one kernel call instead of three (or two).
+_FUSED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
+
+
+class Layer:
+    __slots__ = ("attn_norm", "ffn_norm", "wqkv", "wq", "wk", "wv", "wo", "w13", "w1", "w3", "w2",
+                 "moe_gate", "experts", "k_cache", "v_cache")
+
+    def __init__(self):
+        for s in self.__slots__:
+            setattr(self, s, None)
+
+
+class NodeModel:
+    def __init__(self, spec: ModelSpec, node: NodeSlice, seq_len: int, max_batch: int, coll: Collective):
+        self.spec, self.node, self.seq_len, self.max_batch, self.coll = spec, node, seq_len, max_batch, coll
+        hd = spec.head_dim
+        self.n_heads = len(node.heads)          # this node's query heads
+        self.n_kv = len(node.kv_heads)          # this node's KV heads
+        self.q_dim, self.kv_dim = self.n_heads * hd, self.n_kv * hd
+        self.ffn = len(node.ffn)
+        self.layers = [Layer() for _ in range(spec.n_layers)]
+        self.norm = None
+        self.wcls = None
+        self.tok_embd = None                    # root only: stays memory-mapped, one row read per token
+        self._pending: dict[str, tuple] = {}
+        self.cos, self.sin = K.rope_tables(spec, seq_len)
+        self.neox = spec.rope_type == "falcon"
+        self._alloc(max_batch)
+
+    def _alloc(self, b: int) -> None:
+        s, f32 = self.spec, np.float32
+        self.x = np.zeros((b, s.dim), f32)       # residual stream
+        self.xb = np.zeros((b, s.dim), f32)      # normed input of a block
+        self.y = np.zeros((b, s.dim), f32)       # partial output of wo / w2 (summed over nodes)
+        self.qkv = np.zeros((b, self.q_dim + 2 * self.kv_dim), f32)
+        self.q = np.zeros((b, self.q_dim), f32)
+        self.k = np.zeros((b, self.kv_dim), f32)
+        self.att_out = np.zeros((b, self.q_dim), f32)
+        self.att = np.zeros((self.n_heads, self.seq_len), f32)
+        self.h = np.zeros((b, 2 * self.ffn), f32)
+        self.hb = np.zeros((b, self.ffn), f32)
+        self.logits_part = np.zeros((1, len(self.node.vocab)), f32)
+        self.logits = np.zeros((1, s.vocab_size), f32)
+        if s.n_experts:
+            self.router = np.zeros((1, s.n_experts), f32)
+            self.moe_acc = np.zeros((1, s.dim), f32)
+
+    # ---- loading ---------------------------------------------------------------------------------
+
+    def load(self, name: str, qtype: str, shape: tuple, raw: np.ndarray) -> None:
+        """Take one tensor of this node's slice (as cut by `partition.slice_tensor`)."""
+        if name == "tok_embd":
+            self.tok_embd = (qtype, shape, raw)
+            return
+        if name == "norm":
+            self.norm = _vector(qtype, shape, raw)
+            return
+        if name == "wcls":
+            self.wcls = K.pack(qtype, raw, *shape)
+            return
+        parts = name.split(".")
+        layer = self.layers[int(parts[1])]
+        leaf = parts[-1]
+        if leaf in ("attn_norm", "ffn_norm", "q_norm", "k_norm"):
+            setattr(layer, leaf, _vector(qtype, shape, raw))
+        elif leaf == "moe_gate":
+            layer.moe_gate = K.pack(qtype, raw, *shape)
+        elif parts[2] == "experts":
+            self._load_expert(layer, int(parts[3]), leaf, qtype, shape, raw)
+        else:
+            self._load_matrix(layer, name, leaf, qtype, shape, raw)
+
+    def _load_matrix(self, layer: Layer, name: str, leaf: str, qtype, shape, raw) -> None:
+        for fused, members in _FUSED.items():
+            if leaf not in members:
+                continue
+            prefix = name[: -len(leaf)]
+            self._pending[prefix + leaf] = (qtype, shape, raw)
+            got = [self._pending.get(prefix + m) for m in members]
+            if any(g is None for g in got):
+                return
+            for m in members:
+                del self._pending[prefix + m]
+            if len({g[0] for g in got}) == 1:   # one type: one packed matrix, one kernel call
+                rows = sum(g[1][0] for g in got)
+                raw_all = np.concatenate([np.asarray(g[2]).reshape(-1) for g in got])
+                setattr(layer, fused, K.pack(got[0][0], raw_all, rows, shape[1]))
+            else:
+                for m, g in zip(members, got):
+                    setattr(layer, m, K.pack(g[0], g[2], *g[1]))
+            return
+        setattr(layer, leaf, K.pack(qtype, raw, *shape))
+
+    def _load_expert(self, layer: Layer, e: int, leaf: str, qtype, shape, raw) -> None:
+        if layer.experts is None:
+            layer.experts = [Layer() for _ in range(self.spec.n_experts)]
+        self._load_matrix(layer.experts[e], f"expert{e}.{leaf}", leaf, qtype, shape, raw)
+
+    def finish_loading(self) -> None:
+        if self._pending:
+            raise ValueError(f"tensors left unpaired: {sorted(self._pending)}")
+        self._pending = {}
+
+    def reset_batch(self, max_batch: int) -> None:
+        if max_batch > self.max_batch:
+            self.max_batch = max_batch
+            self._alloc(max_batch)
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def embed(self, tokens: np.ndarray, x: np.ndarray) -> None:
+        qtype, (vocab, dim), raw = self.tok_embd
+        row_bytes = raw.size // vocab
+        for i, t in enumerate(tokens):
+            row = raw[int(t) * row_bytes:(int(t) + 1) * row_bytes]
+            x[i] = dequantize(qtype, row, 1, dim)[0]
+
+    def forward(self, tokens: np.ndarray | None, positions: np.ndarray, logits: bool = True):
+        """Run `len(positions)` tokens through the model, writing their K/V at `positions`.
+
+        Root: `tokens` (n,) ids -> logits (vocab,) of the last position (None if `logits` is False).
+        Workers: `tokens` is None; they follow the root's exchanges and return None.
+        """
+        s, coll = self.spec, self.coll
+        n = len(positions)
+        x, xb, y = self.x[:n], self.xb[:n], self.y[:n]
+        if coll.is_root:
+            self.embed(tokens, x)
+        for layer in self.layers:
+            coll.broadcast(x)
+            K.rmsnorm(x, layer.attn_norm, s.norm_eps, xb)
+            self._attention(layer, xb, positions, y)
+            coll.reduce_sum(y)
+            if coll.is_root:
+                x += y
+            coll.broadcast(x)
+            K.rmsnorm(x, layer.ffn_norm, s.norm_eps, xb)
+            if s.n_experts:
+                self._moe(layer, xb, y)
+            else:
+                self._ffn(layer, xb, y)
+            coll.reduce_sum(y)
+            if coll.is_root:
+                x += y
+        if not logits:
+            return None
+        last = x[n - 1:n]
+        coll.broadcast(last)
+        K.rmsnorm(last, self.norm, s.norm_eps, xb[:1])
+        K.matmul(self.wcls, xb[:1], self.logits_part)
+        if coll.n_nodes == 1:
+            return self.logits_part[0]
+        coll.gather(self.logits_part, self.logits)
+        return self.logits[0] if coll.is_root else None
+
+    def _attention(self, layer: Layer, xb: np.ndarray, positions: np.ndarray, y: np.ndarray) -> None:
+        n, hd, qd, kvd = len(positions), self.spec.head_dim, self.q_dim, self.kv_dim
+        q, k = self.q[:n], self.k[:n]
+        if layer.wqkv is not None:
+            qkv = self.qkv[:n]
+            K.matmul(layer.wqkv, xb, qkv)
+            q[:] = qkv[:, :qd]
+            k[:] = qkv[:, qd:qd + kvd]
+            v = qkv[:, qd + kvd:]
+        else:
+            K.matmul(layer.wq, xb, q)
+            K.matmul(layer.wk, xb, k)
+            v = self.qkv[:n, qd + kvd:]
+            K.matmul(layer.wv, xb, v)
+        if layer.k_cache is None:
+            # np.zeros maps lazily: only the positions used become resident
+            layer.k_cache = np.zeros((self.seq_len, kvd), np.float32)
+            layer.v_cache = np.zeros((self.seq_len, kvd), np.float32)
+        K.rope(q, positions, self.cos, self.sin, hd, self.neox)
+        K.rope(k, positions, self.cos, self.sin, hd, self.neox)
+        layer.k_cache[positions] = k
+        layer.v_cache[positions] = v
+        att_out = self.att_out[:n]
+        K.attention(q, layer.k_cache, layer.v_cache, positions, self.n_heads, self.n_kv, hd, self.att, att_out)
+        K.matmul(layer.wo, att_out, y)
+
+    def _ffn(self, layer: Layer, xb: np.ndarray, y: np.ndarray) -> None:
+        n = xb.shape[0]
+        h, hb = self.h[:n], self.hb[:n]
+        if layer.w13 is not None:
+            K.matmul(layer.w13, xb, h)
+        else:
+            K.matmul(layer.w1, xb, h[:, :self.ffn])
+            K.matmul(layer.w3, xb, h[:, self.ffn:])
+        if self.spec.hidden_act == "gelu":
+            K.gelu_glu(h, self.ffn, hb)
+        else:
+            K.swiglu(h, self.ffn, hb)
+        K.matmul(layer.w2, hb, y)
+
+    def _moe(self, layer: Layer, xb: np.ndarray, y: np.ndarray) -> None:
+        """Mixtral routing: each position's top-k experts, weighted by the softmax of their router logits.
+        Every node runs its rows of the same experts, so the router (tiny) runs on every node."""
+        s = self.spec
+        y[:] = 0
+        for i in range(xb.shape[0]):
+            row = xb[i:i + 1]
+            K.matmul(layer.moe_gate, row, self.router)
+            logits = self.router[0]
+            top = np.argsort(logits)[::-1][: s.n_active_experts]
+            w = np.exp(logits[top] - logits[top[0]])
+            w /= w.sum()
+            for e, we in zip(top, w):
+                self._ffn(layer.experts[int(e)], row, self.moe_acc)
+                y[i] += we * self.moe_acc[0]
+
+
+def _vector(qtype: str, shape: tuple, raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(dequantize(qtype, raw, 1, int(np.prod(shape)))[0], dtype=np.float32)

@@ -1,0 +1,37 @@
+"""Choosing the next token from logits: greedy at temperature 0, else temperature + top-p (nucleus)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dllama.errors import DllamaError
+
+
+class Sampler:
+    def __init__(self, temperature: float = 0.8, topp: float = 0.9, seed: int | None = None):
+        if temperature < 0:
+            raise DllamaError(f"--temperature must be >= 0, got {temperature}")
+        if not 0 < topp <= 1:
+            raise DllamaError(f"--topp must be in (0, 1], got {topp}")
+        self.temperature, self.topp = temperature, topp
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.temperature == 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / self.temperature
+        z -= z.max()
+        p = np.exp(z)
+        p /= p.sum()
+        if self.topp >= 1:
+            return int(self.rng.choice(p.size, p=p))
+        # As llama2.c: tokens below (1 - topp) / (n - 1) can never be in the nucleus, so only the few
+        # survivors are sorted (a full argsort of a 128k vocabulary per token would cost milliseconds).
+        cand = np.flatnonzero(p >= (1 - self.topp) / (p.size - 1))
+        cand = cand[np.argsort(-p[cand], kind="stable")]
+        cum = np.cumsum(p[cand])
+        last = int(np.searchsorted(cum, self.topp)) + 1
+        keep = cand[:last]
+        cum_keep = np.cumsum(p[keep])
+        i = int(np.searchsorted(cum_keep, self.rng.random() * cum_keep[-1], side="right"))
+        return int(keep[min(i, keep.size - 1)])
