@@ -1,0 +1,245 @@
+"""Test hosts on one machine: one network namespace per host, each with its own sshd.
+
+Layout (all addresses exist only inside the namespaces created here):
+
+    controller ns  <prefix>c   br0 10.213.0.1/24 (management, SSH)   br1 10.213.1.1/24 (cluster network)
+    host i ns      <prefix>hi  eth0 10.213.0.(10+i)/24               eth1 left unconfigured: the
+                                                                     static_ip role gives it 10.213.1.(10+i)
+
+Each host runs `sshd -D` inside `unshare --mount --uts --pid --fork --kill-child --mount-proc`, with
+per-host copies bind-mounted over /etc, /opt, /run and /var/log, so playbooks keep their real paths and
+the hosts do not see each other's files or processes. Teardown is SIGKILL of the `unshare` process
+(`--kill-child` takes everything started on the host with it; `unshare --fork` ignores SIGTERM), then
+`ip netns del`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+MGMT_NET = "10.213.0"
+CLUSTER_NET = "10.213.1"
+REQUIRED_TOOLS = ("ip", "unshare", "sshd", "ssh", "ssh-keygen", "ifup", "systemd-analyze")
+# Bind-mounted per host; /etc is a full copy so users, units and interfaces stay apart.
+PER_HOST_DIRS = ("etc", "opt", "run", "var/log")
+
+
+def missing_prerequisites() -> list[str]:
+    """What this machine lacks to run namespace hosts (empty when all is there)."""
+    missing = [] if os.geteuid() == 0 else ["root privileges"]
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    missing += [t for t in REQUIRED_TOOLS if shutil.which(t, path=path) is None]
+    return missing
+
+
+def _run(cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
+
+
+@dataclass
+class Host:
+    name: str          # inventory name and hostname, e.g. node1
+    netns: str
+    index: int
+    workdir: str       # per-host directories live under here
+    proc: subprocess.Popen | None = None
+    sshd_log: str = ""
+
+    @property
+    def mgmt_ip(self) -> str:
+        return f"{MGMT_NET}.{10 + self.index}"
+
+    @property
+    def cluster_ip(self) -> str:
+        return f"{CLUSTER_NET}.{10 + self.index}"
+
+    def path(self, inside: str) -> str:
+        """The controller-side path of a file the host sees at `inside` (under a per-host dir)."""
+        for d in PER_HOST_DIRS:
+            root = "/" + d
+            if inside == root or inside.startswith(root + "/"):
+                return os.path.join(self.workdir, d) + inside[len(root):]
+        raise ValueError(f"{inside} is shared with the machine, not per host")
+
+
+@dataclass
+class TestHosts:
+    n_hosts: int = 2
+    prefix: str = field(default_factory=lambda: f"dlt{os.getpid() % 100000}")
+    workdir: str = ""
+    hosts: list[Host] = field(default_factory=list)
+
+    @property
+    def ctl_ns(self) -> str:
+        return f"{self.prefix}c"
+
+    @property
+    def key(self) -> str:
+        return os.path.join(self.workdir, "id_ed25519")
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> "TestHosts":
+        """Create the namespaces and start every host's sshd; raises on failure (call stop() anyway)."""
+        self.workdir = tempfile.mkdtemp(prefix=f"{self.prefix}-")
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.key])
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(self.workdir, "hostkey")])
+        shutil.copy(self.key + ".pub", os.path.join(self.workdir, "authorized_keys"))
+        self._make_controller()
+        for i in range(1, self.n_hosts + 1):
+            host = Host(f"node{i}", f"{self.prefix}h{i}", i, os.path.join(self.workdir, f"node{i}"))
+            self.hosts.append(host)
+            self._make_host(host)
+        for host in self.hosts:
+            self._wait_ssh(host)
+        return self
+
+    def stop(self) -> None:
+        """Kill every host (and all it started), delete the namespaces and files. Never raises."""
+        for host in self.hosts:
+            if host.proc is not None and host.proc.poll() is None:
+                host.proc.send_signal(signal.SIGKILL)
+                host.proc.wait(timeout=10)
+        for ns in [h.netns for h in self.hosts] + [self.ctl_ns]:
+            _run(["ip", "netns", "del", ns], check=False)
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _make_controller(self) -> None:
+        ns = self.ctl_ns
+        _run(["ip", "netns", "add", ns])
+        sh = ["ip", "-n", ns]
+        _run(sh + ["link", "set", "lo", "up"])
+        for br, net in (("br0", MGMT_NET), ("br1", CLUSTER_NET)):
+            _run(sh + ["link", "add", br, "type", "bridge"])
+            _run(sh + ["addr", "add", f"{net}.1/24", "dev", br])
+            _run(sh + ["link", "set", br, "up"])
+
+    def _make_host(self, host: Host) -> None:
+        _run(["ip", "netns", "add", host.netns])
+        ctl, h = ["ip", "-n", self.ctl_ns], ["ip", "-n", host.netns]
+        for iface, br in (("eth0", "br0"), ("eth1", "br1")):
+            peer = f"{iface[-1]}h{host.index}"
+            _run(ctl + ["link", "add", peer, "type", "veth", "peer", "name", iface, "netns", host.netns])
+            _run(ctl + ["link", "set", peer, "master", br, "up"])
+        _run(h + ["link", "set", "lo", "up"])
+        _run(h + ["addr", "add", f"{host.mgmt_ip}/24", "dev", "eth0"])
+        _run(h + ["link", "set", "eth0", "up"])
+        self._make_host_dirs(host)
+        self._start_sshd(host)
+
+    def _make_host_dirs(self, host: Host) -> None:
+        os.makedirs(host.workdir)
+        _run(["cp", "-a", "/etc", os.path.join(host.workdir, "etc")])
+        for d in PER_HOST_DIRS[1:]:
+            os.makedirs(os.path.join(host.workdir, d))
+        os.makedirs(host.path("/run/sshd"), mode=0o755)
+        os.makedirs(host.path("/run/network"))
+        # Lookups against an unreachable nameserver made fact gathering take ~10 s per host.
+        with open(host.path("/etc/resolv.conf"), "w") as f:
+            f.write("")
+        with open(host.path("/etc/hosts"), "w") as f:
+            f.write(f"127.0.0.1 localhost\n{host.mgmt_ip} {host.name}\n")
+        with open(host.path("/etc/hostname"), "w") as f:
+            f.write(host.name + "\n")
+        # The machine's own sshd/network config must not leak into the host's: start from clean dirs.
+        shutil.rmtree(host.path("/etc/network/interfaces.d"), ignore_errors=True)
+        os.makedirs(host.path("/etc/network/interfaces.d"))
+
+    def _start_sshd(self, host: Host) -> None:
+        cfg = os.path.join(host.workdir, "sshd_config")
+        with open(cfg, "w") as f:
+            f.write(
+                f"ListenAddress {host.mgmt_ip}\nHostKey {self.workdir}/hostkey\n"
+                f"AuthorizedKeysFile {self.workdir}/authorized_keys\nPermitRootLogin prohibit-password\n"
+                "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+                "PidFile none\nSubsystem sftp internal-sftp\nMaxSessions 50\nMaxStartups 50\n"
+            )
+        binds = " && ".join(
+            f"mount --bind {os.path.join(host.workdir, d)} /{d}" for d in PER_HOST_DIRS
+        )
+        script = f"{binds} && hostname {host.name} && exec /usr/sbin/sshd -D -e -f {cfg}"
+        host.sshd_log = os.path.join(self.workdir, f"{host.name}-sshd.log")
+        with open(host.sshd_log, "w") as log:
+            host.proc = subprocess.Popen(
+                ["ip", "netns", "exec", host.netns, "unshare", "--mount", "--uts", "--pid", "--fork",
+                 "--kill-child", "--mount-proc", "sh", "-c", script],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
+
+    def _wait_ssh(self, host: Host, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.ssh(host, "true", check=False, timeout=10)
+            if r.returncode == 0:
+                return
+            if host.proc.poll() is not None or time.monotonic() > deadline:
+                with open(host.sshd_log) as f:
+                    log = f.read()
+                raise RuntimeError(f"sshd on {host.name} did not come up: {r.stderr.strip()}\n{log}")
+            time.sleep(0.2)
+
+    # ---- using the hosts -------------------------------------------------------------------------
+    def ssh_options(self) -> list[str]:
+        return ["-i", self.key, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5"]
+
+    def ssh(self, host: Host, command: str, check: bool = True, timeout: float = 120):
+        """Run a shell command on a host (in its namespaces) as root."""
+        return self.in_controller(["ssh", *self.ssh_options(), f"root@{host.mgmt_ip}", command],
+                                  check=check, timeout=timeout)
+
+    def in_controller(self, cmd: list[str], check: bool = True, timeout: float = 600, env=None):
+        """Run a command in the controller namespace (where ansible-playbook and Fabric run)."""
+        r = subprocess.run(["ip", "netns", "exec", self.ctl_ns, *cmd], capture_output=True, text=True,
+                           timeout=timeout, env=env)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}\n{r.stdout}\n{r.stderr}")
+        return r
+
+    def inventory(self, path: str, root: int = 1, extra_vars: dict | None = None) -> str:
+        """Write an Ansible inventory: host `root` in dllama_root, the others in dllama_workers."""
+        import yaml
+
+        def entry(h: Host) -> dict:
+            return {"ansible_host": h.mgmt_ip, "dllama_static_ip_address": h.cluster_ip}
+
+        root_host = self.hosts[root - 1]
+        workers = [h for h in self.hosts if h is not root_host]
+        inv = {"all": {
+            "vars": {"ansible_user": "root", "ansible_python_interpreter": "/usr/bin/python3",
+                     "ansible_ssh_private_key_file": self.key,
+                     "dllama_static_ip_interface": "eth1", "dllama_static_ip_prefix": 24,
+                     **(extra_vars or {})},
+            "children": {
+                "dllama_root": {"hosts": {root_host.name: entry(root_host)}},
+                "dllama_workers": {"hosts": {h.name: entry(h) for h in workers}},
+            },
+        }}
+        with open(path, "w") as f:
+            yaml.safe_dump(inv, f, sort_keys=False)
+        return path
+
+
+def probe_worker(hosts: TestHosts, address: str, port: int, timeout: float = 5.0) -> dict:
+    """Ask a worker for its handshake from the controller namespace; returns what it answered.
+
+    Uses `dllama.net.probe` (the engine's own handshake); raises AssertionError when the worker does
+    not answer it.
+    """
+    code = (
+        "import json, sys; from dllama.net import probe; "
+        f"print(json.dumps(probe({address!r}, {port}, {timeout})))"
+    )
+    r = hosts.in_controller([sys.executable, "-c", code], check=False, timeout=timeout + 30)
+    if r.returncode != 0:
+        raise AssertionError(f"no dllama handshake from {address}:{port}: {r.stderr.strip()[-500:]}")
+    import json
+
+    return json.loads(r.stdout.strip().splitlines()[-1])
