@@ -1,0 +1,326 @@
+"""Distributed Llama `.m` model files: read (the Oct 2024 and the 2025 key sets) and write (2025 set).
+
+Layout (little-endian; docs/formats.md has the full story):
+
+    int32 magic = 0x0A00ABCD
+    int32 header_size            bytes from the start of the file to the first tensor (8 + 8 * n_pairs)
+    int32 key, int32 value       n_pairs times (keys below)
+    tensors, back to back, in `dlm_layout` order, with no per-tensor metadata
+
+The two key sets share keys 0..18; 2025 adds 19..21 and reuses the arch-type values 0xABCD01/02
+(Grok-1/Mixtral before, Qwen3/Qwen3-MoE now). `key_set` holds the rule that tells them apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from typing import Iterable
+
+import numpy as np
+
+from dllama import quants
+from dllama.errors import DllamaError, FormatError
+from dllama.formats.loader import DLM_MAGIC, LoadedModel, Tensor
+from dllama.formats.spec import ModelSpec
+
+KEYS = {
+    0: "version", 1: "arch_type", 2: "dim", 3: "hidden_dim", 4: "n_layers", 5: "n_heads", 6: "n_kv_heads",
+    7: "n_experts", 8: "n_active_experts", 9: "vocab_size", 10: "seq_len", 11: "hidden_act",
+    12: "rope_theta", 13: "weight_type", 14: "rope_scaling_factor", 15: "rope_scaling_low_freq_factor",
+    16: "rope_scaling_high_freq_factor", 17: "rope_scaling_orig_max_seq_len", 18: "rope_type",
+    19: "head_dim", 20: "norm_epsilon", 21: "moe_hidden_dim",
+}
+KEY_IDS = {name: key for key, name in KEYS.items()}
+KEYS_2025_ONLY = {"head_dim", "norm_epsilon", "moe_hidden_dim"}
+FLOAT_TYPES = {0: "f32", 1: "f16", 2: "q40", 3: "q80"}
+HIDDEN_ACTS = {0: "gelu", 1: "silu"}
+ROPE_TYPES = {0: "llama", 1: "falcon", 2: "llama3.1"}
+NORM_EPSILONS = {5: 1e-5, 6: 1e-6}
+ARCHS_2024 = {0xABCD00: "llama", 0xABCD01: "grok1", 0xABCD02: "mixtral"}
+ARCHS_2025 = {0xABCD00: "llama", 0xABCD01: "qwen3", 0xABCD02: "qwen3_moe"}
+ARCH_IDS_2025 = {"llama": 0xABCD00, "mixtral": 0xABCD00, "qwen3": 0xABCD01, "qwen3_moe": 0xABCD02}
+PRE_2024_MAGICS = (0xABCD00, 0xABCD01)   # the first format: a fixed struct, rejected by every later reader
+
+
+def _inverse(table: dict) -> dict:
+    return {v: k for k, v in table.items()}
+
+
+def key_set(kv: dict) -> str:
+    """'2024' or '2025': which version of the reference wrote this header.
+
+    A 2025 file is one with any of the keys only 2025 knows (head_dim, norm_epsilon, moe_hidden_dim:
+    its converter writes head_dim and norm_epsilon for every Qwen3 model and moe_hidden_dim for every
+    Qwen3-MoE one), or arch 0xABCD01 without experts (Qwen3; Grok-1 always has experts). Everything
+    else reads as 2024. For arch 0xABCD00 (Llama, dense) both readings give the same model.
+    """
+    if KEYS_2025_ONLY & kv.keys():
+        return "2025"
+    if kv.get("arch_type") == 0xABCD01 and not kv.get("n_experts"):
+        return "2025"
+    return "2024"
+
+
+def parse_header(buf: bytes, path: str) -> tuple[int, dict]:
+    """(header_size, {key name: int value}) from the first bytes of a `.m` file. Raises FormatError."""
+    if len(buf) < 8:
+        raise FormatError(f"{path}: truncated .m header ({len(buf)} bytes)")
+    magic, header_size = struct.unpack_from("<ii", buf)
+    if magic in PRE_2024_MAGICS:
+        raise FormatError(f"{path}: pre-2024 .m format (magic {magic:#x}) is not supported; convert the model again")
+    if magic != DLM_MAGIC:
+        raise FormatError(f"{path}: wrong magic {magic & 0xFFFFFFFF:#010x} (expected {DLM_MAGIC:#010x})")
+    if header_size < 8 or (header_size - 8) % 8:
+        raise FormatError(f"{path}: bad .m header size {header_size} (expected 8 + 8 per key)")
+    if len(buf) < header_size:
+        raise FormatError(f"{path}: truncated (expected at least {header_size} header bytes, found {len(buf)})")
+    ints = struct.unpack_from(f"<{(header_size - 8) // 4}i", buf, 8)
+    kv = {}
+    for key, value in zip(ints[0::2], ints[1::2]):
+        if key not in KEYS:
+            raise FormatError(f"{path}: unknown .m header key {key} (value {value})")
+        kv[KEYS[key]] = value
+    return header_size, kv
+
+
+def _lookup(table: dict, value: int, what: str, path: str):
+    if value not in table:
+        shown = f"{value:#x}" if what == "arch type" else value
+        raise FormatError(f"{path}: unsupported {what} {shown}")
+    return table[value]
+
+
+def spec_from_header(kv: dict, path: str) -> ModelSpec:
+    """ModelSpec from parsed header values (weight_type may be None: see read_dlm). Raises FormatError."""
+    kset = key_set(kv)
+    archs = ARCHS_2025 if kset == "2025" else ARCHS_2024
+    arch = _lookup(archs, kv.get("arch_type", 0xABCD00), "arch type", path)
+    n_experts = kv.get("n_experts", 0)
+    if arch == "llama" and n_experts > 0:
+        arch = "mixtral"
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim"):
+        if kv.get(name, 0) <= 0:
+            raise FormatError(f"{path}: .m header lacks a positive {name} (found {kv.get(name)})")
+    dim, n_heads, n_kv_heads = kv["dim"], kv["n_heads"], kv["n_kv_heads"]
+    head_dim = kv.get("head_dim") or dim // n_heads
+    if n_heads % n_kv_heads or (not kv.get("head_dim") and dim % n_heads):
+        raise FormatError(f"{path}: inconsistent heads in .m header (dim {dim}, {n_heads} heads, {n_kv_heads} kv heads)")
+    if kset == "2025":
+        rope_default = "llama"
+    else:
+        rope_default = "llama" if arch == "llama" else "falcon"
+    rope_type = _lookup(ROPE_TYPES, kv["rope_type"], "rope type", path) if "rope_type" in kv else rope_default
+    if arch in ("qwen3", "qwen3_moe"):
+        rope_type = "falcon"   # the reference forces it whatever the header says
+    # Grok-1 is a GELU model; its 2024 converter wrote no hidden_act, and the reader's silu default was wrong
+    act_default = 1 if arch != "grok1" else 0
+    weight_type = kv.get("weight_type")
+    return ModelSpec(
+        arch=arch, dim=dim, hidden_dim=kv["hidden_dim"], n_layers=kv["n_layers"], n_heads=n_heads,
+        n_kv_heads=n_kv_heads, head_dim=head_dim, vocab_size=kv["vocab_size"], seq_len=kv.get("seq_len", 0),
+        n_experts=n_experts, n_active_experts=kv.get("n_active_experts", 0),
+        moe_hidden_dim=kv.get("moe_hidden_dim", 0),
+        hidden_act=_lookup(HIDDEN_ACTS, kv.get("hidden_act", act_default), "hidden act", path),
+        rope_type=rope_type, rope_theta=float(kv.get("rope_theta", 10000)),
+        rope_scaling_factor=float(kv.get("rope_scaling_factor", 1)),
+        rope_scaling_low_freq_factor=float(kv.get("rope_scaling_low_freq_factor", 0)),
+        rope_scaling_high_freq_factor=float(kv.get("rope_scaling_high_freq_factor", 0)),
+        rope_scaling_orig_max_seq_len=kv.get("rope_scaling_orig_max_seq_len", 0),
+        norm_eps=_lookup(NORM_EPSILONS, kv["norm_epsilon"], "norm epsilon code", path) if "norm_epsilon" in kv else 1e-5,
+        weight_type=None if weight_type is None else _lookup(FLOAT_TYPES, weight_type, "weight type", path),
+        name=os.path.splitext(os.path.basename(path))[0],
+        extra={"dlm_key_set": kset, "dlm_version": kv.get("version", 0)},
+    )
+
+
+def dlm_layout(spec: ModelSpec, kset: str = "2025") -> list[tuple[str, str, tuple]]:
+    """[(internal name, qtype, shape)] in file order, as the reference's loader reads them."""
+    wt, dim, ffn = spec.weight_type, spec.dim, spec.ffn_dim
+    out = [("tok_embd", "f32", (spec.vocab_size, dim))]
+    for i in range(spec.n_layers):
+        p = f"layers.{i}."
+        out += [(p + "wq", wt, (spec.q_dim, dim)), (p + "wk", wt, (spec.kv_dim, dim)),
+                (p + "wv", wt, (spec.kv_dim, dim)), (p + "wo", wt, (dim, spec.q_dim))]
+        if spec.n_experts > 0:
+            # 2024 stored the router in the weight type and each expert as up, gate, down
+            out.append((p + "moe_gate", "f32" if kset == "2025" else wt, (spec.n_experts, dim)))
+            order = ("w1", "w2", "w3") if kset == "2025" else ("w3", "w1", "w2")
+            for e in range(spec.n_experts):
+                out += [(f"{p}experts.{e}.{w}", wt, (dim, ffn) if w == "w2" else (ffn, dim)) for w in order]
+        else:
+            out += [(p + "w1", wt, (ffn, dim)), (p + "w2", wt, (dim, ffn)), (p + "w3", wt, (ffn, dim))]
+        if spec.arch in ("qwen3", "qwen3_moe"):
+            out += [(p + "q_norm", "f32", (spec.head_dim,)), (p + "k_norm", "f32", (spec.head_dim,))]
+        if spec.arch == "grok1":
+            # file order rmsAtt, rmsFfn, rmsMoe, rmsFfn2: rmsFfn normalises the attention output
+            names = ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm")
+        else:
+            names = ("attn_norm", "ffn_norm")
+        out += [(p + n, "f32", (dim,)) for n in names]
+    out += [("norm", "f32", (dim,)), ("wcls", wt, (spec.vocab_size, dim))]
+    return out
+
+
+def layout_bytes(layout) -> int:
+    return sum(quants.tensor_bytes(q, s) for _, q, s in layout)
+
+
+def _infer_weight_type(spec: ModelSpec, kset: str, payload: int, path: str) -> str:
+    # 2024 files written before the weight type was a header key: the one type whose size fits
+    fits = []
+    for wt in FLOAT_TYPES.values():
+        spec.weight_type = wt
+        if layout_bytes(dlm_layout(spec, kset)) == payload:
+            fits.append(wt)
+    if len(fits) != 1:
+        raise FormatError(f"{path}: .m header names no weight type and the file size does not tell it")
+    return fits[0]
+
+
+def read_dlm(path: str) -> LoadedModel:
+    """Maps a `.m` file read-only; tensors are views of the map. Raises FormatError naming the file."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) == 8:
+                head += f.read(max(0, min(struct.unpack("<i", head[4:])[0], 1 << 20) - 8))
+    except OSError as exc:
+        raise FormatError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+    header_size, kv = parse_header(head, path)
+    spec = spec_from_header(kv, path)
+    kset = spec.extra["dlm_key_set"]
+    if spec.weight_type is None:
+        spec.weight_type = _infer_weight_type(spec, kset, size - header_size, path)
+    layout = dlm_layout(spec, kset)
+    expected = header_size + layout_bytes(layout)
+    if size < expected:
+        raise FormatError(f"{path}: truncated (expected {expected} bytes, found {size})")
+    if size > expected:
+        raise FormatError(f"{path}: {size - expected} unexpected bytes after the last tensor (expected {expected} bytes, found {size})")
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    tensors, offset = {}, header_size
+    for name, qtype, shape in layout:
+        n = quants.tensor_bytes(qtype, shape)
+        tensors[name] = Tensor(name, qtype, shape, mm[offset:offset + n])
+        offset += n
+    return LoadedModel(spec=spec, tensors=tensors, path=path, kind="dlm", _owner=mm)
+
+
+def _exact_int(spec: ModelSpec, field: str, value) -> int:
+    if float(value) != int(value):
+        raise DllamaError(f"cannot store {field}={value} in a .m header: it holds integers only")
+    return int(value)
+
+
+def header_items(spec: ModelSpec) -> list[tuple[str, int]]:
+    """The (key, value) pairs `write_dlm` stores, in the reference converter's order."""
+    if spec.arch not in ARCH_IDS_2025:
+        raise DllamaError(f"cannot write a {spec.arch} model as .m (the current format has no such arch type)")
+    eps_code = next((c for c, e in NORM_EPSILONS.items() if abs(spec.norm_eps - e) <= e * 1e-4), None)
+    if eps_code is None:
+        raise DllamaError(f"cannot store norm epsilon {spec.norm_eps} in a .m header (only 1e-5 and 1e-6)")
+    if spec.weight_type not in _inverse(FLOAT_TYPES):
+        raise DllamaError(f"cannot write {spec.weight_type!r} weights to a .m file (f32, f16, q40 or q80)")
+    items = [
+        ("version", 0), ("arch_type", ARCH_IDS_2025[spec.arch]), ("hidden_act", _inverse(HIDDEN_ACTS)[spec.hidden_act]),
+        ("dim", spec.dim), ("hidden_dim", spec.hidden_dim), ("n_layers", spec.n_layers), ("n_heads", spec.n_heads),
+        ("n_kv_heads", spec.n_kv_heads), ("weight_type", _inverse(FLOAT_TYPES)[spec.weight_type]),
+        ("seq_len", spec.seq_len), ("vocab_size", spec.vocab_size), ("n_experts", spec.n_experts),
+        ("n_active_experts", spec.n_active_experts), ("rope_theta", _exact_int(spec, "rope_theta", spec.rope_theta)),
+        ("rope_type", _inverse(ROPE_TYPES)[spec.rope_type]),
+    ]
+    if spec.rope_type == "llama3.1":
+        for f in ("rope_scaling_factor", "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
+                  "rope_scaling_orig_max_seq_len"):
+            items.append((f, _exact_int(spec, f, getattr(spec, f))))
+    items += [("head_dim", spec.head_dim), ("norm_epsilon", eps_code)]
+    if spec.moe_hidden_dim:
+        items.append(("moe_hidden_dim", spec.moe_hidden_dim))
+    return items
+
+
+def header_bytes(spec: ModelSpec) -> bytes:
+    items = header_items(spec)
+    body = b"".join(struct.pack("<ii", KEY_IDS[k], v) for k, v in items)
+    return struct.pack("<ii", DLM_MAGIC, 8 + len(body)) + body
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: list[str]):
+    """Yields one temporary path per output; renames them all into place only if the block completes.
+
+    On any exception, Ctrl-C included, the temporaries are removed and no output is touched.
+    """
+    temps = []
+    try:
+        for p in paths:
+            d, base = os.path.split(os.path.abspath(p))
+            temps.append(os.path.join(d, f".{base}.{os.getpid()}.tmp"))
+        yield temps
+        for t, p in zip(temps, paths):
+            os.replace(t, p)
+    except BaseException:
+        for t in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(t)
+        raise
+
+
+def _row_chunks(source, qtype: str, shape: tuple, name: str):
+    """Yields uint8 chunks of the tensor `source` stored as qtype, a bounded number of rows at a time."""
+    rows = shape[0] if len(shape) > 1 else 1
+    cols = shape[-1]
+    step = max(1, (1 << 22) // cols)     # ~16 MB of f32 per chunk
+    if isinstance(source, Tensor):
+        if source.qtype == qtype:
+            rb = source.row_bytes()
+            for r in range(0, rows, step):
+                yield source.data[r * rb:min(rows, r + step) * rb]
+        else:
+            for r in range(0, rows, step):
+                yield quants.quantize(qtype, source.to_f32(r, min(rows, r + step)))
+    elif isinstance(source, np.ndarray):
+        x = source.reshape(rows, cols)
+        for r in range(0, rows, step):
+            yield quants.quantize(qtype, x[r:r + step])
+    else:   # an iterable of f32 row chunks
+        for chunk in source:
+            yield quants.quantize(qtype, np.asarray(chunk).reshape(-1, cols))
+
+
+def write_dlm_to(f, spec: ModelSpec, tensors: Iterable) -> int:
+    """Writes header and tensors to the open binary file f; returns the bytes written.
+
+    `tensors` yields (internal name, source) in `dlm_layout(spec)` order, where source is a Tensor
+    (copied raw when its type already matches, else re-quantized), an f32 array, or an iterable of
+    f32 row chunks. Only one chunk is in memory at a time. Raises DllamaError on a mismatch.
+    """
+    f.write(header_bytes(spec))
+    total = len(header_bytes(spec))
+    layout = dlm_layout(spec, "2025")
+    items = iter(tensors)
+    for name, qtype, shape in layout:
+        got = next(items, None)
+        if got is None or got[0] != name:
+            raise DllamaError(f"writing .m: expected tensor {name}, got {None if got is None else got[0]}")
+        n = 0
+        for chunk in _row_chunks(got[1], qtype, shape, name):
+            f.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+            n += chunk.nbytes
+        if n != quants.tensor_bytes(qtype, shape):
+            raise DllamaError(f"writing .m: tensor {name} {shape} gave {n} bytes, expected {quants.tensor_bytes(qtype, shape)}")
+        total += n
+    if next(items, None) is not None:
+        raise DllamaError("writing .m: more tensors than the model's layout holds")
+    return total
+
+
+def write_dlm(path: str, spec: ModelSpec, tensors: Iterable) -> int:
+    """Writes a `.m` file atomically (temporary name, renamed when complete). See write_dlm_to."""
+    with atomic_paths([path]) as (tmp,):
+        with open(tmp, "wb") as f:
+            n = write_dlm_to(f, spec, tensors)
+    return n

@@ -1,0 +1,177 @@
+"""Block formats in plain numpy: the reference every kernel is tested against.
+
+All block types hold 32 values per block and are byte-identical to ggml's:
+
+    q40  (ggml Q4_0, 18 bytes): f16 d, 16 bytes of nibbles; low nibble of byte j = value j,
+         high nibble = value j+16; value = (q - 8) * d
+    q41  (ggml Q4_1, 20 bytes): f16 d, f16 m, 16 bytes of nibbles (same order); value = q * d + m
+    q80  (ggml Q8_0, 34 bytes): f16 d, 32 int8; value = q * d
+    f16, f32: plain little-endian floats
+
+Quantization follows ggml's reference algorithms (`quantize_row_q4_0_ref` & co.), so the bytes equal
+`gguf.quants.quantize`'s; tests/unit/test_quants.py holds us to that. Rows are quantized one after
+another: a row of `cols` values is `cols // 32` blocks, so `cols` must be a multiple of 32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dllama.errors import DllamaError
+
+BLOCK_SIZE = 32
+BLOCK_BYTES = {"q40": 18, "q41": 20, "q80": 34}
+ELEMENT_BYTES = {"f32": 4, "f16": 2}
+QTYPES = ("f32", "f16", "q40", "q41", "q80")
+
+# Rows per numpy pass: large enough to amortise numpy's per-call cost, small enough that the
+# float32 temporaries of one pass (a few MB) stay in cache and bounded in RAM.
+_CHUNK_VALUES = 1 << 20
+
+
+def row_bytes(qtype: str, cols: int) -> int:
+    """Bytes of one row of `cols` values. Raises DllamaError for an unknown type or a bad width."""
+    if qtype in ELEMENT_BYTES:
+        return cols * ELEMENT_BYTES[qtype]
+    if qtype not in BLOCK_BYTES:
+        raise DllamaError(f"unknown weight type {qtype!r} (expected one of {', '.join(QTYPES)})")
+    if cols % BLOCK_SIZE:
+        raise DllamaError(f"a {qtype} row needs a multiple of {BLOCK_SIZE} values, got {cols}")
+    return cols // BLOCK_SIZE * BLOCK_BYTES[qtype]
+
+
+def tensor_bytes(qtype: str, shape: tuple) -> int:
+    """Bytes of a tensor of `shape` (rows, cols) or (n,) stored as `qtype`."""
+    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    return rows * row_bytes(qtype, int(shape[-1]))
+
+
+def _blocks(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[-1] % BLOCK_SIZE:
+        raise DllamaError(f"cannot quantize rows of {x.shape[-1]} values: not a multiple of {BLOCK_SIZE}")
+    return x.reshape(-1, BLOCK_SIZE)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    # q (n, 32) uint8 in 0..15 -> (n, 16): value j in the low nibble, value j+16 in the high one
+    return q[:, :16] | (q[:, 16:] << np.uint8(4))
+
+
+def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
+    # qs (n, 16) -> (n, 32) uint8
+    return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=1)
+
+
+def _roundf(v: np.ndarray) -> np.ndarray:
+    # C roundf (half away from zero), exactly: adding 0.5 in float32 would round 0.49999997 up
+    a = np.abs(v)
+    fa = np.floor(a)
+    return np.copysign(fa + np.floor(2 * (a - fa)), v)
+
+
+def _q40_blocks(b: np.ndarray) -> np.ndarray:
+    # ggml: d = (the value of largest magnitude) / -8, q = min(15, trunc(x / d + 8.5))
+    imax = np.abs(b).argmax(axis=1)[:, None]
+    d = np.take_along_axis(b, imax, axis=1) / np.float32(-8)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    q = np.minimum(np.trunc(b * inv + np.float32(8.5)), np.float32(15)).astype(np.uint8)
+    return np.concatenate([d.astype(np.float16).view(np.uint8), _pack_nibbles(q)], axis=1)
+
+
+def _q41_blocks(b: np.ndarray) -> np.ndarray:
+    # ggml: d = (max - min) / 15, m = min, q = min(15, trunc((x - min) / d + 0.5))
+    lo = b.min(axis=1, keepdims=True)
+    d = (b.max(axis=1, keepdims=True) - lo) / np.float32(15)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    q = np.minimum(np.trunc((b - lo) * inv + np.float32(0.5)), np.float32(15)).astype(np.uint8)
+    head = [d.astype(np.float16).view(np.uint8), lo.astype(np.float16).view(np.uint8)]
+    return np.concatenate(head + [_pack_nibbles(q)], axis=1)
+
+
+def _q80_blocks(b: np.ndarray) -> np.ndarray:
+    # ggml: d = max|x| / 127, q = roundf(x / d)
+    d = np.abs(b).max(axis=1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    q = _roundf(b * inv).astype(np.int8).view(np.uint8)
+    return np.concatenate([d.astype(np.float16).view(np.uint8), q], axis=1)
+
+
+_QUANTIZERS = {"q40": _q40_blocks, "q41": _q41_blocks, "q80": _q80_blocks}
+
+
+def quantize(qtype: str, x: np.ndarray) -> np.ndarray:
+    """f32 x (rows, cols) (or (n,)) -> uint8 (rows, row_bytes(qtype, cols)), in row-major block order."""
+    x = np.asarray(x)
+    if x.ndim == 1:
+        x = x.reshape(1, -1)
+    rows, cols = int(np.prod(x.shape[:-1])), x.shape[-1]
+    if qtype == "f32":
+        return np.ascontiguousarray(x, dtype=np.float32).reshape(rows, cols).view(np.uint8)
+    if qtype == "f16":
+        return np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).reshape(rows, cols).view(np.uint8)
+    fn = _QUANTIZERS.get(qtype)
+    if fn is None:
+        raise DllamaError(f"cannot quantize to {qtype!r} (expected one of {', '.join(QTYPES)})")
+    blocks = _blocks(x)
+    out = np.empty((blocks.shape[0], BLOCK_BYTES[qtype]), dtype=np.uint8)
+    step = max(1, _CHUNK_VALUES // BLOCK_SIZE)
+    for i in range(0, blocks.shape[0], step):
+        out[i:i + step] = fn(blocks[i:i + step])
+    return out.reshape(rows, row_bytes(qtype, cols))
+
+
+def quantize_q40(x: np.ndarray) -> np.ndarray:
+    """f32 (rows, cols) -> uint8 (rows, cols // 32 * 18): ggml Q4_0 bytes."""
+    return quantize("q40", x)
+
+
+def quantize_q41(x: np.ndarray) -> np.ndarray:
+    """f32 (rows, cols) -> uint8 (rows, cols // 32 * 20): ggml Q4_1 bytes."""
+    return quantize("q41", x)
+
+
+def quantize_q80(x: np.ndarray) -> np.ndarray:
+    """f32 (rows, cols) -> uint8 (rows, cols // 32 * 34): ggml Q8_0 bytes."""
+    return quantize("q80", x)
+
+
+def quantize_f16(x: np.ndarray) -> np.ndarray:
+    """f32 (rows, cols) -> uint8 (rows, cols * 2): IEEE half, round to nearest even."""
+    return quantize("f16", x)
+
+
+def _dequantize_blocks(qtype: str, raw: np.ndarray) -> np.ndarray:
+    # raw (n, BLOCK_BYTES[qtype]) uint8 -> (n, 32) f32
+    d = raw[:, 0:2].view(np.float16).astype(np.float32)
+    if qtype == "q40":
+        q = _unpack_nibbles(raw[:, 2:]).astype(np.int8) - np.int8(8)
+        return q.astype(np.float32) * d
+    if qtype == "q41":
+        m = raw[:, 2:4].view(np.float16).astype(np.float32)
+        return _unpack_nibbles(raw[:, 4:]).astype(np.float32) * d + m
+    return raw[:, 2:].view(np.int8).astype(np.float32) * d
+
+
+def dequantize(qtype: str, raw: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Raw bytes (any shape, uint8) of `rows` rows of `cols` values -> f32 (rows, cols).
+
+    Raises DllamaError when the byte count does not match the shape.
+    """
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    expected = rows * row_bytes(qtype, cols)
+    if raw.size != expected:
+        raise DllamaError(f"{qtype} data of {rows}x{cols} needs {expected} bytes, got {raw.size}")
+    if qtype == "f32":
+        return raw.view(np.float32).reshape(rows, cols).copy()
+    if qtype == "f16":
+        return raw.view(np.float16).astype(np.float32).reshape(rows, cols)
+    blocks = raw.reshape(-1, BLOCK_BYTES[qtype])
+    out = np.empty((blocks.shape[0], BLOCK_SIZE), dtype=np.float32)
+    step = max(1, _CHUNK_VALUES // BLOCK_SIZE)
+    for i in range(0, blocks.shape[0], step):
+        out[i:i + step] = _dequantize_blocks(qtype, blocks[i:i + step])
+    return out.reshape(rows, cols)
