@@ -1,0 +1,340 @@
+"""The dllama wire protocol, sans-I/O: frames, messages, encode/decode. No sockets here.
+
+Every integer is little-endian. A connection carries a sequence of frames:
+
+    frame  = header meta payload
+    header = struct "<BBHI" (8 bytes)
+        type         u8   message type (table below)
+        reserved     u8   must be 0
+        meta_len     u16  length of meta (<= 65535)
+        payload_len  u32  length of payload (<= MAX_PAYLOAD = 64 MiB; a larger frame is refused)
+
+| type | name       | direction      | meta                                        | payload                     |
+|------|------------|----------------|---------------------------------------------|-----------------------------|
+| 1    | HELLO      | root -> worker | "<4sHHH" magic b"DLMA", version, node_index, n_nodes | -                   |
+| 2    | HELLO_ACK  | worker -> root | "<H" version                                | -                           |
+| 3    | REFUSE     | either         | reason, UTF-8                               | -                           |
+| 4    | CONFIG     | root -> worker | -                                           | JSON object, UTF-8 (below)  |
+| 5    | WEIGHT     | root -> worker | "<QQBB" offset, total, qtype, ndim; ndim x "<I" shape; name UTF-8 | bytes [offset, offset+len) of the tensor |
+| 6    | READY      | either         | -                                           | -                           |
+| 7    | STEP       | root -> worker | "<I" n                                      | n x int32 positions         |
+| 8    | BUFFER     | either         | "<BBII" op, ftype, n, cols                  | n x cols activations        |
+| 9    | BYE        | root -> worker | -                                           | -                           |
+| 10   | PROBE      | anyone -> worker | "<4sH" magic, version                     | -                           |
+| 11   | PROBE_INFO | worker -> prober | -                                         | JSON object, UTF-8          |
+
+A session: root HELLO; worker HELLO_ACK (or REFUSE: wrong magic/version, busy); root CONFIG, WEIGHT...,
+READY (all weights sent); worker READY (loaded, kernels warm) or REFUSE (could not load); then per forward
+pass root STEP and the BUFFER exchanges of the model; finally root BYE (or the connection closes) and the
+worker waits for the next root. A PROBE is the first and only frame of its own short connection: the worker
+answers PROBE_INFO and closes, whether or not it is serving a root.
+
+CONFIG JSON: {"spec": ModelSpec fields, "node": NodeSlice.to_dict(), "seq_len": int, "max_batch": int,
+"buffer_type": "f32" | "q80"}. Keys sorted, no spaces.
+
+qtype codes: 0 f32, 1 f16, 2 q40, 3 q41, 4 q80. BUFFER op: 1 broadcast (root -> workers), 2 reduce
+(worker -> root, partial sums), 3 gather (worker -> root, its slice of the logits). BUFFER ftype: 0 f32
+(n*cols float32), 1 q80 (n*cols/32 blocks of f16 scale + 32 int8; cols a multiple of 32).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dllama.errors import DllamaError
+
+PROTOCOL_VERSION = 1
+MAGIC = b"DLMA"
+HEADER = struct.Struct("<BBHI")
+MAX_META = 0xFFFF
+MAX_PAYLOAD = 64 << 20
+
+HELLO, HELLO_ACK, REFUSE, CONFIG, WEIGHT, READY, STEP, BUFFER, BYE, PROBE, PROBE_INFO = range(1, 12)
+TYPE_NAMES = {1: "HELLO", 2: "HELLO_ACK", 3: "REFUSE", 4: "CONFIG", 5: "WEIGHT", 6: "READY", 7: "STEP",
+              8: "BUFFER", 9: "BYE", 10: "PROBE", 11: "PROBE_INFO"}
+
+QTYPES = ("f32", "f16", "q40", "q41", "q80")
+# bytes per 32 values: the block formats of docs/architecture.md
+_BYTES_PER_32 = {"f32": 128, "f16": 64, "q40": 18, "q41": 20, "q80": 34}
+
+OP_BROADCAST, OP_REDUCE, OP_GATHER = 1, 2, 3
+FTYPES = ("f32", "q80")
+
+_HELLO = struct.Struct("<4sHHH")
+_HELLO_ACK = struct.Struct("<H")
+_WEIGHT = struct.Struct("<QQBB")
+STEP_META = struct.Struct("<I")
+BUFFER_META = struct.Struct("<BBII")
+_PROBE = struct.Struct("<4sH")
+
+
+class ProtocolError(DllamaError):
+    """Bytes that are not a valid dllama frame (garbage, wrong lengths, unknown type)."""
+
+
+class ClosedMidFrame(ProtocolError):
+    """The peer closed the connection in the middle of a frame."""
+
+
+def tensor_nbytes(qtype: str, shape) -> int:
+    """Bytes of a tensor of `qtype` and `shape` (rows of a block type hold cols // 32 blocks)."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    if qtype in ("f32", "f16"):
+        return n * _BYTES_PER_32[qtype] // 32
+    if n % 32:
+        raise ProtocolError(f"a {qtype} tensor of shape {tuple(shape)} is not a whole number of 32-value blocks")
+    return n // 32 * _BYTES_PER_32[qtype]
+
+
+def buffer_nbytes(ftype: str, n: int, cols: int) -> int:
+    if ftype == "f32":
+        return n * cols * 4
+    if cols % 32:
+        raise ProtocolError(f"a q80 buffer needs a multiple of 32 columns, got {cols}")
+    return n * cols // 32 * 34
+
+
+# --- messages ---------------------------------------------------------------------------------------
+
+@dataclass
+class Hello:
+    version: int
+    node_index: int
+    n_nodes: int
+
+
+@dataclass
+class HelloAck:
+    version: int
+
+
+@dataclass
+class Refuse:
+    reason: str
+
+
+@dataclass
+class Config:
+    config: dict
+
+
+@dataclass
+class Weight:
+    name: str
+    qtype: str
+    shape: tuple
+    offset: int
+    total: int
+    payload: object = b""   # bytes-like: a chunk of the tensor's raw bytes
+
+
+@dataclass
+class Ready:
+    pass
+
+
+@dataclass
+class Step:
+    positions: np.ndarray   # int32 (n,)
+
+
+@dataclass
+class Buffer:
+    op: int
+    ftype: str
+    n: int
+    cols: int
+    payload: object = b""
+
+
+@dataclass
+class Bye:
+    pass
+
+
+@dataclass
+class Probe:
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass
+class ProbeInfo:
+    info: dict = field(default_factory=dict)
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def encode(msg) -> list:
+    """The frame of `msg` as buffers to send in order: [header + meta] or [header + meta, payload].
+
+    The payload is passed through without a copy (a memoryview of a numpy array is fine)."""
+    meta, payload = b"", b""
+    if isinstance(msg, Hello):
+        t, meta = HELLO, _HELLO.pack(MAGIC, msg.version, msg.node_index, msg.n_nodes)
+    elif isinstance(msg, HelloAck):
+        t, meta = HELLO_ACK, _HELLO_ACK.pack(msg.version)
+    elif isinstance(msg, Refuse):
+        t, meta = REFUSE, msg.reason.encode()[:MAX_META]
+    elif isinstance(msg, Config):
+        t, payload = CONFIG, _json(msg.config)
+    elif isinstance(msg, Weight):
+        t = WEIGHT
+        meta = (_WEIGHT.pack(msg.offset, msg.total, QTYPES.index(msg.qtype), len(msg.shape))
+                + struct.pack(f"<{len(msg.shape)}I", *msg.shape) + msg.name.encode())
+        payload = msg.payload
+    elif isinstance(msg, Ready):
+        t = READY
+    elif isinstance(msg, Step):
+        positions = np.ascontiguousarray(msg.positions, dtype="<i4")
+        t, meta, payload = STEP, STEP_META.pack(len(positions)), memoryview(positions).cast("B")
+    elif isinstance(msg, Buffer):
+        t, meta, payload = BUFFER, BUFFER_META.pack(msg.op, FTYPES.index(msg.ftype), msg.n, msg.cols), msg.payload
+    elif isinstance(msg, Bye):
+        t = BYE
+    elif isinstance(msg, Probe):
+        t, meta = PROBE, _PROBE.pack(MAGIC, msg.version)
+    elif isinstance(msg, ProbeInfo):
+        t, payload = PROBE_INFO, _json(msg.info)
+    else:
+        raise TypeError(f"not a protocol message: {msg!r}")
+    payload_len = memoryview(payload).nbytes
+    if payload_len > MAX_PAYLOAD:
+        raise ProtocolError(f"{TYPE_NAMES[t]} payload of {payload_len} bytes is over the {MAX_PAYLOAD}-byte limit")
+    head = HEADER.pack(t, 0, len(meta), payload_len) + meta
+    return [head, payload] if payload_len else [head]
+
+
+def encode_bytes(msg) -> bytes:
+    return b"".join(bytes(b) for b in encode(msg))
+
+
+def parse_header(header) -> tuple[int, int, int]:
+    """(type, meta_len, payload_len) of an 8-byte header; ProtocolError if it cannot be one of ours."""
+    t, reserved, meta_len, payload_len = HEADER.unpack_from(header)
+    if t not in TYPE_NAMES or reserved != 0:
+        raise ProtocolError(f"not a dllama frame (header bytes {bytes(header[:HEADER.size]).hex()})")
+    if payload_len > MAX_PAYLOAD:
+        raise ProtocolError(f"{TYPE_NAMES[t]} frame of {payload_len} bytes is over the {MAX_PAYLOAD}-byte limit")
+    return t, meta_len, payload_len
+
+
+def parse_buffer_meta(meta) -> tuple[int, int, int, int]:
+    """(op, ftype index, n, cols) of a BUFFER meta: the per-token path, so no message object."""
+    if len(meta) != BUFFER_META.size:
+        raise ProtocolError(f"BUFFER meta of {len(meta)} bytes, expected {BUFFER_META.size}")
+    return BUFFER_META.unpack_from(meta)
+
+
+def decode_frame(t: int, meta, payload):
+    """The message of one frame whose header said type `t`. ProtocolError on inconsistent fields."""
+    meta, payload = bytes(meta), memoryview(payload)
+    try:
+        return _DECODERS[t](meta, payload)
+    except (struct.error, UnicodeDecodeError, ValueError, IndexError, KeyError) as exc:
+        raise ProtocolError(f"malformed {TYPE_NAMES.get(t, t)} frame: {exc}") from None
+
+
+def _empty(cls):
+    def dec(meta, payload):
+        if meta or len(payload):
+            raise ProtocolError(f"{cls.__name__.upper()} carries no data, got {len(meta) + len(payload)} bytes")
+        return cls()
+    return dec
+
+
+def _dec_hello(meta, payload):
+    magic, version, index, n_nodes = _HELLO.unpack(meta)
+    if magic != MAGIC:
+        raise ProtocolError(f"not a dllama peer (magic {magic!r})")
+    return Hello(version, index, n_nodes)
+
+
+def _dec_weight(meta, payload):
+    offset, total, qcode, ndim = _WEIGHT.unpack_from(meta)
+    shape = struct.unpack_from(f"<{ndim}I", meta, _WEIGHT.size)
+    name = meta[_WEIGHT.size + 4 * ndim:].decode()
+    qtype = QTYPES[qcode]
+    if total != tensor_nbytes(qtype, shape) or offset + len(payload) > total:
+        raise ProtocolError(f"WEIGHT {name}: bytes [{offset}, {offset + len(payload)}) do not fit "
+                            f"a {qtype} tensor of shape {shape}")
+    return Weight(name, qtype, shape, offset, total, payload)
+
+
+def _dec_step(meta, payload):
+    (n,) = STEP_META.unpack(meta)
+    if len(payload) != 4 * n:
+        raise ProtocolError(f"STEP of {n} positions carries {len(payload)} bytes")
+    return Step(np.frombuffer(payload, dtype="<i4").copy())
+
+
+def _dec_buffer(meta, payload):
+    op, fcode, n, cols = parse_buffer_meta(meta)
+    ftype = FTYPES[fcode]
+    if op not in (OP_BROADCAST, OP_REDUCE, OP_GATHER) or len(payload) != buffer_nbytes(ftype, n, cols):
+        raise ProtocolError(f"BUFFER op {op} of {n}x{cols} {ftype} carries {len(payload)} bytes")
+    return Buffer(op, ftype, n, cols, payload)
+
+
+def _dec_probe(meta, payload):
+    magic, version = _PROBE.unpack(meta)
+    if magic != MAGIC:
+        raise ProtocolError(f"not a dllama peer (magic {magic!r})")
+    return Probe(version)
+
+
+_DECODERS = {
+    HELLO: _dec_hello,
+    HELLO_ACK: lambda meta, payload: HelloAck(*_HELLO_ACK.unpack(meta)),
+    REFUSE: lambda meta, payload: Refuse(meta.decode()),
+    CONFIG: lambda meta, payload: Config(json.loads(bytes(payload))),
+    WEIGHT: _dec_weight,
+    READY: _empty(Ready),
+    STEP: _dec_step,
+    BUFFER: _dec_buffer,
+    BYE: _empty(Bye),
+    PROBE: _dec_probe,
+    PROBE_INFO: lambda meta, payload: ProbeInfo(json.loads(bytes(payload))),
+}
+
+
+class Decoder:
+    """Turns received bytes into messages: `feed(data)` returns the complete ones, `close()` says
+    whether the stream ended between frames (fine) or inside one (ClosedMidFrame)."""
+
+    def __init__(self):
+        self._buf = bytearray()
+
+    def feed(self, data) -> list:
+        self._buf += data
+        out = []
+        while len(self._buf) >= HEADER.size:
+            t, meta_len, payload_len = parse_header(self._buf)
+            end = HEADER.size + meta_len + payload_len
+            if len(self._buf) < end:
+                break
+            meta = self._buf[HEADER.size:HEADER.size + meta_len]
+            out.append(decode_frame(t, meta, bytes(self._buf[HEADER.size + meta_len:end])))
+            del self._buf[:end]
+        return out
+
+    def close(self) -> None:
+        if self._buf:
+            raise ClosedMidFrame(f"connection closed in the middle of a frame ({len(self._buf)} bytes pending)")
+
+
+def decode(data):
+    """The one message in `data`, a complete frame."""
+    dec = Decoder()
+    msgs = dec.feed(data)
+    dec.close()
+    if len(msgs) != 1:
+        raise ProtocolError(f"expected one frame, got {len(msgs)}")
+    return msgs[0]

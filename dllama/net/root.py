@@ -1,0 +1,117 @@
+"""The root's side of a cluster: connect to the workers, hand each its configuration and weight slice
+(streamed from the memory-mapped model file), and return the collective the forward pass runs on."""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+
+import numpy as np
+
+from dllama.errors import DllamaError
+from dllama.net import protocol as P
+from dllama.net.exchange import RootCollective
+from dllama.net.transport import Connection, ConnectionLost, connect
+
+DEFAULT_TIMEOUT = 10.0
+IO_TIMEOUT_FACTOR = 6      # loading and per-token reads may wait on a busy worker this many times longer
+CHUNK = 8 << 20            # bytes of a tensor per WEIGHT frame
+DEFAULT_PORT = 9998
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """'host:port' (or 'host', port 9998) -> (host, port). Raises DllamaError naming a bad one."""
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        host, port = address, str(DEFAULT_PORT)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DllamaError(f"bad worker address {address!r}: expected host:port")
+    return host.strip("[]"), int(port)
+
+
+def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q80", nthreads: int = 1,
+                    log=None, max_batch: int = 32, timeout: float = DEFAULT_TIMEOUT) -> RootCollective:
+    """Connect to `addresses` (node i + 1 is addresses[i]), load each with its slice of `loaded`, and
+    return the root's collective. `nthreads` is the root's own; each worker has its --nthreads.
+
+    Raises DllamaError naming the worker that could not be reached, refused, or failed while loading.
+    """
+    if len(addresses) != len(plan) - 1:
+        raise DllamaError(f"{len(addresses)} workers for a plan of {len(plan)} nodes")
+    say = log or (lambda msg: None)
+    conns: list[Connection] = []
+    try:
+        for i, address in enumerate(addresses, start=1):
+            host, port = parse_address(address)
+            conn = connect(host, port, timeout, f"worker {address}")
+            conns.append(conn)
+            _handshake(conn, i, len(plan))
+            say(f"connected to worker {address} (node {i} of {len(plan)})")
+        t0 = time.perf_counter()
+        config = {"spec": asdict(loaded.spec), "seq_len": seq_len, "max_batch": max_batch,
+                  "buffer_type": buffer_type}
+        for conn in conns:
+            conn.set_timeout(timeout * IO_TIMEOUT_FACTOR)
+        with ThreadPoolExecutor(max_workers=len(conns)) as pool:
+            jobs = [pool.submit(_load_worker, conn, loaded, node, config) for conn, node in zip(conns, plan[1:])]
+            sent = sum(job.result() for job in jobs)
+        say(f"sent {sent / 1e6:.1f} MB of weights to {len(conns)} workers in {time.perf_counter() - t0:.1f} s")
+    except BaseException:
+        for conn in conns:
+            conn.close()
+        raise
+    return RootCollective(conns, plan, loaded.spec.dim, max_batch, buffer_type)
+
+
+def _handshake(conn: Connection, index: int, n_nodes: int) -> None:
+    conn.send(P.Hello(P.PROTOCOL_VERSION, index, n_nodes))
+    ack = conn.expect(P.HelloAck)
+    if ack.version != P.PROTOCOL_VERSION:
+        raise DllamaError(f"{conn.label}: speaks protocol version {ack.version}, this root {P.PROTOCOL_VERSION}")
+
+
+def _load_worker(conn: Connection, loaded, node, config: dict) -> int:
+    """Stream one worker its CONFIG and tensors, then wait until it has packed them. Returns bytes sent."""
+    from dllama.model.partition import node_tensor_names, slice_tensor
+
+    spec = loaded.spec
+    conn.send(P.Config({**config, "node": node.to_dict()}))
+    sent = 0
+    for name in node_tensor_names(spec, node):
+        part = slice_tensor(loaded.tensors[name], name, spec, node)
+        if part is None:
+            continue
+        qtype, shape, raw = part
+        raw = np.ascontiguousarray(raw).reshape(-1)
+        for offset in range(0, max(raw.size, 1), CHUNK):
+            conn.send(P.Weight(name, qtype, tuple(shape), offset, raw.size, raw[offset:offset + CHUNK]))
+        sent += raw.size
+        _release_pages(raw)
+    conn.send(P.Ready())
+    conn.expect(P.Ready)
+    return sent
+
+
+_MADV_PAGEOUT = 21
+
+
+def _release_pages(raw: np.ndarray) -> None:
+    """Drop the pages just sent from this process's resident set, so the root never holds a worker's
+    slice. MADV_PAGEOUT (Linux >= 5.4) reclaims without losing data, whatever backs the memory; a view
+    of the memory map is simply read again from the file if the root needs it. Best effort."""
+    if not sys.platform.startswith("linux") or raw.size < 1 << 16:
+        return
+    page = 4096
+    start = raw.ctypes.data // page * page
+    end = -(-(raw.ctypes.data + raw.size) // page) * page
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+    except (OSError, AttributeError):
+        pass
+
+
+__all__ = ["connect_workers", "parse_address", "ConnectionLost", "DEFAULT_TIMEOUT"]

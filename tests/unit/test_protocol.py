@@ -1,0 +1,109 @@
+"""The wire format against byte strings written by hand from the spec in dllama/net/protocol.py."""
+
+import numpy as np
+import pytest
+
+from dllama.net import protocol as P
+
+# (message, its frame), each frame spelled out field by field: header "<BBHI" type, 0, meta_len, payload_len
+GOLDEN = [
+    (P.Hello(1, 1, 2), "01 00 0a00 00000000" "444c4d41 0100 0100 0200"),
+    (P.HelloAck(1), "02 00 0200 00000000" "0100"),
+    (P.Refuse("busy"), "03 00 0400 00000000" "62757379"),
+    (P.Config({"b": [1, 2], "a": "x"}), "04 00 0000 13000000" + b'{"a":"x","b":[1,2]}'.hex()),
+    (P.Weight("norm", "f32", (2,), 0, 8, np.array([1.0, -2.0], "<f4").tobytes()),
+     "05 00 1a00 08000000" "0000000000000000 0800000000000000 00 01 02000000 6e6f726d" "0000803f 000000c0"),
+    (P.Weight("l.wq", "q40", (2, 64), 36, 72, bytes(range(36))),
+     "05 00 1e00 24000000" "2400000000000000 4800000000000000 02 02 02000000 40000000 6c2e7771" + bytes(range(36)).hex()),
+    (P.Ready(), "06 00 0000 00000000"),
+    (P.Step(np.array([5, 6], np.int32)), "07 00 0400 08000000" "02000000" "05000000 06000000"),
+    (P.Buffer(P.OP_REDUCE, "f32", 1, 2, np.array([1.0, -2.0], "<f4").tobytes()),
+     "08 00 0a00 08000000" "02 00 01000000 02000000" "0000803f 000000c0"),
+    (P.Bye(), "09 00 0000 00000000"),
+    (P.Probe(), "0a 00 0600 00000000" "444c4d41 0100"),
+    (P.ProbeInfo({"state": "idle"}), "0b 00 0000 10000000" + b'{"state":"idle"}'.hex()),
+]
+
+
+def _same(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    for k, va in vars(a).items():
+        vb = getattr(b, k)
+        if isinstance(va, (bytes, bytearray, memoryview, np.ndarray)) or isinstance(vb, (memoryview, np.ndarray)):
+            if bytes(memoryview(va).cast("B")) != bytes(memoryview(vb).cast("B")):
+                return False
+        elif (tuple(va) if isinstance(va, (list, tuple)) else va) != (tuple(vb) if isinstance(vb, (list, tuple)) else vb):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("msg,frame", GOLDEN, ids=[type(m).__name__ for m, _ in GOLDEN])
+def test_encode_matches_golden_bytes(msg, frame):
+    assert P.encode_bytes(msg) == bytes.fromhex(frame.replace(" ", ""))
+
+
+@pytest.mark.parametrize("msg,frame", GOLDEN, ids=[type(m).__name__ for m, _ in GOLDEN])
+def test_decode_golden_bytes(msg, frame):
+    assert _same(P.decode(bytes.fromhex(frame.replace(" ", ""))), msg)
+
+
+def test_decoder_byte_by_byte_and_clean_close():
+    stream = b"".join(bytes.fromhex(f.replace(" ", "")) for _, f in GOLDEN)
+    dec, got = P.Decoder(), []
+    for i in range(len(stream)):
+        got += dec.feed(stream[i:i + 1])
+    dec.close()  # between frames: a clean close
+    assert len(got) == len(GOLDEN) and all(_same(g, m) for g, (m, _) in zip(got, GOLDEN))
+
+
+def test_close_mid_frame_is_told_apart():
+    frame = P.encode_bytes(P.Step(np.array([1, 2, 3], np.int32)))
+    for cut in (1, P.HEADER.size, len(frame) - 1):
+        dec = P.Decoder()
+        assert dec.feed(frame[:cut]) == []
+        with pytest.raises(P.ClosedMidFrame):
+            dec.close()
+
+
+@pytest.mark.parametrize("head", [
+    "ff 00 0000 00000000",          # unknown type
+    "00 00 0000 00000000",          # type 0 does not exist
+    "06 01 0000 00000000",          # reserved byte set
+    "47 45 5420 2f204854",          # "GET / HT": an HTTP client on the port
+])
+def test_garbage_header_refused(head):
+    with pytest.raises(P.ProtocolError):
+        P.Decoder().feed(bytes.fromhex(head.replace(" ", "")))
+
+
+def test_frame_over_the_size_limit_refused_from_its_header():
+    head = P.HEADER.pack(P.BUFFER, 0, P.BUFFER_META.size, P.MAX_PAYLOAD + 1)
+    with pytest.raises(P.ProtocolError, match="limit"):
+        P.Decoder().feed(head)   # refused before any of the payload is read
+    with pytest.raises(P.ProtocolError, match="limit"):
+        P.encode(P.Buffer(P.OP_BROADCAST, "f32", 1, 1, bytes(P.MAX_PAYLOAD + 4)))
+
+
+@pytest.mark.parametrize("frame,match", [
+    ("01 00 0a00 00000000" "58585858 0100 0100 0200", "magic"),                       # HELLO, bad magic
+    ("01 00 0800 00000000" "444c4d41 0100 0100", "malformed"),                         # HELLO, short meta
+    ("08 00 0a00 04000000" "02 00 01000000 02000000" "0000803f", "carries"),           # BUFFER 1x2 f32, 4 bytes
+    ("08 00 0a00 22000000" "01 01 01000000 10000000" + "00" * 34, "multiple of 32"),   # q80, 16 columns
+    ("07 00 0400 04000000" "02000000" "05000000", "carries"),                          # STEP of 2, 1 position
+    ("05 00 1a00 08000000" "0000000000000000 0400000000000000 00 01 02000000 6e6f726d" + "00" * 8, "fit"),
+    ("06 00 0000 01000000" "00", "no data"),                                           # READY with a payload
+])
+def test_inconsistent_frames_refused(frame, match):
+    with pytest.raises(P.ProtocolError, match=match):
+        P.decode(bytes.fromhex(frame.replace(" ", "")))
+
+
+def test_sizes_follow_the_block_formats():
+    # ggml: Q4_0 block 18 bytes, Q4_1 20, Q8_0 34 per 32 values
+    assert P.tensor_nbytes("q40", (4, 64)) == 4 * 2 * 18
+    assert P.tensor_nbytes("q41", (64,)) == 40
+    assert P.tensor_nbytes("f16", (3, 5)) == 30
+    assert P.buffer_nbytes("q80", 2, 64) == 2 * 2 * 34
+    with pytest.raises(P.ProtocolError):
+        P.tensor_nbytes("q40", (1, 48))
