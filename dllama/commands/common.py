@@ -38,12 +38,23 @@ def parse_workers(items: list[str]) -> list[tuple[str, int]]:
 
 def open_engine(args, log=None):
     from dllama.engine import Engine
-    from dllama.kernels import cache_is_warm
 
-    if not cache_is_warm():
+    if not kernels_cached():
         print("compiling kernels (first run only; later runs start in seconds)...", file=sys.stderr, flush=True)
     return Engine.open(args.model, args.tokenizer, nthreads=args.nthreads, max_seq_len=args.max_seq_len,
                        buffer_float_type=args.buffer_float_type, workers=parse_workers(args.workers), log=log)
+
+
+def kernels_cached() -> bool:
+    """Whether numba has compiled our kernels before (its cache index files exist)."""
+    from pathlib import Path
+
+    import dllama
+
+    kernels = Path(dllama.__file__).parent / "kernels"
+    root = os.environ.get("NUMBA_CACHE_DIR")
+    places = [Path(root)] if root else [kernels / "__pycache__"]
+    return any(next(p.rglob("matmul*.nbi"), None) for p in places if p.is_dir())
 
 
 def make_sampler(args):
