@@ -1,0 +1,307 @@
+"""The HTTP surface: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`.
+
+A route validates the request (schemas.py), renders and tokenizes the prompt off the event loop, checks it
+against the context, queues a job for the engine thread (runner.py), and turns the job's events into either
+one JSON object or server-sent events (``data: {chunk}`` lines, then ``data: [DONE]``). While the reply is
+produced, a watcher listens for the client's disconnect and cancels the job, so an abandoned request stops
+occupying the engine after at most one more token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from dllama.api.errors import ApiError, GuardMiddleware, install_error_handlers
+from dllama.api.runner import RETRY_AFTER_S, Delta, Done, Failed, Job
+from dllama.api.schemas import ChatCompletionRequest, CompletionRequest, check_limits
+from dllama.errors import DllamaError
+
+
+class Service:
+    """What the routes need: the engine (once loaded), its runner, and the server's sampling defaults."""
+
+    def __init__(self, defaults: dict, workers=()):
+        self.defaults = defaults          # temperature, topp, seed from the command line
+        self.workers = list(workers)
+        self.engine = None
+        self.runner = None
+        self.status = "loading"
+        self.error: str | None = None
+        self.created = int(time.time())
+
+    def ready(self, engine, runner) -> None:
+        self.engine, self.runner, self.status = engine, runner, "ready"
+
+    def failed(self, message: str) -> None:
+        self.status, self.error = "failed", message
+
+    def require_engine(self):
+        if self.status != "ready":
+            raise ApiError(503, f"the model is {self.status}; retry shortly" if self.status == "loading"
+                           else f"the model failed to load: {self.error}", code=f"model_{self.status}",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        return self.engine
+
+    def check_model(self, requested: str | None) -> None:
+        if requested is not None and requested != self.engine.name:
+            raise ApiError(404, f"the model {requested!r} does not exist; this server serves {self.engine.name!r}",
+                           param="model", code="model_not_found")
+
+
+def create_app(service: Service, max_body: int, api_key: str | None = None) -> FastAPI:
+    from dllama import __version__
+
+    app = FastAPI(title="dllama-api", version=__version__,
+                  description="OpenAI-compatible API of Distributed Llama in Python")
+    app.state.service = service
+    install_error_handlers(app)
+    app.add_middleware(GuardMiddleware, max_body=max_body, api_key=api_key)
+
+    @app.get("/health")
+    async def health():
+        body = {"status": service.status, "model": service.engine.name if service.engine else None,
+                "nodes": 1 + len(service.workers), "workers": service.workers}
+        if service.error:
+            body["error"] = service.error
+        if service.runner:
+            r = service.runner
+            body["queue"] = {"busy": r.busy, "waiting": r.waiting, "capacity": r.capacity}
+            body["requests"] = {"served": r.served, "cancelled": r.cancelled}
+        return _json(body, 200 if service.status == "ready" else 503)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [_model_card(service)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        service.require_engine()
+        service.check_model(model_id)
+        return _model_card(service)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        engine = service.require_engine()
+        service.check_model(body.model)
+        _reject_unsupported(body)
+        messages = [_template_message(m) for m in body.messages]
+        prompt_ids = await run_in_threadpool(_render_chat, engine, messages)
+        return await _complete(service, request, body, prompt_ids, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        engine = service.require_engine()
+        service.check_model(body.model)
+        _reject_unsupported(body)
+        prompt_ids = await run_in_threadpool(_encode_prompt, engine, body.prompt)
+        return await _complete(service, request, body, prompt_ids, chat=False)
+
+    return app
+
+
+def _json(body: dict, status: int = 200):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(body, status_code=status)
+
+
+def _model_card(service: Service) -> dict:
+    engine = service.require_engine()
+    return {"id": engine.name, "object": "model", "created": service.created, "owned_by": "dllama"}
+
+
+# ---- request checks and prompts -----------------------------------------------------------------
+
+def _reject_unsupported(body) -> None:
+    def no(what: str, param: str):
+        raise ApiError(400, f"{what} is not supported by this server", param=param, code="unsupported")
+
+    if (body.n or 1) > 1:
+        no("n above 1 (several choices)", "n")
+    if body.logprobs:
+        no("logprobs", "logprobs")
+    too_large = check_limits(body)
+    if too_large:
+        raise ApiError(400, too_large, param="stop", code="invalid_value")
+    if isinstance(body, ChatCompletionRequest):
+        if body.tools or body.functions:
+            no("tool calling", "tools")
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            no(f"response_format {body.response_format.get('type')!r}", "response_format")
+    else:
+        if body.echo:
+            no("echo", "echo")
+        if body.suffix:
+            no("suffix", "suffix")
+        if (body.best_of or 1) > 1:
+            no("best_of above 1", "best_of")
+
+
+def _template_message(m) -> dict:
+    if m.content is None or isinstance(m.content, str):
+        content = m.content or ""
+    else:
+        texts = []
+        for i, part in enumerate(m.content):
+            if part.type != "text" or part.text is None:
+                raise ApiError(400, f"content parts of type {part.type!r} are not supported (only text)",
+                               param=f"messages.content.{i}.type", code="unsupported")
+            texts.append(part.text)
+        content = "\n".join(texts)
+    out = {"role": m.role, "content": content}
+    if m.name:
+        out["name"] = m.name
+    return out
+
+
+def _render_chat(engine, messages: list[dict]) -> list[int]:
+    try:
+        text = engine.chat.render(messages, add_generation_prompt=True)
+    except DllamaError as exc:   # the model's own template refused the conversation
+        raise ApiError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
+    return engine.tokenizer.encode(text)
+
+
+def _encode_prompt(engine, prompt) -> list[int]:
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        if len(prompt) > 1:
+            raise ApiError(400, "several prompts in one request are not supported", param="prompt",
+                           code="unsupported")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return engine.tokenizer.encode(prompt)
+    vocab = engine.spec.vocab_size
+    if any(not 0 <= t < vocab for t in prompt):
+        raise ApiError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
+    return list(prompt)
+
+
+def _make_job(service: Service, body, prompt_ids: list[int]) -> Job:
+    from dllama.sampler import Sampler
+
+    engine = service.engine
+    if not prompt_ids:
+        raise ApiError(400, "the prompt is empty", param="prompt", code="invalid_value")
+    room = engine.seq_len - len(prompt_ids)
+    if room < 1:
+        raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; this server's context holds "
+                       f"{engine.seq_len} (prompt and reply together)", param="messages",
+                       code="context_length_exceeded")
+    d = service.defaults
+    temperature = d["temperature"] if body.temperature is None else body.temperature
+    topp = d["topp"] if body.top_p is None else body.top_p
+    seed = d["seed"] if body.seed is None else body.seed
+    sampler = Sampler(temperature, topp, None if seed is None else seed % 2**64)
+    # A limit past the context is clipped, not refused: the reply then ends with finish_reason "length".
+    limit = room if body.token_limit is None else min(body.token_limit, room)
+    return Job(prompt_ids, limit, sampler, body.stop_strings(), asyncio.get_running_loop())
+
+
+# ---- replies ----------------------------------------------------------------------------------------
+
+async def _complete(service: Service, request: Request, body, prompt_ids: list[int], chat: bool):
+    job = _make_job(service, body, prompt_ids)
+    service.runner.submit(job)
+    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": service.engine.name}
+    if body.stream:
+        return StreamingResponse(_sse(job, request, meta, chat, body.include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    parts, done = [], None
+    async for event in _events(job, request):
+        if isinstance(event, Delta):
+            parts.append(event.text)
+        elif isinstance(event, Done):
+            done = event
+    if done is None:   # the client left; nobody reads this
+        return _json({}, 499)
+    text = "".join(parts)
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": done.finish_reason}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
+    return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+            "usage": _usage(done)}
+
+
+def _usage(done: Done) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+_GONE = object()   # the client disconnected: stop reading the job's events
+
+
+async def _events(job: Job, request: Request):
+    """The job's events until Done or Failed (raised as ApiError); cancels the job if the caller stops early
+    or the client disconnects."""
+    watcher = asyncio.create_task(_watch_disconnect(request, job))
+    try:
+        while True:
+            event = await job.events.get()
+            if event is _GONE:
+                return
+            if isinstance(event, Failed):
+                raise ApiError(event.status, event.message, code="generation_failed")
+            yield event
+            if isinstance(event, Done):
+                return
+    finally:
+        job.cancel()
+        watcher.cancel()
+
+
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    # The body was already read, so the next message the server has for us is the disconnect.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel()
+            job.events.put_nowait(_GONE)
+            return
+
+
+async def _sse(job: Job, request: Request, meta: dict, chat: bool, include_usage: bool):
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(delta: str | None, finish: str | None, role: bool = False) -> str:
+        if chat:
+            d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
+            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+        obj = {**meta, "object": kind, "choices": [choice]}
+        if include_usage:
+            obj["usage"] = None
+        return _data(obj)
+
+    if chat:
+        yield chunk(None, None, role=True)
+    try:
+        async for event in _events(job, request):
+            if isinstance(event, Delta):
+                yield chunk(event.text, None)
+            elif isinstance(event, Done):
+                yield chunk(None, event.finish_reason)
+                if include_usage:
+                    yield _data({**meta, "object": kind, "choices": [], "usage": _usage(event)})
+    except ApiError as exc:
+        # The status line is already sent: report the failure in-band, as OpenAI does.
+        from dllama.api.errors import error_body
+
+        yield _data(error_body(exc.status, exc.message, code=exc.code))
+        return
+    yield "data: [DONE]\n\n"
+
+
+def _data(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

@@ -1,0 +1,183 @@
+"""One engine, one thread, a bounded queue: how HTTP requests share a model that is not re-entrant.
+
+The event loop never runs the model. A route builds a `Job` (prompt token ids, limits, sampler) and
+`submit`s it; the engine thread takes jobs in arrival order and runs each to its end, turning token ids into
+text (streaming UTF-8 decoding, stop strings held back until they can be ruled out) and posting `Delta` /
+`Done` / `Failed` events to the job's asyncio queue. A job whose client went away is cancelled: the thread
+checks the flag after every token and closes the engine's generator, so the next job starts at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+
+from dllama.api.errors import ApiError
+from dllama.errors import DllamaError
+
+log = logging.getLogger("dllama.api")
+
+RETRY_AFTER_S = 2   # what a 503 suggests; a short reply takes about that long on a small model
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Done:
+    finish_reason: str          # "stop" (end of turn or a stop string) or "length" (max_tokens or context)
+    prompt_tokens: int
+    completion_tokens: int      # every token the model produced, the end-of-turn token included
+
+
+@dataclass
+class Failed:
+    message: str
+    status: int = 503           # 503: the engine or cluster failed; 500: a bug (logged on the server)
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampler: object
+    stop_strings: list[str]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def post(self, event) -> None:
+        """Called from the engine thread: hand an event to the request's event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:      # the loop is closed: the server is shutting down
+            self.cancel()
+
+
+class TextStream:
+    """Token ids in, the reply's text out: partial UTF-8 is held until complete, stop strings never leak."""
+
+    def __init__(self, tokenizer, stop_strings: list[str], eos_ids):
+        from dllama.chat import StopDetector
+        from dllama.tokenizer import StreamDecoder
+
+        self._decoder = StreamDecoder(tokenizer)
+        self._stops = StopDetector(stop_strings, eos_ids)
+
+    def feed(self, token_id: int) -> tuple[str, bool]:
+        """The text that is now safe to show, and whether the reply has ended."""
+        return self._stops.feed(token_id, self._decoder.feed(token_id))
+
+    def flush(self) -> str:
+        """At the end without a stop: whatever was held back (a partial stop string, partial UTF-8)."""
+        return self._stops.flush(self._decoder.flush())
+
+
+class EngineRunner:
+    """Owns the engine thread. `submit` is called on the event loop; everything else runs on the thread."""
+
+    def __init__(self, engine, queue_size: int):
+        self.engine = engine
+        self.capacity = queue_size
+        self._jobs: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._current: Job | None = None
+        self._closing = False
+        self.served = self.cancelled = 0
+        self._thread = threading.Thread(target=self._serve, name="dllama-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return self._jobs.qsize()
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; raises ApiError 503 (with Retry-After) when the queue is full or closing."""
+        if self._closing:
+            raise ApiError(503, "the server is shutting down", code="shutting_down")
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            raise ApiError(503, f"the server is busy: {self.capacity} requests are already waiting; retry later",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel the running and waiting jobs and end the thread."""
+        self._closing = True
+        if self._current is not None:
+            self._current.cancel()
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            job.cancel()
+            job.post(Failed("the server is shutting down"))
+        self._jobs.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if job.cancelled.is_set():   # its client left while it waited
+                self.cancelled += 1
+                continue
+            self._current = job
+            try:
+                finished = self._run(job)
+            except DllamaError as exc:
+                job.post(Failed(str(exc)))
+                continue
+            except Exception:  # noqa: BLE001 - the thread must survive anything one request does
+                log.exception("generation failed")
+                job.post(Failed("internal error during generation (see the server's log)", 500))
+                continue
+            finally:
+                self._current = None
+            if finished:
+                self.served += 1
+            else:
+                self.cancelled += 1
+                job.post(Failed("the request was cancelled (client gone or server shutting down)"))
+
+    def _run(self, job: Job) -> bool:
+        """Generate one reply; False if the job was cancelled midway."""
+        tokenizer = self.engine.tokenizer
+        text = TextStream(tokenizer, job.stop_strings, tokenizer.eos_ids)
+        gen = self.engine.generate(job.prompt_ids, job.max_tokens, job.sampler)
+        n, finish = 0, "length"   # the generator ends by itself only at max_tokens or a full context
+        try:
+            for token_id in gen:
+                n += 1
+                piece, ended = text.feed(token_id)
+                if piece:
+                    job.post(Delta(piece))
+                if ended:
+                    finish = "stop"
+                    break
+                if job.cancelled.is_set():
+                    return False
+        finally:
+            gen.close()   # frees the engine now, not when the generator is garbage-collected
+        if finish == "length":
+            tail = text.flush()
+            if tail:
+                job.post(Delta(tail))
+        job.post(Done(finish, len(job.prompt_ids), n))
+        return True

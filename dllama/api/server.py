@@ -1,0 +1,124 @@
+"""`dllama-api`: serve a model (alone or over `--workers`) through an OpenAI-compatible HTTP API.
+
+The socket opens first and the model loads in the background, so `/health` answers "loading" while the
+kernels compile and the workers receive their slices; API calls get 503 + Retry-After until it is ready.
+If loading fails, the server stops and the command exits 2 with the loader's one-line message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+
+from dllama.commands.common import add_model_arguments
+from dllama.errors import DllamaError
+
+log = logging.getLogger("dllama.api")
+
+DEFAULT_PORT = 9990               # the reference's
+DEFAULT_MAX_BODY = 4 * 1024 * 1024  # bytes: a full 128k-token context is ~0.5 MB of text, JSON-escaped
+
+
+def add_arguments(p) -> None:
+    add_model_arguments(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: every interface)")
+    g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
+    g.add_argument("--api-key", default=os.environ.get("DLLAMA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: env DLLAMA_API_KEY, else none)")
+    g.add_argument("--queue-size", type=int, default=16,
+                   help="requests that may wait for the engine; more get 503 + Retry-After (default 16)")
+    g.add_argument("--max-body-size", type=int, default=DEFAULT_MAX_BODY,
+                   help=f"largest request body in bytes; larger get 413 (default {DEFAULT_MAX_BODY})")
+    g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="server log level (default info)")
+
+
+def run(args) -> int:
+    """Serve until Ctrl-C / SIGTERM. Raises DllamaError for bad flags, a busy port, or a model that fails to load."""
+    import uvicorn
+
+    from dllama.api.routes import Service, create_app
+    from dllama.commands.common import parse_workers
+
+    _check_flags(args)
+    workers = [f"{h}:{p}" for h, p in parse_workers(args.workers)]
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    sock = _listen(args.host, args.port)
+    service = Service({"temperature": args.temperature, "topp": args.topp, "seed": args.seed}, workers)
+    app = create_app(service, max_body=args.max_body_size, api_key=args.api_key)
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3,
+                            server_header=False, proxy_headers=False)
+    server = uvicorn.Server(config)
+    loader = threading.Thread(target=_load, args=(args, service, server), name="dllama-load", daemon=True)
+    loader.start()
+    host, port = sock.getsockname()[:2]
+    print(f"dllama-api: listening on http://{host}:{port}/v1 (model loading)", file=sys.stderr, flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if service.runner is not None:
+            service.runner.stop()
+        if service.engine is not None:
+            service.engine.close()
+        sock.close()
+    if service.status == "failed":
+        raise DllamaError(service.error)
+    return 0
+
+
+def _check_flags(args) -> None:
+    if not 0 <= args.port < 65536:
+        raise DllamaError(f"--port must be in 0..65535, got {args.port}")
+    if args.queue_size < 1:
+        raise DllamaError(f"--queue-size must be at least 1, got {args.queue_size}")
+    if args.max_body_size < 1024:
+        raise DllamaError(f"--max-body-size must be at least 1024 bytes, got {args.max_body_size}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise DllamaError("--api-key is empty")
+    from dllama.sampler import Sampler
+
+    Sampler(args.temperature, args.topp, args.seed)   # its DllamaError names the bad flag
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind here rather than in uvicorn, so a busy port is a one-line error rather than a log and exit 1."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise DllamaError(f"--host {host!r}: {exc.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise DllamaError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _load(args, service, server) -> None:
+    from dllama.api.runner import EngineRunner
+    from dllama.commands.common import open_engine
+
+    try:
+        engine = open_engine(args)
+    except DllamaError as exc:
+        service.failed(str(exc))
+        server.should_exit = True
+        return
+    except Exception as exc:  # noqa: BLE001 - reported, then the server stops instead of hanging "loading"
+        log.exception("loading the model failed")
+        service.failed(f"unexpected error while loading: {exc}")
+        server.should_exit = True
+        return
+    runner = EngineRunner(engine, args.queue_size)
+    runner.start()
+    service.ready(engine, runner)
+    log.info("serving %s (context %d tokens, %d node(s))", engine.name, engine.seq_len, 1 + len(args.workers))

@@ -1,0 +1,226 @@
+"""Request validation, error shapes, the API key, the body limit and the queue bound of `dllama-api`.
+
+These run the real app in-process with a stand-in engine (no model): everything here is decided before a
+request reaches the model, except the queue test, whose engine blocks until released. What a real model
+answers is tested in test_api_openai.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from dllama.api.routes import Service, create_app  # noqa: E402
+from dllama.api.runner import EngineRunner  # noqa: E402
+
+MAX_BODY = 64 * 1024
+SEQ_LEN = 64
+
+
+class _Tokenizer:
+    """One id per byte, plus an end-of-turn id: enough to measure prompts against the context."""
+
+    eos_ids = [256]
+
+    def encode(self, text, add_bos=None, parse_special=True):
+        return list(text.encode())
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+
+class _Chat:
+    def render(self, messages, add_generation_prompt=True):
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
+class _BlockingEngine:
+    """Generates nothing until `release` is set: holds the engine thread so the queue fills up."""
+
+    def __init__(self):
+        self.name, self.seq_len = "fake-model", SEQ_LEN
+        self.spec = SimpleNamespace(vocab_size=257)
+        self.tokenizer, self.chat = _Tokenizer(), _Chat()
+        self.release, self.started = threading.Event(), threading.Event()
+
+    def generate(self, prompt_ids, max_tokens, sampler, stop_ids=None):
+        self.started.set()
+        self.release.wait(10)
+        yield 256
+
+
+def _app(api_key=None, queue_size=2):
+    engine = _BlockingEngine()
+    service = Service({"temperature": 0.0, "topp": 0.9, "seed": None})
+    runner = EngineRunner(engine, queue_size)
+    runner.start()
+    service.ready(engine, runner)
+    return create_app(service, max_body=MAX_BODY, api_key=api_key), engine, runner
+
+
+@pytest.fixture(scope="module")
+def client():
+    app, engine, runner = _app()
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+    engine.release.set()
+    runner.stop()
+
+
+def _assert_error(r, status, param=None):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"] and "Traceback" not in err["message"]
+    assert "\n" not in err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+CHAT = "/v1/chat/completions"
+HELLO = [{"role": "user", "content": "hi"}]
+
+
+def test_malformed_json_is_400(client):
+    r = client.post(CHAT, content=b'{"messages": [', headers={"content-type": "application/json"})
+    err = _assert_error(r, 400)
+    assert "JSON" in err["message"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": "hello"}, "messages"),
+    ({"messages": [{"content": "hi"}]}, "messages.0.role"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": HELLO, "temperature": "hot"}, "temperature"),
+    ({"messages": HELLO, "temperature": 3}, "temperature"),
+    ({"messages": HELLO, "max_tokens": "5"}, "max_tokens"),
+    ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
+    ({"messages": HELLO, "top_p": 0}, "top_p"),
+    ({"messages": HELLO, "stream": "yes"}, "stream"),
+    ({"messages": HELLO, "stop": 5}, "stop"),
+    ({"messages": HELLO, "seed": 2**70}, "seed"),
+])
+def test_schema_violations_are_422_naming_the_field(client, body, param):
+    err = _assert_error(client.post(CHAT, json=body), 422)
+    assert err["param"] is not None and err["param"].startswith(param), err
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"n": 2}, "n"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"logprobs": True}, "logprobs"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"stop": [str(i) for i in range(17)]}, "stop"),
+])
+def test_unsupported_features_are_400_saying_so(client, extra, param):
+    err = _assert_error(client.post(CHAT, json={"messages": HELLO, **extra}), 400, param)
+    if param != "stop":
+        assert "not supported" in err["message"]
+
+
+def test_image_parts_are_400(client):
+    parts = [{"type": "text", "text": "what is this?"},
+             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+    err = _assert_error(client.post(CHAT, json={"messages": [{"role": "user", "content": parts}]}), 400)
+    assert "image_url" in err["message"]
+
+
+def test_unknown_model_is_404(client):
+    err = _assert_error(client.post(CHAT, json={"model": "gpt-9", "messages": HELLO}), 404, "model")
+    assert err["code"] == "model_not_found"
+    _assert_error(client.get("/v1/models/gpt-9"), 404)
+
+
+def test_prompt_over_the_context_is_400(client):
+    long = [{"role": "user", "content": "x" * SEQ_LEN}]
+    err = _assert_error(client.post(CHAT, json={"messages": long}), 400)
+    assert err["code"] == "context_length_exceeded"
+    r = client.post("/v1/completions", json={"prompt": [SEQ_LEN + 1000]})
+    _assert_error(r, 400, "prompt")
+    _assert_error(client.post("/v1/completions", json={"prompt": ["a", "b"]}), 400, "prompt")
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_body_over_the_limit_is_413(client, chunked):
+    data = b'{"messages": [{"role": "user", "content": "' + b"x" * MAX_BODY + b'"}]}'
+    if chunked:   # no Content-Length: the limit must hold while reading
+        r = client.post(CHAT, content=iter([data[i:i + 4096] for i in range(0, len(data), 4096)]),
+                        headers={"content-type": "application/json"})
+    else:
+        r = client.post(CHAT, content=data, headers={"content-type": "application/json"})
+    _assert_error(r, 413)
+
+
+def test_unknown_path_and_method_are_json(client):
+    _assert_error(client.get("/v1/nothing"), 404)
+    _assert_error(client.get(CHAT), 405)
+
+
+def test_models_lists_the_served_model(client):
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    assert [m["id"] for m in r.json()["data"]] == ["fake-model"]
+    assert client.get("/v1/models/fake-model").json()["id"] == "fake-model"
+
+
+def test_api_key_is_required_when_set():
+    app, engine, runner = _app(api_key="s3cret")
+    try:
+        with TestClient(app) as c:
+            _assert_error(c.get("/v1/models"), 401)
+            _assert_error(c.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+            assert c.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+            assert c.get("/health").status_code == 200   # probes need no key
+    finally:
+        engine.release.set()
+        runner.stop()
+
+
+def test_loading_server_answers_503_with_retry_after():
+    service = Service({"temperature": 0.0, "topp": 0.9, "seed": None})
+    with TestClient(create_app(service, max_body=MAX_BODY)) as c:
+        assert c.get("/health").json()["status"] == "loading"
+        r = c.post(CHAT, json={"messages": HELLO})
+        _assert_error(r, 503)
+        assert r.headers["retry-after"]
+
+
+def test_full_queue_answers_503_with_retry_after_and_recovers():
+    app, engine, runner = _app(queue_size=1)
+    try:
+        with TestClient(app) as c:
+            results = {}
+
+            def post(i):
+                results[i] = c.post(CHAT, json={"messages": HELLO, "max_tokens": 1})
+
+            first = threading.Thread(target=post, args=(0,))
+            first.start()
+            assert engine.started.wait(10)          # the engine thread is busy with request 0
+            second = threading.Thread(target=post, args=(1,))
+            second.start()
+            for _ in range(200):                    # request 1 waits in the queue (capacity 1)
+                if runner.waiting == 1:
+                    break
+                threading.Event().wait(0.01)
+            r = c.post(CHAT, json={"messages": HELLO, "max_tokens": 1})
+            err = _assert_error(r, 503)
+            assert err["code"] == "queue_full" and int(r.headers["retry-after"]) > 0
+            engine.release.set()
+            first.join(10)
+            second.join(10)
+            assert results[0].status_code == 200 and results[1].status_code == 200
+            assert results[0].json()["choices"][0]["finish_reason"] == "stop"
+    finally:
+        engine.release.set()
+        runner.stop()
