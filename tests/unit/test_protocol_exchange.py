@@ -1,0 +1,131 @@
+"""Framed sockets and the socket collectives, root and worker in one process over socket pairs."""
+
+import socket
+import threading
+
+import gguf
+import numpy as np
+import pytest
+from gguf.quants import dequantize, quantize
+
+from dllama.model.partition import NodeSlice
+from dllama.net import protocol as P
+from dllama.net.codec import Q80Codec
+from dllama.net.exchange import RootCollective, WorkerCollective
+from dllama.net.transport import Connection, ConnectionLost
+
+
+def _pair(label="peer"):
+    a, b = socket.socketpair()
+    return Connection(a, f"{label} a", 5.0), Connection(b, f"{label} b", 5.0)
+
+
+def test_q80_codec_matches_gguf_q8_0():
+    rng = np.random.default_rng(1)
+    x = rng.normal(scale=3, size=(5, 96)).astype(np.float32)
+    x[1, :32] = 0                       # an all-zero block
+    x[2, :32] = np.arange(32) - 15.5    # values landing on .5 after scaling: rounding mode matters
+    codec = Q80Codec(8, 96)
+    out = np.empty(8 * 3 * 34, np.uint8)
+    got = np.frombuffer(codec.encode(x, out), np.uint8)
+    ref = quantize(x, gguf.GGMLQuantizationType.Q8_0).reshape(-1)
+    assert np.array_equal(got, ref)
+    y = np.empty_like(x)
+    codec.decode(out, y)
+    assert np.array_equal(y, dequantize(ref.reshape(5, -1), gguf.GGMLQuantizationType.Q8_0))
+    acc = np.ones_like(x)
+    codec.decode_add(out, acc)
+    assert np.array_equal(acc, y + 1)
+
+
+def test_frames_clean_close_and_close_mid_frame():
+    a, b = _pair()
+    payload = np.arange(6, dtype=np.float32)
+    P.BUFFER_META.pack_into(meta := bytearray(P.BUFFER_META.size), 0, P.OP_REDUCE, 0, 2, 3)
+    a.send_frame(P.BUFFER, meta, payload)
+    t, m, n = b.recv_header()
+    assert (t, P.parse_buffer_meta(m), n) == (P.BUFFER, (P.OP_REDUCE, 0, 2, 3), 24)
+    got = np.empty(6, np.float32)
+    b.recv_into(got)
+    assert np.array_equal(got, payload) and a.sent_bytes == b.recv_bytes == 8 + 10 + 24
+    a.send_buffers([P.encode_bytes(P.Ready())[:5]])
+    a.close()
+    with pytest.raises(ConnectionLost, match="middle of a frame"):
+        b.recv_header()
+    c, d = _pair()
+    c.send(P.Bye())
+    c.close()
+    assert isinstance(d.recv(), P.Bye) and d.recv() is None   # a close between frames is not an error
+
+
+def test_recv_timeout_names_the_peer():
+    a, b = _pair("worker 10.0.0.9:9998")
+    b.set_timeout(0.2)
+    with pytest.raises(ConnectionLost, match="worker 10.0.0.9:9998 b: no data within 0.2 s"):
+        b.recv_header()
+
+
+def _plan(n_nodes, dim, vocab):
+    step = vocab // n_nodes
+    return [NodeSlice(i, n_nodes, range(0), range(0), range(0), range(i * step, (i + 1) * step))
+            for i in range(n_nodes)]
+
+
+@pytest.mark.parametrize("ftype", ["f32", "q80"])
+def test_collectives_star(ftype):
+    """Root broadcasts x, every worker returns (index + 1) * x; the root's y (start 0) becomes the sum."""
+    dim, vocab, n_nodes, n = 64, 96, 3, 4
+    plan = _plan(n_nodes, dim, vocab)
+    pairs = [_pair(f"worker {i}") for i in range(1, n_nodes)]
+    root = RootCollective([p[0] for p in pairs], plan, dim, 8, ftype)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    logits_parts = [rng.normal(size=(1, 32)).astype(np.float32) for _ in range(n_nodes)]
+    seen = {}
+
+    def worker(i, conn):
+        coll = WorkerCollective(conn, i, n_nodes, dim, 8, 32, ftype)
+        pos = coll.step()
+        xw = np.zeros((len(pos), dim), np.float32)
+        coll.broadcast(xw)
+        seen[i] = (pos.copy(), xw.copy())
+        coll.reduce_sum((i + 1) * xw)
+        coll.gather(logits_parts[i], None)
+        assert coll.step() is None   # BYE
+
+    threads = [threading.Thread(target=worker, args=(i, p[1])) for i, p in enumerate(pairs, start=1)]
+    for t in threads:
+        t.start()
+    root.step(n, np.arange(10, 10 + n))
+    root.broadcast(x)
+    y = x.copy()
+    root.reduce_sum(y)
+    logits = np.zeros((1, vocab), np.float32)
+    root.gather(logits_parts[0], logits)
+    sent, recv = root.sent_bytes, root.recv_bytes
+    root.close()
+    for t in threads:
+        t.join(5)
+    xq = x if ftype == "f32" else dequantize(quantize(x, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0)
+    for i in (1, 2):
+        assert np.array_equal(seen[i][0], np.arange(10, 10 + n)) and np.array_equal(seen[i][1], xq)
+    if ftype == "f32":
+        np.testing.assert_allclose(y, x + 2 * x + 3 * x, rtol=1e-6)
+    else:   # a Q80 block is within half a step (amax/254) of each value, per hop
+        step = np.abs(x).reshape(n, -1, 32).max(axis=2, keepdims=True) / 127
+        err = np.abs(y - 6 * x).reshape(n, -1, 32)
+        assert np.all(err <= (0.5 * (1 + 2 + 3) + 0.5 * (2 + 3)) * step * 1.01 + 1e-6)
+    assert np.array_equal(logits, np.concatenate(logits_parts, axis=1))
+    # bytes on the wire: what the spec says (8-byte header + 10-byte meta per buffer)
+    xbytes = P.buffer_nbytes(ftype, n, dim)
+    assert sent == 2 * ((8 + 4 + 4 * n) + (8 + 10 + xbytes))
+    assert recv == 2 * ((8 + 10 + xbytes) + (8 + 10 + 32 * 4))
+
+
+def test_root_names_the_worker_that_went_away():
+    plan = _plan(2, 32, 64)
+    a, b = _pair("worker 127.0.0.1:9")
+    root = RootCollective([a], plan, 32, 1, "f32")
+    b.close()
+    with pytest.raises(ConnectionLost, match="worker 127.0.0.1:9 a"):
+        root.reduce_sum(np.zeros((1, 32), np.float32))
