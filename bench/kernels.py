@@ -1,0 +1,93 @@
+"""Matrix-vector speed of every weight type: GB/s of weight bytes, cold caches, 1 and 2 threads.
+
+    python bench/kernels.py [--threads 1,2] [--repeat 15]
+
+Each measurement rotates through enough copies of the matrix (> 64 MB, twice the L3) that the
+weights stream from memory, as they do in a real forward pass. The same-run peer is numpy's
+float32 BLAS (OpenBLAS) on the dequantized matrix; its "Q40-equivalent" column divides the Q40
+bytes of the same matrix by its time, i.e. how fast it gets through the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SHAPES = ((2048, 8192), (8192, 2048))
+ROTATE_BYTES = 64 << 20
+BYTES_PER_32 = {"q40": 18, "q41": 20, "q80": 34, "f16": 64, "f32": 128}
+
+
+def random_raw(qtype, rows, cols, rng):
+    """Raw ggml bytes of a random matrix: random quants, scales ~0.01 (speed only, not values)."""
+    if qtype == "f32":
+        return (rng.standard_normal((rows, cols), np.float32) * 0.02).view(np.uint8).reshape(-1)
+    if qtype == "f16":
+        return (rng.standard_normal((rows, cols), np.float32) * 0.02).astype(np.float16).view(np.uint8).reshape(-1)
+    nb = BYTES_PER_32[qtype]
+    raw = rng.integers(0, 256, (rows, cols // 32, nb), dtype=np.uint8)
+    scale = np.full((rows, cols // 32), 0.01, np.float16).view(np.uint8).reshape(rows, cols // 32, 2)
+    raw[:, :, 0:2] = scale
+    if qtype == "q41":
+        raw[:, :, 2:4] = scale
+    return raw.reshape(-1)
+
+
+def timed(fn, copies, repeat):
+    """Median seconds of one call, each call on the next copy (cold)."""
+    fn(copies[0])
+    times = []
+    for k in range(repeat * len(copies)):
+        c = copies[k % len(copies)]
+        t = time.perf_counter()
+        fn(c)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def child(threads, repeat):
+    import dllama.kernels as K
+
+    K.set_threads(threads)
+    rng = np.random.default_rng(0)
+    for rows, cols in SHAPES:
+        x = rng.standard_normal((1, cols), np.float32)
+        out = np.empty((1, rows), np.float32)
+        q40_bytes = rows * cols // 32 * 18
+        for qtype in ("q40", "q41", "q80", "f16", "f32"):
+            nbytes = rows * cols // 32 * BYTES_PER_32[qtype]
+            ncopies = max(2, -(-ROTATE_BYTES // nbytes) + 1)
+            raw = random_raw(qtype, rows, cols, rng)
+            copies = [K.pack(qtype, raw.copy(), rows, cols) for _ in range(ncopies)]
+            sec = timed(lambda W: K.matmul(W, x, out), copies, repeat)
+            label = "numpy BLAS f32 (peer)" if qtype == "f32" else f"dllama {qtype}"
+            print(f"{rows:>5}x{cols:<5} {threads:>2}  {label:<22} {sec * 1e3:8.3f} ms "
+                  f"{nbytes / sec / 1e9:7.2f} GB/s {q40_bytes / sec / 1e9:8.2f}", flush=True)
+            del copies
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(args.child, args.repeat)
+        return 0
+    print(f"{'matrix':<11} {'th':>2}  {'kernel':<22} {'median':>11} {'weights':>12} {'Q40-equiv':>8}")
+    for n in (int(t) for t in args.threads.split(",")):
+        # BLAS reads its thread count once at start-up: one process per setting.
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n))
+        subprocess.run([sys.executable, __file__, "--child", str(n), "--repeat", str(args.repeat)],
+                       env=env, check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""How many threads the kernels use: one flag the Python-side dispatchers read on every call."""
+
+from __future__ import annotations
+
+import numba
+
+# True when more than one thread: dispatchers pick the parallel (prange) compiled variant.
+PARALLEL = False
+
+
+def set_threads(n):
+    """Use `n` threads in every parallel kernel (1 = the serial variants, no thread wake-ups).
+
+    Raises DllamaError when n is below 1 or above what numba was started with (NUMBA_NUM_THREADS).
+    """
+    from dllama.errors import DllamaError
+
+    global PARALLEL
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not isinstance(n, int) or n < 1 or n > limit:
+        raise DllamaError(f"--nthreads {n}: must be between 1 and {limit} (NUMBA_NUM_THREADS)")
+    numba.set_num_threads(n)
+    PARALLEL = n > 1

@@ -1,0 +1,323 @@
+"""Weight matrices: packed once at load, multiplied every token.
+
+    W = pack(qtype, raw_rows, rows, cols)   # raw ggml bytes of `rows` rows, row-major
+    matmul(W, x, out)                      # x (n, cols) f32 -> out (n, rows) f32, out = x @ W.T
+
+Packed layout (why it is fast): rows are cut into tiles of TILE consecutive output rows (the last
+tile zero-padded). Within a tile, for each block of 32 columns, byte j of every row sits side by
+side: qs[tile, block, j, row]. The row loop is then the innermost, contiguous loop, so the compiler
+turns it into vector lanes; every row of a tile multiplies the same activation values, so there
+are no cross-lane sums. Scales stay IEEE half (no bytes added): d[tile, block, row].
+
+    q40  qs (tiles, blocks, 16, TILE) uint8   low nibble = value j, high = value j + 16; (q - 8) * d
+    q41  qs as q40, d and m (tiles, blocks, TILE) f16 bits;  q * d + m
+    q80  qs (tiles, blocks, 32, TILE) int8;   q * d
+    f16  w (tiles, cols, TILE) f16 bits
+    f32  w (rows, cols) f32, the raw bytes viewed in place (numpy BLAS)
+
+Block weights multiply Q80-quantized activations in integer arithmetic, as llama.cpp does:
+sum((q - 8) d x) = d dx (sum(q xq) - 8 sum(xq)), so the -8 (Q40) and the m (Q41) leave the inner
+loop. Inner sums are 16-bit (at most 16 * 15 * 127 < 2**15 for nibbles; pairs of int8 products for
+Q80), widened once per block.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+from numba import njit, prange
+
+from dllama.kernels import _threads
+from dllama.kernels._bits import f16_to_f32
+from dllama.kernels.quant import quantize_act
+
+TILE = 64
+BLOCK_BYTES = {"q40": 18, "q41": 20, "q80": 34}
+
+
+# --- the kernels: one body each, compiled serial and parallel --------------------------------
+
+
+def _mm_q40(qs, d, m, x, xq, xd, xs, out):
+    # W q40 (rows, cols) @ x (n, cols) -> out (n, rows); m unused (same signature for every block type)
+    quantize_act(x, xq, xd, xs)
+    ntiles, nb = qs.shape[0], qs.shape[1]
+    T = 64  # TILE, as a literal: the compiler unrolls the row loop into whole vector registers
+    n = x.shape[0]
+    rows = out.shape[1]
+    for t in prange(ntiles):
+        acc = np.zeros((n, T), np.float32)
+        lo = np.empty(T, np.int16)
+        hi = np.empty(T, np.int16)
+        dw = np.empty(T, np.float32)
+        for b in range(nb):
+            for r in range(T):
+                dw[r] = f16_to_f32(d[t, b, r])
+            for i in range(n):
+                lo[:] = 0
+                hi[:] = 0
+                for j in range(16):
+                    xl = np.int16(xq[i, b * 32 + j])
+                    xh = np.int16(xq[i, b * 32 + 16 + j])
+                    for r in range(T):
+                        q = qs[t, b, j, r]
+                        lo[r] = np.int16(lo[r] + np.int16(q & np.uint8(15)) * xl)
+                        hi[r] = np.int16(hi[r] + np.int16(q >> np.uint8(4)) * xh)
+                dx = xd[i, b]
+                c = np.float32(8.0) * xs[i, b]
+                for r in range(T):
+                    acc[i, r] += dw[r] * (dx * np.float32(np.int32(lo[r]) + np.int32(hi[r])) - c)
+        r0 = t * T
+        for i in range(n):
+            for r in range(min(T, rows - r0)):
+                out[i, r0 + r] = acc[i, r]
+
+
+def _mm_q41(qs, d, m, x, xq, xd, xs, out):
+    # W q41 (rows, cols) @ x (n, cols) -> out (n, rows): value = q * d + m
+    quantize_act(x, xq, xd, xs)
+    ntiles, nb = qs.shape[0], qs.shape[1]
+    T = 64  # TILE, as a literal: the compiler unrolls the row loop into whole vector registers
+    n = x.shape[0]
+    rows = out.shape[1]
+    for t in prange(ntiles):
+        acc = np.zeros((n, T), np.float32)
+        lo = np.empty(T, np.int16)
+        hi = np.empty(T, np.int16)
+        dw = np.empty(T, np.float32)
+        mw = np.empty(T, np.float32)
+        for b in range(nb):
+            for r in range(T):
+                dw[r] = f16_to_f32(d[t, b, r])
+                mw[r] = f16_to_f32(m[t, b, r])
+            for i in range(n):
+                lo[:] = 0
+                hi[:] = 0
+                for j in range(16):
+                    xl = np.int16(xq[i, b * 32 + j])
+                    xh = np.int16(xq[i, b * 32 + 16 + j])
+                    for r in range(T):
+                        q = qs[t, b, j, r]
+                        lo[r] = np.int16(lo[r] + np.int16(q & np.uint8(15)) * xl)
+                        hi[r] = np.int16(hi[r] + np.int16(q >> np.uint8(4)) * xh)
+                dx = xd[i, b]
+                sx = xs[i, b]
+                for r in range(T):
+                    acc[i, r] += dw[r] * dx * np.float32(np.int32(lo[r]) + np.int32(hi[r])) + mw[r] * sx
+        r0 = t * T
+        for i in range(n):
+            for r in range(min(T, rows - r0)):
+                out[i, r0 + r] = acc[i, r]
+
+
+def _mm_q80(qs, d, m, x, xq, xd, xs, out):
+    # W q80 (rows, cols) @ x (n, cols) -> out (n, rows): value = q * d
+    quantize_act(x, xq, xd, xs)
+    ntiles, nb = qs.shape[0], qs.shape[1]
+    T = 64  # TILE, as a literal: the compiler unrolls the row loop into whole vector registers
+    n = x.shape[0]
+    rows = out.shape[1]
+    for t in prange(ntiles):
+        acc = np.zeros((n, T), np.float32)
+        s = np.empty(T, np.int32)
+        dw = np.empty(T, np.float32)
+        for b in range(nb):
+            for r in range(T):
+                dw[r] = f16_to_f32(d[t, b, r])
+            for i in range(n):
+                s[:] = 0
+                for j in range(0, 32, 2):
+                    x0 = np.int16(xq[i, b * 32 + j])
+                    x1 = np.int16(xq[i, b * 32 + j + 1])
+                    for r in range(T):
+                        # two int8 products fit int16: |q| <= 128, |xq| <= 127
+                        p = np.int16(np.int16(qs[t, b, j, r]) * x0 + np.int16(qs[t, b, j + 1, r]) * x1)
+                        s[r] = np.int32(s[r] + np.int32(p))
+                dx = xd[i, b]
+                for r in range(T):
+                    acc[i, r] += dw[r] * dx * np.float32(s[r])
+        r0 = t * T
+        for i in range(n):
+            for r in range(min(T, rows - r0)):
+                out[i, r0 + r] = acc[i, r]
+
+
+def _mm_f16(w, x, out):
+    # W f16 (rows, cols) @ x (n, cols) f32 -> out (n, rows)
+    ntiles, cols = w.shape[0], w.shape[1]
+    T = 64  # TILE, as a literal: the compiler unrolls the row loop into whole vector registers
+    n = x.shape[0]
+    rows = out.shape[1]
+    for t in prange(ntiles):
+        acc = np.zeros((n, T), np.float32)
+        wf = np.empty(T, np.float32)
+        for c in range(cols):
+            for r in range(T):
+                wf[r] = f16_to_f32(w[t, c, r])
+            for i in range(n):
+                xv = x[i, c]
+                for r in range(T):
+                    acc[i, r] += wf[r] * xv
+        r0 = t * T
+        for i in range(n):
+            for r in range(min(T, rows - r0)):
+                out[i, r0 + r] = acc[i, r]
+
+
+def _mm_q40_f32(qs, d, x, out):
+    # W q40 @ x f32 without quantizing x: the slow, exact-activation path
+    ntiles, nb = qs.shape[0], qs.shape[1]
+    T = 64  # TILE, as a literal: the compiler unrolls the row loop into whole vector registers
+    n = x.shape[0]
+    rows = out.shape[1]
+    for t in prange(ntiles):
+        acc = np.zeros((n, T), np.float32)
+        s = np.empty(T, np.float32)
+        for b in range(nb):
+            for i in range(n):
+                s[:] = 0
+                sx = np.float32(0.0)
+                for j in range(16):
+                    xl = x[i, b * 32 + j]
+                    xh = x[i, b * 32 + 16 + j]
+                    sx += xl + xh
+                    for r in range(T):
+                        q = qs[t, b, j, r]
+                        s[r] += np.float32(q & np.uint8(15)) * xl + np.float32(q >> np.uint8(4)) * xh
+                for r in range(T):
+                    acc[i, r] += f16_to_f32(d[t, b, r]) * (s[r] - np.float32(8.0) * sx)
+        r0 = t * T
+        for i in range(n):
+            for r in range(min(T, rows - r0)):
+                out[i, r0 + r] = acc[i, r]
+
+
+def _renamed(fn, suffix):
+    # numba keys its on-disk cache by qualified name and line, not by compile flags: the serial and
+    # parallel variants of one body must be distinct functions or they would load each other's code.
+    code = fn.__code__.replace(co_name=fn.__name__ + suffix, co_qualname=fn.__qualname__ + suffix)
+    return types.FunctionType(code, fn.__globals__, fn.__name__ + suffix)
+
+
+def _variants(fn):
+    """(serial, parallel) compiled variants of one kernel body: a parallel call wakes threads
+    (~1-25 us depending on numba's threading layer), so with one thread the serial one runs."""
+    return (njit(nogil=True, cache=True)(_renamed(fn, "_serial")),
+            njit(nogil=True, cache=True, parallel=True)(fn))
+
+
+_KERNELS = {"q40": _variants(_mm_q40), "q41": _variants(_mm_q41), "q80": _variants(_mm_q80),
+            "f16": _variants(_mm_f16), "q40_f32": _variants(_mm_q40_f32)}
+
+
+# --- packing -----------------------------------------------------------------------------------
+
+
+class Packed:
+    """A weight matrix in the tile layout above, with the scratch its activations quantize into.
+
+    rows, cols, qtype; nbytes = bytes of packed weights (equal to the ggml bytes plus tile padding).
+    """
+
+    __slots__ = ("qtype", "rows", "cols", "nbytes", "qs", "d", "m", "w", "kernels", "xq", "xd", "xs")
+
+    def __init__(self, qtype, rows, cols):
+        self.qtype, self.rows, self.cols = qtype, rows, cols
+        self.qs = self.d = self.m = self.w = None
+        self.kernels = _KERNELS.get(qtype)
+        self.xq = self.xd = self.xs = None
+        if qtype in BLOCK_BYTES:
+            self._grow(1)
+
+    def _grow(self, n):
+        # Scratch for the Q80 activations, sized for the largest batch seen: no allocation per call.
+        nb = self.cols // 32
+        self.xq = np.empty((n, self.cols), np.int8)
+        self.xd = np.empty((n, nb), np.float32)
+        self.xs = np.empty((n, nb), np.float32)
+
+    def __repr__(self):
+        return f"Packed({self.qtype}, {self.rows}x{self.cols}, {self.nbytes} bytes)"
+
+
+def _tiles(a, rows, tile):
+    """(rows, *rest) -> (tiles, *rest, tile): row r of tile t at [t, ..., r], zero-padded."""
+    ntiles = -(-rows // tile)
+    padded = np.zeros((ntiles * tile,) + a.shape[1:], a.dtype)
+    padded[:rows] = a
+    padded = padded.reshape((ntiles, tile) + a.shape[1:])
+    return np.ascontiguousarray(np.moveaxis(padded, 1, -1))
+
+
+def pack(qtype, raw_rows, rows, cols):
+    """Repack `rows` rows of raw ggml bytes (uint8, row-major, may be read-only) for matmul.
+
+    Raises DllamaError for an unknown type, a width that is not a multiple of 32 for block
+    types, or a byte count that does not match rows x cols.
+    """
+    from dllama.errors import DllamaError
+
+    sizes = {"f32": 4 * cols, "f16": 2 * cols}
+    if qtype in BLOCK_BYTES:
+        if cols % 32:
+            raise DllamaError(f"{qtype} matrix of {rows}x{cols}: columns must be a multiple of 32")
+        sizes[qtype] = cols // 32 * BLOCK_BYTES[qtype]
+    if qtype not in sizes:
+        raise DllamaError(f"unsupported weight type {qtype!r} (expected one of f32, f16, q40, q41, q80)")
+    raw = np.asarray(raw_rows).reshape(-1).view(np.uint8)
+    if raw.size != rows * sizes[qtype]:
+        raise DllamaError(f"{qtype} matrix of {rows}x{cols} needs {rows * sizes[qtype]} bytes, got {raw.size}")
+    W = Packed(qtype, rows, cols)
+    if qtype == "f32":
+        W.w = raw.view(np.float32).reshape(rows, cols)
+    elif qtype == "f16":
+        W.w = _tiles(raw.view(np.uint16).reshape(rows, cols), rows, TILE)
+    else:
+        blocks = raw.reshape(rows, cols // 32, BLOCK_BYTES[qtype])
+        d = np.ascontiguousarray(blocks[:, :, 0:2]).view(np.uint16)[..., 0]
+        W.d = _tiles(d, rows, TILE)
+        if qtype == "q41":
+            W.m = _tiles(np.ascontiguousarray(blocks[:, :, 2:4]).view(np.uint16)[..., 0], rows, TILE)
+        else:
+            W.m = W.d  # unused by the kernel, keeps one signature for all block types
+        qs = blocks[:, :, 4:] if qtype == "q41" else blocks[:, :, 2:]
+        W.qs = _tiles(qs.view(np.int8) if qtype == "q80" else qs, rows, TILE)
+    W.nbytes = sum(a.nbytes for a in (W.qs, W.d, W.w) if a is not None)
+    if qtype == "q41":
+        W.nbytes += W.m.nbytes
+    return W
+
+
+# --- the call ----------------------------------------------------------------------------------
+
+
+def matmul(W, x, out, act="q80"):
+    """out (n, rows) = x (n, cols) @ W.T, x and out float32 C-contiguous.
+
+    Block-quantized weights quantize x to Q80 first (act="q80"); act="f32" keeps x in float32
+    (Q40 only: slower, used to measure what the quantized activations cost).
+    Raises ValueError on mismatched shapes or types.
+    """
+    n = x.shape[0]
+    if x.shape[1] != W.cols or out.shape[0] != n or out.shape[1] != W.rows:
+        raise ValueError(f"matmul: W {W.rows}x{W.cols}, x {x.shape}, out {out.shape}")
+    if x.dtype != _F32 or out.dtype != _F32:
+        raise ValueError(f"matmul wants float32 x and out, got {x.dtype} and {out.dtype}")
+    par = _threads.PARALLEL
+    if W.xq is not None:
+        if act == "q80":
+            if n > W.xq.shape[0]:
+                W._grow(n)
+            W.kernels[par](W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out)
+        elif act == "f32" and W.qtype == "q40":
+            _KERNELS["q40_f32"][par](W.qs, W.d, x, out)
+        else:
+            raise ValueError(f"matmul: no {W.qtype} x {act} kernel")
+    elif W.qtype == "f16":
+        W.kernels[par](W.w, x, out)
+    else:
+        np.matmul(x, W.w.T, out=out)
+
+
+_F32 = np.dtype(np.float32)
