@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+try:  # numba kernels: no temporaries on the per-token path
+    from dllama.kernels import dequantize_q80 as _k_dequantize, quantize_q80 as _k_quantize
+except ImportError:  # pragma: no cover - the numpy path below gives the same bytes
+    _k_quantize = _k_dequantize = None
+
 Q80_BLOCK = np.dtype([("d", "<f2"), ("qs", "i1", (32,))])
 
 
@@ -35,6 +40,9 @@ class Q80Codec:
     def encode(self, x: np.ndarray, out: np.ndarray) -> memoryview:
         """x (n, cols) f32 -> out[:nbytes(n)] (uint8) as Q80 blocks; returns that part as a memoryview."""
         nb = x.shape[0] * self.cols // 32
+        if _k_quantize is not None and x.flags.c_contiguous:
+            _k_quantize(x, out[:nb * Q80_BLOCK.itemsize])
+            return memoryview(out[:nb * Q80_BLOCK.itemsize])
         blocks = x.reshape(nb, 32)
         amax, d = self._amax[:nb], self._d[:nb]
         np.max(np.abs(blocks, out=self._scaled[:nb]), axis=1, keepdims=True, out=amax)
@@ -52,6 +60,9 @@ class Q80Codec:
     def decode(self, raw: np.ndarray, out: np.ndarray) -> None:
         """raw Q80 bytes of n rows -> out (n, cols) f32."""
         nb = out.shape[0] * self.cols // 32
+        if _k_dequantize is not None and out.flags.c_contiguous:
+            _k_dequantize(raw[:nb * Q80_BLOCK.itemsize], out)
+            return
         src = raw[:nb * Q80_BLOCK.itemsize].view(Q80_BLOCK)
         dst = out.reshape(nb, 32)
         np.multiply(src["qs"], src["d"][:, None], out=dst, dtype=np.float32)
@@ -59,7 +70,6 @@ class Q80Codec:
     def decode_add(self, raw: np.ndarray, out: np.ndarray) -> None:
         """out (n, cols) += the Q80 rows in raw."""
         nb = out.shape[0] * self.cols // 32
-        src = raw[:nb * Q80_BLOCK.itemsize].view(Q80_BLOCK)
         tmp = self._scaled[:nb]
-        np.multiply(src["qs"], src["d"][:, None], out=tmp, dtype=np.float32)
+        self.decode(raw, tmp.reshape(out.shape[0], self.cols))
         out.reshape(nb, 32)[...] += tmp

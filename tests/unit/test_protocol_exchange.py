@@ -20,7 +20,13 @@ def _pair(label="peer"):
     return Connection(a, f"{label} a", 5.0), Connection(b, f"{label} b", 5.0)
 
 
-def test_q80_codec_matches_gguf_q8_0():
+@pytest.mark.parametrize("kernels", [True, False], ids=["numba", "numpy"])
+def test_q80_codec_matches_gguf_q8_0(kernels, monkeypatch):
+    import dllama.net.codec as codec_module
+
+    if not kernels:
+        monkeypatch.setattr(codec_module, "_k_quantize", None)
+        monkeypatch.setattr(codec_module, "_k_dequantize", None)
     rng = np.random.default_rng(1)
     x = rng.normal(scale=3, size=(5, 96)).astype(np.float32)
     x[1, :32] = 0                       # an all-zero block
