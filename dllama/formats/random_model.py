@@ -90,8 +90,11 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     spec = preset_spec(args.preset, args.weight_type, **{f: getattr(args, f) for f in _OVERRIDES})
+    from dllama.formats.convert import sigterm_as_exit
+
     t0 = time.perf_counter()
-    size = write_random_model(args.output, spec, args.seed)
+    with sigterm_as_exit():
+        size = write_random_model(args.output, spec, args.seed)
     dt = time.perf_counter() - t0
     print(f"wrote {args.output}: {spec.n_layers} layers, dim {spec.dim}, ffn {spec.hidden_dim}, "
           f"{spec.n_heads}/{spec.n_kv_heads} heads, vocab {spec.vocab_size}, {spec.weight_type}; "

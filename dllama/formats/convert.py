@@ -1,0 +1,99 @@
+"""`dllama convert`: a GGUF model to the reference's `.m` (+ `.t` tokenizer) files.
+
+Matmul weights become --weight-type (q40 by default): a source tensor already of that type is copied
+byte for byte, any other is dequantized and re-quantized a chunk of rows at a time. The embedding and
+the norms are f32, as the format requires, and `wcls` is written even for a tied model (the `.m`
+format always holds it). Both outputs appear only when complete: they are written under temporary
+names and renamed at the end; a failure, Ctrl-C or SIGTERM removes the temporaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import sys
+import threading
+import time
+
+from dllama.errors import DllamaError
+
+
+def _write_tokenizer(model_path: str, out_path: str) -> None:
+    """The tokenizer step, in one place: the GGUF's vocabulary as a `.t` file."""
+    from dllama.formats.dlt import write_t
+    from dllama.tokenizer import Tokenizer
+
+    write_t(out_path, Tokenizer.from_gguf(model_path))
+
+
+@contextlib.contextmanager
+def sigterm_as_exit():
+    """Turns SIGTERM into SystemExit while the block runs, so `finally`/cleanup code runs too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _tensor_sources(model, spec):
+    from dllama.formats.dlm import dlm_layout
+
+    for name, _qtype, _shape in dlm_layout(spec):
+        tensor = model.tensors.get(name)
+        if tensor is None:
+            raise DllamaError(f"{model.path}: has no tensor {name}, which a .m file needs")
+        yield name, tensor
+
+
+def convert(model_path: str, output_model: str, output_tokenizer: str | None = None,
+            weight_type: str = "q40"):
+    """Converts model_path (GGUF or `.m`) to output_model (+ output_tokenizer); returns the written spec.
+
+    Raises DllamaError/FormatError (unreadable input, an architecture or value `.m` cannot hold).
+    """
+    from dllama.formats.dlm import atomic_paths, header_items, write_dlm_to
+    from dllama.formats.loader import load_model
+
+    model = load_model(model_path)
+    try:
+        spec = dataclasses.replace(model.spec, weight_type=weight_type, tied_embeddings=False,
+                                   extra=dict(model.spec.extra))
+        header_items(spec)   # refuse what the header cannot hold before writing anything
+        outputs = [output_model] + ([output_tokenizer] if output_tokenizer else [])
+        with atomic_paths(outputs) as temps:
+            if output_tokenizer:
+                _write_tokenizer(model_path, temps[1])
+            with open(temps[0], "wb") as f:
+                write_dlm_to(f, spec, _tensor_sources(model, spec))
+    finally:
+        model.close()
+    return spec
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="the GGUF model to convert (architecture llama)")
+    parser.add_argument("--output-model", required=True, help="the .m file to write")
+    parser.add_argument("--output-tokenizer", default=None, help="the .t file to write (optional)")
+    parser.add_argument("--weight-type", default="q40", choices=("q40", "q80", "f16", "f32"),
+                        help="type of the matmul weights (embedding and norms are always f32)")
+
+
+def run(args) -> int:
+    t0 = time.perf_counter()
+    with sigterm_as_exit():
+        spec = convert(args.model, args.output_model, args.output_tokenizer, args.weight_type)
+    size = os.path.getsize(args.output_model)
+    print(f"wrote {args.output_model} ({spec.arch}, {spec.n_layers} layers, dim {spec.dim}, {spec.weight_type}, "
+          f"{size / 1e6:.1f} MB)" + (f" and {args.output_tokenizer}" if args.output_tokenizer else "")
+          + f" in {time.perf_counter() - t0:.1f} s", file=sys.stdout)
+    return 0

@@ -1,0 +1,207 @@
+"""GGUF model files (architecture `llama`, incl. Mixtral-style experts) through `gguf.GGUFReader`.
+
+GGUF lists a tensor's dimensions fastest-first (ne0 = columns), so a matrix of ne = [cols, rows] is
+(rows, cols) here. Llama GGUF files already hold Q/K rows in the adjacent-pairs RoPE order the
+reference's `.m` files use, so nothing is permuted. The reader memory-maps the file read-only; every
+Tensor's data is a view of that map.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+
+import numpy as np
+
+from dllama.errors import FormatError
+from dllama.formats.loader import LoadedModel, Tensor
+from dllama.formats.spec import ModelSpec
+
+SUPPORTED_TYPES = {"F32": "f32", "F16": "f16", "Q4_0": "q40", "Q4_1": "q41", "Q8_0": "q80"}
+GLOBAL_NAMES = {"token_embd.weight": "tok_embd", "output_norm.weight": "norm", "output.weight": "wcls",
+                "rope_freqs.weight": "rope_freqs"}
+LAYER_NAMES = {"attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo", "ffn_gate": "w1",
+               "ffn_down": "w2", "ffn_up": "w3", "attn_norm": "attn_norm", "ffn_norm": "ffn_norm",
+               "ffn_gate_inp": "moe_gate"}
+EXPERT_NAMES = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
+# tensors some llama GGUFs carry that inference never reads
+IGNORED = re.compile(r"blk\.\d+\.attn_rot_embd\.weight")
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+?)(?:\.(\d+))?\.weight")
+
+
+def _open(path: str):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path, "r")
+    except OSError as exc:
+        raise FormatError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+    except Exception as exc:   # the reader raises ValueError/IndexError/... on a damaged file
+        raise FormatError(f"{path}: not a readable GGUF file ({exc}); truncated or damaged?") from None
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def _internal_names(t, path: str) -> list[tuple[str, int | None]]:
+    """[(internal name, expert index or None)] for one GGUF tensor; several for a stacked-experts tensor."""
+    if t.name in GLOBAL_NAMES:
+        return [(GLOBAL_NAMES[t.name], None)]
+    m = _LAYER_RE.fullmatch(t.name)
+    if m:
+        layer, kind, expert = m.group(1), m.group(2), m.group(3)
+        if expert is not None and kind in ("ffn_gate", "ffn_down", "ffn_up"):
+            return [(f"layers.{layer}.experts.{expert}.{LAYER_NAMES[kind]}", None)]
+        if expert is None and kind in LAYER_NAMES:
+            return [(f"layers.{layer}.{LAYER_NAMES[kind]}", None)]
+        if expert is None and kind in EXPERT_NAMES:
+            n = int(t.shape[2]) if len(t.shape) == 3 else 0
+            return [(f"layers.{layer}.experts.{e}.{EXPERT_NAMES[kind]}", e) for e in range(n)]
+    if IGNORED.fullmatch(t.name):
+        return []
+    raise FormatError(f"{path}: unexpected tensor {t.name} for architecture llama")
+
+
+def _tensors(reader, path: str) -> dict:
+    out = {}
+    for t in reader.tensors:
+        qtype = SUPPORTED_TYPES.get(t.tensor_type.name)
+        if qtype is None:
+            raise FormatError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which dllama cannot read "
+                              "(F32, F16, Q4_0, Q4_1, Q8_0)")
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        raw = t.data.view(np.uint8).reshape(-1)
+        for name, expert in _internal_names(t, path):
+            if expert is None:
+                out[name] = Tensor(name, qtype, shape, raw)
+            else:
+                per = raw.size // shape[0]
+                out[name] = Tensor(name, qtype, shape[1:], raw[expert * per:(expert + 1) * per])
+    return out
+
+
+def _clean_float(x) -> float:
+    # GGUF stores f32: 1e-5 comes back as 9.999999747e-06; keep the value its author wrote
+    return float(f"{float(x):.7g}")
+
+
+def _llama3_rope(factors: np.ndarray, head_dim: int, theta: float, orig_ctx: int, path: str):
+    """(factor, low_freq_factor, high_freq_factor) that reproduce a `rope_freqs` tensor.
+
+    llama.cpp's converter stores Llama 3.1 scaling as one divisor per frequency instead of its
+    parameters: 1 for short wavelengths, `factor` for long ones, a smooth blend between the
+    wavelengths orig_ctx / high and orig_ctx / low. Only those two wavelengths are recoverable, so
+    orig_ctx comes from the metadata (8192, the Llama 3 default, when absent).
+    """
+    factors = factors.astype(np.float64)
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / freqs
+    factor = float(factors.max())
+    low, high = 1.0, 4.0
+    mid = (factors > 1 + 1e-6) & (factors < factor - 1e-6) if factor > 1 else np.zeros_like(factors, bool)
+    if mid.sum() >= 2:
+        smooth = (1 / factors[mid] - 1 / factor) / (1 - 1 / factor)
+        a, b = np.polyfit(orig_ctx / wavelen[mid], smooth, 1)
+        low = round(-b / a, 3)
+        high = round(low + 1 / a, 3)
+    expect = np.where(wavelen < orig_ctx / high, 1.0,
+                      np.where(wavelen > orig_ctx / low, factor, 0.0))
+    s = (orig_ctx / wavelen - low) / (high - low)
+    expect = np.where(expect == 0, 1 / ((1 - s) / factor + s), expect)
+    if not np.allclose(expect, factors, rtol=1e-3):
+        raise FormatError(f"{path}: rope_freqs.weight is not Llama 3.1 rope scaling; dllama cannot run it")
+    return _clean_float(factor), low, high
+
+
+def _spec(reader, tensors: dict, path: str) -> ModelSpec:
+    def key(k, default=None):
+        return _field(reader, f"llama.{k}", default)
+
+    for k in ("embedding_length", "block_count", "attention.head_count", "feed_forward_length"):
+        if key(k) is None:
+            raise FormatError(f"{path}: GGUF metadata lacks llama.{k}")
+    if "tok_embd" not in tensors:
+        raise FormatError(f"{path}: GGUF has no token_embd.weight tensor")
+    dim, n_heads = int(key("embedding_length")), int(key("attention.head_count"))
+    n_kv = key("attention.head_count_kv", n_heads)
+    n_experts = int(key("expert_count", 0) or 0)
+    layer_types = Counter(t.qtype for n, t in tensors.items() if n.startswith("layers.") and len(t.shape) == 2
+                          and not n.endswith("moe_gate"))
+    spec = ModelSpec(
+        arch="mixtral" if n_experts else "llama", dim=dim, hidden_dim=int(key("feed_forward_length")),
+        n_layers=int(key("block_count")), n_heads=n_heads, n_kv_heads=int(n_kv if not isinstance(n_kv, list) else n_kv[0]),
+        head_dim=int(key("attention.key_length", dim // n_heads)), vocab_size=tensors["tok_embd"].shape[0],
+        seq_len=int(key("context_length", 0)), n_experts=n_experts,
+        n_active_experts=int(key("expert_used_count", 0) or 0), hidden_act="silu", rope_type="llama",
+        rope_theta=_clean_float(key("rope.freq_base", 10000.0)),
+        norm_eps=_clean_float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        weight_type=layer_types.most_common(1)[0][0] if layer_types else "f32",
+        tied_embeddings="wcls" not in tensors, name=_field(reader, "general.name", "") or os.path.basename(path),
+        extra={"gguf_file_type": _field(reader, "general.file_type")},
+    )
+    _rope_scaling(reader, tensors, spec, path)
+    return spec
+
+
+def _rope_scaling(reader, tensors: dict, spec: ModelSpec, path: str) -> None:
+    kind = _field(reader, "llama.rope.scaling.type", "none")
+    orig = int(_field(reader, "llama.rope.scaling.original_context_length", 0) or 0)
+    if kind == "llama3":
+        spec.rope_type = "llama3.1"
+        spec.rope_scaling_factor = _clean_float(_field(reader, "llama.rope.scaling.factor", 8.0))
+        spec.rope_scaling_low_freq_factor = _clean_float(_field(reader, "llama.rope.scaling.low_freq_factor", 1.0))
+        spec.rope_scaling_high_freq_factor = _clean_float(_field(reader, "llama.rope.scaling.high_freq_factor", 4.0))
+        spec.rope_scaling_orig_max_seq_len = orig or 8192
+    elif kind not in ("none", None):
+        raise FormatError(f"{path}: rope scaling type {kind!r} is not supported (none or llama3)")
+    freqs = tensors.pop("rope_freqs", None)
+    if freqs is not None:
+        factors = freqs.to_f32()
+        if len(factors) != spec.head_dim // 2:
+            raise FormatError(f"{path}: rope_freqs.weight has {len(factors)} values, expected {spec.head_dim // 2}")
+        orig = orig or 8192
+        f, lo, hi = _llama3_rope(factors, spec.head_dim, spec.rope_theta, orig, path)
+        if f > 1:
+            spec.rope_type = "llama3.1"
+            spec.rope_scaling_factor, spec.rope_scaling_low_freq_factor = f, lo
+            spec.rope_scaling_high_freq_factor, spec.rope_scaling_orig_max_seq_len = hi, orig
+        spec.extra["rope_freqs"] = np.array(factors)
+
+
+def _check_complete(spec: ModelSpec, tensors: dict, path: str) -> None:
+    need = ["tok_embd", "norm"]
+    for i in range(spec.n_layers):
+        p = f"layers.{i}."
+        need += [p + w for w in ("wq", "wk", "wv", "wo", "attn_norm", "ffn_norm")]
+        if spec.n_experts:
+            need.append(p + "moe_gate")
+            need += [f"{p}experts.{e}.{w}" for e in range(spec.n_experts) for w in ("w1", "w2", "w3")]
+        else:
+            need += [p + w for w in ("w1", "w2", "w3")]
+    missing = [n for n in need if n not in tensors]
+    if missing:
+        raise FormatError(f"{path}: GGUF lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}")
+    checks = {"tok_embd": (spec.vocab_size, spec.dim), "layers.0.wq": (spec.q_dim, spec.dim),
+              "layers.0.wk": (spec.kv_dim, spec.dim), "layers.0.wo": (spec.dim, spec.q_dim)}
+    for name, shape in checks.items():
+        if tensors[name].shape != shape:
+            raise FormatError(f"{path}: tensor {name} has shape {tensors[name].shape}, metadata implies {shape}")
+
+
+def read_gguf(path: str) -> LoadedModel:
+    """Maps a llama GGUF file read-only. Raises FormatError (other architecture, unsupported tensor
+    type, missing tensor or metadata, damaged file), naming the file and the problem."""
+    reader = _open(path)
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise FormatError(f"{path}: unsupported GGUF architecture {arch!r} (dllama reads llama)")
+    tensors = _tensors(reader, path)
+    spec = _spec(reader, tensors, path)
+    _check_complete(spec, tensors, path)
+    if spec.tied_embeddings:
+        tensors["wcls"] = tensors["tok_embd"]
+    return LoadedModel(spec=spec, tensors=tensors, path=path, kind="gguf", _owner=reader)
