@@ -347,6 +347,10 @@ class Tokenizer:
         """The bytes this token contributes to decoded text (special tokens: their text)."""
         return self._pieces[token_id]
 
+    def token_id(self, text: str):
+        """The id of the token spelled `text` in the vocabulary, or None."""
+        return self._ids.get(text.encode("utf-8") if self.kind == "t" else text)
+
     def is_special(self, token_id: int) -> bool:
         return token_id in self.special_ids
 
