@@ -74,6 +74,8 @@ def create_app(service: Service, max_body: int, api_key: str | None = None) -> F
             r = service.runner
             body["queue"] = {"busy": r.busy, "waiting": r.waiting, "capacity": r.capacity}
             body["requests"] = {"served": r.served, "cancelled": r.cancelled}
+            # timings of the latest generation: tokens/s, and how much of its prompt came from the KV cache
+            body["last"] = service.engine.stats.summary()
         return _json(body, 200 if service.status == "ready" else 503)
 
     @app.get("/v1/models")
@@ -163,10 +165,9 @@ def _template_message(m) -> dict:
 
 def _render_chat(engine, messages: list[dict]) -> list[int]:
     try:
-        text = engine.chat.render(messages, add_generation_prompt=True)
+        return engine.chat.prompt_ids(engine.tokenizer, messages, add_generation_prompt=True)
     except DllamaError as exc:   # the model's own template refused the conversation
         raise ApiError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
-    return engine.tokenizer.encode(text)
 
 
 def _encode_prompt(engine, prompt) -> list[int]:

@@ -74,11 +74,12 @@ class TextStream:
 
     def feed(self, token_id: int) -> tuple[str, bool]:
         """The text that is now safe to show, and whether the reply has ended."""
-        return self._stops.feed(token_id, self._decoder.feed(token_id))
+        piece = self._stops.feed(self._decoder.feed(token_id), token_id)
+        return piece, self._stops.stopped
 
     def flush(self) -> str:
         """At the end without a stop: whatever was held back (a partial stop string, partial UTF-8)."""
-        return self._stops.flush(self._decoder.flush())
+        return self._stops.feed(self._decoder.flush()) + self._stops.flush()
 
 
 class EngineRunner:

@@ -30,13 +30,14 @@ class _Tokenizer:
     def encode(self, text, add_bos=None, parse_special=True):
         return list(text.encode())
 
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode(errors="replace")
+    def token_bytes(self, token_id):
+        return bytes([token_id]) if token_id < 256 else b"<end>"
 
 
 class _Chat:
-    def render(self, messages, add_generation_prompt=True):
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+    def prompt_ids(self, tokenizer, messages, add_generation_prompt=True):
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return tokenizer.encode(text)
 
 
 class _BlockingEngine:
@@ -47,6 +48,7 @@ class _BlockingEngine:
         self.spec = SimpleNamespace(vocab_size=257)
         self.tokenizer, self.chat = _Tokenizer(), _Chat()
         self.release, self.started = threading.Event(), threading.Event()
+        self.stats = SimpleNamespace(summary=dict)
 
     def generate(self, prompt_ids, max_tokens, sampler, stop_ids=None):
         self.started.set()
