@@ -22,8 +22,11 @@ CHUNK = 8 << 20            # bytes of a tensor per WEIGHT frame
 DEFAULT_PORT = 9998
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """'host:port' (or 'host', port 9998) -> (host, port). Raises DllamaError naming a bad one."""
+def parse_address(address) -> tuple[str, int]:
+    """'host:port' (or 'host', port 9998, or a (host, port) pair) -> (host, port). Raises DllamaError
+    naming a bad one."""
+    if isinstance(address, tuple):
+        return address[0], int(address[1])
     host, sep, port = address.rpartition(":")
     if not sep:
         host, port = address, str(DEFAULT_PORT)
@@ -46,6 +49,7 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
     try:
         for i, address in enumerate(addresses, start=1):
             host, port = parse_address(address)
+            address = f"{host}:{port}"
             conn = connect(host, port, timeout, f"worker {address}")
             conns.append(conn)
             _handshake(conn, i, len(plan))

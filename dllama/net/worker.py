@@ -40,22 +40,44 @@ def run(args) -> int:
     if args.nthreads < 1:
         raise DllamaError(f"--nthreads must be at least 1, got {args.nthreads}")
     warm_kernels(args.nthreads)
-    worker = Worker(args.host, args.port)
+    worker = Worker(args.host, args.port, warm=warm_kernels, nthreads=args.nthreads)
     worker.serve_forever()
     return 0
 
 
-def warm_kernels(nthreads: int) -> None:
-    """Set the thread count and compile (or load from the numba cache) every kernel before listening, so
-    the first token a root asks for is not slow."""
+def warm_kernels(nthreads: int, weight_type: str = "q40") -> None:
+    """Set the thread count and compile (or load from numba's cache) every kernel a forward pass uses, by
+    running a tiny one-node model of `weight_type` weights, so the first token a root asks for is not slow."""
     from dllama import kernels as K
+    from dllama.formats.spec import ModelSpec
+    from dllama.model.collective import LocalCollective
+    from dllama.model.partition import node_tensor_names, partition, slice_tensor
+    from dllama.quants import quantize
 
     K.set_threads(nthreads)
-    warm = getattr(K, "warm", None)
-    if warm is not None:
-        t0 = time.perf_counter()
-        warm()
-        log.info("kernels ready in %.1f s", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    spec = ModelSpec(dim=64, hidden_dim=64, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=32, vocab_size=32,
+                     seq_len=4, weight_type=weight_type)
+    node = partition(spec, 1)[0]
+    model = _default_model(spec, node, spec.seq_len, 2, LocalCollective())
+    rng = np.random.default_rng(0)
+    for name in node_tensor_names(spec, node):
+        leaf = name.rsplit(".", 1)[-1]
+        shape = (spec.dim,) if leaf.endswith("norm") else (32 if leaf in ("tok_embd", "wcls") else 64, 64)
+        qtype = "f32" if len(shape) == 1 or leaf == "tok_embd" else weight_type
+        raw = quantize(qtype, rng.standard_normal(shape, dtype=np.float32)).reshape(-1)
+        model.load(*((name,) + slice_tensor(_Raw(qtype, shape, raw), name, spec, node)))
+    model.finish_loading()
+    model.forward(np.array([1, 2]), np.array([0, 1]))   # the prompt-batch path
+    model.forward(np.array([3]), np.array([2]))         # the one-token path
+    log.info("%s kernels ready in %.1f s (%d threads)", weight_type, time.perf_counter() - t0, nthreads)
+
+
+class _Raw:
+    """The three fields of a loader Tensor that slice_tensor reads."""
+
+    def __init__(self, qtype, shape, data):
+        self.qtype, self.shape, self.data = qtype, shape, data
 
 
 def _default_model(spec, node, seq_len, max_batch, coll):
@@ -68,8 +90,10 @@ class Worker:
     """Listens on (host, port). `model_factory(spec, node, seq_len, max_batch, coll)` builds the slice's
     model (the real NodeModel by default; tests may pass a stand-in)."""
 
-    def __init__(self, host: str, port: int, model_factory=None):
+    def __init__(self, host: str, port: int, model_factory=None, warm=None, nthreads: int = 1):
         self.model_factory = model_factory or _default_model
+        self._warm, self._nthreads = warm, nthreads
+        self._warmed = {"q40"} if warm else set()
         try:
             self.listener = socket.create_server((host, port), reuse_port=False)
         except OSError as exc:
@@ -135,9 +159,18 @@ class Worker:
         self._roots.put(conn)
 
     def _refuse(self, conn: Connection, reason: str) -> None:
+        """Send the reason, then read out what the peer still sends before closing: closing a socket with
+        unread bytes resets the connection, and the peer would lose the reason."""
         try:
             conn.set_timeout(1.0)
             conn.send(P.Refuse(reason))
+            conn.sock.shutdown(socket.SHUT_WR)
+            deadline, drained = time.monotonic() + 1.0, 0
+            while time.monotonic() < deadline and drained < 1 << 24:
+                chunk = conn.sock.recv(1 << 16)
+                if not chunk:
+                    break
+                drained += len(chunk)
         except (DllamaError, OSError):
             pass
         conn.close()
@@ -207,6 +240,9 @@ class Worker:
         seq_len, max_batch, buffer_type = int(cfg["seq_len"]), int(cfg["max_batch"]), cfg["buffer_type"]
         with self._lock:
             self._node = (node.index, node.n_nodes)
+        if self._warm and spec.weight_type not in self._warmed:
+            self._warm(self._nthreads, spec.weight_type)
+            self._warmed.add(spec.weight_type)
         coll = WorkerCollective(conn, node.index, node.n_nodes, spec.dim, max_batch, len(node.vocab), buffer_type)
         model = self.model_factory(spec, node, seq_len, max_batch, coll)
         t0, total = time.perf_counter(), 0

@@ -1,0 +1,99 @@
+"""The worker's answers to everything that is not a well-behaved root, on real processes and sockets:
+it refuses with a reason (sent to the peer and logged) and keeps serving."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from dllama.errors import DllamaError
+from dllama.net import protocol as P
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+
+def _exchange(port: int, data: bytes, timeout: float = 5.0) -> list:
+    """Send raw bytes as a new peer; every message the worker sends back before it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        dec, got = P.Decoder(), []
+        while chunk := s.recv(65536):
+            got += dec.feed(chunk)
+        dec.close()   # the worker closes between frames, never mid-frame
+        return got
+
+
+def _hello(version=P.PROTOCOL_VERSION, index=1, n_nodes=2) -> bytes:
+    return P.encode_bytes(P.Hello(version, index, n_nodes))
+
+
+def _refusal(msgs) -> str:
+    assert len(msgs) == 1 and isinstance(msgs[0], P.Refuse), msgs
+    return msgs[0].reason
+
+
+def _logged(worker, text, timeout=5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while text not in worker.log():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_probe_answers_and_reports_idle(start_workers):
+    (w,) = start_workers(1)
+    info = w.probe()
+    assert info["protocol"] == P.PROTOCOL_VERSION and info["state"] == "idle" and info["busy"] is False
+    assert info["pid"] == w.proc.pid and info["root"] is None
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "not a dllama frame"),
+    (bytes(range(200, 256)) * 4, "not a dllama frame"),
+    (_hello(version=P.PROTOCOL_VERSION + 41), f"root speaks {P.PROTOCOL_VERSION + 41}, worker speaks {P.PROTOCOL_VERSION}"),
+    (P.HEADER.pack(P.BUFFER, 0, P.BUFFER_META.size, P.MAX_PAYLOAD + 1), "over the"),
+    (P.HEADER.pack(P.HELLO, 0, 10, 0) + b"XXXX" + bytes(6), "magic"),
+    (P.encode_bytes(P.Ready()), "expected HELLO or PROBE"),
+], ids=["http", "garbage", "version", "oversized", "magic", "no-hello"])
+def test_refused_logged_and_still_serving(start_workers, data, reason):
+    (w,) = start_workers(1)
+    assert reason in _refusal(_exchange(w.port, data))
+    assert _logged(w, reason), w.log()
+    assert w.proc.poll() is None and w.probe()["state"] == "idle"
+    assert isinstance(_exchange(w.port, _hello() + P.encode_bytes(P.Bye()))[0], P.HelloAck)
+
+
+def test_second_root_refused_while_first_is_served(start_workers):
+    (w,) = start_workers(1)
+    with socket.create_connection(("127.0.0.1", w.port), timeout=5) as first:
+        first.sendall(_hello())
+        dec = P.Decoder()
+        assert isinstance(dec.feed(first.recv(64))[0], P.HelloAck)
+        me = "%s:%d" % first.getsockname()
+        reason = _refusal(_exchange(w.port, _hello()))
+        assert reason == f"busy: serving root {me}"
+        assert _logged(w, "busy")
+        info = w.probe()   # a probe does not disturb the root being served
+        assert info["busy"] and info["root"] == me
+    assert w.wait_idle()["state"] == "idle"
+
+
+def test_silent_peer_does_not_block_others(start_workers):
+    (w,) = start_workers(1)
+    with socket.create_connection(("127.0.0.1", w.port), timeout=5):
+        t0 = time.monotonic()
+        assert w.probe()["state"] == "idle"
+        assert time.monotonic() - t0 < 2
+
+
+def test_probe_of_nothing_names_the_address():
+    from conftest import free_port
+
+    from dllama.net import probe
+
+    port = free_port()
+    with pytest.raises(DllamaError, match=f"worker 127.0.0.1:{port}: cannot connect"):
+        probe("127.0.0.1", port, 2.0)
