@@ -44,7 +44,7 @@ class FileServer(ThreadingHTTPServer):
         self.files: dict[str, Served] = {}
         self.seen: list[Seen] = []
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
 
     @property
     def base(self) -> str:

