@@ -1,0 +1,25 @@
+"""Property-based fuzzing of `dllama-api` from its own OpenAPI spec (schemathesis): no request it can make,
+valid or not, may get a 5xx. The server runs SmolLM2 with a small context so that every accepted request
+ends within a few tokens and the run stays bounded (about a minute at most)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from test_api_openai import running_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.network]
+
+
+def test_schemathesis_finds_no_server_error(smollm2_path, tmp_path):
+    pytest.importorskip("schemathesis")
+    with running_server(smollm2_path, "--nthreads", "2", "--max-seq-len", "96") as base:
+        cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{base}/openapi.json",
+               "--checks", "not_a_server_error", "--max-examples", "12", "--workers", "1", "--seed", "7",
+               "--generation-database", "none", "--request-timeout", "60", "--no-color"]
+        # cwd: schemathesis and hypothesis leave their working files where they run
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "generated" in out.stdout and "passed" in out.stdout
