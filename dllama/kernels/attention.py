@@ -1,0 +1,71 @@
+"""Causal multi-head attention over a float32 KV cache, grouped-query heads supported.
+
+    q (n, n_heads * hd); k_cache, v_cache (seq_len, n_kv_heads * hd); positions (n,)
+    query row t attends to cache rows 0..positions[t] (so a prompt batch, whose keys are already
+    written into the cache, is causal within itself); query head h reads KV head
+    h // (n_heads // n_kv_heads); att (n_heads, >= max(positions) + 1) is scratch;
+    out (n, n_heads * hd).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from dllama.kernels import _threads
+from dllama.kernels.matmul import _renamed
+
+
+def _attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out):
+    n = q.shape[0]
+    limit = min(k_cache.shape[0], v_cache.shape[0], att.shape[1])
+    for t in range(n):
+        if positions[t] < 0 or positions[t] >= limit:
+            raise ValueError("attention: a position is outside the KV cache or the att scratch")
+    group = n_heads // n_kv_heads
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    for h in prange(n_heads):
+        qo = h * head_dim
+        ko = (h // group) * head_dim
+        scores = att[h]
+        for t in range(n):
+            end = positions[t] + 1
+            m = np.float32(-np.inf)
+            for s in range(end):
+                dot = np.float32(0.0)
+                for d in range(head_dim):
+                    dot += q[t, qo + d] * k_cache[s, ko + d]
+                dot *= scale
+                scores[s] = dot
+                m = max(m, dot)
+            total = 0.0
+            for s in range(end):
+                e = np.exp(scores[s] - m)
+                scores[s] = e
+                total += e
+            inv = np.float32(1.0 / total)
+            for d in range(head_dim):
+                out[t, qo + d] = 0.0
+            for s in range(end):
+                a = scores[s] * inv
+                for d in range(head_dim):
+                    out[t, qo + d] += a * v_cache[s, ko + d]
+
+
+# reassoc lets the q.k dot product use vector lanes (a float sum is otherwise strictly ordered);
+# tests hold the result to 1e-5 of float64.
+_FLAGS = dict(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+_VARIANTS = (njit(**_FLAGS)(_renamed(_attention, "_serial")), njit(parallel=True, **_FLAGS)(_attention))
+
+
+def attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out):
+    """Attention of every query row over the cache (see the module docstring); heads in parallel
+    when set_threads(n > 1). Raises ValueError on shapes that do not fit."""
+    if n_heads % n_kv_heads or q.shape[1] != n_heads * head_dim or k_cache.shape[1] != n_kv_heads * head_dim:
+        raise ValueError(f"attention: {n_heads} heads / {n_kv_heads} KV heads of {head_dim} do not fit "
+                         f"q {q.shape}, cache {k_cache.shape}")
+    if att.shape[0] < n_heads or out.shape != q.shape:
+        raise ValueError(f"attention: att {att.shape} or out {out.shape} too small")
+    _VARIANTS[_threads.PARALLEL](q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out)

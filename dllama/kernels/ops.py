@@ -1,0 +1,115 @@
+"""Element-wise kernels: RMS norm, rotary embeddings, gated activations, softmax.
+
+All take their output arrays (no allocation per call) and float32 C-contiguous data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+
+@njit(nogil=True, cache=True)
+def rmsnorm(x, w, eps, out):
+    """out (n, d) = x (n, d) / sqrt(mean(x**2) + eps) * w (d,); the sum of squares in float64."""
+    n, d = x.shape
+    for i in range(n):
+        ss = 0.0
+        for j in range(d):
+            ss += np.float64(x[i, j]) * np.float64(x[i, j])
+        scale = np.float32(1.0 / math.sqrt(ss / d + eps))
+        for j in range(d):
+            out[i, j] = x[i, j] * scale * w[j]
+
+
+def rope_tables(spec, seq_len):
+    """(cos, sin), each (seq_len, head_dim // 2) float32: the rotation of pair i at position p is
+    p * theta**(-2i / head_dim), with Llama 3.1 frequency scaling when spec.rope_type is "llama3.1"
+    (Meta's apply_scaling). Angles are computed in float64, then rounded once."""
+    hd = spec.head_dim
+    freqs = float(spec.rope_theta) ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+    if spec.rope_type == "llama3.1":
+        freqs = _llama31_scaling(freqs, spec.rope_scaling_factor, spec.rope_scaling_low_freq_factor,
+                                 spec.rope_scaling_high_freq_factor, spec.rope_scaling_orig_max_seq_len)
+    angles = np.outer(np.arange(seq_len, dtype=np.float64), freqs)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def _llama31_scaling(freqs, factor, low_freq_factor, high_freq_factor, old_context_len):
+    # Meta llama-models apply_scaling: long wavelengths are slowed by `factor`, short ones kept,
+    # and the band between is interpolated.
+    from dllama.errors import DllamaError
+
+    if factor <= 0 or old_context_len <= 0 or not 0 < low_freq_factor < high_freq_factor:
+        raise DllamaError(f"llama3.1 rope scaling needs factor > 0, original length > 0 and 0 < low < high "
+                          f"frequency factor; got {factor}, {old_context_len}, {low_freq_factor}, {high_freq_factor}")
+    wavelen = 2 * math.pi / freqs
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    mid = (1 - smooth) * freqs / factor + smooth * freqs
+    return np.where(wavelen < high_freq_wavelen, freqs, np.where(wavelen > low_freq_wavelen, freqs / factor, mid))
+
+
+@njit(nogil=True, cache=True)
+def rope(x, positions, cos, sin, head_dim, neox):
+    """Rotate x (n, heads * head_dim) in place; row t at position positions[t].
+
+    neox False ("llama"): pairs (x[2i], x[2i+1]); neox True ("falcon"/neox): pairs (x[i], x[i + hd/2]).
+    """
+    n, width = x.shape
+    half = head_dim // 2
+    step = 1 if neox else 2
+    other = half if neox else 1
+    for t in range(n):
+        p = positions[t]
+        for h0 in range(0, width, head_dim):
+            for i in range(half):
+                a = h0 + i * step
+                b = a + other
+                c = cos[p, i]
+                s = sin[p, i]
+                x0 = x[t, a]
+                x1 = x[t, b]
+                x[t, a] = x0 * c - x1 * s
+                x[t, b] = x0 * s + x1 * c
+
+
+@njit(nogil=True, cache=True)
+def swiglu(h, hidden, out):
+    """h (n, 2 * hidden) = [w1 x | w3 x] -> out (n, hidden) = silu(w1 x) * w3 x."""
+    for i in range(h.shape[0]):
+        for j in range(hidden):
+            a = h[i, j]
+            out[i, j] = a / (np.float32(1.0) + np.exp(-a)) * h[i, hidden + j]
+
+
+@njit(nogil=True, cache=True)
+def gelu_glu(h, hidden, out):
+    """h (n, 2 * hidden) = [w1 x | w3 x] -> out (n, hidden) = gelu(w1 x) * w3 x (tanh GELU, as ggml and Grok)."""
+    k = np.float32(math.sqrt(2.0 / math.pi))
+    for i in range(h.shape[0]):
+        for j in range(hidden):
+            a = h[i, j]
+            g = np.float32(0.5) * a * (np.float32(1.0) + np.tanh(k * (a + np.float32(0.044715) * a * a * a)))
+            out[i, j] = g * h[i, hidden + j]
+
+
+@njit(nogil=True, cache=True)
+def softmax(x):
+    """x (n,) -> exp(x - max) / sum, in place."""
+    if x.size == 0:
+        return
+    m = x[0]
+    for i in range(1, x.size):
+        m = max(m, x[i])
+    s = 0.0
+    for i in range(x.size):
+        e = np.exp(x[i] - m)
+        x[i] = e
+        s += e
+    inv = np.float32(1.0 / s)
+    for i in range(x.size):
+        x[i] *= inv

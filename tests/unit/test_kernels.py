@@ -1,0 +1,236 @@
+"""dllama.kernels against their plain-numpy twins (tests/naive.py), and the block layouts against
+the `gguf` package's own quantizers, on awkward sizes: rows not a multiple of the tile, widths of an
+odd number of blocks, batches of 1, 3 and 32, read-only (memory-mapped-like) weights."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as G
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+import dllama.kernels as K
+from dllama.errors import DllamaError
+from dllama.formats.spec import ModelSpec
+import naive  # tests/naive.py: tests/ is on sys.path (pytest rootdir conftest)
+
+GGML = {"q40": G.Q4_0, "q41": G.Q4_1, "q80": G.Q8_0, "f16": G.F16, "f32": G.F32}
+THREADS = sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)})
+# |kernel - twin| / (|W| @ |x|): block types compute exactly in integers and round in float32 per
+# block; f16 converts exactly and sums in float32.
+TOL = {"q40": 2e-6, "q41": 2e-6, "q80": 2e-6, "f16": 2e-6, "f32": 2e-6}
+
+
+@pytest.fixture(params=THREADS, ids=lambda n: f"{n}thr")
+def threads(request):
+    K.set_threads(request.param)
+    yield request.param
+    K.set_threads(1)
+
+
+def readonly(a):
+    a = np.ascontiguousarray(a)
+    a.flags.writeable = False
+    return a
+
+
+def random_weights(qtype, rows, cols, seed):
+    """Raw ggml bytes (read-only) of a random matrix with rows of very different scales."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * rng.uniform(0.01, 3, (rows, 1)).astype(np.float32)
+    if rows > 2 and cols >= 64:
+        w[1, :32] = 0  # a zero block: d = 0
+        w[2, 32:64] = 0.5
+    return readonly(gguf_quantize(w, GGML[qtype]).view(np.uint8).reshape(-1))
+
+
+# --- block layouts: our twins decode what gguf encodes, and Q80 buffers are ggml's bytes ---------
+
+
+@pytest.mark.parametrize("qtype", ["q40", "q41", "q80", "f16"])
+def test_naive_dequantize_matches_gguf(qtype):
+    raw = random_weights(qtype, 5, 96, 1)
+    ref = gguf_dequantize(raw.reshape(5, -1), GGML[qtype])
+    np.testing.assert_array_equal(naive.dequantize(qtype, raw, 5, 96), ref.astype(np.float64))
+
+
+@pytest.mark.parametrize("size", [32, 32 * 7, 32 * 129])
+def test_quantize_q80_bytes_equal_gguf(size):
+    rng = np.random.default_rng(size)
+    x = (rng.standard_normal(size) * rng.uniform(1e-3, 50)).astype(np.float32)
+    x[:32] = np.linspace(-127, 127, 32) / 2  # halfway cases: ggml rounds them away from zero
+    if size > 64:
+        x[32:64] = 0
+    ref = gguf_quantize(x.reshape(-1, 32), G.Q8_0).reshape(-1)
+    out = np.empty(size // 32 * K.Q80_BLOCK_BYTES, np.uint8)
+    K.quantize_q80(readonly(x), out)
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(naive.quantize_q80(x), ref)
+    back = np.empty(size, np.float32)
+    K.dequantize_q80(readonly(out), back)
+    np.testing.assert_array_equal(back, gguf_dequantize(ref.reshape(-1, 34), G.Q8_0).reshape(-1))
+
+
+def test_quantize_q80_rejects_bad_sizes():
+    with pytest.raises(ValueError):
+        K.quantize_q80(np.zeros(40, np.float32), np.zeros(34, np.uint8))
+    with pytest.raises(ValueError):
+        K.quantize_q80(np.zeros(64, np.float32), np.zeros(34, np.uint8))
+    with pytest.raises(ValueError):
+        K.dequantize_q80(np.zeros(34, np.uint8), np.zeros(32, np.float64))
+
+
+# --- matmul -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype", ["q40", "q41", "q80", "f16", "f32"])
+@pytest.mark.parametrize("rows,cols", [(77, 96), (130, 224), (1, 32)])
+def test_matmul_matches_twin(qtype, rows, cols, threads):
+    raw = random_weights(qtype, rows, cols, rows + cols)
+    W = K.pack(qtype, raw, rows, cols)
+    assert (W.rows, W.cols, W.qtype) == (rows, cols, qtype)
+    rng = np.random.default_rng(7)
+    wabs = np.abs(naive.dequantize(qtype, raw, rows, cols))
+    for n in (1, 32, 3):  # growing then shrinking the activation scratch
+        x = rng.standard_normal((n, cols)).astype(np.float32) * rng.uniform(0.1, 10, (n, 1)).astype(np.float32)
+        out = np.full((n, rows), np.nan, np.float32)
+        K.matmul(W, x, out)
+        ref = naive.matmul(qtype, raw, rows, cols, x)
+        scale = np.abs(x).astype(np.float64) @ wabs.T
+        assert np.all(np.abs(out - ref) <= TOL[qtype] * scale + 1e-30), (qtype, n)
+        # The quantized activations stay close to the exact float product (outside truth: gguf's weights).
+        exact = x.astype(np.float64) @ naive.dequantize(qtype, raw, rows, cols).T
+        assert np.all(np.abs(out - exact) <= 0.02 * scale + 1e-30), (qtype, n)
+
+
+def test_matmul_q40_with_f32_activations(threads):
+    rows, cols = 70, 160
+    raw = random_weights("q40", rows, cols, 3)
+    W = K.pack("q40", raw, rows, cols)
+    x = np.random.default_rng(3).standard_normal((3, cols)).astype(np.float32)
+    out = np.empty((3, rows), np.float32)
+    K.matmul(W, x, out, act="f32")
+    ref = naive.matmul("q40", raw, rows, cols, x, act="f32")
+    scale = np.abs(x).astype(np.float64) @ np.abs(naive.dequantize("q40", raw, rows, cols)).T
+    assert np.all(np.abs(out - ref) <= 2e-6 * scale)
+
+
+def test_matmul_fused_rows_equal_separate():
+    # The model fuses wq|wk|wv by concatenating raw rows before packing.
+    a, b = random_weights("q41", 40, 64, 1), random_weights("q41", 25, 64, 2)
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    fused, oa, ob = np.empty((2, 65), np.float32), np.empty((2, 40), np.float32), np.empty((2, 25), np.float32)
+    K.matmul(K.pack("q41", np.concatenate([a, b]), 65, 64), x, fused)
+    K.matmul(K.pack("q41", a, 40, 64), x, oa)
+    K.matmul(K.pack("q41", b, 25, 64), x, ob)
+    np.testing.assert_array_equal(fused, np.concatenate([oa, ob], axis=1))
+
+
+def test_pack_and_matmul_reject_bad_input():
+    with pytest.raises(DllamaError, match="q50"):
+        K.pack("q50", np.zeros(18, np.uint8), 1, 32)
+    with pytest.raises(DllamaError, match="multiple of 32"):
+        K.pack("q40", np.zeros(18, np.uint8), 1, 40)
+    with pytest.raises(DllamaError, match="bytes"):
+        K.pack("q80", np.zeros(35, np.uint8), 1, 32)
+    W = K.pack("q40", np.zeros(36, np.uint8), 2, 32)
+    with pytest.raises(ValueError):
+        K.matmul(W, np.zeros((1, 64), np.float32), np.zeros((1, 2), np.float32))
+    with pytest.raises(ValueError):
+        K.matmul(W, np.zeros((1, 32), np.float64), np.zeros((1, 2), np.float32))
+    with pytest.raises(ValueError):
+        K.matmul(W, np.zeros((1, 32), np.float32), np.zeros((1, 2), np.float32), act="f16")
+
+
+def test_set_threads_rejects_nonsense():
+    with pytest.raises(DllamaError):
+        K.set_threads(0)
+    with pytest.raises(DllamaError):
+        K.set_threads(numba.config.NUMBA_NUM_THREADS + 1)
+
+
+# --- element-wise kernels ---------------------------------------------------------------------
+
+
+def test_rmsnorm():
+    rng = np.random.default_rng(0)
+    x = readonly(rng.standard_normal((3, 96)).astype(np.float32) * 5)
+    w = readonly(rng.standard_normal(96).astype(np.float32))
+    out = np.empty_like(x)
+    K.rmsnorm(x, w, 1e-5, out)
+    np.testing.assert_allclose(out, naive.rmsnorm(x, w, 1e-5), rtol=1e-6, atol=1e-6)
+
+
+def spec_for(rope_type, head_dim=64, theta=500000.0):
+    return ModelSpec(head_dim=head_dim, rope_type=rope_type, rope_theta=theta, rope_scaling_factor=32.0,
+                     rope_scaling_low_freq_factor=1.0, rope_scaling_high_freq_factor=4.0,
+                     rope_scaling_orig_max_seq_len=8192)
+
+
+@pytest.mark.parametrize("rope_type", ["llama", "llama3.1", "falcon"])
+def test_rope(rope_type):
+    spec = spec_for(rope_type)
+    seq_len = 20000  # past the original context: scaling matters
+    cos, sin = K.rope_tables(spec, seq_len)
+    assert cos.shape == sin.shape == (seq_len, 32) and cos.dtype == np.float32
+    scaling = (32.0, 1.0, 4.0, 8192) if rope_type == "llama3.1" else None
+    freqs = naive.rope_freqs(64, spec.rope_theta, scaling)
+    positions = np.array([0, 1, 7, 19999], np.int64)
+    np.testing.assert_allclose(cos[positions], np.cos(np.outer(positions, freqs)), atol=2e-7)
+    x = np.random.default_rng(1).standard_normal((4, 3 * 64)).astype(np.float32)
+    want = naive.rope(x, positions, freqs, 64, rope_type == "falcon")
+    K.rope(x, positions, cos, sin, 64, rope_type == "falcon")
+    np.testing.assert_allclose(x, want, atol=2e-6)
+
+
+def test_llama31_scaling_changes_only_low_frequencies():
+    plain = naive.rope_freqs(128, 500000.0)
+    scaled = naive.rope_freqs(128, 500000.0, (8.0, 1.0, 4.0, 8192))
+    assert scaled[0] == plain[0] and np.isclose(scaled[-1], plain[-1] / 8)
+    c, _ = K.rope_tables(spec_for("llama3.1", 128), 3)
+    np.testing.assert_allclose(c[2], np.cos(2 * naive.rope_freqs(128, 500000.0, (32.0, 1.0, 4.0, 8192))), atol=1e-7)
+
+
+def test_activations_and_softmax():
+    rng = np.random.default_rng(2)
+    h = readonly(rng.standard_normal((3, 2 * 80)).astype(np.float32) * 4)
+    out = np.empty((3, 80), np.float32)
+    K.swiglu(h, 80, out)
+    np.testing.assert_allclose(out, naive.swiglu(h, 80), rtol=1e-5, atol=1e-6)
+    K.gelu_glu(h, 80, out)
+    np.testing.assert_allclose(out, naive.gelu_glu(h, 80), rtol=1e-5, atol=1e-6)
+    x = rng.standard_normal(77).astype(np.float32) * 20
+    want = naive.softmax(x)
+    K.softmax(x)
+    np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads,positions", [
+    (9, 3, [40]),                 # decode, GQA 3:1 (SmolLM2's heads)
+    (4, 4, [0]),                  # first token
+    (8, 2, list(range(5, 37))),   # a prompt batch of 32, causal within itself
+    (6, 1, [3, 9, 4]),            # multi-query, unordered positions
+])
+def test_attention(n_heads, n_kv_heads, positions, threads):
+    hd, seq_len = 64, 48
+    rng = np.random.default_rng(n_heads)
+    positions = np.array(positions, np.int64)
+    q = readonly(rng.standard_normal((len(positions), n_heads * hd)).astype(np.float32))
+    k_cache = readonly(rng.standard_normal((seq_len, n_kv_heads * hd)).astype(np.float32))
+    v_cache = readonly(rng.standard_normal((seq_len, n_kv_heads * hd)).astype(np.float32))
+    att = np.empty((n_heads, seq_len), np.float32)
+    out = np.empty_like(q)
+    K.attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, hd, att, out)
+    want = naive.attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, hd)
+    np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+def test_attention_rejects_positions_outside_the_cache():
+    q = np.zeros((1, 64), np.float32)
+    cache = np.zeros((8, 64), np.float32)
+    with pytest.raises(ValueError):
+        K.attention(q, cache, cache, np.array([8], np.int64), 1, 1, 64, np.zeros((1, 8), np.float32), q.copy())
+    with pytest.raises(ValueError):
+        K.attention(q, cache, cache, np.array([0], np.int64), 3, 2, 64, np.zeros((3, 8), np.float32), q.copy())
