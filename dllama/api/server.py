@@ -71,6 +71,9 @@ def run(args) -> int:
 
 
 def _check_flags(args) -> None:
+    # before the socket opens: a typo in the path should not look like a server that started
+    if not os.path.isfile(args.model):
+        raise DllamaError(f"model file not found: {args.model}")
     if not 0 <= args.port < 65536:
         raise DllamaError(f"--port must be in 0..65535, got {args.port}")
     if args.queue_size < 1:
