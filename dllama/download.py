@@ -202,6 +202,12 @@ def _truncate(f, n: int) -> None:
     f.seek(n)
 
 
+def _write_all(f, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view):]  # a raw (unbuffered) file may take less than all of it
+
+
 def _validator(headers) -> str | None:
     etag = headers.get("ETag")
     if etag and not etag.startswith("W/"):  # If-Range accepts only strong validators
@@ -249,8 +255,8 @@ def _request_part(f, url: str, state: _State, retry: Retry, bar: Progress) -> No
             state.size, state.validator = total, validator
             state.save()
         try:
-            while chunk := resp.read(CHUNK):
-                f.write(chunk)
+            while chunk := resp.read1(CHUNK):  # what has arrived: a stall loses nothing
+                _write_all(f, chunk)
                 bar.update(len(chunk))
         except (OSError, http.client.HTTPException) as exc:
             raise _Transient(f"connection lost: {exc}") from None
@@ -340,7 +346,7 @@ def fetch(target: Target, *, force: bool = False, retry: Retry = Retry(), total:
         state.save()
     state.path = sidecar
     try:
-        with open(partial, "r+b") as f:
+        with open(partial, "r+b", buffering=0) as f:  # unbuffered: the length on disk is the truth
             f.seek(0, os.SEEK_END)
             bar = Progress(dest.name, total or target.size, _length(f), out, tty, interval)
             if bar.done:

@@ -22,6 +22,7 @@ class Served:
     ranges: bool = True                                   # honour Range
     etag: bool = True
     head_length: int | None = None                        # Content-Length a HEAD claims (default: the real one)
+    stall_after: list[int] = field(default_factory=list)  # per GET: send this many bytes, then hang
 
     @property
     def sha256(self) -> str:
@@ -44,6 +45,7 @@ class FileServer(ThreadingHTTPServer):
         self.files: dict[str, Served] = {}
         self.seen: list[Seen] = []
         self.lock = threading.Lock()
+        self.release = threading.Event()  # set to let stalled answers end
         self.thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
 
     @property
@@ -65,6 +67,7 @@ class FileServer(ThreadingHTTPServer):
         return self
 
     def __exit__(self, *exc):
+        self.release.set()
         self.shutdown()
         self.server_close()
 
@@ -84,7 +87,8 @@ class _Handler(BaseHTTPRequestHandler):
             served = self.server.files.get(path)
             status = served.statuses.pop(0) if served and served.statuses else None
             drop = served.drop_after.pop(0) if served and served.drop_after and self.command == "GET" else None
-        return served, status, drop
+            stall = served.stall_after.pop(0) if served and served.stall_after and self.command == "GET" else None
+        return served, status, drop, stall
 
     def _status_only(self, code: int, extra: dict | None = None):
         body = f"status {code}\n".encode() if self.command == "GET" else b""
@@ -96,7 +100,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_HEAD(self):
-        served, status, _ = self._lookup()
+        served, status, _, _ = self._lookup()
         if served is None or status:
             return self._status_only(status or 404)
         self.send_response(200)
@@ -106,7 +110,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def do_GET(self):
-        served, status, drop = self._lookup()
+        served, status, drop, stall = self._lookup()
         if served is None or status:
             return self._status_only(status or 404)
         data, etag = served.data, f'"{served.sha256[:16]}"'
@@ -126,9 +130,11 @@ class _Handler(BaseHTTPRequestHandler):
         if code == 206:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.end_headers()
-        if drop is not None:
-            self.wfile.write(body[:drop])
+        if drop is not None or stall is not None:
+            self.wfile.write(body[:drop if drop is not None else stall])
             self.wfile.flush()
+            if stall is not None:
+                self.server.release.wait(60)
             self.close_connection = True
             return
         self.wfile.write(body)
