@@ -1,0 +1,221 @@
+"""Tensor parallelism on loopback with real `dllama worker` processes: the same greedy tokens on 1, 2 and 4
+nodes (F32 buffers), Q80 buffers within a stated tolerance, memory split, and the faults of issue 3."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dllama.errors import DllamaError
+from dllama.net import protocol as P
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+PROMPT = [256, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100]   # <s> "Hello world" as bytes
+STEPS = 12
+TOL_Q80 = 0.10
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    """A random Llama-3-shaped Q40 model with 8 heads / 4 KV heads (splits over 1, 2, 4 nodes), and a
+    byte-level tokenizer for it (256 byte tokens, <s>, </s>, filler pairs)."""
+    from dllama.formats.dlm import write_dlm
+    from dllama.formats.dlt import TokenizerData, write_t
+    from dllama.formats.random_model import preset_spec, random_tensors
+
+    d = tmp_path_factory.mktemp("cluster")
+    spec = preset_spec("llama3_2_1b", "q40", dim=256, hidden_dim=512, n_layers=3, n_heads=8, n_kv_heads=4,
+                       vocab_size=512, seq_len=256)
+
+    def tensors():
+        # weights 10x the preset's N(0, 0.02): with tiny weights the stream is the embedding and greedy
+        # decoding repeats one token; these give varied tokens with top-2 logit gaps >= 0.07 (spread ~3)
+        for name, src in random_tensors(spec, seed=7):
+            yield name, src if isinstance(src, np.ndarray) else (10 * rows for rows in src)
+
+    write_dlm(str(d / "m.m"), spec, tensors())
+    tokens = [bytes([i]) for i in range(256)] + [b"<s>", b"</s>"]
+    tokens += [bytes([97 + i // 26, 97 + i % 26]) for i in range(512 - len(tokens))]
+    scores = [0.0] * 258 + [-float(i) for i in range(512 - 258)]
+    write_t(str(d / "t.t"), TokenizerData(tokens, scores, bos_id=256, eos_ids=[257],
+                                          special_ids=frozenset({256, 257})))
+    return d / "m.m", d / "t.t"
+
+
+class Root:
+    """The root's side as the engine drives it: partition, connect, load its own slice, forward passes."""
+
+    def __init__(self, path, workers, buffer_type="f32", timeout=10.0):
+        from dllama.formats.loader import load_model
+        from dllama.model.collective import LocalCollective
+        from dllama.model.llama import NodeModel
+        from dllama.model.partition import node_tensor_names, partition, slice_tensor
+        from dllama.net.root import connect_workers
+
+        self.loaded = load_model(str(path))
+        spec = self.loaded.spec
+        self.plan = partition(spec, 1 + len(workers))
+        self.coll = (connect_workers(workers, self.loaded, self.plan, spec.seq_len, buffer_type, timeout=timeout)
+                     if workers else LocalCollective())
+        self.model = NodeModel(spec, self.plan[0], spec.seq_len, 32, self.coll)
+        for name in node_tensor_names(spec, self.plan[0]):
+            part = slice_tensor(self.loaded.tensors[name], name, spec, self.plan[0])
+            if part is not None:
+                self.model.load(name, *part)
+        self.model.finish_loading()
+
+    def forward(self, tokens, start):
+        positions = np.arange(start, start + len(tokens))
+        self.coll.step(len(tokens), positions)
+        return self.model.forward(np.asarray(tokens), positions).copy()
+
+    def greedy(self, prompt=PROMPT, steps=STEPS, force=None):
+        """(generated ids, the logits each was picked from); `force`: feed these ids instead (teacher
+        forcing, so that logits compare position by position even where an argmax would differ)."""
+        logits = self.forward(prompt, 0)
+        ids, all_logits = [], []
+        for i in range(steps):
+            all_logits.append(logits)
+            ids.append(int(np.argmax(logits)) if force is None else force[i])
+            logits = self.forward([ids[-1]], len(prompt) + i)
+        return ids, np.array(all_logits)
+
+    def close(self):
+        self.coll.close()
+
+
+class QueueCollective:
+    """The star exchanges between threads of this process: the socket collectives' arithmetic, no wire."""
+
+    def __init__(self, index, plan, down, up, q80=False):
+        self.index, self.n_nodes, self.plan, self.down, self.up = index, len(plan), plan, down, up
+        self.is_root = index == 0
+        # Q80 buffers: what a receiver gets is gguf's Q8_0 round trip of what was sent
+        self.wire = _q80_round_trip if q80 else np.copy
+
+    def step(self, n, positions):
+        if self.is_root:
+            for q in self.down:
+                q.put(np.asarray(positions))
+            return positions
+        return self.down[self.index - 1].get()
+
+    def broadcast(self, x):
+        if self.is_root:
+            for q in self.down:
+                q.put(self.wire(x))
+        else:
+            x[...] = self.down[self.index - 1].get()
+
+    def reduce_sum(self, y):
+        if self.is_root:
+            for q in self.up:
+                y += q.get()
+        else:
+            self.up[self.index - 1].put(self.wire(y))
+
+    def gather(self, part, out):
+        if not self.is_root:
+            self.up[self.index - 1].put(part.copy())
+            return
+        for node, p in zip(self.plan, [part] + [q.get() for q in self.up]):
+            out[:, node.vocab.start:node.vocab.stop] = p
+
+    def close(self):
+        for q in self.down:
+            q.put(None)
+
+
+def _q80_round_trip(x):
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize, quantize
+
+    return dequantize(quantize(np.ascontiguousarray(x, np.float32), T.Q8_0), T.Q8_0).reshape(x.shape)
+
+
+def _in_process_greedy(path, n_nodes, q80=False, force=None):
+    """The same split run by threads in this process: what the sockets must reproduce bit for bit."""
+    import queue
+    import threading
+
+    from dllama.formats.loader import load_model
+    from dllama.model.llama import NodeModel
+    from dllama.model.partition import node_tensor_names, partition, slice_tensor
+
+    loaded = load_model(str(path))
+    spec, plan = loaded.spec, partition(loaded.spec, n_nodes)
+    down, up = [queue.Queue() for _ in plan[1:]], [queue.Queue() for _ in plan[1:]]
+    models = []
+    for node in plan:
+        m = NodeModel(spec, node, spec.seq_len, 32, QueueCollective(node.index, plan, down, up, q80))
+        for name in node_tensor_names(spec, node):
+            part = slice_tensor(loaded.tensors[name], name, spec, node)
+            if part is not None:
+                m.load(name, *part)
+        m.finish_loading()
+        models.append(m)
+
+    def follow(m):
+        while (pos := m.coll.step(0, None)) is not None:
+            m.forward(None, pos)
+
+    threads = [threading.Thread(target=follow, args=(m,), daemon=True) for m in models[1:]]
+    for t in threads:
+        t.start()
+    root = Root.__new__(Root)
+    root.model, root.coll = models[0], models[0].coll
+    try:
+        return root.greedy(force=force)
+    finally:
+        root.close()
+        for t in threads:
+            t.join(10)
+
+
+def _run_greedy(path, workers, buffer_type="f32", force=None):
+    root = Root(path, [w.address for w in workers], buffer_type)
+    try:
+        return root.greedy(force=force)
+    finally:
+        root.close()
+
+
+def test_same_tokens_on_1_2_4_nodes_and_q80_within_tolerance(model_files, start_workers):
+    path, _ = model_files
+    workers = start_workers(3)
+    ids1, logits1 = _run_greedy(path, [])
+    assert len(set(ids1)) > 1   # a model that says one token over and over would prove little
+    for n in (2, 4):
+        ids, logits = _run_greedy(path, workers[:n - 1], "f32")
+        assert ids == ids1, f"{n} nodes, f32 buffers"
+        # F32 buffers carry the floats exactly: the sockets give what the same split gives in one process
+        ids_local, logits_local = _in_process_greedy(path, n)
+        assert ids_local == ids and np.array_equal(logits, logits_local)
+        # ... which differs from one node only by the order of the sums over nodes, amplified through the
+        # layers by the Q80 rounding of each matmul's input (measured: <= 1.5% of the largest logit)
+        print(f"{n} nodes f32: max |dlogit| {np.abs(logits - logits1).max():.4g} of {np.abs(logits1).max():.4g}")
+        np.testing.assert_allclose(logits, logits1, atol=0.03 * np.abs(logits1).max())
+        for w in workers:
+            w.wait_idle()
+    # Q80 buffers round the residual stream at every exchange (within half a step of amax/127 per block).
+    # Teacher-forced on the 1-node tokens: the sockets give exactly what gguf's Q8_0 round trip of every
+    # exchanged buffer gives in one process, and the logits stay within TOL_Q80 of the largest logit of
+    # the 1-node run (this model's 10x weights amplify any rounding: measured 6.4% with 2 nodes)
+    top = np.abs(logits1).max()
+    for n in (2, 4):
+        _, logits = _run_greedy(path, workers[:n - 1], "q80", force=ids1)
+        _, logits_local = _in_process_greedy(path, n, q80=True, force=ids1)
+        assert np.array_equal(logits, logits_local), f"{n} nodes, q80 buffers"
+        err = np.abs(logits - logits1).max()
+        print(f"{n} nodes q80: max |dlogit| {err:.4g} of {top:.4g}, same argmax at "
+              f"{np.mean(logits.argmax(1) == logits1.argmax(1)):.0%} of positions")
+        assert err < TOL_Q80 * top, f"{n} nodes, q80 buffers: max |dlogit| {err:.4g}, largest logit {top:.4g}"
+        for w in workers:
+            w.wait_idle()
