@@ -315,7 +315,8 @@ class Tokenizer:
 
     @classmethod
     def from_t_data(cls, data: "dlt.TokenizerData", name="") -> "Tokenizer":
-        types = [CONTROL if i in data.special_ids else NORMAL for i in range(len(data.tokens))]
+        special = data.special_ids or dlt.guess_special_ids(data.tokens, data.scores, data.bos_id, data.eos_ids)
+        types = [CONTROL if i in special else NORMAL for i in range(len(data.tokens))]
         bos = data.bos_id if data.bos_id >= 0 else None
         return cls("t", list(data.tokens), types, scores=data.scores, bos_id=bos,
                    eos_id=data.eos_ids[0] if data.eos_ids else None, eos_ids=data.eos_ids,
