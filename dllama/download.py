@@ -338,32 +338,54 @@ def fetch(target: Target, *, force: bool = False, retry: Retry = Retry(), total:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial, sidecar = partial_paths(dest)
-    urls = list(target.urls)
-    state = None if force else _State.load(sidecar, urls)
-    if state is None or not partial.exists() or partial.stat().st_size < state.start:
-        state = _State(urls=urls, path=sidecar)
-        partial.write_bytes(b"")
-        state.save()
-    state.path = sidecar
-    try:
-        with open(partial, "r+b", buffering=0) as f:  # unbuffered: the length on disk is the truth
-            f.seek(0, os.SEEK_END)
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+    with open(fd, "r+b", buffering=0) as f:  # unbuffered: the length on disk is the truth
+        _lock(f, dest)
+        try:
+            if dest.exists() and not force:  # another run finished it while this one waited to start
+                _discard(partial, sidecar)
+                return dest
+            state = _resume_state(f, sidecar, list(target.urls), force)
             bar = Progress(dest.name, total or target.size, _length(f), out, tty, interval)
             if bar.done:
-                bar.note(f"resuming at {_hsize(bar.done)} (part {state.part + 1} of {len(urls)})")
-            while state.part < len(urls):
+                bar.note(f"resuming at {_hsize(bar.done)} (part {state.part + 1} of {len(state.urls)})")
+            while state.part < len(state.urls):
                 _fetch_part(f, state, retry, bar)
                 state.part, state.start, state.size, state.validator = state.part + 1, _length(f), None, None
                 state.save()
             bar.finish()
-    except BaseException:
-        if partial.exists() and partial.stat().st_size == 0:  # nothing worth resuming
-            _discard(partial, sidecar)
-        raise
-    _verify(partial, target, out)
-    os.replace(partial, dest)
-    sidecar.unlink(missing_ok=True)
+        except BaseException:
+            if _length(f) == 0:  # nothing worth resuming
+                _discard(partial, sidecar)
+            raise
+        _verify(partial, target, out)
+        os.replace(partial, dest)
+        sidecar.unlink(missing_ok=True)
     return dest
+
+
+def _lock(f, dest: Path) -> None:
+    """Hold an exclusive lock on the .part file: two runs must not write one file."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; one run at a time is the user's to keep
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise DllamaError(f"another process is downloading {dest}") from None
+
+
+def _resume_state(f, sidecar: Path, urls: list[str], force: bool) -> _State:
+    """The sidecar's state if it describes this download and the .part file, else a fresh start."""
+    state = None if force else _State.load(sidecar, urls)
+    if state is None or _length(f) < state.start:
+        _truncate(f, 0)
+        state = _State(urls=urls, path=sidecar)
+        state.save()
+    state.path = sidecar
+    f.seek(0, os.SEEK_END)
+    return state
 
 
 # ------------------------------------------------------------------------------------------ several files

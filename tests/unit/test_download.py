@@ -10,6 +10,7 @@ import io
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,29 @@ def test_pypi_file_is_taken_from_site_packages_and_verified():
         download.pypi_file(m.requirement, m.distribution, m.path, version=m.version, sha256="0" * 64,
                            out=io.StringIO())
 
+
+
+def test_a_stalled_connection_times_out_and_resumes(server, tmp_path):
+    data = blob(500_000, seed=7)
+    server.add("/m.bin", data, stall_after=[123_000])
+    dest = tmp_path / "m.bin"
+    run(Target((server.url("/m.bin"),), dest, len(data)), retry=Retry(attempts=3, backoff=0.0, timeout=0.5))
+    assert dest.read_bytes() == data
+    assert [s.range for s in server.gets()] == [None, "bytes=123000-"]
+
+
+def test_two_runs_never_write_the_same_file(server, tmp_path):
+    import threading
+
+    data = blob(300_000, seed=8)
+    server.add("/m.bin", data, stall_after=[1000])
+    target = Target((server.url("/m.bin"),), tmp_path / "m.bin", len(data))
+    first = threading.Thread(target=run, args=(target,))
+    first.start()
+    while not server.gets():
+        time.sleep(0.01)
+    with pytest.raises(DllamaError, match="another process is downloading"):
+        run(target)
+    server.release.set()  # the first run's connection ends early; it resumes and completes
+    first.join(30)
+    assert target.dest.read_bytes() == data
