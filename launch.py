@@ -97,11 +97,13 @@ def hf_url(url: str) -> str:
 
 
 def confirm_with(yes: bool):
+    """The question before a download: None (do not ask) with --yes."""
     from dllama.errors import DllamaError
 
+    if yes:
+        return None
+
     def confirm(question: str) -> bool:
-        if yes:
-            return True
         try:
             if sys.stdin is None:
                 raise EOFError

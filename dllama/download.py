@@ -418,7 +418,8 @@ def check_space(directory: Path, needed: int) -> None:
 
 def fetch_all(targets, *, force: bool = False, confirm=None, retry: Retry = Retry(), out=None,
               tty: bool | None = None, interval: float = 10.0) -> list[Path]:
-    """Fetch several files: sizes asked first, disk space checked, `confirm(question) -> bool` asked once.
+    """Fetch several files: sizes asked first, disk space checked, `confirm(question) -> bool` asked once
+    (None: just say what is downloaded).
 
     Raises DllamaError as `fetch` does, when the disk is too small, or when `confirm` says no.
     """
@@ -436,8 +437,10 @@ def fetch_all(targets, *, force: bool = False, confirm=None, retry: Retry = Retr
                 needed += max(total - (0 if force else have), 0)
         check_space(Path(todo[0].dest).parent, needed)
         size = "size unknown" if unknown and not needed else _hsize(needed) + (" or more" if unknown else "")
-        question = f"Download {len(todo)} file(s), {size}, into {Path(todo[0].dest).parent}?"
-        if confirm is not None and not confirm(question):
+        what = f"{len(todo)} file(s), {size}, into {Path(todo[0].dest).parent}"
+        if confirm is None:
+            print(f"downloading {what}", file=out, flush=True)
+        elif not confirm(f"Download {what}?"):
             raise DllamaError("download cancelled")
     return [fetch(t, force=force, retry=retry, total=totals.get(t.dest), out=out, tty=tty, interval=interval)
             for t in targets]

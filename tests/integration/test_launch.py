@@ -85,7 +85,7 @@ def test_yes_downloads_without_prompting_on_a_closed_stdin(server, tmp_path):
     assert code == 0, out
     assert (tmp_path / "dllama_model_tinyllama_1_1b_3t_q40.m").read_bytes() == model
     assert (tmp_path / "dllama_tokenizer_tinyllama_1_1b_3t_q40.t").read_bytes() == tokenizer
-    assert "[y/N]" not in out
+    assert "[y/N]" not in out and "downloading 2 file(s)" in out
     # a second run finds the files complete: no GET at all
     n = len(server.gets())
     code, out = finish(launch("tinyllama_1_1b_3t_q40", "--run", "none", "--dir", str(tmp_path), server=server))
