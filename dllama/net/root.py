@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -14,6 +12,7 @@ import numpy as np
 from dllama.errors import DllamaError
 from dllama.net import protocol as P
 from dllama.net.exchange import RootCollective
+from dllama.net.memory import release_pages, trim_heap
 from dllama.net.transport import Connection, ConnectionLost, connect
 
 DEFAULT_TIMEOUT = 10.0
@@ -62,6 +61,7 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
         with ThreadPoolExecutor(max_workers=len(conns)) as pool:
             jobs = [pool.submit(_load_worker, conn, loaded, node, config) for conn, node in zip(conns, plan[1:])]
             sent = sum(job.result() for job in jobs)
+        trim_heap()
         say(f"sent {sent / 1e6:.1f} MB of weights to {len(conns)} workers in {time.perf_counter() - t0:.1f} s")
     except BaseException:
         for conn in conns:
@@ -85,7 +85,8 @@ def _load_worker(conn: Connection, loaded, node, config: dict) -> int:
     conn.send(P.Config({**config, "node": node.to_dict()}))
     sent = 0
     for name in node_tensor_names(spec, node):
-        part = slice_tensor(loaded.tensors[name], name, spec, node)
+        tensor = loaded.tensors[name]
+        part = slice_tensor(tensor, name, spec, node)
         if part is None:
             continue
         qtype, shape, raw = part
@@ -93,29 +94,13 @@ def _load_worker(conn: Connection, loaded, node, config: dict) -> int:
         for offset in range(0, max(raw.size, 1), CHUNK):
             conn.send(P.Weight(name, qtype, tuple(shape), offset, raw.size, raw[offset:offset + CHUNK]))
         sent += raw.size
-        _release_pages(raw)
+        # a column slice was read from every row of the tensor: drop all of it (the root re-reads its own
+        # part from the page cache when it loads); the copy itself is freed before the next tensor is cut
+        release_pages(tensor.data)
+        del raw, part
     conn.send(P.Ready())
     conn.expect(P.Ready)
     return sent
-
-
-_MADV_PAGEOUT = 21
-
-
-def _release_pages(raw: np.ndarray) -> None:
-    """Drop the pages just sent from this process's resident set, so the root never holds a worker's
-    slice. MADV_PAGEOUT (Linux >= 5.4) reclaims without losing data, whatever backs the memory; a view
-    of the memory map is simply read again from the file if the root needs it. Best effort."""
-    if not sys.platform.startswith("linux") or raw.size < 1 << 16:
-        return
-    page = 4096
-    start = raw.ctypes.data // page * page
-    end = -(-(raw.ctypes.data + raw.size) // page) * page
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
-    except (OSError, AttributeError):
-        pass
 
 
 __all__ = ["connect_workers", "parse_address", "ConnectionLost", "DEFAULT_TIMEOUT"]

@@ -22,6 +22,7 @@ from dllama import __version__
 from dllama.errors import DllamaError
 from dllama.net import protocol as P
 from dllama.net.exchange import WorkerCollective
+from dllama.net.memory import trim_heap
 from dllama.net.transport import Connection, ConnectionLost, configure
 
 log = logging.getLogger("dllama.worker")
@@ -226,6 +227,7 @@ class Worker:
             conn.close()
             model = coll = self._tensor = None
             gc.collect()
+            trim_heap()
             with self._lock:
                 self._state, self._root, self._node = "idle", None, None
                 self._served += 1
@@ -256,6 +258,7 @@ class Worker:
         else:
             raise ConnectionLost(f"{conn.label}: closed the connection while sending weights")
         model.finish_loading()
+        trim_heap()
         conn.send(P.Ready())
         log.info("loaded node %d of %d: %.1f MB in %.1f s", node.index, node.n_nodes, total / 1e6,
                  time.perf_counter() - t0)

@@ -4,6 +4,7 @@ nodes (F32 buffers), Q80 buffers within a stated tolerance, memory split, and th
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -219,3 +220,118 @@ def test_same_tokens_on_1_2_4_nodes_and_q80_within_tolerance(model_files, start_
         assert err < TOL_Q80 * top, f"{n} nodes, q80 buffers: max |dlogit| {err:.4g}, largest logit {top:.4g}"
         for w in workers:
             w.wait_idle()
+
+
+# --- faults -------------------------------------------------------------------------------------------
+
+def test_worker_not_running_fails_fast_naming_it(model_files):
+    from conftest import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(DllamaError, match=f"worker {address}: cannot connect"):
+        Root(model_files[0], [address])
+    assert time.monotonic() - t0 < 10
+
+
+def _kill_during_generation(root, victim, sig):
+    root.greedy(steps=3)
+    victim.proc.send_signal(sig)
+    t0 = time.monotonic()
+    with pytest.raises(DllamaError, match=f"worker {victim.address}") as err:
+        for i in range(10_000):
+            root.forward([65], len(PROMPT) + 3 + i)
+    return time.monotonic() - t0, str(err.value)
+
+
+def test_worker_killed_mid_generation_stops_the_root_naming_it(model_files, start_workers):
+    workers = start_workers(3)
+    root = Root(model_files[0], [w.address for w in workers], "q80")
+    elapsed, message = _kill_during_generation(root, workers[1], signal.SIGKILL)
+    root.close()
+    assert elapsed < 5, message
+    for w in (workers[0], workers[2]):   # the others see the root go and wait for the next one
+        assert w.wait_idle()["state"] == "idle"
+
+
+def test_worker_cut_off_mid_generation_times_out_naming_it(model_files, start_workers):
+    """A worker that stops answering without closing (network cut; here SIGSTOP) is noticed by the
+    root's read timeout, derived from the one timeout setting (6 x 0.5 s here)."""
+    (w,) = start_workers(1)
+    root = Root(model_files[0], [w.address], "f32", timeout=0.5)
+    try:
+        elapsed, message = _kill_during_generation(root, w, signal.SIGSTOP)
+    finally:
+        w.proc.send_signal(signal.SIGCONT)
+        root.close()
+    assert "no data within 3 s" in message and elapsed < 5
+
+
+ROOT_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from test_cluster import Root, PROMPT
+root = Root(sys.argv[2], sys.argv[3:])
+logits = root.forward(PROMPT, 0)
+print("ready", flush=True)
+for i in range(100_000):
+    root.forward([65], len(PROMPT) + i % 200)
+"""
+
+
+def test_worker_whose_root_was_killed_serves_the_next_root(model_files, start_workers):
+    workers = start_workers(3)
+    path = str(model_files[0])
+    ids1, _ = _run_greedy(path, [])
+    doomed = subprocess.Popen([sys.executable, "-c", ROOT_SCRIPT, str(Path(__file__).parent), path,
+                               *[w.address for w in workers]], stdout=subprocess.PIPE, text=True)
+    try:
+        assert doomed.stdout.readline().strip() == "ready"
+        time.sleep(0.3)   # in the middle of forward passes
+        assert all(w.probe()["state"] == "serving" for w in workers)
+    finally:
+        doomed.kill()
+        doomed.wait(10)
+    for w in workers:
+        assert w.wait_idle()["state"] == "idle", w.log()
+        assert "went away" in w.log()
+    ids, _ = _run_greedy(path, workers, "f32")
+    assert ids == ids1
+
+
+# --- memory -------------------------------------------------------------------------------------------
+
+def _rss(pid="self") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def test_worker_memory_is_its_share_and_the_root_keeps_none(tmp_path, start_workers):
+    from dllama.formats.loader import load_model
+    from dllama.formats.random_model import preset_spec, write_random_model
+    from dllama.model.partition import node_tensor_names, partition, slice_tensor
+    from dllama.net.root import connect_workers
+
+    spec = preset_spec("llama3_2_1b", "q40", dim=1024, hidden_dim=4096, n_layers=8, n_heads=16,
+                       n_kv_heads=4, vocab_size=4096, seq_len=512)
+    path = tmp_path / "mem.m"
+    write_random_model(str(path), spec, seed=1)
+    (w,) = start_workers(1)
+    base = w.rss_bytes()
+    loaded = load_model(str(path))
+    plan = partition(spec, 2)
+    root_before = _rss()
+    coll = connect_workers([w.address], loaded, plan, spec.seq_len, "q80")
+    root_growth = _rss() - root_before
+    held = w.rss_bytes() - base
+    coll.close()
+    share = sum(slice_tensor(loaded.tensors[n], n, spec, plan[1])[2].nbytes
+                for n in node_tensor_names(spec, plan[1]))
+    print(f"worker share {share / 1e6:.1f} MB, worker holds {held / 1e6:.1f} MB; "
+          f"root grew {root_growth / 1e6:.1f} MB while sending")
+    assert abs(held - share) <= 0.1 * share
+    assert root_growth < 0.1 * share
+    w.wait_idle()
+    assert w.rss_bytes() - base < 0.1 * share   # the slice is freed when the root leaves
