@@ -39,108 +39,166 @@ BLOCK_BYTES = {"q40": 18, "q41": 20, "q80": 34}
 # --- the kernels: one body each, compiled serial and parallel --------------------------------
 
 
-def _mm_q40(qs, d, m, x, xq, xd, xs, out):
-    # W q40 (rows, cols) @ x (n, cols) -> out (n, rows); m unused (same signature for every block type)
+# Two forms of each block kernel, because the compiler keeps the integer sums in different places.
+# Matrix-vector (decode): the row loop is innermost and sweeps a tile's 64 rows per column, giving
+# the widest vectors (sums in L1-resident per-tile arrays). Matrix-matrix (prompt batches): the
+# literal 16-column loop unrolls inside the row loop, keeping the sums in registers, which wins once
+# the same weight block is reused for every activation row of the batch.
+
+
+def _mv_q40(qs, d, m, x, xq, xd, xs, out):
+    # W q40 (rows, cols) @ x (1, cols) -> out (1, rows): value = (q - 8) * d; m unused
     quantize_act(x, xq, xd, xs)
     ntiles, nb = qs.shape[0], qs.shape[1]
-    T = 64  # TILE, as a literal: the compiler unrolls the row loop into whole vector registers
-    n = x.shape[0]
-    rows = out.shape[1]
+    T = 64  # TILE, as a literal: the row loop becomes whole vector registers
     for t in prange(ntiles):
-        acc = np.zeros((n, T), np.float32)
+        acc = np.zeros((1, T), np.float32)
         lo = np.empty(T, np.int16)
         hi = np.empty(T, np.int16)
+        for b in range(nb):
+            lo[:] = 0
+            hi[:] = 0
+            for j in range(16):
+                xl = np.int16(xq[0, b * 32 + j])
+                xh = np.int16(xq[0, b * 32 + 16 + j])
+                for r in range(T):
+                    q = qs[t, b, j, r]
+                    lo[r] = np.int16(lo[r] + np.int16(q & np.uint8(15)) * xl)
+                    hi[r] = np.int16(hi[r] + np.int16(q >> np.uint8(4)) * xh)
+            dx = xd[0, b]
+            c = np.float32(8.0) * xs[0, b]
+            for r in range(T):
+                acc[0, r] += f16_to_f32(d[t, b, r]) * (dx * np.float32(np.int32(lo[r]) + np.int32(hi[r])) - c)
+        _store(acc, out, t * T)
+
+
+def _mv_q41(qs, d, m, x, xq, xd, xs, out):
+    # W q41 (rows, cols) @ x (1, cols) -> out (1, rows): value = q * d + m
+    quantize_act(x, xq, xd, xs)
+    ntiles, nb = qs.shape[0], qs.shape[1]
+    T = 64
+    for t in prange(ntiles):
+        acc = np.zeros((1, T), np.float32)
+        lo = np.empty(T, np.int16)
+        hi = np.empty(T, np.int16)
+        for b in range(nb):
+            lo[:] = 0
+            hi[:] = 0
+            for j in range(16):
+                xl = np.int16(xq[0, b * 32 + j])
+                xh = np.int16(xq[0, b * 32 + 16 + j])
+                for r in range(T):
+                    q = qs[t, b, j, r]
+                    lo[r] = np.int16(lo[r] + np.int16(q & np.uint8(15)) * xl)
+                    hi[r] = np.int16(hi[r] + np.int16(q >> np.uint8(4)) * xh)
+            dx = xd[0, b]
+            sx = xs[0, b]
+            for r in range(T):
+                isum = np.float32(np.int32(lo[r]) + np.int32(hi[r]))
+                acc[0, r] += f16_to_f32(d[t, b, r]) * dx * isum + f16_to_f32(m[t, b, r]) * sx
+        _store(acc, out, t * T)
+
+
+def _mv_q80(qs, d, m, x, xq, xd, xs, out):
+    # W q80 (rows, cols) @ x (1, cols) -> out (1, rows): value = q * d; m unused
+    quantize_act(x, xq, xd, xs)
+    ntiles, nb = qs.shape[0], qs.shape[1]
+    T = 64
+    for t in prange(ntiles):
+        acc = np.zeros((1, T), np.float32)
+        s = np.empty(T, np.int32)
+        for b in range(nb):
+            s[:] = 0
+            for j in range(0, 32, 2):
+                x0 = np.int16(xq[0, b * 32 + j])
+                x1 = np.int16(xq[0, b * 32 + j + 1])
+                for r in range(T):
+                    # two int8 products fit int16: |q| <= 128, |xq| <= 127
+                    p = np.int16(np.int16(qs[t, b, j, r]) * x0 + np.int16(qs[t, b, j + 1, r]) * x1)
+                    s[r] = np.int32(s[r] + np.int32(p))
+            dx = xd[0, b]
+            for r in range(T):
+                acc[0, r] += f16_to_f32(d[t, b, r]) * dx * np.float32(s[r])
+        _store(acc, out, t * T)
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _nibble_sums(qs, t, b, xv, isum):
+    # isum[r] = sum_j nibble q[r, j] * xv[j] over one block, for the 64 rows of tile t
+    for r in range(64):
+        lo = np.int16(0)
+        hi = np.int16(0)
+        for j in range(16):
+            q = qs[t, b, j, r]
+            lo = np.int16(lo + np.int16(q & np.uint8(15)) * xv[j])
+            hi = np.int16(hi + np.int16(q >> np.uint8(4)) * xv[16 + j])
+        isum[r] = np.int32(lo) + np.int32(hi)
+
+
+def _mm_q4(qs, d, m, x, xq, xd, xs, out):
+    # W q40 or q41 (rows, cols) @ x (n, cols) -> out (n, rows). A q41 matrix brings its m
+    # (value = q * d + m); q40 brings an empty m (value = (q - 8) * d).
+    quantize_act(x, xq, xd, xs)
+    ntiles, nb = qs.shape[0], qs.shape[1]
+    T = 64
+    n = x.shape[0]
+    q41 = m.shape[0] == ntiles
+    for t in prange(ntiles):
+        acc = np.zeros((n, T), np.float32)
+        isum = np.empty(T, np.int32)
+        xv = np.empty(32, np.int16)
         dw = np.empty(T, np.float32)
+        mw = np.zeros(T, np.float32)
         for b in range(nb):
             for r in range(T):
                 dw[r] = f16_to_f32(d[t, b, r])
+                if q41:
+                    mw[r] = f16_to_f32(m[t, b, r])
             for i in range(n):
-                lo[:] = 0
-                hi[:] = 0
-                for j in range(16):
-                    xl = np.int16(xq[i, b * 32 + j])
-                    xh = np.int16(xq[i, b * 32 + 16 + j])
-                    for r in range(T):
-                        q = qs[t, b, j, r]
-                        lo[r] = np.int16(lo[r] + np.int16(q & np.uint8(15)) * xl)
-                        hi[r] = np.int16(hi[r] + np.int16(q >> np.uint8(4)) * xh)
+                for j in range(32):
+                    xv[j] = xq[i, b * 32 + j]
+                _nibble_sums(qs, t, b, xv, isum)
                 dx = xd[i, b]
-                c = np.float32(8.0) * xs[i, b]
+                c = xs[i, b] if q41 else np.float32(-8.0) * xs[i, b]
                 for r in range(T):
-                    acc[i, r] += dw[r] * (dx * np.float32(np.int32(lo[r]) + np.int32(hi[r])) - c)
-        r0 = t * T
-        for i in range(n):
-            for r in range(min(T, rows - r0)):
-                out[i, r0 + r] = acc[i, r]
-
-
-def _mm_q41(qs, d, m, x, xq, xd, xs, out):
-    # W q41 (rows, cols) @ x (n, cols) -> out (n, rows): value = q * d + m
-    quantize_act(x, xq, xd, xs)
-    ntiles, nb = qs.shape[0], qs.shape[1]
-    T = 64  # TILE, as a literal: the compiler unrolls the row loop into whole vector registers
-    n = x.shape[0]
-    rows = out.shape[1]
-    for t in prange(ntiles):
-        acc = np.zeros((n, T), np.float32)
-        lo = np.empty(T, np.int16)
-        hi = np.empty(T, np.int16)
-        dw = np.empty(T, np.float32)
-        mw = np.empty(T, np.float32)
-        for b in range(nb):
-            for r in range(T):
-                dw[r] = f16_to_f32(d[t, b, r])
-                mw[r] = f16_to_f32(m[t, b, r])
-            for i in range(n):
-                lo[:] = 0
-                hi[:] = 0
-                for j in range(16):
-                    xl = np.int16(xq[i, b * 32 + j])
-                    xh = np.int16(xq[i, b * 32 + 16 + j])
-                    for r in range(T):
-                        q = qs[t, b, j, r]
-                        lo[r] = np.int16(lo[r] + np.int16(q & np.uint8(15)) * xl)
-                        hi[r] = np.int16(hi[r] + np.int16(q >> np.uint8(4)) * xh)
-                dx = xd[i, b]
-                sx = xs[i, b]
-                for r in range(T):
-                    acc[i, r] += dw[r] * dx * np.float32(np.int32(lo[r]) + np.int32(hi[r])) + mw[r] * sx
-        r0 = t * T
-        for i in range(n):
-            for r in range(min(T, rows - r0)):
-                out[i, r0 + r] = acc[i, r]
+                    acc[i, r] += dw[r] * dx * np.float32(isum[r]) + (mw[r] if q41 else dw[r]) * c
+        _store(acc, out, t * T)
 
 
 def _mm_q80(qs, d, m, x, xq, xd, xs, out):
-    # W q80 (rows, cols) @ x (n, cols) -> out (n, rows): value = q * d
+    # W q80 (rows, cols) @ x (n, cols) -> out (n, rows): value = q * d; m unused
     quantize_act(x, xq, xd, xs)
     ntiles, nb = qs.shape[0], qs.shape[1]
-    T = 64  # TILE, as a literal: the compiler unrolls the row loop into whole vector registers
+    T = 64
     n = x.shape[0]
-    rows = out.shape[1]
     for t in prange(ntiles):
         acc = np.zeros((n, T), np.float32)
-        s = np.empty(T, np.int32)
+        xv = np.empty(32, np.int16)
         dw = np.empty(T, np.float32)
         for b in range(nb):
             for r in range(T):
                 dw[r] = f16_to_f32(d[t, b, r])
             for i in range(n):
-                s[:] = 0
-                for j in range(0, 32, 2):
-                    x0 = np.int16(xq[i, b * 32 + j])
-                    x1 = np.int16(xq[i, b * 32 + j + 1])
-                    for r in range(T):
-                        # two int8 products fit int16: |q| <= 128, |xq| <= 127
-                        p = np.int16(np.int16(qs[t, b, j, r]) * x0 + np.int16(qs[t, b, j + 1, r]) * x1)
-                        s[r] = np.int32(s[r] + np.int32(p))
+                for j in range(32):
+                    xv[j] = xq[i, b * 32 + j]
                 dx = xd[i, b]
                 for r in range(T):
-                    acc[i, r] += dw[r] * dx * np.float32(s[r])
-        r0 = t * T
-        for i in range(n):
-            for r in range(min(T, rows - r0)):
-                out[i, r0 + r] = acc[i, r]
+                    s = np.int32(0)
+                    for j in range(0, 32, 2):
+                        # two int8 products fit int16: |q| <= 128, |xq| <= 127
+                        p = np.int16(np.int16(qs[t, b, j, r]) * xv[j] + np.int16(qs[t, b, j + 1, r]) * xv[j + 1])
+                        s = np.int32(s + np.int32(p))
+                    acc[i, r] += dw[r] * dx * np.float32(s)
+        _store(acc, out, t * T)
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _store(acc, out, r0):
+    # Accumulating in a per-tile local and copying out once keeps the row loop vectorised under
+    # parallel=True (stores straight into `out` did not).
+    for i in range(acc.shape[0]):
+        for r in range(min(acc.shape[1], out.shape[1] - r0)):
+            out[i, r0 + r] = acc[i, r]
 
 
 def _mm_f16(w, x, out):
@@ -148,7 +206,6 @@ def _mm_f16(w, x, out):
     ntiles, cols = w.shape[0], w.shape[1]
     T = 64  # TILE, as a literal: the compiler unrolls the row loop into whole vector registers
     n = x.shape[0]
-    rows = out.shape[1]
     for t in prange(ntiles):
         acc = np.zeros((n, T), np.float32)
         wf = np.empty(T, np.float32)
@@ -159,10 +216,7 @@ def _mm_f16(w, x, out):
                 xv = x[i, c]
                 for r in range(T):
                     acc[i, r] += wf[r] * xv
-        r0 = t * T
-        for i in range(n):
-            for r in range(min(T, rows - r0)):
-                out[i, r0 + r] = acc[i, r]
+        _store(acc, out, t * T)
 
 
 def _mm_q40_f32(qs, d, x, out):
@@ -170,7 +224,6 @@ def _mm_q40_f32(qs, d, x, out):
     ntiles, nb = qs.shape[0], qs.shape[1]
     T = 64  # TILE, as a literal: the compiler unrolls the row loop into whole vector registers
     n = x.shape[0]
-    rows = out.shape[1]
     for t in prange(ntiles):
         acc = np.zeros((n, T), np.float32)
         s = np.empty(T, np.float32)
@@ -187,10 +240,7 @@ def _mm_q40_f32(qs, d, x, out):
                         s[r] += np.float32(q & np.uint8(15)) * xl + np.float32(q >> np.uint8(4)) * xh
                 for r in range(T):
                     acc[i, r] += f16_to_f32(d[t, b, r]) * (s[r] - np.float32(8.0) * sx)
-        r0 = t * T
-        for i in range(n):
-            for r in range(min(T, rows - r0)):
-                out[i, r0 + r] = acc[i, r]
+        _store(acc, out, t * T)
 
 
 def _renamed(fn, suffix):
@@ -207,7 +257,10 @@ def _variants(fn):
             njit(nogil=True, cache=True, parallel=True)(fn))
 
 
-_KERNELS = {"q40": _variants(_mm_q40), "q41": _variants(_mm_q41), "q80": _variants(_mm_q80),
+# per type: (matrix-vector, matrix-matrix) x (serial, parallel)
+_Q4 = _variants(_mm_q4)
+_KERNELS = {"q40": (_variants(_mv_q40), _Q4), "q41": (_variants(_mv_q41), _Q4),
+            "q80": (_variants(_mv_q80), _variants(_mm_q80)),
             "f16": _variants(_mm_f16), "q40_f32": _variants(_mm_q40_f32)}
 
 
@@ -280,7 +333,7 @@ def pack(qtype, raw_rows, rows, cols):
         if qtype == "q41":
             W.m = _tiles(np.ascontiguousarray(blocks[:, :, 2:4]).view(np.uint16)[..., 0], rows, TILE)
         else:
-            W.m = W.d  # unused by the kernel, keeps one signature for all block types
+            W.m = _NO_M  # one signature for every block type; its length tells q40 from q41
         qs = blocks[:, :, 4:] if qtype == "q41" else blocks[:, :, 2:]
         W.qs = _tiles(qs.view(np.int8) if qtype == "q80" else qs, rows, TILE)
     W.nbytes = sum(a.nbytes for a in (W.qs, W.d, W.w) if a is not None)
@@ -305,11 +358,13 @@ def matmul(W, x, out, act="q80"):
     if x.dtype != _F32 or out.dtype != _F32:
         raise ValueError(f"matmul wants float32 x and out, got {x.dtype} and {out.dtype}")
     par = _threads.PARALLEL
+    if n == 0:
+        return
     if W.xq is not None:
         if act == "q80":
             if n > W.xq.shape[0]:
                 W._grow(n)
-            W.kernels[par](W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out)
+            W.kernels[n > 1][par](W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out)
         elif act == "f32" and W.qtype == "q40":
             _KERNELS["q40_f32"][par](W.qs, W.d, x, out)
         else:
@@ -321,3 +376,4 @@ def matmul(W, x, out, act="q80"):
 
 
 _F32 = np.dtype(np.float32)
+_NO_M = np.zeros((0, 1, TILE), np.uint16)
