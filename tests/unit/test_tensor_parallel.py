@@ -109,7 +109,8 @@ def greedy(models, prompt, steps):
         root.coll.step(len(tokens), pos)
         return root.forward(np.asarray(tokens, dtype=np.int64), pos).copy()
 
-    logits = fwd(prompt, 0)
+    for start in range(0, len(prompt), 8):   # batches of at most max_batch positions
+        logits = fwd(prompt[start:start + 8], start)
     first, ids = logits, []
     for i in range(steps):
         ids.append(int(np.argmax(logits)))
