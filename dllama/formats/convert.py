@@ -20,12 +20,14 @@ import time
 from dllama.errors import DllamaError
 
 
-def _write_tokenizer(model_path: str, out_path: str) -> None:
+def _write_tokenizer(model, out_path: str) -> None:
     """The tokenizer step, in one place: the GGUF's vocabulary as a `.t` file."""
     from dllama.formats.dlt import write_t
     from dllama.tokenizer import Tokenizer
 
-    write_t(out_path, Tokenizer.from_gguf(model_path))
+    if model.kind != "gguf":
+        raise DllamaError(f"{model.path}: a .m file holds no vocabulary; cannot write --output-tokenizer")
+    write_t(out_path, Tokenizer.from_gguf(model.gguf_reader))
 
 
 @contextlib.contextmanager
@@ -72,7 +74,7 @@ def convert(model_path: str, output_model: str, output_tokenizer: str | None = N
         outputs = [output_model] + ([output_tokenizer] if output_tokenizer else [])
         with atomic_paths(outputs) as temps:
             if output_tokenizer:
-                _write_tokenizer(model_path, temps[1])
+                _write_tokenizer(model, temps[1])
             with open(temps[0], "wb") as f:
                 write_dlm_to(f, spec, _tensor_sources(model, spec))
     finally:

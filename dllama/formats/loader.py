@@ -57,6 +57,15 @@ class LoadedModel:
         self.tensors = {}
         self._owner = None
 
+    def release(self) -> None:
+        """Same as close(): for callers that have copied what they need out of the map."""
+        self.close()
+
+    @property
+    def gguf_reader(self):
+        """The `gguf.GGUFReader` of a GGUF model (so its vocabulary is not parsed twice), else None."""
+        return self._owner if self.kind == "gguf" else None
+
     def __enter__(self):
         return self
 
