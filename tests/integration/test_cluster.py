@@ -335,3 +335,67 @@ def test_worker_memory_is_its_share_and_the_root_keeps_none(tmp_path, start_work
     assert root_growth < 0.1 * share
     w.wait_idle()
     assert w.rss_bytes() - base < 0.1 * share   # the slice is freed when the root leaves
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+def _dllama(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "dllama", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_cli_inference_on_two_nodes_reports_transfer(model_files, start_workers):
+    import json
+
+    path, tok = model_files
+    (w,) = start_workers(1)
+    common = ["inference", "--model", str(path), "--tokenizer", str(tok), "--prompt", "Hello world",
+              "--steps", "8", "--temperature", "0", "--json", "--buffer-float-type", "q80"]
+    one = _dllama(*common)
+    two = _dllama(*common, "--workers", w.address)
+    out1, err1 = one.communicate(timeout=120)
+    out2, err2 = two.communicate(timeout=120)
+    assert one.returncode == 0 and two.returncode == 0, err1 + err2
+    r1, r2 = json.loads(out1), json.loads(out2)
+    assert r2["sent_bytes_per_token"] > 0 and r2["avg_transfer_ms"] > 0 and r1["sent_bytes_per_token"] == 0
+    # per generated token, to the worker: STEP (16 B) + 2 broadcasts per layer + the last x, in Q80 blocks
+    # with 18 bytes of framing each; back: 2 reduces per layer + the logits slice (f32)
+    spec_dim, n_layers, vocab = 256, 3, 512
+    q80 = spec_dim // 32 * 34 + 18
+    assert r2["sent_bytes_per_token"] == 16 + (2 * n_layers + 1) * q80
+    assert r2["recv_bytes_per_token"] == 2 * n_layers * q80 + vocab // 2 * 4 + 18
+
+
+def test_cli_root_exits_nonzero_naming_a_killed_worker(model_files, start_workers):
+    path, tok = model_files
+    workers = start_workers(1)
+    root = _dllama("inference", "--model", str(path), "--tokenizer", str(tok), "--prompt", "Hello world",
+                   "--steps", "240", "--temperature", "0", "--workers", workers[0].address, "--verbose")
+    try:
+        deadline = time.monotonic() + 60
+        while workers[0].probe()["state"] != "serving" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        root.stderr.readline()   # a first token's timing line: generation is under way
+        workers[0].proc.kill()
+        t0 = time.monotonic()
+        _, err = root.communicate(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        root.kill()
+    assert root.returncode == 2 and f"dllama: error: worker {workers[0].address}" in err, err
+    assert elapsed < 5
+
+
+def test_smollm2_runs_on_one_node_and_refuses_two(smollm2_path):
+    one = _dllama("inference", "--model", smollm2_path, "--prompt", "Hello", "--steps", "2",
+                  "--temperature", "0", "--json")
+    out, err = one.communicate(timeout=300)
+    assert one.returncode == 0, err
+    t0 = time.monotonic()
+    # nothing listens on the worker address: the refusal must come before any connection is tried
+    two = _dllama("inference", "--model", smollm2_path, "--prompt", "Hello", "--steps", "2",
+                  "--workers", "127.0.0.1:1")
+    _, err = two.communicate(timeout=120)
+    assert two.returncode == 2
+    assert "cannot be split over 2 nodes (it has 3 KV heads); node counts that work: 1" in err, err
+    assert "127.0.0.1:1" not in err and time.monotonic() - t0 < 60
