@@ -51,20 +51,25 @@ def say(message: str) -> None:
 
 # ----------------------------------------------------------------------------------------- bootstrap
 
-def runtime_ready() -> bool:
+RUNTIME_MODULES = ("numpy", "numba", "gguf", "jinja2")
+API_MODULES = ("fastapi", "uvicorn")   # the [api] extra, for --run api
+
+
+def runtime_ready(api: bool = False) -> bool:
     """dllama is installed in this interpreter, with the dependencies that running a model needs."""
     try:
         importlib.metadata.distribution("dllama")
     except importlib.metadata.PackageNotFoundError:
         return False
-    return all(importlib.util.find_spec(m) is not None for m in ("numpy", "numba", "gguf", "jinja2"))
+    modules = RUNTIME_MODULES + (API_MODULES if api else ())
+    return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
 def venv_python(venv: Path) -> Path:
     return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
-def bootstrap(argv) -> None:
+def bootstrap(argv, api: bool = False) -> None:
     """Make .venv, install the clone into it, and replace this process with launch.py run there."""
     from dllama.errors import DllamaError
 
@@ -77,7 +82,7 @@ def bootstrap(argv) -> None:
         if subprocess.call([sys.executable, "-m", "venv", str(VENV)]) != 0:
             raise DllamaError(f"`{sys.executable} -m venv {VENV}` failed "
                               "(on Debian/Ubuntu: apt install python3-venv)")
-    cmd = [str(py), "-m", "pip", "install", "-e", str(CLONE)]
+    cmd = [str(py), "-m", "pip", "install", "-e", str(CLONE) + ("[api]" if api else "")]
     say(f"installing dllama into {VENV}: {shlex.join(cmd)}")
     if subprocess.call(cmd) != 0:
         raise DllamaError(f"pip could not install dllama into {VENV}")
@@ -164,6 +169,9 @@ def launch(args, extra) -> int:
                             steps=args.steps, extra=extra)
     cmd = catalog.program_argv(plan)
     say(f"running: {shlex.join(cmd)}")
+    if os.name == "posix":  # become the command: signals (Ctrl-C, SIGTERM from a supervisor) reach it directly
+        sys.stderr.flush()
+        os.execv(cmd[0], cmd)
     return subprocess.call(cmd)
 
 
@@ -175,8 +183,8 @@ def main(argv=None) -> int:
     from dllama.errors import DllamaError
 
     try:
-        if args.model and not runtime_ready():
-            bootstrap(argv)
+        if args.model and not runtime_ready(api=args.run == "api"):
+            bootstrap(argv, api=args.run == "api")
         return launch(args, extra)
     except DllamaError as exc:
         print(f"launch.py: error: {exc}", file=sys.stderr)
