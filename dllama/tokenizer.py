@@ -262,6 +262,8 @@ class Tokenizer:
             self.clean_spaces = False
         self.special_ids = frozenset(i for i, t in enumerate(self._types) if t in (CONTROL, USER_DEFINED, UNKNOWN))
         self._specials = sorted(self.special_ids, key=lambda i: -len(tokens[i]))
+        # what skip_special drops: control and unknown tokens (user-defined ones are text, as in llama.cpp)
+        self.control_ids = frozenset(i for i in self.special_ids if self._types[i] != USER_DEFINED)
         self.eos_ids = tuple(sorted(set(eos_ids) | ({eos_id} if eos_id is not None else set())))
         self._word_cache: dict = {}
         self._pieces = [self._piece(i) for i in range(len(tokens))]
@@ -488,7 +490,7 @@ class Tokenizer:
             ids, strip_space = ids[1:], False
         out = []
         for n, i in enumerate(ids):
-            piece = b"" if skip_special and i in self.special_ids else self._pieces[i]
+            piece = b"" if skip_special and i in self.control_ids else self._pieces[i]
             if n == 0 and strip_space and piece.startswith(b" "):
                 piece = piece[1:]
             out.append(piece)
@@ -520,7 +522,7 @@ class StreamDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def feed(self, token_id: int) -> str:
-        if self.skip_special and token_id in self.tokenizer.special_ids:
+        if self.skip_special and token_id in self.tokenizer.control_ids:
             return ""
         return self._utf8.decode(self.tokenizer.token_bytes(token_id))
 
