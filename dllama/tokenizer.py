@@ -296,7 +296,7 @@ class Tokenizer:
         for i, t in enumerate(tokens):
             if t in EOG_TEXTS or t in FIM_EOG_TEXTS:
                 eog.add(i)
-                types[i] = CONTROL if types[i] not in (CONTROL, USER_DEFINED) else types[i]
+                types[i] = CONTROL   # llama.cpp adds the control attribute to these whatever the file says
         for key in ("eot", "eom", "fim_pad", "fim_rep", "fim_sep"):
             if (i := get(f"tokenizer.ggml.{key}_token_id")) is not None and i < len(tokens):
                 eog.add(int(i))
@@ -379,6 +379,10 @@ class Tokenizer:
         """Token ids of `text`. add_bos None: the model's default. parse_special: special-token text
         (`<|im_end|>`) becomes that token; user-defined tokens are matched either way (as llama.cpp)."""
         add_bos = self.add_bos if add_bos is None else add_bos
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:   # lone surrogates (from JSON): U+FFFD, as llama.cpp does invalid UTF-8
+            text = "".join("\ufffd" if 0xD800 <= ord(c) < 0xE000 else c for c in text)
         out = [self.bos_id] if add_bos and self.bos_id is not None else []
         prev_special = True
         for frag in self._partition(text, parse_special):
@@ -484,7 +488,10 @@ class Tokenizer:
     # ---- decoding
     def decode(self, ids, skip_special=False) -> str:
         """Text of `ids` (llama_detokenize: special tokens print their text unless skip_special)."""
-        ids = list(ids)
+        ids = [int(i) for i in ids]
+        if ids and not 0 <= min(ids) <= max(ids) < self.vocab_size:
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise DllamaError(f"token id {bad} is outside the vocabulary of {self.vocab_size}")
         strip_space = self.add_space_prefix
         if skip_special and self.add_bos and ids and ids[0] == self.bos_id:
             ids, strip_space = ids[1:], False

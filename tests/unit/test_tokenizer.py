@@ -182,3 +182,12 @@ def test_byte_map_is_gpt2s():
     assert T.BYTE_TO_CHAR[ord(" ")] == "Ġ" and T.BYTE_TO_CHAR[ord("\n")] == "Ċ"
     assert T.BYTE_TO_CHAR[0] == "\u0100" and T.BYTE_TO_CHAR[0xAD] == "\u0143"
     assert sorted(T.CHAR_TO_BYTE.values()) == list(range(256))
+
+
+def test_bad_input_is_a_user_error(tok):
+    with pytest.raises(DllamaError, match="token id 49152 is outside the vocabulary of 49152"):
+        tok.decode([1, 49152])
+    with pytest.raises(DllamaError, match="token id -1"):
+        tok.decode([-1])
+    # a lone surrogate (possible in JSON) is encoded as U+FFFD, not a crash
+    assert tok.decode(tok.encode("a\ud800b")) == "a\ufffdb"

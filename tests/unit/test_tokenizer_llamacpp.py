@@ -310,3 +310,26 @@ GOLDEN = json.loads(r"""{
   [[392,368,405,1680,1956,669],[1,392,368,405,1680,1956,669],"<s>  literal marks","  literal marks"]
  ]
 }""")
+
+
+def test_unsupported_gguf_vocabularies(tmp_path):
+    import gguf
+
+    from dllama.errors import DllamaError
+
+    for model, pre, message in [("bert", None, "GGUF tokenizer 'bert' is not supported"),
+                                ("gpt2", "tekken", "pre-type 'tekken' is not supported")]:
+        w = gguf.GGUFWriter(tmp_path / f"{model}.gguf", "llama")
+        w.add_tokenizer_model(model)
+        if pre:
+            w.add_tokenizer_pre(pre)
+        w.add_token_list(["a", "b"])
+        w.add_token_merges([])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        with pytest.raises(DllamaError, match=message):
+            Tokenizer.from_gguf(tmp_path / f"{model}.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    with pytest.raises(DllamaError, match="cannot read GGUF"):
+        Tokenizer.from_gguf(tmp_path / "junk.gguf")
