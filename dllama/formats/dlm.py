@@ -106,7 +106,8 @@ def spec_from_header(kv: dict, path: str) -> ModelSpec:
     dim, n_heads, n_kv_heads = kv["dim"], kv["n_heads"], kv["n_kv_heads"]
     head_dim = kv.get("head_dim") or dim // n_heads
     if n_heads % n_kv_heads or (not kv.get("head_dim") and dim % n_heads):
-        raise FormatError(f"{path}: inconsistent heads in .m header (dim {dim}, {n_heads} heads, {n_kv_heads} kv heads)")
+        raise FormatError(f"{path}: inconsistent heads in .m header "
+                          f"(dim {dim}, {n_heads} heads, {n_kv_heads} kv heads)")
     if kset == "2025":
         rope_default = "llama"
     else:
@@ -128,7 +129,7 @@ def spec_from_header(kv: dict, path: str) -> ModelSpec:
         rope_scaling_low_freq_factor=float(kv.get("rope_scaling_low_freq_factor", 0)),
         rope_scaling_high_freq_factor=float(kv.get("rope_scaling_high_freq_factor", 0)),
         rope_scaling_orig_max_seq_len=kv.get("rope_scaling_orig_max_seq_len", 0),
-        norm_eps=_lookup(NORM_EPSILONS, kv["norm_epsilon"], "norm epsilon code", path) if "norm_epsilon" in kv else 1e-5,
+        norm_eps=_lookup(NORM_EPSILONS, kv.get("norm_epsilon", 5), "norm epsilon code", path),
         weight_type=None if weight_type is None else _lookup(FLOAT_TYPES, weight_type, "weight type", path),
         name=os.path.splitext(os.path.basename(path))[0],
         extra={"dlm_key_set": kset, "dlm_version": kv.get("version", 0)},
@@ -199,7 +200,8 @@ def read_dlm(path: str) -> LoadedModel:
     if size < expected:
         raise FormatError(f"{path}: truncated (expected {expected} bytes, found {size})")
     if size > expected:
-        raise FormatError(f"{path}: {size - expected} unexpected bytes after the last tensor (expected {expected} bytes, found {size})")
+        raise FormatError(f"{path}: {size - expected} unexpected bytes after the last tensor "
+                          f"(expected {expected} bytes, found {size})")
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     tensors, offset = {}, header_size
     for name, qtype, shape in layout:
@@ -269,7 +271,7 @@ def atomic_paths(paths: list[str]):
         raise
 
 
-def _row_chunks(source, qtype: str, shape: tuple, name: str):
+def _row_chunks(source, qtype: str, shape: tuple):
     """Yields uint8 chunks of the tensor `source` stored as qtype, a bounded number of rows at a time."""
     rows = shape[0] if len(shape) > 1 else 1
     cols = shape[-1]
@@ -298,20 +300,21 @@ def write_dlm_to(f, spec: ModelSpec, tensors: Iterable) -> int:
     (copied raw when its type already matches, else re-quantized), an f32 array, or an iterable of
     f32 row chunks. Only one chunk is in memory at a time. Raises DllamaError on a mismatch.
     """
-    f.write(header_bytes(spec))
-    total = len(header_bytes(spec))
-    layout = dlm_layout(spec, "2025")
+    header = header_bytes(spec)
+    f.write(header)
+    total = len(header)
     items = iter(tensors)
-    for name, qtype, shape in layout:
+    for name, qtype, shape in dlm_layout(spec, "2025"):
         got = next(items, None)
         if got is None or got[0] != name:
             raise DllamaError(f"writing .m: expected tensor {name}, got {None if got is None else got[0]}")
         n = 0
-        for chunk in _row_chunks(got[1], qtype, shape, name):
+        for chunk in _row_chunks(got[1], qtype, shape):
             f.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
             n += chunk.nbytes
-        if n != quants.tensor_bytes(qtype, shape):
-            raise DllamaError(f"writing .m: tensor {name} {shape} gave {n} bytes, expected {quants.tensor_bytes(qtype, shape)}")
+        want = quants.tensor_bytes(qtype, shape)
+        if n != want:
+            raise DllamaError(f"writing .m: tensor {name} {shape} gave {n} bytes, expected {want}")
         total += n
     if next(items, None) is not None:
         raise DllamaError("writing .m: more tensors than the model's layout holds")

@@ -128,12 +128,16 @@ def _spec(reader, tensors: dict, path: str) -> ModelSpec:
         raise FormatError(f"{path}: GGUF has no token_embd.weight tensor")
     dim, n_heads = int(key("embedding_length")), int(key("attention.head_count"))
     n_kv = key("attention.head_count_kv", n_heads)
+    if isinstance(n_kv, list):   # a per-layer list (some converters); dllama needs one value
+        if len(set(n_kv)) != 1:
+            raise FormatError(f"{path}: KV heads differ between layers ({sorted(set(n_kv))}); not supported")
+        n_kv = n_kv[0]
     n_experts = int(key("expert_count", 0) or 0)
     layer_types = Counter(t.qtype for n, t in tensors.items() if n.startswith("layers.") and len(t.shape) == 2
                           and not n.endswith("moe_gate"))
     spec = ModelSpec(
         arch="mixtral" if n_experts else "llama", dim=dim, hidden_dim=int(key("feed_forward_length")),
-        n_layers=int(key("block_count")), n_heads=n_heads, n_kv_heads=int(n_kv if not isinstance(n_kv, list) else n_kv[0]),
+        n_layers=int(key("block_count")), n_heads=n_heads, n_kv_heads=int(n_kv),
         head_dim=int(key("attention.key_length", dim // n_heads)), vocab_size=tensors["tok_embd"].shape[0],
         seq_len=int(key("context_length", 0)), n_experts=n_experts,
         n_active_experts=int(key("expert_used_count", 0) or 0), hidden_act="silu", rope_type="llama",

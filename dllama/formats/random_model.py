@@ -8,7 +8,6 @@ in bounded RAM.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import numpy as np

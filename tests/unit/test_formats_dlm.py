@@ -154,7 +154,7 @@ def test_2024_grok1_has_four_norms_and_gelu(tmp_path):
 
 def test_2025_qwen3_moe_layout(tmp_path):
     # convert-hf.py (2025): head_dim, norm_epsilon and moe_hidden_dim keys; router f32; w1, w2, w3; q/k norms
-    d, hd, f, moe_f, v, e = 64, 32, 96, 64, 40, 2
+    d, hd, moe_f, v, e = 64, 32, 64, 40, 2   # hidden_dim (96) is not the experts' width
     q, kv = 4 * hd, 2 * hd
     per_layer = (f32_mat(q, d) + 2 * f32_mat(kv, d) + f32_mat(d, q) + f32_mat(e, d) + e * 3 * f32_mat(moe_f, d)
                  + 2 * hd * 4 + 2 * d * 4)
@@ -185,8 +185,8 @@ def test_weight_type_inferred_from_size_when_absent(tmp_path):
     kv = {k: v for k, v in kv.items() if k < 19}   # a 2024-style header
     body = open(ok, "rb").read()[hsize:]
     path = handmade(tmp_path / "old.m", list(kv.items()))
-    with open(path, "ab") as f:
-        f.write(body)
+    with open(path, "ab") as out:
+        out.write(body)
     assert load_model(path).spec.weight_type == "q40"
 
 
