@@ -50,13 +50,15 @@ def serve_entry(server: FileServer, name: str, part_size: int = 200_000) -> tupl
     return b"".join(parts), tokenizer
 
 
-def launch(*args, server=None, closed_stdin=True, timeout=120, **kw) -> subprocess.Popen:
+def launch(*args, server=None, closed_stdin=True, **kw) -> subprocess.Popen:
+    """launch.py in its own process; with `closed_stdin` its fd 0 is closed (`<&-`), not merely empty."""
     env = {k: v for k, v in os.environ.items() if k != "HF_ENDPOINT"}
     if server is not None:
         env["HF_ENDPOINT"] = server.base
-    return subprocess.Popen([sys.executable, str(LAUNCH), *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            preexec_fn=(lambda: os.close(0)) if closed_stdin else None, **kw)
+    argv = [sys.executable, str(LAUNCH), *args]
+    if closed_stdin:
+        argv = ["sh", "-c", 'exec "$@" <&-', "sh", *argv]
+    return subprocess.Popen(argv, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
