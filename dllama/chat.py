@@ -43,6 +43,9 @@ BUILTIN_TEMPLATES = {
     ),
 }
 
+# The reference's `--chat-template` spellings.
+BUILTIN_ALIASES = {"deepSeek3": "deepseek3"}
+
 # Marker text -> built-in, in the order the reference checks a template (and here also a vocabulary).
 _MARKERS = [("[INST]", "llama2"), ("<|start_header_id|>", "llama3"), ("<｜Assistant｜>", "deepseek3"),
             ("<|im_start|>", "chatml")]
@@ -107,6 +110,7 @@ class ChatTemplate:
 
     def __init__(self, template: str | None, bos_token: str = "", eos_token: str = "", builtin=None):
         if builtin is not None:
+            builtin = BUILTIN_ALIASES.get(builtin, builtin)
             if builtin not in BUILTIN_TEMPLATES:
                 raise DllamaError(f"unknown chat template {builtin!r} (built-in: {', '.join(BUILTIN_TEMPLATES)})")
             template = BUILTIN_TEMPLATES[builtin]

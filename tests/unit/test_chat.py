@@ -76,6 +76,9 @@ def test_builtins_follow_the_published_formats():
         "<s>[INST] <<SYS>>\nSYS\n<</SYS>>\n\nU1 [/INST] A1 </s><s>[INST] U2 [/INST]")
     assert detect_builtin("... [INST] ...") == "llama2" and detect_builtin("<|im_start|>") == "chatml"
     assert detect_builtin("nothing") is None
+    deepseek = ChatTemplate(None, "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", builtin="deepSeek3")
+    assert deepseek.builtin == "deepseek3" and deepseek.render(msgs) == (
+        "<｜begin▁of▁sentence｜>SYS<｜User｜>U1<｜Assistant｜>A1<｜end▁of▁sentence｜><｜User｜>U2<｜Assistant｜>")
     with pytest.raises(DllamaError, match="unknown chat template 'zephyr'"):
         ChatTemplate(None, builtin="zephyr")
 
