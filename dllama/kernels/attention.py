@@ -16,6 +16,7 @@ from numba import njit, prange
 
 from dllama.kernels import _threads
 from dllama.kernels.matmul import _renamed
+from dllama.kernels.ops import expf
 
 
 def _attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out):
@@ -27,31 +28,37 @@ def _attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, at
     group = n_heads // n_kv_heads
     scale = np.float32(1.0 / math.sqrt(head_dim))
     for h in prange(n_heads):
-        qo = h * head_dim
-        ko = (h // group) * head_dim
+        kvo = (h // group) * head_dim
         scores = att[h]
+        acc = np.empty(head_dim, np.float32)
         for t in range(n):
+            # 1-D views with plain range indices: no negative-index fix-ups, so the loops vectorise
+            qh = q[t, h * head_dim:(h + 1) * head_dim]
             end = positions[t] + 1
             m = np.float32(-np.inf)
             for s in range(end):
+                kh = k_cache[s, kvo:kvo + head_dim]
                 dot = np.float32(0.0)
                 for d in range(head_dim):
-                    dot += q[t, qo + d] * k_cache[s, ko + d]
+                    dot += qh[d] * kh[d]
                 dot *= scale
                 scores[s] = dot
                 m = max(m, dot)
-            total = 0.0
+            total = np.float32(0.0)
             for s in range(end):
-                e = np.exp(scores[s] - m)
+                e = expf(scores[s] - m)
                 scores[s] = e
                 total += e
-            inv = np.float32(1.0 / total)
-            for d in range(head_dim):
-                out[t, qo + d] = 0.0
+            acc[:] = 0.0
             for s in range(end):
-                a = scores[s] * inv
+                a = scores[s]
+                vh = v_cache[s, kvo:kvo + head_dim]
                 for d in range(head_dim):
-                    out[t, qo + d] += a * v_cache[s, ko + d]
+                    acc[d] += a * vh[d]
+            inv = np.float32(1.0) / total
+            oh = out[t, h * head_dim:(h + 1) * head_dim]
+            for d in range(head_dim):
+                oh[d] = acc[d] * inv
 
 
 # reassoc lets the q.k dot product use vector lanes (a float sum is otherwise strictly ordered);

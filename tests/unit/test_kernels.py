@@ -234,3 +234,23 @@ def test_attention_rejects_positions_outside_the_cache():
         K.attention(q, cache, cache, np.array([8], np.int64), 1, 1, 64, np.zeros((1, 8), np.float32), q.copy())
     with pytest.raises(ValueError):
         K.attention(q, cache, cache, np.array([0], np.int64), 3, 2, 64, np.zeros((3, 8), np.float32), q.copy())
+
+
+def test_expf_within_two_ulp_of_float64_exp():
+    from numba import njit
+
+    from dllama.kernels.ops import expf
+
+    @njit
+    def apply(x, out):
+        for i in range(x.size):
+            out[i] = expf(x[i])
+
+    x = np.concatenate([np.linspace(-100, 88.72, 200001, dtype=np.float32),
+                        np.float32([0.0, 1e-8, -87.4, 89.0, np.inf, -np.inf])])
+    out = np.empty_like(x)
+    apply(x, out)
+    ref = np.exp(x.astype(np.float64))
+    normal = (ref > np.finfo(np.float32).tiny) & (ref < np.finfo(np.float32).max)
+    assert np.all(np.abs(out[normal] - ref[normal]) <= 2 * 2.0 ** -24 * ref[normal])
+    assert np.all(out[ref < np.finfo(np.float32).tiny] == 0) and np.all(np.isinf(out[ref > 3.5e38]))
