@@ -208,14 +208,16 @@ class TestHosts:
         import yaml
 
         def entry(h: Host) -> dict:
-            return {"ansible_host": h.mgmt_ip, "dllama_static_ip_address": h.cluster_ip}
+            return {"ansible_host": h.mgmt_ip, "dllama_address": h.cluster_ip}
 
         root_host = self.hosts[root - 1]
         workers = [h for h in self.hosts if h is not root_host]
         inv = {"all": {
-            "vars": {"ansible_user": "root", "ansible_python_interpreter": "/usr/bin/python3",
+            "vars": {"ansible_user": "root", "ansible_become": False,
+                     "ansible_python_interpreter": "/usr/bin/python3",
                      "ansible_ssh_private_key_file": self.key,
-                     "dllama_static_ip_interface": "eth1", "dllama_static_ip_prefix": 24,
+                     "static_ip_interface": "eth1", "static_ip_prefix": 24,
+                     "dllama_worker_threads": 1, "dllama_root_threads": 1,
                      **(extra_vars or {})},
             "children": {
                 "dllama_root": {"hosts": {root_host.name: entry(root_host)}},
@@ -243,3 +245,35 @@ def probe_worker(hosts: TestHosts, address: str, port: int, timeout: float = 5.0
     import json
 
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def ansible_tool(name: str) -> str | None:
+    """An Ansible executable next to this Python (a venv) or on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    return beside if os.path.exists(beside) else shutil.which(name)
+
+
+def run_playbook(hosts: TestHosts, playbook: str, inventory: str, *args: str, timeout: float = 600):
+    """ansible-playbook from the controller namespace with the repo's ansible.cfg; returns the result."""
+    env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"), ANSIBLE_HOST_KEY_CHECKING="False",
+               ANSIBLE_CONTROL_PATH_DIR=os.path.join(hosts.workdir, "cp"),
+               ANSIBLE_LOCAL_TEMP=os.path.join(hosts.workdir, "ansible-tmp"), ANSIBLE_NOCOLOR="1",
+               ANSIBLE_FORCE_COLOR="0")
+    cmd = [ansible_tool("ansible-playbook"), "-i", inventory, os.path.join(REPO, "playbooks", playbook), *args]
+    return hosts.in_controller(cmd, check=False, timeout=timeout, env=env)
+
+
+def recap(output: str) -> dict:
+    """The PLAY RECAP counters per host: {"node1": {"ok": 5, "changed": 0, ...}}."""
+    out = {}
+    lines = output.split("PLAY RECAP", 1)[-1].splitlines()[1:]
+    for line in lines:
+        if ":" not in line:
+            continue
+        name, _, rest = line.partition(":")
+        counters = dict(kv.split("=") for kv in rest.split())
+        out[name.strip()] = {k: int(v) for k, v in counters.items()}
+    return out

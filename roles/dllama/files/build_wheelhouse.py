@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Build the dllama wheel and gather its dependencies' wheels for one kind of host (run on the controller).
+
+    build_wheelhouse.py --source REPO --out DIR --python-version 3.11 --platform manylinux_2_17_aarch64 ...
+
+The hosts reach no package index, so everything they install comes from DIR. The wheel is built
+reproducibly (SOURCE_DATE_EPOCH) from a copy of the sources, so an unchanged tree gives a byte-identical
+wheel and Ansible's copy reports no change. Dependencies are taken from DIR when it already has them
+(offline), otherwise downloaded. Prints one JSON line: {"wheel": name, "changed": bool}. Exit 1 with a
+one-line message on stderr when something fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+SOURCE_FILES = ("pyproject.toml", "setup.cfg", "setup.py", "README.md", "LICENSE", "launch.py")
+EPOCH_1980 = "315532800"  # zip timestamps cannot go earlier
+
+
+def can_build_without_isolation() -> bool:
+    """Isolated builds fetch setuptools from the index; skip that when the controller already has it."""
+    if importlib.util.find_spec("setuptools") is None:
+        return False
+    import setuptools
+
+    major, minor = (int(x) for x in setuptools.__version__.split(".")[:2])
+    return (major, minor) >= (70, 1) or importlib.util.find_spec("wheel") is not None
+
+
+def build_wheel(source: str, workdir: str) -> str:
+    src = os.path.join(workdir, "src")
+    os.makedirs(src)
+    for name in SOURCE_FILES:
+        if os.path.exists(os.path.join(source, name)):
+            shutil.copy2(os.path.join(source, name), src)
+    shutil.copytree(os.path.join(source, "dllama"), os.path.join(src, "dllama"),
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.nbi", "*.nbc"))
+    out = os.path.join(workdir, "out")
+    cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", out, src]
+    if can_build_without_isolation():
+        cmd.insert(5, "--no-build-isolation")
+    env = dict(os.environ, SOURCE_DATE_EPOCH=EPOCH_1980)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"building the dllama wheel failed: {r.stderr.strip().splitlines()[-1:]}")
+    (wheel,) = glob.glob(os.path.join(out, "dllama-*.whl"))
+    return wheel
+
+
+def place(wheel: str, dest_dir: str) -> bool:
+    """Put the wheel in dest_dir unless an identical one is there; returns whether anything changed."""
+    dest = os.path.join(dest_dir, os.path.basename(wheel))
+    if os.path.exists(dest) and filecmp.cmp(wheel, dest, shallow=False):
+        return False
+    for old in glob.glob(os.path.join(dest_dir, "dllama-*.whl")):
+        os.unlink(old)  # only one dllama wheel, so hosts cannot pick a stale one
+    tmp = dest + ".part"
+    shutil.copyfile(wheel, tmp)
+    os.replace(tmp, dest)
+    return True
+
+
+def download_dependencies(wheel: str, out: str, python_version: str, platforms: list[str]) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", out, "--only-binary=:all:",
+           "--implementation", "cp", "--python-version", python_version]
+    for p in platforms:
+        cmd += ["--platform", p]
+    offline = subprocess.run(cmd + ["--no-index", "--find-links", out, wheel], capture_output=True, text=True)
+    if offline.returncode == 0:
+        return
+    online = subprocess.run(cmd + [wheel], capture_output=True, text=True)
+    if online.returncode != 0:
+        last = (online.stderr.strip().splitlines() or ["?"])[-1]
+        raise SystemExit(f"downloading dependency wheels for Python {python_version} {platforms} failed: {last}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", required=True, help="the dllama source tree (has pyproject.toml)")
+    ap.add_argument("--out", required=True, help="wheelhouse directory for one kind of host")
+    ap.add_argument("--python-version", required=True, help="the hosts' Python, e.g. 3.11")
+    ap.add_argument("--platform", action="append", required=True, help="wheel platform tag (repeatable)")
+    args = ap.parse_args()
+    if not os.path.isfile(os.path.join(args.source, "pyproject.toml")):
+        raise SystemExit(f"--source {args.source}: no pyproject.toml there")
+    os.makedirs(args.out, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dllama-wheel-") as tmp:
+        wheel = build_wheel(args.source, tmp)
+        changed = place(wheel, args.out)
+    name = os.path.basename(wheel)
+    download_dependencies(os.path.join(args.out, name), args.out, args.python_version, args.platform)
+    print(json.dumps({"wheel": name, "changed": changed}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
