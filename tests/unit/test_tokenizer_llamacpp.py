@@ -333,3 +333,20 @@ def test_unsupported_gguf_vocabularies(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
     with pytest.raises(DllamaError, match="cannot read GGUF"):
         Tokenizer.from_gguf(tmp_path / "junk.gguf")
+
+
+def test_t_file_of_a_sentencepiece_vocabulary(vocab_files, tmp_path):
+    """A `.t` file keeps the SentencePiece scores, and the reference's merge loop is SentencePiece's: with
+    the leading space llama.cpp adds (the reference adds none), the ids are llama.cpp's. Not for text with
+    a user-defined token (a `.t` file cannot tell it from a control token) or a literal '▁' (SentencePiece
+    reads it as a space)."""
+    from dllama.formats.dlt import write_t
+
+    write_t(tmp_path / "spm.t", Tokenizer.from_gguf(vocab_files["spm"]))
+    t = Tokenizer.from_t(tmp_path / "spm.t")
+    assert t.special_ids == frozenset(range(5)) and t.bos_id == 1 and t.eos_ids == (2,)
+    for text, (plain, special, _, _) in zip(TEXTS, GOLDEN["spm"]):
+        ids = t.encode(" " + text, add_bos=False, parse_special=False)
+        assert t.decode(ids) == " " + text
+        if text and "<|user|>" not in text and "▁" not in text:
+            assert ids == plain, text
