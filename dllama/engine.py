@@ -92,7 +92,7 @@ class Engine:
             coll = LocalCollective()
         model = NodeModel(spec, plan[0], seq_len, MAX_BATCH, coll)
         _load_slice(model, loaded, spec, plan[0])
-        loaded.release()
+        getattr(loaded, "release", lambda: None)()   # drop mapped pages now held packed
         return cls(loaded, tokenizer, chat, model, coll, seq_len)
 
     # ---- generation ------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ class Engine:
                 if st.generated == 1:
                     st.first_token_s = time.perf_counter() - t_start
                 yield tok
-                if tok in stops or len(self.cache_ids) + 1 >= self.seq_len:
+                if tok in stops or len(self.cache_ids) >= self.seq_len:
                     break
                 t1 = time.perf_counter()
                 logits = self._forward([tok], len(self.cache_ids))
