@@ -1,11 +1,13 @@
 """Matrix-vector speed of every weight type: GB/s of weight bytes, cold caches, 1 and 2 threads.
 
-    python bench/kernels.py [--threads 1,2] [--repeat 15]
+    python bench/kernels.py [--threads 1,2] [--repeat 15] [--batch 32]
 
 Each measurement rotates through enough copies of the matrix (> 64 MB, twice the L3) that the
 weights stream from memory, as they do in a real forward pass. The same-run peer is numpy's
 float32 BLAS (OpenBLAS) on the dequantized matrix; its "Q40-equivalent" column divides the Q40
-bytes of the same matrix by its time, i.e. how fast it gets through the same model.
+bytes of the same matrix by its time, i.e. how fast it gets through the same model. The last
+rows ("@32") time one prompt batch of 32 activation rows against the first matrix (weights read
+once per call, so GB/s there is weight bytes per second of the batch call).
 """
 
 from __future__ import annotations
@@ -50,14 +52,14 @@ def timed(fn, copies, repeat):
     return float(np.median(times))
 
 
-def child(threads, repeat):
+def child(threads, repeat, batch):
     import dllama.kernels as K
 
     K.set_threads(threads)
     rng = np.random.default_rng(0)
-    for rows, cols in SHAPES:
-        x = rng.standard_normal((1, cols), np.float32)
-        out = np.empty((1, rows), np.float32)
+    for n, rows, cols in [(1, r, c) for r, c in SHAPES] + ([(batch, *SHAPES[0])] if batch > 1 else []):
+        x = rng.standard_normal((n, cols), np.float32)
+        out = np.empty((n, rows), np.float32)
         q40_bytes = rows * cols // 32 * 18
         for qtype in ("q40", "q41", "q80", "f16", "f32"):
             nbytes = rows * cols // 32 * BYTES_PER_32[qtype]
@@ -66,7 +68,8 @@ def child(threads, repeat):
             copies = [K.pack(qtype, raw.copy(), rows, cols) for _ in range(ncopies)]
             sec = timed(lambda W: K.matmul(W, x, out), copies, repeat)
             label = "numpy BLAS f32 (peer)" if qtype == "f32" else f"dllama {qtype}"
-            print(f"{rows:>5}x{cols:<5} {threads:>2}  {label:<22} {sec * 1e3:8.3f} ms "
+            shape = f"{rows}x{cols}" + (f" @{n}" if n > 1 else "")
+            print(f"{shape:<12} {threads:>2}  {label:<22} {sec * 1e3:8.3f} ms "
                   f"{nbytes / sec / 1e9:7.2f} GB/s {q40_bytes / sec / 1e9:8.2f}", flush=True)
             del copies
 
@@ -75,16 +78,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--batch", type=int, default=32, help="also time a prompt batch of this many rows (1: skip)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        child(args.child, args.repeat)
+        child(args.child, args.repeat, args.batch)
         return 0
-    print(f"{'matrix':<11} {'th':>2}  {'kernel':<22} {'median':>11} {'weights':>12} {'Q40-equiv':>8}")
+    print(f"{'matrix':<12} {'th':>2}  {'kernel':<22} {'median':>11} {'weights':>12} {'Q40-equiv':>8}")
     for n in (int(t) for t in args.threads.split(",")):
         # BLAS reads its thread count once at start-up: one process per setting.
         env = dict(os.environ, OPENBLAS_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n))
-        subprocess.run([sys.executable, __file__, "--child", str(n), "--repeat", str(args.repeat)],
+        subprocess.run([sys.executable, __file__, "--child", str(n), "--repeat", str(args.repeat),
+                        "--batch", str(args.batch)],
                        env=env, check=True)
     return 0
 

@@ -1,13 +1,42 @@
 """numba kernels: packed quantized matmul, norms, RoPE, attention, activations (docs/architecture.md).
 
-Every kernel takes float32 C-contiguous arrays and writes into output arrays it is given.
+Every kernel takes float32 C-contiguous arrays and writes into output arrays it is given (other
+layouts work but make numba compile a slower variant on first use).
 """
+
+import numpy as np
 
 from dllama.kernels._threads import set_threads
 from dllama.kernels.attention import attention
-from dllama.kernels.matmul import TILE, Packed, matmul, pack
+from dllama.kernels.matmul import BLOCK_BYTES, TILE, Packed, matmul, pack
 from dllama.kernels.ops import gelu_glu, rmsnorm, rope, rope_tables, softmax, swiglu
 from dllama.kernels.quant import Q80_BLOCK_BYTES, dequantize_q80, quantize_q80
 
 __all__ = ["set_threads", "Packed", "pack", "matmul", "TILE", "rmsnorm", "rope_tables", "rope", "attention",
-           "swiglu", "gelu_glu", "softmax", "quantize_q80", "dequantize_q80", "Q80_BLOCK_BYTES"]
+           "swiglu", "gelu_glu", "softmax", "quantize_q80", "dequantize_q80", "Q80_BLOCK_BYTES", "warmup"]
+
+
+def warmup(qtypes=("q40", "q41", "q80", "f16")):
+    """Compile (or load from numba's cache) every kernel the engine calls, for the weight types
+    given and the current set_threads() choice, so the first token is not slow.
+
+    A fresh process takes ~0.5 s with a warm NUMBA_CACHE_DIR, tens of seconds without.
+    """
+    for qtype in qtypes:
+        nbytes = {"f16": 64, "f32": 128}.get(qtype) or BLOCK_BYTES[qtype]
+        W = pack(qtype, np.zeros(nbytes, np.uint8), 1, 32)
+        for n in (1, 2):
+            matmul(W, np.zeros((n, 32), np.float32), np.zeros((n, 1), np.float32))
+    # the same array types the engine passes: 2-D C-contiguous float32, int64 positions
+    x = np.ones((1, 64), np.float32)
+    out = np.empty_like(x)
+    half = np.ones((1, 32), np.float32)
+    rmsnorm(x, np.ones(64, np.float32), 1e-5, out)
+    positions = np.zeros(1, np.int64)
+    rope(x, positions, half, half, 64, False)
+    attention(x, x, x, positions, 1, 1, 64, np.empty((1, 1), np.float32), out)
+    swiglu(x, 32, half)
+    gelu_glu(x, 32, half)
+    softmax(np.ones(8, np.float32))
+    quantize_q80(x, np.empty(2 * Q80_BLOCK_BYTES, np.uint8))
+    dequantize_q80(np.zeros(2 * Q80_BLOCK_BYTES, np.uint8), x)

@@ -6,6 +6,15 @@ import numba
 
 # True when more than one thread: dispatchers pick the parallel (prange) compiled variant.
 PARALLEL = False
+N = 1
+
+
+def use_parallel():
+    """True when the parallel variant should run; also applies the thread count to the calling
+    thread, because numba keeps it per thread (an engine may run in a server's worker thread)."""
+    if PARALLEL and numba.get_num_threads() != N:
+        numba.set_num_threads(N)
+    return PARALLEL
 
 
 def set_threads(n):
@@ -15,9 +24,10 @@ def set_threads(n):
     """
     from dllama.errors import DllamaError
 
-    global PARALLEL
+    global PARALLEL, N
     limit = numba.config.NUMBA_NUM_THREADS
     if not isinstance(n, int) or n < 1 or n > limit:
         raise DllamaError(f"--nthreads {n}: must be between 1 and {limit} (NUMBA_NUM_THREADS)")
     numba.set_num_threads(n)
+    N = n
     PARALLEL = n > 1

@@ -75,4 +75,4 @@ def attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att
                          f"q {q.shape}, cache {k_cache.shape}")
     if att.shape[0] < n_heads or out.shape != q.shape:
         raise ValueError(f"attention: att {att.shape} or out {out.shape} too small")
-    _VARIANTS[_threads.PARALLEL](q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out)
+    _VARIANTS[_threads.use_parallel()](q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out)

@@ -357,7 +357,7 @@ def matmul(W, x, out, act="q80"):
         raise ValueError(f"matmul: W {W.rows}x{W.cols}, x {x.shape}, out {out.shape}")
     if x.dtype != _F32 or out.dtype != _F32:
         raise ValueError(f"matmul wants float32 x and out, got {x.dtype} and {out.dtype}")
-    par = _threads.PARALLEL
+    par = _threads.use_parallel()
     if n == 0:
         return
     if W.xq is not None:

@@ -254,3 +254,19 @@ def test_expf_within_two_ulp_of_float64_exp():
     normal = (ref > np.finfo(np.float32).tiny) & (ref < np.finfo(np.float32).max)
     assert np.all(np.abs(out[normal] - ref[normal]) <= 2 * 2.0 ** -24 * ref[normal])
     assert np.all(out[ref < np.finfo(np.float32).tiny] == 0) and np.all(np.isinf(out[ref > 3.5e38]))
+
+
+def test_threads_apply_in_other_python_threads(threads):
+    import threading
+
+    seen = []
+    t = threading.Thread(target=lambda: (K.matmul(K.pack("f16", np.zeros(64, np.uint8), 1, 32),
+                                                   np.ones((1, 32), np.float32), np.empty((1, 1), np.float32)),
+                                          seen.append(numba.get_num_threads())))
+    t.start()
+    t.join()
+    assert seen == [threads] or threads == 1
+
+
+def test_warmup_runs():
+    K.warmup()
