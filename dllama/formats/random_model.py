@@ -8,6 +8,8 @@ in bounded RAM.
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 import time
 
 import numpy as np
@@ -70,11 +72,70 @@ def random_tensors(spec: ModelSpec, seed: int = 0):
             yield name, _random_rows(rng, shape[0], shape[1])
 
 
+def _prefetched(items, depth: int = 3):
+    """The (name, source) pairs of `items`, their chunks computed by a thread `depth` chunks ahead.
+
+    Drawing normal numbers costs twice what quantizing them does, and numpy releases the GIL for
+    both, so on two cores the writer quantizes one chunk while the thread draws the next. The values
+    are those of `items`, in the same order.
+    """
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for name, src in items:
+                for chunk in ([src] if isinstance(src, np.ndarray) else src):
+                    if not put((name, chunk)):
+                        return
+            put(end)
+        except BaseException as exc:   # handed to the writer, which raises it
+            put(exc)
+
+    def take():
+        item = q.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    threading.Thread(target=produce, name="random-model", daemon=True).start()
+    try:
+        item = take()
+        while item is not end:
+            name = item[0]
+
+            def chunks():
+                nonlocal item
+                while item is not end and item[0] == name:
+                    yield item[1]
+                    item = take()
+
+            it = chunks()
+            yield name, it
+            for _ in it:   # whatever the consumer left of this tensor
+                pass
+    finally:
+        stop.set()
+
+
 def write_random_model(path: str, spec: ModelSpec, seed: int = 0) -> int:
-    """Writes a random `.m` of spec's shape atomically; returns its size. Raises DllamaError."""
+    """Writes a random `.m` of spec's shape atomically; returns its size. Raises DllamaError.
+
+    The weights are those of `random_tensors(spec, seed)`.
+    """
     from dllama.formats.dlm import write_dlm
 
-    return write_dlm(path, spec, random_tensors(spec, seed))
+    return write_dlm(path, spec, _prefetched(random_tensors(spec, seed)))
 
 
 def add_arguments(parser) -> None:

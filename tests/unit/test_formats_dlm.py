@@ -277,6 +277,23 @@ def test_random_model_values(tmp_path):
     assert abs(m.tensors["tok_embd"].to_f32().std() - 0.02) < 0.001
 
 
+def test_random_model_prefetch_keeps_the_values(tmp_path):
+    from dllama.formats import random_model as rm
+
+    spec = preset_spec("smollm2_135m", n_layers=2, vocab_size=96, dim=64, hidden_dim=128, n_heads=4, n_kv_heads=2)
+    write_random_model(str(tmp_path / "a.m"), spec, seed=5)
+    dlm.write_dlm(str(tmp_path / "b.m"), spec, rm.random_tensors(spec, seed=5))
+    assert (tmp_path / "a.m").read_bytes() == (tmp_path / "b.m").read_bytes()
+
+    def broken():
+        yield from list(rm.random_tensors(spec))[:3]
+        raise OSError("no more randomness")
+
+    with pytest.raises(OSError, match="no more randomness"):
+        dlm.write_dlm(str(tmp_path / "c.m"), spec, rm._prefetched(broken()))
+    assert sorted(os.listdir(tmp_path)) == ["a.m", "b.m"]
+
+
 def test_random_model_cli_and_errors(tmp_path, capsys):
     from dllama.cli import main
 
