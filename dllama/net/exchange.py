@@ -52,6 +52,8 @@ class _Exchange(Collective):
         t, meta, payload_len = head
         if t == P.REFUSE:
             raise ConnectionLost(f"{conn.label}: {bytes(meta).decode(errors='replace')}")
+        if t == P.BYE:   # a root interrupted in the middle of a forward pass (Ctrl-C) still says goodbye
+            raise ConnectionLost(f"{conn.label}: said goodbye in the middle of a forward pass")
         if t != P.BUFFER:
             raise P.ProtocolError(f"{conn.label}: expected BUFFER, got {P.TYPE_NAMES[t]}")
         got = P.parse_buffer_meta(meta)

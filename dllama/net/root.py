@@ -79,6 +79,24 @@ def _handshake(conn: Connection, index: int, n_nodes: int) -> None:
 
 def _load_worker(conn: Connection, loaded, node, config: dict) -> int:
     """Stream one worker its CONFIG and tensors, then wait until it has packed them. Returns bytes sent."""
+    try:
+        sent = _stream_slice(conn, loaded, node, config)
+    except ConnectionLost:
+        # a worker that gives up (out of memory, bad tensor) says why before closing: find its reason
+        conn.set_timeout(1.0)
+        try:
+            msg = conn.recv()
+        except DllamaError:
+            msg = None
+        if isinstance(msg, P.Refuse):
+            raise DllamaError(f"{conn.label}: refused: {msg.reason}") from None
+        raise
+    conn.send(P.Ready())
+    conn.expect(P.Ready)
+    return sent
+
+
+def _stream_slice(conn: Connection, loaded, node, config: dict) -> int:
     from dllama.model.partition import node_tensor_names, slice_tensor
 
     spec = loaded.spec
@@ -98,8 +116,6 @@ def _load_worker(conn: Connection, loaded, node, config: dict) -> int:
         # part from the page cache when it loads); the copy itself is freed before the next tensor is cut
         release_pages(tensor.data)
         del raw, part
-    conn.send(P.Ready())
-    conn.expect(P.Ready)
     return sent
 
 

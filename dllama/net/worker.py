@@ -151,13 +151,20 @@ class Worker:
         if msg.version != P.PROTOCOL_VERSION:
             raise DllamaError(f"protocol version mismatch: root speaks {msg.version}, "
                               f"worker speaks {P.PROTOCOL_VERSION}")
+        if not 0 < msg.node_index < msg.n_nodes:
+            raise DllamaError(f"node index {msg.node_index} of {msg.n_nodes} nodes is not a worker's")
         with self._lock:
             if self._state != "idle":
                 raise DllamaError(f"busy: serving root {self._root}")
             self._state, self._root = "loading", conn.label.split(" ", 1)[1]
-        conn.send(P.HelloAck(P.PROTOCOL_VERSION))
+        try:
+            conn.send(P.HelloAck(P.PROTOCOL_VERSION))
+        except BaseException:
+            with self._lock:
+                self._state, self._root = "idle", None
+            raise
         log.info("accepted %s as node %d of %d", conn.label, msg.node_index, msg.n_nodes)
-        self._roots.put(conn)
+        self._roots.put((conn, msg))
 
     def _refuse(self, conn: Connection, reason: str) -> None:
         """Send the reason, then read out what the peer still sends before closing: closing a socket with
@@ -189,10 +196,10 @@ class Worker:
         try:
             while not self._stop.is_set():
                 try:
-                    conn = self._roots.get(timeout=0.5)
+                    conn, hello = self._roots.get(timeout=0.5)
                 except queue.Empty:
                     continue
-                self.serve_root(conn)
+                self.serve_root(conn, hello)
         finally:
             self.stop()
 
@@ -203,10 +210,10 @@ class Worker:
         except OSError:
             pass
 
-    def serve_root(self, conn: Connection) -> None:
+    def serve_root(self, conn: Connection, hello: P.Hello) -> None:
         """Load the slice the root sends, run its forward passes, and free everything when it leaves."""
         try:
-            model, coll = self._load(conn)
+            model, coll = self._load(conn, hello)
             with self._lock:
                 self._state = "serving"
             conn.set_timeout(None)   # a root may sit idle between requests; keepalive notices a dead one
@@ -233,12 +240,15 @@ class Worker:
                 self._served += 1
             log.info("slice freed; waiting for a root")
 
-    def _load(self, conn: Connection):
+    def _load(self, conn: Connection, hello: P.Hello):
         cfg = conn.expect(P.Config).config
         from dllama.formats.spec import ModelSpec
         from dllama.model.partition import NodeSlice
 
         spec, node = ModelSpec(**cfg["spec"]), NodeSlice.from_dict(cfg["node"])
+        if (node.index, node.n_nodes) != (hello.node_index, hello.n_nodes):
+            raise P.ProtocolError(f"CONFIG for node {node.index} of {node.n_nodes} after HELLO as node "
+                                  f"{hello.node_index} of {hello.n_nodes}")
         seq_len, max_batch, buffer_type = int(cfg["seq_len"]), int(cfg["max_batch"]), cfg["buffer_type"]
         with self._lock:
             self._node = (node.index, node.n_nodes)

@@ -234,6 +234,18 @@ def test_worker_not_running_fails_fast_naming_it(model_files):
     assert time.monotonic() - t0 < 10
 
 
+def test_version_mismatch_refused_naming_both_versions(model_files, start_workers, monkeypatch):
+    (w,) = start_workers(1)
+    monkeypatch.setattr(P, "PROTOCOL_VERSION", 99)   # this root, as a future dllama would be
+    with pytest.raises(DllamaError, match=f"worker {w.address}: refused: protocol version mismatch: "
+                                          f"root speaks 99, worker speaks 1"):
+        Root(model_files[0], [w.address])
+    monkeypatch.undo()
+    assert w.wait_idle()["state"] == "idle"
+    root = Root(model_files[0], [w.address])   # and it serves the next root that speaks its version
+    root.close()
+
+
 def _kill_during_generation(root, victim, sig):
     root.greedy(steps=3)
     victim.proc.send_signal(sig)
@@ -350,20 +362,27 @@ def test_cli_inference_on_two_nodes_reports_transfer(model_files, start_workers)
     path, tok = model_files
     (w,) = start_workers(1)
     common = ["inference", "--model", str(path), "--tokenizer", str(tok), "--prompt", "Hello world",
-              "--steps", "8", "--temperature", "0", "--json", "--buffer-float-type", "q80"]
-    one = _dllama(*common)
-    two = _dllama(*common, "--workers", w.address)
-    out1, err1 = one.communicate(timeout=120)
-    out2, err2 = two.communicate(timeout=120)
-    assert one.returncode == 0 and two.returncode == 0, err1 + err2
-    r1, r2 = json.loads(out1), json.loads(out2)
-    assert r2["sent_bytes_per_token"] > 0 and r2["avg_transfer_ms"] > 0 and r1["sent_bytes_per_token"] == 0
-    # per generated token, to the worker: STEP (16 B) + 2 broadcasts per layer + the last x, in Q80 blocks
-    # with 18 bytes of framing each; back: 2 reduces per layer + the logits slice (f32)
-    spec_dim, n_layers, vocab = 256, 3, 512
-    q80 = spec_dim // 32 * 34 + 18
-    assert r2["sent_bytes_per_token"] == 16 + (2 * n_layers + 1) * q80
-    assert r2["recv_bytes_per_token"] == 2 * n_layers * q80 + vocab // 2 * 4 + 18
+              "--steps", "8", "--temperature", "0", "--json"]
+    res = {}
+    for name, extra in [("one", []), ("q80", ["--workers", w.address]),
+                        ("f32", ["--workers", w.address, "--buffer-float-type", "f32"])]:
+        w.wait_idle()   # one root at a time
+        proc = _dllama(*common, *extra)
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        res[name] = json.loads(out)
+    assert res["one"]["sent_bytes_per_token"] == 0
+    assert res["q80"]["generated_ids"] == res["f32"]["generated_ids"] == res["one"]["generated_ids"]
+    # per generated token, to the worker: STEP (16 B) + 2 broadcasts per layer + the last x; back: 2
+    # reduces per layer + the logits slice (always f32); 18 bytes of framing per buffer
+    dim, n_layers, vocab = 256, 3, 512
+    for ftype, x_bytes in (("q80", dim // 32 * 34), ("f32", dim * 4)):
+        r = res[ftype]
+        assert r["avg_transfer_ms"] > 0
+        assert r["sent_bytes_per_token"] == 16 + (2 * n_layers + 1) * (x_bytes + 18)
+        assert r["recv_bytes_per_token"] == 2 * n_layers * (x_bytes + 18) + vocab // 2 * 4 + 18
+    # activations: Q80 is 34/128 of F32, about a quarter
+    assert abs((res["q80"]["sent_bytes_per_token"] - 16) / (res["f32"]["sent_bytes_per_token"] - 16) - 0.27) < 0.02
 
 
 def test_cli_root_exits_nonzero_naming_a_killed_worker(model_files, start_workers):

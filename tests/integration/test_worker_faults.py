@@ -97,3 +97,18 @@ def test_probe_of_nothing_names_the_address():
     port = free_port()
     with pytest.raises(DllamaError, match=f"worker 127.0.0.1:{port}: cannot connect"):
         probe("127.0.0.1", port, 2.0)
+
+
+@pytest.mark.parametrize("config,reason", [
+    ({"spec": {"no_such_field": 1}, "node": {}, "seq_len": 8, "max_batch": 1, "buffer_type": "f32"},
+     "no_such_field"),
+    ({"spec": {}, "node": {"index": 0, "n_nodes": 2, "heads": [0, 1], "kv_heads": [0, 1], "ffn": [0, 32],
+                           "vocab": [0, 8]}, "seq_len": 8, "max_batch": 1, "buffer_type": "f32"},
+     "CONFIG for node 0 of 2 after HELLO as node 1 of 2"),
+], ids=["bad-spec", "wrong-node"])
+def test_bad_configuration_refused_with_reason_and_still_serving(start_workers, config, reason):
+    (w,) = start_workers(1)
+    msgs = _exchange(w.port, _hello() + P.encode_bytes(P.Config(config)))
+    assert isinstance(msgs[0], P.HelloAck) and reason in _refusal(msgs[1:])
+    assert _logged(w, reason)
+    assert w.wait_idle()["state"] == "idle" and w.proc.poll() is None
