@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import gguf
 import numpy as np
@@ -325,3 +329,19 @@ def test_convert_smollm2(smollm2_path, smollm2, tmp_path, reference):
     tok = Tokenizer.from_t(str(tmp_path / "s.t"))
     for case in reference["tokenizer_cases"]:
         assert tok.decode(case["ids"]) == case["decoded"], case["text"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)])
+def test_convert_killed_midway_leaves_nothing(smollm2_path, tmp_path, sig, status):
+    proc = subprocess.Popen([sys.executable, "-m", "dllama", "convert", "--model", smollm2_path, "--output-model",
+                             str(tmp_path / "s.m"), "--output-tokenizer", str(tmp_path / "s.t")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    # wait until the model's temporary exists (the tokenizer's is written first)
+    while not any(n.startswith(".s.m.") for n in os.listdir(tmp_path)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    assert proc.wait(60) == status
+    assert os.listdir(tmp_path) == []
