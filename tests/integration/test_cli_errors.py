@@ -1,0 +1,113 @@
+"""Bad input: a one-line error naming the problem, exit status 2, no traceback (issue 2's list)."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from dllama.formats.random_model import preset_spec, write_random_model
+
+pytestmark = pytest.mark.slow
+
+
+def dllama(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "dllama", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def assert_one_line_error(res, *needles):
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = [l for l in res.stderr.splitlines() if l.strip() and not l.startswith("compiling kernels")]
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_m(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "tiny.m"
+    spec = preset_spec("smollm2_135m", n_layers=1, dim=64, hidden_dim=128, n_heads=4, n_kv_heads=2,
+                       vocab_size=256, seq_len=64)
+    write_random_model(str(path), spec, seed=0)
+    return path
+
+
+def test_missing_model_file(tmp_path):
+    missing = tmp_path / "nope.m"
+    assert_one_line_error(dllama("inference", "--model", str(missing), "--prompt", "x"), str(missing))
+
+
+def test_directory_as_model(tmp_path):
+    assert_one_line_error(dllama("inference", "--model", str(tmp_path), "--prompt", "x"), str(tmp_path))
+
+
+def test_truncated_m_file(tiny_m, tmp_path):
+    cut = tmp_path / "cut.m"
+    cut.write_bytes(tiny_m.read_bytes()[:-100])
+    assert_one_line_error(dllama("inference", "--model", str(cut), "--prompt", "x"), "cut.m", "truncated")
+
+
+def test_wrong_magic(tmp_path):
+    bad = tmp_path / "bad.m"
+    bad.write_bytes(b"\x01\x02\x03\x04" + bytes(100))
+    assert_one_line_error(dllama("inference", "--model", str(bad), "--prompt", "x"), "bad.m")
+
+
+def test_unknown_header_key(tiny_m, tmp_path):
+    data = bytearray(tiny_m.read_bytes())
+    # the first key/value pair sits after magic and header size: make its key one no version defines
+    struct.pack_into("<i", data, 8, 999)
+    bad = tmp_path / "key.m"
+    bad.write_bytes(bytes(data))
+    assert_one_line_error(dllama("inference", "--model", str(bad), "--prompt", "x"), "key.m", "999")
+
+
+def test_unsupported_gguf_tensor_type(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "q5.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    q = gguf.quants.quantize(np.zeros((2, 256), np.float32), gguf.GGMLQuantizationType.Q5_0)
+    w.add_tensor("blk.0.attn_q.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q5_0)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    assert_one_line_error(dllama("inference", "--model", str(path), "--prompt", "x"), "Q5_0")
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    import gguf
+
+    path = tmp_path / "arch.gguf"
+    w = gguf.GGUFWriter(str(path), "mamba")
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    assert_one_line_error(dllama("inference", "--model", str(path), "--prompt", "x"), "mamba")
+
+
+def test_nthreads_zero(smollm2_path):
+    assert_one_line_error(dllama("inference", "--model", smollm2_path, "--prompt", "x", "--nthreads", "0"),
+                          "--nthreads")
+
+
+def test_prompt_longer_than_context(smollm2_path):
+    res = dllama("inference", "--model", smollm2_path, "--prompt", "word " * 200, "--max-seq-len", "64",
+                 "--steps", "4")
+    assert_one_line_error(res, "context")
+
+
+def test_steps_past_max_seq_len(smollm2_path):
+    res = dllama("inference", "--model", smollm2_path, "--prompt", "hi", "--max-seq-len", "64", "--steps", "100")
+    assert_one_line_error(res, "--steps", "--max-seq-len")
+
+
+def test_m_model_without_tokenizer(tiny_m):
+    assert_one_line_error(dllama("inference", "--model", str(tiny_m), "--prompt", "x"), "--tokenizer")
+
+
+def test_bad_worker_address(smollm2_path):
+    assert_one_line_error(dllama("inference", "--model", smollm2_path, "--prompt", "x", "--workers", "nohost"),
+                          "nohost")
