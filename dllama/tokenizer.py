@@ -320,8 +320,10 @@ class Tokenizer:
         special = data.special_ids or dlt.guess_special_ids(data.tokens, data.scores, data.bos_id, data.eos_ids)
         types = [CONTROL if i in special else NORMAL for i in range(len(data.tokens))]
         bos = data.bos_id if data.bos_id >= 0 else None
+        # end-of-generation by text too, as for GGUF (the reference's converters store one or two eos ids)
+        eog = {i for i in special if data.tokens[i].decode("utf-8", "replace") in EOG_TEXTS | FIM_EOG_TEXTS}
         return cls("t", list(data.tokens), types, scores=data.scores, bos_id=bos,
-                   eos_id=data.eos_ids[0] if data.eos_ids else None, eos_ids=data.eos_ids,
+                   eos_id=data.eos_ids[0] if data.eos_ids else None, eos_ids=set(data.eos_ids) | eog,
                    add_bos=data.add_bos and bos is not None, chat_template=data.chat_template, name=name)
 
     def t_data(self) -> "dlt.TokenizerData":

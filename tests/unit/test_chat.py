@@ -11,11 +11,12 @@ from dllama.chat import ChatTemplate, StopDetector, detect_builtin
 from dllama.errors import DllamaError
 from dllama.formats.dlt import TokenizerData, write_t
 from dllama.tokenizer import Tokenizer
+from test_tokenizer import smollm2_reader
 
 
 @pytest.fixture(scope="module")
 def tok(smollm2_path):
-    return Tokenizer.from_gguf(smollm2_path)
+    return Tokenizer.from_gguf(smollm2_reader(smollm2_path))
 
 
 def test_reference_chats_render_and_tokenize_identically(tok, reference):

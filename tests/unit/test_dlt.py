@@ -13,6 +13,7 @@ from dllama.errors import FormatError
 from dllama.formats import dlt
 from dllama.formats.dlt import TokenizerData, read_t, write_t
 from dllama.tokenizer import Tokenizer
+from test_tokenizer import smollm2_reader
 
 # Plain-text reference cases whose `.t` ids differ from llama.cpp's. A `.t` file keeps scores, not the
 # GPT-2 pre-split: without `\s+(?!\S)` a whitespace run merges into the longest whitespace token, instead of
@@ -27,7 +28,7 @@ DIFFERS_FROM_LLAMA_CPP = {
 
 @pytest.fixture(scope="module")
 def gguf_tok(smollm2_path):
-    return Tokenizer.from_gguf(smollm2_path)
+    return Tokenizer.from_gguf(smollm2_reader(smollm2_path))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,9 @@ def test_reference_style_files_without_markers(tmp_path, gguf_tok):
     path.write_bytes(_layout(tokens, [-float(i) for i in range(len(tokens))], kv, b"TMPL", eos=[2]))
     data = read_t(path)
     assert data.special_ids == frozenset(range(17)) and data.chat_template == "TMPL" and data.eos_ids == [2]
-    assert Tokenizer.from_t(path).encode("<|im_start|>user\n") == [1, 4093, 198]
+    t = Tokenizer.from_t(path)
+    assert t.encode("<|im_start|>user\n") == [1, 4093, 198]
+    assert t.eos_ids == (0, 2, 4)   # <|endoftext|> and <reponame> end generation by text, as in llama.cpp
 
 
 def test_guess_special_ids_llama3_block_and_old_stop_key(tmp_path):

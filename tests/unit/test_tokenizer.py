@@ -3,6 +3,8 @@ scanners against the original regexes run by the `regex` package."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import time
 
 import pytest
@@ -15,9 +17,17 @@ from dllama.errors import DllamaError
 from dllama.tokenizer import StreamDecoder, Tokenizer
 
 
+@functools.lru_cache(maxsize=None)
+def smollm2_reader(path):
+    """One parse of the GGUF for all the tokenizer test modules (GGUFReader takes seconds)."""
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
 @pytest.fixture(scope="module")
 def tok(smollm2_path):
-    return Tokenizer.from_gguf(smollm2_path)
+    return Tokenizer.from_gguf(smollm2_reader(smollm2_path))
 
 
 def _cases(reference):
@@ -148,10 +158,8 @@ def _regex_split(pattern, text):
 
 
 def _need_regex():
-    try:
-        import regex  # noqa: F401
-    except ImportError:
-        need(False, "the regex package (outside truth for the pre-tokenizer scanners) is not installed")
+    need(importlib.util.find_spec("regex") is not None,
+         "the regex package (outside truth for the pre-tokenizer scanners) is not installed")
 
 
 @settings(max_examples=300, deadline=None)

@@ -37,9 +37,9 @@ N_MERGES = 6000   # the first merges of SmolLM2 keep the files small and the tes
 
 def smollm_subset(path):
     """SmolLM2's specials, the 256 byte tokens and the results of its first N_MERGES merges."""
-    import gguf
+    from test_tokenizer import smollm2_reader
 
-    r = gguf.GGUFReader(path)
+    r = smollm2_reader(path)
     tokens, types = r.fields["tokenizer.ggml.tokens"].contents(), r.fields["tokenizer.ggml.token_type"].contents()
     merges = r.fields["tokenizer.ggml.merges"].contents()[:N_MERGES]
     special = {t: ty for t, ty in zip(tokens, types) if ty != NORMAL}
