@@ -48,9 +48,9 @@ def sigterm_as_exit():
 
 
 def _tensor_sources(model, spec):
-    from dllama.formats.dlm import dlm_layout
+    from dllama.formats.dlm import dlm_layout, write_key_set
 
-    for name, _qtype, _shape in dlm_layout(spec):
+    for name, _qtype, _shape in dlm_layout(spec, write_key_set(spec)):
         tensor = model.tensors.get(name)
         if tensor is None:
             raise DllamaError(f"{model.path}: has no tensor {name}, which a .m file needs")

@@ -40,7 +40,8 @@ ROPE_TYPES = {0: "llama", 1: "falcon", 2: "llama3.1"}
 NORM_EPSILONS = {5: 1e-5, 6: 1e-6}
 ARCHS_2024 = {0xABCD00: "llama", 0xABCD01: "grok1", 0xABCD02: "mixtral"}
 ARCHS_2025 = {0xABCD00: "llama", 0xABCD01: "qwen3", 0xABCD02: "qwen3_moe"}
-ARCH_IDS_2025 = {"llama": 0xABCD00, "mixtral": 0xABCD00, "qwen3": 0xABCD01, "qwen3_moe": 0xABCD02}
+ARCH_IDS_2024 = {"llama": 0xABCD00, "grok1": 0xABCD01, "mixtral": 0xABCD02}
+ARCH_IDS_2025 = {"llama": 0xABCD00, "qwen3": 0xABCD01, "qwen3_moe": 0xABCD02}
 PRE_2024_MAGICS = (0xABCD00, 0xABCD01)   # the first format: a fixed struct, rejected by every later reader
 
 
@@ -217,17 +218,42 @@ def _exact_int(spec: ModelSpec, field: str, value) -> int:
     return int(value)
 
 
+def write_key_set(spec: ModelSpec) -> str:
+    """The key set `write_dlm` uses: '2024' for Mixtral-style and Grok-1 models, '2025' otherwise.
+
+    The 2025 reference runs experts for Qwen3-MoE only (a llama-arch file with experts fails to
+    build its network), so llama-family MoE models are written as the Oct 2024 reference read them.
+    """
+    if spec.arch in ("mixtral", "grok1") or (spec.arch == "llama" and spec.n_experts):
+        return "2024"
+    return "2025"
+
+
+def _check_2024(spec: ModelSpec) -> None:
+    if spec.arch == "grok1" and not spec.n_experts:
+        raise DllamaError("cannot write a grok1 model without experts (it would read back as Qwen3)")
+    # what the Oct 2024 header cannot say, it assumes: head_dim = dim / n_heads, epsilon 1e-5
+    if spec.head_dim * spec.n_heads != spec.dim or abs(spec.norm_eps - 1e-5) > 1e-9 or spec.moe_hidden_dim:
+        raise DllamaError(f"cannot write this {spec.arch} model as .m: the Oct 2024 header (the only one with "
+                          "this arch) needs head_dim = dim / n_heads, norm epsilon 1e-5 and no moe_hidden_dim")
+
+
 def header_items(spec: ModelSpec) -> list[tuple[str, int]]:
-    """The (key, value) pairs `write_dlm` stores, in the reference converter's order."""
-    if spec.arch not in ARCH_IDS_2025:
-        raise DllamaError(f"cannot write a {spec.arch} model as .m (the current format has no such arch type)")
+    """The (key, value) pairs `write_dlm` stores, in the reference converter's order. Raises DllamaError."""
+    kset = write_key_set(spec)
+    arch_ids = ARCH_IDS_2024 if kset == "2024" else ARCH_IDS_2025
+    if spec.arch not in arch_ids:
+        raise DllamaError(f"cannot write a {spec.arch} model as .m (the format has no such arch type)")
+    arch_id = ARCH_IDS_2024["mixtral"] if spec.arch == "llama" and kset == "2024" else arch_ids[spec.arch]
     eps_code = next((c for c, e in NORM_EPSILONS.items() if abs(spec.norm_eps - e) <= e * 1e-4), None)
     if eps_code is None:
         raise DllamaError(f"cannot store norm epsilon {spec.norm_eps} in a .m header (only 1e-5 and 1e-6)")
     if spec.weight_type not in _inverse(FLOAT_TYPES):
         raise DllamaError(f"cannot write {spec.weight_type!r} weights to a .m file (f32, f16, q40 or q80)")
+    if kset == "2024":
+        _check_2024(spec)
     items = [
-        ("version", 0), ("arch_type", ARCH_IDS_2025[spec.arch]), ("hidden_act", _inverse(HIDDEN_ACTS)[spec.hidden_act]),
+        ("version", 0), ("arch_type", arch_id), ("hidden_act", _inverse(HIDDEN_ACTS)[spec.hidden_act]),
         ("dim", spec.dim), ("hidden_dim", spec.hidden_dim), ("n_layers", spec.n_layers), ("n_heads", spec.n_heads),
         ("n_kv_heads", spec.n_kv_heads), ("weight_type", _inverse(FLOAT_TYPES)[spec.weight_type]),
         ("seq_len", spec.seq_len), ("vocab_size", spec.vocab_size), ("n_experts", spec.n_experts),
@@ -238,7 +264,14 @@ def header_items(spec: ModelSpec) -> list[tuple[str, int]]:
         for f in ("rope_scaling_factor", "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
                   "rope_scaling_orig_max_seq_len"):
             items.append((f, _exact_int(spec, f, getattr(spec, f))))
-    items += [("head_dim", spec.head_dim), ("norm_epsilon", eps_code)]
+    if kset == "2024":
+        return items
+    # keys 19-21 only when they say something: without them the Oct 2024 reference reads the file too.
+    # Qwen3-MoE always gets one, or it would read back as Mixtral (see key_set).
+    if spec.head_dim * spec.n_heads != spec.dim or spec.arch == "qwen3_moe":
+        items.append(("head_dim", spec.head_dim))
+    if eps_code != 5:
+        items.append(("norm_epsilon", eps_code))
     if spec.moe_hidden_dim:
         items.append(("moe_hidden_dim", spec.moe_hidden_dim))
     return items
@@ -296,15 +329,16 @@ def _row_chunks(source, qtype: str, shape: tuple):
 def write_dlm_to(f, spec: ModelSpec, tensors: Iterable) -> int:
     """Writes header and tensors to the open binary file f; returns the bytes written.
 
-    `tensors` yields (internal name, source) in `dlm_layout(spec)` order, where source is a Tensor
-    (copied raw when its type already matches, else re-quantized), an f32 array, or an iterable of
-    f32 row chunks. Only one chunk is in memory at a time. Raises DllamaError on a mismatch.
+    `tensors` yields (internal name, source) in `dlm_layout(spec, write_key_set(spec))` order, where
+    source is a Tensor (copied raw when its type already matches, else re-quantized), an f32 array,
+    or an iterable of f32 row chunks. Only one chunk is in memory at a time. Raises DllamaError on a
+    mismatch.
     """
     header = header_bytes(spec)
     f.write(header)
     total = len(header)
     items = iter(tensors)
-    for name, qtype, shape in dlm_layout(spec, "2025"):
+    for name, qtype, shape in dlm_layout(spec, write_key_set(spec)):
         got = next(items, None)
         if got is None or got[0] != name:
             raise DllamaError(f"writing .m: expected tensor {name}, got {None if got is None else got[0]}")

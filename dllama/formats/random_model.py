@@ -62,10 +62,10 @@ def _random_rows(rng: np.random.Generator, rows: int, cols: int):
 
 def random_tensors(spec: ModelSpec, seed: int = 0):
     """(name, source) pairs for write_dlm: norms are ones, everything else N(0, 0.02) row chunks."""
-    from dllama.formats.dlm import dlm_layout
+    from dllama.formats.dlm import dlm_layout, write_key_set
 
     rng = np.random.default_rng(seed)
-    for name, _qtype, shape in dlm_layout(spec):
+    for name, _qtype, shape in dlm_layout(spec, write_key_set(spec)):
         if len(shape) == 1:
             yield name, np.ones(shape, dtype=np.float32)
         else:

@@ -98,12 +98,38 @@ def test_header_keys_follow_the_reference(tmp_path):
     expect = {"arch_type": 0xABCD00, "dim": 128, "hidden_dim": 256, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2,
               "vocab_size": 64, "max_seq_len": 131072, "hidden_act": 1, "rope_theta": 500000,
               "weights_float_type": 2, "rope_type": 2, "rope_scaling_factor": 32, "rope_scaling_low_freq_factor": 1,
-              "rope_scaling_high_freq_factory": 4, "rope_scaling_orig_max_seq_len": 8192, "head_dim": 32,
-              "norm_epsilon": 5}
+              "rope_scaling_high_freq_factory": 4, "rope_scaling_orig_max_seq_len": 8192}
     for key, value in expect.items():
         assert kv[REF_KEYS[key]] == value, key
+    # head_dim = dim / n_heads and epsilon 1e-5 are both versions' defaults: left out, the Oct 2024
+    # reference (which knows no key above 18) reads the file too
+    assert max(kv) == 18
     back = load_model(str(path)).spec
     assert (back.rope_type, back.rope_scaling_factor, back.rope_scaling_orig_max_seq_len) == ("llama3.1", 32.0, 8192)
+
+
+def test_2025_keys_are_written_when_they_differ_from_the_defaults(tmp_path):
+    spec = dataclasses.replace(TINY, head_dim=32, norm_eps=1e-6, weight_type="f16")   # q_dim 128 != dim 64
+    path = tmp_path / "k.m"
+    dlm.write_dlm(str(path), spec, source_tensors(spec).items())
+    _, _, kv = ref_parse_header(path)
+    assert kv[REF_KEYS["head_dim"]] == 32 and kv[REF_KEYS["norm_epsilon"]] == 6
+    m = load_model(str(path))
+    assert (m.spec.head_dim, m.spec.q_dim, m.spec.norm_eps) == (32, 128, 1e-6)
+    assert m.tensors["layers.1.wo"].shape == (64, 128)
+
+
+@pytest.mark.parametrize("arch, experts", [("qwen3", 0), ("qwen3_moe", 2)])
+def test_qwen3_round_trip(tmp_path, arch, experts):
+    spec = dataclasses.replace(TINY, arch=arch, n_experts=experts, n_active_experts=experts // 2,
+                               moe_hidden_dim=64 if experts else 0, rope_type="falcon", weight_type="q40")
+    src = source_tensors(spec)
+    dlm.write_dlm(str(tmp_path / "q.m"), spec, src.items())
+    m = load_model(str(tmp_path / "q.m"))
+    assert (m.spec.arch, m.spec.rope_type, m.spec.ffn_dim, m.spec.extra["dlm_key_set"]) == \
+        (arch, "falcon", 64 if experts else 96, "2025")
+    for name, x in src.items():
+        np.testing.assert_array_equal(m.tensors[name].data, quants.quantize(m.tensors[name].qtype, x).ravel())
 
 
 def handmade(path, pairs, tensor_bytes=0, magic=MAGIC, extra=b""):
@@ -174,6 +200,27 @@ def test_2025_qwen3_dense_without_new_keys(tmp_path):
     m = load_model(handmade(tmp_path / "q3.m", base_pairs(arch_type=0xABCD01),
                             v * d * 4 + per_layer + d * 4 + f32_mat(v, d)))
     assert (m.spec.arch, m.spec.extra["dlm_key_set"]) == ("qwen3", "2025")
+
+
+@pytest.mark.parametrize("arch, arch_id, norms", [("mixtral", 0xABCD02, 2), ("grok1", 0xABCD01, 4)])
+def test_moe_models_are_written_with_the_2024_keys(tmp_path, arch, arch_id, norms):
+    # the 2025 reference builds experts only for Qwen3-MoE: llama-family MoE goes out as 2024 read it
+    spec = dataclasses.replace(TINY, arch=arch, n_experts=3, n_active_experts=2, weight_type="q80",
+                               hidden_act="gelu" if arch == "grok1" else "silu")
+    assert dlm.write_key_set(spec) == "2024"
+    src = source_tensors(spec)
+    path = tmp_path / "moe.m"
+    dlm.write_dlm(str(path), spec, [(n, src[n]) for n, _, _ in dlm.dlm_layout(spec, "2024")])
+    _, _, kv = ref_parse_header(path)
+    assert kv[REF_KEYS["arch_type"]] == arch_id and kv[REF_KEYS["rope_type"]] == 0 and max(kv) < 19
+    m = load_model(str(path))
+    assert (m.spec.arch, m.spec.extra["dlm_key_set"], m.spec.rope_type, m.spec.n_experts) == (arch, "2024", "llama", 3)
+    assert m.tensors["layers.1.moe_gate"].qtype == "q80"
+    assert sum(n.startswith("layers.0.") and n.endswith("norm") for n in m.tensors) == norms
+    for name, x in src.items():
+        np.testing.assert_array_equal(m.tensors[name].data, quants.quantize(m.tensors[name].qtype, x).ravel())
+    with pytest.raises(DllamaError, match="Oct 2024 header"):
+        dlm.write_dlm(str(tmp_path / "x.m"), dataclasses.replace(spec, norm_eps=1e-6), src.items())
 
 
 def test_weight_type_inferred_from_size_when_absent(tmp_path):

@@ -244,6 +244,20 @@ def test_convert_requantizes_within_q40_tolerance(tmp_path):
     assert np.all(np.abs(m.tensors["wcls"].to_f32() - emb) <= q40_step(emb))
 
 
+def test_convert_mixtral(tmp_path):
+    held = write_gguf(tmp_path / "mx.gguf", llama_tensors(experts=3),
+                      meta={"add_expert_count": 3, "add_expert_used_count": 2})
+    conv.convert(str(tmp_path / "mx.gguf"), str(tmp_path / "mx.m"))
+    m = load_model(tmp_path / "mx.m")
+    assert (m.spec.arch, m.spec.n_experts, m.spec.rope_type, m.spec.extra["dlm_key_set"]) == ("mixtral", 3, "llama", "2024")
+    for e in range(3):
+        for kind, w in (("ffn_gate", "w1"), ("ffn_down", "w2"), ("ffn_up", "w3")):
+            x = held[f"blk.0.{kind}_exps.weight"][e]
+            assert np.all(np.abs(m.tensors[f"layers.0.experts.{e}.{w}"].to_f32() - x) <= q40_step(x))
+    router = held["blk.1.ffn_gate_inp.weight"]
+    assert np.all(np.abs(m.tensors["layers.1.moe_gate"].to_f32() - router) <= q40_step(router))
+
+
 def test_convert_other_weight_types(tmp_path):
     held = write_gguf(tmp_path / "in.gguf", llama_tensors())
     conv.convert(str(tmp_path / "in.gguf"), str(tmp_path / "f16.m"), weight_type="f16")
