@@ -10,9 +10,11 @@ that the stdlib is enough), then each piece is merged.
 from __future__ import annotations
 
 import codecs
+import functools
 import heapq
 import os
 import unicodedata
+from dataclasses import dataclass
 
 from dllama.errors import DllamaError
 from dllama.formats import dlt
@@ -179,20 +181,30 @@ def _pre_default_punct(s):
     return _split_runs(s, lambda c: _char_class(c) & PUNCT or c in "$+<=>^~|")
 
 
-# tokenizer.ggml.pre -> (splitters applied in turn, ignore_merges, clean_spaces, add_bos default)
-_GPT2 = ([_split_gpt2], False, True, False)
-_SMOLLM = ([_pre_numbers_isolated, _split_gpt2], False, True, False)
-_LLAMA3 = ([lambda s: _split_llama3(s, 3)], True, True, True)
-_QWEN2 = ([lambda s: _split_llama3(s, 1)], False, False, False)
+@dataclass(frozen=True)
+class PreTokenizer:
+    """What llama.cpp does for one `tokenizer.ggml.pre` value."""
+
+    splitters: tuple                # applied in turn, each to every piece the previous one left
+    ignore_merges: bool = False     # a piece that is itself a token is taken whole (Llama 3)
+    clean_spaces: bool = True       # decode drops the space before . , ? ! and 's 'm 're 've
+    add_bos: bool = False           # when the GGUF does not say
+
+
+_GPT2 = (_split_gpt2,)
+_SMOLLM = (_pre_numbers_isolated, _split_gpt2)
+_LLAMA3 = (functools.partial(_split_llama3, max_digits=3),)
+_QWEN2 = (functools.partial(_split_llama3, max_digits=1),)
+_DEFAULT = (_pre_default_punct, _split_gpt2, functools.partial(_split_runs, match=lambda c: _char_class(c) & NUMBER),
+            functools.partial(_split_runs, match=lambda c: c in "0123456789", max_len=3))
 PRE_TOKENIZERS = {
-    "gpt-2": _GPT2, "phi-2": _GPT2, "mpt": _GPT2, "olmo": _GPT2, "jais": _GPT2, "exaone4": _GPT2,
-    "smollm": (_SMOLLM[0], False, False, False), "command-r": (_SMOLLM[0], False, False, False),
-    "starcoder": _SMOLLM, "refact": _SMOLLM, "codeshell": _SMOLLM, "exaone": _SMOLLM, "minerva-7b": _SMOLLM,
-    "llama3": _LLAMA3, "llama-v3": _LLAMA3, "llama-bpe": _LLAMA3, "falcon3": _LLAMA3,
-    "dbrx": ([_LLAMA3[0][0]], False, True, False), "smaug-bpe": ([_LLAMA3[0][0]], False, True, False),
-    "qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2, "megrez": _QWEN2,
-    "default": ([_pre_default_punct, _split_gpt2, lambda s: _split_runs(s, lambda c: _char_class(c) & NUMBER),
-                 lambda s: _split_runs(s, lambda c: c in "0123456789", 3)], False, True, False),
+    **dict.fromkeys(["gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4"], PreTokenizer(_GPT2)),
+    **dict.fromkeys(["starcoder", "refact", "codeshell", "exaone", "minerva-7b"], PreTokenizer(_SMOLLM)),
+    **dict.fromkeys(["smollm", "command-r"], PreTokenizer(_SMOLLM, clean_spaces=False)),
+    **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3"], PreTokenizer(_LLAMA3, True, True, True)),
+    **dict.fromkeys(["dbrx", "smaug-bpe"], PreTokenizer(_LLAMA3)),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "megrez"], PreTokenizer(_QWEN2, clean_spaces=False)),
+    "default": PreTokenizer(_DEFAULT),
 }
 
 
@@ -253,7 +265,9 @@ class Tokenizer:
             if pre not in PRE_TOKENIZERS:
                 raise DllamaError(f"tokenizer pre-type {pre!r} is not supported "
                                   f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
-            self._splitters, self._ignore_merges, self.clean_spaces, _ = PRE_TOKENIZERS[pre]
+            pre_tokenizer = PRE_TOKENIZERS[pre]
+            self._splitters, self._ignore_merges = pre_tokenizer.splitters, pre_tokenizer.ignore_merges
+            self.clean_spaces = pre_tokenizer.clean_spaces
             self._ranks = {}
             for rank, m in enumerate(merges or ()):
                 a, _, b = m.partition(" ") if not m.startswith(" ") else (" ", "", m[2:])
@@ -291,7 +305,7 @@ class Tokenizer:
         types = list(get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
         spm = model == "llama"
         pre = get("tokenizer.ggml.pre") or "default"
-        add_bos_default = True if spm else PRE_TOKENIZERS.get(pre, _GPT2)[3]
+        add_bos_default = True if spm else pre in PRE_TOKENIZERS and PRE_TOKENIZERS[pre].add_bos
         eog = set()
         for i, t in enumerate(tokens):
             if t in EOG_TEXTS or t in FIM_EOG_TEXTS:
