@@ -47,6 +47,17 @@ def sigterm_as_exit():
         signal.signal(signal.SIGTERM, previous)
 
 
+def with_progress(items, n_layers: int, label: str, every: float = 5.0):
+    """Passes (name, source) pairs through, telling stderr which layer is being written every few seconds."""
+    last = time.monotonic()
+    for name, source in items:
+        if name.endswith(".wq") and time.monotonic() - last >= every:
+            last = time.monotonic()
+            layer = int(name.split(".")[1])
+            print(f"{label}: layer {layer}/{n_layers}", file=sys.stderr, flush=True)
+        yield name, source
+
+
 def _tensor_sources(model, spec):
     from dllama.formats.dlm import dlm_layout, write_key_set
 
@@ -76,7 +87,7 @@ def convert(model_path: str, output_model: str, output_tokenizer: str | None = N
             if output_tokenizer:
                 _write_tokenizer(model, temps[1])
             with open(temps[0], "wb") as f:
-                write_dlm_to(f, spec, _tensor_sources(model, spec))
+                write_dlm_to(f, spec, with_progress(_tensor_sources(model, spec), spec.n_layers, "convert"))
     finally:
         model.close()
     return spec

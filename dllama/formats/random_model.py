@@ -128,14 +128,16 @@ def _prefetched(items, depth: int = 3):
         stop.set()
 
 
-def write_random_model(path: str, spec: ModelSpec, seed: int = 0) -> int:
+def write_random_model(path: str, spec: ModelSpec, seed: int = 0, progress: bool = False) -> int:
     """Writes a random `.m` of spec's shape atomically; returns its size. Raises DllamaError.
 
     The weights are those of `random_tensors(spec, seed)`.
     """
+    from dllama.formats.convert import with_progress
     from dllama.formats.dlm import write_dlm
 
-    return write_dlm(path, spec, _prefetched(random_tensors(spec, seed)))
+    items = _prefetched(random_tensors(spec, seed))
+    return write_dlm(path, spec, with_progress(items, spec.n_layers, "random-model") if progress else items)
 
 
 def add_arguments(parser) -> None:
@@ -154,7 +156,7 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     with sigterm_as_exit():
-        size = write_random_model(args.output, spec, args.seed)
+        size = write_random_model(args.output, spec, args.seed, progress=True)
     dt = time.perf_counter() - t0
     print(f"wrote {args.output}: {spec.n_layers} layers, dim {spec.dim}, ffn {spec.hidden_dim}, "
           f"{spec.n_heads}/{spec.n_kv_heads} heads, vocab {spec.vocab_size}, {spec.weight_type}; "
