@@ -199,7 +199,7 @@ def _open_tokenizer(loaded, tokenizer_path: str | None):
             is_gguf = f.read(4) == b"GGUF"
         return Tokenizer.from_gguf(tokenizer_path) if is_gguf else Tokenizer.from_t(tokenizer_path)
     if loaded.kind == "gguf":
-        return Tokenizer.from_gguf(loaded.path)
+        return Tokenizer.from_gguf(loaded.gguf_reader)   # the header is parsed once
     raise DllamaError(f"{loaded.path} is a Distributed Llama .m file: pass its tokenizer with --tokenizer")
 
 

@@ -285,14 +285,11 @@ class Tokenizer:
     # ---- construction
     @classmethod
     def from_gguf(cls, path_or_reader) -> "Tokenizer":
-        """Read the vocabulary of a GGUF file (a path or a `gguf.GGUFReader`). Raises DllamaError."""
-        import gguf
+        """Read the vocabulary of a GGUF file (a path, or the `GGUFFile` the model loader already parsed). Raises DllamaError."""
+        from dllama.formats.gguf_reader import GGUFFile
 
-        try:
-            reader = path_or_reader if isinstance(path_or_reader, gguf.GGUFReader) else gguf.GGUFReader(
-                os.fspath(path_or_reader))
-        except (OSError, ValueError) as e:
-            raise DllamaError(f"cannot read GGUF {path_or_reader}: {e}") from None
+        reader = GGUFFile(os.fspath(path_or_reader)) \
+            if isinstance(path_or_reader, (str, os.PathLike)) else path_or_reader
 
         def get(key, default=None):
             f = reader.fields.get(key)

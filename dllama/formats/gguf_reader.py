@@ -103,9 +103,11 @@ class GGUFFile:
         self.data = np.frombuffer(self._mm, np.uint8)
         try:
             self._parse()
-        except (EOFError, struct.error, ValueError, KeyError) as exc:
-            raise FormatError(f"{path}: not a readable GGUF file ({exc or 'ends early'}); truncated or damaged?") \
-                from None
+        except (EOFError, struct.error) as exc:
+            why = str(exc) if isinstance(exc, EOFError) and str(exc) else "it ends early"
+            raise FormatError(f"{path}: not a readable GGUF file ({why}); truncated or damaged?") from None
+        except (ValueError, KeyError) as exc:
+            raise FormatError(f"{path}: not a readable GGUF file ({exc}); truncated or damaged?") from None
 
     def _parse(self) -> None:
         c = _Cursor(self._mm)

@@ -63,7 +63,7 @@ class LoadedModel:
 
     @property
     def gguf_reader(self):
-        """The `gguf.GGUFReader` of a GGUF model (so its vocabulary is not parsed twice), else None."""
+        """The header reader (`gguf_reader.GGUFFile`) of a GGUF model (so its vocabulary is not parsed twice), else None."""
         return self._owner if self.kind == "gguf" else None
 
     def __enter__(self):

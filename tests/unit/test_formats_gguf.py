@@ -303,7 +303,7 @@ def smollm2(smollm2_path):
 def test_release_keeps_the_spec(tmp_path):
     write_gguf(tmp_path / "t.gguf", llama_tensors())
     m = load_model(tmp_path / "t.gguf")
-    assert isinstance(m.gguf_reader, gguf.GGUFReader)
+    assert m.gguf_reader is not None and "general.architecture" in m.gguf_reader.fields
     m.release()
     assert m.tensors == {} and m.gguf_reader is None and m.spec.dim == DIM
 

@@ -331,7 +331,7 @@ def test_unsupported_gguf_vocabularies(tmp_path):
         with pytest.raises(DllamaError, match=message):
             Tokenizer.from_gguf(tmp_path / f"{model}.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
-    with pytest.raises(DllamaError, match="cannot read GGUF"):
+    with pytest.raises(DllamaError, match="not a readable GGUF file"):
         Tokenizer.from_gguf(tmp_path / "junk.gguf")
 
 
