@@ -7,8 +7,8 @@ layouts work but make numba compile a slower variant on first use).
 import numpy as np
 
 from dllama.kernels._threads import set_threads
-from dllama.kernels.attention import attention
-from dllama.kernels.matmul import BLOCK_BYTES, TILE, Packed, matmul, pack
+from dllama.kernels._attention import attention
+from dllama.kernels._matmul import BLOCK_BYTES, TILE, Packed, matmul, pack
 from dllama.kernels.ops import gelu_glu, rmsnorm, rope, rope_tables, softmax, swiglu
 from dllama.kernels.quant import Q80_BLOCK_BYTES, dequantize_q80, quantize_q80
 

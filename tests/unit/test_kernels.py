@@ -85,12 +85,17 @@ def test_quantize_q80_rejects_bad_sizes():
 # --- matmul -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qtype", ["q40", "q41", "q80", "f16", "f32"])
+@pytest.mark.parametrize("qtype,batch_form", [("q40", "sweep"), ("q40", "regs"), ("q41", "sweep"), ("q41", "regs"),
+                                              ("q80", "sweep"), ("q80", "regs"), ("f16", ""), ("f32", "")])
 @pytest.mark.parametrize("rows,cols", [(77, 96), (130, 224), (1, 32)])
-def test_matmul_matches_twin(qtype, rows, cols, threads):
+def test_matmul_matches_twin(qtype, batch_form, rows, cols, threads):
+    from dllama.kernels import _matmul as mm
+
     raw = random_weights(qtype, rows, cols, rows + cols)
     W = K.pack(qtype, raw, rows, cols)
     assert (W.rows, W.cols, W.qtype) == (rows, cols, qtype)
+    if batch_form:  # both batch forms, whichever this CPU picks (AVX-512: regs, AVX2: sweep)
+        W.kernels = (mm._SWEEP[qtype], {"sweep": mm._SWEEP, "regs": mm._REGS}[batch_form][qtype])
     rng = np.random.default_rng(7)
     wabs = np.abs(naive.dequantize(qtype, raw, rows, cols))
     for n in (1, 32, 3):  # growing then shrinking the activation scratch

@@ -40,85 +40,93 @@ BLOCK_BYTES = {"q40": 18, "q41": 20, "q80": 34}
 
 
 # Two forms of each block kernel, because the compiler keeps the integer sums in different places.
-# Matrix-vector (decode): the row loop is innermost and sweeps a tile's 64 rows per column, giving
-# the widest vectors (sums in L1-resident per-tile arrays). Matrix-matrix (prompt batches): the
-# literal 16-column loop unrolls inside the row loop, keeping the sums in registers, which wins once
-# the same weight block is reused for every activation row of the batch.
+# "Sweep": the row loop is innermost and sweeps a tile's 64 rows per column, giving the widest
+# vectors (sums in L1-resident per-tile arrays); the fastest matrix-vector form everywhere, and for
+# batches on AVX2. "Regs": the literal 16-column loop unrolls inside the row loop, keeping the sums
+# in registers; with AVX-512's 32 vector registers this is the faster batch form (it needs 32
+# broadcast activations live, so on AVX2's 16 registers it drops to 128-bit vectors).
 
 
-def _mv_q40(qs, d, m, x, xq, xd, xs, out):
-    # W q40 (rows, cols) @ x (1, cols) -> out (1, rows): value = (q - 8) * d; m unused
+def _sweep_q40(qs, d, m, x, xq, xd, xs, out):
+    # W q40 (rows, cols) @ x (n, cols) -> out (n, rows): value = (q - 8) * d; m unused
     quantize_act(x, xq, xd, xs)
     ntiles, nb = qs.shape[0], qs.shape[1]
     T = 64  # TILE, as a literal: the row loop becomes whole vector registers
+    n = x.shape[0]
     for t in prange(ntiles):
-        acc = np.zeros((1, T), np.float32)
+        acc = np.zeros((n, T), np.float32)
         lo = np.empty(T, np.int16)
         hi = np.empty(T, np.int16)
         for b in range(nb):
-            lo[:] = 0
-            hi[:] = 0
-            for j in range(16):
-                xl = np.int16(xq[0, b * 32 + j])
-                xh = np.int16(xq[0, b * 32 + 16 + j])
+            for i in range(n):
+                lo[:] = 0
+                hi[:] = 0
+                for j in range(16):
+                    xl = np.int16(xq[i, b * 32 + j])
+                    xh = np.int16(xq[i, b * 32 + 16 + j])
+                    for r in range(T):
+                        q = qs[t, b, j, r]
+                        lo[r] = np.int16(lo[r] + np.int16(q & np.uint8(15)) * xl)
+                        hi[r] = np.int16(hi[r] + np.int16(q >> np.uint8(4)) * xh)
+                dx = xd[i, b]
+                c = np.float32(8.0) * xs[i, b]
                 for r in range(T):
-                    q = qs[t, b, j, r]
-                    lo[r] = np.int16(lo[r] + np.int16(q & np.uint8(15)) * xl)
-                    hi[r] = np.int16(hi[r] + np.int16(q >> np.uint8(4)) * xh)
-            dx = xd[0, b]
-            c = np.float32(8.0) * xs[0, b]
-            for r in range(T):
-                acc[0, r] += f16_to_f32(d[t, b, r]) * (dx * np.float32(np.int32(lo[r]) + np.int32(hi[r])) - c)
+                    isum = np.float32(np.int32(np.int32(lo[r]) + np.int32(hi[r])))
+                    acc[i, r] += f16_to_f32(d[t, b, r]) * (dx * isum - c)
         _store(acc, out, t * T)
 
 
-def _mv_q41(qs, d, m, x, xq, xd, xs, out):
-    # W q41 (rows, cols) @ x (1, cols) -> out (1, rows): value = q * d + m
+def _sweep_q41(qs, d, m, x, xq, xd, xs, out):
+    # W q41 (rows, cols) @ x (n, cols) -> out (n, rows): value = q * d + m
     quantize_act(x, xq, xd, xs)
     ntiles, nb = qs.shape[0], qs.shape[1]
     T = 64
+    n = x.shape[0]
     for t in prange(ntiles):
-        acc = np.zeros((1, T), np.float32)
+        acc = np.zeros((n, T), np.float32)
         lo = np.empty(T, np.int16)
         hi = np.empty(T, np.int16)
         for b in range(nb):
-            lo[:] = 0
-            hi[:] = 0
-            for j in range(16):
-                xl = np.int16(xq[0, b * 32 + j])
-                xh = np.int16(xq[0, b * 32 + 16 + j])
+            for i in range(n):
+                lo[:] = 0
+                hi[:] = 0
+                for j in range(16):
+                    xl = np.int16(xq[i, b * 32 + j])
+                    xh = np.int16(xq[i, b * 32 + 16 + j])
+                    for r in range(T):
+                        q = qs[t, b, j, r]
+                        lo[r] = np.int16(lo[r] + np.int16(q & np.uint8(15)) * xl)
+                        hi[r] = np.int16(hi[r] + np.int16(q >> np.uint8(4)) * xh)
+                dx = xd[i, b]
+                sx = xs[i, b]
                 for r in range(T):
-                    q = qs[t, b, j, r]
-                    lo[r] = np.int16(lo[r] + np.int16(q & np.uint8(15)) * xl)
-                    hi[r] = np.int16(hi[r] + np.int16(q >> np.uint8(4)) * xh)
-            dx = xd[0, b]
-            sx = xs[0, b]
-            for r in range(T):
-                isum = np.float32(np.int32(lo[r]) + np.int32(hi[r]))
-                acc[0, r] += f16_to_f32(d[t, b, r]) * dx * isum + f16_to_f32(m[t, b, r]) * sx
+                    isum = np.float32(np.int32(np.int32(lo[r]) + np.int32(hi[r])))
+                    acc[i, r] += f16_to_f32(d[t, b, r]) * dx * isum + f16_to_f32(m[t, b, r]) * sx
         _store(acc, out, t * T)
 
 
-def _mv_q80(qs, d, m, x, xq, xd, xs, out):
-    # W q80 (rows, cols) @ x (1, cols) -> out (1, rows): value = q * d; m unused
+def _sweep_q80(qs, d, m, x, xq, xd, xs, out):
+    # W q80 (rows, cols) @ x (n, cols) -> out (n, rows): value = q * d; m unused
     quantize_act(x, xq, xd, xs)
     ntiles, nb = qs.shape[0], qs.shape[1]
     T = 64
+    n = x.shape[0]
     for t in prange(ntiles):
-        acc = np.zeros((1, T), np.float32)
+        acc = np.zeros((n, T), np.float32)
         s = np.empty(T, np.int32)
         for b in range(nb):
-            s[:] = 0
-            for j in range(0, 32, 2):
-                x0 = np.int16(xq[0, b * 32 + j])
-                x1 = np.int16(xq[0, b * 32 + j + 1])
+            for i in range(n):
+                s[:] = 0
+                for j in range(0, 32, 2):
+                    x0 = np.int16(xq[i, b * 32 + j])
+                    x1 = np.int16(xq[i, b * 32 + j + 1])
+                    for r in range(T):
+                        # two int8 products fit int16: |q| <= 128, |xq| <= 127
+                        p = np.int16(np.int16(qs[t, b, j, r]) * x0 + np.int16(qs[t, b, j + 1, r]) * x1)
+                        s[r] = np.int32(s[r] + np.int32(p))
+                dx = xd[i, b]
                 for r in range(T):
-                    # two int8 products fit int16: |q| <= 128, |xq| <= 127
-                    p = np.int16(np.int16(qs[t, b, j, r]) * x0 + np.int16(qs[t, b, j + 1, r]) * x1)
-                    s[r] = np.int32(s[r] + np.int32(p))
-            dx = xd[0, b]
-            for r in range(T):
-                acc[0, r] += f16_to_f32(d[t, b, r]) * dx * np.float32(s[r])
+                    acc[i, r] += f16_to_f32(d[t, b, r]) * dx * np.float32(s[r])
         _store(acc, out, t * T)
 
 
@@ -135,7 +143,7 @@ def _nibble_sums(qs, t, b, xv, isum):
         isum[r] = np.int32(lo) + np.int32(hi)
 
 
-def _mm_q4(qs, d, m, x, xq, xd, xs, out):
+def _regs_q4(qs, d, m, x, xq, xd, xs, out):
     # W q40 or q41 (rows, cols) @ x (n, cols) -> out (n, rows). A q41 matrix brings its m
     # (value = q * d + m); q40 brings an empty m (value = (q - 8) * d).
     quantize_act(x, xq, xd, xs)
@@ -165,7 +173,7 @@ def _mm_q4(qs, d, m, x, xq, xd, xs, out):
         _store(acc, out, t * T)
 
 
-def _mm_q80(qs, d, m, x, xq, xd, xs, out):
+def _regs_q80(qs, d, m, x, xq, xd, xs, out):
     # W q80 (rows, cols) @ x (n, cols) -> out (n, rows): value = q * d; m unused
     quantize_act(x, xq, xd, xs)
     ntiles, nb = qs.shape[0], qs.shape[1]
@@ -257,10 +265,22 @@ def _variants(fn):
             njit(nogil=True, cache=True, parallel=True)(fn))
 
 
+def _wide_vectors():
+    """Whether numba compiles for AVX-512 (32 vector registers): picks the batch kernel form."""
+    import numba
+    from llvmlite import binding
+
+    features = numba.config.CPU_FEATURES or binding.get_host_cpu_features().flatten()
+    return "+avx512bw" in features.split(",")
+
+
 # per type: (matrix-vector, matrix-matrix) x (serial, parallel)
-_Q4 = _variants(_mm_q4)
-_KERNELS = {"q40": (_variants(_mv_q40), _Q4), "q41": (_variants(_mv_q41), _Q4),
-            "q80": (_variants(_mv_q80), _variants(_mm_q80)),
+_SWEEP = {q: _variants(fn) for q, fn in (("q40", _sweep_q40), ("q41", _sweep_q41), ("q80", _sweep_q80))}
+_REGS_Q4 = _variants(_regs_q4)  # compiled on first use only
+_REGS = {"q40": _REGS_Q4, "q41": _REGS_Q4, "q80": _variants(_regs_q80)}
+_BATCH = _REGS if _wide_vectors() else _SWEEP
+_KERNELS = {"q40": (_SWEEP["q40"], _BATCH["q40"]), "q41": (_SWEEP["q41"], _BATCH["q41"]),
+            "q80": (_SWEEP["q80"], _BATCH["q80"]),
             "f16": _variants(_mm_f16), "q40_f32": _variants(_mm_q40_f32)}
 
 

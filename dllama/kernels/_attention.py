@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from dllama.kernels import _threads
-from dllama.kernels.matmul import _renamed
+from dllama.kernels._matmul import _renamed
 from dllama.kernels.ops import expf
 
 
