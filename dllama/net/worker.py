@@ -40,8 +40,10 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s dllama worker: %(message)s")
     if args.nthreads < 1:
         raise DllamaError(f"--nthreads must be at least 1, got {args.nthreads}")
-    warm_kernels(args.nthreads)
+    # bind first, so that a port in use fails at once; roots that connect while the kernels warm up wait
+    # in the listen backlog
     worker = Worker(args.host, args.port, warm=warm_kernels, nthreads=args.nthreads)
+    warm_kernels(args.nthreads)
     worker.serve_forever()
     return 0
 
@@ -98,7 +100,8 @@ class Worker:
         try:
             self.listener = socket.create_server((host, port), reuse_port=False)
         except OSError as exc:
-            raise DllamaError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            reason = (exc.strerror or str(exc)).split(" (while attempting")[0]
+            raise DllamaError(f"cannot listen on {host}:{port}: {reason}") from None
         self.address = "%s:%d" % self.listener.getsockname()[:2]
         self._lock = threading.Lock()
         self._state = "idle"           # idle | loading | serving

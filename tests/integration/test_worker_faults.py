@@ -112,3 +112,15 @@ def test_bad_configuration_refused_with_reason_and_still_serving(start_workers, 
     assert isinstance(msgs[0], P.HelloAck) and reason in _refusal(msgs[1:])
     assert _logged(w, reason)
     assert w.wait_idle()["state"] == "idle" and w.proc.poll() is None
+
+
+def test_port_in_use_is_a_one_line_error():
+    import subprocess
+    import sys
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr == f"dllama: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
