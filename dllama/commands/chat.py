@@ -12,7 +12,7 @@ REPLY_RESERVE = 16  # a turn starts only if at least this many positions are lef
 def add_arguments(p) -> None:
     add_model_arguments(p)
     p.add_argument("--system", default=None, help="system prompt (asked for interactively when omitted on a TTY)")
-    p.add_argument("--chat-template", choices=("llama2", "llama3", "chatml"), default=None,
+    p.add_argument("--chat-template", choices=("llama2", "llama3", "chatml", "deepseek3", "deepSeek3"), default=None,
                    help="use this built-in template instead of the model's own")
     p.add_argument("--max-tokens", type=int, default=None, help="limit on the length of one reply")
 
@@ -34,10 +34,11 @@ def run(args) -> int:
 
 
 def _loop(engine, args, sampler) -> int:
-    from dllama.chat import StopDetector
+    from dllama.chat import ChatTemplate, StopDetector
     from dllama.tokenizer import StreamDecoder
 
-    chat = engine.chat if args.chat_template is None else engine.chat.with_builtin(args.chat_template)
+    tok = engine.tokenizer
+    chat = engine.chat if args.chat_template is None else ChatTemplate.for_tokenizer(tok, builtin=args.chat_template)
     tty = sys.stdin.isatty()
     system = args.system
     if system is None and tty:
@@ -53,13 +54,13 @@ def _loop(engine, args, sampler) -> int:
         if not user.strip():
             continue
         history.append({"role": "user", "content": user})
-        ids = engine.tokenizer.encode(chat.render(history, add_generation_prompt=True))
+        ids = chat.prompt_ids(tok, history)
         if len(ids) + REPLY_RESERVE > engine.seq_len:
             print(f"\n(the context is full: this chat needs {len(ids)} of {engine.seq_len} tokens; "
                   "starting a new chat with the same system prompt)", file=sys.stderr)
             history = history[:1] if system else []
             history.append({"role": "user", "content": user})
-            ids = engine.tokenizer.encode(chat.render(history, add_generation_prompt=True))
+            ids = chat.prompt_ids(tok, history)
             if len(ids) + REPLY_RESERVE > engine.seq_len:
                 print("(this message alone does not fit the context)", file=sys.stderr)
                 history.pop()
@@ -69,14 +70,14 @@ def _loop(engine, args, sampler) -> int:
         budget = engine.seq_len - len(ids)
         if args.max_tokens:
             budget = min(budget, args.max_tokens)
-        decoder, stop = StreamDecoder(engine.tokenizer), StopDetector([], engine.tokenizer.eos_ids)
+        decoder, stop = StreamDecoder(tok), StopDetector([], tok.eos_ids)
         reply_ids = []
         for t in engine.generate(ids, budget, sampler):
-            if t in engine.tokenizer.eos_ids:
+            sys.stdout.write(stop.feed(decoder.feed(t), t))
+            sys.stdout.flush()
+            if stop.stopped:
                 break
             reply_ids.append(t)
-            sys.stdout.write(stop.feed(decoder.feed(t)))
-            sys.stdout.flush()
         sys.stdout.write(stop.flush() + "\n")
         sys.stdout.flush()
-        history.append({"role": "assistant", "content": engine.tokenizer.decode(reply_ids)})
+        history.append({"role": "assistant", "content": tok.decode(reply_ids)})
