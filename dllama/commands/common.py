@@ -54,7 +54,7 @@ def kernels_cached() -> bool:
     kernels = Path(dllama.__file__).parent / "kernels"
     root = os.environ.get("NUMBA_CACHE_DIR")
     places = [Path(root)] if root else [kernels / "__pycache__"]
-    return any(next(p.rglob("matmul*.nbi"), None) for p in places if p.is_dir())
+    return any(next(p.rglob("*matmul*.nbi"), None) for p in places if p.is_dir())
 
 
 def make_sampler(args):
