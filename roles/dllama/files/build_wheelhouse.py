@@ -2,12 +2,15 @@
 """Build the dllama wheel and gather its dependencies' wheels for one kind of host (run on the controller).
 
     build_wheelhouse.py --source REPO --out DIR --python-version 3.11 --platform manylinux_2_17_aarch64 ...
+    build_wheelhouse.py --pack-only --out DIR
+
 
 The hosts reach no package index, so everything they install comes from DIR. The wheel is built
 reproducibly (SOURCE_DATE_EPOCH) from a copy of the sources, so an unchanged tree gives a byte-identical
 wheel and Ansible's copy reports no change. Dependencies are taken from DIR when it already has them
-(offline), otherwise downloaded. Prints one JSON line: {"wheel": name, "changed": bool}. Exit 1 with a
-one-line message on stderr when something fails.
+(offline), otherwise downloaded. Finally the wheels are packed into DIR.tar, byte-identical for the same
+wheels, so a host receives one file (copying a directory costs Ansible a round trip per file). Prints one
+JSON line: {"wheel": name, "changed": bool}; exit 1 with a one-line message on stderr on failure.
 """
 
 from __future__ import annotations
@@ -84,13 +87,48 @@ def download_dependencies(wheel: str, out: str, python_version: str, platforms: 
         raise SystemExit(f"downloading dependency wheels for Python {python_version} {platforms} failed: {last}")
 
 
+def pack(out: str) -> bool:
+    """Write out + ".tar" from the wheels in out, reproducibly; returns whether its bytes changed."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in sorted(os.listdir(out)):
+            if not name.endswith(".whl"):
+                continue
+            info = tar.gettarinfo(os.path.join(out, name), arcname=name)
+            info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
+            with open(os.path.join(out, name), "rb") as f:
+                tar.addfile(info, f)
+    data = buf.getvalue()
+    dest = out.rstrip("/") + ".tar"
+    if os.path.exists(dest) and os.path.getsize(dest) == len(data):
+        with open(dest, "rb") as f:
+            if f.read() == data:
+                return False
+    with open(dest + ".part", "wb") as f:
+        f.write(data)
+    os.replace(dest + ".part", dest)
+    return True
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--source", required=True, help="the dllama source tree (has pyproject.toml)")
+    ap.add_argument("--source", help="the dllama source tree (has pyproject.toml)")
     ap.add_argument("--out", required=True, help="wheelhouse directory for one kind of host")
-    ap.add_argument("--python-version", required=True, help="the hosts' Python, e.g. 3.11")
-    ap.add_argument("--platform", action="append", required=True, help="wheel platform tag (repeatable)")
+    ap.add_argument("--python-version", help="the hosts' Python, e.g. 3.11")
+    ap.add_argument("--platform", action="append", help="wheel platform tag (repeatable)")
+    ap.add_argument("--pack-only", action="store_true", help="only pack the wheels already in --out")
     args = ap.parse_args()
+    if args.pack_only:
+        wheels = glob.glob(os.path.join(args.out, "dllama-*.whl"))
+        if len(wheels) != 1:
+            raise SystemExit(f"{args.out}: expected one dllama wheel, found {len(wheels)}")
+        print(json.dumps({"wheel": os.path.basename(wheels[0]), "changed": pack(args.out)}))
+        return 0
+    if not (args.source and args.python_version and args.platform):
+        raise SystemExit("--source, --python-version and --platform are needed unless --pack-only")
     if not os.path.isfile(os.path.join(args.source, "pyproject.toml")):
         raise SystemExit(f"--source {args.source}: no pyproject.toml there")
     os.makedirs(args.out, exist_ok=True)
@@ -99,6 +137,7 @@ def main() -> int:
         changed = place(wheel, args.out)
     name = os.path.basename(wheel)
     download_dependencies(os.path.join(args.out, name), args.out, args.python_version, args.platform)
+    changed = pack(args.out) or changed
     print(json.dumps({"wheel": name, "changed": changed}))
     return 0
 

@@ -1,0 +1,189 @@
+"""The cluster described by an Ansible inventory: one root, workers in inventory order.
+
+Read through `ansible-inventory --list` when Ansible is installed (YAML or INI, group_vars, host_vars),
+otherwise straight from a YAML inventory. The variables are the roles' (docs/deploy.md), with the roles'
+defaults; values must be literal (Jinja expressions in an inventory are not evaluated here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+from dllama.errors import DllamaError
+
+ROOT_GROUP, WORKER_GROUP = "dllama_root", "dllama_workers"
+
+
+@dataclass
+class Node:
+    name: str
+    address: str                 # on the cluster network: what the root connects to
+    ssh_host: str                # what SSH connects to (ansible_host)
+    ssh_user: str | None = None
+    ssh_port: int = 22
+    ssh_key: str | None = None
+    local: bool = False          # ansible_connection: local -> run on this machine, no SSH
+    port: int = 9999             # the worker's port
+    threads: int = 1
+    install_dir: str = "/opt/dllama"
+    venv: str = ""
+    numba_cache_dir: str = ""
+    service: str = "dllama-worker"
+    state_dir: str = "~/.dllama"  # pid and log files of detached processes
+    vars: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.address}:{self.port}"
+
+
+@dataclass
+class Cluster:
+    root: Node
+    workers: list[Node]
+    model: str = ""
+    tokenizer: str = ""
+    root_threads: int = 1
+    buffer_float_type: str = "q80"
+    max_seq_len: int | None = None
+    api_host: str = "0.0.0.0"
+    api_port: int = 9990
+
+    @property
+    def nodes(self) -> list[Node]:
+        return [self.root, *self.workers]
+
+
+def _int(value, name: str, host: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DllamaError(f"{name} of {host} is {value!r}, not a number") from None
+
+
+def make_node(name: str, v: dict) -> Node:
+    install_dir = v.get("dllama_install_dir", "/opt/dllama")
+    local = v.get("ansible_connection") == "local"
+    address = v.get("dllama_address") or ("127.0.0.1" if local else None)
+    if not address:
+        raise DllamaError(f"dllama_address is not set for {name}")
+    port = _int(v.get("dllama_worker_port", 9999), "dllama_worker_port", name)
+    if not 0 < port < 65536:
+        raise DllamaError(f"dllama_worker_port of {name} is {port}, not a port in 1-65535")
+    return Node(
+        name=name, address=str(address), ssh_host=str(v.get("ansible_host", name)),
+        ssh_user=v.get("ansible_user"), ssh_port=_int(v.get("ansible_port", 22), "ansible_port", name),
+        ssh_key=v.get("ansible_ssh_private_key_file") or v.get("ansible_private_key_file"), local=local,
+        port=port, threads=_int(v.get("dllama_worker_threads", 1), "dllama_worker_threads", name),
+        install_dir=install_dir, venv=v.get("dllama_venv", f"{install_dir}/venv"),
+        numba_cache_dir=v.get("dllama_numba_cache_dir", f"{install_dir}/numba-cache"),
+        service=v.get("dllama_worker_service", "dllama-worker"),
+        state_dir=v.get("dllama_cluster_state_dir", "~/.dllama"), vars=v,
+    )
+
+
+def make_cluster(groups: dict[str, list[str]], hostvars: dict[str, dict], source: str) -> Cluster:
+    roots = groups.get(ROOT_GROUP, [])
+    if len(roots) != 1:
+        raise DllamaError(f"{source}: group {ROOT_GROUP} must hold exactly one host, it holds {len(roots)}")
+    root = make_node(roots[0], hostvars.get(roots[0], {}))
+    workers = [make_node(h, hostvars.get(h, {})) for h in groups.get(WORKER_GROUP, [])]
+    seen: dict[tuple, str] = {}
+    for n in [root, *workers]:
+        key = (n.address, n.port)
+        if key in seen and n is not root:
+            raise DllamaError(f"dllama_address {n.address} port {n.port} is set for both {seen[key]} and {n.name}")
+        seen[key] = n.name
+    rv = hostvars.get(roots[0], {})
+    max_seq = rv.get("dllama_root_max_seq_len")
+    return Cluster(
+        root=root, workers=workers, model=str(rv.get("dllama_root_model", "")),
+        tokenizer=str(rv.get("dllama_root_tokenizer", "") or ""),
+        root_threads=_int(rv.get("dllama_root_threads", 1), "dllama_root_threads", root.name),
+        buffer_float_type=rv.get("dllama_root_buffer_float_type", "q80"),
+        max_seq_len=_int(max_seq, "dllama_root_max_seq_len", root.name) if max_seq else None,
+        api_host=rv.get("dllama_root_api_host", "0.0.0.0"),
+        api_port=_int(rv.get("dllama_root_api_port", 9990), "dllama_root_api_port", root.name),
+    )
+
+
+def read_inventory(path: str) -> Cluster:
+    """The cluster an inventory file describes. Raises DllamaError naming the file or variable."""
+    if not os.path.exists(path):
+        raise DllamaError(f"inventory not found: {path}")
+    tool = shutil.which("ansible-inventory")
+    if tool:
+        groups, hostvars = _via_ansible(tool, path)
+    else:
+        groups, hostvars = _via_yaml(path)
+    return make_cluster(groups, hostvars, path)
+
+
+def _via_ansible(tool: str, path: str) -> tuple[dict, dict]:
+    r = subprocess.run([tool, "-i", path, "--list"], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["?"])[-1]
+        raise DllamaError(f"ansible-inventory cannot read {path}: {last}")
+    data = json.loads(r.stdout)
+    hostvars = data.get("_meta", {}).get("hostvars", {})
+
+    def hosts_of(group: str) -> list[str]:
+        g = data.get(group, {})
+        out = list(g.get("hosts", []))
+        for child in g.get("children", []):
+            out += [h for h in hosts_of(child) if h not in out]
+        return out
+
+    return {ROOT_GROUP: hosts_of(ROOT_GROUP), WORKER_GROUP: hosts_of(WORKER_GROUP)}, hostvars
+
+
+def _via_yaml(path: str) -> tuple[dict, dict]:
+    """A YAML inventory without Ansible: all.vars < group vars < host vars, groups in file order."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        raise DllamaError(f"{path} is not a YAML inventory: {exc}") from None
+    groups: dict[str, list[str]] = {}
+    hostvars: dict[str, dict] = {}
+
+    def walk(name: str, group: dict, inherited: dict) -> list[str]:
+        group = group or {}
+        gvars = {**inherited, **(group.get("vars") or {})}
+        members = []
+        for host, hvars in (group.get("hosts") or {}).items():
+            hostvars[host] = {**gvars, **hostvars.get(host, {}), **(hvars or {})}
+            members.append(host)
+        for child, cgroup in (group.get("children") or {}).items():
+            members += [h for h in walk(child, cgroup, gvars) if h not in members]
+        groups[name] = members
+        return members
+
+    for name, group in data.items():
+        walk(name, group, {})
+    return groups, hostvars
+
+
+def from_hosts(items: list[str], model: str = "", threads: int = 1) -> Cluster:
+    """`--hosts ROOT WORKER...` without an inventory: [user@]host[:port] each, SSH as configured."""
+    nodes = []
+    for i, item in enumerate(items):
+        user, _, rest = item.rpartition("@")
+        host, sep, port = rest.partition(":")
+        if sep and not port.isdigit():
+            raise DllamaError(f"--hosts: {item!r} is not [USER@]HOST[:PORT]")
+        local = host in ("localhost", "127.0.0.1")
+        v = {"ansible_host": host, "dllama_address": host, "dllama_worker_port": int(port) if sep else 9999,
+             "dllama_worker_threads": threads, "ansible_connection": "local" if local else "ssh"}
+        if user:
+            v["ansible_user"] = user
+        nodes.append(make_node(f"{host}:{port}" if sep else host, v))
+    if not nodes:
+        raise DllamaError("--hosts needs at least the root")
+    return Cluster(root=nodes[0], workers=nodes[1:], model=model, root_threads=threads)

@@ -1,0 +1,156 @@
+"""What `dllama cluster` does on one node: learn its state, start and stop a worker, probe workers.
+
+A worker runs through its systemd unit where the Ansible role installed one and systemd is running;
+otherwise as a detached process with a pid file and a log file in the node's state directory:
+
+    nohup setsid PYTHON -m dllama worker ... >STATE/NAME.log 2>&1 </dev/null & echo $! > STATE/NAME.pid
+
+Only that simple command carries the `&` (a compound one keeps the SSH channel open), and readiness is
+judged by the pid the worker reports in its handshake, not by "something listens on the port".
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from dataclasses import dataclass
+
+from dllama.cluster.inventory import Node
+from dllama.errors import DllamaError
+
+
+def state_path(node: Node, name: str) -> str:
+    """A path in the node's state directory, quoted for the node's shell ("~/" becomes "$HOME/")."""
+    path = node.state_dir.rstrip("/") + ("/" + name if name else "")
+    if path == "~" or path.startswith("~/"):
+        if any(c in path for c in '"$`\\'):
+            raise DllamaError(f"dllama_cluster_state_dir of {node.name} has shell special characters: {path}")
+        return '"$HOME' + path[1:] + '"'
+    return shlex.quote(path)
+
+
+@dataclass
+class Facts:
+    reachable: bool
+    error: str = ""
+    root_user: bool = False
+    systemd_unit: bool = False   # systemd is PID 1 and the role's unit is installed
+    python: str = ""             # the interpreter that has dllama on this node
+    cache_writable: bool = False
+    mem_free_mb: int | None = None
+    load: str = ""
+
+
+def python_of(node: Node) -> str:
+    return sys.executable if node.local else f"{node.venv}/bin/python"
+
+
+def gather(runner, node: Node, timeout: float = 20) -> Facts:
+    py = python_of(node)
+    unit = f"/etc/systemd/system/{node.service}.service"
+    script = "; ".join([
+        "id -u",
+        f"if test -d /run/systemd/system && test -f {shlex.quote(unit)}; then echo unit; else echo nounit; fi",
+        f"if test -x {shlex.quote(py)}; then echo py; else echo nopy; fi",
+        f"if test -w {shlex.quote(node.numba_cache_dir)}; then echo cache; else echo nocache; fi",
+        "awk '/^MemAvailable:/ {print int($2/1024)}' /proc/meminfo",
+        "cut -d' ' -f1-3 /proc/loadavg",
+    ])
+    r = runner.run(script, timeout=timeout)
+    if not r.ok:
+        return Facts(False, error=(r.err.strip() or f"exit status {r.rc}").splitlines()[-1])
+    lines = r.out.strip().splitlines()
+    if len(lines) < 6:
+        return Facts(False, error=f"unexpected answer: {r.out.strip()[:200]}")
+    return Facts(True, root_user=lines[0] == "0", systemd_unit=lines[1] == "unit",
+                 python=py if lines[2] == "py" else "", cache_writable=lines[3] == "cache",
+                 mem_free_mb=int(lines[4]) if lines[4].isdigit() else None, load=lines[5])
+
+
+def worker_command(node: Node, facts: Facts) -> str:
+    args = [facts.python, "-m", "dllama", "worker", "--host", "0.0.0.0", "--port", str(node.port),
+            "--nthreads", str(node.threads)]
+    env = f"NUMBA_CACHE_DIR={shlex.quote(node.numba_cache_dir)} " if facts.cache_writable else ""
+    return env + " ".join(shlex.quote(a) for a in args)
+
+
+def start_detached(runner, node: Node, command: str, name: str) -> tuple[int | None, str]:
+    """Start `command` detached on the node; returns (pid, error)."""
+    mk = runner.run(f"mkdir -p {state_path(node, '')}", timeout=20)
+    if not mk.ok:
+        return None, mk.err.strip()
+    log, pidfile = state_path(node, f"{name}.log"), state_path(node, f"{name}.pid")
+    r = runner.run(f"nohup setsid {command} >{log} 2>&1 </dev/null & echo $! > {pidfile}", timeout=20)
+    if not r.ok:
+        return None, r.err.strip()
+    return read_pid(runner, node, name), ""
+
+
+def read_pid(runner, node: Node, name: str) -> int | None:
+    r = runner.run(f"cat {state_path(node, name + '.pid')} 2>/dev/null", timeout=20)
+    text = r.out.strip()
+    return int(text) if r.ok and text.isdigit() else None
+
+
+def alive(runner, pid: int) -> bool:
+    """The pid is a live dllama process (not a recycled pid of something else)."""
+    r = runner.run(f"tr '\\0' ' ' < /proc/{int(pid)}/cmdline", timeout=20)
+    return r.ok and "dllama" in r.out
+
+
+def stop_detached(runner, node: Node, name: str) -> str:
+    """Stop the detached process `name` (TERM, then KILL after 5 s); idempotent. Returns what happened."""
+    pid = read_pid(runner, node, name)
+    pidfile = state_path(node, f"{name}.pid")
+    if pid is None or not alive(runner, pid):
+        runner.run(f"rm -f {pidfile}", timeout=20)
+        return "not running"
+    # setsid made the process a group leader: the group takes any children with it.
+    runner.run(f"kill -TERM -- -{pid} 2>/dev/null || kill -TERM {pid}; "
+               f"for i in $(seq 50); do kill -0 {pid} 2>/dev/null || break; sleep 0.1; done; "
+               f"kill -KILL -- -{pid} 2>/dev/null; rm -f {pidfile}", timeout=30)
+    return f"stopped (pid {pid})"
+
+
+def sudo(facts: Facts) -> str:
+    return "" if facts.root_user else "sudo -n "
+
+
+PROBE_SCRIPT = """
+import json, sys
+from dllama.net import probe
+out = {}
+for ep in json.loads(sys.argv[1]):
+    host, _, port = ep.rpartition(":")
+    try:
+        out[ep] = probe(host, int(port), float(sys.argv[2]))
+    except Exception as exc:
+        out[ep] = {"error": str(exc)}
+print(json.dumps(out))
+"""
+
+
+def probe_all(root_runner, root: Node, python: str, endpoints: list[str], timeout: float = 3.0) -> dict:
+    """Ask every worker for its handshake from the root node (the root is who must reach them).
+
+    Returns {endpoint: info dict or {"error": message}}."""
+    if not endpoints:
+        return {}
+    if root.local:
+        from dllama.net import probe
+
+        out = {}
+        for ep in endpoints:
+            host, _, port = ep.rpartition(":")
+            try:
+                out[ep] = probe(host, int(port), timeout)
+            except Exception as exc:
+                out[ep] = {"error": str(exc)}
+        return out
+    cmd = " ".join(shlex.quote(a) for a in [python, "-c", PROBE_SCRIPT, json.dumps(endpoints), str(timeout)])
+    r = root_runner.run(cmd, timeout=timeout * len(endpoints) + 30)
+    if not r.ok:
+        msg = (r.err.strip().splitlines() or [f"exit status {r.rc}"])[-1]
+        return {ep: {"error": f"probe from {root.name} failed: {msg}"} for ep in endpoints}
+    return json.loads(r.out.strip().splitlines()[-1])

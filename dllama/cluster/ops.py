@@ -1,0 +1,226 @@
+"""`dllama cluster up|down|status|logs`: the whole cluster from its inventory, in parallel over SSH."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from dllama.cluster import nodes as N
+from dllama.cluster.inventory import Cluster, Node
+from dllama.cluster.remote import runner_for
+from dllama.errors import DllamaError
+
+POWERS = [2 ** i for i in range(11)]
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Session:
+    """One runner per node, facts gathered in parallel; closed at the end."""
+
+    def __init__(self, cluster: Cluster, connect_timeout: float = 10):
+        self.cluster = cluster
+        self.runners = {n.name: runner_for(n, connect_timeout) for n in cluster.nodes}
+        self.facts: dict[str, N.Facts] = {}
+
+    def parallel(self, fn, nodes: list[Node]) -> list:
+        with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+            return list(pool.map(fn, nodes))
+
+    def gather(self, timeout: float) -> None:
+        nodes = self.cluster.nodes
+        for node, facts in zip(nodes, self.parallel(lambda n: N.gather(self.runners[n.name], n, timeout), nodes)):
+            self.facts[node.name] = facts
+
+    def root_python(self) -> str:
+        return self.facts[self.cluster.root.name].python or N.python_of(self.cluster.root)
+
+    def probe(self, workers: list[Node]) -> dict:
+        root = self.cluster.root
+        return N.probe_all(self.runners[root.name], root, self.root_python(), [w.endpoint for w in workers])
+
+    def close(self) -> None:
+        for r in self.runners.values():
+            r.close()
+
+
+def check_node_count(cluster: Cluster) -> None:
+    n = len(cluster.nodes)
+    if n not in POWERS:
+        low = max(p for p in POWERS if p < n)
+        raise DllamaError(f"1 root + {n - 1} workers = {n} nodes, but the node count must be a power of two: "
+                          f"use {low - 1} or {2 * low - 1} workers")
+
+
+def check_model(s: Session, n_nodes: int) -> None:
+    """The model is on the root and splits over n_nodes (the partition rules, run where the model is)."""
+    c = s.cluster
+    if not c.model:
+        raise DllamaError(f"no model for the root {c.root.name}: set dllama_root_model in the inventory")
+    code = ("import sys; from dllama.formats.loader import load_model; from dllama.model.partition import partition; "
+            "from dllama.errors import DllamaError\ntry:\n    partition(load_model(sys.argv[1]).spec, int(sys.argv[2]))\n"
+            "except DllamaError as e:\n    print(e); sys.exit(3)")
+    cmd = " ".join(shlex.quote(a) for a in [s.root_python(), "-c", code, c.model, str(n_nodes)])
+    r = s.runners[c.root.name].run(cmd, timeout=120)
+    if r.rc == 3:
+        raise DllamaError(f"{c.model} on {c.root.name}: {r.out.strip()}")
+    if not r.ok:
+        raise DllamaError(f"cannot check the model on {c.root.name}: {(r.err.strip().splitlines() or ['?'])[-1]}")
+
+
+def port_in_use(s: Session, node: Node) -> bool:
+    r = s.runners[node.name].run(f"ss -Htln 'sport = :{node.port}'", timeout=20)
+    return r.ok and bool(r.out.strip())
+
+
+def start_worker(s: Session, node: Node) -> int | None:
+    """Start one worker; returns the pid it must report (None when systemd runs it)."""
+    facts, runner = s.facts[node.name], s.runners[node.name]
+    if facts.systemd_unit:
+        say(f"{node.name}: starting {node.service} (systemd)")
+        r = runner.run(f"{N.sudo(facts)}systemctl start {shlex.quote(node.service)}", timeout=60)
+        if not r.ok:
+            raise DllamaError(f"{node.name}: systemctl start {node.service} failed: {r.err.strip()}")
+        return None
+    say(f"{node.name}: starting worker on port {node.port}")
+    pid, err = N.start_detached(runner, node, N.worker_command(node, facts), node.name)
+    if pid is None:
+        raise DllamaError(f"{node.name}: could not start the worker: {err or 'no pid file'}")
+    return pid
+
+
+def wait_ready(s: Session, expected: dict[str, int | None], timeout: float) -> None:
+    """Until every worker answers the handshake (with the expected pid); names the ones that do not."""
+    pending = {w.name: w for w in s.cluster.workers if w.name in expected}
+    deadline = time.monotonic() + timeout
+    errors: dict[str, str] = {}
+    while pending:
+        answers = s.probe(list(pending.values()))
+        for name, node in list(pending.items()):
+            info = answers.get(node.endpoint, {})
+            pid = expected[name]
+            if "error" not in info and (pid is None or info.get("pid") == pid):
+                say(f"{name}: ready (pid {info.get('pid')}, dllama {info.get('version')})")
+                del pending[name]
+            elif pid is not None and not N.alive(s.runners[name], pid):
+                tail = s.runners[name].run(f"tail -n 5 {N.state_path(node, name + '.log')}").out.strip()
+                raise DllamaError(f"the worker on {name} exited: {tail.splitlines()[-1] if tail else 'no log'}")
+            else:
+                errors[name] = info.get("error", f"answers as pid {info.get('pid')}, expected {pid}")
+        if pending and time.monotonic() > deadline:
+            detail = "; ".join(f"{n}: {errors.get(n, '?')}" for n in pending)
+            raise DllamaError(f"workers not ready after {timeout:.0f} s: {detail}")
+        if pending:
+            say("waiting for " + ", ".join(pending))
+            time.sleep(1.0)
+
+
+def root_command(c: Cluster, python: str, run: str, extra: list[str]) -> list[str]:
+    args = [python, "-m", "dllama", run] if run != "api" else [
+        python, "-c", "import sys; from dllama.cli import main_api; sys.exit(main_api())",
+        "--host", c.api_host, "--port", str(c.api_port)]
+    args += ["--model", c.model, "--nthreads", str(c.root_threads), "--buffer-float-type", c.buffer_float_type]
+    if c.tokenizer:
+        args += ["--tokenizer", c.tokenizer]
+    if c.max_seq_len:
+        args += ["--max-seq-len", str(c.max_seq_len)]
+    if c.workers:
+        args += ["--workers", *(w.endpoint for w in c.workers)]
+    return args + list(extra)
+
+
+def up(c: Cluster, run: str = "none", extra: list[str] = (), timeout: float = 120, connect_timeout: float = 10) -> int:
+    """Validate, start the workers in parallel, wait for their handshakes, then run the root.
+
+    Raises DllamaError naming what is wrong before anything starts (node count, unreachable hosts, model,
+    busy ports); if a worker fails to come up, the workers started by this call are stopped again."""
+    check_node_count(c)
+    s = Session(c, connect_timeout)
+    started: list[Node] = []
+    try:
+        say(f"checking {len(c.nodes)} nodes: " + ", ".join(n.name for n in c.nodes))
+        s.gather(connect_timeout + 10)
+        down_nodes = [f"{n.name} ({s.facts[n.name].error})" for n in c.nodes if not s.facts[n.name].reachable]
+        if down_nodes:
+            raise DllamaError("unreachable: " + "; ".join(down_nodes) + "; nothing was started")
+        no_py = [n.name for n in c.nodes if not s.facts[n.name].python]
+        if no_py:
+            raise DllamaError(f"dllama is not installed on {', '.join(no_py)} (run playbooks/deploy.yml)")
+        if run != "none" or c.model:
+            check_model(s, len(c.nodes))
+        busy = [w for w in c.workers if port_in_use(s, w)]
+        answers = s.probe(busy)
+        foreign = [f"{w.name}:{w.port}" for w in busy if "error" in answers.get(w.endpoint, {"error": ""})]
+        if foreign:
+            raise DllamaError(f"port in use by something that is not a dllama worker: {', '.join(foreign)}")
+        for w in busy:
+            say(f"{w.name}: worker already running (pid {answers[w.endpoint].get('pid')})")
+        to_start = [w for w in c.workers if w not in busy]
+        expected = dict(zip([w.name for w in to_start], s.parallel(lambda w: start_worker(s, w), to_start)))
+        started = to_start
+        wait_ready(s, expected, timeout)
+        started = []  # ready: from here on they stay up whatever the root does
+        return run_root(s, run, list(extra))
+    finally:
+        if started:
+            say("stopping the workers started: " + ", ".join(w.name for w in started))
+            s.parallel(lambda w: stop_worker(s, w), started)
+        s.close()
+
+
+def run_root(s: Session, run: str, extra: list[str]) -> int:
+    c = s.cluster
+    argv = root_command(c, s.root_python(), run if run != "none" else "inference", extra)
+    line = " ".join(shlex.quote(a) for a in argv)
+    if run == "none":
+        say(f"workers ready. On {c.root.name}, run for example:\n  {line} --prompt 'Hello'")
+        return 0
+    if run == "api":
+        pid, err = N.start_detached(s.runners[c.root.name], c.root, line, "root-api")
+        if pid is None:
+            raise DllamaError(f"{c.root.name}: could not start the API: {err}")
+        say(f"{c.root.name}: API started (pid {pid}) on port {c.api_port}; log: dllama cluster logs")
+        return 0
+    say(f"{c.root.name}: running the root ({run})")
+    if c.root.local:
+        return subprocess.call(argv)
+    conn = s.runners[c.root.name].conn
+    r = conn.run(line, warn=True, pty=run == "chat", in_stream=None if run == "chat" else False)
+    return r.exited
+
+
+def stop_worker(s: Session, node: Node) -> str:
+    facts = s.facts.get(node.name)
+    runner = s.runners[node.name]
+    result = N.stop_detached(runner, node, node.name)
+    if facts is not None and facts.systemd_unit:
+        r = runner.run(f"{N.sudo(facts)}systemctl stop {shlex.quote(node.service)}", timeout=60)
+        result = "stopped (systemd)" if r.ok else f"systemctl stop failed: {r.err.strip()}"
+    return result
+
+
+def down(c: Cluster, connect_timeout: float = 10) -> int:
+    """Stop the root's API and every worker; idempotent. Exit 1 if a node could not be reached."""
+    s = Session(c, connect_timeout)
+    try:
+        s.gather(connect_timeout + 10)
+        failed = 0
+
+        def stop(node: Node) -> str:
+            if not s.facts[node.name].reachable:
+                return f"unreachable: {s.facts[node.name].error}"
+            if node is c.root:
+                return "API " + N.stop_detached(s.runners[node.name], node, "root-api")
+            return "worker " + stop_worker(s, node)
+
+        for node, result in zip(c.nodes, s.parallel(stop, c.nodes)):
+            say(f"{node.name}: {result}")
+            failed += result.startswith("unreachable")
+        return 1 if failed else 0
+    finally:
+        s.close()
