@@ -83,6 +83,57 @@ def dllama_run(model: Path, tok: Path, threads: int, steps: int, workers: list[s
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+ECHO_WORKER = r"""
+import socket, sys
+import numpy as np
+from dllama.net.exchange import WorkerCollective
+from dllama.net.transport import Connection, configure
+dim, n_layers, vocab_part, ftype, port = map(str, sys.argv[1:6])
+dim, n_layers, vocab_part, port = int(dim), int(n_layers), int(vocab_part), int(port)
+s = socket.create_connection(("127.0.0.1", port)); configure(s)
+coll = WorkerCollective(Connection(s, "root", None), 1, 2, dim, 1, vocab_part, ftype)
+x, part = np.zeros((1, dim), np.float32), np.zeros((1, vocab_part), np.float32)
+while coll.step() is not None:
+    for _ in range(2 * n_layers):
+        coll.broadcast(x); coll.reduce_sum(x)
+    coll.broadcast(x); coll.gather(part, None)
+"""
+
+
+def exchange_only_ms(ftype: str, dim=2048, n_layers=16, vocab=49152, tokens=200) -> float:
+    """The wire's share alone: a token's exchanges between two processes that compute nothing."""
+    import numpy as np
+
+    from dllama.model.partition import NodeSlice
+    from dllama.net.exchange import RootCollective
+    from dllama.net.transport import Connection, configure
+
+    half = vocab // 2
+    plan = [NodeSlice(i, 2, range(0), range(0), range(0), range(i * half, (i + 1) * half)) for i in range(2)]
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        echo = subprocess.Popen([sys.executable, "-c", ECHO_WORKER, str(dim), str(n_layers), str(half), ftype,
+                                 str(port)])
+        sock, _ = listener.accept()
+    configure(sock)
+    root = RootCollective([Connection(sock, "echo worker", 30)], plan, dim, 1, ftype)
+    x, y = np.random.default_rng(0).standard_normal((2, 1, dim), dtype=np.float32)
+    logits, part = np.zeros((1, vocab), np.float32), np.zeros((1, half), np.float32)
+    times = []
+    for i in range(tokens):
+        t0 = time.perf_counter()
+        root.step(1, np.array([i]))
+        for _ in range(2 * n_layers):
+            root.broadcast(x)
+            root.reduce_sum(y)
+        root.broadcast(x)
+        root.gather(part, logits)
+        times.append(time.perf_counter() - t0)
+    root.close()
+    echo.wait(10)
+    return 1000 * statistics.median(times)
+
+
 def cpp_run(binary: str, model: Path, tok: Path, threads: int, steps: int, nodes: int) -> dict:
     """The C++ reference: its root, plus a worker of its own for 2 nodes. Parses its summary lines."""
     worker, workers = None, []
@@ -140,6 +191,9 @@ def main() -> int:
         print(f"{name:<22}{m['avg_token_ms']:>10.1f}{m['avg_inference_ms']:>8.1f}{m['avg_transfer_ms']:>8.1f}"
               f"{m['avg_transfer_ms'] / m['avg_token_ms']:>9.0%}{m['sent_bytes_per_token'] / 1024:>9.1f}"
               f"{m['recv_bytes_per_token'] / 1024:>9.1f}{base / m['avg_token_ms']:>8.2f}x   {ref}")
+    for ftype in ("q80", "f32"):
+        print(f"exchanges alone, 2 processes computing nothing, {ftype} buffers: "
+              f"{exchange_only_ms(ftype):.2f} ms/token (median of 200)")
     print(json.dumps({"medians": med}), file=sys.stderr)
     return 0
 
