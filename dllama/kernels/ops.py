@@ -43,6 +43,8 @@ def expf(x):
 def rmsnorm(x, w, eps, out):
     """out (n, d) = x (n, d) / sqrt(mean(x**2) + eps) * w (d,); the sum of squares in float64."""
     n, d = x.shape
+    if w.shape[0] != d or out.shape[0] != n or out.shape[1] != d:
+        raise ValueError("rmsnorm: w must be (d,) and out (n, d) for x (n, d)")
     for i in range(n):
         ss = 0.0
         for j in range(d):
@@ -89,6 +91,11 @@ def rope(x, positions, cos, sin, head_dim, neox):
     """
     n, width = x.shape
     half = head_dim // 2
+    if width % head_dim or head_dim % 2 or cos.shape[1] < half or sin.shape[1] < half:
+        raise ValueError("rope: x width must be a multiple of an even head_dim covered by the tables")
+    for t in range(n):
+        if positions[t] < 0 or positions[t] >= min(cos.shape[0], sin.shape[0]):
+            raise ValueError("rope: a position is outside the cos/sin tables")
     step = 1 if neox else 2
     other = half if neox else 1
     for t in range(n):
@@ -105,9 +112,16 @@ def rope(x, positions, cos, sin, head_dim, neox):
                 x[t, b] = x0 * s + x1 * c
 
 
+@njit(inline="always", nogil=True, cache=True)
+def _check_glu(h, hidden, out):
+    if h.shape[1] != 2 * hidden or out.shape[0] != h.shape[0] or out.shape[1] < hidden:
+        raise ValueError("gated activation: h must be (n, 2 * hidden) and out (n, >= hidden)")
+
+
 @njit(nogil=True, cache=True)
 def swiglu(h, hidden, out):
     """h (n, 2 * hidden) = [w1 x | w3 x] -> out (n, hidden) = silu(w1 x) * w3 x."""
+    _check_glu(h, hidden, out)
     for i in range(h.shape[0]):
         for j in range(hidden):
             a = h[i, j]
@@ -117,6 +131,7 @@ def swiglu(h, hidden, out):
 @njit(nogil=True, cache=True)
 def gelu_glu(h, hidden, out):
     """h (n, 2 * hidden) = [w1 x | w3 x] -> out (n, hidden) = gelu(w1 x) * w3 x (tanh GELU, as ggml and Grok)."""
+    _check_glu(h, hidden, out)
     k = np.float32(math.sqrt(2.0 / math.pi))
     for i in range(h.shape[0]):
         for j in range(hidden):
