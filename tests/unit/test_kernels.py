@@ -85,20 +85,7 @@ def test_quantize_q80_rejects_bad_sizes():
 # --- matmul -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qtype,batch_form", [("q40", "sweep"), ("q40", "regs"), ("q41", "sweep"), ("q41", "regs"),
-                                              ("q80", "sweep"), ("q80", "regs"), ("f16", ""), ("f32", "")])
-@pytest.mark.parametrize("rows,cols", [(77, 96), (130, 224), (1, 32)])
-def test_matmul_matches_twin(qtype, batch_form, rows, cols, threads):
-    from dllama.kernels import _matmul as mm
-
-    raw = random_weights(qtype, rows, cols, rows + cols)
-    W = K.pack(qtype, raw, rows, cols)
-    assert (W.rows, W.cols, W.qtype) == (rows, cols, qtype)
-    if batch_form:  # both batch forms, whichever this CPU picks (AVX-512: regs, AVX2: sweep)
-        form = {"sweep": mm._SWEEP, "regs": mm._REGS}[batch_form][qtype]
-        if threads > 1 and form is not mm._BATCH[qtype]:
-            pytest.skip("the other batch form runs serially only: its parallel twin is the same body")
-        W.kernels = (mm._SWEEP[qtype], form)
+def check_matmul(W, raw, qtype, rows, cols):
     rng = np.random.default_rng(7)
     wabs = np.abs(naive.dequantize(qtype, raw, rows, cols))
     for n in (1, 32, 3):  # growing then shrinking the activation scratch
@@ -111,6 +98,28 @@ def test_matmul_matches_twin(qtype, batch_form, rows, cols, threads):
         # The quantized activations stay close to the exact float product (outside truth: gguf's weights).
         exact = x.astype(np.float64) @ naive.dequantize(qtype, raw, rows, cols).T
         assert np.all(np.abs(out - exact) <= 0.02 * scale + 1e-30), (qtype, n)
+
+
+@pytest.mark.parametrize("qtype", ["q40", "q41", "q80", "f16", "f32"])
+@pytest.mark.parametrize("rows,cols", [(77, 96), (130, 224), (1, 32)])
+def test_matmul_matches_twin(qtype, rows, cols, threads):
+    raw = random_weights(qtype, rows, cols, rows + cols)
+    W = K.pack(qtype, raw, rows, cols)
+    assert (W.rows, W.cols, W.qtype) == (rows, cols, qtype)
+    check_matmul(W, raw, qtype, rows, cols)
+
+
+@pytest.mark.parametrize("qtype", ["q40", "q41", "q80"])
+@pytest.mark.parametrize("form", ["sweep", "regs"])
+def test_matmul_both_batch_forms(qtype, form):
+    # This CPU runs one batch form (AVX-512: regs, AVX2: sweep); the other is checked here too,
+    # serially (its parallel variant is the same body).
+    from dllama.kernels import _matmul as mm
+
+    raw = random_weights(qtype, 130, 224, 5)
+    W = K.pack(qtype, raw, 130, 224)
+    W.kernels = (mm._SWEEP[qtype], {"sweep": mm._SWEEP, "regs": mm._REGS}[form][qtype])
+    check_matmul(W, raw, qtype, 130, 224)
 
 
 def test_matmul_q40_with_f32_activations(threads):
