@@ -1,6 +1,7 @@
 """Matrix-vector speed of every weight type: GB/s of weight bytes, cold caches, 1 and 2 threads.
 
     python bench/kernels.py [--threads 1,2] [--repeat 15] [--batch 32]
+    python bench/kernels.py --asm      # which vector instructions the hot loops compiled to
 
 Each measurement rotates through enough copies of the matrix (> 64 MB, twice the L3) that the
 weights stream from memory, as they do in a real forward pass. The same-run peer is numpy's
@@ -74,13 +75,45 @@ def child(threads, repeat, batch):
             del copies
 
 
+def asm_report():
+    """The vector instructions of each block kernel's hot loop (the basic block with the most
+    packed multiplies), compiled afresh: numba cannot show the assembly of cached code."""
+    import collections
+    import re
+
+    import dllama.kernels as K
+    from dllama.kernels import _matmul as mm
+
+    for qtype in ("q40", "q41", "q80", "f16"):
+        W = K.pack(qtype, random_raw(qtype, 64, 64, np.random.default_rng(0)), 64, 64)
+        for n, form in ((1, "matrix-vector"), (2, "batch")):
+            K.matmul(W, np.ones((n, 64), np.float32), np.empty((n, 64), np.float32))
+            fn = W.kernels[n > 1][0] if qtype != "f16" else W.kernels[0]
+            asm = next(iter(fn.inspect_asm().values()))
+            pattern = r"vfmadd\w*ps|vmulps" if qtype == "f16" else r"vpmullw|vpmaddwd|vpmaddubsw|vpmulld"
+            hot = max(re.split(r"\n(?=\.LBB)", asm), key=lambda b: len(re.findall(pattern, b)))
+            regs = collections.Counter(re.findall(r"%(zmm|ymm|xmm)", hot))
+            ops = collections.Counter(re.findall(r"^\s+(v\w+)\s", hot, re.M)).most_common(6)
+            print(f"{qtype} {form:<14} {fn.__name__:<18} registers {dict(regs)}  {' '.join(f'{o}x{c}' for o, c in ops)}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--batch", type=int, default=32, help="also time a prompt batch of this many rows (1: skip)")
+    ap.add_argument("--asm", action="store_true", help="show the hot loops' vector instructions instead")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.asm:
+        if not os.environ.get("DLLAMA_BENCH_FRESH_CACHE"):
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                env = dict(os.environ, NUMBA_CACHE_DIR=tmp, DLLAMA_BENCH_FRESH_CACHE="1")
+                return subprocess.run([sys.executable, __file__, "--asm"], env=env).returncode
+        asm_report()
+        return 0
     if args.child:
         child(args.child, args.repeat, args.batch)
         return 0
