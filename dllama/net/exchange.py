@@ -152,6 +152,7 @@ class WorkerCollective(_Exchange):
         super().__init__(index, n_nodes, dim, max_batch, vocab_cols, buffer_type)
         self.conn = conn
         self._positions = np.empty(max_batch, np.int32)
+        self.said_bye = False   # after step() returned None: BYE (True) or a close between frames
 
     @property
     def sent_bytes(self) -> int:
@@ -169,6 +170,7 @@ class WorkerCollective(_Exchange):
             return None
         t, meta, payload_len = head
         if t == P.BYE:
+            self.said_bye = True
             return None
         if t != P.STEP or len(meta) != P.STEP_META.size:
             raise P.ProtocolError(f"{self.conn.label}: expected STEP or BYE, got {P.TYPE_NAMES[t]}")

@@ -224,7 +224,8 @@ class Worker:
             while (positions := coll.step()) is not None:
                 model.forward(None, positions)
                 steps += 1
-            log.info("%s said goodbye after %d forward passes", conn.label, steps)
+            log.info("%s %s after %d forward passes", conn.label,
+                     "said goodbye" if coll.said_bye else "closed the connection", steps)
         except ConnectionLost as exc:
             log.warning("%s went away: %s", conn.label, exc)
         except Exception as exc:  # noqa: BLE001 (any failure ends this root's session, never the worker)

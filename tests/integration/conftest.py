@@ -76,6 +76,26 @@ class WorkerProcess:
         self._log.close()
 
 
+@pytest.fixture(scope="module")
+def worker_pool(tmp_path_factory):
+    """Three workers shared by a module's tests that leave them running (each test starts with them idle):
+    serving root after root is itself part of what is tested."""
+    workers = [WorkerProcess(tmp_path_factory.mktemp("pool")) for _ in range(3)]
+    try:
+        yield [w.wait_ready() for w in workers]
+    finally:
+        for w in workers:
+            w.stop()
+
+
+@pytest.fixture
+def pool(worker_pool):
+    for w in worker_pool:
+        assert w.proc.poll() is None, w.log()
+        assert w.wait_idle()["state"] == "idle", w.log()
+    return worker_pool
+
+
 @pytest.fixture
 def start_workers(tmp_path):
     """start_workers(n) -> n ready WorkerProcess objects, killed at the end of the test."""

@@ -188,9 +188,9 @@ def _run_greedy(path, workers, buffer_type="f32", force=None):
         root.close()
 
 
-def test_same_tokens_on_1_2_4_nodes_and_q80_within_tolerance(model_files, start_workers):
+def test_same_tokens_on_1_2_4_nodes_and_q80_within_tolerance(model_files, pool):
     path, _ = model_files
-    workers = start_workers(3)
+    workers = pool
     ids1, logits1 = _run_greedy(path, [])
     assert len(set(ids1)) > 1   # a model that says one token over and over would prove little
     for n in (2, 4):
@@ -234,8 +234,8 @@ def test_worker_not_running_fails_fast_naming_it(model_files):
     assert time.monotonic() - t0 < 10
 
 
-def test_version_mismatch_refused_naming_both_versions(model_files, start_workers, monkeypatch):
-    (w,) = start_workers(1)
+def test_version_mismatch_refused_naming_both_versions(model_files, pool, monkeypatch):
+    w = pool[0]
     monkeypatch.setattr(P, "PROTOCOL_VERSION", 99)   # this root, as a future dllama would be
     with pytest.raises(DllamaError, match=f"worker {w.address}: refused: protocol version mismatch: "
                                           f"root speaks 99, worker speaks 1"):
@@ -306,7 +306,8 @@ def test_worker_whose_root_was_killed_serves_the_next_root(model_files, start_wo
         doomed.wait(10)
     for w in workers:
         assert w.wait_idle()["state"] == "idle", w.log()
-        assert "went away" in w.log()
+        # killed: no BYE; the worker saw the close between frames or in the middle of a forward pass
+        assert "said goodbye" not in w.log() and ("went away" in w.log() or "closed the connection" in w.log())
     ids, _ = _run_greedy(path, workers, "f32")
     assert ids == ids1
 
@@ -320,7 +321,7 @@ def _rss(pid="self") -> int:
     raise RuntimeError("no VmRSS")
 
 
-def test_worker_memory_is_its_share_and_the_root_keeps_none(tmp_path, start_workers):
+def test_worker_memory_is_its_share_and_the_root_keeps_none(tmp_path, pool):
     from dllama.formats.loader import load_model
     from dllama.formats.random_model import preset_spec, write_random_model
     from dllama.model.partition import node_tensor_names, partition, slice_tensor
@@ -330,7 +331,7 @@ def test_worker_memory_is_its_share_and_the_root_keeps_none(tmp_path, start_work
                        n_kv_heads=4, vocab_size=4096, seq_len=512)
     path = tmp_path / "mem.m"
     write_random_model(str(path), spec, seed=1)
-    (w,) = start_workers(1)
+    w = pool[0]
     base = w.rss_bytes()
     loaded = load_model(str(path))
     plan = partition(spec, 2)
@@ -356,11 +357,11 @@ def _dllama(*args, **kw):
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_cli_inference_on_two_nodes_reports_transfer(model_files, start_workers):
+def test_cli_inference_on_two_nodes_reports_transfer(model_files, pool):
     import json
 
     path, tok = model_files
-    (w,) = start_workers(1)
+    w = pool[0]
     common = ["inference", "--model", str(path), "--tokenizer", str(tok), "--prompt", "Hello world",
               "--steps", "8", "--temperature", "0", "--json"]
     res = {}

@@ -43,11 +43,11 @@ def _logged(worker, text, timeout=5.0) -> bool:
     return True
 
 
-def test_probe_answers_and_reports_idle(start_workers):
-    (w,) = start_workers(1)
+def test_probe_answers_and_reports_idle(pool):
+    w = pool[0]
     info = w.probe()
     assert info["protocol"] == P.PROTOCOL_VERSION and info["state"] == "idle" and info["busy"] is False
-    assert info["pid"] == w.proc.pid and info["root"] is None
+    assert info["pid"] == w.proc.pid and info["root"] is None and info["node"] is None
 
 
 @pytest.mark.parametrize("data,reason", [
@@ -58,16 +58,16 @@ def test_probe_answers_and_reports_idle(start_workers):
     (P.HEADER.pack(P.HELLO, 0, 10, 0) + b"XXXX" + bytes(6), "magic"),
     (P.encode_bytes(P.Ready()), "expected HELLO or PROBE"),
 ], ids=["http", "garbage", "version", "oversized", "magic", "no-hello"])
-def test_refused_logged_and_still_serving(start_workers, data, reason):
-    (w,) = start_workers(1)
+def test_refused_logged_and_still_serving(pool, data, reason):
+    w = pool[0]
     assert reason in _refusal(_exchange(w.port, data))
     assert _logged(w, reason), w.log()
     assert w.proc.poll() is None and w.probe()["state"] == "idle"
     assert isinstance(_exchange(w.port, _hello() + P.encode_bytes(P.Bye()))[0], P.HelloAck)
 
 
-def test_second_root_refused_while_first_is_served(start_workers):
-    (w,) = start_workers(1)
+def test_second_root_refused_while_first_is_served(pool):
+    w = pool[0]
     with socket.create_connection(("127.0.0.1", w.port), timeout=5) as first:
         first.sendall(_hello())
         dec = P.Decoder()
@@ -81,8 +81,8 @@ def test_second_root_refused_while_first_is_served(start_workers):
     assert w.wait_idle()["state"] == "idle"
 
 
-def test_silent_peer_does_not_block_others(start_workers):
-    (w,) = start_workers(1)
+def test_silent_peer_does_not_block_others(pool):
+    w = pool[0]
     with socket.create_connection(("127.0.0.1", w.port), timeout=5):
         t0 = time.monotonic()
         assert w.probe()["state"] == "idle"
@@ -106,8 +106,8 @@ def test_probe_of_nothing_names_the_address():
                            "vocab": [0, 8]}, "seq_len": 8, "max_batch": 1, "buffer_type": "f32"},
      "CONFIG for node 0 of 2 after HELLO as node 1 of 2"),
 ], ids=["bad-spec", "wrong-node"])
-def test_bad_configuration_refused_with_reason_and_still_serving(start_workers, config, reason):
-    (w,) = start_workers(1)
+def test_bad_configuration_refused_with_reason_and_still_serving(pool, config, reason):
+    w = pool[0]
     msgs = _exchange(w.port, _hello() + P.encode_bytes(P.Config(config)))
     assert isinstance(msgs[0], P.HelloAck) and reason in _refusal(msgs[1:])
     assert _logged(w, reason)
