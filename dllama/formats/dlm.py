@@ -343,9 +343,12 @@ def write_dlm_to(f, spec: ModelSpec, tensors: Iterable) -> int:
         if got is None or got[0] != name:
             raise DllamaError(f"writing .m: expected tensor {name}, got {None if got is None else got[0]}")
         n = 0
-        for chunk in _row_chunks(got[1], qtype, shape):
-            f.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
-            n += chunk.nbytes
+        try:
+            for chunk in _row_chunks(got[1], qtype, shape):
+                f.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+                n += chunk.nbytes
+        except DllamaError as exc:   # e.g. a width that is no multiple of 32: say which tensor
+            raise DllamaError(f"writing .m tensor {name} {shape} as {qtype}: {exc}") from None
         want = quants.tensor_bytes(qtype, shape)
         if n != want:
             raise DllamaError(f"writing .m: tensor {name} {shape} gave {n} bytes, expected {want}")

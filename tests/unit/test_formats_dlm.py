@@ -284,11 +284,12 @@ def test_wrong_magic(tmp_path):
 
 
 def test_unwritable_specs_are_refused(tmp_path):
-    src = source_tensors(dataclasses.replace(TINY, weight_type="q40"))
     for change, message in [({"weight_type": "q41"}, "cannot write 'q41'"), ({"arch": "grok1"}, "grok1"),
+                            ({"dim": 48, "head_dim": 12}, r"tensor layers\.0\.wq \(48, 48\) as q40: .*multiple of 32"),
                             ({"norm_eps": 1e-4}, "norm epsilon"), ({"rope_theta": 10000.5}, "rope_theta")]:
+        spec = dataclasses.replace(TINY, **change)
         with pytest.raises(DllamaError, match=message):
-            dlm.write_dlm(str(tmp_path / "x.m"), dataclasses.replace(TINY, **change), src.items())
+            dlm.write_dlm(str(tmp_path / "x.m"), spec, source_tensors(spec).items())
     assert os.listdir(tmp_path) == []
 
 
