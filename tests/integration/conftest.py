@@ -76,6 +76,12 @@ class WorkerProcess:
         self._log.close()
 
 
+@pytest.fixture
+def unused_port() -> int:
+    """A loopback port nothing listens on (free a moment ago)."""
+    return free_port()
+
+
 @pytest.fixture(scope="module")
 def worker_pool(tmp_path_factory):
     """Three workers shared by a module's tests that leave them running (each test starts with them idle):

@@ -224,10 +224,8 @@ def test_same_tokens_on_1_2_4_nodes_and_q80_within_tolerance(model_files, pool):
 
 # --- faults -------------------------------------------------------------------------------------------
 
-def test_worker_not_running_fails_fast_naming_it(model_files):
-    from conftest import free_port
-
-    address = f"127.0.0.1:{free_port()}"
+def test_worker_not_running_fails_fast_naming_it(model_files, unused_port):
+    address = f"127.0.0.1:{unused_port}"
     t0 = time.monotonic()
     with pytest.raises(DllamaError, match=f"worker {address}: cannot connect"):
         Root(model_files[0], [address])

@@ -89,12 +89,10 @@ def test_silent_peer_does_not_block_others(pool):
         assert time.monotonic() - t0 < 2
 
 
-def test_probe_of_nothing_names_the_address():
-    from conftest import free_port
-
+def test_probe_of_nothing_names_the_address(unused_port):
     from dllama.net import probe
 
-    port = free_port()
+    port = unused_port
     with pytest.raises(DllamaError, match=f"worker 127.0.0.1:{port}: cannot connect"):
         probe("127.0.0.1", port, 2.0)
 
