@@ -174,8 +174,9 @@ def _infer_weight_type(spec: ModelSpec, kset: str, payload: int, path: str) -> s
     fits = []
     for wt in FLOAT_TYPES.values():
         spec.weight_type = wt
-        if layout_bytes(dlm_layout(spec, kset)) == payload:
-            fits.append(wt)
+        with contextlib.suppress(DllamaError):   # a block type that cannot hold these widths
+            if layout_bytes(dlm_layout(spec, kset)) == payload:
+                fits.append(wt)
     if len(fits) != 1:
         raise FormatError(f"{path}: .m header names no weight type and the file size does not tell it")
     return fits[0]
@@ -197,7 +198,10 @@ def read_dlm(path: str) -> LoadedModel:
     if spec.weight_type is None:
         spec.weight_type = _infer_weight_type(spec, kset, size - header_size, path)
     layout = dlm_layout(spec, kset)
-    expected = header_size + layout_bytes(layout)
+    try:
+        expected = header_size + layout_bytes(layout)
+    except DllamaError as exc:   # e.g. q40 weights of a width that is no multiple of 32
+        raise FormatError(f"{path}: {exc}") from None
     if size < expected:
         raise FormatError(f"{path}: truncated (expected {expected} bytes, found {size})")
     if size > expected:

@@ -264,6 +264,7 @@ def test_truncated_and_overlong_files(small_file):
     (base_pairs(arch_type=0xABCD07), "unsupported arch type 0xabcd07"),
     (base_pairs(norm_epsilon=4), "unsupported norm epsilon code 4"),
     (base_pairs(dim=None), "lacks a positive dim"),
+    (base_pairs(dim=48, weights_float_type=2), "q40 row needs a multiple of 32 values, got 48"),
 ])
 def test_header_errors(tmp_path, pairs, message):
     path = handmade(tmp_path / "bad.m", pairs, 10)
