@@ -40,6 +40,9 @@ def preset_spec(preset: str, weight_type: str = "q40", **overrides) -> ModelSpec
     if preset not in PRESETS:
         raise DllamaError(f"unknown preset {preset!r} (one of {', '.join(PRESETS)})")
     changes = {k: v for k, v in overrides.items() if v is not None}
+    for k, v in changes.items():
+        if v <= 0:
+            raise DllamaError(f"--{k.replace('_', '-')} must be positive, got {v}")
     spec = dataclasses.replace(PRESETS[preset], weight_type=weight_type, name=f"random {preset}", **changes)
     if "dim" in changes or "n_heads" in changes:
         spec.head_dim = spec.dim // spec.n_heads

@@ -353,6 +353,8 @@ def test_random_model_cli_and_errors(tmp_path, capsys):
     assert (spec.dim, spec.head_dim, spec.n_kv_heads, spec.weight_type) == (256, 32, 8, "f16")
     assert main(["random-model", "--output", str(tmp_path / "d.m"), "--preset", "llama3_8b", "--n-heads", "6"]) == 2
     assert "dllama: error: bad shape" in capsys.readouterr().err
+    assert main(["random-model", "--output", str(tmp_path / "e.m"), "--preset", "llama3_8b", "--n-layers", "0"]) == 2
+    assert "--n-layers must be positive, got 0" in capsys.readouterr().err
 
 
 def test_sigterm_during_random_model_leaves_nothing(tmp_path):
