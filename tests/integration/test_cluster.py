@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cluster_fixtures import pool, start_workers, unused_port, worker_pool  # noqa: F401  (fixtures)
 from dllama.errors import DllamaError
 from dllama.net import protocol as P
 

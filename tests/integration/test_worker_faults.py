@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from cluster_fixtures import pool, unused_port, worker_pool  # noqa: F401  (fixtures)
 from dllama.errors import DllamaError
 from dllama.net import protocol as P
 

@@ -1,0 +1,120 @@
+"""Fixtures for clusters on loopback: real `dllama worker` processes on 127.0.0.1 ports.
+
+Not a conftest.py: a second module named `conftest` would shadow tests/conftest.py for the test modules
+that import helpers from it. Test modules import these fixtures by name."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerProcess:
+    """`dllama worker` on 127.0.0.1:port; its log (stderr) goes to a file the test can read."""
+
+    def __init__(self, tmp: Path, nthreads: int = 1):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = tmp / f"worker-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port", str(self.port),
+             "--nthreads", str(nthreads)],
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def wait_ready(self, timeout: float = 120.0) -> "WorkerProcess":
+        from dllama.net import probe
+        from dllama.errors import DllamaError
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                probe("127.0.0.1", self.port, 1.0)
+                return self
+            except DllamaError:
+                time.sleep(0.1)
+        raise RuntimeError(f"worker not answering after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def probe(self) -> dict:
+        from dllama.net import probe
+
+        return probe("127.0.0.1", self.port, 3.0)
+
+    def wait_idle(self, timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.probe()
+            if info["state"] == "idle" or time.monotonic() > deadline:
+                return info
+            time.sleep(0.05)
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A loopback port nothing listens on (free a moment ago)."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def worker_pool(tmp_path_factory):
+    """Three workers shared by a module's tests that leave them running (each test starts with them idle):
+    serving root after root is itself part of what is tested."""
+    workers = [WorkerProcess(tmp_path_factory.mktemp("pool")) for _ in range(3)]
+    try:
+        yield [w.wait_ready() for w in workers]
+    finally:
+        for w in workers:
+            w.stop()
+
+
+@pytest.fixture
+def pool(worker_pool):
+    for w in worker_pool:
+        assert w.proc.poll() is None, w.log()
+        assert w.wait_idle()["state"] == "idle", w.log()
+    return worker_pool
+
+
+@pytest.fixture
+def start_workers(tmp_path):
+    """start_workers(n) -> n ready WorkerProcess objects, killed at the end of the test."""
+    started: list[WorkerProcess] = []
+
+    def start(n: int, nthreads: int = 1) -> list[WorkerProcess]:
+        new = [WorkerProcess(tmp_path, nthreads) for _ in range(n)]
+        started.extend(new)
+        return [w.wait_ready() for w in new]
+
+    yield start
+    for w in started:
+        w.stop()
