@@ -123,3 +123,22 @@ def test_port_in_use_is_a_one_line_error():
                            capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr == f"dllama: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+def test_root_gone_in_the_middle_of_a_weight_frees_and_serves_on(pool):
+    from dataclasses import asdict
+
+    from dllama.formats.spec import ModelSpec
+    from dllama.model.partition import partition
+
+    w = pool[0]
+    spec = ModelSpec(dim=64, hidden_dim=64, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=32, vocab_size=32,
+                     seq_len=8)
+    config = {"spec": asdict(spec), "node": partition(spec, 2)[1].to_dict(), "seq_len": 8, "max_batch": 1,
+              "buffer_type": "f32"}
+    weight = P.encode_bytes(P.Weight("layers.0.wq", "f32", (32, 64), 0, 32 * 64 * 4, bytes(32 * 64 * 4)))
+    with socket.create_connection(("127.0.0.1", w.port), timeout=5) as s:
+        s.sendall(_hello() + P.encode_bytes(P.Config(config)) + weight[:len(weight) // 2])
+        assert isinstance(P.Decoder().feed(s.recv(64))[0], P.HelloAck)
+    assert _logged(w, "connection closed in the middle of a frame")
+    assert w.wait_idle()["state"] == "idle" and w.proc.poll() is None
