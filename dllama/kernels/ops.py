@@ -39,7 +39,7 @@ def expf(x):
     return np.float32(0.0) if x < np.float32(-87.33654) else y
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def rmsnorm(x, w, eps, out):
     """out (n, d) = x (n, d) / sqrt(mean(x**2) + eps) * w (d,); the sum of squares in float64."""
     n, d = x.shape
@@ -83,7 +83,7 @@ def _llama31_scaling(freqs, factor, low_freq_factor, high_freq_factor, old_conte
     return np.where(wavelen < high_freq_wavelen, freqs, np.where(wavelen > low_freq_wavelen, freqs / factor, mid))
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def rope(x, positions, cos, sin, head_dim, neox):
     """Rotate x (n, heads * head_dim) in place; row t at position positions[t].
 
@@ -118,7 +118,7 @@ def _check_glu(h, hidden, out):
         raise ValueError("gated activation: h must be (n, 2 * hidden) and out (n, >= hidden)")
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def swiglu(h, hidden, out):
     """h (n, 2 * hidden) = [w1 x | w3 x] -> out (n, hidden) = silu(w1 x) * w3 x."""
     _check_glu(h, hidden, out)
@@ -128,7 +128,7 @@ def swiglu(h, hidden, out):
             out[i, j] = a / (np.float32(1.0) + expf(-a)) * h[i, hidden + j]
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def gelu_glu(h, hidden, out):
     """h (n, 2 * hidden) = [w1 x | w3 x] -> out (n, hidden) = gelu(w1 x) * w3 x (tanh GELU, as ggml and Grok)."""
     _check_glu(h, hidden, out)
@@ -136,11 +136,14 @@ def gelu_glu(h, hidden, out):
     for i in range(h.shape[0]):
         for j in range(hidden):
             a = h[i, j]
-            g = np.float32(0.5) * a * (np.float32(1.0) + np.tanh(k * (a + np.float32(0.044715) * a * a * a)))
+            # 0.5 a (1 + tanh(y)) = a / (1 + exp(-2y)): no cancellation for negative a, and
+            # through expf the loop vectorises
+            y = k * (a + np.float32(0.044715) * a * a * a)
+            g = a / (np.float32(1.0) + expf(np.float32(-2.0) * y))
             out[i, j] = g * h[i, hidden + j]
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def softmax(x):
     """x (n,) -> exp(x - max) / sum, in place."""
     if x.size == 0:
