@@ -57,6 +57,10 @@ def build(kind: str, seed: int, tied: bool = False, rope: dict | None = None, **
     return model
 
 
+def head_dim(cfg) -> int:
+    return cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+
+
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     # HF keeps each head as [x0 .. x(h/2-1) | x(h/2) .. x(h-1)] rotated in halves; GGUF llama rotates
     # adjacent pairs, so rows i and i + h/2 of a head become rows 2i and 2i+1.
@@ -70,7 +74,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 def rope_factors(cfg) -> np.ndarray:
     """`rope_freqs` as llama.cpp's converter computes it for rope_type llama3: a divisor per frequency."""
     r = cfg.rope_parameters
-    hd = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+    hd = head_dim(cfg)
     freqs = 1.0 / r["rope_theta"] ** (np.arange(0, hd, 2, dtype=np.float32) / hd)
     orig, low, high, factor = (r["original_max_position_embeddings"], r["low_freq_factor"],
                                r["high_freq_factor"], r["factor"])
@@ -146,7 +150,7 @@ def _stored_type(gguf_name: str, x: np.ndarray, weight_type: str):
 def _write_metadata(w, cfg, vocab: int) -> None:
     import gguf
 
-    hd = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+    hd = head_dim(cfg)
     w.add_name(f"hf-{cfg.model_type}-tiny")
     w.add_vocab_size(vocab)
     w.add_context_length(cfg.max_position_embeddings)
@@ -155,6 +159,9 @@ def _write_metadata(w, cfg, vocab: int) -> None:
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
+    if cfg.head_dim:   # llama.cpp writes these when config.json has head_dim (Llama's does in transformers 5)
+        w.add_key_length(hd)
+        w.add_value_length(hd)
     w.add_rope_dimension_count(hd)
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)

@@ -28,6 +28,7 @@ except ImportError as exc:
 import hf_export as H   # noqa: E402  (needs torch)
 
 from dllama.engine import MAX_BATCH, Engine  # noqa: E402
+from dllama.errors import FormatError  # noqa: E402
 from dllama.sampler import Sampler  # noqa: E402
 
 PROMPT_LEN = MAX_BATCH + 8   # two prefill batches: the second attends to K/V the first one cached
@@ -39,6 +40,7 @@ CASES = {
     "llama-mha-tied": dict(kind="llama", tied=True, num_key_value_heads=4),
     "llama31-rope-freqs": dict(kind="llama", rope=H.LLAMA3_ROPE),
     "llama31-rope-keys": dict(kind="llama", rope=H.LLAMA3_ROPE, llama3_as="keys"),
+    "llama-wide-heads": dict(kind="llama", head_dim=32),   # q_dim 128 != dim 64
     "mixtral": dict(kind="mixtral"),
     "mixtral-tied-llama31": dict(kind="mixtral", tied=True, rope=H.LLAMA3_ROPE),
 }
@@ -81,6 +83,7 @@ def test_spec_read_from_the_export(case):
     assert (s.dim, s.n_layers, s.n_heads, s.n_kv_heads, s.vocab_size) == (
         cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size)
     assert s.tied_embeddings == cfg.tie_word_embeddings
+    assert s.head_dim == H.head_dim(cfg)
     assert s.n_experts == getattr(cfg, "num_local_experts", 0)
     assert s.n_active_experts == getattr(cfg, "num_experts_per_tok", 0)
     assert s.rope_type == ("llama3.1" if cfg.rope_parameters["rope_type"] == "llama3" else "llama")
@@ -151,3 +154,20 @@ def test_a_wrong_export_is_caught(tmp_path_factory, sabotage):
     finally:
         eng.close()
     assert _rel(ours, _hf_logits(model, ids)) > 0.05
+
+
+@pytest.mark.xfail(strict=True, raises=FormatError,
+                   reason="gguf_model rebuilds (factor, low, high) from rope_freqs and needs >= 2 blended "
+                          "frequencies; llama.cpp just divides by the stored factors")
+def test_llama31_rope_with_one_blended_frequency(tmp_path_factory):
+    """A valid Llama 3.1 scaling whose blend band holds one frequency of a 16-wide head."""
+    rope = dict(H.LLAMA3_ROPE, high_freq_factor=2.0, original_max_position_embeddings=8192)
+    model, path, _ = _make(tmp_path_factory, "llama31-one-blended", "llama", rope=rope,
+                           max_position_embeddings=16384)
+    ids = _prompt(1, model.config.vocab_size)
+    eng = Engine.open(path, nthreads=1, max_seq_len=64)
+    try:
+        ours = eng.prefill(ids).copy()
+    finally:
+        eng.close()
+    assert _rel(ours, _hf_logits(model, ids)) < TOL_F
