@@ -28,7 +28,7 @@ class Service:
     """What the routes need: the engine (once loaded), its runner, and the server's sampling defaults."""
 
     def __init__(self, defaults: dict, workers=()):
-        self.defaults = defaults          # temperature, topp, seed from the command line
+        self.defaults = defaults          # temperature, topp, seed, max_tokens (a cap) from the command line
         self.workers = list(workers)
         self.engine = None
         self.runner = None
@@ -200,8 +200,9 @@ def _make_job(service: Service, body, prompt_ids: list[int]) -> Job:
     topp = d["topp"] if body.top_p is None else body.top_p
     seed = d["seed"] if body.seed is None else body.seed
     sampler = Sampler(temperature, topp, None if seed is None else seed % 2**64)
-    # A limit past the context is clipped, not refused: the reply then ends with finish_reason "length".
-    limit = room if body.token_limit is None else min(body.token_limit, room)
+    # A limit past the context or the server's --max-tokens is clipped, not refused: the reply then ends
+    # with finish_reason "length".
+    limit = min(x for x in (room, body.token_limit, d.get("max_tokens")) if x is not None)
     return Job(prompt_ids, limit, sampler, body.stop_strings(), asyncio.get_running_loop())
 
 

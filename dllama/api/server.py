@@ -31,6 +31,8 @@ def add_arguments(p) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 (default: env DLLAMA_API_KEY, else none)")
     g.add_argument("--queue-size", type=int, default=16,
                    help="requests that may wait for the engine; more get 503 + Retry-After (default 16)")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help="longest reply any request may get, in tokens (default: what the context leaves)")
     g.add_argument("--max-body-size", type=int, default=DEFAULT_MAX_BODY,
                    help=f"largest request body in bytes; larger get 413 (default {DEFAULT_MAX_BODY})")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
@@ -48,7 +50,8 @@ def run(args) -> int:
     workers = [f"{h}:{p}" for h, p in parse_workers(args.workers)]
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sock = _listen(args.host, args.port)
-    service = Service({"temperature": args.temperature, "topp": args.topp, "seed": args.seed}, workers)
+    service = Service({"temperature": args.temperature, "topp": args.topp, "seed": args.seed,
+                       "max_tokens": args.max_tokens}, workers)
     app = create_app(service, max_body=args.max_body_size, api_key=args.api_key)
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3,
                             server_header=False, proxy_headers=False)
@@ -78,6 +81,8 @@ def _check_flags(args) -> None:
         raise DllamaError(f"--port must be in 0..65535, got {args.port}")
     if args.queue_size < 1:
         raise DllamaError(f"--queue-size must be at least 1, got {args.queue_size}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise DllamaError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.max_body_size < 1024:
         raise DllamaError(f"--max-body-size must be at least 1024 bytes, got {args.max_body_size}")
     if args.api_key is not None and not args.api_key.strip():

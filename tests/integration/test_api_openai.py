@@ -151,20 +151,22 @@ def test_chat_at_temperature_0_equals_dllama_inference(client, smollm2_path, cha
         assert ref["text"] == text
 
 
-def test_completion_at_temperature_0_equals_dllama_inference(client, smollm2_path, reference):
+def test_completion_at_temperature_0_follows_llama_cpp(client, reference):
     case = next(c for c in reference["completions"] if c["name"] == "capital_france")
-    r = client.complete(prompt=case["prompt"], max_tokens=12,
-                                  temperature=0)
+    # Greedy text can only be held to llama.cpp's while llama.cpp's own top-1 lead is clear (reference/README).
+    sure = next((i for i, s in enumerate(case["per_step_top5"]) if s["margin_top1_top2"] < 0.5), 32)
+    n = min(sure, 8)
+    assert n >= 3, "the reference case has no clear greedy prefix to compare"
+    r = client.complete(prompt=case["prompt"], max_tokens=n, temperature=0)
     assert r.object == "text_completion"
     assert r.usage.prompt_tokens == case["n_prompt_tokens"]
-    assert r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
-    ref = _inference(smollm2_path, case["prompt"], 12)
-    assert r.choices[0].text == ref["text"]
+    assert r.usage.completion_tokens == n and r.choices[0].finish_reason == "length"
+    assert r.choices[0].text and case["generated_text"].startswith(r.choices[0].text)
 
 
 def test_streamed_chat_equals_the_unstreamed_one(client, chat_case):
-    whole = _greedy_chat(client, chat_case["messages"], 24)
-    stream = _greedy_chat(client, chat_case["messages"], 24, stream=True, stream_options={"include_usage": True})
+    whole = _greedy_chat(client, chat_case["messages"], 12)
+    stream = _greedy_chat(client, chat_case["messages"], 12, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -198,7 +200,7 @@ def test_max_tokens_and_max_completion_tokens_end_with_length(client):
 
 def test_stop_text_never_leaks(client, reference):
     case = next(c for c in reference["completions"] if c["name"] == "once_upon")
-    kw = {"prompt": case["prompt"], "temperature": 0, "max_tokens": 24}
+    kw = {"prompt": case["prompt"], "temperature": 0, "max_tokens": 16}
     full = client.complete(**kw).choices[0].text
     # A stop string starting mid-word, so it begins inside a token and spans the next ones.
     start = len(full) // 2
@@ -215,7 +217,7 @@ def test_stop_text_never_leaks(client, reference):
 
 def test_seed_reproduces_at_temperature_above_0(client):
     kw = {"messages": [{"role": "user", "content": "Tell me about cats."}],
-          "temperature": 1.0, "top_p": 0.95, "max_tokens": 16}
+          "temperature": 1.0, "top_p": 0.95, "max_tokens": 8}
     a = client.chat(**kw, seed=1234).choices[0].message.content
     b = client.chat(**kw, seed=1234).choices[0].message.content
     assert a == b
@@ -226,26 +228,26 @@ def test_seed_reproduces_at_temperature_above_0(client):
 # ---- concurrency -------------------------------------------------------------------------------------
 
 def test_five_clients_at_once_get_their_own_complete_answers(server, client):
-    prompts = [f"Count from {k} to {k + 5}." for k in range(1, 6)]
-    expected = [client.chat(temperature=0, max_tokens=10, messages=[{"role": "user", "content": p}])
-                for p in prompts]
+    prompts = [f"{k}, {k + 1}, {k + 2}," for k in range(1, 6)]
+    kw = {"temperature": 0, "max_tokens": 6}
+    expected = [client.complete(prompt=p, **kw).choices[0].text for p in prompts]
     got: dict = {}
 
     def ask(i):
-        c = _Client(server, client.model)   # a client of its own, as separate users have
-        got[i] = c.chat(temperature=0, max_tokens=10, messages=[{"role": "user", "content": prompts[i]}],
-                        stream=bool(i % 2))
+        c = _Client(server, client.model)   # a connection of its own, as separate users have
         if i % 2:
-            got[i] = "".join(ch.choices[0].delta.content or "" for ch in got[i] if ch.choices)
+            got[i] = "".join(ch.choices[0].text for ch in c.complete(prompt=prompts[i], stream=True, **kw)
+                             if ch.choices)
         else:
-            got[i] = got[i].choices[0].message.content
+            got[i] = c.complete(prompt=prompts[i], **kw).choices[0].text
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(300)
-    assert [got.get(i) for i in range(5)] == [e.choices[0].message.content for e in expected]
+    assert [got.get(i) for i in range(5)] == expected
+    assert all(expected)
 
 
 def test_a_client_that_disconnects_frees_the_engine_at_once(server, client):
@@ -255,7 +257,7 @@ def test_a_client_that_disconnects_frees_the_engine_at_once(server, client):
         assert r.usage.completion_tokens == 1
         return time.perf_counter() - t0
 
-    idle = min(quick() for _ in range(3))
+    idle = min(quick() for _ in range(2))
     before = httpx.get(f"{server}/health").json()["requests"]["cancelled"]
     body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}
     arrivals = []
@@ -268,7 +270,10 @@ def test_a_client_that_disconnects_frees_the_engine_at_once(server, client):
     # the connection is closed here, with ~390 tokens still to generate
     after_close = quick()
     token_s = sorted(b - a for a, b in zip(arrivals[2:], arrivals[3:]))[2]   # median gap of the last 5
-    assert after_close <= idle + 2 * token_s + 0.25, (after_close, idle, token_s)
+    # Allowed: the token being computed when the client left, plus noise on a shared machine. Without the
+    # cancellation this request would wait for the ~390 remaining tokens.
+    assert after_close <= idle + 2 * token_s + 0.5, \
+        f"next request took {after_close:.3f} s; idle {idle:.3f} s, one token {token_s:.3f} s"
     assert httpx.get(f"{server}/health").json()["requests"]["cancelled"] == before + 1
 
 
