@@ -72,7 +72,10 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
 
 def _handshake(conn: Connection, index: int, n_nodes: int) -> None:
     conn.send(P.Hello(P.PROTOCOL_VERSION, index, n_nodes))
-    ack = conn.expect(P.HelloAck)
+    try:
+        ack = conn.expect(P.HelloAck)
+    except P.ProtocolError as exc:   # something else listens there
+        raise DllamaError(f"{conn.label}: not a dllama worker ({str(exc).removeprefix(conn.label + ': ')})") from None
     if ack.version != P.PROTOCOL_VERSION:
         raise DllamaError(f"{conn.label}: speaks protocol version {ack.version}, this root {P.PROTOCOL_VERSION}")
 

@@ -120,7 +120,10 @@ class Connection:
         The meta view is valid until the next call."""
         if not self.recv_into(self._head_mv[:P.HEADER.size], at_boundary=True):
             return None
-        t, meta_len, payload_len = P.parse_header(self._head)
+        try:
+            t, meta_len, payload_len = P.parse_header(self._head)
+        except P.ProtocolError as exc:
+            raise P.ProtocolError(f"{self.label}: {exc}") from None
         meta = self._head_mv[P.HEADER.size:P.HEADER.size + meta_len]
         self.recv_into(meta)
         return t, meta, payload_len

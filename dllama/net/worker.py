@@ -129,7 +129,7 @@ class Worker:
                     return
                 continue
             configure(sock)
-            conn = Connection(sock, f"root {host}:{port}", HANDSHAKE_TIMEOUT)
+            conn = Connection(sock, f"peer {host}:{port}", HANDSHAKE_TIMEOUT)
             # its own thread: a peer that sends nothing must not hold up the next connection
             threading.Thread(target=self._greet, args=(conn,), name="dllama-greet", daemon=True).start()
 
@@ -160,6 +160,7 @@ class Worker:
             if self._state != "idle":
                 raise DllamaError(f"busy: serving root {self._root}")
             self._state, self._root = "loading", conn.label.split(" ", 1)[1]
+            conn.label = f"root {self._root}"
         try:
             conn.send(P.HelloAck(P.PROTOCOL_VERSION))
         except BaseException:
@@ -302,9 +303,12 @@ def probe(host: str, port: int, timeout: float = 3.0) -> dict:
     Raises DllamaError naming the address if nothing answers or the answer is not a dllama worker's."""
     from dllama.net.transport import connect
 
-    conn = connect(host, port, timeout, f"worker {host}:{port}")
+    label = f"worker {host}:{port}"
+    conn = connect(host, port, timeout, label)
     try:
         conn.send(P.Probe())
         return conn.expect(P.ProbeInfo).info
+    except P.ProtocolError as exc:   # something else listens there (sshd's banner, an HTTP server)
+        raise DllamaError(f"{label}: not a dllama worker ({str(exc).removeprefix(label + ': ')})") from None
     finally:
         conn.close()

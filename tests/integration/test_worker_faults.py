@@ -142,3 +142,25 @@ def test_root_gone_in_the_middle_of_a_weight_frees_and_serves_on(pool):
         assert isinstance(P.Decoder().feed(s.recv(64))[0], P.HelloAck)
     assert _logged(w, "connection closed in the middle of a frame")
     assert w.wait_idle()["state"] == "idle" and w.proc.poll() is None
+
+
+def test_probe_of_something_else_says_so():
+    """An SSH server greets first with its banner: the probe names the address and what it saw."""
+    import threading
+
+    from dllama.net import probe
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def sshd():
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")
+                conn.recv(100)
+
+        t = threading.Thread(target=sshd, daemon=True)
+        t.start()
+        with pytest.raises(DllamaError, match=f"worker 127.0.0.1:{port}: not a dllama worker"):
+            probe("127.0.0.1", port, 2.0)
+        t.join(5)
