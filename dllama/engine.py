@@ -65,23 +65,26 @@ class Engine:
 
         Raises DllamaError for bad files, bad flags, and workers that cannot be reached.
         """
+        from dllama.formats.loader import load_model
+
+        _check_flags(nthreads, buffer_float_type, max_seq_len)
+        loaded = load_model(model_path)
+        tokenizer = _open_tokenizer(loaded, tokenizer_path)
+        return cls.from_loaded(loaded, tokenizer, nthreads, max_seq_len, buffer_float_type, workers, log)
+
+    @classmethod
+    def from_loaded(cls, loaded, tokenizer, nthreads: int = 1, max_seq_len: int | None = None,
+                    buffer_float_type: str = "q80", workers=(), log=None) -> "Engine":
+        """An engine over an already loaded model (a file's, or tensors built in memory)."""
         from dllama import kernels as K
         from dllama.chat import ChatTemplate
-        from dllama.formats.loader import load_model
         from dllama.model.collective import LocalCollective
         from dllama.model.llama import NodeModel
         from dllama.model.partition import partition
 
-        if nthreads < 1:
-            raise DllamaError(f"--nthreads must be at least 1, got {nthreads}")
-        if buffer_float_type not in ("f32", "q80"):
-            raise DllamaError(f"--buffer-float-type must be f32 or q80, got {buffer_float_type!r}")
-        if max_seq_len is not None and max_seq_len < 1:
-            raise DllamaError(f"--max-seq-len must be at least 1, got {max_seq_len}")
-        loaded = load_model(model_path)
+        _check_flags(nthreads, buffer_float_type, max_seq_len)
         spec = loaded.spec
         plan = partition(spec, 1 + len(workers))   # refuses bad node counts before connecting
-        tokenizer = _open_tokenizer(loaded, tokenizer_path)
         chat = ChatTemplate.for_tokenizer(tokenizer)
         seq_len = min(spec.seq_len, max_seq_len) if max_seq_len else spec.seq_len
         K.set_threads(nthreads)
@@ -163,6 +166,15 @@ class Engine:
     def close(self) -> None:
         self.coll.close()
         self.loaded.close()
+
+
+def _check_flags(nthreads, buffer_float_type, max_seq_len) -> None:
+    if nthreads < 1:
+        raise DllamaError(f"--nthreads must be at least 1, got {nthreads}")
+    if buffer_float_type not in ("f32", "q80"):
+        raise DllamaError(f"--buffer-float-type must be f32 or q80, got {buffer_float_type!r}")
+    if max_seq_len is not None and max_seq_len < 1:
+        raise DllamaError(f"--max-seq-len must be at least 1, got {max_seq_len}")
 
 
 def _release_pages(loaded) -> None:
