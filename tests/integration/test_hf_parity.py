@@ -73,12 +73,12 @@ def case(request, tmp_path_factory):
     name = request.param
     model, path, _ = _make(tmp_path_factory, name, **CASES[name])
     eng = Engine.open(path, nthreads=1)
-    yield name, model, eng
+    yield name, model, eng, path
     eng.close()
 
 
 def test_spec_read_from_the_export(case):
-    name, model, eng = case
+    name, model, eng, _ = case
     cfg, s = model.config, eng.spec
     assert (s.dim, s.n_layers, s.n_heads, s.n_kv_heads, s.vocab_size) == (
         cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size)
@@ -91,7 +91,7 @@ def test_spec_read_from_the_export(case):
 
 def test_prefill_and_decode_logits_match_hf(case):
     """Last-position logits after a two-batch prefill, then each decode step fed HF's greedy token."""
-    name, model, eng = case
+    name, model, eng, _ = case
     ids = _prompt(1, model.config.vocab_size)
     eng.cache_ids = []
     ours = eng.prefill(ids).copy()
@@ -106,7 +106,7 @@ def test_prefill_and_decode_logits_match_hf(case):
 
 
 def test_greedy_generation_matches_hf(case):
-    name, model, eng = case
+    name, model, eng, _ = case
     ids = _prompt(2, model.config.vocab_size)[:20]
     expect, seq = [], list(ids)
     for _ in range(STEPS):
@@ -115,6 +115,22 @@ def test_greedy_generation_matches_hf(case):
     eng.cache_ids = []
     got = list(eng.generate(ids, STEPS, Sampler(temperature=0), stop_ids=()))
     assert got == expect, name
+
+
+def test_converted_m_file_matches_hf(case, tmp_path):
+    """`dllama convert` to the reference's .m/.t (F32 weights) keeps experts, heads and rope scaling."""
+    from dllama.formats.convert import convert
+
+    name, model, _, path = case
+    m, t = str(tmp_path / "model.m"), str(tmp_path / "model.t")
+    convert(path, m, t, "f32")
+    ids = _prompt(1, model.config.vocab_size)
+    eng = Engine.open(m, t, nthreads=1)
+    try:
+        ours = eng.prefill(ids).copy()
+    finally:
+        eng.close()
+    assert _rel(ours, _hf_logits(model, ids)) < TOL_F, name
 
 
 @pytest.mark.parametrize("kind", ["llama", "mixtral"])
