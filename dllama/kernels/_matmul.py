@@ -32,7 +32,7 @@ from dllama.kernels import _threads
 from dllama.kernels._bits import f16_to_f32
 from dllama.kernels.quant import quantize_act
 
-TILE = 64
+TILE = 64  # rows per tile; the kernels spell it as the literal 64 (numba freezes globals)
 BLOCK_BYTES = {"q40": 18, "q41": 20, "q80": 34}
 
 
@@ -317,8 +317,10 @@ class Packed:
 def _tiles(a, rows, tile):
     """(rows, *rest) -> (tiles, *rest, tile): row r of tile t at [t, ..., r], zero-padded."""
     ntiles = -(-rows // tile)
-    padded = np.zeros((ntiles * tile,) + a.shape[1:], a.dtype)
-    padded[:rows] = a
+    padded = a
+    if rows % tile:  # only the last tile needs padding: skip the extra copy when none does
+        padded = np.zeros((ntiles * tile,) + a.shape[1:], a.dtype)
+        padded[:rows] = a
     padded = padded.reshape((ntiles, tile) + a.shape[1:])
     return np.ascontiguousarray(np.moveaxis(padded, 1, -1))
 
