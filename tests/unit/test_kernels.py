@@ -101,7 +101,7 @@ def check_matmul(W, raw, qtype, rows, cols):
 
 
 @pytest.mark.parametrize("qtype", ["q40", "q41", "q80", "f16", "f32"])
-@pytest.mark.parametrize("rows,cols", [(77, 96), (130, 224), (1, 32)])
+@pytest.mark.parametrize("rows,cols", [(77, 96), (130, 224), (1, 32), (128, 160)])
 def test_matmul_matches_twin(qtype, rows, cols, threads):
     raw = random_weights(qtype, rows, cols, rows + cols)
     W = K.pack(qtype, raw, rows, cols)
