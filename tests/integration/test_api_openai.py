@@ -196,6 +196,18 @@ def test_max_tokens_and_max_completion_tokens_end_with_length(client):
         assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
 
 
+def test_a_continuing_chat_evaluates_only_its_new_tokens(server, client):
+    turn1 = [{"role": "user", "content": "Name three colours."}]
+    r1 = _greedy_chat(client, turn1, 6)
+    turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
+                     {"role": "user", "content": "And three animals?"}]
+    r2 = _greedy_chat(client, turn2, 2)
+    last = httpx.get(f"{server}/health").json()["last"]
+    # The cache held turn 1's prompt and reply (all but the reply's last token, never fed back).
+    assert last["reused_tokens"] >= r1.usage.prompt_tokens + r1.usage.completion_tokens - 1
+    assert last["prompt_tokens"] == r2.usage.prompt_tokens - last["reused_tokens"]
+
+
 # ---- stop strings ------------------------------------------------------------------------------------
 
 def test_stop_text_never_leaks(client, reference):
