@@ -71,8 +71,9 @@ def gather(runner, node: Node, timeout: float = 20) -> Facts:
 def worker_command(node: Node, facts: Facts) -> str:
     args = [facts.python, "-m", "dllama", "worker", "--host", "0.0.0.0", "--port", str(node.port),
             "--nthreads", str(node.threads)]
-    env = f"NUMBA_CACHE_DIR={shlex.quote(node.numba_cache_dir)} " if facts.cache_writable else ""
-    return env + " ".join(shlex.quote(a) for a in args)
+    # `env`, not a VAR=value prefix: the command goes after `nohup setsid`, which execs its argument.
+    env = ["env", f"NUMBA_CACHE_DIR={node.numba_cache_dir}"] if facts.cache_writable else []
+    return " ".join(shlex.quote(a) for a in env + args)
 
 
 def start_detached(runner, node: Node, command: str, name: str) -> tuple[int | None, str]:

@@ -264,6 +264,7 @@ def run_playbook(hosts: TestHosts, playbook: str, inventory: str, *args: str, ti
                ANSIBLE_FORCE_COLOR="0", ANSIBLE_CALLBACKS_ENABLED="junit",
                JUNIT_OUTPUT_DIR=os.path.join(hosts.workdir, "junit"), JUNIT_TASK_CLASS="yes")
     cmd = [ansible_tool("ansible-playbook"), "-i", inventory, os.path.join(REPO, "playbooks", playbook), *args]
+    env["ANSIBLE_ROLES_PATH"] = os.path.join(REPO, "roles")
     return hosts.in_controller(cmd, check=False, timeout=timeout, env=env)
 
 

@@ -1,0 +1,93 @@
+"""dllama cluster without hosts: inventory reading (checked against ansible-inventory itself), node rules,
+shell quoting of state paths, the status table."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from dllama.cluster import inventory as I
+from dllama.cluster import nodes as N
+from dllama.cluster.ops import check_node_count, root_command
+from dllama.cluster.report import format_table
+from dllama.errors import DllamaError
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLES = ["example-raspberrypi.yml", "example-x86.yml", "local.yml"]
+
+
+def strip(v: dict) -> dict:
+    # ansible-inventory adds group_vars/ and its own magic; compare what the YAML file itself says.
+    return {k: v[k] for k in v if not k.startswith("ansible_") or k in ("ansible_host", "ansible_user")}
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_yaml_reader_agrees_with_ansible_inventory(name, tmp_path):
+    tool = shutil.which("ansible-inventory")
+    if tool is None:
+        if os.environ.get("DLLAMA_REQUIRE_ALL_TESTS") == "1":
+            pytest.fail("ansible-inventory is not installed")
+        pytest.skip("ansible-inventory is not installed")
+    # A copy outside inventory/, so inventory/group_vars does not apply to either reader.
+    path = tmp_path / name
+    shutil.copy(os.path.join(REPO, "inventory", name), path)
+    groups_a, vars_a = I._via_ansible(tool, str(path))
+    groups_y, vars_y = I._via_yaml(str(path))
+    for g in (I.ROOT_GROUP, I.WORKER_GROUP):
+        assert groups_a[g] == groups_y[g]
+    for host in groups_a[I.ROOT_GROUP] + groups_a[I.WORKER_GROUP]:
+        ya = strip(vars_y[host])
+        assert {k: vars_a[host][k] for k in ya} == ya
+
+
+def test_raspberrypi_example_is_a_four_node_cluster_in_order():
+    c = I.read_inventory(os.path.join(REPO, "inventory", "example-raspberrypi.yml"))
+    assert c.root.name == "raspberrypi1" and c.root.ssh_user == "pi"
+    assert [w.endpoint for w in c.workers] == ["10.0.0.2:9999", "10.0.0.3:9999", "10.0.0.4:9999"]
+    check_node_count(c)
+    argv = root_command(c, "/opt/dllama/venv/bin/python", "inference", ["--prompt", "hi"])
+    i = argv.index("--workers")
+    assert argv[i + 1:i + 4] == ["10.0.0.2:9999", "10.0.0.3:9999", "10.0.0.4:9999"]
+    assert argv[-2:] == ["--prompt", "hi"]
+
+
+def test_bad_inventories_name_the_variable(tmp_path):
+    def cluster(workers: dict) -> str:
+        import yaml
+
+        p = tmp_path / "inv.yml"
+        p.write_text(yaml.safe_dump({"all": {"children": {
+            "dllama_root": {"hosts": {"r": {"dllama_address": "10.0.0.1"}}},
+            "dllama_workers": {"hosts": workers}}}}))
+        with pytest.raises(DllamaError) as e:
+            c = I.read_inventory(str(p))
+            check_node_count(c)
+        return str(e.value)
+
+    assert "dllama_address is not set for w" in cluster({"w": {}})
+    assert "dllama_worker_port of w is 70000" in cluster({"w": {"dllama_address": "10.0.0.2",
+                                                                "dllama_worker_port": 70000}})
+    msg = cluster({"a": {"dllama_address": "10.0.0.2"}, "b": {"dllama_address": "10.0.0.3"}})
+    assert "1 root + 2 workers = 3 nodes" in msg and "use 1 or 3 workers" in msg
+    assert "both a and b" in cluster({"a": {"dllama_address": "10.0.0.2"}, "b": {"dllama_address": "10.0.0.2"}})
+
+
+def test_state_paths_expand_home_on_the_node_and_quote_the_rest():
+    home = I.Node("n", "1.2.3.4", "h", state_dir="~/.dllama")
+    odd = I.Node("n", "1.2.3.4", "h", state_dir="/tmp/a b;c")
+    for node, want in ((home, os.path.expanduser("~/.dllama/x y.log")), (odd, "/tmp/a b;c/x y.log")):
+        out = subprocess.run(["/bin/sh", "-c", f"printf %s {N.state_path(node, 'x y.log')}"],
+                             capture_output=True, text=True).stdout
+        assert out == want
+    with pytest.raises(DllamaError):
+        N.state_path(I.Node("n", "1.2.3.4", "h", state_dir="~/$(reboot)"), "x")
+
+
+def test_status_table_aligns_columns():
+    rows = [("node1", "root", "yes", "-", "-", "-", "100 MB", "0.1", "-"),
+            ("node22", "worker", "NO", "NO", "-", "9999", "-", "-", "-")]
+    lines = format_table(rows).splitlines()
+    assert lines[0].startswith("NODE    ROLE") and lines[2].startswith("node22  worker  NO")
