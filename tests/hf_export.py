@@ -144,7 +144,7 @@ def _stored_type(gguf_name: str, x: np.ndarray, weight_type: str):
     # llama.cpp keeps vectors, the router and rope_freqs in F32 whatever the file type
     if x.ndim == 1 or gguf_name.endswith("ffn_gate_inp.weight") or weight_type == "f32":
         return T.F32
-    return {"f16": T.F16, "q80": T.Q8_0}[weight_type]
+    return {"f16": T.F16, "q80": T.Q8_0, "q40": T.Q4_0, "q41": T.Q4_1}[weight_type]
 
 
 def _write_metadata(w, cfg, vocab: int) -> None:
@@ -182,11 +182,11 @@ def _write_metadata(w, cfg, vocab: int) -> None:
 def export_gguf(model, path, weight_type: str = "f32", llama3_as: str = "rope_freqs",
                 sabotage: str | None = None) -> tuple[dict, set]:
     """Write `model` as a llama GGUF at `path`. Returns (held, quantized): held = {hf parameter name:
-    torch tensor} with the values the file now stores (after F16/Q8_0 rounding) in HF's layout, to load
+    torch tensor} with the values the file now stores (after F16 or block rounding) in HF's layout, to load
     back into the model; quantized = the hf names stored in a block format (whose matmuls dllama feeds
     Q80 activations).
 
-    weight_type: "f32", "f16" or "q80" for matrices. llama3_as: how Llama 3.1 scaling is stated:
+    weight_type: "f32", "f16", "q80", "q40" or "q41" for matrices. llama3_as: how Llama 3.1 scaling is stated:
     "rope_freqs" (llama.cpp's converter: a tensor of divisors) or "keys" (`llama.rope.scaling.*`
     metadata, which dllama also reads). sabotage: one of SABOTAGES, to check that a comparison notices
     a wrong export (held is {} then).
@@ -211,7 +211,7 @@ def export_gguf(model, path, weight_type: str = "f32", llama3_as: str = "rope_fr
         if name == "rope_freqs.weight" and llama3_as != "rope_freqs":
             continue
         qt = _stored_type(name, x, weight_type)
-        if qt == gguf.GGMLQuantizationType.Q8_0 and hf_name:
+        if qt not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) and hf_name:
             quantized.add(hf_name)
         raw = gguf.quants.quantize(np.ascontiguousarray(x), qt)
         w.add_tensor(name, raw, raw_dtype=qt if raw.dtype == np.uint8 else None)
