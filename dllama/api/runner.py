@@ -117,6 +117,13 @@ class EngineRunner:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Cancel the running and waiting jobs and end the thread."""
+        self.cancel_all()
+        self._jobs.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def cancel_all(self) -> None:
+        """Refuse new jobs and end the current and waiting ones (their clients get an error). Never blocks."""
         self._closing = True
         if self._current is not None:
             self._current.cancel()
@@ -125,11 +132,9 @@ class EngineRunner:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 break
-            job.cancel()
-            job.post(Failed("the server is shutting down"))
-        self._jobs.put(None)
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+            if job is not None:
+                job.cancel()
+                job.post(Failed("the server is shutting down"))
 
     def _serve(self) -> None:
         while True:

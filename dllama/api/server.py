@@ -41,7 +41,11 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     """Serve until Ctrl-C / SIGTERM. Raises DllamaError for bad flags, a busy port, or a model that fails to load."""
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise DllamaError(f"dllama-api needs {exc.name}: pip install 'dllama[api]'") from None
 
     from dllama.api.routes import Service, create_app
     from dllama.commands.common import parse_workers
@@ -55,7 +59,7 @@ def run(args) -> int:
     app = create_app(service, max_body=args.max_body_size, api_key=args.api_key)
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3,
                             server_header=False, proxy_headers=False)
-    server = uvicorn.Server(config)
+    server = _make_server(config, service)
     loader = threading.Thread(target=_load, args=(args, service, server), name="dllama-load", daemon=True)
     loader.start()
     host, port = sock.getsockname()[:2]
@@ -71,6 +75,20 @@ def run(args) -> int:
     if service.status == "failed":
         raise DllamaError(service.error)
     return 0
+
+
+def _make_server(config, service):
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """Ends running replies at the first Ctrl-C / SIGTERM, so shutdown need not wait for them."""
+
+        def handle_exit(self, sig, frame):
+            if service.runner is not None:
+                service.runner.cancel_all()
+            super().handle_exit(sig, frame)
+
+    return Server(config)
 
 
 def _check_flags(args) -> None:
