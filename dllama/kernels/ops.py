@@ -19,7 +19,7 @@ def expf(x):
 
     exp(x) = 2**n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by Cephes' expf
     polynomial, 2**n built from exponent bits. Below -87.3 (result under the smallest normal) it
-    returns 0; above 88.7, inf.
+    returns 0; above 88.7, inf; NaN gives NaN.
     """
     xc = min(max(x, np.float32(-87.33654)), np.float32(88.72284))
     n = np.floor(xc * np.float32(1.44269504) + np.float32(0.5))
@@ -36,7 +36,8 @@ def expf(x):
     n2 = np.int32(n) - n1
     y = y * _as_f32(np.uint32(n1 + np.int32(127)) << np.uint32(23))
     y = y * _as_f32(np.uint32(n2 + np.int32(127)) << np.uint32(23))
-    return np.float32(0.0) if x < np.float32(-87.33654) else y
+    y = np.float32(0.0) if x < np.float32(-87.33654) else y
+    return y if x == x else x  # NaN stays NaN (the clamps above would hide it)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")

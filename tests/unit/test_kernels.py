@@ -271,6 +271,9 @@ def test_expf_within_two_ulp_of_float64_exp():
     normal = (ref > np.finfo(np.float32).tiny) & (ref < np.finfo(np.float32).max)
     assert np.all(np.abs(out[normal] - ref[normal]) <= 2 * 2.0 ** -24 * ref[normal])
     assert np.all(out[ref < np.finfo(np.float32).tiny] == 0) and np.all(np.isinf(out[ref > 3.5e38]))
+    nan = np.full(3, np.nan, np.float32)
+    apply(nan, out[:3])
+    assert np.all(np.isnan(out[:3]))
 
 
 def test_threads_apply_in_other_python_threads(threads):
