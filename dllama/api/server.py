@@ -7,6 +7,7 @@ If loading fails, the server stops and the command exits 2 with the loader's one
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import socket
@@ -41,11 +42,10 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     """Serve until Ctrl-C / SIGTERM. Raises DllamaError for bad flags, a busy port, or a model that fails to load."""
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError as exc:
-        raise DllamaError(f"dllama-api needs {exc.name}: pip install 'dllama[api]'") from None
+    for dep in ("fastapi", "uvicorn"):
+        if importlib.util.find_spec(dep) is None:
+            raise DllamaError(f"dllama-api needs {dep}: pip install 'dllama[api]'")
+    import uvicorn
 
     from dllama.api.routes import Service, create_app
     from dllama.commands.common import parse_workers
