@@ -115,12 +115,20 @@ def read_inventory(path: str) -> Cluster:
     """The cluster an inventory file describes. Raises DllamaError naming the file or variable."""
     if not os.path.exists(path):
         raise DllamaError(f"inventory not found: {path}")
-    tool = shutil.which("ansible-inventory")
+    tool = ansible_inventory_tool()
     if tool:
         groups, hostvars = _via_ansible(tool, path)
     else:
         groups, hostvars = _via_yaml(path)
     return make_cluster(groups, hostvars, path)
+
+
+def ansible_inventory_tool() -> str | None:
+    """ansible-inventory beside this Python (a venv that is not activated) or on PATH."""
+    import sys
+
+    beside = os.path.join(os.path.dirname(sys.executable), "ansible-inventory")
+    return beside if os.access(beside, os.X_OK) else shutil.which("ansible-inventory")
 
 
 def _via_ansible(tool: str, path: str) -> tuple[dict, dict]:

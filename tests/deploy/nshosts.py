@@ -229,24 +229,6 @@ class TestHosts:
         return path
 
 
-def probe_worker(hosts: TestHosts, address: str, port: int, timeout: float = 5.0) -> dict:
-    """Ask a worker for its handshake from the controller namespace; returns what it answered.
-
-    Uses `dllama.net.probe` (the engine's own handshake); raises AssertionError when the worker does
-    not answer it.
-    """
-    code = (
-        "import json, sys; from dllama.net import probe; "
-        f"print(json.dumps(probe({address!r}, {port}, {timeout})))"
-    )
-    r = hosts.in_controller([sys.executable, "-c", code], check=False, timeout=timeout + 30)
-    if r.returncode != 0:
-        raise AssertionError(f"no dllama handshake from {address}:{port}: {r.stderr.strip()[-500:]}")
-    import json
-
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

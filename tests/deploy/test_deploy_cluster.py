@@ -16,7 +16,6 @@ import time
 import pytest
 import yaml
 
-import nshosts
 from conftest import model_file
 
 pytestmark = [pytest.mark.deploy, pytest.mark.slow]

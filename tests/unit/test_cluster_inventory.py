@@ -26,7 +26,7 @@ def strip(v: dict) -> dict:
 
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_yaml_reader_agrees_with_ansible_inventory(name, tmp_path):
-    tool = shutil.which("ansible-inventory")
+    tool = I.ansible_inventory_tool()
     if tool is None:
         if os.environ.get("DLLAMA_REQUIRE_ALL_TESTS") == "1":
             pytest.fail("ansible-inventory is not installed")
