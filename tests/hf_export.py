@@ -43,7 +43,7 @@ def build(kind: str, seed: int, tied: bool = False, rope: dict | None = None, **
                             experts_implementation="eager")
         cls = MixtralForCausalLM
     torch.manual_seed(seed)
-    model = cls(cfg).float().eval()
+    model = cls(cfg).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -91,47 +91,53 @@ def rope_factors(cfg) -> np.ndarray:
     return np.array(out, np.float32)
 
 
+def _attention(sd: dict, cfg, hf: str, g: str, permute: bool) -> list:
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    out = []
+    for kind, heads in (("q", nh), ("k", nkv)):
+        name = f"{hf}self_attn.{kind}_proj.weight"
+        if permute:
+            out.append((f"{g}attn_{kind}.weight", _permute(sd[name], heads), name, ("unpermute", heads)))
+        else:
+            out.append((f"{g}attn_{kind}.weight", sd[name], name, None))
+    return out + [(g + "attn_v.weight", sd[hf + "self_attn.v_proj.weight"], hf + "self_attn.v_proj.weight", None),
+                  (g + "attn_output.weight", sd[hf + "self_attn.o_proj.weight"], hf + "self_attn.o_proj.weight",
+                   None)]
+
+
+def _ffn(sd: dict, hf: str, g: str, sabotage: str | None) -> list:
+    gate, up = ("up", "gate") if sabotage == "swap_gate_up" else ("gate", "up")
+    if hf + "mlp.experts.gate_up_proj" not in sd:
+        names = {"gate": hf + "mlp.gate_proj.weight", "up": hf + "mlp.up_proj.weight"}
+        return [(g + "ffn_gate.weight", sd[names[gate]], names["gate"], None),
+                (g + "ffn_up.weight", sd[names[up]], names["up"], None),
+                (g + "ffn_down.weight", sd[hf + "mlp.down_proj.weight"], hf + "mlp.down_proj.weight", None)]
+    # transformers 5 fuses each expert's gate and up rows: gate_up_proj (n_expert, 2 * ff, dim)
+    fused, down = hf + "mlp.experts.gate_up_proj", hf + "mlp.experts.down_proj"
+    ff = sd[fused].shape[1] // 2
+    halves = {"gate": sd[fused][:, :ff], "up": sd[fused][:, ff:]}
+    order = slice(None, None, -1 if sabotage == "experts_reversed" else 1)
+    return [(g + "ffn_gate_inp.weight", sd[hf + "mlp.gate.weight"], hf + "mlp.gate.weight", None),
+            (g + "ffn_gate_exps.weight", halves[gate][order], fused, ("half", slice(None, ff))),
+            (g + "ffn_up_exps.weight", halves[up][order], fused, ("half", slice(ff, None))),
+            (g + "ffn_down_exps.weight", sd[down][order], down, None)]
+
+
 def _gguf_tensors(model, sabotage: str | None) -> list:
-    """[(gguf name, f32 array in GGUF row order, hf name or None, how to map back to HF)]."""
+    """[(gguf name, f32 array in GGUF order, the hf name it came from or None, how to map it back)]."""
     cfg = model.config
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    permute = sabotage != "no_qk_permute"
     out = [("token_embd.weight", sd["model.embed_tokens.weight"], "model.embed_tokens.weight", None),
            ("output_norm.weight", sd["model.norm.weight"], "model.norm.weight", None)]
     if not cfg.tie_word_embeddings:
         out.append(("output.weight", sd["lm_head.weight"], "lm_head.weight", None))
     for i in range(cfg.num_hidden_layers):
         hf, g = f"model.layers.{i}.", f"blk.{i}."
-        q, k = sd[hf + "self_attn.q_proj.weight"], sd[hf + "self_attn.k_proj.weight"]
-        out += [(g + "attn_q.weight", _permute(q, nh) if permute else q, hf + "self_attn.q_proj.weight",
-                 ("unpermute", nh) if permute else None),
-                (g + "attn_k.weight", _permute(k, nkv) if permute else k, hf + "self_attn.k_proj.weight",
-                 ("unpermute", nkv) if permute else None),
-                (g + "attn_v.weight", sd[hf + "self_attn.v_proj.weight"], hf + "self_attn.v_proj.weight", None),
-                (g + "attn_output.weight", sd[hf + "self_attn.o_proj.weight"], hf + "self_attn.o_proj.weight",
-                 None),
-                (g + "attn_norm.weight", sd[hf + "input_layernorm.weight"], hf + "input_layernorm.weight", None),
+        out += _attention(sd, cfg, hf, g, permute=sabotage != "no_qk_permute")
+        out += [(g + "attn_norm.weight", sd[hf + "input_layernorm.weight"], hf + "input_layernorm.weight", None),
                 (g + "ffn_norm.weight", sd[hf + "post_attention_layernorm.weight"],
                  hf + "post_attention_layernorm.weight", None)]
-        gate_up = "gate" if sabotage != "swap_gate_up" else "up"
-        if hf + "mlp.experts.gate_up_proj" in sd:
-            gu, down = sd[hf + "mlp.experts.gate_up_proj"], sd[hf + "mlp.experts.down_proj"]
-            ff = gu.shape[1] // 2
-            order = slice(None, None, -1 if sabotage == "experts_reversed" else 1)
-            halves = {"gate": gu[:, :ff], "up": gu[:, ff:]}
-            out += [(g + "ffn_gate_inp.weight", sd[hf + "mlp.gate.weight"], hf + "mlp.gate.weight", None),
-                    (g + "ffn_gate_exps.weight", halves[gate_up][order], hf + "mlp.experts.gate_up_proj",
-                     ("gate", ff)),
-                    (g + "ffn_up_exps.weight", halves["up" if gate_up == "gate" else "gate"][order],
-                     hf + "mlp.experts.gate_up_proj", ("up", ff)),
-                    (g + "ffn_down_exps.weight", down[order], hf + "mlp.experts.down_proj", None)]
-        else:
-            names = {"gate": hf + "mlp.gate_proj.weight", "up": hf + "mlp.up_proj.weight"}
-            other = "up" if gate_up == "gate" else "gate"
-            out += [(g + "ffn_gate.weight", sd[names[gate_up]], names["gate"], None),
-                    (g + "ffn_up.weight", sd[names[other]], names["up"], None),
-                    (g + "ffn_down.weight", sd[hf + "mlp.down_proj.weight"], hf + "mlp.down_proj.weight", None)]
+        out += _ffn(sd, hf, g, sabotage)
     if cfg.rope_parameters.get("rope_type") == "llama3" and sabotage != "no_rope_freqs":
         out.append(("rope_freqs.weight", rope_factors(cfg), None, None))
     return out
@@ -220,10 +226,9 @@ def export_gguf(model, path, weight_type: str = "f32", llama3_as: str = "rope_fr
         y = gguf.quants.dequantize(raw, qt).reshape(x.shape)
         if back and back[0] == "unpermute":
             y = _unpermute(y, back[1])
-        if back and back[0] in ("gate", "up"):   # one half of HF's fused gate_up_proj
+        if back and back[0] == "half":   # gate or up rows of HF's fused gate_up_proj
             full = held.setdefault(hf_name, sd[hf_name].detach().clone())
-            half = slice(None, back[1]) if back[0] == "gate" else slice(back[1], None)
-            full[:, half] = torch.from_numpy(y)
+            full[:, back[1]] = torch.from_numpy(y)
         else:
             held[hf_name] = torch.from_numpy(np.ascontiguousarray(y))
     w.write_header_to_file()
@@ -240,8 +245,7 @@ def load_held(model, held: dict) -> None:
     with torch.no_grad():
         params = dict(model.named_parameters())
         for name, value in held.items():
-            if name in params:
-                params[name].copy_(value)
+            params[name].copy_(value)
 
 
 def round_q80(x):
