@@ -4,7 +4,8 @@ What llama.cpp's SmolLM2 goldens cannot reach: grouped-query attention with othe
 output, Llama 3.1 rope scaling, and the Mixtral mixture of experts (router, top-2, stacked experts).
 Each model goes to GGUF as llama.cpp's converter writes it (tests/hf_export.py); dllama runs the file
 and HF runs the same weights. F32/F16 matrices take f32 activations in dllama, so logits agree to float
-rounding; Q8_0 matrices take Q80 activations, which HF is made to see too (`q80_activations`).
+rounding; Q8_0/Q4_0/Q4_1 matrices take Q80 activations, which HF is made to see too (`q80_activations`).
+Also: `dllama convert` to .m, and a root plus one `dllama worker` on loopback.
 """
 
 from __future__ import annotations
