@@ -49,13 +49,24 @@ class Stats:
 class Engine:
     """A loaded model ready to generate. Not re-entrant: one generate() at a time."""
 
-    def __init__(self, loaded, tokenizer, chat, model, coll, seq_len: int):
-        self.loaded, self.tokenizer, self.chat = loaded, tokenizer, chat
+    def __init__(self, loaded, tokenizer, model, coll, seq_len: int):
+        self.loaded, self.tokenizer = loaded, tokenizer
+        self._chat = None
         self.spec = loaded.spec
         self.model, self.coll, self.seq_len = model, coll, seq_len
         self.name = self.spec.name or os.path.basename(loaded.path)
         self.cache_ids: list[int] = []      # tokens whose K/V are in the cache, in position order
         self.stats = Stats()
+
+    @property
+    def chat(self):
+        """The model's chat template (or the built-in its vocabulary points to). Built on first use, so a
+        base model without any template still runs `inference`; raises DllamaError for chat without one."""
+        if self._chat is None:
+            from dllama.chat import ChatTemplate
+
+            self._chat = ChatTemplate.for_tokenizer(self.tokenizer)
+        return self._chat
 
     @classmethod
     def open(cls, model_path: str, tokenizer_path: str | None = None, nthreads: int = 1,
@@ -77,7 +88,6 @@ class Engine:
                     buffer_float_type: str = "q80", workers=(), log=None) -> "Engine":
         """An engine over an already loaded model (a file's, or tensors built in memory)."""
         from dllama import kernels as K
-        from dllama.chat import ChatTemplate
         from dllama.model.collective import LocalCollective
         from dllama.model.llama import NodeModel
         from dllama.model.partition import partition
@@ -85,7 +95,6 @@ class Engine:
         _check_flags(nthreads, buffer_float_type, max_seq_len)
         spec = loaded.spec
         plan = partition(spec, 1 + len(workers))   # refuses bad node counts before connecting
-        chat = ChatTemplate.for_tokenizer(tokenizer)
         seq_len = min(spec.seq_len, max_seq_len) if max_seq_len else spec.seq_len
         K.set_threads(nthreads)
         if workers:
@@ -96,7 +105,7 @@ class Engine:
         model = NodeModel(spec, plan[0], seq_len, MAX_BATCH, coll)
         _load_slice(model, loaded, spec, plan[0])
         _release_pages(loaded)
-        return cls(loaded, tokenizer, chat, model, coll, seq_len)
+        return cls(loaded, tokenizer, model, coll, seq_len)
 
     # ---- generation ------------------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-REQUIRE_ALL = os.environ.get("DLLAMA_REQUIRE_ALL_TESTS") == "1"
+from testlib import REQUIRE_ALL, need  # noqa: F401  (re-exported for the fixtures below)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -16,14 +17,6 @@ def _reference_dir() -> Path:
     # ../shared/reference beside the clone (CI and developers), overridable for other layouts
     env = os.environ.get("DLLAMA_REFERENCE_DIR")
     return Path(env) if env else REPO.parent / "shared" / "reference"
-
-
-def need(condition: bool, reason: str) -> None:
-    """Skip when a prerequisite is missing, except in CI where every test must run."""
-    if not condition:
-        if REQUIRE_ALL:
-            pytest.fail(f"prerequisite missing in a run that requires all tests: {reason}")
-        pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

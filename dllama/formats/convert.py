@@ -17,6 +17,8 @@ import sys
 import threading
 import time
 
+import numpy as np
+
 from dllama.errors import DllamaError
 
 
@@ -82,6 +84,10 @@ def convert(model_path: str, output_model: str, output_tokenizer: str | None = N
         spec = dataclasses.replace(model.spec, weight_type=weight_type, tied_embeddings=False,
                                    extra=dict(model.spec.extra))
         header_items(spec)   # refuse what the header cannot hold before writing anything
+        factors = spec.extra.get("rope_freqs")
+        if factors is not None and spec.rope_type != "llama3.1" and not np.allclose(factors, 1.0):
+            raise DllamaError(f"{model_path}: its rope_freqs factors are not Llama 3.1 rope scaling, which is "
+                              "all a .m header can describe; run the GGUF directly")
         outputs = [output_model] + ([output_tokenizer] if output_tokenizer else [])
         with atomic_paths(outputs) as temps:
             if output_tokenizer:

@@ -164,7 +164,12 @@ def _rope_scaling(reader, tensors: dict, spec: ModelSpec, path: str) -> None:
         if len(factors) != spec.head_dim // 2:
             raise FormatError(f"{path}: rope_freqs.weight has {len(factors)} values, expected {spec.head_dim // 2}")
         orig = orig or 8192
-        f, lo, hi = _llama3_rope(factors, spec.head_dim, spec.rope_theta, orig, path)
+        try:
+            f, lo, hi = _llama3_rope(factors, spec.head_dim, spec.rope_theta, orig, path)
+        except FormatError:
+            # not recoverable as Llama 3.1 parameters (e.g. fewer than two blended frequencies): the
+            # engine divides by the factors themselves, as llama.cpp does; only `.m` export needs them
+            f = 0.0
         if f > 1:
             spec.rope_type = "llama3.1"
             spec.rope_scaling_factor, spec.rope_scaling_low_freq_factor = f, lo

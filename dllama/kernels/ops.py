@@ -57,11 +57,15 @@ def rmsnorm(x, w, eps, out):
 
 def rope_tables(spec, seq_len):
     """(cos, sin), each (seq_len, head_dim // 2) float32: the rotation of pair i at position p is
-    p * theta**(-2i / head_dim), with Llama 3.1 frequency scaling when spec.rope_type is "llama3.1"
-    (Meta's apply_scaling). Angles are computed in float64, then rounded once."""
+    p * theta**(-2i / head_dim), divided by a GGUF's `rope_freqs` factors where the file has them, else
+    with Llama 3.1 frequency scaling when spec.rope_type is "llama3.1" (Meta's apply_scaling). Angles are computed in float64, then rounded once."""
     hd = spec.head_dim
     freqs = float(spec.rope_theta) ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
-    if spec.rope_type == "llama3.1":
+    factors = (getattr(spec, "extra", None) or {}).get("rope_freqs")
+    if factors is not None:
+        # a GGUF's own per-frequency divisors (llama.cpp's `rope_freqs`): used as llama.cpp uses them
+        freqs = freqs / np.asarray(factors, dtype=np.float64)
+    elif spec.rope_type == "llama3.1":
         freqs = _llama31_scaling(freqs, spec.rope_scaling_factor, spec.rope_scaling_low_freq_factor,
                                  spec.rope_scaling_high_freq_factor, spec.rope_scaling_orig_max_seq_len)
     angles = np.outer(np.arange(seq_len, dtype=np.float64), freqs)

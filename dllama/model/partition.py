@@ -52,30 +52,35 @@ def _ranges(n_items: int, n_nodes: int) -> list[range]:
 def valid_node_counts(spec: ModelSpec) -> list[int]:
     counts, n = [], 1
     while n <= spec.n_kv_heads:
-        if _fits(spec, n):
+        if _why_not(spec, n) is None:
             counts.append(n)
         n *= 2
     return counts
 
 
-def _fits(spec: ModelSpec, n: int) -> bool:
-    return (spec.n_kv_heads % n == 0
-            and spec.ffn_dim % (n * BLOCK) == 0
-            and (spec.q_dim // n) % BLOCK == 0)
+def _why_not(spec: ModelSpec, n: int) -> str | None:
+    """Why `spec` cannot be split over `n` nodes, or None if it can."""
+    if n < 1 or n & (n - 1):
+        return "the node count must be a power of two"
+    if n > spec.n_kv_heads or spec.n_kv_heads % n:
+        return f"it has {spec.n_kv_heads} KV heads"
+    if spec.ffn_dim % (n * BLOCK):
+        return f"its FFN width {spec.ffn_dim} does not split into {BLOCK}-value blocks over {n} nodes"
+    if (spec.q_dim // n) % BLOCK:
+        return f"its attention width {spec.q_dim} does not split into {BLOCK}-value blocks over {n} nodes"
+    return None
 
 
 def partition(spec: ModelSpec, n_nodes: int) -> list[NodeSlice]:
     """Split `spec` over `n_nodes` nodes.
 
-    Raises DllamaError, naming the node counts that would work, when the model cannot be split so:
-    like the reference, node counts are powers of two and at most the number of KV heads.
+    Raises DllamaError, naming the reason and the node counts that would work, when the model cannot be
+    split so: like the reference, node counts are powers of two and at most the number of KV heads.
     """
-    power_of_two = n_nodes >= 1 and (n_nodes & (n_nodes - 1)) == 0
-    if not power_of_two or n_nodes > spec.n_kv_heads or not _fits(spec, n_nodes):
+    why = _why_not(spec, n_nodes)
+    if why:
         works = ", ".join(str(c) for c in valid_node_counts(spec))
-        raise DllamaError(
-            f"this model cannot be split over {n_nodes} nodes (it has {spec.n_kv_heads} KV heads); "
-            f"node counts that work: {works}")
+        raise DllamaError(f"this model cannot be split over {n_nodes} nodes ({why}); node counts that work: {works}")
     group = spec.n_heads // spec.n_kv_heads
     kv = _ranges(spec.n_kv_heads, n_nodes)
     ffn = _ranges(spec.ffn_dim, n_nodes)

@@ -30,7 +30,6 @@ import hf_export as H   # noqa: E402  (needs torch)
 from cluster_fixtures import WorkerProcess  # noqa: E402
 
 from dllama.engine import MAX_BATCH, Engine  # noqa: E402
-from dllama.errors import FormatError  # noqa: E402
 from dllama.sampler import Sampler  # noqa: E402
 
 PROMPT_LEN = MAX_BATCH + 8   # two prefill batches: the second attends to K/V the first one cached
@@ -176,9 +175,6 @@ def test_a_wrong_export_is_caught(tmp_path_factory, sabotage):
     assert _rel(ours, _hf_logits(model, ids)) > 0.05
 
 
-@pytest.mark.xfail(strict=True, raises=FormatError,
-                   reason="gguf_model rebuilds (factor, low, high) from rope_freqs and needs >= 2 blended "
-                          "frequencies; llama.cpp just divides by the stored factors")
 def test_llama31_rope_with_one_blended_frequency(tmp_path_factory):
     """A valid Llama 3.1 scaling whose blend band holds one frequency of a 16-wide head."""
     rope = dict(H.LLAMA3_ROPE, high_freq_factor=2.0, original_max_position_embeddings=8192)

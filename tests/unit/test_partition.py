@@ -33,6 +33,11 @@ def test_counts_the_reference_rejects_are_refused_naming_what_works():
     with pytest.raises(DllamaError, match=r"over 2 nodes \(it has 3 KV heads\); node counts that work: 1$"):
         partition(SMOLLM2, 2)
     assert valid_node_counts(SMOLLM2) == [1]
+    with pytest.raises(DllamaError, match=r"over 3 nodes \(the node count must be a power of two\)"):
+        partition(LLAMA3_8B, 3)
+    narrow = ModelSpec(dim=64, hidden_dim=96, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=10)
+    with pytest.raises(DllamaError, match=r"FFN width 96 does not split.*over 2 nodes\); node counts that work: 1$"):
+        partition(narrow, 2)
 
 
 def test_slice_dict_round_trip():

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import need
+from testlib import need
 from dllama import tokenizer as T
 from dllama.errors import DllamaError
 from dllama.tokenizer import StreamDecoder, Tokenizer
