@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict
 
 import numpy as np
@@ -60,6 +60,12 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
             conn.set_timeout(timeout * IO_TIMEOUT_FACTOR)
         with ThreadPoolExecutor(max_workers=len(conns)) as pool:
             jobs = [pool.submit(_load_worker, conn, loaded, node, config) for conn, node in zip(conns, plan[1:])]
+            wait(jobs, return_when=FIRST_EXCEPTION)
+            failed = [job for job in jobs if job.done() and job.exception()]
+            if failed:   # stop the other streams now rather than after they have sent everything
+                for conn in conns:
+                    conn.abort()
+                raise failed[0].exception()
             sent = sum(job.result() for job in jobs)
         trim_heap()
         say(f"sent {sent / 1e6:.1f} MB of weights to {len(conns)} workers in {time.perf_counter() - t0:.1f} s")

@@ -64,6 +64,14 @@ class Connection:
         except OSError:
             pass
 
+    def abort(self) -> None:
+        """Close now, waking any thread blocked on this socket (close alone does not)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.close()
+
     # --- sending ---
 
     def send(self, msg) -> None:

@@ -221,12 +221,13 @@ class Worker:
             with self._lock:
                 self._state = "serving"
             conn.set_timeout(None)   # a root may sit idle between requests; keepalive notices a dead one
-            steps = 0
+            steps, t0 = 0, time.perf_counter()
             while (positions := coll.step()) is not None:
                 model.forward(None, positions)
                 steps += 1
-            log.info("%s %s after %d forward passes", conn.label,
-                     "said goodbye" if coll.said_bye else "closed the connection", steps)
+            busy = time.perf_counter() - t0
+            log.info("%s %s after %d forward passes (%.1f s: %.1f s waiting on the network)", conn.label,
+                     "said goodbye" if coll.said_bye else "closed the connection", steps, busy, coll.transfer_s)
         except ConnectionLost as exc:
             log.warning("%s went away: %s", conn.label, exc)
         except Exception as exc:  # noqa: BLE001 (any failure ends this root's session, never the worker)

@@ -245,6 +245,38 @@ def test_version_mismatch_refused_naming_both_versions(model_files, pool, monkey
     root.close()
 
 
+def test_worker_failing_to_load_is_named_with_its_reason(model_files, pool):
+    """A worker that gives up while loading (here a stand-in that reads the CONFIG and refuses, as a real one
+    does on MemoryError) fails the root with its reason; the real worker beside it is released."""
+    import socket
+    import threading
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def failing_worker():
+            conn, _ = server.accept()
+            with conn:
+                dec, msgs, acked = P.Decoder(), [], False
+                while len(msgs) < 2:   # HELLO, then CONFIG
+                    msgs += dec.feed(conn.recv(1 << 16))
+                    if msgs and not acked:
+                        conn.sendall(P.encode_bytes(P.HelloAck(P.PROTOCOL_VERSION)))
+                        acked = True
+                conn.sendall(P.encode_bytes(P.Refuse("worker 127.0.0.1: out of memory")))
+                conn.shutdown(socket.SHUT_WR)
+                while conn.recv(1 << 16):   # read out what the root still sends, as the worker does
+                    pass
+
+        t = threading.Thread(target=failing_worker, daemon=True)
+        t.start()
+        with pytest.raises(DllamaError, match=f"worker 127.0.0.1:{port}: refused: .*out of memory"):
+            Root(model_files[0], [pool[0].address, f"127.0.0.1:{port}", pool[1].address])
+        t.join(10)
+    for w in pool:
+        assert w.wait_idle()["state"] == "idle"
+
+
 def _kill_during_generation(root, victim, sig):
     root.greedy(steps=3)
     victim.proc.send_signal(sig)
