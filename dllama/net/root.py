@@ -25,7 +25,7 @@ def parse_address(address) -> tuple[str, int]:
     """'host:port' (or 'host', port 9998, or a (host, port) pair) -> (host, port). Raises DllamaError
     naming a bad one."""
     if isinstance(address, tuple):
-        return address[0], int(address[1])
+        return str(address[0]).strip("[]"), int(address[1])
     host, sep, port = address.rpartition(":")
     if not sep:
         host, port = address, str(DEFAULT_PORT)

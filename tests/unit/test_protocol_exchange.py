@@ -135,3 +135,22 @@ def test_root_names_the_worker_that_went_away():
     b.close()
     with pytest.raises(ConnectionLost, match="worker 127.0.0.1:9 a"):
         root.reduce_sum(np.zeros((1, 32), np.float32))
+
+
+@pytest.mark.parametrize("given,want", [
+    ("10.0.0.2:9998", ("10.0.0.2", 9998)), ("pi4", ("pi4", 9998)), ("[::1]:9999", ("::1", 9999)),
+    (("[::1]", 9999), ("::1", 9999)), (("10.0.0.3", "9997"), ("10.0.0.3", 9997)),
+])
+def test_worker_addresses(given, want):
+    from dllama.net.root import parse_address
+
+    assert parse_address(given) == want
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.2:", ":9998", "10.0.0.2:99999", "10.0.0.2:port"])
+def test_bad_worker_address_is_named(bad):
+    from dllama.errors import DllamaError
+    from dllama.net.root import parse_address
+
+    with pytest.raises(DllamaError, match=f"bad worker address {bad!r}"):
+        parse_address(bad)
