@@ -3,7 +3,6 @@ nodes (F32 buffers), Q80 buffers within a stated tolerance, memory split, and th
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
