@@ -132,6 +132,17 @@ def test_models_lists_the_ggufs_own_name(client, gguf_meta):
     assert client.models.retrieve(gguf_meta["name"]).id == gguf_meta["name"]
 
 
+def test_keep_alive_requests_do_not_wait_for_delayed_acks(server):
+    # Without TCP_NODELAY on accepted sockets, each response on a reused connection waits ~40 ms.
+    with httpx.Client() as c:
+        times = []
+        for _ in range(9):
+            t0 = time.perf_counter()
+            assert c.get(f"{server}/v1/models").status_code == 200
+            times.append(time.perf_counter() - t0)
+    assert sorted(times)[4] < 0.025, [round(t * 1000, 1) for t in times]
+
+
 def test_chat_at_temperature_0_equals_dllama_inference(client, smollm2_path, chat_case, gguf_meta):
     r = _greedy_chat(client, chat_case["messages"], 40)
     assert r.object == "chat.completion" and r.model == gguf_meta["name"]
