@@ -73,8 +73,8 @@ def check_model(s: Session, n_nodes: int) -> None:
         raise DllamaError(f"cannot check the model on {c.root.name}: {(r.err.strip().splitlines() or ['?'])[-1]}")
 
 
-def port_in_use(s: Session, node: Node) -> bool:
-    r = s.runners[node.name].run(f"ss -Htln 'sport = :{node.port}'", timeout=20)
+def port_in_use(s: Session, node: Node, port: int | None = None) -> bool:
+    r = s.runners[node.name].run(f"ss -Htln 'sport = :{port or node.port}'", timeout=20)
     return r.ok and bool(r.out.strip())
 
 
@@ -184,7 +184,8 @@ def run_root(s: Session, run: str, extra: list[str]) -> int:
         pid, err = N.start_detached(s.runners[c.root.name], c.root, line, "root-api")
         if pid is None:
             raise DllamaError(f"{c.root.name}: could not start the API: {err}")
-        say(f"{c.root.name}: API started (pid {pid}) on port {c.api_port}; log: dllama cluster logs")
+        wait_api(s, pid, timeout=300)
+        say(f"{c.root.name}: API ready (pid {pid}) on port {c.api_port}; its log: dllama cluster logs")
         return 0
     say(f"{c.root.name}: running the root ({run})")
     if c.root.local:
@@ -192,6 +193,20 @@ def run_root(s: Session, run: str, extra: list[str]) -> int:
     conn = s.runners[c.root.name].conn
     r = conn.run(line, warn=True, pty=run == "chat", in_stream=None if run == "chat" else False)
     return r.exited
+
+
+def wait_api(s: Session, pid: int, timeout: float) -> None:
+    """Until the API listens on its port (it loads the model and sends the workers their slices first)."""
+    c = s.cluster
+    runner = s.runners[c.root.name]
+    deadline = time.monotonic() + timeout
+    while not port_in_use(s, c.root, c.api_port):
+        if not N.alive(runner, pid):
+            tail = runner.run(f"tail -n 5 {N.state_path(c.root, 'root-api.log')}").out.strip()
+            raise DllamaError(f"the API on {c.root.name} exited: {tail.splitlines()[-1] if tail else 'no log'}")
+        if time.monotonic() > deadline:
+            raise DllamaError(f"the API on {c.root.name} is not listening on port {c.api_port} after {timeout:.0f} s")
+        time.sleep(1.0)
 
 
 def stop_worker(s: Session, node: Node) -> str:

@@ -37,6 +37,9 @@ def test_package_imports_on_each_host(deployed):
         # The venv was made from the distribution's Python, not the controller's.
         r = hosts.ssh(host, f"readlink -f {VENV}/bin/python")
         assert r.stdout.strip().startswith("/usr/bin/python3"), r.stdout
+        # The root also has the API server's extra (fastapi, uvicorn), from the same wheelhouse.
+        if host is hosts.hosts[0]:
+            hosts.ssh(host, f"{VENV}/bin/python -c 'import fastapi, uvicorn, dllama.api.server'")
         cache = host.path("/opt/dllama/numba-cache")
         assert any(f.endswith((".nbi", ".nbc")) for _, _, fs in os.walk(cache) for f in fs), \
             f"numba cache on {host.name} is empty"
@@ -110,6 +113,11 @@ def test_worker_runs_and_answers_handshake(deployed):
         check_worker(hosts, worker)
     finally:
         hosts.ssh(worker, "kill $(cat /run/dllama-worker-runner.pid)", check=False)
+    # As `systemctl stop`: the supervisor and the worker are gone.
+    deadline = time.monotonic() + 15
+    while "dllama" in hosts.ssh(worker, "ps -eo args").stdout and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "dllama" not in hosts.ssh(worker, "ps -eo args").stdout
 
 
 def check_worker(hosts, worker):

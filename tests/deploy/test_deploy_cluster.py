@@ -97,19 +97,26 @@ def test_killed_worker_is_named_by_status(cluster):
     assert "node2: worker not answering on port 9999" in r.stderr
 
 
-def test_down_leaves_no_process_and_is_idempotent(cluster):
+def test_up_api_then_down_leaves_no_process_and_is_idempotent(cluster):
     hosts, inv, _ = cluster
-    r = dllama_cluster(hosts, "up", inv)
+    root, worker = hosts.hosts
+    r = dllama_cluster(hosts, "up", inv, "--run", "api")
     assert r.returncode == 0, r.stderr
     pid = worker_pid(hosts)
-    assert hosts.ssh(hosts.hosts[1], f"kill -0 {pid}", check=False).returncode == 0
+    api_pid = int(hosts.ssh(root, f"cat {STATE}/root-api.pid").stdout)
+    models = hosts.ssh(root, "/opt/dllama/venv/bin/python -c \"import urllib.request; "
+                             "print(urllib.request.urlopen('http://127.0.0.1:9990/v1/models').read().decode())\"")
+    assert "random-4kv" in models.stdout, models.stdout
+    rows = {line.split()[0]: line.split() for line in dllama_cluster(hosts, "status", inv).stdout.splitlines()[1:]}
+    assert rows["node1"][3] == "api" and rows["node2"][-1].startswith("10.213.1.11:")  # serving the API's root
     for _ in range(2):
         r = dllama_cluster(hosts, "down", inv)
         assert r.returncode == 0, r.stderr
-    assert hosts.ssh(hosts.hosts[1], f"kill -0 {pid}", check=False).returncode != 0
+    assert hosts.ssh(worker, f"kill -0 {pid}", check=False).returncode != 0
+    assert hosts.ssh(root, f"kill -0 {api_pid}", check=False).returncode != 0
     assert worker_pid(hosts) is None
-    ps = hosts.ssh(hosts.hosts[1], "ps -eo args").stdout
-    assert "dllama worker" not in ps
+    assert "dllama" not in hosts.ssh(worker, "ps -eo args").stdout
+    assert "main_api" not in hosts.ssh(root, "ps -eo args").stdout
 
 
 def test_up_with_an_unreachable_host_starts_nothing(cluster):

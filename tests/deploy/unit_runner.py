@@ -73,22 +73,28 @@ def main(unit_path: str) -> int:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
     env.update(environment(svc.get("Environment", "")))
     child = None
+    stopping = False
 
+    # Only signal the child here: waiting inside the handler would deadlock on the lock Popen.wait()
+    # holds in the interrupted main loop.
     def stop(signum, frame):
-        if child is not None and child.poll() is None:
+        nonlocal stopping
+        stopping = True
+        if child is not None:
             child.terminate()
-            child.wait()
-        sys.exit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    while True:
+    while not stopping:
         print(f"unit_runner: starting {' '.join(argv)}", flush=True)
         child = subprocess.Popen(argv, env=env, cwd="/", preexec_fn=preexec(svc), stdin=subprocess.DEVNULL)
         rc = child.wait()
         print(f"unit_runner: exited with {rc}", flush=True)
+        if stopping:
+            return 0
         if not should_restart(svc.get("Restart", "no"), rc):
             return rc if rc >= 0 else 128 - rc
         time.sleep(float(svc.get("RestartSec", "0.1").rstrip("s")))
+    return 0
 
 
 if __name__ == "__main__":

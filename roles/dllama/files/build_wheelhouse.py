@@ -73,11 +73,13 @@ def place(wheel: str, dest_dir: str) -> bool:
     return True
 
 
-def download_dependencies(wheel: str, out: str, python_version: str, platforms: list[str]) -> None:
+def download_dependencies(wheel: str, out: str, python_version: str, platforms: list[str], extras: str) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", out, "--only-binary=:all:",
            "--implementation", "cp", "--python-version", python_version]
     for p in platforms:
         cmd += ["--platform", p]
+    if extras:
+        wheel += f"[{extras}]"
     offline = subprocess.run(cmd + ["--no-index", "--find-links", out, wheel], capture_output=True, text=True)
     if offline.returncode == 0:
         return
@@ -119,6 +121,7 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="wheelhouse directory for one kind of host")
     ap.add_argument("--python-version", help="the hosts' Python, e.g. 3.11")
     ap.add_argument("--platform", action="append", help="wheel platform tag (repeatable)")
+    ap.add_argument("--extras", default="api", help="extras whose wheels to include too (default api)")
     ap.add_argument("--pack-only", action="store_true", help="only pack the wheels already in --out")
     args = ap.parse_args()
     if args.pack_only:
@@ -136,7 +139,7 @@ def main() -> int:
         wheel = build_wheel(args.source, tmp)
         changed = place(wheel, args.out)
     name = os.path.basename(wheel)
-    download_dependencies(os.path.join(args.out, name), args.out, args.python_version, args.platform)
+    download_dependencies(os.path.join(args.out, name), args.out, args.python_version, args.platform, args.extras)
     changed = pack(args.out) or changed
     print(json.dumps({"wheel": name, "changed": changed}))
     return 0
