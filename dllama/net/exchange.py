@@ -99,6 +99,8 @@ class RootCollective(_Exchange):
 
     def step(self, n: int, positions: np.ndarray) -> None:
         """Tell every worker to run a forward pass over n tokens at `positions`."""
+        if not 0 < n <= self.max_batch:
+            raise ValueError(f"a forward pass of {n} positions; the workers were set up for 1..{self.max_batch}")
         t0 = time.perf_counter()
         pos = self._positions[:n]
         pos[...] = positions[:n]
