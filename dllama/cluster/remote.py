@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from dataclasses import dataclass
 
@@ -42,6 +43,11 @@ class LocalRunner:
 
     def close(self) -> None:
         pass
+
+
+# paramiko logs connection failures with tracebacks from its own thread; the caller reports them in one line.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+logging.getLogger("paramiko").propagate = False
 
 
 class SshRunner:
