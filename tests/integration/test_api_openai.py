@@ -276,33 +276,40 @@ def test_five_clients_at_once_get_their_own_complete_answers(server, client):
 def test_a_client_that_disconnects_frees_the_engine_at_once(server, client):
     def quick():
         t0 = time.perf_counter()
-        r = client.complete(prompt="Hello", max_tokens=1, temperature=0)
-        assert r.usage.completion_tokens == 1
+        assert client.complete(prompt="Hello", max_tokens=1, temperature=0).usage.completion_tokens == 1
         return time.perf_counter() - t0
 
-    idle = min(quick() for _ in range(2))
+    def cancelled():
+        return httpx.get(f"{server}/health").json()["requests"]["cancelled"]
+
+    body = {"prompt": "Once upon a time", "max_tokens": SEQ_LEN, "temperature": 0}   # ~1000 tokens to go
+
+    def leave_mid_stream():
+        with httpx.stream("POST", f"{server}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            lines = (line for line in r.iter_lines() if line)
+            for _ in range(8):
+                next(lines)
+
+    def give_up_waiting():
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server}/v1/completions", json=body, timeout=max(0.5, 4 * token_s))
+
     client.complete(prompt="Once upon a time", max_tokens=16, temperature=0)
     token_s = httpx.get(f"{server}/health").json()["last"]["avg_token_ms"] / 1000   # the server's own timing
-    before = httpx.get(f"{server}/health").json()["requests"]["cancelled"]
-    body = {"prompt": "Once upon a time", "max_tokens": SEQ_LEN, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as r:
-        lines = (line for line in r.iter_lines() if line)
-        for _ in range(8):
-            next(lines)
-    # the connection is closed here, with ~1000 tokens still to generate
-    after_close = quick()
-    # Allowed: the token being computed when the client left, plus noise on a shared machine. Without the
-    # cancellation this request would wait for the ~1000 remaining tokens.
-    assert after_close <= idle + 2 * token_s + 0.5, \
-        f"next request took {after_close:.3f} s; idle {idle:.3f} s, one token {token_s:.3f} s"
-    assert httpx.get(f"{server}/health").json()["requests"]["cancelled"] == before + 1
-    # The same for a client that gives up waiting on a non-streamed reply.
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server}/v1/completions", json={**body, "stream": False}, timeout=max(0.5, 4 * token_s))
-    after_timeout = quick()
-    assert after_timeout <= idle + 2 * token_s + 0.5, \
-        f"next request took {after_timeout:.3f} s; idle {idle:.3f} s, one token {token_s:.3f} s"
-    assert httpx.get(f"{server}/health").json()["requests"]["cancelled"] == before + 2
+    for leave in (leave_mid_stream, give_up_waiting):
+        tries = []
+        for _ in range(3):   # timing on a shared machine: the best of three
+            idle, before = quick(), cancelled()
+            leave()
+            after = quick()
+            assert cancelled() == before + 1, leave.__name__
+            tries.append(f"next request {after:.3f} s vs {idle:.3f} s idle")
+            # Allowed: the token being computed when the client left, plus a little noise. Without the
+            # cancellation the next request would wait for the ~1000 remaining tokens.
+            if after <= idle + 2 * token_s + 0.3:
+                break
+        else:
+            pytest.fail(f"{leave.__name__}: one token takes {token_s:.3f} s; " + "; ".join(tries))
 
 
 # ---- bad requests on the real server -----------------------------------------------------------------
