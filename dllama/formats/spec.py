@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -43,3 +43,9 @@ class ModelSpec:
     @property
     def ffn_dim(self) -> int:
         return self.moe_hidden_dim if self.moe_hidden_dim else self.hidden_dim
+
+    def to_dict(self) -> dict:
+        """A JSON-safe dict (numpy arrays in `extra`, such as a GGUF's rope_freqs, become lists)."""
+        d = asdict(self)
+        d["extra"] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in self.extra.items()}
+        return d

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import asdict
 
 import numpy as np
 
@@ -54,7 +53,7 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
             _handshake(conn, i, len(plan))
             say(f"connected to worker {address} (node {i} of {len(plan)})")
         t0 = time.perf_counter()
-        config = {"spec": asdict(loaded.spec), "seq_len": seq_len, "max_batch": max_batch,
+        config = {"spec": loaded.spec.to_dict(), "seq_len": seq_len, "max_batch": max_batch,
                   "buffer_type": buffer_type}
         for conn in conns:
             conn.set_timeout(timeout * IO_TIMEOUT_FACTOR)

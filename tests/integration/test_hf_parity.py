@@ -201,9 +201,7 @@ def worker(tmp_path_factory):
 @pytest.mark.network
 @pytest.mark.parametrize("name", [
     "mixtral", "llama-wide-heads",
-    pytest.param("mixtral-tied-llama31", marks=pytest.mark.xfail(
-        strict=True, raises=TypeError, reason="net/root.py sends asdict(spec) as JSON, and spec.extra holds "
-                                              "the rope_freqs ndarray of every llama.cpp Llama 3.1/3.2 GGUF")),
+    "mixtral-tied-llama31",   # a GGUF's rope_freqs travel to the worker in the JSON config
 ])
 def test_two_nodes_match_hf(tmp_path_factory, worker, name):
     """Split over a root and a `dllama worker` on loopback (F32 buffers): each node holds half the heads,
