@@ -97,6 +97,8 @@ class Engine:
         plan = partition(spec, 1 + len(workers))   # refuses bad node counts before connecting
         seq_len = min(spec.seq_len, max_seq_len) if max_seq_len else spec.seq_len
         K.set_threads(nthreads)
+        # load every kernel the model needs from numba's cache now, not inside the first prompt's timing
+        K.warmup(sorted({t.qtype for t in loaded.tensors.values() if len(t.shape) == 2} - {"f32"}))
         if workers:
             from dllama.net.root import connect_workers
             coll = connect_workers(list(workers), loaded, plan, seq_len, buffer_float_type, nthreads, log=log)
