@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.network]
 def test_schemathesis_finds_no_server_error(smollm2_path, tmp_path):
     pytest.importorskip("schemathesis")
     # --max-tokens 1: every accepted request costs one token, so the run's length is the number of cases
-    with running_server(smollm2_path, "--nthreads", "2", "--max-seq-len", "64", "--max-tokens", "1") as base:
+    with running_server(smollm2_path, "--nthreads", "1", "--max-seq-len", "64", "--max-tokens", "1") as base:
         cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{base}/openapi.json",
                "--checks", "not_a_server_error", "--max-examples", "10", "--workers", "1", "--seed", "7",
                "--phases", "coverage,fuzzing",
