@@ -4,13 +4,21 @@ Every kernel takes float32 C-contiguous arrays and writes into output arrays it 
 layouts work but make numba compile a slower variant on first use).
 """
 
-import numpy as np
+import os
 
-from dllama.kernels._threads import set_threads
-from dllama.kernels._attention import attention
-from dllama.kernels._matmul import BLOCK_BYTES, TILE, Packed, matmul, pack
-from dllama.kernels.ops import gelu_glu, rmsnorm, rope, rope_tables, softmax, swiglu
-from dllama.kernels.quant import Q80_BLOCK_BYTES, dequantize_q80, quantize_q80
+# Parallel kernels run on numba's OpenMP pool. Its default is to spin while waiting for work, which
+# pays when the node's cores are idle but collapses when anything else runs (SmolLM2 at 2 threads on a
+# busy 2-core host: 14 tokens/s spinning vs 105 sleeping). A little wake-up latency is the better trade
+# for small shared machines; set OMP_WAIT_POLICY=active to spin. It must be set before OpenMP starts.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+
+from dllama.kernels._threads import set_threads  # noqa: E402
+from dllama.kernels._attention import attention  # noqa: E402
+from dllama.kernels._matmul import BLOCK_BYTES, TILE, Packed, matmul, pack  # noqa: E402
+from dllama.kernels.ops import gelu_glu, rmsnorm, rope, rope_tables, softmax, swiglu  # noqa: E402
+from dllama.kernels.quant import Q80_BLOCK_BYTES, dequantize_q80, quantize_q80  # noqa: E402
 
 __all__ = ["set_threads", "Packed", "pack", "matmul", "TILE", "rmsnorm", "rope_tables", "rope", "attention",
            "swiglu", "gelu_glu", "softmax", "quantize_q80", "dequantize_q80", "Q80_BLOCK_BYTES", "warmup"]
