@@ -179,6 +179,8 @@ class EngineRunner:
                     break
                 if job.cancelled.is_set():
                     return False
+                if n == job.max_tokens:
+                    break   # resuming the generator would run a forward pass whose token nobody wants
         finally:
             gen.close()   # frees the engine now, not when the generator is garbage-collected
         if finish == "length":
