@@ -176,6 +176,34 @@ def test_other_network_stacks_render_their_files(deployed):
     assert nm["ipv4"]["address1"] == f"{node.cluster_ip}/24"
 
 
+def test_update_pushes_a_new_build(deployed, tmp_path):
+    import json
+    import shutil
+    import uuid
+
+    hosts, inv = deployed
+    # A source tree that differs from the deployed one by a module holding a fresh value.
+    src = tmp_path / "src"
+    shutil.copytree(os.path.join(nshosts.REPO, "dllama"), src / "dllama",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
+    for name in ("pyproject.toml", "README.md"):
+        if os.path.exists(os.path.join(nshosts.REPO, name)):
+            shutil.copy(os.path.join(nshosts.REPO, name), src)
+    marker = uuid.uuid4().hex
+    (src / "dllama" / "_deploy_marker.py").write_text(f"VALUE = {marker!r}\n")
+    # The dependency wheels of the first run, so the build stays offline.
+    wheelhouse = tmp_path / "wheelhouse"
+    shutil.copytree(os.path.join(nshosts.REPO, "build", "wheelhouse"), wheelhouse,
+                    ignore=shutil.ignore_patterns("*.tar", "dllama-*.whl"))
+    extra = {"dllama_source_dir": str(src), "dllama_wheelhouse": str(wheelhouse), "dllama_warm_numba_cache": False}
+    r = nshosts.run_playbook(hosts, "update.yml", inv, "-e", json.dumps(extra))
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert all(c["changed"] > 0 for c in nshosts.recap(r.stdout).values())
+    for host in hosts.hosts:
+        out = hosts.ssh(host, f"{VENV}/bin/python -c 'import dllama._deploy_marker as m; print(m.VALUE)'").stdout
+        assert out.strip() == marker
+
+
 BAD_INVENTORIES = {
     "worker without address": ({"node2": {"dllama_address": None}}, "dllama_address is not set for node2"),
     "duplicate addresses": ({"node2": {"dllama_address": "10.213.1.11"}},
