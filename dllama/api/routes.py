@@ -15,6 +15,7 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -63,6 +64,10 @@ def create_app(service: Service, max_body: int, api_key: str | None = None) -> F
     app.state.service = service
     install_error_handlers(app)
     app.add_middleware(GuardMiddleware, max_body=max_body, api_key=api_key)
+    # Outermost, so that browser preflights (which carry no API key) are answered before the key check.
+    # Any origin, as the reference server allows: the key travels as a bearer token, never as a cookie.
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "OPTIONS"],
+                       allow_headers=["Authorization", "Content-Type"], max_age=600)
 
     @app.get("/health")
     async def health():

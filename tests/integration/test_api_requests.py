@@ -188,6 +188,22 @@ def test_api_key_is_required_when_set():
         runner.stop()
 
 
+def test_browsers_may_call_it_from_any_origin():
+    app, engine, runner = _app(api_key="s3cret")
+    try:
+        with TestClient(app) as c:
+            pre = c.options(CHAT, headers={"Origin": "http://chat.example", "Access-Control-Request-Method": "POST",
+                                           "Access-Control-Request-Headers": "authorization, content-type"})
+            assert pre.status_code == 200   # preflights carry no key and must not get a 401
+            assert pre.headers["access-control-allow-origin"] == "*"
+            assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+            r = c.get("/v1/models", headers={"Origin": "http://chat.example", "Authorization": "Bearer s3cret"})
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    finally:
+        engine.release.set()
+        runner.stop()
+
+
 def test_loading_server_answers_503_with_retry_after():
     service = Service({"temperature": 0.0, "topp": 0.9, "seed": None})
     with TestClient(create_app(service, max_body=MAX_BODY)) as c:
