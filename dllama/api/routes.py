@@ -16,7 +16,7 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from dllama.api.errors import ApiError, GuardMiddleware, install_error_handlers
@@ -98,7 +98,7 @@ def create_app(service: Service, max_body: int, api_key: str | None = None) -> F
         engine = service.require_engine()
         service.check_model(body.model)
         _reject_unsupported(body)
-        messages = [_template_message(m) for m in body.messages]
+        messages = [_template_message(j, m) for j, m in enumerate(body.messages)]
         prompt_ids = await run_in_threadpool(_render_chat, engine, messages)
         return await _complete(service, request, body, prompt_ids, chat=True)
 
@@ -113,9 +113,7 @@ def create_app(service: Service, max_body: int, api_key: str | None = None) -> F
     return app
 
 
-def _json(body: dict, status: int = 200):
-    from fastapi.responses import JSONResponse
-
+def _json(body: dict, status: int = 200) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
@@ -151,7 +149,7 @@ def _reject_unsupported(body) -> None:
             no("best_of above 1", "best_of")
 
 
-def _template_message(m) -> dict:
+def _template_message(j: int, m) -> dict:
     if m.content is None or isinstance(m.content, str):
         content = m.content or ""
     else:
@@ -159,7 +157,7 @@ def _template_message(m) -> dict:
         for i, part in enumerate(m.content):
             if part.type != "text" or part.text is None:
                 raise ApiError(400, f"content parts of type {part.type!r} are not supported (only text)",
-                               param=f"messages.content.{i}.type", code="unsupported")
+                               param=f"messages.{j}.content.{i}.type", code="unsupported")
             texts.append(part.text)
         content = "\n".join(texts)
     out = {"role": m.role, "content": content}
@@ -193,12 +191,13 @@ def _make_job(service: Service, body, prompt_ids: list[int]) -> Job:
     from dllama.sampler import Sampler
 
     engine = service.engine
+    param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
     if not prompt_ids:
-        raise ApiError(400, "the prompt is empty", param="prompt", code="invalid_value")
+        raise ApiError(400, "the prompt is empty", param=param, code="invalid_value")
     room = engine.seq_len - len(prompt_ids)
     if room < 1:
         raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; this server's context holds "
-                       f"{engine.seq_len} (prompt and reply together)", param="messages",
+                       f"{engine.seq_len} (prompt and reply together)", param=param,
                        code="context_length_exceeded")
     d = service.defaults
     temperature = d["temperature"] if body.temperature is None else body.temperature
