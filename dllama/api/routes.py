@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from dllama.api.errors import ApiError, GuardMiddleware, install_error_handlers
 from dllama.api.runner import RETRY_AFTER_S, Delta, Done, Failed, Job
-from dllama.api.schemas import ChatCompletionRequest, CompletionRequest, check_limits
+from dllama.api.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, check_limits
 from dllama.errors import DllamaError
 
 
@@ -56,6 +56,21 @@ class Service:
                            param="model", code="model_not_found")
 
 
+def _errors(*statuses: int) -> dict:
+    """OpenAPI documentation of the error answers a route can give (all in the same shape)."""
+    why = {400: "Unsupported feature, prompt over the context, or not JSON", 401: "API key missing or wrong",
+           404: "Unknown model", 413: "Body over --max-body-size", 422: "Body does not match the schema",
+           503: "Model loading or queue full (see Retry-After)"}
+    return {s: {"model": ErrorResponse, "description": why[s]} for s in statuses}
+
+
+GENERATE_RESPONSES = {
+    200: {"description": "The completion; with stream: true, server-sent events ending with data: [DONE]",
+          "content": {"application/json": {}, "text/event-stream": {}}},
+    **_errors(400, 401, 404, 413, 422, 503),
+}
+
+
 def create_app(service: Service, max_body: int, api_key: str | None = None) -> FastAPI:
     from dllama import __version__
 
@@ -69,7 +84,7 @@ def create_app(service: Service, max_body: int, api_key: str | None = None) -> F
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "OPTIONS"],
                        allow_headers=["Authorization", "Content-Type"], max_age=600)
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "Loading, or failed to load (same body)"}})
     async def health():
         body = {"status": service.status, "model": service.engine.name if service.engine else None,
                 "nodes": 1 + len(service.workers), "workers": service.workers}
@@ -83,17 +98,17 @@ def create_app(service: Service, max_body: int, api_key: str | None = None) -> F
             body["last"] = service.engine.stats.summary()
         return _json(body, 200 if service.status == "ready" else 503)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_errors(401, 503))
     async def list_models():
         return {"object": "list", "data": [_model_card(service)]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=_errors(401, 404, 503))
     async def get_model(model_id: str):
         service.require_engine()
         service.check_model(model_id)
         return _model_card(service)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GENERATE_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine = service.require_engine()
         service.check_model(body.model)
@@ -102,7 +117,7 @@ def create_app(service: Service, max_body: int, api_key: str | None = None) -> F
         prompt_ids = await run_in_threadpool(_render_chat, engine, messages)
         return await _complete(service, request, body, prompt_ids, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GENERATE_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
         engine = service.require_engine()
         service.check_model(body.model)

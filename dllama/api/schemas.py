@@ -96,3 +96,16 @@ def check_limits(req: _Sampling) -> str | None:
     if any(len(s) > MAX_STOP_CHARS for s in stops):
         return f"stop: a stop string may have at most {MAX_STOP_CHARS} characters"
     return None
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="One line naming what was wrong")
+    type: str = Field(description="invalid_request_error, authentication_error, not_found_error, ...")
+    param: str | None = Field(None, description="The request field at fault, dotted (messages.0.role)")
+    code: str | None = Field(None, description="Machine-readable: context_length_exceeded, queue_full, ...")
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer, in OpenAI's shape."""
+
+    error: ErrorDetail
