@@ -28,7 +28,7 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: every interface)")
     g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
-    g.add_argument("--api-key", default=os.environ.get("DLLAMA_API_KEY"),
+    g.add_argument("--api-key", default=os.environ.get("DLLAMA_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: env DLLAMA_API_KEY, else none)")
     g.add_argument("--queue-size", type=int, default=16,
                    help="requests that may wait for the engine; more get 503 + Retry-After (default 16)")
