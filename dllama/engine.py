@@ -158,7 +158,9 @@ class Engine:
                 if st.generated == 1:
                     st.first_token_s = time.perf_counter() - t_start
                 yield tok
-                if tok in stops or len(self.cache_ids) >= self.seq_len:
+                # the last token is not run through the model: nobody would read its logits (its K/V
+                # join the cache when the next prompt, which starts with it, is evaluated)
+                if tok in stops or st.generated == max_tokens or len(self.cache_ids) >= self.seq_len:
                     break
                 t1 = time.perf_counter()
                 logits = self._forward([tok], len(self.cache_ids))
