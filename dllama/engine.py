@@ -28,15 +28,17 @@ class Stats:
     token_ms: list = field(default_factory=list)
 
     def summary(self) -> dict:
-        n = max(self.generated, 1)
-        avg_ms = 1000 * self.gen_s / n
+        # per-token figures are over the decode forward passes (the first token comes from the prompt's
+        # pass, the last is not run), so they are what one more token costs
+        n = max(len(self.token_ms), 1)
+        avg_ms = sum(self.token_ms) / n
         avg_t = 1000 * self.transfer_s / n
         return {
             "prompt_tokens": self.prompt_tokens,
             "reused_tokens": self.reused_tokens,
             "generated_tokens": self.generated,
             "prompt_tokens_per_s": self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0,
-            "generation_tokens_per_s": self.generated / self.gen_s if self.gen_s else 0.0,
+            "generation_tokens_per_s": 1000 / avg_ms if avg_ms else 0.0,
             "avg_token_ms": avg_ms,
             "avg_inference_ms": avg_ms - avg_t,
             "avg_transfer_ms": avg_t,
