@@ -139,6 +139,7 @@ class RootCollective(_Exchange):
         """Say goodbye to every worker (each then frees its slice) and close the sockets."""
         for conn in self.conns:
             try:
+                conn.set_timeout(1.0)   # a hung worker must not hold up the root's exit
                 conn.send(P.Bye())
             except ConnectionLost:
                 pass
