@@ -161,8 +161,8 @@ def up(c: Cluster, run: str = "none", extra: list[str] = (), timeout: float = 12
         for w in busy:
             say(f"{w.name}: worker already running (pid {answers[w.endpoint].get('pid')})")
         to_start = [w for w in c.workers if w not in busy]
+        started = to_start  # before starting: if one fails to start, the others are stopped again
         expected = dict(zip([w.name for w in to_start], s.parallel(lambda w: start_worker(s, w), to_start)))
-        started = to_start
         wait_ready(s, expected, timeout)
         started = []  # ready: from here on they stay up whatever the root does
         return run_root(s, run, list(extra))

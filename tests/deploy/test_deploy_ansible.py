@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-import nshosts
+from . import nshosts
 
 pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 

@@ -16,7 +16,7 @@ import time
 import pytest
 import yaml
 
-from conftest import model_file
+from .nshosts import model_file
 
 pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 

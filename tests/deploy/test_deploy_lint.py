@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-import nshosts
-from conftest import require
+from . import nshosts
+from .nshosts import require
 
 pytestmark = pytest.mark.slow
 
