@@ -67,11 +67,37 @@ def _tensor_sources(model, spec):
         tensor = model.tensors.get(name)
         if tensor is None:
             raise DllamaError(f"{model.path}: has no tensor {name}, which a .m file needs")
-        yield name, tensor
+        yield name, _padded(name, tensor, spec, model.spec)
+
+
+def padded_spec(spec, n_kv_heads: int):
+    """`spec` with KV heads (and their query heads) added up to `n_kv_heads`. Raises DllamaError.
+
+    The added heads have all-zero weights: their queries and values are 0, so their attention output is
+    0, and wo's added columns are 0, so the model computes exactly what it did. The point is a head count
+    that splits over more nodes (SmolLM2's 3 KV heads split over none; padded to 4, over 2 and 4).
+    """
+    if n_kv_heads < spec.n_kv_heads:
+        raise DllamaError(f"--pad-kv-heads {n_kv_heads} is fewer than the model's {spec.n_kv_heads} KV heads")
+    group = spec.n_heads // spec.n_kv_heads
+    return dataclasses.replace(spec, n_kv_heads=n_kv_heads, n_heads=n_kv_heads * group, extra=dict(spec.extra))
+
+
+def _padded(name: str, tensor, spec, old):
+    """The tensor of `name` with zero rows (wq, wk, wv) or columns (wo) for the added heads."""
+    leaf = name.rsplit(".", 1)[-1]
+    hd = spec.head_dim
+    if leaf not in ("wq", "wk", "wv", "wo") or spec.n_kv_heads == old.n_kv_heads:
+        return tensor
+    w = tensor.to_f32()
+    if leaf == "wo":
+        return np.concatenate([w, np.zeros((w.shape[0], spec.q_dim - old.q_dim), np.float32)], axis=1)
+    extra = (spec.q_dim - old.q_dim) if leaf == "wq" else (spec.kv_dim - old.kv_dim)
+    return np.concatenate([w, np.zeros((extra, w.shape[1]), np.float32)])
 
 
 def convert(model_path: str, output_model: str, output_tokenizer: str | None = None,
-            weight_type: str = "q40"):
+            weight_type: str = "q40", pad_kv_heads: int | None = None):
     """Converts model_path (GGUF or `.m`) to output_model (+ output_tokenizer); returns the written spec.
 
     Raises DllamaError/FormatError (unreadable input, an architecture or value `.m` cannot hold).
@@ -83,6 +109,8 @@ def convert(model_path: str, output_model: str, output_tokenizer: str | None = N
     try:
         spec = dataclasses.replace(model.spec, weight_type=weight_type, tied_embeddings=False,
                                    extra=dict(model.spec.extra))
+        if pad_kv_heads:
+            spec = padded_spec(spec, pad_kv_heads)
         header_items(spec)   # refuse what the header cannot hold before writing anything
         factors = spec.extra.get("rope_freqs")
         if factors is not None and spec.rope_type != "llama3.1" and not np.allclose(factors, 1.0):
@@ -105,12 +133,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output-tokenizer", default=None, help="the .t file to write (optional)")
     parser.add_argument("--weight-type", default="q40", choices=("q40", "q80", "f16", "f32"),
                         help="type of the matmul weights (embedding and norms are always f32)")
+    parser.add_argument("--pad-kv-heads", type=int, default=None, metavar="N",
+                        help="add all-zero KV heads (and their query heads) up to N, so that a model whose head "
+                             "count splits over no node count (SmolLM2: 3) runs on 2 or 4 nodes; the outputs "
+                             "do not change")
 
 
 def run(args) -> int:
     t0 = time.perf_counter()
     with sigterm_as_exit():
-        spec = convert(args.model, args.output_model, args.output_tokenizer, args.weight_type)
+        spec = convert(args.model, args.output_model, args.output_tokenizer, args.weight_type,
+                       args.pad_kv_heads)
     size = os.path.getsize(args.output_model)
     print(f"wrote {args.output_model} ({spec.arch}, {spec.n_layers} layers, dim {spec.dim}, {spec.weight_type}, "
           f"{size / 1e6:.1f} MB)" + (f" and {args.output_tokenizer}" if args.output_tokenizer else "")

@@ -55,3 +55,28 @@ def test_converted_m_equals_in_memory_q40(smollm2_path, tmp_path):
     finally:
         memory.close()
     assert ids_m == ids_q40
+
+
+def test_padded_kv_heads_change_nothing_and_split_over_two_nodes(smollm2_path, tmp_path):
+    """SmolLM2's 3 KV heads split over no node count; padded with zero heads to 4, it computes the same
+    logits (bit for bit on one node) and can be split over 2 nodes."""
+    import numpy as np
+
+    from dllama.model.partition import partition
+
+    outs = {}
+    for pad in (None, 4):
+        m = tmp_path / f"pad{pad}.m"
+        args = [sys.executable, "-m", "dllama", "convert", "--model", smollm2_path, "--output-model", str(m),
+                "--weight-type", "q40"] + (["--pad-kv-heads", str(pad)] if pad else [])
+        res = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr
+        eng = Engine.from_loaded(load_model(str(m)), Tokenizer.from_gguf(smollm2_path), max_seq_len=64)
+        try:
+            outs[pad] = (eng.spec, eng.prefill(PROMPT_IDS).copy())
+        finally:
+            eng.close()
+    (spec3, logits3), (spec4, logits4) = outs[None], outs[4]
+    assert (spec4.n_kv_heads, spec4.n_heads, spec4.head_dim) == (4, 12, 64)
+    np.testing.assert_array_equal(logits4, logits3)
+    assert len(partition(spec4, 2)) == 2
