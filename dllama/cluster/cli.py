@@ -1,6 +1,6 @@
 """`dllama cluster up|down|status|logs -i INVENTORY`: run the cluster an Ansible inventory describes.
 
-    dllama cluster up -i inventory/home.yml --run inference -- --prompt "Hello" --steps 32
+    dllama cluster up -i inventory/home.yml --run inference --prompt "Hello" --steps 32
     dllama cluster status -i inventory/home.yml
     dllama cluster logs -i inventory/home.yml --follow
     dllama cluster down -i inventory/home.yml
@@ -9,6 +9,10 @@
 from __future__ import annotations
 
 import argparse
+
+
+# The root's flags most runs need, so that `up ... --prompt "Hello" --steps 32` works without `--`.
+PASSED_THROUGH = {"--prompt": str, "--steps": int, "--temperature": float, "--topp": float, "--seed": int}
 
 
 def add_arguments(parser) -> None:
@@ -34,8 +38,12 @@ def add_arguments(parser) -> None:
             p.add_argument("--model", help="model file on the root (default: dllama_root_model of the inventory)")
             p.add_argument("--timeout", type=float, default=120.0,
                            help="seconds to wait for every worker's handshake (default 120)")
+            g = p.add_argument_group("passed to the root (anything else: after --)")
+            for flag, kind in PASSED_THROUGH.items():
+                g.add_argument(flag, type=kind, default=None, help=f"the root's {flag}")
+            g.add_argument("--json", action="store_true", help="the root's --json (inference)")
             p.add_argument("root_args", nargs=argparse.REMAINDER,
-                           help="after --: arguments passed to the root (--prompt, --steps, ...)")
+                           help="after --: more arguments for the root, as they are")
         if action == "logs":
             p.add_argument("-n", "--lines", type=int, default=50, help="lines per node (default 50)")
             p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
@@ -55,7 +63,13 @@ def run(args) -> int:
 
     c = _cluster(args)
     if args.action == "up":
-        extra = [a for a in args.root_args if a != "--"] if args.root_args else []
+        extra = []
+        for flag in PASSED_THROUGH:
+            value = getattr(args, flag[2:])
+            if value is not None:
+                extra += [flag, str(value)]
+        extra += ["--json"] if args.json else []
+        extra += [a for a in args.root_args if a != "--"] if args.root_args else []
         return ops.up(c, args.run, extra, args.timeout, args.connect_timeout)
     if args.action == "down":
         return ops.down(c, args.connect_timeout)
