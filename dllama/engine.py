@@ -103,7 +103,8 @@ class Engine:
         K.warmup(sorted({t.qtype for t in loaded.tensors.values() if len(t.shape) == 2} - {"f32"}))
         if workers:
             from dllama.net.root import connect_workers
-            coll = connect_workers(list(workers), loaded, plan, seq_len, buffer_float_type, nthreads, log=log)
+            coll = connect_workers(list(workers), loaded, plan, seq_len, buffer_float_type, nthreads, log=log,
+                                   max_batch=MAX_BATCH)
         else:
             coll = LocalCollective()
         model = NodeModel(spec, plan[0], seq_len, MAX_BATCH, coll)
