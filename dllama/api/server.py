@@ -93,6 +93,9 @@ def _make_server(config, service):
 
 def _check_flags(args) -> None:
     # before the socket opens: a typo in the path should not look like a server that started
+    from dllama.catalog import resolve_model
+
+    args.model = resolve_model(args.model)
     if not os.path.isfile(args.model):
         raise DllamaError(f"model file not found: {args.model}")
     if not 0 <= args.port < 65536:

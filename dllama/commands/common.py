@@ -11,7 +11,9 @@ from dllama.errors import DllamaError
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="model file: Distributed Llama .m or GGUF")
+    g.add_argument("--model", required=True,
+                   help="model file (Distributed Llama .m or GGUF), or the name of an installed catalogue model "
+                        "such as smollm2_135m_instruct")
     g.add_argument("--tokenizer", help="tokenizer file (.t); optional for GGUF models, which carry theirs")
     g.add_argument("--max-seq-len", type=int, default=None,
                    help="limit the context (KV cache) to this many tokens (default: the model's)")
@@ -41,7 +43,9 @@ def open_engine(args, log=None):
 
     if not kernels_cached():
         print("compiling kernels (first run only; later runs start in seconds)...", file=sys.stderr, flush=True)
-    return Engine.open(args.model, args.tokenizer, nthreads=args.nthreads, max_seq_len=args.max_seq_len,
+    from dllama.catalog import resolve_model
+
+    return Engine.open(resolve_model(args.model), args.tokenizer, nthreads=args.nthreads, max_seq_len=args.max_seq_len,
                        buffer_float_type=args.buffer_float_type, workers=parse_workers(args.workers), log=log)
 
 

