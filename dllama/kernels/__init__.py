@@ -6,11 +6,18 @@ layouts work but make numba compile a slower variant on first use).
 
 import os
 
-# Parallel kernels run on numba's OpenMP pool. Its default is to spin while waiting for work, which
-# pays when the node's cores are idle but collapses when anything else runs (SmolLM2 at 2 threads on a
-# busy 2-core host: 14 tokens/s spinning vs 105 sleeping). A little wake-up latency is the better trade
-# for small shared machines; set OMP_WAIT_POLICY=active to spin. It must be set before OpenMP starts.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Parallel kernels run on numba's OpenMP pool, and a token makes ~100 short parallel calls, so how idle
+# threads wait decides the speed at 2+ threads. Measured on SmolLM2, 2 threads, 2-core host (tok/s):
+#   wait policy            quiet host   one core busy with another process
+#   spin forever (ACTIVE)     273            72
+#   spin 1000, then sleep     264            73
+#   sleep at once (PASSIVE)    99           128
+# A short spin keeps nearly all of the speed on a dedicated node (the cluster case) without burning a core
+# while a worker waits on the network. On a shared host, OMP_WAIT_POLICY=passive (or fewer threads) is
+# better. Either variable set by the user wins; they must be set before OpenMP starts.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = "1000"
 
 import numpy as np  # noqa: E402
 
