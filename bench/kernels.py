@@ -84,7 +84,6 @@ def asm_report():
     import re
 
     import dllama.kernels as K
-    from dllama.kernels import _matmul as mm
 
     for qtype in ("q40", "q41", "q80", "f16"):
         W = K.pack(qtype, random_raw(qtype, 64, 64, np.random.default_rng(0)), 64, 64)

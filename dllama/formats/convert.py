@@ -86,7 +86,6 @@ def padded_spec(spec, n_kv_heads: int):
 def _padded(name: str, tensor, spec, old):
     """The tensor of `name` with zero rows (wq, wk, wv) or columns (wo) for the added heads."""
     leaf = name.rsplit(".", 1)[-1]
-    hd = spec.head_dim
     if leaf not in ("wq", "wk", "wv", "wo") or spec.n_kv_heads == old.n_kv_heads:
         return tensor
     w = tensor.to_f32()
