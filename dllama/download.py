@@ -12,6 +12,7 @@ Stdlib only: `launch.py` imports this before any dependency is installed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import importlib
@@ -20,16 +21,19 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.error import HTTPError, URLError
-from urllib.request import Request, urlopen
+from urllib.parse import urlsplit
+from urllib.request import HTTPRedirectHandler, Request, build_opener, urlopen
 
 from dllama import __version__
 from dllama.errors import DllamaError
+from dllama.progress import Progress, hsize
 
 CHUNK = 1 << 20
 USER_AGENT = f"dllama/{__version__} (launch.py)"
@@ -62,73 +66,6 @@ def partial_paths(dest: Path) -> tuple[Path, Path]:
     return dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.json")
 
 
-# ---------------------------------------------------------------------------------------------- progress
-
-def _hsize(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def _htime(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-class Progress:
-    """Bytes, speed and ETA: a bar redrawn in place on a terminal, a plain line every `interval` s otherwise."""
-
-    def __init__(self, label: str, total: int | None, done: int = 0, out=None, tty: bool | None = None,
-                 interval: float = 10.0):
-        self.label, self.total, self.done = label, total, done
-        self.out = out if out is not None else sys.stderr
-        self.tty = self.out.isatty() if tty is None else tty
-        self.interval = 0.2 if self.tty else interval
-        self.start_done, self.t0 = done, time.monotonic()
-        self.last = self.t0
-
-    def line(self) -> str:
-        elapsed = max(time.monotonic() - self.t0, 1e-6)
-        speed = (self.done - self.start_done) / elapsed
-        text = f"{self.label}: {_hsize(self.done)}"
-        if self.total:
-            text += f" / {_hsize(self.total)} ({100 * self.done / self.total:3.0f}%)"
-        text += f", {_hsize(speed)}/s"
-        if self.total and speed > 0 and self.done < self.total:
-            text += f", ETA {_htime((self.total - self.done) / speed)}"
-        return text
-
-    def _emit(self, text: str, final: bool = False) -> None:
-        if self.tty:
-            self.out.write("\r" + text.ljust(79) + ("\n" if final else ""))
-        else:
-            self.out.write(text + "\n")
-        self.out.flush()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last >= self.interval:
-            self.last = now
-            self._emit(self.line())
-
-    def sync(self, done: int) -> None:
-        """Follow the file's length after a part was started again (speed restarts from there)."""
-        if done < self.done:
-            self.start_done, self.t0 = done, time.monotonic()
-        self.done = done
-
-    def note(self, message: str) -> None:
-        if self.tty:
-            self.out.write("\n")
-        self._emit(f"{self.label}: {message}")
-
-    def finish(self) -> None:
-        self._emit(self.line(), final=True)
-
-
 # ------------------------------------------------------------------------------------------ HTTP helpers
 
 def _request(url: str, headers: dict | None = None, method: str = "GET") -> Request:
@@ -141,13 +78,44 @@ def _http_error(url: str, exc: HTTPError) -> Exception:
     return DllamaError(f"HTTP {exc.code} {exc.reason} for {url}")
 
 
+# A server that cannot be reached at all: retrying for minutes would only delay the same answer.
+_UNREACHABLE = {errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
+
+
+def _unreachable(url: str, exc: BaseException) -> DllamaError | None:
+    """The one-line error for a name that does not resolve, a refused connection or no route; else None."""
+    reason = getattr(exc, "reason", exc)   # URLError wraps the socket's error
+    host = urlsplit(url).netloc
+    if isinstance(reason, socket.gaierror):
+        why = f"cannot resolve {urlsplit(url).hostname} ({reason.strerror})"
+    elif isinstance(reason, OSError) and reason.errno in _UNREACHABLE:
+        why = f"cannot reach {host} ({reason.strerror})"
+    else:
+        return None
+    return DllamaError(f"could not download {url}: {why}; check the network connection (or HF_ENDPOINT)")
+
+
+class _KeepHead(HTTPRedirectHandler):
+    """Follow a redirect with HEAD again (urllib before 3.13 turns it into a GET of the whole file)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and req.get_method() == "HEAD":
+            new.method = "HEAD"
+        return new
+
+
+_head_opener = build_opener(_KeepHead)
+
+
 def remote_size(url: str, retry: Retry = Retry()) -> int | None:
     """The size a HEAD request reports, or None when the server will not say.
 
-    Raises DllamaError for a 4xx answer (a wrong URL is worth knowing before anything is written).
+    Raises DllamaError for a 4xx answer (a wrong URL is worth knowing before anything is written) and for
+    a server that cannot be reached at all (no DNS answer, refused, no route).
     """
     try:
-        with urlopen(_request(url, method="HEAD"), timeout=retry.timeout) as resp:
+        with _head_opener.open(_request(url, method="HEAD"), timeout=retry.timeout) as resp:
             length = resp.headers.get("Content-Length")
             return int(length) if length and length.isdigit() else None
     except HTTPError as exc:
@@ -155,7 +123,10 @@ def remote_size(url: str, retry: Retry = Retry()) -> int | None:
         if isinstance(err, DllamaError) and exc.code not in (405, 501):
             raise err from None
         return None
-    except (URLError, OSError, http.client.HTTPException, ValueError):
+    except (URLError, OSError, http.client.HTTPException, ValueError) as exc:
+        unreachable = _unreachable(url, exc)
+        if unreachable is not None:
+            raise unreachable from None
         return None  # the GET that follows retries and reports
 
 
@@ -172,6 +143,7 @@ class _State:
     size: int | None = None        # that part's length, once a response said it
     validator: str | None = None   # its strong ETag or Last-Modified, for If-Range
     path: Path | None = field(default=None, repr=False)
+    sha256_known: bool = field(default=False, repr=False)  # the whole file's sum is checked at the end
 
     @classmethod
     def load(cls, path: Path, urls: list[str]) -> "_State | None":
@@ -216,7 +188,10 @@ def _validator(headers) -> str | None:
 
 
 def _request_part(f, url: str, state: _State, retry: Retry, bar: Progress) -> None:
-    """Fetch the rest of part `state.part` into `f`. Raises _Transient (retry) or DllamaError."""
+    """Fetch the rest of part `state.part` into `f`.
+
+    Raises _Transient (retry), DllamaError (give up), or OSError from writing `f` (e.g. the disk is full).
+    """
     have = _length(f) - state.start
     headers = {}
     if have > 0:
@@ -235,7 +210,7 @@ def _request_part(f, url: str, state: _State, retry: Retry, bar: Progress) -> No
             raise _Transient("the server refused to resume; starting the part again") from None
         raise _http_error(url, exc) from None
     except (URLError, OSError, http.client.HTTPException) as exc:
-        raise _Transient(str(getattr(exc, "reason", exc))) from None
+        raise (_unreachable(url, exc) or _Transient(str(getattr(exc, "reason", exc)))) from None
     with resp:
         if resp.status == 206:
             m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
@@ -247,24 +222,49 @@ def _request_part(f, url: str, state: _State, retry: Retry, bar: Progress) -> No
             if have > 0:  # no range support, or the file changed (If-Range): the whole part comes back
                 _truncate(f, state.start)
                 bar.sync(state.start)
-                have = 0
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
         validator = _validator(resp.headers)
         if (total, validator) != (state.size, state.validator):
             state.size, state.validator = total, validator
             state.save()
-        try:
-            while chunk := resp.read1(CHUNK):  # what has arrived: a stall loses nothing
-                _write_all(f, chunk)
-                bar.update(len(chunk))
-        except (OSError, http.client.HTTPException) as exc:
-            raise _Transient(f"connection lost: {exc}") from None
+        _receive(f, resp, bar)
+        # A chunked body that was cut short raised IncompleteRead above; a close-delimited one looks complete.
+        delimited_by_close = total is None and not resp.chunked
     got = _length(f) - state.start
+    if delimited_by_close:
+        total = _length_for_unframed(f, url, state, retry, got)
     if total is None:
         state.size = got
     elif got != total:
         raise _Transient(f"connection closed after {got} of {total} bytes")
+
+
+def _receive(f, resp, bar: Progress) -> None:
+    """Append the body to `f` as it arrives. A failed read is _Transient; a failed write is not (OSError)."""
+    while True:
+        try:
+            chunk = resp.read1(CHUNK)  # what has arrived: a stall loses nothing
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Transient(f"connection lost: {exc}") from None
+        if not chunk:
+            return
+        _write_all(f, chunk)
+        bar.update(len(chunk))
+
+
+def _length_for_unframed(f, url: str, state: _State, retry: Retry, got: int) -> int | None:
+    """The length a body without Content-Length must have had, from HEAD.
+
+    None when only the whole file's sha256 can tell (it is checked at the end). Raises DllamaError when
+    nothing can tell a complete part from one cut short; the partial file is emptied.
+    """
+    total = remote_size(url, retry)
+    if total is not None or state.sha256_known:
+        return total
+    _truncate(f, 0)
+    raise DllamaError(f"{url} was sent without a length ({got} bytes until the connection closed), so a "
+                      "cut-short file cannot be told from a complete one; nothing was kept")
 
 
 def _fetch_part(f, state: _State, retry: Retry, bar: Progress) -> None:
@@ -324,9 +324,12 @@ def fetch(target: Target, *, force: bool = False, retry: Retry = Retry(), total:
           out=None, tty: bool | None = None, interval: float = 10.0) -> Path:
     """Download `target` (all its parts, concatenated) to `target.dest`, resuming any earlier attempt.
 
-    An existing `dest` is kept unless `force`. `total` (bytes, e.g. from HEAD) only feeds the progress bar.
-    Raises DllamaError: a 4xx answer, a server still failing after `retry.attempts`, a wrong size or sha256
-    (the bad file is removed). After a network failure `<dest>.part` is kept for the next run to resume.
+    An existing `dest` is kept unless `force`. `total` (bytes, e.g. from HEAD) feeds the progress bar and
+    the "need N more" of a full disk.
+    Raises DllamaError: a 4xx answer, a server that cannot be reached (at once), one still failing after
+    `retry.attempts`, a full disk, a wrong size or sha256 (the bad file is removed). After a network failure
+    or a full disk `<dest>.part` is kept for the next run to resume; folders made for it are removed when
+    nothing is left in them.
     """
     out = out if out is not None else sys.stderr
     dest = Path(target.dest)
@@ -336,7 +339,19 @@ def fetch(target: Target, *, force: bool = False, retry: Retry = Retry(), total:
                               "remove it or pass --force")
         print(f"{dest}: already downloaded (--force fetches it again)", file=out, flush=True)
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    created = _missing_dirs(dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return _fetch_into(target, dest, force, retry, total or target.size, out, tty, interval)
+    except OSError as exc:
+        raise _write_error(exc, dest, total or target.size) from None
+    finally:
+        if not dest.exists():
+            _remove_empty(created)
+
+
+def _fetch_into(target: Target, dest: Path, force: bool, retry: Retry, total: int | None, out, tty,
+                interval: float) -> Path:
     partial, sidecar = partial_paths(dest)
     fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
     with open(fd, "r+b", buffering=0) as f:  # unbuffered: the length on disk is the truth
@@ -346,9 +361,10 @@ def fetch(target: Target, *, force: bool = False, retry: Retry = Retry(), total:
                 _discard(partial, sidecar)
                 return dest
             state = _resume_state(f, sidecar, list(target.urls), force)
-            bar = Progress(dest.name, total or target.size, _length(f), out, tty, interval)
+            state.sha256_known = bool(target.sha256)
+            bar = Progress(dest.name, total, _length(f), out, tty, interval)
             if bar.done:
-                bar.note(f"resuming at {_hsize(bar.done)} (part {state.part + 1} of {len(state.urls)})")
+                bar.note(f"resuming at {hsize(bar.done)} (part {state.part + 1} of {len(state.urls)})")
             while state.part < len(state.urls):
                 _fetch_part(f, state, retry, bar)
                 state.part, state.start, state.size, state.validator = state.part + 1, _length(f), None, None
@@ -362,6 +378,34 @@ def fetch(target: Target, *, force: bool = False, retry: Retry = Retry(), total:
         os.replace(partial, dest)
         sidecar.unlink(missing_ok=True)
     return dest
+
+
+def _write_error(exc: OSError, dest: Path, total: int | None) -> DllamaError:
+    """The one line for a file that could not be written: a full disk says how much more it needs."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return DllamaError(f"cannot write {exc.filename or dest}: {exc.strerror or exc}")
+    partial = partial_paths(dest)[0]
+    have = partial.stat().st_size if partial.exists() else 0
+    need = f"need {hsize(total - have)} more" if total is not None else "the rest of the size is unknown"
+    kept = f"; {partial.name} is kept, so a new run resumes" if have else ""
+    return DllamaError(f"no space left on {dest.parent}: {need}{kept}")
+
+
+def _missing_dirs(directory: Path) -> list[Path]:
+    """`directory` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for d in directories:  # deepest first: a parent empties once its child is gone
+        try:
+            d.rmdir()
+        except OSError:  # not empty (a .part kept to resume) or already gone
+            return
 
 
 def _lock(f, dest: Path) -> None:
@@ -412,8 +456,8 @@ def check_space(directory: Path, needed: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if needed > free:
-        raise DllamaError(f"not enough disk space in {probe}: the download needs {_hsize(needed)}, "
-                          f"{_hsize(free)} is free")
+        raise DllamaError(f"not enough disk space in {probe}: the download needs {hsize(needed)}, "
+                          f"{hsize(free)} is free")
 
 
 def fetch_all(targets, *, force: bool = False, confirm=None, retry: Retry = Retry(), out=None,
@@ -436,7 +480,7 @@ def fetch_all(targets, *, force: bool = False, confirm=None, retry: Retry = Retr
             else:
                 needed += max(total - (0 if force else have), 0)
         check_space(Path(todo[0].dest).parent, needed)
-        size = "size unknown" if unknown and not needed else _hsize(needed) + (" or more" if unknown else "")
+        size = "size unknown" if unknown and not needed else hsize(needed) + (" or more" if unknown else "")
         what = f"{len(todo)} file(s), {size}, into {Path(todo[0].dest).parent}"
         if confirm is None:
             print(f"downloading {what}", file=out, flush=True)

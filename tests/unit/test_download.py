@@ -5,6 +5,7 @@ The truth each download is checked against is the bytes the server holds and has
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -288,3 +289,120 @@ def test_two_runs_never_write_the_same_file(server, tmp_path):
     server.release.set()  # the first run's connection ends early; it resumes and completes
     first.join(30)
     assert target.dest.read_bytes() == data
+
+
+# --- a server that cannot be reached, bodies without Content-Length, a full disk
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    """The back-off delays the downloader asks for (recorded, not slept): a retry shows up here."""
+    slept = []
+    monkeypatch.setattr(download.time, "sleep", slept.append)
+    return slept
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    # urllib would hand a request for another host to a proxy named in the environment
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def refused_url(path: str = "/m.bin") -> str:
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}{path}"
+
+
+@pytest.mark.parametrize("with_size", [True, False], ids=["size-known-GET", "size-asked-HEAD"])
+def test_a_refused_connection_fails_at_once_and_removes_the_folders_it_made(tmp_path, sleeps, no_proxy,
+                                                                            with_size):
+    url = refused_url()
+    dest = tmp_path / "models" / "m" / "m.bin"
+    target = Target((url,), dest, 1000 if with_size else None)
+    with pytest.raises(DllamaError) as err:
+        fetch_all([target], retry=Retry(), out=io.StringIO())
+    msg = str(err.value)
+    assert url in msg and "Connection refused" in msg and "\n" not in msg
+    assert sleeps == []  # not one retry
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_name_that_does_not_resolve_fails_at_once(tmp_path, sleeps, no_proxy):
+    url = "http://nonexistent.invalid/m.bin"  # .invalid never resolves (RFC 2606): no connection is tried
+    dest = tmp_path / "m" / "m.bin"
+    for size in (1000, None):  # the GET, and the HEAD that asks the size first
+        with pytest.raises(DllamaError, match=r"could not download http://nonexistent\.invalid/m\.bin: "
+                                              r"cannot resolve nonexistent\.invalid"):
+            fetch_all([Target((url,), dest, size)], retry=Retry(), out=io.StringIO())
+        assert sleeps == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_chunked_body_cut_short_is_resumed_not_accepted(server, tmp_path):
+    data = blob(3 * 2**20, seed=11)
+    server.add("/m.bin", data, framing="chunked", drop_after=[3 * 2**19])
+    dest = tmp_path / "m.bin"
+    run(Target((server.url("/m.bin"),), dest))
+    assert dest.read_bytes() == data
+    assert [s.range for s in server.gets()] == [None, f"bytes={3 * 2**19}-"]
+
+
+def test_a_close_delimited_body_cut_short_is_resumed_to_the_length_head_reports(server, tmp_path):
+    data = blob(3 * 2**20, seed=12)
+    server.add("/m.bin", data, framing="close", drop_after=[3 * 2**19])
+    dest = tmp_path / "m.bin"
+    run(Target((server.url("/m.bin"),), dest))
+    assert dest.read_bytes() == data
+    assert [s.range for s in server.gets()] == [None, f"bytes={3 * 2**19}-"]
+
+
+def test_a_close_delimited_body_of_unknown_length_is_never_taken_for_complete(server, tmp_path):
+    data = blob(3 * 2**20, seed=13)
+    f = server.add("/m.bin", data, framing="close", head_size=False, drop_after=[3 * 2**19])
+    dest = tmp_path / "m.bin"
+    with pytest.raises(DllamaError, match="without a length") as err:
+        run(Target((server.url("/m.bin"),), dest))
+    assert "\n" not in str(err.value) and no_leftovers(dest)
+    # with the sha256 known, a cut is caught by the sum and a whole body is taken
+    f.drop_after = [3 * 2**19]
+    with pytest.raises(DllamaError, match="sha256"):
+        run(Target((server.url("/m.bin"),), dest, sha256=f.sha256))
+    assert no_leftovers(dest)
+    run(Target((server.url("/m.bin"),), dest, sha256=f.sha256))
+    assert dest.read_bytes() == data
+
+
+def test_a_complete_chunked_or_close_delimited_body_is_taken(server, tmp_path):
+    for framing in ("chunked", "close"):
+        data = blob(700_000, seed=len(framing))
+        server.add(f"/{framing}", data, framing=framing)
+        dest = tmp_path / framing
+        run(Target((server.url(f"/{framing}"),), dest))
+        assert dest.read_bytes() == data
+
+
+def test_a_full_disk_stops_at_once_saying_how_much_more_is_needed(server, tmp_path, sleeps, monkeypatch):
+    data = blob(2_000_000, seed=14)
+    server.add("/m.bin", data)
+    dest = tmp_path / "models" / "m.bin"
+    room = 500_000  # what the filesystem takes before ENOSPC, as a small disk would
+    real_write = download._write_all
+
+    def small_disk(f, chunk):
+        free = room - os.fstat(f.fileno()).st_size
+        real_write(f, bytes(chunk[:max(free, 0)]))
+        if len(chunk) > free:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(download, "_write_all", small_disk)
+    with pytest.raises(DllamaError) as err:
+        run(Target((server.url("/m.bin"),), dest, len(data)), retry=Retry())
+    assert str(err.value).startswith(f"no space left on {dest.parent}: need 1.5 MB more")
+    assert "\n" not in str(err.value) and sleeps == [] and len(server.gets()) == 1
+    assert partial_paths(dest)[0].stat().st_size == room
+    monkeypatch.setattr(download, "_write_all", real_write)  # space was freed: the next run resumes
+    run(Target((server.url("/m.bin"),), dest, len(data)))
+    assert dest.read_bytes() == data and server.gets()[-1].range == f"bytes={room}-"

@@ -1,8 +1,9 @@
 """A real HTTP server on 127.0.0.1 for the downloader's tests (this module holds no tests itself).
 
 Threaded `http.server` with Range / If-Range support as RFC 9110 describes it, and knobs to misbehave:
-drop the connection after some bytes of the body, answer with a status, ignore Range, or change a file's
-content (and ETag) between requests. Every request is recorded, so tests can check what was asked for.
+drop the connection after some bytes of the body, answer with a status, ignore Range, change a file's
+content (and ETag) between requests, or frame bodies without Content-Length (chunked, or ended by closing
+the connection). Every request is recorded, so tests can check what was asked for.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class Served:
     etag: bool = True
     head_length: int | None = None                        # Content-Length a HEAD claims (default: the real one)
     stall_after: list[int] = field(default_factory=list)  # per GET: send this many bytes, then hang
+    framing: str = "length"                               # GET bodies: "length" | "chunked" | "close"
+    head_size: bool = True                                # HEAD tells the length at all
 
     @property
     def sha256(self) -> str:
@@ -104,8 +107,9 @@ class _Handler(BaseHTTPRequestHandler):
         if served is None or status:
             return self._status_only(status or 404)
         self.send_response(200)
-        self.send_header("Content-Length", str(served.head_length if served.head_length is not None
-                                               else len(served.data)))
+        if served.head_size:
+            self.send_header("Content-Length", str(served.head_length if served.head_length is not None
+                                                   else len(served.data)))
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
 
@@ -124,17 +128,32 @@ class _Handler(BaseHTTPRequestHandler):
             code = 206
         body = data[start:]
         self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
+        if served.framing == "length":
+            self.send_header("Content-Length", str(len(body)))
+        elif served.framing == "chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         if served.etag:
             self.send_header("ETag", etag)
         if code == 206:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.end_headers()
-        if drop is not None or stall is not None:
-            self.wfile.write(body[:drop if drop is not None else stall])
-            self.wfile.flush()
-            if stall is not None:
-                self.server.release.wait(60)
+        cut = drop if drop is not None else stall
+        self._send_body(served.framing, body if cut is None else body[:cut], complete=cut is None)
+        if stall is not None:
+            self.server.release.wait(60)
+        if cut is not None:
             self.close_connection = True
-            return
-        self.wfile.write(body)
+
+    def _send_body(self, framing: str, body: bytes, complete: bool):
+        if framing != "chunked":
+            self.wfile.write(body)
+        else:
+            for i in range(0, len(body), 65536):
+                piece = body[i:i + 65536]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            if complete:  # the last chunk: without it the body ends cut short
+                self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
