@@ -259,3 +259,19 @@ def resolve_model(arg: str) -> str:
     if not os.path.isfile(path):
         raise DllamaError(f"{arg}: {path} is not downloaded yet; run: python launch.py {arg}")
     return path
+
+
+def model_id(arg: str, path: str) -> str:
+    """The short id a server gives the model that `--model arg` resolved to `path`.
+
+    The catalogue name when the file is a catalogue model's (given by name or by path), else the file name
+    without its extension: ids are typed by users and chat UIs, so no sentence with spaces.
+    """
+    if arg in CATALOG:
+        return arg
+    name = os.path.basename(path)
+    for e in ENTRIES:
+        if name == (e.model.filename if isinstance(e.model, RemoteFile) else os.path.basename(e.model.path)):
+            return e.name
+    stem = os.path.splitext(name)[0]
+    return "-".join(stem.split()) or "model"

@@ -28,9 +28,10 @@ from dllama.errors import DllamaError
 class Service:
     """What the routes need: the engine (once loaded), its runner, and the server's sampling defaults."""
 
-    def __init__(self, defaults: dict, workers=()):
+    def __init__(self, defaults: dict, workers=(), model_id: str | None = None):
         self.defaults = defaults          # temperature, topp, seed, max_tokens (a cap) from the command line
         self.workers = list(workers)
+        self._model_id = model_id         # None: the engine's own name
         self.engine = None
         self.runner = None
         self.status = "loading"
@@ -50,9 +51,15 @@ class Service:
                            headers={"Retry-After": str(RETRY_AFTER_S)})
         return self.engine
 
-    def check_model(self, requested: str | None) -> None:
-        if requested is not None and requested != self.engine.name:
-            raise ApiError(404, f"the model {requested!r} does not exist; this server serves {self.engine.name!r}",
+    @property
+    def model_id(self) -> str | None:
+        """The id clients see: short, without spaces (a catalogue name or the file's stem, or --model-name)."""
+        return self._model_id or (self.engine.name if self.engine else None)
+
+    def check_model(self, requested: str) -> None:
+        """For looking a model up by id; generation takes any `model`, as llama-server does with one model."""
+        if requested != self.model_id:
+            raise ApiError(404, f"the model {requested!r} does not exist; this server serves {self.model_id!r}",
                            param="model", code="model_not_found")
 
 
@@ -67,15 +74,18 @@ def _errors(*statuses: int) -> dict:
 GENERATE_RESPONSES = {
     200: {"description": "The completion; with stream: true, server-sent events ending with data: [DONE]",
           "content": {"application/json": {}, "text/event-stream": {}}},
-    **_errors(400, 401, 404, 413, 422, 503),
+    **_errors(400, 401, 413, 422, 503),
 }
 
 
-def create_app(service: Service, max_body: int, api_key: str | None = None) -> FastAPI:
+def create_app(service: Service, max_body: int, api_key: str | None = None, docs: bool = False) -> FastAPI:
+    """The app. `docs` serves Swagger UI and ReDoc, whose pages the browser loads from a CDN (an offline
+    cluster cannot), so they are off by default; /openapi.json is always there."""
     from dllama import __version__
 
     app = FastAPI(title="dllama-api", version=__version__,
-                  description="OpenAI-compatible API of Distributed Llama in Python")
+                  description="OpenAI-compatible API of Distributed Llama in Python",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
     app.state.service = service
     install_error_handlers(app)
     app.add_middleware(GuardMiddleware, max_body=max_body, api_key=api_key)
@@ -86,7 +96,7 @@ def create_app(service: Service, max_body: int, api_key: str | None = None) -> F
 
     @app.get("/health", responses={503: {"description": "Loading, or failed to load (same body)"}})
     async def health():
-        body = {"status": service.status, "model": service.engine.name if service.engine else None,
+        body = {"status": service.status, "model": service.model_id,
                 "nodes": 1 + len(service.workers), "workers": service.workers}
         if service.error:
             body["error"] = service.error
@@ -111,7 +121,6 @@ def create_app(service: Service, max_body: int, api_key: str | None = None) -> F
     @app.post("/v1/chat/completions", responses=GENERATE_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine = service.require_engine()
-        service.check_model(body.model)
         _reject_unsupported(body)
         messages = [_template_message(j, m) for j, m in enumerate(body.messages)]
         prompt_ids = await run_in_threadpool(_render_chat, engine, messages)
@@ -120,7 +129,6 @@ def create_app(service: Service, max_body: int, api_key: str | None = None) -> F
     @app.post("/v1/completions", responses=GENERATE_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
         engine = service.require_engine()
-        service.check_model(body.model)
         _reject_unsupported(body)
         prompt_ids = await run_in_threadpool(_encode_prompt, engine, body.prompt)
         return await _complete(service, request, body, prompt_ids, chat=False)
@@ -133,8 +141,8 @@ def _json(body: dict, status: int = 200) -> JSONResponse:
 
 
 def _model_card(service: Service) -> dict:
-    engine = service.require_engine()
-    return {"id": engine.name, "object": "model", "created": service.created, "owned_by": "dllama"}
+    service.require_engine()
+    return {"id": service.model_id, "object": "model", "created": service.created, "owned_by": "dllama"}
 
 
 # ---- request checks and prompts -----------------------------------------------------------------
@@ -231,7 +239,7 @@ async def _complete(service: Service, request: Request, body, prompt_ids: list[i
     job = _make_job(service, body, prompt_ids)
     service.runner.submit(job)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-            "model": service.engine.name}
+            "model": service.model_id}
     if body.stream:
         return StreamingResponse(_sse(job, request, meta, chat, body.include_usage),
                                  media_type="text/event-stream",

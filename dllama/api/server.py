@@ -36,6 +36,10 @@ def add_arguments(p) -> None:
                    help="longest reply any request may get, in tokens (default: what the context leaves)")
     g.add_argument("--max-body-size", type=int, default=DEFAULT_MAX_BODY,
                    help=f"largest request body in bytes; larger get 413 (default {DEFAULT_MAX_BODY})")
+    g.add_argument("--model-name", help="the model's id in the API (default: its catalogue name, else the "
+                                        "file name without its extension)")
+    g.add_argument("--docs", action="store_true",
+                   help="serve Swagger UI at /docs and ReDoc at /redoc (the browser loads them from a CDN)")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log level (default info)")
 
@@ -55,8 +59,8 @@ def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sock = _listen(args.host, args.port)
     service = Service({"temperature": args.temperature, "topp": args.topp, "seed": args.seed,
-                       "max_tokens": args.max_tokens}, workers)
-    app = create_app(service, max_body=args.max_body_size, api_key=args.api_key)
+                       "max_tokens": args.max_tokens}, workers, model_id=args.model_name)
+    app = create_app(service, max_body=args.max_body_size, api_key=args.api_key, docs=args.docs)
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3,
                             server_header=False, proxy_headers=False)
     server = _make_server(config, service)
@@ -93,11 +97,15 @@ def _make_server(config, service):
 
 def _check_flags(args) -> None:
     # before the socket opens: a typo in the path should not look like a server that started
-    from dllama.catalog import resolve_model
+    from dllama.catalog import model_id, resolve_model
 
-    args.model = resolve_model(args.model)
-    if not os.path.isfile(args.model):
+    path = resolve_model(args.model)
+    if not os.path.isfile(path):
         raise DllamaError(f"model file not found: {args.model}")
+    if args.model_name is not None and not args.model_name.strip():
+        raise DllamaError("--model-name is empty")
+    args.model_name = args.model_name or model_id(args.model, path)
+    args.model = path
     if not 0 <= args.port < 65536:
         raise DllamaError(f"--port must be in 0..65535, got {args.port}")
     if args.queue_size < 1:

