@@ -29,8 +29,13 @@ REEXEC_ENV = "DLLAMA_LAUNCH_REEXEC"   # set for the re-run inside .venv, so a br
 STAMP_NAME = ".dllama-install.json"  # in .venv: what the last install of the clone into it was made from
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block first
+        self.exit(2, f"launch.py: error: {message} (-h for help)\n")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="launch.py", description="Download a model of the catalogue and run it with dllama.",
         epilog="Arguments it does not know (e.g. --temperature 0.7) are passed on to dllama. "
                "HF_ENDPOINT, if set, replaces https://huggingface.co in the catalogue's URLs (a mirror).")
@@ -200,6 +205,18 @@ def relative(path: Path) -> str:
 
 # ----------------------------------------------------------------------------------------- main
 
+def check(args, extra):
+    """The catalogue entry and the run plan (None for --run none), checked before anything is installed or
+    downloaded: an unknown name or an unsupported model costs no pip run. Raises DllamaError."""
+    from dllama import catalog
+
+    entry = catalog.get(args.model)
+    if args.run == "none":
+        return entry, None
+    return entry, catalog.run_plan(entry, "M", "T", run=args.run, nthreads=args.nthreads, workers=args.workers,
+                                   prompt=args.prompt, steps=args.steps, extra=extra)
+
+
 def launch(args, extra) -> int:
     from dllama import catalog
 
@@ -207,16 +224,12 @@ def launch(args, extra) -> int:
         print(catalog.format_table())
         print("\nusage: python launch.py <name> [--run chat|inference|api|none] [--workers ...]  (-h for more)")
         return 0
-    entry = catalog.get(args.model)
-    run = None if args.run in (None, "none") else args.run
-    plan = None
-    if args.run != "none":  # a wrong flag or an unsupported model fails before any download
-        plan = catalog.run_plan(entry, "M", "T", run=run, nthreads=args.nthreads, workers=args.workers,
-                                prompt=args.prompt, steps=args.steps, extra=extra)
+    entry, plan = check(args, extra)
     model, tokenizer = obtain(entry, args)
     say(f"model: {relative(model)}" + (f", tokenizer: {relative(tokenizer)}" if tokenizer else ""))
     if plan is None:
         return 0
+    run = None if args.run in (None, "none") else args.run
     plan = catalog.run_plan(entry, relative(model), tokenizer and relative(tokenizer), run=run,
                             nthreads=args.nthreads, workers=args.workers, prompt=args.prompt,
                             steps=args.steps, extra=extra)
@@ -237,6 +250,7 @@ def main(argv=None) -> int:
 
     try:
         if args.model and not runtime_ready(api=args.run == "api"):
+            check(args, extra)
             bootstrap(argv, api=args.run == "api")
         return launch(args, extra)
     except DllamaError as exc:

@@ -181,6 +181,38 @@ def test_the_venv_is_installed_again_only_when_pyproject_or_the_extras_change(tm
     assert not launch_py.install_current(venv, clone, api=False)  # a stamp without its python
 
 
+def bare_python(tmp_path: Path) -> Path:
+    """An interpreter with only the standard library: a venv made --without-pip from this python (its own
+    site-packages is empty and the system one is not on its path)."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    py = bare / "bin" / "python"
+    probe = subprocess.run([str(py), "-c", "import numpy"], capture_output=True, cwd=tmp_path)
+    assert probe.returncode != 0, "the bare interpreter must not see the system's packages"
+    return py
+
+
+def clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "HF_ENDPOINT")}
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["llama9"], "unknown model 'llama9'"),
+    (["qwen3_8b_q40"], "Qwen3"),
+    (["llama3_8b_q40", "--run", "chat", "--steps", "3"], "--prompt and --steps are for --run inference"),
+    (["llama3_8b_q40", "--nthreads", "x"], "--nthreads: invalid int value"),
+])
+def test_bad_input_under_a_bare_python_is_one_line_before_any_install(tmp_path, argv, says):
+    need(shutil.which("git") is not None, "git is needed to clone the repository")
+    clone = tmp_path / "dllama"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    proc = subprocess.run([str(bare_python(tmp_path)), "launch.py", *argv], cwd=clone, env=clean_env(),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.startswith("launch.py: error: ") and says in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (clone / ".venv").exists()
+
+
 def test_unsupported_model_is_refused_before_downloading(tmp_path):
     code, out = finish(launch("qwen3_8b_q40", "--dir", str(tmp_path)))
     assert code == 2 and "Qwen3" in out and list(tmp_path.iterdir()) == []
@@ -212,20 +244,13 @@ def test_smollm2_generates_text_and_prints_the_command(tmp_path):
 
 @pytest.mark.slow
 def test_fresh_clone_with_a_bare_python_sets_itself_up_and_generates(tmp_path):
-    """A clone and an interpreter with only the standard library: launch.py makes .venv and runs there.
-
-    The bare interpreter is a venv made with --without-pip from this python: its own site-packages is
-    empty and the system one is not on its path, so neither dllama nor numpy can be imported from it.
-    """
+    """A clone and an interpreter with only the standard library: launch.py makes .venv and runs there;
+    a second run finds .venv current and installs nothing."""
     need(shutil.which("git") is not None, "git is needed to clone the repository")
     clone = tmp_path / "dllama"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-    bare = tmp_path / "bare"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
-    py = bare / "bin" / "python"
-    probe = subprocess.run([str(py), "-c", "import numpy"], capture_output=True, cwd=tmp_path)
-    assert probe.returncode != 0, "the bare interpreter must not see the system's packages"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "HF_ENDPOINT")}
+    py = bare_python(tmp_path)
+    env = clean_env()
     expected = reference_continuation(PROMPT)
     proc = subprocess.run([str(py), "launch.py", "smollm2_135m_instruct", "--run", "inference",
                            "--prompt", PROMPT, "--steps", "8", "--temperature", "0"],
