@@ -3,7 +3,9 @@
 Names, file names and URLs are those of the reference launcher (b4rtaz/distributed-llama `launch.py`, its
 current version and the Oct 2024 one for the entries it later dropped), so a model a user fetched with it
 is recognised here. Sizes are the ones the reference README publishes (approximate); exact byte counts and
-sha256 sums are filled in only where they are known from an outside source.
+sha256 sums are filled in only where they are known from an outside source: the sha256 of the single-file
+models is the one their Hugging Face file pages show (Git LFS details; each file has had one upload). No
+page states an exact byte count, so those stay unknown and the download's size comes from the server.
 
 Stdlib only: `launch.py` imports this before any dependency is installed.
 """
@@ -71,10 +73,10 @@ def _hf(repo: str, filename: str) -> str:
 
 
 def _reference(name, title, purpose, repo, model_files, tokenizer_file, approx_bytes, args=(),
-               supported=True, reason="") -> CatalogEntry:
+               supported=True, reason="", sha256=None) -> CatalogEntry:
     if isinstance(model_files, str):
         model_files = [model_files]
-    model = RemoteFile(tuple(_hf(repo, f) for f in model_files), f"dllama_model_{name}.m")
+    model = RemoteFile(tuple(_hf(repo, f) for f in model_files), f"dllama_model_{name}.m", sha256=sha256)
     tokenizer = RemoteFile((_hf(repo, tokenizer_file),), f"dllama_tokenizer_{name}.t")
     return CatalogEntry(name, title, purpose, model, tokenizer, approx_bytes, tuple(args), supported, reason)
 
@@ -97,25 +99,31 @@ ENTRIES: tuple[CatalogEntry, ...] = (
         None, 98 * MB),
     _reference("tinyllama_1_1b_3t_q40", "TinyLlama 1.1B 3T Q40", "benchmark",
                "TinyLlama-1.1B-3T-Distributed-Llama", "dllama_model_tinylama_1.1b_3t_q40.m",
-               "dllama_tokenizer_tinylama_1.1b_3t.t", 844 * MB),
+               "dllama_tokenizer_tinylama_1.1b_3t.t", 844 * MB,
+               sha256="40488ec07ce53331f3d52e7416d710abf096434cd37b67e5a84a4942bb7195b7"),
     _reference("llama3_8b_q40", "Llama 3 8B Q40", "benchmark",
                "Llama-3-8B-Q40-Distributed-Llama", "dllama_model_meta-llama-3-8b_q40.m",
-               "dllama_tokenizer_llama3.t", 6320 * MB),
+               "dllama_tokenizer_llama3.t", 6320 * MB,
+               sha256="b3808577511400dbf81cd8082332647cf66ca44915d0ad33775b2632814324db"),
     _reference("llama3_8b_instruct_q40", "Llama 3 8B Instruct Q40", "chat",
                "Llama-3-8B-Q40-Instruct-Distributed-Llama", "dllama_model_lama3_instruct_q40.m",
-               "dllama_tokenizer_llama3.t", 6320 * MB),
+               "dllama_tokenizer_llama3.t", 6320 * MB,
+               sha256="87324cefcf62e61c1865fe563998fdcc149c4e1dc614fb4dad3548634a1c93f8"),
     _reference("llama3_1_8b_instruct_q40", "Llama 3.1 8B Instruct Q40", "chat",
                "Llama-3_1-8B-Q40-Instruct-Distributed-Llama", "dllama_model_llama3.1_instruct_q40.m",
-               "dllama_tokenizer_llama_3_1.t", 6320 * MB, SEQ_4096),
+               "dllama_tokenizer_llama_3_1.t", 6320 * MB, SEQ_4096,
+               sha256="3d4ea2faf8581a50ce4c6ca3b4467980042618ea471c0c175f6a102ee2f22304"),
     _reference("llama3_1_405b_instruct_q40", "Llama 3.1 405B Instruct Q40", "chat",
                "Llama-3_1-405B-Q40-Instruct-Distributed-Llama", _split("dllama_model_llama31_405b_q40_", 56),
                "dllama_tokenizer_llama_3_1.t", 238 * GB, SEQ_4096),
     _reference("llama3_2_1b_instruct_q40", "Llama 3.2 1B Instruct Q40", "chat",
                "Llama-3_2-1B-Q40-Instruct-Distributed-Llama", "dllama_model_llama3.2-1b-instruct_q40.m",
-               "dllama_tokenizer_llama3_2.t", 1700 * MB, SEQ_4096),
+               "dllama_tokenizer_llama3_2.t", 1700 * MB, SEQ_4096,
+               sha256="24f88cf883f4205eb5b326deaa25a51accc71a79535cdf8fd55740175c8a4b98"),
     _reference("llama3_2_3b_instruct_q40", "Llama 3.2 3B Instruct Q40", "chat",
                "Llama-3_2-3B-Q40-Instruct-Distributed-Llama", "dllama_model_llama3.2-3b-instruct_q40.m",
-               "dllama_tokenizer_llama3_2.t", 3400 * MB, SEQ_4096),
+               "dllama_tokenizer_llama3_2.t", 3400 * MB, SEQ_4096,
+               sha256="fbac15c3a691d4112d79b5b56854dd5c52d85e891d9959d8838b89ee9601cf17"),
     _reference("llama3_3_70b_instruct_q40", "Llama 3.3 70B Instruct Q40", "chat",
                "Llama-3_3-70B-Q40-Instruct-Distributed-Llama", _split("dllama_model_llama-3.3-70b_q40", 11),
                "dllama_tokenizer_llama-3.3-70b.t", 40 * GB, SEQ_4096),

@@ -50,6 +50,15 @@ def test_entries_are_well_formed():
         catalog.get("llama9")
 
 
+def test_sha256_is_recorded_for_the_single_file_models_whose_pages_state_it():
+    known = {n for n, e in CATALOG.items() if isinstance(e.model, RemoteFile) and e.model.sha256}
+    assert known == {"tinyllama_1_1b_3t_q40", "llama3_8b_q40", "llama3_8b_instruct_q40", "llama3_1_8b_instruct_q40",
+                     "llama3_2_1b_instruct_q40", "llama3_2_3b_instruct_q40"}
+    for name in known:
+        assert CATALOG[name].parts == 1 and len(CATALOG[name].model.sha256) == 64
+        int(CATALOG[name].model.sha256, 16)
+
+
 def test_part_names_are_those_split_writes():
     assert part_suffixes(28)[:3] == ["aa", "ab", "ac"] and part_suffixes(28)[25:] == ["az", "ba", "bb"]
     urls = CATALOG["llama3_1_405b_instruct_q40"].model.urls

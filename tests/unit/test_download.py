@@ -406,3 +406,15 @@ def test_a_full_disk_stops_at_once_saying_how_much_more_is_needed(server, tmp_pa
     monkeypatch.setattr(download, "_write_all", real_write)  # space was freed: the next run resumes
     run(Target((server.url("/m.bin"),), dest, len(data)))
     assert dest.read_bytes() == data and server.gets()[-1].range == f"bytes={room}-"
+
+
+def test_the_size_is_asked_with_head_through_a_redirect_without_fetching_the_file(server, tmp_path):
+    data = blob(1_500_000, seed=15)
+    server.add("/cdn/m.bin", data)
+    server.redirects["/resolve/m.bin"] = server.url("/cdn/m.bin")
+    target = Target((server.url("/resolve/m.bin"),), tmp_path / "m.bin")
+    assert download.bytes_to_fetch(target, FAST) == (len(data), 0)
+    assert [(s.method, s.path) for s in server.seen] == [("HEAD", "/resolve/m.bin"), ("HEAD", "/cdn/m.bin")]
+    questions = []
+    fetch_all([target], confirm=lambda q: questions.append(q) or True, retry=FAST, out=io.StringIO())
+    assert questions == [f"Download 1 file(s), 1.5 MB, into {tmp_path}?"] and target.dest.read_bytes() == data

@@ -46,6 +46,7 @@ class FileServer(ThreadingHTTPServer):
     def __init__(self):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files: dict[str, Served] = {}
+        self.redirects: dict[str, str] = {}   # path -> where a 302 sends it (as Hugging Face sends to its CDN)
         self.seen: list[Seen] = []
         self.lock = threading.Lock()
         self.release = threading.Event()  # set to let stalled answers end
@@ -102,7 +103,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _redirected(self) -> bool:
+        to = self.server.redirects.get(self.path.split("?", 1)[0])
+        if to is not None:
+            with self.server.lock:
+                self.server.seen.append(Seen(self.command, self.path.split("?", 1)[0], None, None))
+            self._status_only(302, {"Location": to})
+        return to is not None
+
     def do_HEAD(self):
+        if self._redirected():
+            return
         served, status, _, _ = self._lookup()
         if served is None or status:
             return self._status_only(status or 404)
@@ -114,6 +125,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def do_GET(self):
+        if self._redirected():
+            return
         served, status, drop, stall = self._lookup()
         if served is None or status:
             return self._status_only(status or 404)
