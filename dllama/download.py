@@ -341,7 +341,7 @@ def fetch(target: Target, *, force: bool = False, retry: Retry = Retry(), total:
         dest.parent.mkdir(parents=True, exist_ok=True)
         return _fetch_into(target, dest, force, retry, total or target.size, out, tty, interval)
     except OSError as exc:
-        raise _write_error(exc, dest, total or target.size) from None
+        raise _write_error(exc, dest, total or target.size or _size_from_sidecar(dest, target.urls)) from None
     finally:
         if not dest.exists():
             _remove_empty(created)
@@ -386,6 +386,14 @@ def _write_error(exc: OSError, dest: Path, total: int | None) -> DllamaError:
     need = f"need {hsize(total - have)} more" if total is not None else "the rest of the size is unknown"
     kept = f"; {partial.name} is kept, so a new run resumes" if have else ""
     return DllamaError(f"no space left on {dest.parent}: {need}{kept}")
+
+
+def _size_from_sidecar(dest: Path, urls) -> int | None:
+    """The whole file's length once its last part's response has told it (the GET's Content-Length)."""
+    state = _State.load(partial_paths(dest)[1], list(urls))
+    if state is None or state.size is None or state.part != len(urls) - 1:
+        return None
+    return state.start + state.size
 
 
 def _missing_dirs(directory: Path) -> list[Path]:

@@ -377,8 +377,10 @@ def test_a_complete_chunked_or_close_delimited_body_is_taken(server, tmp_path):
         assert dest.read_bytes() == data
 
 
-def test_a_full_disk_stops_at_once_saying_how_much_more_is_needed(server, tmp_path, sleeps, monkeypatch):
+@pytest.mark.parametrize("known", [True, False], ids=["size-in-catalogue", "size-from-content-length"])
+def test_a_full_disk_stops_at_once_saying_how_much_more_is_needed(server, tmp_path, sleeps, monkeypatch, known):
     data = blob(2_000_000, seed=14)
+    size = len(data) if known else None
     server.add("/m.bin", data)
     dest = tmp_path / "models" / "m.bin"
     room = 500_000  # what the filesystem takes before ENOSPC, as a small disk would
@@ -392,12 +394,12 @@ def test_a_full_disk_stops_at_once_saying_how_much_more_is_needed(server, tmp_pa
 
     monkeypatch.setattr(download, "_write_all", small_disk)
     with pytest.raises(DllamaError) as err:
-        run(Target((server.url("/m.bin"),), dest, len(data)), retry=Retry())
+        run(Target((server.url("/m.bin"),), dest, size), retry=Retry())
     assert str(err.value).startswith(f"no space left on {dest.parent}: need 1.5 MB more")
     assert "\n" not in str(err.value) and sleeps == [] and len(server.gets()) == 1
     assert partial_paths(dest)[0].stat().st_size == room
     monkeypatch.setattr(download, "_write_all", real_write)  # space was freed: the next run resumes
-    run(Target((server.url("/m.bin"),), dest, len(data)))
+    run(Target((server.url("/m.bin"),), dest, size))
     assert dest.read_bytes() == data and server.gets()[-1].range == f"bytes={room}-"
 
 
