@@ -5,7 +5,12 @@ fetched, where that part starts in the file and the server's validator (ETag / L
 length of `.part` is the truth about how much has arrived, so a run killed at any moment resumes with an
 HTTP Range request for the rest of the current part (`If-Range` makes a changed file come back whole).
 `<dest>` itself appears only by a rename once every part is in and the size and sha256 (where known)
-match, so a file under the final name is always complete.
+match, so a file under the final name is always complete. A part is in only when its length is known
+(Content-Length, Content-Range, a chunked body's last chunk, else HEAD) and met, or the sha256 will tell.
+
+Failures come in three kinds: transient ones (a reset, a timeout, 5xx, a body cut short) are retried with
+back-off; a server that cannot be reached at all (no DNS answer, refused, no route) and a disk that is
+full fail at once, since waiting would not change the answer.
 
 Stdlib only: `launch.py` imports this before any dependency is installed.
 """
