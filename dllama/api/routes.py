@@ -53,7 +53,7 @@ class Service:
 
     @property
     def model_id(self) -> str | None:
-        """The id clients see: short, without spaces (a catalogue name or the file's stem, or --model-name)."""
+        """The id clients see: a catalogue name or the file's stem (never the GGUF's sentence), or --model-name."""
         return self._model_id or (self.engine.name if self.engine else None)
 
     def check_model(self, requested: str) -> None:

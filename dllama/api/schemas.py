@@ -45,7 +45,8 @@ class StreamOptions(_Body):
 class _Sampling(_Body):
     """Fields shared by chat and text completions."""
 
-    model: str | None = Field(None, description="The served model's id (GET /v1/models); optional")
+    model: str | None = Field(None, description="Optional; any name reaches the one served model, whose id "
+                                                "the response reports (GET /v1/models lists it)")
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most (default: up to the context)")
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy (default: the server's --temperature)")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling (default: the server's --topp)")
