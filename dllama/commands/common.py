@@ -28,13 +28,27 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=None, help="random seed for sampling")
 
 
+def check_port(flag: str, port: int, *, listen: bool = False) -> int:
+    """`port` if it is one a socket can use (0, "any free port", only for listening); else DllamaError."""
+    low = 0 if listen else 1
+    if not low <= port <= 65535:
+        raise DllamaError(f"{flag}: port {port} is not in {low}..65535")
+    return port
+
+
+def check_at_least(flag: str, value, low) -> None:
+    """DllamaError naming `flag` unless value >= low (None: the flag was not given)."""
+    if value is not None and value < low:
+        raise DllamaError(f"{flag} must be at least {low}, got {value}")
+
+
 def parse_workers(items: list[str]) -> list[tuple[str, int]]:
     out = []
     for item in items:
         host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not host or not port.isdigit():
             raise DllamaError(f"--workers: {item!r} is not HOST:PORT")
-        out.append((host, int(port)))
+        out.append((host, check_port(f"--workers {item}", int(port))))
     return out
 
 

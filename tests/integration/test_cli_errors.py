@@ -111,3 +111,20 @@ def test_m_model_without_tokenizer(tiny_m):
 def test_bad_worker_address(smollm2_path):
     assert_one_line_error(dllama("inference", "--model", smollm2_path, "--prompt", "x", "--workers", "nohost"),
                           "nohost")
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_worker_port_out_of_range(port):
+    assert_one_line_error(dllama("worker", "--host", "127.0.0.1", "--port", port), "--port", port)
+
+
+def test_worker_address_port_out_of_range(tiny_m):
+    res = dllama("inference", "--model", str(tiny_m), "--prompt", "x", "--workers", "127.0.0.1:70000")
+    assert_one_line_error(res, "--workers", "70000")
+
+
+def test_api_port_out_of_range(tiny_m):
+    res = subprocess.run([sys.executable, "-c", "import sys; from dllama.cli import main_api; sys.exit(main_api())",
+                          "--model", str(tiny_m), "--host", "127.0.0.1", "--port", "65536"],
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert_one_line_error(res, "--port", "65536")
