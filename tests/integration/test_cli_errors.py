@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import subprocess
 import sys
@@ -128,3 +129,22 @@ def test_api_port_out_of_range(tiny_m):
                           "--model", str(tiny_m), "--host", "127.0.0.1", "--port", "65536"],
                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert_one_line_error(res, "--port", "65536")
+
+
+@pytest.mark.parametrize("flag", ["--max-seq-len", "--steps", "--nthreads"])
+def test_a_bad_flag_is_named_alone(tiny_m, flag):
+    res = dllama("inference", "--model", str(tiny_m), "--prompt", "x", flag, "0")
+    assert_one_line_error(res, flag)
+    others = {"--max-seq-len", "--steps", "--nthreads"} - {flag}
+    assert not [o for o in others if o in res.stderr], res.stderr
+
+
+def test_a_short_context_without_steps_generates_what_fits(smollm2_path):
+    from dllama.tokenizer import Tokenizer
+
+    res = dllama("inference", "--model", smollm2_path, "--prompt", "Hello", "--max-seq-len", "16",
+                 "--temperature", "0", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert len(out["prompt_ids"]) == len(Tokenizer.from_gguf(smollm2_path).encode("Hello"))
+    assert len(out["prompt_ids"]) + len(out["generated_ids"]) == 16
