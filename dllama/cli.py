@@ -39,9 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_guarded(prog: str, fn, args) -> int:
+    from dllama.commands.common import end_open_line
+
     try:
         return int(fn(args) or 0)
     except DllamaError as exc:
+        end_open_line()
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

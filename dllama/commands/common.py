@@ -81,6 +81,28 @@ def make_sampler(args):
     return Sampler(args.temperature, args.topp, args.seed)
 
 
+_line_open = False   # streamed text on stdout has not ended its line
+
+
+def write_out(text: str) -> None:
+    """Stream `text` to stdout now, remembering whether it left a line open (see `end_open_line`)."""
+    global _line_open
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        _line_open = not text.endswith("\n")
+
+
+def end_open_line() -> None:
+    """End a line that streamed text left open, so that an error printed next (on stderr, usually the same
+    terminal) starts on a line of its own rather than after the last generated word."""
+    global _line_open
+    if _line_open:
+        _line_open = False
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
 def isatty(stream) -> bool:
     try:
         return os.isatty(stream.fileno())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from dllama.commands.common import add_model_arguments, check_at_least, make_sampler, open_engine
+from dllama.commands.common import add_model_arguments, check_at_least, make_sampler, open_engine, write_out
 from dllama.errors import DllamaError
 
 DEFAULT_STEPS = 64
@@ -49,18 +49,16 @@ def _generate(engine, args, sampler) -> int:
         raise DllamaError(f"the prompt ({len(prompt_ids)} tokens) plus --steps {steps} do not fit the "
                           f"context of {engine.seq_len} tokens (see --max-seq-len)")
     decoder = StreamDecoder(tok)
-    ids, out = [], sys.stdout
+    ids = []
     if not args.json:
-        out.write(args.prompt)
-        out.flush()
+        write_out(args.prompt)
     # A benchmark: exactly --steps tokens, end-of-text tokens included, as the reference does.
     stops = ()
     for t in engine.generate(prompt_ids, steps, sampler, stop_ids=stops):
         ids.append(t)
         piece = decoder.feed(t)
         if not args.json:
-            out.write(piece)
-            out.flush()
+            write_out(piece)
             if args.verbose:
                 st = engine.stats
                 ms = st.token_ms[-1] if st.token_ms else 0.0
@@ -70,8 +68,7 @@ def _generate(engine, args, sampler) -> int:
         obj = {"prompt_ids": prompt_ids, "generated_ids": ids, "text": tok.decode(ids), **st}
         print(json.dumps(obj))
     else:
-        out.write(decoder.flush() + "\n")
-        out.flush()
+        write_out(decoder.flush() + "\n")
         _print_summary(st, sys.stderr)
     return 0
 

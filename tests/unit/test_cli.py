@@ -51,3 +51,32 @@ def test_every_command_parses_its_flags_in_commands():
     from dllama.cli import COMMANDS
 
     assert all(module.startswith("dllama.commands.") for module, _help in COMMANDS.values())
+
+
+def test_an_error_after_streamed_text_starts_on_its_own_line(capfd):
+    from dllama.cli import _run_guarded
+    from dllama.commands.common import write_out
+    from dllama.net.transport import ConnectionLost
+
+    def generate(args):
+        write_out("The capital of France is")
+        write_out(" Paris")
+        raise ConnectionLost("worker 127.0.0.1:9998: closed the connection")
+
+    assert _run_guarded("dllama", generate, None) == 2
+    out, err = capfd.readouterr()
+    assert out == "The capital of France is Paris\n"
+    assert err == "dllama: error: worker 127.0.0.1:9998: closed the connection\n"
+
+
+def test_an_error_after_a_finished_line_adds_no_blank_line(capfd):
+    from dllama.cli import _run_guarded
+    from dllama.commands.common import write_out
+    from dllama.errors import DllamaError
+
+    def generate(args):
+        write_out("a whole line\n")
+        raise DllamaError("late")
+
+    assert _run_guarded("dllama", generate, None) == 2
+    assert capfd.readouterr() == ("a whole line\n", "dllama: error: late\n")
