@@ -83,6 +83,12 @@ class Engine:
         _check_flags(nthreads, buffer_float_type, max_seq_len)
         loaded = load_model(model_path)
         tokenizer = _open_tokenizer(loaded, tokenizer_path)
+        if tokenizer.vocab_size != loaded.spec.vocab_size:
+            # the model would pick ids the tokenizer cannot print, or the tokenizer give ids past the
+            # embedding's rows: not the model's tokenizer (llama.cpp refuses this too)
+            loaded.close()
+            raise DllamaError(f"the tokenizer {tokenizer_path or loaded.path} has {tokenizer.vocab_size} tokens, "
+                              f"the model {loaded.path} {loaded.spec.vocab_size}: not this model's tokenizer")
         return cls.from_loaded(loaded, tokenizer, nthreads, max_seq_len, buffer_float_type, workers, log)
 
     @classmethod

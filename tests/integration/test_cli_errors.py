@@ -148,3 +148,16 @@ def test_a_short_context_without_steps_generates_what_fits(smollm2_path):
     out = json.loads(res.stdout)
     assert len(out["prompt_ids"]) == len(Tokenizer.from_gguf(smollm2_path).encode("Hello"))
     assert len(out["prompt_ids"]) + len(out["generated_ids"]) == 16
+
+
+def test_tokenizer_of_another_model(tiny_m, tmp_path):
+    """The tiny model has 256 tokens; a 200-token tokenizer, which could not print what the model picks, is
+    refused at load, naming both sizes."""
+    from dllama.formats.dlt import TokenizerData, write_t
+
+    tok = tmp_path / "other.t"
+    write_t(str(tok), TokenizerData([bytes([i]) for i in range(200)], [0.0] * 200,
+                                    bos_id=0, eos_ids=[1], special_ids=frozenset()))
+    res = dllama("inference", "--model", str(tiny_m), "--tokenizer", str(tok), "--prompt", "x", "--steps", "32")
+    assert_one_line_error(res, "other.t", "200", "256")
+    assert not res.stdout
