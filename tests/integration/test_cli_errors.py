@@ -161,3 +161,44 @@ def test_tokenizer_of_another_model(tiny_m, tmp_path):
     res = dllama("inference", "--model", str(tiny_m), "--tokenizer", str(tok), "--prompt", "x", "--steps", "32")
     assert_one_line_error(res, "other.t", "200", "256")
     assert not res.stdout
+
+
+def _with_header(m_path, out_path, **values):
+    """A copy of a .m file with header values replaced (keys as dllama.formats.dlm names them)."""
+    from dllama.formats.dlm import KEY_IDS
+
+    data = bytearray(m_path.read_bytes())
+    header_size = struct.unpack_from("<i", data, 4)[0]
+    for off in range(8, header_size, 8):
+        key = struct.unpack_from("<i", data, off)[0]
+        for name, value in values.items():
+            if key == KEY_IDS[name]:
+                struct.pack_into("<i", data, off + 4, value)
+    out_path.write_bytes(bytes(data))
+    return out_path
+
+
+@pytest.fixture(scope="module")
+def tiny_t(tmp_path_factory):
+    from dllama.formats.dlt import TokenizerData, write_t
+
+    path = tmp_path_factory.mktemp("t") / "tiny.t"
+    write_t(str(path), TokenizerData([bytes([i]) for i in range(256)], [0.0] * 256, bos_id=0, eos_ids=[1],
+                                     special_ids=frozenset()))
+    return path
+
+
+@pytest.mark.parametrize("field", ["n_layers", "vocab_size", "dim", "hidden_dim", "n_experts"])
+def test_m_header_describing_more_than_its_file(tiny_m, tiny_t, tmp_path, field):
+    bad = _with_header(tiny_m, tmp_path / "huge.m", **{field: 2**31 - 1})
+    res = dllama("inference", "--model", str(bad), "--tokenizer", str(tiny_t), "--prompt", "x")
+    assert_one_line_error(res, "huge.m")
+
+
+def test_m_header_context_past_the_memory_of_the_machine(tiny_m, tiny_t, tmp_path):
+    bad = _with_header(tiny_m, tmp_path / "long.m", seq_len=2**31 - 1)
+    res = dllama("inference", "--model", str(bad), "--tokenizer", str(tiny_t), "--prompt", "x")
+    assert_one_line_error(res, "2147483647", "--max-seq-len")
+    ok = dllama("inference", "--model", str(bad), "--tokenizer", str(tiny_t), "--prompt", "x", "--max-seq-len", "64",
+                "--steps", "4")
+    assert ok.returncode == 0, ok.stderr
