@@ -1,4 +1,5 @@
-"""Flags shared by every command that runs a model (inference, chat, dllama-api), as the reference names them."""
+"""What the commands share: the flags of every command that runs a model (inference, chat, dllama-api), as
+the reference names them; checks of flag values; opening the engine; streaming text to stdout."""
 
 from __future__ import annotations
 
