@@ -202,3 +202,7 @@ def test_m_header_context_past_the_memory_of_the_machine(tiny_m, tiny_t, tmp_pat
     ok = dllama("inference", "--model", str(bad), "--tokenizer", str(tiny_t), "--prompt", "x", "--max-seq-len", "64",
                 "--steps", "4")
     assert ok.returncode == 0, ok.stderr
+
+
+def test_chat_max_tokens_zero(tiny_m):
+    assert_one_line_error(dllama("chat", "--model", str(tiny_m), "--max-tokens", "0"), "--max-tokens")
