@@ -1,7 +1,8 @@
 """Command line: `dllama inference|chat|worker|convert|random-model|cluster` and `dllama-api`.
 
-Thin by design: each subcommand is an `add_arguments(parser)` / `run(args) -> int` pair living in the
-module that does the work; heavy imports (numba, the model) happen only inside `run`.
+Thin by design: each command is a module of `dllama.commands` with `add_arguments(parser)` and
+`run(args) -> int`; those modules import nothing heavy (numpy, numba, the model, the network) until `run`,
+so `dllama --help` and a flag mistake answer at once.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from dllama.errors import DllamaError
 COMMANDS = {
     "inference": ("dllama.commands.inference", "generate text from a prompt and print timing figures (a benchmark)"),
     "chat": ("dllama.commands.chat", "chat with a model in the terminal"),
-    "worker": ("dllama.net.worker", "serve as a worker node for a root started with --workers"),
-    "convert": ("dllama.formats.convert", "convert a GGUF model to Distributed Llama .m + .t files"),
-    "random-model": ("dllama.formats.random_model", "write a random-weight .m model of any shape (benchmarks)"),
-    "cluster": ("dllama.cluster.cli", "start, stop and inspect a cluster described by an Ansible inventory"),
+    "worker": ("dllama.commands.worker", "serve as a worker node for a root started with --workers"),
+    "convert": ("dllama.commands.convert", "convert a GGUF model to Distributed Llama .m + .t files"),
+    "random-model": ("dllama.commands.random_model", "write a random-weight .m model of any shape (benchmarks)"),
+    "cluster": ("dllama.commands.cluster", "start, stop and inspect a cluster described by an Ansible inventory"),
 }
 
 
@@ -30,12 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dllama {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if not exc.name or not module_name.startswith(exc.name):
-                raise
-            continue  # a subcommand whose module is not part of this build
+        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
@@ -43,9 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_guarded(prog: str, fn, args) -> int:
+    from dllama.commands.common import end_open_line
+
     try:
         return int(fn(args) or 0)
     except DllamaError as exc:
+        end_open_line()
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -63,13 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     return _run_guarded("dllama", args._run, args)
 
 
-def main_api(argv: list[str] | None = None) -> int:
-    from dllama.api import server
+def build_api_parser() -> argparse.ArgumentParser:
+    from dllama.commands import api
 
     parser = argparse.ArgumentParser(prog="dllama-api", description="OpenAI-compatible HTTP server.")
-    server.add_arguments(parser)
-    args = parser.parse_args(argv)
-    return _run_guarded("dllama-api", server.run, args)
+    api.add_arguments(parser)
+    parser.set_defaults(_run=api.run)
+    return parser
+
+
+def main_api(argv: list[str] | None = None) -> int:
+    args = build_api_parser().parse_args(argv)
+    return _run_guarded("dllama-api", args._run, args)
 
 
 if __name__ == "__main__":

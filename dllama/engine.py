@@ -83,6 +83,12 @@ class Engine:
         _check_flags(nthreads, buffer_float_type, max_seq_len)
         loaded = load_model(model_path)
         tokenizer = _open_tokenizer(loaded, tokenizer_path)
+        if tokenizer.vocab_size != loaded.spec.vocab_size:
+            # the model would pick ids the tokenizer cannot print, or the tokenizer give ids past the
+            # embedding's rows: not the model's tokenizer (llama.cpp refuses this too)
+            loaded.close()
+            raise DllamaError(f"the tokenizer {tokenizer_path or loaded.path} has {tokenizer.vocab_size} tokens, "
+                              f"the model {loaded.path} {loaded.spec.vocab_size}: not this model's tokenizer")
         return cls.from_loaded(loaded, tokenizer, nthreads, max_seq_len, buffer_float_type, workers, log)
 
     @classmethod
@@ -98,6 +104,7 @@ class Engine:
         spec = loaded.spec
         plan = partition(spec, 1 + len(workers))   # refuses bad node counts before connecting
         seq_len = min(spec.seq_len, max_seq_len) if max_seq_len else spec.seq_len
+        _check_memory(spec, plan[0], seq_len)
         K.set_threads(nthreads)
         # load every kernel the model needs from numba's cache now, not inside the first prompt's timing
         K.warmup(sorted({t.qtype for t in loaded.tensors.values() if len(t.shape) == 2} - {"f32"}))
@@ -191,6 +198,28 @@ def _check_flags(nthreads, buffer_float_type, max_seq_len) -> None:
         raise DllamaError(f"--buffer-float-type must be f32 or q80, got {buffer_float_type!r}")
     if max_seq_len is not None and max_seq_len < 1:
         raise DllamaError(f"--max-seq-len must be at least 1, got {max_seq_len}")
+
+
+def _context_bytes(spec, node, seq_len: int) -> int:
+    """Memory the context takes on `node` (see NodeModel): a full K and V cache per layer, the rope tables
+    (float64 while they are computed), one row of attention scores per head."""
+    kv_dim, half = len(node.kv_heads) * spec.head_dim, spec.head_dim // 2
+    per_position = spec.n_layers * 2 * kv_dim * 4 + half * (2 * 4 + 3 * 8) + len(node.heads) * 4
+    return seq_len * per_position
+
+
+def _check_memory(spec, node, seq_len: int) -> None:
+    """Refuse, before allocating anything, a context this machine cannot hold (a header's seq_len of
+    2^31, or a long-context model run without --max-seq-len). Raises DllamaError suggesting a limit."""
+    from dllama.net.memory import available_bytes
+
+    need, have = _context_bytes(spec, node, seq_len), available_bytes()
+    if have is None or need <= have:
+        return
+    fits = max(1, have // max(1, _context_bytes(spec, node, 1))) // 2   # leave half for the weights
+    fits = fits // 1024 * 1024 or fits
+    raise DllamaError(f"a context of {seq_len} tokens needs {need / 2**30:.1f} GiB for its KV cache and scratch, "
+                      f"this machine has {have / 2**30:.1f} GiB available: pass --max-seq-len {fits} or less")
 
 
 def _release_pages(loaded) -> None:

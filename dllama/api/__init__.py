@@ -1,1 +1,1 @@
-"""`dllama-api`: the OpenAI-compatible HTTP server (docs/api.md). Entry points: `server.add_arguments`, `server.run`."""
+"""`dllama-api`: the OpenAI-compatible HTTP server (docs/api.md). Its flags are in `dllama.commands.api`; `server.serve` runs it."""

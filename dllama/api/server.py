@@ -14,48 +14,22 @@ import socket
 import sys
 import threading
 
-from dllama.commands.common import add_model_arguments
 from dllama.errors import DllamaError
 
 log = logging.getLogger("dllama.api")
 
-DEFAULT_PORT = 9990               # the reference's
-DEFAULT_MAX_BODY = 4 * 1024 * 1024  # bytes: a full 128k-token context is ~0.5 MB of text, JSON-escaped
-
-
-def add_arguments(p) -> None:
-    add_model_arguments(p)
-    g = p.add_argument_group("server")
-    g.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: every interface)")
-    g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
-    g.add_argument("--api-key", default=os.environ.get("DLLAMA_API_KEY") or None,
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: env DLLAMA_API_KEY, else none)")
-    g.add_argument("--queue-size", type=int, default=16,
-                   help="requests that may wait for the engine; more get 503 + Retry-After (default 16)")
-    g.add_argument("--max-tokens", type=int, default=None,
-                   help="longest reply any request may get, in tokens (default: what the context leaves)")
-    g.add_argument("--max-body-size", type=int, default=DEFAULT_MAX_BODY,
-                   help=f"largest request body in bytes; larger get 413 (default {DEFAULT_MAX_BODY})")
-    g.add_argument("--model-name", help="the model's id in the API (default: its catalogue name, else the "
-                                        "file name without its extension)")
-    g.add_argument("--docs", action="store_true",
-                   help="serve Swagger UI at /docs and ReDoc at /redoc (the browser loads them from a CDN)")
-    g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-                   help="server log level (default info)")
-
-
-def run(args) -> int:
-    """Serve until Ctrl-C / SIGTERM. Raises DllamaError for bad flags, a busy port, or a model that fails to load."""
+def serve(args, workers: list[str], open_engine) -> int:
+    """`dllama-api` once commands.api has parsed its flags: serve until Ctrl-C / SIGTERM. `open_engine(args)`
+    loads the model (in the background). Raises DllamaError for bad flags, a busy port, or a model that
+    fails to load."""
     for dep in ("fastapi", "uvicorn"):
         if importlib.util.find_spec(dep) is None:
             raise DllamaError(f"dllama-api needs {dep}: pip install 'dllama[api]'")
     import uvicorn
 
     from dllama.api.routes import Service, create_app
-    from dllama.commands.common import parse_workers
 
     _check_flags(args)
-    workers = [f"{h}:{p}" for h, p in parse_workers(args.workers)]
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sock = _listen(args.host, args.port)
     service = Service({"temperature": args.temperature, "topp": args.topp, "seed": args.seed,
@@ -64,7 +38,8 @@ def run(args) -> int:
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3,
                             server_header=False, proxy_headers=False)
     server = _make_server(config, service)
-    loader = threading.Thread(target=_load, args=(args, service, server), name="dllama-load", daemon=True)
+    loader = threading.Thread(target=_load, args=(args, open_engine, service, server), name="dllama-load",
+                              daemon=True)
     loader.start()
     host, port = sock.getsockname()[:2]
     print(f"dllama-api: listening on http://{host}:{port}/v1 (model loading)", file=sys.stderr, flush=True)
@@ -106,8 +81,6 @@ def _check_flags(args) -> None:
         raise DllamaError("--model-name is empty")
     args.model_name = args.model_name or model_id(args.model, path)
     args.model = path
-    if not 0 <= args.port < 65536:
-        raise DllamaError(f"--port must be in 0..65535, got {args.port}")
     if args.queue_size < 1:
         raise DllamaError(f"--queue-size must be at least 1, got {args.queue_size}")
     if args.max_tokens is not None and args.max_tokens < 1:
@@ -143,9 +116,8 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _load(args, service, server) -> None:
+def _load(args, open_engine, service, server) -> None:
     from dllama.api.runner import EngineRunner
-    from dllama.commands.common import open_engine
 
     try:
         engine = open_engine(args)

@@ -1,4 +1,5 @@
-"""Flags shared by every command that runs a model (inference, chat, dllama-api), as the reference names them."""
+"""What the commands share: the flags of every command that runs a model (inference, chat, dllama-api), as
+the reference names them; checks of flag values; opening the engine; streaming text to stdout."""
 
 from __future__ import annotations
 
@@ -28,13 +29,27 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=None, help="random seed for sampling")
 
 
+def check_port(flag: str, port: int, *, listen: bool = False) -> int:
+    """`port` if it is one a socket can use (0, "any free port", only for listening); else DllamaError."""
+    low = 0 if listen else 1
+    if not low <= port <= 65535:
+        raise DllamaError(f"{flag}: port {port} is not in {low}..65535")
+    return port
+
+
+def check_at_least(flag: str, value, low) -> None:
+    """DllamaError naming `flag` unless value >= low (None: the flag was not given)."""
+    if value is not None and value < low:
+        raise DllamaError(f"{flag} must be at least {low}, got {value}")
+
+
 def parse_workers(items: list[str]) -> list[tuple[str, int]]:
     out = []
     for item in items:
         host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not host or not port.isdigit():
             raise DllamaError(f"--workers: {item!r} is not HOST:PORT")
-        out.append((host, int(port)))
+        out.append((host, check_port(f"--workers {item}", int(port))))
     return out
 
 
@@ -65,6 +80,28 @@ def make_sampler(args):
     from dllama.sampler import Sampler
 
     return Sampler(args.temperature, args.topp, args.seed)
+
+
+_line_open = False   # streamed text on stdout has not ended its line
+
+
+def write_out(text: str) -> None:
+    """Stream `text` to stdout now, remembering whether it left a line open (see `end_open_line`)."""
+    global _line_open
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        _line_open = not text.endswith("\n")
+
+
+def end_open_line() -> None:
+    """End a line that streamed text left open, so that an error printed next (on stderr, usually the same
+    terminal) starts on a line of its own rather than after the last generated word."""
+    global _line_open
+    if _line_open:
+        _line_open = False
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 def isatty(stream) -> bool:

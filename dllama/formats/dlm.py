@@ -139,18 +139,26 @@ def spec_from_header(kv: dict, path: str) -> ModelSpec:
 
 def dlm_layout(spec: ModelSpec, kset: str = "2025") -> list[tuple[str, str, tuple]]:
     """[(internal name, qtype, shape)] in file order, as the reference's loader reads them."""
+    return [t for layer in _layout_by_layer(spec, kset) for t in layer]
+
+
+def _layout_by_layer(spec: ModelSpec, kset: str):
+    """dlm_layout a group at a time (the embedding, a layer or an expert, the head), so that a reader can
+    stop as soon as a header describes more than its file holds."""
     wt, dim, ffn = spec.weight_type, spec.dim, spec.ffn_dim
-    out = [("tok_embd", "f32", (spec.vocab_size, dim))]
+    yield [("tok_embd", "f32", (spec.vocab_size, dim))]
     for i in range(spec.n_layers):
         p = f"layers.{i}."
-        out += [(p + "wq", wt, (spec.q_dim, dim)), (p + "wk", wt, (spec.kv_dim, dim)),
-                (p + "wv", wt, (spec.kv_dim, dim)), (p + "wo", wt, (dim, spec.q_dim))]
+        out = [(p + "wq", wt, (spec.q_dim, dim)), (p + "wk", wt, (spec.kv_dim, dim)),
+               (p + "wv", wt, (spec.kv_dim, dim)), (p + "wo", wt, (dim, spec.q_dim))]
         if spec.n_experts > 0:
             # 2024 stored the router in the weight type and each expert as up, gate, down
             out.append((p + "moe_gate", "f32" if kset == "2025" else wt, (spec.n_experts, dim)))
+            yield out
             order = ("w1", "w2", "w3") if kset == "2025" else ("w3", "w1", "w2")
             for e in range(spec.n_experts):
-                out += [(f"{p}experts.{e}.{w}", wt, (dim, ffn) if w == "w2" else (ffn, dim)) for w in order]
+                yield [(f"{p}experts.{e}.{w}", wt, (dim, ffn) if w == "w2" else (ffn, dim)) for w in order]
+            out = []
         else:
             out += [(p + "w1", wt, (ffn, dim)), (p + "w2", wt, (dim, ffn)), (p + "w3", wt, (ffn, dim))]
         if spec.arch in ("qwen3", "qwen3_moe"):
@@ -161,12 +169,25 @@ def dlm_layout(spec: ModelSpec, kset: str = "2025") -> list[tuple[str, str, tupl
         else:
             names = ("attn_norm", "ffn_norm")
         out += [(p + n, "f32", (dim,)) for n in names]
-    out += [("norm", "f32", (dim,)), ("wcls", wt, (spec.vocab_size, dim))]
-    return out
+        yield out
+    yield [("norm", "f32", (dim,)), ("wcls", wt, (spec.vocab_size, dim))]
 
 
 def layout_bytes(layout) -> int:
     return sum(quants.tensor_bytes(q, s) for _, q, s in layout)
+
+
+def _described_bytes(spec: ModelSpec, kset: str, limit: int) -> int | None:
+    """The bytes of tensors the header describes, or None once they pass `limit` (the file's size): a
+    damaged header may describe 2^31 layers, whose layout alone would not fit in memory."""
+    total = 0
+    for i, group in enumerate(_layout_by_layer(spec, kset)):
+        total += layout_bytes(group)   # raises for a width its block type cannot hold
+        # one past: a file cut short by a byte still gets its exact expected size; three groups in: every
+        # kind of tensor shape has been checked by then (embedding, attention, feed-forward or an expert)
+        if total > limit + 1 and i >= 2:
+            return None
+    return total
 
 
 def _infer_weight_type(spec: ModelSpec, kset: str, payload: int, path: str) -> str:
@@ -175,7 +196,7 @@ def _infer_weight_type(spec: ModelSpec, kset: str, payload: int, path: str) -> s
     for wt in FLOAT_TYPES.values():
         spec.weight_type = wt
         with contextlib.suppress(DllamaError):   # a block type that cannot hold these widths
-            if layout_bytes(dlm_layout(spec, kset)) == payload:
+            if _described_bytes(spec, kset, payload) == payload:
                 fits.append(wt)
     if len(fits) != 1:
         raise FormatError(f"{path}: .m header names no weight type and the file size does not tell it")
@@ -197,11 +218,15 @@ def read_dlm(path: str) -> LoadedModel:
     kset = spec.extra["dlm_key_set"]
     if spec.weight_type is None:
         spec.weight_type = _infer_weight_type(spec, kset, size - header_size, path)
-    layout = dlm_layout(spec, kset)
     try:
-        expected = header_size + layout_bytes(layout)
+        payload = _described_bytes(spec, kset, size - header_size)
     except DllamaError as exc:   # e.g. q40 weights of a width that is no multiple of 32
         raise FormatError(f"{path}: {exc}") from None
+    if payload is None:
+        raise FormatError(f"{path}: truncated or damaged: its header ({spec.n_layers} layers, dim {spec.dim}, "
+                          f"vocabulary {spec.vocab_size}, {spec.n_experts} experts) describes more than the "
+                          f"file's {size} bytes")
+    expected = header_size + payload
     if size < expected:
         raise FormatError(f"{path}: truncated (expected {expected} bytes, found {size})")
     if size > expected:
@@ -209,7 +234,7 @@ def read_dlm(path: str) -> LoadedModel:
                           f"(expected {expected} bytes, found {size})")
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     tensors, offset = {}, header_size
-    for name, qtype, shape in layout:
+    for name, qtype, shape in dlm_layout(spec, kset):
         n = quants.tensor_bytes(qtype, shape)
         tensors[name] = Tensor(name, qtype, shape, mm[offset:offset + n])
         offset += n

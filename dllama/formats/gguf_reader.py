@@ -13,6 +13,7 @@ first, u32 ggml type, u64 offset from the data start); padding to `general.align
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 
@@ -28,6 +29,16 @@ _SCALARS = {
     GGUFValueType.FLOAT64: "<d",
 }
 _DTYPES = {t: np.dtype(f) for t, f in _SCALARS.items()}
+
+# What a header may declare. Counts are checked against the bytes left in the file before anything is
+# read, so a damaged or hostile header fails at once instead of after minutes of parsing.
+MAX_DEPTH = 4                 # arrays of arrays: no writer nests deeper than 2
+MAX_STRINGS = 1 << 22         # strings in one array: vocabularies and merge lists hold a few 100k
+MAX_DIMS = 4                  # ggml's GGML_MAX_DIMS
+MAX_ALIGNMENT = 1 << 20
+_MIN_BYTES = {GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}   # a length; an element type and a count
+_MIN_KV_BYTES = 8 + 4 + 1          # key length, value type, the smallest value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8   # name length, n_dims, type, offset
 
 
 class Field:
@@ -60,6 +71,13 @@ class _Cursor:
         self.pos += struct.calcsize(fmt)
         return v[0] if len(v) == 1 else v
 
+    def count(self, n: int, item_bytes: int, what: str) -> int:
+        """`n`, once it is clear that n items of at least `item_bytes` each fit in what is left."""
+        left = len(self.buf) - self.pos
+        if n * item_bytes > left:
+            raise ValueError(f"it declares {n} {what}, more than the {left} bytes left in the file can hold")
+        return n
+
     def string(self) -> str:
         n = self.unpack("<Q")
         s = bytes(self.buf[self.pos:self.pos + n])
@@ -68,22 +86,27 @@ class _Cursor:
         self.pos += n
         return s.decode("utf-8", errors="replace")
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, depth: int = 0):
         if vtype == GGUFValueType.STRING:
             return self.string()
         if vtype == GGUFValueType.ARRAY:
+            if depth == MAX_DEPTH:
+                raise ValueError(f"arrays nested more than {MAX_DEPTH} deep")
             etype, count = self.unpack("<I"), self.unpack("<Q")
-            if etype == GGUFValueType.STRING:
-                return [self.string() for _ in range(count)]
             if etype in _DTYPES:
                 dt = _DTYPES[GGUFValueType(etype)]
-                end = self.pos + dt.itemsize * count
-                if end > len(self.buf):
-                    raise EOFError
+                self.count(count, dt.itemsize, "array elements")
                 arr = np.frombuffer(self.buf, dt, count, self.pos)
-                self.pos = end
+                self.pos += dt.itemsize * count
                 return arr
-            return [self.value(etype) for _ in range(count)]
+            if etype not in _MIN_BYTES:
+                raise ValueError(f"unknown value type {etype}")
+            self.count(count, _MIN_BYTES[etype], "array elements")
+            if etype == GGUFValueType.STRING:
+                if count > MAX_STRINGS:
+                    raise ValueError(f"an array of {count} strings (at most {MAX_STRINGS} are supported)")
+                return [self.string() for _ in range(count)]
+            return [self.value(etype, depth + 1) for _ in range(count)]
         return self.unpack(_SCALARS[GGUFValueType(vtype)])
 
 
@@ -122,15 +145,17 @@ class GGUFFile:
             "GGUF.tensor_count": Field("GGUF.tensor_count", [GGUFValueType.UINT64], n_tensors),
             "GGUF.kv_count": Field("GGUF.kv_count", [GGUFValueType.UINT64], n_kv),
         }
-        for _ in range(n_kv):
+        for _ in range(c.count(n_kv, _MIN_KV_BYTES, "key/value pairs")):
             key, vtype = c.string(), c.unpack("<I")
             self.fields[key] = Field(key, [vtype], c.value(vtype))
         infos = []
-        for _ in range(n_tensors):
+        for _ in range(c.count(n_tensors, _MIN_TENSOR_INFO_BYTES, "tensors")):
             name, n_dims = c.string(), c.unpack("<I")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise ValueError(f"tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} are possible)")
             dims = [c.unpack("<Q") for _ in range(n_dims)]
             infos.append((name, dims, c.unpack("<I"), c.unpack("<Q")))
-        align = int(self.fields["general.alignment"].value) if "general.alignment" in self.fields else 32
+        align = self._alignment()
         start = -(-c.pos // align) * align
         self.tensors: list[TensorInfo] = []
         for name, dims, gtype, offset in infos:
@@ -138,7 +163,7 @@ class GGUFFile:
                 qtype = GGMLQuantizationType(gtype)
             except ValueError:
                 raise ValueError(f"tensor {name} has unknown ggml type {gtype}") from None
-            n_el = int(np.prod(dims, dtype=np.int64))
+            n_el = math.prod(dims)   # Python ints: a hostile shape must not wrap around
             block, size = GGML_QUANT_SIZES[qtype]
             n_bytes = n_el // block * size
             a = start + offset
@@ -146,3 +171,12 @@ class GGUFFile:
                 raise EOFError(f"tensor {name} ends past the end of the file")
             self.tensors.append(TensorInfo(name, qtype, np.array(dims, np.uint64), n_el, n_bytes, a,
                                            self.data[a:a + n_bytes]))
+
+    def _alignment(self) -> int:
+        field = self.fields.get("general.alignment")
+        if field is None:
+            return 32
+        align = field.value
+        if not isinstance(align, int) or not 0 < align <= MAX_ALIGNMENT or align & (align - 1):
+            raise ValueError(f"general.alignment {align!r} is not a power of two up to {MAX_ALIGNMENT}")
+        return align

@@ -7,52 +7,14 @@ in bounded RAM.
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 import threading
-import time
-
 import numpy as np
 
-from dllama.errors import DllamaError
+from dllama.formats.presets import PRESETS, preset_spec  # noqa: F401 (the writer's callers name them here)
 from dllama.formats.spec import ModelSpec
 
 STD = 0.02
-_LLAMA3 = dict(rope_theta=500000.0, norm_eps=1e-5, vocab_size=128256, hidden_act="silu")
-PRESETS = {
-    # Llama 3.2 1B: long context through Llama 3.1 rope scaling
-    "llama3_2_1b": ModelSpec(dim=2048, hidden_dim=8192, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
-                             seq_len=131072, rope_type="llama3.1", rope_scaling_factor=32.0,
-                             rope_scaling_low_freq_factor=1.0, rope_scaling_high_freq_factor=4.0,
-                             rope_scaling_orig_max_seq_len=8192, **_LLAMA3),
-    "llama3_8b": ModelSpec(dim=4096, hidden_dim=14336, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
-                           seq_len=8192, **_LLAMA3),
-    "llama3_70b": ModelSpec(dim=8192, hidden_dim=28672, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128,
-                            seq_len=8192, **_LLAMA3),
-    "smollm2_135m": ModelSpec(dim=576, hidden_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
-                              vocab_size=49152, seq_len=8192, rope_theta=100000.0, norm_eps=1e-5),
-}
-_OVERRIDES = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
-
-
-def preset_spec(preset: str, weight_type: str = "q40", **overrides) -> ModelSpec:
-    """A copy of a preset with fields replaced (None values ignored); head_dim follows dim / n_heads."""
-    if preset not in PRESETS:
-        raise DllamaError(f"unknown preset {preset!r} (one of {', '.join(PRESETS)})")
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    for k, v in changes.items():
-        if v <= 0:
-            raise DllamaError(f"--{k.replace('_', '-')} must be positive, got {v}")
-    spec = dataclasses.replace(PRESETS[preset], weight_type=weight_type, name=f"random {preset}", **changes)
-    if "dim" in changes or "n_heads" in changes:
-        spec.head_dim = spec.dim // spec.n_heads
-    if spec.n_heads % spec.n_kv_heads or spec.dim % spec.n_heads:
-        raise DllamaError(f"bad shape: dim {spec.dim}, {spec.n_heads} heads, {spec.n_kv_heads} KV heads "
-                          "(dim must divide by heads, heads by KV heads)")
-    for f in ("dim", "hidden_dim"):
-        if getattr(spec, f) % 32:
-            raise DllamaError(f"--{f.replace('_', '-')} {getattr(spec, f)} must be a multiple of 32 (block size)")
-    return spec
 
 
 def _random_rows(rng: np.random.Generator, rows: int, cols: int):
@@ -141,27 +103,3 @@ def write_random_model(path: str, spec: ModelSpec, seed: int = 0, progress: bool
 
     items = _prefetched(random_tensors(spec, seed))
     return write_dlm(path, spec, with_progress(items, spec.n_layers, "random-model") if progress else items)
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--output", required=True, help="the .m file to write")
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS), help="the shape to start from")
-    for f in _OVERRIDES:
-        parser.add_argument(f"--{f.replace('_', '-')}", type=int, default=None, help=f"override the preset's {f}")
-    parser.add_argument("--weight-type", default="q40", choices=("q40", "q80", "f16", "f32"),
-                        help="matmul weight type (embedding and norms are always f32)")
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def run(args) -> int:
-    spec = preset_spec(args.preset, args.weight_type, **{f: getattr(args, f) for f in _OVERRIDES})
-    from dllama.formats.convert import sigterm_as_exit
-
-    t0 = time.perf_counter()
-    with sigterm_as_exit():
-        size = write_random_model(args.output, spec, args.seed, progress=True)
-    dt = time.perf_counter() - t0
-    print(f"wrote {args.output}: {spec.n_layers} layers, dim {spec.dim}, ffn {spec.hidden_dim}, "
-          f"{spec.n_heads}/{spec.n_kv_heads} heads, vocab {spec.vocab_size}, {spec.weight_type}; "
-          f"{size / 1e6:.1f} MB in {dt:.1f} s")
-    return 0

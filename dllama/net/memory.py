@@ -4,6 +4,7 @@ Linux-specific and best effort: elsewhere these do nothing."""
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 import numpy as np
@@ -39,3 +40,19 @@ def trim_heap() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+def available_bytes() -> int | None:
+    """Memory this machine can give a process now without swapping (Linux MemAvailable, which counts
+    reclaimable page cache; else the free pages), or None where neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None

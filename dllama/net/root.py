@@ -18,6 +18,7 @@ DEFAULT_TIMEOUT = 10.0
 IO_TIMEOUT_FACTOR = 6      # loading and per-token reads may wait on a busy worker this many times longer
 CHUNK = 8 << 20            # bytes of a tensor per WEIGHT frame
 DEFAULT_PORT = 9998
+BUSY_WAIT = 3.0            # s: how long a busy worker is retried; one frees the last root's slice in ~1 s
 
 
 def parse_address(address) -> tuple[str, int]:
@@ -47,11 +48,8 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
     try:
         for i, address in enumerate(addresses, start=1):
             host, port = parse_address(address)
-            address = f"{host}:{port}"
-            conn = connect(host, port, timeout, f"worker {address}")
-            conns.append(conn)
-            _handshake(conn, i, len(plan))
-            say(f"connected to worker {address} (node {i} of {len(plan)})")
+            conns.append(_connect_worker(host, port, i, len(plan), timeout))
+            say(f"connected to worker {host}:{port} (node {i} of {len(plan)})")
         t0 = time.perf_counter()
         config = {"spec": loaded.spec.to_dict(), "seq_len": seq_len, "max_batch": max_batch,
                   "buffer_type": buffer_type}
@@ -75,14 +73,42 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
     return RootCollective(conns, plan, loaded.spec.dim, max_batch, buffer_type)
 
 
-def _handshake(conn: Connection, index: int, n_nodes: int) -> None:
+def _connect_worker(host: str, port: int, index: int, n_nodes: int, timeout: float) -> Connection:
+    """A connection to the worker at host:port that has accepted this root as node `index`.
+
+    A worker still freeing the previous root's slice refuses as busy for up to a second after that root
+    leaves, so a busy refusal is retried with backoff for BUSY_WAIT seconds before it is reported."""
+    deadline, delay = time.monotonic() + BUSY_WAIT, 0.1
+    while True:
+        conn = connect(host, port, timeout, f"worker {host}:{port}")
+        try:
+            busy = _handshake(conn, index, n_nodes)
+        except BaseException:
+            conn.close()
+            raise
+        if busy is None:
+            return conn
+        conn.close()
+        if time.monotonic() + delay > deadline:
+            raise DllamaError(f"{conn.label}: refused: {busy} (still busy after {BUSY_WAIT:g} s)")
+        time.sleep(delay)
+        delay = min(2 * delay, 1.0)
+
+
+def _handshake(conn: Connection, index: int, n_nodes: int) -> str | None:
+    """None once the worker has acknowledged, or its reason if it refused because it is busy."""
     conn.send(P.Hello(P.PROTOCOL_VERSION, index, n_nodes))
     try:
-        ack = conn.expect(P.HelloAck)
+        ack = conn.expect(P.HelloAck, P.Refuse)
     except P.ProtocolError as exc:   # something else listens there
         raise DllamaError(f"{conn.label}: not a dllama worker ({str(exc).removeprefix(conn.label + ': ')})") from None
+    if isinstance(ack, P.Refuse):
+        if ack.reason.startswith("busy"):
+            return ack.reason
+        raise DllamaError(f"{conn.label}: refused: {ack.reason}")
     if ack.version != P.PROTOCOL_VERSION:
         raise DllamaError(f"{conn.label}: speaks protocol version {ack.version}, this root {P.PROTOCOL_VERSION}")
+    return None
 
 
 def _load_worker(conn: Connection, loaded, node, config: dict) -> int:

@@ -30,16 +30,9 @@ log = logging.getLogger("dllama.worker")
 HANDSHAKE_TIMEOUT = 10.0   # a new connection must send its first frame within this
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--port", type=int, default=9998, help="TCP port to listen on (default 9998)")
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all)")
-    parser.add_argument("--nthreads", type=int, default=1, help="compute threads (default 1)")
-
-
-def run(args) -> int:
+def serve(args) -> int:
+    """`dllama worker` once its flags are checked: serve roots until killed. Raises DllamaError."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s dllama worker: %(message)s")
-    if args.nthreads < 1:
-        raise DllamaError(f"--nthreads must be at least 1, got {args.nthreads}")
     # bind first, so that a port in use fails at once; roots that connect while the kernels warm up wait
     # in the listen backlog
     worker = Worker(args.host, args.port, warm=warm_kernels, nthreads=args.nthreads)

@@ -232,6 +232,28 @@ def test_worker_not_running_fails_fast_naming_it(model_files, unused_port):
     assert time.monotonic() - t0 < 10
 
 
+def test_roots_back_to_back_are_both_served(model_files, pool):
+    """The second root connects while the worker is still freeing the first one's slice (it reports
+    busy for a moment after a root leaves): the root waits for it instead of giving up."""
+    w = pool[0]
+    first, _ = _run_greedy(model_files[0], [w], "f32")
+    second, _ = _run_greedy(model_files[0], [w], "f32")
+    assert first == second
+
+
+def test_a_worker_busy_with_another_root_is_reported_as_busy(model_files, pool):
+    import socket
+
+    w = pool[0]
+    with socket.create_connection(("127.0.0.1", w.port), timeout=5) as other_root:
+        other_root.sendall(P.encode_bytes(P.Hello(P.PROTOCOL_VERSION, 1, 2)))
+        assert isinstance(P.Decoder().feed(other_root.recv(64))[0], P.HelloAck)
+        me = "%s:%d" % other_root.getsockname()
+        with pytest.raises(DllamaError, match=f"worker {w.address}: refused: busy: serving root {me} "
+                                              r"\(still busy after 3 s\)"):
+            Root(model_files[0], [w.address])
+
+
 def test_version_mismatch_refused_naming_both_versions(model_files, pool, monkeypatch):
     w = pool[0]
     monkeypatch.setattr(P, "PROTOCOL_VERSION", 99)   # this root, as a future dllama would be
@@ -428,11 +450,12 @@ def test_cli_root_exits_nonzero_naming_a_killed_worker(model_files, start_worker
         root.stderr.readline()   # a first token's timing line: generation is under way
         workers[0].proc.kill()
         t0 = time.monotonic()
-        _, err = root.communicate(timeout=30)
+        out, err = root.communicate(timeout=30)
         elapsed = time.monotonic() - t0
     finally:
         root.kill()
     assert root.returncode == 2 and f"dllama: error: worker {workers[0].address}" in err, err
+    assert out.startswith("Hello world") and out.endswith("\n"), out   # the error is not on the text's line
     assert elapsed < 5
 
 

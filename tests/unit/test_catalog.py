@@ -123,13 +123,10 @@ def test_the_reference_names_are_all_covered():
 # --- the commands launch.py runs: built as data, then parsed by dllama's own argument parsers
 
 def _parse(plan) -> argparse.Namespace:
-    if plan.program == "dllama-api":
-        from dllama.api import server
+    from dllama.cli import build_api_parser, build_parser
 
-        p = argparse.ArgumentParser()
-        server.add_arguments(p)
-        return p.parse_args(plan.args)
-    from dllama.cli import build_parser
+    if plan.program == "dllama-api":
+        return build_api_parser().parse_args(plan.args)
 
     return build_parser().parse_args(plan.args)
 

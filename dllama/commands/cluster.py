@@ -1,4 +1,5 @@
-"""`dllama cluster up|down|status|logs -i INVENTORY`: run the cluster an Ansible inventory describes.
+"""`dllama cluster up|down|status|logs -i INVENTORY`: run the cluster an Ansible inventory describes
+(dllama.cluster does the work).
 
     dllama cluster up -i inventory/home.yml --run inference --prompt "Hello" --steps 32
     dllama cluster status -i inventory/home.yml

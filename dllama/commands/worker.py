@@ -1,0 +1,19 @@
+"""`dllama worker`: serve as a worker node for a root started with --workers (dllama.net.worker does the work)."""
+
+from __future__ import annotations
+
+from dllama.commands.common import check_at_least, check_port
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--port", type=int, default=9998, help="TCP port to listen on (default 9998; 0: any free port)")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all)")
+    parser.add_argument("--nthreads", type=int, default=1, help="compute threads (default 1)")
+
+
+def run(args) -> int:
+    check_port("--port", args.port, listen=True)
+    check_at_least("--nthreads", args.nthreads, 1)
+    from dllama.net.worker import serve
+
+    return serve(args)
