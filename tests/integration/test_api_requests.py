@@ -287,12 +287,13 @@ def test_model_name_flag_overrides_the_id_and_the_default_is_the_file_stem(tmp_p
     import argparse
 
     from dllama.api import server
+    from dllama.commands import api as api_command
     from dllama.errors import DllamaError
 
     model = tmp_path / "My Model.Q4_0.gguf"
     model.write_bytes(b"GGUF")  # only its existence is checked before the server starts
     p = argparse.ArgumentParser()
-    server.add_arguments(p)
+    api_command.add_arguments(p)
     for extra, expected in (([], "My-Model.Q4_0"), (["--model-name", "mine"], "mine")):
         args = p.parse_args(["--model", str(model), *extra])
         server._check_flags(args)
