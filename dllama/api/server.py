@@ -46,7 +46,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     """Serve until Ctrl-C / SIGTERM. Raises DllamaError for bad flags, a busy port, or a model that fails to load."""
-    for dep in ("fastapi", "uvicorn"):
+    for dep in ("fastapi", "uvicorn", "prometheus_client"):
         if importlib.util.find_spec(dep) is None:
             raise DllamaError(f"dllama-api needs {dep}: pip install 'dllama[api]'")
     import uvicorn
