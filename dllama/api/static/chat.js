@@ -392,7 +392,7 @@ function bindSettings() {
   for (const [key, id] of Object.entries(fields)) {
     const el = $(id);
     el.value = state.settings[key];
-    el.addEventListener("change", () => {
+    el.addEventListener("input", () => {
       const v = key === "system" ? el.value : Number(el.value);
       state.settings[key] = key === "system" || (Number.isFinite(v) && el.value !== "") ? v : DEFAULTS[key];
       store.set("settings", state.settings);
