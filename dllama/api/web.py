@@ -52,12 +52,14 @@ def install(app, service) -> None:
     from fastapi.responses import FileResponse
     from fastapi.staticfiles import StaticFiles
 
+    from dllama.api.routes import _errors
+
     @app.get("/", include_in_schema=False)
     async def chat_page():
         return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": _CSP,
                                                             "Cache-Control": "no-cache"})
 
-    @app.get("/v1/cluster", responses={503: {"description": "Model loading or failed to load"}})
+    @app.get("/v1/cluster", responses=_errors(401, 503))
     async def cluster():
         """The served model, its context, and each node's share and latest per-token timings."""
         engine = service.require_engine()
