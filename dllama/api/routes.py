@@ -1,4 +1,5 @@
-"""The HTTP surface: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`.
+"""The HTTP surface: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health` (the chat page,
+`/v1/cluster` and `/metrics` are in web.py and metrics.py).
 
 A route validates the request (schemas.py), renders and tokenizes the prompt off the event loop, checks it
 against the context, queues a job for the engine thread (runner.py), and turns the job's events into either
@@ -19,6 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from dllama.api import metrics, web
 from dllama.api.errors import ApiError, GuardMiddleware, install_error_handlers
 from dllama.api.runner import RETRY_AFTER_S, Delta, Done, Failed, Job
 from dllama.api.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, check_limits
@@ -89,6 +91,8 @@ def create_app(service: Service, max_body: int, api_key: str | None = None, docs
     app.state.service = service
     install_error_handlers(app)
     app.add_middleware(GuardMiddleware, max_body=max_body, api_key=api_key)
+    metrics.install(app, service)   # its request counter wraps the guard, so 401s and 413s are counted
+    web.install(app, service)
     # Outermost, so that browser preflights (which carry no API key) are answered before the key check.
     # Any origin, as the reference server allows: the key travels as a bearer token, never as a cookie.
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "OPTIONS"],

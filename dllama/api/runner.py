@@ -15,6 +15,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
+from dllama.api import metrics
 from dllama.api.errors import ApiError
 from dllama.errors import DllamaError
 
@@ -166,6 +167,7 @@ class EngineRunner:
         """Generate one reply; False if the job was cancelled midway."""
         tokenizer = self.engine.tokenizer
         text = TextStream(tokenizer, job.stop_strings, tokenizer.eos_ids)
+        before = self.engine.stats
         gen = self.engine.generate(job.prompt_ids, job.max_tokens, job.sampler)
         n, finish = 0, "length"   # the generator ends by itself only at max_tokens or a full context
         try:
@@ -183,6 +185,8 @@ class EngineRunner:
                     break   # resuming the generator would run a forward pass whose token nobody wants
         finally:
             gen.close()   # frees the engine now, not when the generator is garbage-collected
+            if self.engine.stats is not before:   # the same object: generate() refused before it started
+                metrics.observe_generation(self.engine.stats)
         if finish == "length":
             tail = text.flush()
             if tail:

@@ -22,7 +22,7 @@ def serve(args, workers: list[str], open_engine) -> int:
     """`dllama-api` once commands.api has parsed its flags: serve until Ctrl-C / SIGTERM. `open_engine(args)`
     loads the model (in the background). Raises DllamaError for bad flags, a busy port, or a model that
     fails to load."""
-    for dep in ("fastapi", "uvicorn"):
+    for dep in ("fastapi", "uvicorn", "prometheus_client"):
         if importlib.util.find_spec(dep) is None:
             raise DllamaError(f"dllama-api needs {dep}: pip install 'dllama[api]'")
     import uvicorn

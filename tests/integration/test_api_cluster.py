@@ -2,7 +2,8 @@
 
 The model is random (SmolLM2's shape with its heads padded to 12 / 4 KV heads so that it splits over two
 nodes, 4 layers) with SmolLM2's tokenizer. The server's greedy reply must be the one `dllama inference`
-gives on the same cluster, and /health must show the cluster and the bytes it exchanged.
+gives on the same cluster, /health must show the cluster and the bytes it exchanged, and /v1/cluster
+each node's share.
 """
 
 from __future__ import annotations
@@ -74,7 +75,15 @@ def test_the_server_serves_a_cluster_as_the_cli_runs_it(split_model, smollm2_pat
             r = httpx.post(f"{base}/v1/completions", timeout=120,
                            json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0}).json()
             last = httpx.get(f"{base}/health").json()["last"]
+            cluster = httpx.get(f"{base}/v1/cluster").json()
     assert r["usage"] == {"prompt_tokens": len(expected["prompt_ids"]), "completion_tokens": 8, "total_tokens":
                           len(expected["prompt_ids"]) + 8}
     assert r["choices"][0]["text"] == expected["text"]
     assert last["sent_bytes_per_token"] > 0 and last["recv_bytes_per_token"] > 0
+    # what the chat page's cluster panel shows: 4 KV heads split evenly over the two nodes, and the root's
+    # split of the same generation (its transfer time is real: it waits on the worker every layer)
+    root, other = cluster["nodes"]
+    assert (root["address"], other["address"]) == ("root", address)
+    assert root["share"] == other["share"] == 0.5
+    assert root["inference_ms"] + root["transfer_ms"] == pytest.approx(last["avg_token_ms"])
+    assert root["transfer_ms"] > 0 and other["inference_ms"] is None
