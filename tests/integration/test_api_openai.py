@@ -1,6 +1,6 @@
 """`dllama-api` with SmolLM2, driven by the official `openai` client against a real server process on loopback.
 
-Outside truths: llama.cpp's rendering and tokenization of a chat (../shared/reference), the GGUF's own name
+Outside truths: llama.cpp's rendering and tokenization of a chat (tests/data), the GGUF's own name
 and end-of-turn token (read with the `gguf` package), and `dllama inference --temperature 0` on the same
 rendered prompt (a different code path: no server, no chat template, no stop handling).
 """
@@ -19,14 +19,10 @@ import time
 
 import pytest
 
-try:
-    import httpx
-    import openai
-except ImportError:
-    if os.environ.get("DLLAMA_REQUIRE_ALL_TESTS") == "1":
-        raise
-    pytest.skip("the openai and httpx packages are not installed (pip install 'dllama[test]')",
-                allow_module_level=True)
+from testlib import need_module
+
+httpx = need_module("httpx", "pip install 'dllama[test]'", module=True)
+openai = need_module("openai", "pip install 'dllama[test]'", module=True)
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 

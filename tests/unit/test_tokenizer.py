@@ -1,4 +1,4 @@
-"""The tokenizer against llama.cpp's ids and decodings for SmolLM2 (shared/reference), and the pre-tokenizer
+"""The tokenizer against llama.cpp's ids and decodings for SmolLM2 (tests/data), and the pre-tokenizer
 scanners against the original regexes run by the `regex` package."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from testlib import need
+from testlib import need, need_module
 from dllama import tokenizer as T
 from dllama.errors import DllamaError
 from dllama.tokenizer import StreamDecoder, Tokenizer
@@ -145,7 +145,7 @@ ALPHABET = list("aAzZ'sStTdDmMlLrReEvV 09_-.,!?()*#&\n\r\t") + [
 
 
 def _regex_split(pattern, text):
-    regex = pytest.importorskip("regex")
+    regex = need_module("regex", "pip install regex")
     out, pos = [], 0
     for m in regex.finditer(pattern, text):
         if m.start() > pos:
