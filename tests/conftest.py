@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,12 @@ import testlib
 from testlib import need
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The kernel tests run the parallel variants at 2 threads, and check that 2 holds in a new Python thread,
+# which starts at the pool's size: so the pool must be larger than 2. Numba reads NUMBA_NUM_THREADS when it
+# is first imported and defaults it to the number of CPUs; dllama itself always sets the count it uses.
+if "NUMBA_NUM_THREADS" not in os.environ and len(os.sched_getaffinity(0)) < 3:
+    os.environ["NUMBA_NUM_THREADS"] = "3"
 
 
 @pytest.fixture(scope="session")
