@@ -16,7 +16,7 @@ import sys
 import time
 
 import httpx
-from api_cache import default_model, start_server   # bench/ is the script's directory, on sys.path
+from api_cache import default_model, start_server, stop_server   # bench/ is the script's directory, on sys.path
 
 
 def round_trips(base: str, n: int, keep_alive: bool) -> list[float]:
@@ -46,9 +46,7 @@ def main() -> int:
             print(f"  {name:22s} median {statistics.median(t):6.2f}   p90 {t[int(0.9 * (len(t) - 1))]:6.2f}"
                   f"   max {t[-1]:6.2f}")
     finally:
-        proc.terminate()
-        proc.wait(15)
-        log.close()
+        stop_server(proc, log)
     return 0
 
 

