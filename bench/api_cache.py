@@ -60,6 +60,12 @@ def start_server(model: str, nthreads: int, seq_len: int):
     sys.exit("dllama-api did not become ready")
 
 
+def stop_server(proc, log) -> None:
+    proc.terminate()
+    proc.wait(15)
+    log.close()
+
+
 def stream_chat(base: str, messages: list, max_tokens: int) -> tuple[float, str, dict]:
     """(seconds to the first content chunk, the reply, usage)."""
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
@@ -128,9 +134,7 @@ def main() -> int:
                   f"prompt tokens, {ev['reused_tokens']:4d} from the cache")
         print(f"  ratio: reuse starts the reply {b / a:.1f}x sooner")
     finally:
-        proc.terminate()
-        proc.wait(15)
-        log.close()
+        stop_server(proc, log)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Block formats in plain numpy: the reference every kernel is tested against.
+"""Block formats: whole tensors quantized and dequantized (conversion, loading, tests), in numpy except
+Q80 quantization, which is the kernels' own (one rounding rule for files, activations and the wire).
 
 All block types hold 32 values per block and are byte-identical to ggml's:
 
@@ -63,13 +64,6 @@ def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=1)
 
 
-def _roundf(v: np.ndarray) -> np.ndarray:
-    # C roundf (half away from zero), exactly: adding 0.5 in float32 would round 0.49999997 up
-    a = np.abs(v)
-    fa = np.floor(a)
-    return np.copysign(fa + np.floor(2 * (a - fa)), v)
-
-
 def _q40_blocks(b: np.ndarray) -> np.ndarray:
     # ggml: d = (the value of largest magnitude) / -8, q = min(15, trunc(x / d + 8.5))
     imax = np.abs(b).argmax(axis=1)[:, None]
@@ -92,12 +86,14 @@ def _q41_blocks(b: np.ndarray) -> np.ndarray:
 
 
 def _q80_blocks(b: np.ndarray) -> np.ndarray:
-    # ggml: d = max|x| / 127, q = roundf(x / d)
-    d = np.abs(b).max(axis=1, keepdims=True) / np.float32(127)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
-    q = _roundf(b * inv).astype(np.int8).view(np.uint8)
-    return np.concatenate([d.astype(np.float16).view(np.uint8), q], axis=1)
+    # ggml: d = max|x| / 127, q = roundf(x / d). One Q80 quantizer serves files, the activations the
+    # kernels multiply and the network buffers, so all three round alike (C roundf, exact: adding 0.5 in
+    # float32 would take 0.49999997 to 1). Imported here: numba only when Q80 is written.
+    from dllama.kernels.quant import quantize_q80
+
+    out = np.empty((b.shape[0], BLOCK_BYTES["q80"]), np.uint8)
+    quantize_q80(np.ascontiguousarray(b), out)
+    return out
 
 
 _QUANTIZERS = {"q40": _q40_blocks, "q41": _q41_blocks, "q80": _q80_blocks}

@@ -2,7 +2,7 @@
 byte fallback) and the reference's `.t` files (merges by score over raw bytes, no pre-split).
 
 The GGUF paths follow llama.cpp's `llama-vocab.cpp` / `unicode.cpp`, which is what the reference ids in
-`shared/reference/` come from: special tokens are cut out of the text first (longest first), the rest is
+`tests/data/` come from: special tokens are cut out of the text first (longest first), the rest is
 pre-split by the regex of `tokenizer.ggml.pre` (written here as small scanners over unicode categories, so
 that the stdlib is enough), then each piece is merged.
 """

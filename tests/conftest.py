@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
-from testlib import REQUIRE_ALL, need  # noqa: F401  (re-exported for the fixtures below)
+import testlib
+from testlib import need
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _reference_dir() -> Path:
-    # ../shared/reference beside the clone (CI and developers), overridable for other layouts
-    env = os.environ.get("DLLAMA_REFERENCE_DIR")
-    return Path(env) if env else REPO.parent / "shared" / "reference"
+# The kernel tests run the parallel variants at 2 threads, and check that 2 holds in a new Python thread,
+# which starts at the pool's size: so the pool must be larger than 2. Numba reads NUMBA_NUM_THREADS when it
+# is first imported and defaults it to the number of CPUs; dllama itself always sets the count it uses.
+if "NUMBA_NUM_THREADS" not in os.environ and len(os.sched_getaffinity(0)) < 3:
+    os.environ["NUMBA_NUM_THREADS"] = "3"
 
 
 @pytest.fixture(scope="session")
@@ -33,15 +33,12 @@ def smollm2_path() -> str:
 
 @pytest.fixture(scope="session")
 def reference() -> dict:
-    path = _reference_dir() / "smollm2_greedy.json"
-    need(path.exists(), f"llama.cpp reference outputs not found at {path}")
-    return json.loads(path.read_text())
+    return testlib.reference()
 
 
 @pytest.fixture(scope="session")
 def reference_logits():
     import numpy as np
 
-    path = _reference_dir() / "smollm2_first_logits.npz"
-    need(path.exists(), f"llama.cpp reference logits not found at {path}")
-    return dict(np.load(path))
+    with np.load(testlib.DATA / "smollm2_first_logits.npz") as data:
+        return dict(data)

@@ -316,21 +316,53 @@ def header_bytes(spec: ModelSpec) -> bytes:
 def atomic_paths(paths: list[str]):
     """Yields one temporary path per output; renames them all into place only if the block completes.
 
-    On any exception, Ctrl-C included, the temporaries are removed and no output is touched.
+    Missing folders of the outputs are created (`--output-model models/x.m` in a fresh clone). On any
+    exception, Ctrl-C included, the temporaries and the folders made here are removed and no output is
+    touched; an OSError (no space, no permission, a folder in the way) becomes a DllamaError naming the output.
     """
-    temps = []
+    temps, made = [], []
     try:
         for p in paths:
             d, base = os.path.split(os.path.abspath(p))
+            _make_folders(d, p, made)
             temps.append(os.path.join(d, f".{base}.{os.getpid()}.tmp"))
         yield temps
         for t, p in zip(temps, paths):
             os.replace(t, p)
-    except BaseException:
+    except BaseException as exc:
         for t in temps:
             with contextlib.suppress(OSError):
                 os.unlink(t)
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise DllamaError(_os_error_message(exc, temps, paths)) from None
         raise
+
+
+def _os_error_message(exc: OSError, temps: list[str], paths: list[str]) -> str:
+    # A temporary (or a writer's own temporary beside it) stands for its output; a failed write() names
+    # no file, and a file that is none of ours is named as it is.
+    name = os.fspath(exc.filename) if exc.filename is not None else ""
+    ours = next((p for t, p in zip(temps, paths) if name and name.startswith(t)), None)
+    if name and ours is None and name not in paths:
+        return f"{name}: {exc.strerror}"
+    return f"cannot write {ours or name or ', '.join(paths)}: {exc.strerror}"
+
+
+def _make_folders(folder: str, output: str, made: list) -> None:
+    """Creates `folder` and any missing parents, appending each one made to `made` (outermost first)."""
+    missing = []
+    while not os.path.isdir(folder) and folder not in missing:
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except OSError as exc:
+            raise DllamaError(f"cannot create the folder {d} for {output}: {exc.strerror}") from None
+        made.append(d)
 
 
 def _row_chunks(source, qtype: str, shape: tuple):

@@ -1,24 +1,15 @@
-"""Activation buffers on the wire: F32 as is, or Q80 blocks (f16 scale + 32 int8, ggml's Q8_0)."""
+"""Activation buffers on the wire: F32 as is, or Q80 blocks (f16 scale + 32 int8, ggml's Q8_0).
+
+Q80 buffers are made by the one Q80 quantizer the kernels use (dllama.kernels.quant): one rounding rule
+(C roundf, exact for every float32), so their bytes equal `dllama.quants.quantize("q80", ...)` and
+`gguf.quants.quantize(..., Q8_0)`.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-try:  # numba kernels: no temporaries on the per-token path
-    from dllama.kernels import dequantize_q80 as _k_dequantize, quantize_q80 as _k_quantize
-except ImportError:  # pragma: no cover - the numpy path below gives the same bytes
-    _k_quantize = _k_dequantize = None
-
-Q80_BLOCK = np.dtype([("d", "<f2"), ("qs", "i1", (32,))])
-
-
-def _roundf(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    # C roundf (half away from zero), as ggml and gguf.quants round: np.rint alone rounds half to even
-    np.abs(x, out=out)
-    out += 0.5
-    np.floor(out, out=out)
-    np.copysign(out, x, out=out)
-    return out
+from dllama.kernels import Q80_BLOCK_BYTES, dequantize_q80, quantize_q80
 
 
 class Q80Codec:
@@ -28,48 +19,35 @@ class Q80Codec:
         if cols % 32:
             raise ValueError(f"q80 buffers need a multiple of 32 columns, got {cols}")
         self.cols = cols
-        nb = max_rows * cols // 32
-        self._scaled = np.empty((nb, 32), np.float32)
-        self._rounded = np.empty((nb, 32), np.float32)
-        self._amax = np.empty((nb, 1), np.float32)
-        self._d = np.empty((nb, 1), np.float32)
+        # rows that arrive strided (a view into a wider array) or to be added are staged here
+        self._scratch = np.empty((max_rows, cols), np.float32)
 
     def nbytes(self, n: int) -> int:
-        return n * self.cols // 32 * Q80_BLOCK.itemsize
+        return n * self.cols // 32 * Q80_BLOCK_BYTES
 
     def encode(self, x: np.ndarray, out: np.ndarray) -> memoryview:
         """x (n, cols) f32 -> out[:nbytes(n)] (uint8) as Q80 blocks; returns that part as a memoryview."""
-        nb = x.shape[0] * self.cols // 32
-        if _k_quantize is not None and x.flags.c_contiguous:
-            _k_quantize(x, out[:nb * Q80_BLOCK.itemsize])
-            return memoryview(out[:nb * Q80_BLOCK.itemsize])
-        blocks = x.reshape(nb, 32)
-        amax, d = self._amax[:nb], self._d[:nb]
-        np.max(np.abs(blocks, out=self._scaled[:nb]), axis=1, keepdims=True, out=amax)
-        np.divide(amax, 127, out=d)
-        # 1/d where d != 0, else 0 (an all-zero block)
-        np.divide(1.0, d, out=amax, where=d != 0)
-        amax[d == 0] = 0
-        scaled = np.multiply(blocks, amax, out=self._scaled[:nb])
-        q = _roundf(scaled, self._rounded[:nb])
-        dst = out[:nb * Q80_BLOCK.itemsize].view(Q80_BLOCK)
-        dst["d"] = d[:, 0]
-        dst["qs"] = q
-        return memoryview(out[:nb * Q80_BLOCK.itemsize])
+        n = x.shape[0]
+        if not (x.flags.c_contiguous and x.dtype == np.float32):
+            staged = self._scratch[:n]
+            staged[...] = x
+            x = staged
+        dst = out[:self.nbytes(n)]
+        quantize_q80(x, dst)
+        return memoryview(dst)
 
     def decode(self, raw: np.ndarray, out: np.ndarray) -> None:
         """raw Q80 bytes of n rows -> out (n, cols) f32."""
-        nb = out.shape[0] * self.cols // 32
-        if _k_dequantize is not None and out.flags.c_contiguous:
-            _k_dequantize(raw[:nb * Q80_BLOCK.itemsize], out)
+        n = out.shape[0]
+        if out.flags.c_contiguous and out.dtype == np.float32:
+            dequantize_q80(raw[:self.nbytes(n)], out)
             return
-        src = raw[:nb * Q80_BLOCK.itemsize].view(Q80_BLOCK)
-        dst = out.reshape(nb, 32)
-        np.multiply(src["qs"], src["d"][:, None], out=dst, dtype=np.float32)
+        tmp = self._scratch[:n]
+        dequantize_q80(raw[:self.nbytes(n)], tmp)
+        out[...] = tmp
 
     def decode_add(self, raw: np.ndarray, out: np.ndarray) -> None:
         """out (n, cols) += the Q80 rows in raw."""
-        nb = out.shape[0] * self.cols // 32
-        tmp = self._scaled[:nb]
-        self.decode(raw, tmp.reshape(out.shape[0], self.cols))
-        out.reshape(nb, 32)[...] += tmp
+        tmp = self._scratch[:out.shape[0]]
+        dequantize_q80(raw[:self.nbytes(out.shape[0])], tmp)
+        out += tmp

@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-import pytest
+from testlib import need
 
 MGMT_NET = "10.213.0"
 CLUSTER_NET = "10.213.1"
@@ -33,13 +33,8 @@ REQUIRED_TOOLS = ("ip", "unshare", "sshd", "ssh", "ssh-keygen", "ifup", "systemd
 PER_HOST_DIRS = ("etc", "opt", "run", "var/log")
 
 
-def require(condition: bool, reason: str) -> None:
-    """Skip when a prerequisite is missing; in CI (DLLAMA_REQUIRE_ALL_TESTS=1) fail instead."""
-    if condition:
-        return
-    if os.environ.get("DLLAMA_REQUIRE_ALL_TESTS") == "1":
-        pytest.fail(f"prerequisite missing (DLLAMA_REQUIRE_ALL_TESTS=1): {reason}")
-    pytest.skip(reason)
+# Skip when a prerequisite is missing; under DLLAMA_REQUIRE_ALL_TESTS=1 (CI) fail instead.
+require = need
 
 
 def model_file() -> str:

@@ -5,21 +5,19 @@ so the run stays bounded (well under a minute on an idle machine)."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 
 import pytest
 from test_api_openai import running_server
+from testlib import need
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
 
 def test_schemathesis_finds_no_server_error(smollm2_path, tmp_path):
-    if importlib.util.find_spec("schemathesis") is None:
-        if os.environ.get("DLLAMA_REQUIRE_ALL_TESTS") == "1":
-            pytest.fail("schemathesis is not installed, and this run requires every test")
-        pytest.skip("schemathesis is not installed (pip install 'dllama[test]')")
+    need(importlib.util.find_spec("schemathesis") is not None,
+         "schemathesis is not installed (pip install 'dllama[test]')")
     # --max-tokens 1: every accepted request costs one token, so the run's length is the number of cases
     with running_server(smollm2_path, "--nthreads", "1", "--max-seq-len", "64", "--max-tokens", "1") as base:
         cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{base}/openapi.json",

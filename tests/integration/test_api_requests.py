@@ -7,18 +7,14 @@ answers is tested in test_api_openai.py.
 
 from __future__ import annotations
 
-import os
 import threading
 from types import SimpleNamespace
 
 import pytest
 
-try:
-    from fastapi.testclient import TestClient
-except ImportError:
-    if os.environ.get("DLLAMA_REQUIRE_ALL_TESTS") == "1":
-        raise
-    pytest.skip("fastapi is not installed (pip install 'dllama[api]')", allow_module_level=True)
+from testlib import need_module
+
+TestClient = need_module("fastapi.testclient", "pip install 'dllama[api]'", module=True).TestClient
 
 from dllama.api.routes import Service, create_app  # noqa: E402
 from dllama.api.runner import EngineRunner  # noqa: E402

@@ -178,6 +178,7 @@ def _in_process_greedy(path, n_nodes, q80=False, force=None):
         root.close()
         for t in threads:
             t.join(10)
+        assert not any(t.is_alive() for t in threads), "a follower did not see the root's end"
 
 
 def _run_greedy(path, workers, buffer_type="f32", force=None):
@@ -294,6 +295,7 @@ def test_worker_failing_to_load_is_named_with_its_reason(model_files, pool):
         with pytest.raises(DllamaError, match=f"worker 127.0.0.1:{port}: refused: .*out of memory"):
             Root(model_files[0], [pool[0].address, f"127.0.0.1:{port}", pool[1].address])
         t.join(10)
+        assert not t.is_alive(), "the root did not close its connection to the refusing worker"
     for w in pool:
         assert w.wait_idle()["state"] == "idle"
 

@@ -1,4 +1,4 @@
-"""The one-node engine against llama.cpp on the same GGUF (../shared/reference, made by llama.cpp).
+"""The one-node engine against llama.cpp on the same GGUF (tests/data, made by llama.cpp).
 
 How to compare honestly (reference/README.md): llama.cpp quantizes activations to 8 bits and keeps an f16
 KV cache, so logits differ slightly; top-1 must agree wherever llama.cpp's own lead is >= 0.5.

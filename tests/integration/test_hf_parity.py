@@ -10,21 +10,14 @@ Also: `dllama convert` to .m, and a root plus one `dllama worker` on loopback.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
+from testlib import need_module
 
 pytestmark = pytest.mark.slow
 
-try:
-    import torch
-    import transformers  # noqa: F401
-except ImportError as exc:
-    if os.environ.get("DLLAMA_REQUIRE_ALL_TESTS") == "1":
-        raise RuntimeError(f"prerequisite missing in a run that requires all tests: {exc}") from None
-    pytest.skip(f"torch and transformers are needed for the Hugging Face parity tests ({exc})",
-                allow_module_level=True)
+torch = need_module("torch", "the Hugging Face parity tests: pip install 'dllama[test]'", module=True)
+need_module("transformers", "the Hugging Face parity tests: pip install 'dllama[test]'", module=True)
 
 import hf_export as H   # noqa: E402  (needs torch)
 from cluster_fixtures import WorkerProcess  # noqa: E402

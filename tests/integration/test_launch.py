@@ -7,7 +7,6 @@ generated files under the catalogue's own paths.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -22,18 +21,13 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "unit"))
 from test_download_server import FileServer  # noqa: E402
 
+import testlib  # noqa: E402
+from testlib import need  # noqa: E402
+
 from dllama.catalog import CATALOG  # noqa: E402
 
 LAUNCH = REPO / "launch.py"
 NO_SHA = "deepseek_r1_distill_llama_8b_q40"  # one file, no sha256 known: any served bytes are taken
-REQUIRE_ALL = os.environ.get("DLLAMA_REQUIRE_ALL_TESTS") == "1"
-
-
-def need(condition: bool, reason: str) -> None:
-    if not condition:
-        if REQUIRE_ALL:
-            pytest.fail(f"prerequisite missing in a run that requires all tests: {reason}")
-        pytest.skip(reason)
 
 
 def blob(n: int, seed: int) -> bytes:
@@ -235,11 +229,7 @@ def test_unsupported_model_is_refused_before_downloading(tmp_path):
 
 def reference_continuation(prompt: str) -> str:
     """llama.cpp's greedy continuation of `prompt` up to its first newline (steps it is sure of)."""
-    env = os.environ.get("DLLAMA_REFERENCE_DIR")
-    path = Path(env) if env else REPO.parent / "shared" / "reference"
-    path = path / "smollm2_greedy.json"
-    need(path.exists(), f"llama.cpp reference outputs not found at {path}")
-    case = next(c for c in json.loads(path.read_text())["completions"] if c["prompt"] == prompt)
+    case = next(c for c in testlib.reference()["completions"] if c["prompt"] == prompt)
     return case["generated_text"].split("\n")[0]
 
 

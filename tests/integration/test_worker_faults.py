@@ -164,3 +164,4 @@ def test_probe_of_something_else_says_so():
         with pytest.raises(DllamaError, match=f"worker 127.0.0.1:{port}: not a dllama worker"):
             probe("127.0.0.1", port, 2.0)
         t.join(5)
+        assert not t.is_alive(), "probe left the connection open"

