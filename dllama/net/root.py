@@ -9,8 +9,10 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 import numpy as np
 
 from dllama.errors import DllamaError
+from dllama.net import auth
 from dllama.net import protocol as P
 from dllama.net.exchange import RootCollective
+from dllama.net.liveness import Pinger
 from dllama.net.memory import release_pages, trim_heap
 from dllama.net.transport import Connection, ConnectionLost, connect
 
@@ -34,9 +36,12 @@ def parse_address(address) -> tuple[str, int]:
 
 
 def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q80", nthreads: int = 1,
-                    log=None, max_batch: int = 32, timeout: float = DEFAULT_TIMEOUT) -> RootCollective:
+                    log=None, max_batch: int = 32, timeout: float = DEFAULT_TIMEOUT, key: bytes | None = None,
+                    on_lost=None) -> RootCollective:
     """Connect to `addresses` (node i + 1 is addresses[i]), load each with its slice of `loaded`, and
-    return the root's collective. `nthreads` is the root's own; each worker has its --nthreads.
+    return the root's collective. `nthreads` is the root's own; each worker has its --nthreads. `key` is
+    the cluster key (None: none). The collective pings the workers while idle; `on_lost(exc)` is called
+    (from the ping thread) if one goes away meanwhile.
 
     Raises DllamaError naming the worker that could not be reached, refused, or failed while loading.
     """
@@ -50,7 +55,7 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
             address = f"{host}:{port}"
             conn = connect(host, port, timeout, f"worker {address}")
             conns.append(conn)
-            _handshake(conn, i, len(plan))
+            _handshake(conn, i, len(plan), key)
             say(f"connected to worker {address} (node {i} of {len(plan)})")
         t0 = time.perf_counter()
         config = {"spec": loaded.spec.to_dict(), "seq_len": seq_len, "max_batch": max_batch,
@@ -72,12 +77,21 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
         for conn in conns:
             conn.close()
         raise
-    return RootCollective(conns, plan, loaded.spec.dim, max_batch, buffer_type)
+    coll = RootCollective(conns, plan, loaded.spec.dim, max_batch, buffer_type)
+    coll.pinger = Pinger(coll, on_lost)
+    return coll
 
 
-def _handshake(conn: Connection, index: int, n_nodes: int) -> None:
-    conn.send(P.Hello(P.PROTOCOL_VERSION, index, n_nodes))
+def _handshake(conn: Connection, index: int, n_nodes: int, key: bytes | None) -> None:
+    """HELLO, the worker's proof checked, ours sent: only a worker holding our key ever gets a CONFIG."""
+    hello = P.Hello(P.PROTOCOL_VERSION, index, n_nodes, auth.nonce())
+    conn.send(hello)
     try:
+        challenge = conn.expect(P.Challenge)
+        if not auth.check(auth.worker_proof(key, hello, challenge.nonce), challenge.proof):
+            raise DllamaError(f"{conn.label}: authentication failed: the worker does not hold this root's cluster "
+                              "key (check --cluster-key-file on both)")
+        conn.send(P.Auth(auth.root_proof(key, hello, challenge.nonce)))
         ack = conn.expect(P.HelloAck)
     except P.ProtocolError as exc:   # something else listens there
         raise DllamaError(f"{conn.label}: not a dllama worker ({str(exc).removeprefix(conn.label + ': ')})") from None
