@@ -3,6 +3,11 @@
 The socket opens first and the model loads in the background, so `/health` answers "loading" while the
 kernels compile and the workers receive their slices; API calls get 503 + Retry-After until it is ready.
 If loading fails, the server stops and the command exits 2 with the loader's one-line message.
+
+Exposure: without an API key the server listens on loopback only (unless --insecure); browsers may call
+it only from the --cors-origins named; clients must send their headers and body in time (guards.py) and
+at most --max-connections are served at once. Over --workers, a lost worker degrades the server, which
+reconnects by itself (healing.py).
 """
 
 from __future__ import annotations
@@ -21,15 +26,28 @@ log = logging.getLogger("dllama.api")
 
 DEFAULT_PORT = 9990               # the reference's
 DEFAULT_MAX_BODY = 4 * 1024 * 1024  # bytes: a full 128k-token context is ~0.5 MB of text, JSON-escaped
+DEFAULT_MAX_CONNECTIONS = 512
+KEEP_ALIVE_S = 5
 
 
 def add_arguments(p) -> None:
     add_model_arguments(p)
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: every interface)")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every "
+                        "interface needs an API key or --insecure)")
     g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
     g.add_argument("--api-key", default=os.environ.get("DLLAMA_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: env DLLAMA_API_KEY, else none)")
+    g.add_argument("--api-key-file", metavar="PATH", default=None,
+                   help="read the API key from this file instead (trailing whitespace stripped)")
+    g.add_argument("--insecure", action="store_true",
+                   help="listen on a non-loopback --host without an API key: anyone who can reach it may use it")
+    g.add_argument("--cors-origins", default="",
+                   help="comma-separated origins browsers may call this API from, or '*' (default: none)")
+    g.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                   help=f"open connections served at once; requests beyond get 503 (default "
+                        f"{DEFAULT_MAX_CONNECTIONS})")
     g.add_argument("--queue-size", type=int, default=16,
                    help="requests that may wait for the engine; more get 503 + Retry-After (default 16)")
     g.add_argument("--max-tokens", type=int, default=None,
@@ -50,15 +68,24 @@ def run(args) -> int:
     from dllama.api.routes import Service, create_app
     from dllama.commands.common import parse_workers
 
+    from dllama.api.guards import GuardedH11Protocol, raise_open_file_limit
+    from dllama.net.auth import key_from_args
+
     _check_flags(args)
     workers = [f"{h}:{p}" for h, p in parse_workers(args.workers)]
+    if workers:
+        key_from_args(args)   # a bad key file fails now, before the socket opens
+    # every connection is a file descriptor: the cap must stay under the limit, or accept() fails instead
+    max_connections = min(args.max_connections, raise_open_file_limit() - 64)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sock = _listen(args.host, args.port)
     service = Service({"temperature": args.temperature, "topp": args.topp, "seed": args.seed,
                        "max_tokens": args.max_tokens}, workers)
-    app = create_app(service, max_body=args.max_body_size, api_key=args.api_key)
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3,
-                            server_header=False, proxy_headers=False)
+    origins = [o.strip() for o in args.cors_origins.split(",") if o.strip()]
+    app = create_app(service, max_body=args.max_body_size, api_key=args.api_key, cors_origins=origins)
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3, server_header=False,
+                            proxy_headers=False, http=GuardedH11Protocol, limit_concurrency=max_connections,
+                            timeout_keep_alive=KEEP_ALIVE_S)
     server = _make_server(config, service)
     loader = threading.Thread(target=_load, args=(args, service, server), name="dllama-load", daemon=True)
     loader.start()
@@ -106,11 +133,35 @@ def _check_flags(args) -> None:
         raise DllamaError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.max_body_size < 1024:
         raise DllamaError(f"--max-body-size must be at least 1024 bytes, got {args.max_body_size}")
+    if args.max_connections < 1:
+        raise DllamaError(f"--max-connections must be at least 1, got {args.max_connections}")
+    if args.api_key_file is not None:
+        args.api_key = _read_api_key(args.api_key_file)
     if args.api_key is not None and not args.api_key.strip():
         raise DllamaError("--api-key is empty")
+    from dllama.net.auth import is_loopback
+
+    if args.api_key is None and not args.insecure and not is_loopback(args.host):
+        raise DllamaError(f"refusing to listen on {args.host} without an API key: anyone who can reach it could "
+                          "use it; set DLLAMA_API_KEY or --api-key-file, or pass --insecure")
     from dllama.sampler import Sampler
 
     Sampler(args.temperature, args.topp, args.seed)   # its DllamaError names the bad flag
+
+
+def _read_api_key(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            key = f.read(1 << 16).strip()
+    except OSError as exc:
+        raise DllamaError(f"--api-key-file {path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        key = key.decode()
+    except UnicodeDecodeError:
+        raise DllamaError(f"--api-key-file {path}: the key is not UTF-8 text") from None
+    if not key:
+        raise DllamaError(f"--api-key-file {path}: the file is empty")
+    return key
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -139,8 +190,9 @@ def _load(args, service, server) -> None:
     from dllama.api.runner import EngineRunner
     from dllama.commands.common import open_engine
 
+    on_lost = service.cluster.lost if service.cluster is not None else None
     try:
-        engine = open_engine(args)
+        engine = open_engine(args, on_lost=on_lost)
     except DllamaError as exc:
         service.failed(str(exc))
         server.should_exit = True
@@ -150,7 +202,7 @@ def _load(args, service, server) -> None:
         service.failed(f"unexpected error while loading: {exc}")
         server.should_exit = True
         return
-    runner = EngineRunner(engine, args.queue_size)
+    runner = EngineRunner(engine, args.queue_size, service.cluster)
     runner.start()
     service.ready(engine, runner)
     log.info("serving %s (context %d tokens, %d node(s))", engine.name, engine.seq_len, 1 + len(args.workers))
