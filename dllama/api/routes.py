@@ -43,6 +43,8 @@ class Service:
     def ready(self, engine, runner) -> None:
         self.engine, self.runner = engine, runner
         self.status = "degraded" if self.cluster is not None and self.cluster.broken else "ready"
+        if self.status == "degraded":   # a worker was lost while the others loaded: heal now
+            runner.wake()
 
     def failed(self, message: str) -> None:
         self.status, self.error = "failed", message

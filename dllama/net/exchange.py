@@ -150,8 +150,13 @@ class RootCollective(_Exchange):
             raw = self._recv_buffer(conn, P.OP_GATHER, 0, n, cols)
             out[:, node.vocab.start:node.vocab.stop] = raw.view(np.float32).reshape(n, cols)
         self.transfer_s += time.perf_counter() - t0
+        self.end_pass()
+
+    def end_pass(self) -> None:
+        """The forward pass is over: the pinger may write again. The gather, which ends every pass that
+        computes logits, calls it; a pass without logits must call it itself."""
         self.last_io = time.monotonic()
-        self.in_pass = False   # the gather ends every forward pass
+        self.in_pass = False
 
     def close(self) -> None:
         """Say goodbye to every worker (each then frees its slice) and close the sockets."""

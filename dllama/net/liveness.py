@@ -48,6 +48,18 @@ class Pacer:
             self._per_row = seconds / n
 
 
+class LoadedLinks:
+    """What a pinger needs while the workers load: those already loaded wait for their first STEP, and
+    must hear from the root while the others (and the root's own slice) are still loading."""
+
+    def __init__(self):
+        self.io_lock = threading.Lock()
+        self.in_pass = False
+        self.lost = None
+        self.conns: list = []
+        self.last_io = time.monotonic()
+
+
 class Pinger:
     """A thread that keeps a root's workers sure it is alive while no forward pass runs, and notices a worker
     that closed or refused meanwhile: `coll.lost` is then set (the next step raises it) and `on_lost(exc)`
@@ -63,10 +75,19 @@ class Pinger:
     def stop(self) -> None:
         self._stop.set()
 
+    def hand_over(self, coll) -> None:
+        """Keep `coll` alive from now on instead of the LoadedLinks it started with."""
+        old = self.coll
+        with old.io_lock:
+            coll.lost, coll.last_io = old.lost, old.last_io
+            self.coll = coll
+
     def _run(self) -> None:
-        coll = self.coll
         while not self._stop.wait(self.interval / 2):
+            coll = self.coll
             with coll.io_lock:
+                if coll is not self.coll:   # handed over meanwhile
+                    continue
                 if coll.in_pass or coll.lost is not None or not coll.conns:
                     continue
                 lost = self._check(coll)

@@ -12,7 +12,7 @@ from dllama.errors import DllamaError
 from dllama.net import auth
 from dllama.net import protocol as P
 from dllama.net.exchange import RootCollective
-from dllama.net.liveness import Pinger
+from dllama.net.liveness import LoadedLinks, Pinger
 from dllama.net.memory import release_pages, trim_heap
 from dllama.net.transport import Connection, ConnectionLost, connect
 
@@ -49,6 +49,8 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
         raise DllamaError(f"{len(addresses)} workers for a plan of {len(plan)} nodes")
     say = log or (lambda msg: None)
     conns: list[Connection] = []
+    loaded_links = LoadedLinks()
+    pinger = Pinger(loaded_links, on_lost)
     try:
         for i, address in enumerate(addresses, start=1):
             host, port = parse_address(address)
@@ -63,7 +65,8 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
         for conn in conns:
             conn.set_timeout(timeout * IO_TIMEOUT_FACTOR)
         with ThreadPoolExecutor(max_workers=len(conns)) as pool:
-            jobs = [pool.submit(_load_worker, conn, loaded, node, config) for conn, node in zip(conns, plan[1:])]
+            jobs = [pool.submit(_load_worker, conn, loaded, node, config, loaded_links)
+                    for conn, node in zip(conns, plan[1:])]
             wait(jobs, return_when=FIRST_EXCEPTION)
             failed = [job for job in jobs if job.done() and job.exception()]
             if failed:   # stop the other streams now rather than after they have sent everything
@@ -74,11 +77,13 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
         trim_heap()
         say(f"sent {sent / 1e6:.1f} MB of weights to {len(conns)} workers in {time.perf_counter() - t0:.1f} s")
     except BaseException:
+        pinger.stop()
         for conn in conns:
             conn.close()
         raise
     coll = RootCollective(conns, plan, loaded.spec.dim, max_batch, buffer_type)
-    coll.pinger = Pinger(coll, on_lost)
+    pinger.hand_over(coll)
+    coll.pinger = pinger
     return coll
 
 
@@ -99,8 +104,9 @@ def _handshake(conn: Connection, index: int, n_nodes: int, key: bytes | None) ->
         raise DllamaError(f"{conn.label}: speaks protocol version {ack.version}, this root {P.PROTOCOL_VERSION}")
 
 
-def _load_worker(conn: Connection, loaded, node, config: dict) -> int:
-    """Stream one worker its CONFIG and tensors, then wait until it has packed them. Returns bytes sent."""
+def _load_worker(conn: Connection, loaded, node, config: dict, loaded_links: LoadedLinks) -> int:
+    """Stream one worker its CONFIG and tensors, then wait until it has packed them; from then on the
+    pinger keeps it. Returns bytes sent."""
     try:
         sent = _stream_slice(conn, loaded, node, config)
     except ConnectionLost:
@@ -115,6 +121,8 @@ def _load_worker(conn: Connection, loaded, node, config: dict) -> int:
         raise
     conn.send(P.Ready())
     conn.expect(P.Ready)
+    with loaded_links.io_lock:
+        loaded_links.conns.append(conn)
     return sent
 
 

@@ -333,3 +333,44 @@ def test_frozen_root_releases_its_worker_within_the_stated_time(model_files, poo
     assert _probe_within_1s(w)["state"] == "idle"
     other = Root(model_files[0], [w.address])   # a new root gets the worker
     other.close()
+
+
+def test_a_loaded_worker_is_kept_while_another_still_loads(model_files, pool):
+    """The first worker to finish loading waits for its first STEP while a slower one (a stand-in that
+    takes longer than ROOT_SILENCE_S to say READY) is still loading: the root pings it meanwhile."""
+    from dllama.formats.loader import load_model
+    from dllama.model.partition import partition
+    from dllama.net.root import connect_workers
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def slow_worker():
+            conn, _ = server.accept()
+            with conn:
+                dec, msgs = P.Decoder(), []
+                while not msgs:
+                    msgs += dec.feed(conn.recv(1 << 16))
+                nonce = auth.nonce()
+                conn.sendall(P.encode_bytes(P.Challenge(nonce, auth.worker_proof(KEY, msgs[0], nonce))))
+                while not any(isinstance(m, P.Auth) for m in msgs):
+                    msgs += dec.feed(conn.recv(1 << 16))
+                conn.sendall(P.encode_bytes(P.HelloAck(P.PROTOCOL_VERSION)))
+                while not any(isinstance(m, P.Ready) for m in msgs):
+                    msgs += dec.feed(conn.recv(1 << 20))
+                time.sleep(ROOT_SILENCE_S + 2)
+                conn.sendall(P.encode_bytes(P.Ready()))
+                while conn.recv(1 << 16):
+                    pass
+
+        t = threading.Thread(target=slow_worker, daemon=True)
+        t.start()
+        loaded = load_model(str(model_files[0]))
+        coll = connect_workers([pool[0].address, f"127.0.0.1:{port}", pool[1].address], loaded,
+                               partition(loaded.spec, 4), 64, "f32", key=KEY)
+        try:
+            assert [w.probe()["state"] for w in pool[:2]] == ["serving", "serving"]
+            assert "went away" not in pool[0].log()
+        finally:
+            coll.close()
+        t.join(10)
