@@ -35,17 +35,20 @@ class Pacer:
         self._first = first
         self._slowest = 0.0       # seconds, any batch
         self._per_row = 0.0       # seconds per row of the batch
+        self._n, self._timeout = 0, first   # the last answer, asked again for every exchange of a pass
 
     def timeout(self, n: int) -> float:
-        if not self._slowest:
-            return self._first
-        return max(FLOOR_S, FACTOR * max(self._slowest, self._per_row * n))
+        if n != self._n:
+            self._n = n
+            self._timeout = (max(FLOOR_S, FACTOR * max(self._slowest, self._per_row * n)) if self._slowest
+                             else self._first)
+        return self._timeout
 
     def observe(self, seconds: float, n: int) -> None:
-        if seconds > self._slowest:
-            self._slowest = seconds
-        if seconds > self._per_row * n:
-            self._per_row = seconds / n
+        if seconds > self._slowest or seconds > self._per_row * n:
+            self._slowest = max(self._slowest, seconds)
+            self._per_row = max(self._per_row, seconds / n)
+            self._n = 0   # recompute
 
 
 class LoadedLinks:

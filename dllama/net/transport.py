@@ -59,11 +59,13 @@ class Connection:
         self._head = bytearray(P.HEADER.size + P.MAX_META)
         self._head_mv = memoryview(self._head)
         self.deadline: float | None = None   # time.monotonic() by which every read must be done, if set
-        self.set_timeout(timeout)
+        self.timeout = timeout
+        sock.settimeout(timeout)
 
     def set_timeout(self, timeout: float | None) -> None:
-        self.timeout = timeout
-        self.sock.settimeout(timeout)
+        if timeout != self.timeout:   # a syscall-free path: the per-token reads set the same value again
+            self.timeout = timeout
+            self.sock.settimeout(timeout)
 
     def lost(self, what: str) -> ConnectionLost:
         return ConnectionLost(f"{self.label}: {what}", self.label)
@@ -143,6 +145,7 @@ class Connection:
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise socket.timeout
+        self.timeout = left
         self.sock.settimeout(left)
 
     def recv_header(self):
