@@ -40,7 +40,8 @@ MAX_CONFIG = 1 << 20         # bytes of a CONFIG's JSON
 
 def add_arguments(parser) -> None:
     parser.add_argument("--port", type=int, default=9998, help="TCP port to listen on (default 9998)")
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all)")
+    parser.add_argument("--host", default="0.0.0.0",
+                        help="address to listen on (default 0.0.0.0: all; needs a cluster key, else loopback only)")
     parser.add_argument("--nthreads", type=int, default=1, help="compute threads (default 1)")
     auth.add_key_argument(parser)
     parser.add_argument("--insecure", action="store_true",
