@@ -73,17 +73,25 @@ def _api(*args, timeout=60):
                           env=env)
 
 
-def test_no_key_no_exposure(split_model, tmp_path):
-    port = free_port()
-    r = _api("--model", split_model, "--host", "0.0.0.0", "--port", str(port))
+def test_no_key_no_exposure(split_model, tmp_path, monkeypatch, capsys):
+    r = _api("--model", split_model, "--host", "0.0.0.0", "--port", str(free_port()))
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("dllama-api: error: refusing to listen on 0.0.0.0 without an API key")
-    with socket.create_server(("0.0.0.0", port)):   # refused before binding
-        pass
     empty = tmp_path / "empty"
     empty.write_text("\n")
     r = _api("--model", split_model, "--api-key-file", str(empty))
     assert r.returncode == 2 and "--api-key-file" in r.stderr and "empty" in r.stderr, r.stderr
+    # refused before the socket is bound (in-process, so that a bind would be seen)
+    from dllama.api import server
+    from dllama.cli import main_api
+
+    def no_listen(*args):
+        raise AssertionError(f"bound {args}")
+
+    monkeypatch.delenv("DLLAMA_API_KEY", raising=False)
+    monkeypatch.setattr(server, "_listen", no_listen)
+    assert main_api(["--model", split_model, "--host", "0.0.0.0", "--port", "0"]) == 2
+    assert "without an API key" in capsys.readouterr().err
 
 
 def _chat(base: str, timeout: float = 60):

@@ -127,14 +127,21 @@ def _worker_cli(*args, env_key: str | None = None, timeout: float = 120):
                           timeout=timeout, env=env)
 
 
-def test_keyless_worker_refuses_a_non_loopback_address():
-    port = free_port()
-    r = _worker_cli("--host", "0.0.0.0", "--port", str(port))
+def test_keyless_worker_refuses_a_non_loopback_address(monkeypatch, capsys):
+    r = _worker_cli("--host", "0.0.0.0", "--port", str(free_port()))
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("dllama: error: refusing to listen on 0.0.0.0 without a cluster key")
-    # refused before binding: the port is still free
-    with socket.create_server(("0.0.0.0", port)):
-        pass
+    # and before any socket is bound (in-process, so that a bind would be seen)
+    from dllama.cli import main
+
+    def no_bind(*args, **kw):
+        raise AssertionError(f"bound {args}")
+
+    monkeypatch.delenv(auth.KEY_ENV, raising=False)
+    monkeypatch.setattr(socket, "create_server", no_bind)
+    assert main(["worker", "--host", "0.0.0.0", "--port", "0"]) == 2
+    assert "without a cluster key" in capsys.readouterr().err
+    assert main(["worker", "--host", "::", "--port", "0"]) == 2
 
 
 def test_key_file_problems_are_one_line_errors(tmp_path):
