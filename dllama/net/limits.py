@@ -65,18 +65,26 @@ def _bounded(name: str, value, high: int, low: int = 1) -> None:
 
 
 def slice_bytes(spec, node, seq_len: int, max_batch: int) -> int:
-    """An upper estimate of what a node holding `node` of `spec` allocates: packed weights, a full KV
-    cache, RoPE tables, attention scores and activation buffers (f32)."""
+    """An estimate of what a node holding `node` of `spec` allocates: packed weights of the model's weight
+    type, a full KV cache, RoPE tables, attention scores and activation buffers (f32)."""
     bits = {"f32": 32, "f16": 16, "q40": 4.5, "q41": 5, "q80": 8.5}[spec.weight_type]
     hd, dim = spec.head_dim, spec.dim
     q, kv, ffn = len(node.heads) * hd, len(node.kv_heads) * hd, len(node.ffn)
-    experts = max(spec.n_experts, 1)
-    per_layer = (q + 2 * kv) * dim + dim * q + 3 * ffn * dim * experts
-    weights = (spec.n_layers * per_layer + len(node.vocab) * dim) * bits / 8
     kv_cache = spec.n_layers * seq_len * kv * 2 * 4
     rope = seq_len * hd * 4
     scratch = (len(node.heads) * seq_len + max_batch * (3 * dim + 2 * q + 3 * kv + 3 * ffn)) * 4
-    return int(weights + kv_cache + rope + scratch)
+    return int(weight_bytes(spec, node, bits) + kv_cache + rope + scratch)
+
+
+def weight_bytes(spec, node, bits: float = 32) -> int:
+    """Bytes of the node's tensors were every value `bits` wide (32: the most any tensor type takes, so an
+    upper bound of what a root may stream for this slice, whatever types its file mixes), norms included."""
+    hd, dim = spec.head_dim, spec.dim
+    q, kv, ffn = len(node.heads) * hd, len(node.kv_heads) * hd, len(node.ffn)
+    experts = max(spec.n_experts, 1)
+    per_layer = (q + 2 * kv) * dim + dim * q + 3 * ffn * dim * experts + spec.n_experts * dim
+    norms = (spec.n_layers * 2 + 1) * dim + spec.n_layers * 2 * hd
+    return int((spec.n_layers * per_layer + len(node.vocab) * dim) * bits / 8 + norms * 4)
 
 
 def available_memory() -> int | None:

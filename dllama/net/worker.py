@@ -26,7 +26,7 @@ from dllama.errors import DllamaError
 from dllama.net import auth
 from dllama.net import protocol as P
 from dllama.net.exchange import WorkerCollective
-from dllama.net.limits import check_config
+from dllama.net.limits import check_config, weight_bytes
 from dllama.net.liveness import FIRST_WAIT_S, ROOT_SILENCE_S
 from dllama.net.memory import trim_heap
 from dllama.net.transport import Connection, ConnectionLost, configure
@@ -320,6 +320,8 @@ class Worker:
             self._warmed.add(spec.weight_type)
         coll = WorkerCollective(conn, node.index, node.n_nodes, spec.dim, max_batch, len(node.vocab), buffer_type)
         model = self.model_factory(spec, node, seq_len, max_batch, coll)
+        # what the CONFIG was admitted for bounds what the WEIGHT frames may make this worker allocate
+        budget = weight_bytes(spec, node)
         t0, total = time.perf_counter(), 0
         while (head := conn.recv_header()) is not None:
             t, meta, payload_len = head
@@ -327,7 +329,7 @@ class Worker:
                 break
             if t != P.WEIGHT:
                 raise P.ProtocolError(f"expected WEIGHT or READY, got {P.TYPE_NAMES[t]}")
-            total += self._receive_weight(conn, model, bytes(meta), payload_len)
+            total += self._receive_weight(conn, model, bytes(meta), payload_len, budget - total)
         else:
             raise conn.lost("closed the connection while sending weights")
         model.finish_loading()
@@ -337,11 +339,14 @@ class Worker:
                  time.perf_counter() - t0)
         return model, coll
 
-    def _receive_weight(self, conn: Connection, model, meta: bytes, payload_len: int) -> int:
+    def _receive_weight(self, conn: Connection, model, meta: bytes, payload_len: int, room: int) -> int:
         # the header of the chunk is decoded with an empty payload, then the bytes land in the tensor itself
         w = P.decode_frame(P.WEIGHT, meta, b"")
         if w.offset + payload_len > w.total:
             raise P.ProtocolError(f"WEIGHT {w.name}: chunk past the end of the tensor")
+        if w.offset == 0 and w.total > room:
+            raise P.ProtocolError(f"WEIGHT {w.name}: {w.total} bytes, more than is left of the slice's "
+                                  "largest possible size: not this CONFIG's weights")
         if w.offset == 0:
             self._tensor = np.empty(w.total, np.uint8)
         elif self._tensor is None or self._tensor.size != w.total:

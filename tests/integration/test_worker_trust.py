@@ -382,3 +382,22 @@ def test_a_loaded_worker_is_kept_while_another_still_loads(model_files, pool):
         finally:
             coll.close()
         t.join(10)
+
+
+def test_weights_beyond_the_admitted_slice_are_refused(pool):
+    """A CONFIG admitted for a tiny slice cannot be followed by a tensor of gigabytes."""
+    from dataclasses import asdict
+
+    from dllama.formats.spec import ModelSpec
+    from dllama.model.partition import partition
+
+    w = pool[0]
+    spec = ModelSpec(dim=64, hidden_dim=64, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=32, vocab_size=32,
+                     seq_len=8)
+    config = {"spec": asdict(spec), "node": partition(spec, 2)[1].to_dict(), "seq_len": 8, "max_batch": 1,
+              "buffer_type": "f32"}
+    huge = P.Weight("layers.0.wq", "f32", (65536, 16384), 0, 65536 * 16384 * 4, bytes(64))
+    with authenticated(w.port) as s:
+        s.sendall(P.encode_bytes(P.Config(config)) + P.encode_bytes(huge))
+        assert "more than is left of the slice" in _refusal(_read(s, P.Decoder(), 1))
+    assert w.wait_idle()["state"] == "idle" and serves_a_root(w.port)
