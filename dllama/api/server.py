@@ -65,10 +65,9 @@ def run(args) -> int:
             raise DllamaError(f"dllama-api needs {dep}: pip install 'dllama[api]'")
     import uvicorn
 
+    from dllama.api.guards import GuardedH11Protocol, raise_open_file_limit
     from dllama.api.routes import Service, create_app
     from dllama.commands.common import parse_workers
-
-    from dllama.api.guards import GuardedH11Protocol, raise_open_file_limit
     from dllama.net.auth import key_from_args
 
     _check_flags(args)

@@ -184,6 +184,9 @@ class Worker:
         except (DllamaError, OSError) as exc:
             log.warning("refused %s: %s", conn.label.split(" ", 1)[1], exc)
             self._refuse(conn, str(exc))
+        except Exception:  # noqa: BLE001 (a bug here must cost this connection only)
+            log.exception("refused %s after an internal error", conn.label.split(" ", 1)[1])
+            self._refuse(conn, "internal error in the worker (see its log)")
         finally:
             self._pending.release()
 
