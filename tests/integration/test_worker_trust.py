@@ -27,6 +27,14 @@ from dllama.net.worker import HANDSHAKE_DEADLINE_S, MAX_PENDING
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 
+def _serves_a_real_root(path, w) -> bool:
+    root = Root(path, [w.address])
+    try:
+        return root.forward(PROMPT, 0).shape == (512,)
+    finally:
+        root.close()
+
+
 def _probe_within_1s(w) -> dict:
     """The hang check of the acceptance: a status probe answered within a second."""
     from dllama.net import probe
@@ -162,7 +170,7 @@ def test_key_file_problems_are_one_line_errors(tmp_path):
 
 # --- bounded worker ------------------------------------------------------------------------------------
 
-def test_slow_handshake_is_cut_at_the_deadline(pool):
+def test_slow_handshake_is_cut_at_the_deadline(model_files, pool):
     w = pool[0]
     frame = P.encode_bytes(P.Hello(P.PROTOCOL_VERSION, 1, 2, auth.nonce()))
     t0 = time.monotonic()
@@ -180,7 +188,7 @@ def test_slow_handshake_is_cut_at_the_deadline(pool):
     assert "the handshake has a deadline" in _refusal(P.Decoder().feed(got)), got
     assert HANDSHAKE_DEADLINE_S - 0.5 < elapsed < HANDSHAKE_DEADLINE_S + 3
     assert _logged(w, "the handshake has a deadline"), w.log()
-    assert _probe_within_1s(w)["state"] == "idle" and serves_a_root(w.port)
+    assert _probe_within_1s(w)["state"] == "idle" and _serves_a_real_root(model_files[0], w)
 
 
 def _threads(pid: int) -> int:
@@ -190,7 +198,7 @@ def _threads(pid: int) -> int:
     raise RuntimeError("no Threads line")
 
 
-def test_a_thousand_idle_connections_hold_no_thread_each(pool):
+def test_a_thousand_idle_connections_hold_no_thread_each(model_files, pool):
     w = pool[0]
     before = _threads(w.proc.pid)
     socks, most = [], 0
@@ -207,7 +215,7 @@ def test_a_thousand_idle_connections_hold_no_thread_each(pool):
         for s in socks:
             s.close()
     assert most <= before + MAX_PENDING + 2, (before, most)
-    assert _probe_within_1s(w)["state"] == "idle" and serves_a_root(w.port)
+    assert _probe_within_1s(w)["state"] == "idle" and _serves_a_real_root(model_files[0], w)
 
 
 def _read_nowait(s: socket.socket) -> list:
@@ -225,7 +233,7 @@ def _read_nowait(s: socket.socket) -> list:
     ({"spec": {"weight_type": "q99"}}, "weight_type must be one of"),
     ({"node": {"heads": [0, 4096]}}, "is not node 1's of this model"),
 ], ids=["seq-len", "max-batch", "memory", "weight-type", "slice"])
-def test_hostile_config_refused_before_allocating(pool, change, reason):
+def test_hostile_config_refused_before_allocating(model_files, pool, change, reason):
     from dataclasses import asdict
 
     from dllama.formats.spec import ModelSpec
@@ -244,7 +252,7 @@ def test_hostile_config_refused_before_allocating(pool, change, reason):
         assert reason in _refusal(_read(s, P.Decoder(), 1))
     assert w.rss_bytes() - rss < 50e6
     assert _probe_within_1s(w)["pid"] == w.proc.pid
-    assert w.wait_idle()["state"] == "idle" and serves_a_root(w.port)
+    assert w.wait_idle()["state"] == "idle" and _serves_a_real_root(model_files[0], w)
 
 
 def test_accept_loop_survives_thread_start_failures(monkeypatch):
