@@ -51,8 +51,9 @@ class Stats:
 class Engine:
     """A loaded model ready to generate. Not re-entrant: one generate() at a time."""
 
-    def __init__(self, loaded, tokenizer, model, coll, seq_len: int):
+    def __init__(self, loaded, tokenizer, model, coll, seq_len: int, cluster=None):
         self.loaded, self.tokenizer = loaded, tokenizer
+        self._cluster = cluster   # how the workers were joined (connect_workers' arguments), to join again
         self._chat = None
         self.spec = loaded.spec
         self.model, self.coll, self.seq_len = model, coll, seq_len
@@ -73,7 +74,7 @@ class Engine:
     @classmethod
     def open(cls, model_path: str, tokenizer_path: str | None = None, nthreads: int = 1,
              max_seq_len: int | None = None, buffer_float_type: str = "q80", workers=(),
-             log=None) -> "Engine":
+             log=None, cluster_key: bytes | None = None, on_lost=None) -> "Engine":
         """Load a model file (and tokenizer), connecting to and loading the workers if any.
 
         Raises DllamaError for bad files, bad flags, and workers that cannot be reached.
@@ -89,12 +90,15 @@ class Engine:
             loaded.close()
             raise DllamaError(f"the tokenizer {tokenizer_path or loaded.path} has {tokenizer.vocab_size} tokens, "
                               f"the model {loaded.path} {loaded.spec.vocab_size}: not this model's tokenizer")
-        return cls.from_loaded(loaded, tokenizer, nthreads, max_seq_len, buffer_float_type, workers, log)
+        return cls.from_loaded(loaded, tokenizer, nthreads, max_seq_len, buffer_float_type, workers, log,
+                               cluster_key, on_lost)
 
     @classmethod
     def from_loaded(cls, loaded, tokenizer, nthreads: int = 1, max_seq_len: int | None = None,
-                    buffer_float_type: str = "q80", workers=(), log=None) -> "Engine":
-        """An engine over an already loaded model (a file's, or tensors built in memory)."""
+                    buffer_float_type: str = "q80", workers=(), log=None, cluster_key: bytes | None = None,
+                    on_lost=None) -> "Engine":
+        """An engine over an already loaded model (a file's, or tensors built in memory). `cluster_key`
+        authenticates the workers; `on_lost(exc)` hears of a worker lost while idle (see `reconnect`)."""
         from dllama import kernels as K
         from dllama.model.collective import LocalCollective
         from dllama.model.llama import NodeModel
@@ -108,16 +112,32 @@ class Engine:
         K.set_threads(nthreads)
         # load every kernel the model needs from numba's cache now, not inside the first prompt's timing
         K.warmup(sorted({t.qtype for t in loaded.tensors.values() if len(t.shape) == 2} - {"f32"}))
+        cluster = None
         if workers:
             from dllama.net.root import connect_workers
-            coll = connect_workers(list(workers), loaded, plan, seq_len, buffer_float_type, nthreads, log=log,
-                                   max_batch=MAX_BATCH)
+            cluster = dict(addresses=list(workers), loaded=loaded, plan=plan, seq_len=seq_len,
+                           buffer_type=buffer_float_type, nthreads=nthreads, log=log, max_batch=MAX_BATCH,
+                           key=cluster_key, on_lost=on_lost)
+            coll = connect_workers(**cluster)
         else:
             coll = LocalCollective()
         model = NodeModel(spec, plan[0], seq_len, MAX_BATCH, coll)
         _load_slice(model, loaded, spec, plan[0])
         _release_pages(loaded)
-        return cls(loaded, tokenizer, model, coll, seq_len)
+        return cls(loaded, tokenizer, model, coll, seq_len, cluster)
+
+    def reconnect(self) -> None:
+        """Join the workers again after one was lost: say goodbye to the old session, connect, authenticate
+        and stream every worker its slice anew. The KV cache is forgotten (the workers' went with them).
+        Raises DllamaError (naming the worker) if the cluster cannot be formed yet."""
+        from dllama.net.root import connect_workers
+
+        if self._cluster is None:
+            return
+        self.coll.close()
+        self.cache_ids = []
+        coll = connect_workers(**self._cluster)
+        self.coll = self.model.coll = coll
 
     # ---- generation ------------------------------------------------------------------------------
 

@@ -31,22 +31,40 @@ class Service:
     """What the routes need: the engine (once loaded), its runner, and the server's sampling defaults."""
 
     def __init__(self, defaults: dict, workers=(), model_id: str | None = None):
+        from dllama.api.healing import Cluster
+
         self.defaults = defaults          # temperature, topp, seed, max_tokens (a cap) from the command line
         self.workers = list(workers)
         self._model_id = model_id         # None: the engine's own name
+        self.cluster = Cluster(self, self.workers) if self.workers else None
         self.engine = None
         self.runner = None
-        self.status = "loading"
+        self.status = "loading"           # loading | ready | degraded (a worker lost, healing) | failed
         self.error: str | None = None
         self.created = int(time.time())
 
     def ready(self, engine, runner) -> None:
-        self.engine, self.runner, self.status = engine, runner, "ready"
+        self.engine, self.runner = engine, runner
+        self.status = "degraded" if self.cluster is not None and self.cluster.broken else "ready"
+        if self.status == "degraded":   # a worker was lost while the others loaded: heal now
+            runner.wake()
 
     def failed(self, message: str) -> None:
         self.status, self.error = "failed", message
 
+    def degraded(self) -> None:
+        if self.status == "ready":
+            self.status = "degraded"
+
+    def healed(self) -> None:
+        if self.status == "degraded":
+            self.status = "ready"
+
     def require_engine(self):
+        if self.status == "degraded":
+            down = [f"{n['address']} ({n.get('error', 'down')})" for n in self.cluster.nodes() if n["state"] != "up"]
+            raise ApiError(503, f"the cluster is degraded, reconnecting: worker {', '.join(down)}; retry shortly",
+                           code="cluster_degraded", headers={"Retry-After": str(RETRY_AFTER_S)})
         if self.status != "ready":
             raise ApiError(503, f"the model is {self.status}; retry shortly" if self.status == "loading"
                            else f"the model failed to load: {self.error}", code=f"model_{self.status}",
@@ -69,7 +87,7 @@ def _errors(*statuses: int) -> dict:
     """OpenAPI documentation of the error answers a route can give (all in the same shape)."""
     why = {400: "Unsupported feature, prompt over the context, or not JSON", 401: "API key missing or wrong",
            404: "Unknown model", 413: "Body over --max-body-size", 422: "Body does not match the schema",
-           503: "Model loading or queue full (see Retry-After)"}
+           503: "Model loading, cluster degraded, or queue full (see Retry-After)"}
     return {s: {"model": ErrorResponse, "description": why[s]} for s in statuses}
 
 
@@ -80,9 +98,11 @@ GENERATE_RESPONSES = {
 }
 
 
-def create_app(service: Service, max_body: int, api_key: str | None = None, docs: bool = False) -> FastAPI:
+def create_app(service: Service, max_body: int, api_key: str | None = None, docs: bool = False,
+               cors_origins=()) -> FastAPI:
     """The app. `docs` serves Swagger UI and ReDoc, whose pages the browser loads from a CDN (an offline
-    cluster cannot), so they are off by default; /openapi.json is always there."""
+    cluster cannot), so they are off by default; /openapi.json is always there. Browsers may call it
+    from `cors_origins` only."""
     from dllama import __version__
 
     app = FastAPI(title="dllama-api", version=__version__,
@@ -94,14 +114,17 @@ def create_app(service: Service, max_body: int, api_key: str | None = None, docs
     metrics.install(app, service)   # its request counter wraps the guard, so 401s and 413s are counted
     web.install(app, service)
     # Outermost, so that browser preflights (which carry no API key) are answered before the key check.
-    # Any origin, as the reference server allows: the key travels as a bearer token, never as a cookie.
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "OPTIONS"],
-                       allow_headers=["Authorization", "Content-Type"], max_age=600)
+    # Only the origins the operator named: a page on any other site cannot use a server on localhost.
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
 
-    @app.get("/health", responses={503: {"description": "Loading, or failed to load (same body)"}})
+    @app.get("/health", responses={503: {"description": "Loading, degraded (a worker lost; reconnecting), or "
+                                                         "failed to load (same body)"}})
     async def health():
-        body = {"status": service.status, "model": service.model_id,
-                "nodes": 1 + len(service.workers), "workers": service.workers}
+        nodes = (service.cluster.nodes() if service.cluster is not None
+                 else [{"address": "local", "role": "root", "state": "up"}])
+        body = {"status": service.status, "model": service.model_id, "nodes": nodes, "workers": service.workers}
         if service.error:
             body["error"] = service.error
         if service.runner:

@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 from dllama.api import metrics
 from dllama.api.errors import ApiError
 from dllama.errors import DllamaError
+from dllama.net.protocol import ProtocolError
+from dllama.net.transport import ConnectionLost
 
 log = logging.getLogger("dllama.api")
 
 RETRY_AFTER_S = 2   # what a 503 suggests; a short reply takes about that long on a small model
+_HEAL = object()    # queued by wake(): a worker was lost while the engine was idle
 
 
 @dataclass
@@ -86,8 +89,10 @@ class TextStream:
 class EngineRunner:
     """Owns the engine thread. `submit` is called on the event loop; everything else runs on the thread."""
 
-    def __init__(self, engine, queue_size: int):
+    def __init__(self, engine, queue_size: int, cluster=None):
         self.engine = engine
+        self.cluster = cluster            # healing.Cluster when the model is split over workers
+        self._stopping = threading.Event()
         self.capacity = queue_size
         self._jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self._current: Job | None = None
@@ -116,9 +121,17 @@ class EngineRunner:
             raise ApiError(503, f"the server is busy: {self.capacity} requests are already waiting; retry later",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
+    def wake(self) -> None:
+        """Have the engine thread heal the cluster as soon as it is free (any thread; never blocks)."""
+        try:
+            self._jobs.put_nowait(_HEAL)
+        except queue.Full:   # busy: the next job finds the broken collective and heals after it
+            pass
+
     def stop(self, timeout: float = 5.0) -> None:
         """Cancel the running and waiting jobs and end the thread."""
         self.cancel_all()
+        self._stopping.set()
         self._jobs.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -133,7 +146,7 @@ class EngineRunner:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 break
-            if job is not None:
+            if job is not None and job is not _HEAL:
                 job.cancel()
                 job.post(Failed("the server is shutting down"))
 
@@ -142,12 +155,24 @@ class EngineRunner:
             job = self._jobs.get()
             if job is None:
                 return
+            if job is _HEAL:
+                self._heal()
+                continue
             if job.cancelled.is_set():   # its client left while it waited
                 self.cancelled += 1
                 continue
             self._current = job
             try:
                 finished = self._run(job)
+            except (ConnectionLost, ProtocolError) as exc:
+                if self.cluster is None:
+                    job.post(Failed(str(exc)))
+                    continue
+                job.post(Failed(f"the cluster lost a node: {exc}; the server is reconnecting (see /health)"))
+                self.cluster.lost(exc)
+                self._current = None
+                self._heal()
+                continue
             except DllamaError as exc:
                 job.post(Failed(str(exc)))
                 continue
@@ -162,6 +187,10 @@ class EngineRunner:
             else:
                 self.cancelled += 1
                 job.post(Failed("the request was cancelled (client gone or server shutting down)"))
+
+    def _heal(self) -> None:
+        if self.cluster is not None and self.cluster.broken:
+            self.cluster.heal(self.engine, self._stopping)
 
     def _run(self, job: Job) -> bool:
         """Generate one reply; False if the job was cancelled midway."""

@@ -3,6 +3,11 @@
 The socket opens first and the model loads in the background, so `/health` answers "loading" while the
 kernels compile and the workers receive their slices; API calls get 503 + Retry-After until it is ready.
 If loading fails, the server stops and the command exits 2 with the loader's one-line message.
+
+Exposure: without an API key the server listens on loopback only (unless --insecure); browsers may call
+it only from the --cors-origins named; clients must send their headers and body in time (guards.py) and
+at most --max-connections are served at once. Over --workers, a lost worker degrades the server, which
+reconnects by itself (healing.py).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from dllama.errors import DllamaError
 
 log = logging.getLogger("dllama.api")
 
+KEEP_ALIVE_S = 5   # s an idle kept-alive connection is held open
+
+
 def serve(args, workers: list[str], open_engine) -> int:
     """`dllama-api` once commands.api has parsed its flags: serve until Ctrl-C / SIGTERM. `open_engine(args)`
     loads the model (in the background). Raises DllamaError for bad flags, a busy port, or a model that
@@ -27,16 +35,25 @@ def serve(args, workers: list[str], open_engine) -> int:
             raise DllamaError(f"dllama-api needs {dep}: pip install 'dllama[api]'")
     import uvicorn
 
+    from dllama.api.guards import GuardedH11Protocol, raise_open_file_limit
     from dllama.api.routes import Service, create_app
+    from dllama.net.auth import key_from_args
 
     _check_flags(args)
+    if workers:
+        key_from_args(args)   # a bad key file fails now, before the socket opens
+    # every connection is a file descriptor: the cap must stay under the limit, or accept() fails instead
+    max_connections = min(args.max_connections, raise_open_file_limit() - 64)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sock = _listen(args.host, args.port)
     service = Service({"temperature": args.temperature, "topp": args.topp, "seed": args.seed,
                        "max_tokens": args.max_tokens}, workers, model_id=args.model_name)
-    app = create_app(service, max_body=args.max_body_size, api_key=args.api_key, docs=args.docs)
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3,
-                            server_header=False, proxy_headers=False)
+    origins = [o.strip() for o in args.cors_origins.split(",") if o.strip()]
+    app = create_app(service, max_body=args.max_body_size, api_key=args.api_key, docs=args.docs,
+                     cors_origins=origins)
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3, server_header=False,
+                            proxy_headers=False, http=GuardedH11Protocol, limit_concurrency=max_connections,
+                            timeout_keep_alive=KEEP_ALIVE_S)
     server = _make_server(config, service)
     loader = threading.Thread(target=_load, args=(args, open_engine, service, server), name="dllama-load",
                               daemon=True)
@@ -87,11 +104,35 @@ def _check_flags(args) -> None:
         raise DllamaError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.max_body_size < 1024:
         raise DllamaError(f"--max-body-size must be at least 1024 bytes, got {args.max_body_size}")
+    if args.max_connections < 1:
+        raise DllamaError(f"--max-connections must be at least 1, got {args.max_connections}")
+    if args.api_key_file is not None:
+        args.api_key = _read_api_key(args.api_key_file)
     if args.api_key is not None and not args.api_key.strip():
         raise DllamaError("--api-key is empty")
+    from dllama.net.auth import is_loopback
+
+    if args.api_key is None and not args.insecure and not is_loopback(args.host):
+        raise DllamaError(f"refusing to listen on {args.host} without an API key: anyone who can reach it could "
+                          "use it; set DLLAMA_API_KEY or --api-key-file, or pass --insecure")
     from dllama.sampler import Sampler
 
     Sampler(args.temperature, args.topp, args.seed)   # its DllamaError names the bad flag
+
+
+def _read_api_key(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            key = f.read(1 << 16).strip()
+    except OSError as exc:
+        raise DllamaError(f"--api-key-file {path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        key = key.decode()
+    except UnicodeDecodeError:
+        raise DllamaError(f"--api-key-file {path}: the key is not UTF-8 text") from None
+    if not key:
+        raise DllamaError(f"--api-key-file {path}: the file is empty")
+    return key
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -119,8 +160,9 @@ def _listen(host: str, port: int) -> socket.socket:
 def _load(args, open_engine, service, server) -> None:
     from dllama.api.runner import EngineRunner
 
+    on_lost = service.cluster.lost if service.cluster is not None else None
     try:
-        engine = open_engine(args)
+        engine = open_engine(args, on_lost=on_lost)
     except DllamaError as exc:
         service.failed(str(exc))
         server.should_exit = True
@@ -130,7 +172,7 @@ def _load(args, open_engine, service, server) -> None:
         service.failed(f"unexpected error while loading: {exc}")
         server.should_exit = True
         return
-    runner = EngineRunner(engine, args.queue_size)
+    runner = EngineRunner(engine, args.queue_size, service.cluster)
     runner.start()
     service.ready(engine, runner)
     log.info("serving %s (context %d tokens, %d node(s))", engine.name, engine.seq_len, 1 + len(args.workers))

@@ -23,6 +23,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="float type of the activations exchanged between nodes (default q80)")
     g.add_argument("--workers", nargs="*", default=[], metavar="HOST:PORT",
                    help="worker nodes, in order (the root is node 0); 1 + workers must be a power of two")
+    from dllama.net.auth import add_key_argument
+
+    add_key_argument(g)
     s = p.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
     s.add_argument("--topp", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
@@ -53,15 +56,17 @@ def parse_workers(items: list[str]) -> list[tuple[str, int]]:
     return out
 
 
-def open_engine(args, log=None):
+def open_engine(args, log=None, on_lost=None):
     from dllama.engine import Engine
+    from dllama.net.auth import key_from_args
 
     if not kernels_cached():
         print("compiling kernels (first run only; later runs start in seconds)...", file=sys.stderr, flush=True)
     from dllama.catalog import resolve_model
 
     return Engine.open(resolve_model(args.model), args.tokenizer, nthreads=args.nthreads, max_seq_len=args.max_seq_len,
-                       buffer_float_type=args.buffer_float_type, workers=parse_workers(args.workers), log=log)
+                       buffer_float_type=args.buffer_float_type, workers=parse_workers(args.workers), log=log,
+                       cluster_key=key_from_args(args) if args.workers else None, on_lost=on_lost)
 
 
 def kernels_cached() -> bool:

@@ -7,8 +7,15 @@ from dllama.commands.common import check_at_least, check_port
 
 def add_arguments(parser) -> None:
     parser.add_argument("--port", type=int, default=9998, help="TCP port to listen on (default 9998; 0: any free port)")
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all)")
+    parser.add_argument("--host", default="0.0.0.0",
+                        help="address to listen on (default 0.0.0.0: all; needs a cluster key, else loopback only)")
     parser.add_argument("--nthreads", type=int, default=1, help="compute threads (default 1)")
+    from dllama.net.auth import add_key_argument
+
+    add_key_argument(parser)
+    parser.add_argument("--insecure", action="store_true",
+                        help="without a cluster key, listen on a non-loopback address anyway: anyone who can "
+                             "reach the port can then use this worker")
 
 
 def run(args) -> int:

@@ -7,12 +7,14 @@ BUFFER frame is checked against what the receiver expects: a mismatch is a proto
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
 
 from dllama.net import protocol as P
 from dllama.net.codec import Q80Codec
+from dllama.net.liveness import ROOT_SILENCE_S, Pacer
 from dllama.net.transport import Connection, ConnectionLost
 
 try:  # the lead's interface; until it lands the socket collectives stand alone
@@ -33,6 +35,7 @@ class _Exchange(Collective):
         self._rx = np.empty(max(P.buffer_nbytes("f32", max_batch, max(dim, vocab_cols)), 4), np.uint8)
         self._meta = bytearray(P.BUFFER_META.size)
         self.transfer_s = 0.0
+        self.pacer = Pacer()
 
     def _encode(self, x: np.ndarray):
         """x (n, dim) f32 as the wire payload: the array itself for f32, Q80 blocks in _tx otherwise."""
@@ -46,14 +49,17 @@ class _Exchange(Collective):
 
     def _recv_buffer(self, conn: Connection, op: int, ftype: int, n: int, cols: int, into=None) -> np.ndarray:
         """Receive the BUFFER frame that must come next; returns its payload (into `into` if given)."""
+        conn.set_timeout(self.pacer.timeout(n))
+        t0 = time.perf_counter()
         head = conn.recv_header()
         if head is None:
-            raise ConnectionLost(f"{conn.label}: closed the connection")
+            raise conn.lost("closed the connection")
+        self.pacer.observe(time.perf_counter() - t0, n)
         t, meta, payload_len = head
         if t == P.REFUSE:
-            raise ConnectionLost(f"{conn.label}: {bytes(meta).decode(errors='replace')}")
+            raise conn.lost(bytes(meta).decode(errors="replace"))
         if t == P.BYE:   # a root interrupted in the middle of a forward pass (Ctrl-C) still says goodbye
-            raise ConnectionLost(f"{conn.label}: said goodbye in the middle of a forward pass")
+            raise conn.lost("said goodbye in the middle of a forward pass")
         if t != P.BUFFER:
             raise P.ProtocolError(f"{conn.label}: expected BUFFER, got {P.TYPE_NAMES[t]}")
         got = P.parse_buffer_meta(meta)
@@ -88,6 +94,12 @@ class RootCollective(_Exchange):
         self.conns, self.plan = conns, plan
         self._positions = np.empty(max_batch, np.int32)
         self._step_meta = bytearray(4)
+        # the pinger (liveness.Pinger) writes between passes only: these tell it when, under io_lock
+        self.io_lock = threading.Lock()
+        self.in_pass = False
+        self.last_io = time.monotonic()
+        self.lost: ConnectionLost | None = None
+        self.pinger = None
 
     @property
     def sent_bytes(self) -> int:
@@ -101,6 +113,10 @@ class RootCollective(_Exchange):
         """Tell every worker to run a forward pass over n tokens at `positions`."""
         if not 0 < n <= self.max_batch:
             raise ValueError(f"a forward pass of {n} positions; the workers were set up for 1..{self.max_batch}")
+        if self.lost is not None:
+            raise self.lost
+        with self.io_lock:
+            self.in_pass = True
         t0 = time.perf_counter()
         pos = self._positions[:n]
         pos[...] = positions[:n]
@@ -134,17 +150,27 @@ class RootCollective(_Exchange):
             raw = self._recv_buffer(conn, P.OP_GATHER, 0, n, cols)
             out[:, node.vocab.start:node.vocab.stop] = raw.view(np.float32).reshape(n, cols)
         self.transfer_s += time.perf_counter() - t0
+        self.end_pass()
+
+    def end_pass(self) -> None:
+        """The forward pass is over: the pinger may write again. The gather, which ends every pass that
+        computes logits, calls it; a pass without logits must call it itself."""
+        self.last_io = time.monotonic()
+        self.in_pass = False
 
     def close(self) -> None:
         """Say goodbye to every worker (each then frees its slice) and close the sockets."""
-        for conn in self.conns:
-            try:
-                conn.set_timeout(1.0)   # a hung worker must not hold up the root's exit
-                conn.send(P.Bye())
-            except ConnectionLost:
-                pass
-            conn.close()
-        self.conns = []
+        if self.pinger is not None:
+            self.pinger.stop()
+        with self.io_lock:
+            for conn in self.conns:
+                try:
+                    conn.set_timeout(1.0)   # a hung worker must not hold up the root's exit
+                    conn.send(P.Bye())
+                except ConnectionLost:
+                    pass
+                conn.close()
+            self.conns = []
 
 
 class WorkerCollective(_Exchange):
@@ -167,8 +193,11 @@ class WorkerCollective(_Exchange):
 
     def step(self, n: int | None = None, positions=None):
         """Block until the root starts a forward pass: its positions (int32, a view valid until the next
-        step), or None when the root said BYE or closed between frames."""
-        head = self.conn.recv_header()
+        step), or None when the root said BYE or closed between frames. A root silent for ROOT_SILENCE_S
+        (no STEP, no PING) is taken for dead: ConnectionLost."""
+        self.conn.set_timeout(ROOT_SILENCE_S)
+        while (head := self.conn.recv_header()) is not None and head[0] == P.PING and head[2] == 0:
+            pass
         if head is None:
             return None
         t, meta, payload_len = head

@@ -11,7 +11,7 @@ Every integer is little-endian. A connection carries a sequence of frames:
 
 | type | name       | direction      | meta                                        | payload                     |
 |------|------------|----------------|---------------------------------------------|-----------------------------|
-| 1    | HELLO      | root -> worker | "<4sHHH" magic b"DLMA", version, node_index, n_nodes | -                   |
+| 1    | HELLO      | root -> worker | "<4sHHH32s" magic b"DLMA", version, node_index, n_nodes, root nonce | -    |
 | 2    | HELLO_ACK  | worker -> root | "<H" version                                | -                           |
 | 3    | REFUSE     | either         | reason, UTF-8                               | -                           |
 | 4    | CONFIG     | root -> worker | -                                           | JSON object, UTF-8 (below)  |
@@ -22,15 +22,25 @@ Every integer is little-endian. A connection carries a sequence of frames:
 | 9    | BYE        | root -> worker | -                                           | -                           |
 | 10   | PROBE      | anyone -> worker | "<4sH" magic, version                     | -                           |
 | 11   | PROBE_INFO | worker -> prober | -                                         | JSON object, UTF-8          |
+| 12   | CHALLENGE  | worker -> root | "<32s32s" worker nonce, worker proof        | -                           |
+| 13   | AUTH       | root -> worker | "<32s" root proof                           | -                           |
+| 14   | PING       | root -> worker | -                                           | -                           |
 
-A session: root HELLO; worker HELLO_ACK (or REFUSE: wrong magic/version, busy); root CONFIG, WEIGHT...,
-READY (all weights sent); worker READY (loaded, kernels warm) or REFUSE (could not load); then per forward
-pass root STEP and the BUFFER exchanges of the model; finally root BYE (or the connection closes) and the
-worker waits for the next root. A PROBE is the first and only frame of its own short connection: the worker
+A session: root HELLO; worker CHALLENGE (or REFUSE: wrong magic/version, busy); root AUTH; worker HELLO_ACK
+(or REFUSE: authentication failed, busy); root CONFIG, WEIGHT..., READY (all weights sent); worker READY
+(loaded, kernels warm) or REFUSE (could not load); then per forward pass root STEP and the BUFFER exchanges
+of the model, and PING while the root is idle; finally root BYE (or the connection closes) and the worker
+waits for the next root. A PROBE is the first and only frame of its own short connection: the worker
 answers PROBE_INFO and closes, whether or not it is serving a root.
 
 CONFIG JSON: {"spec": ModelSpec fields, "node": NodeSlice.to_dict(), "seq_len": int, "max_batch": int,
 "buffer_type": "f32" | "q80"}. Keys sorted, no spaces.
+
+Authentication: with the cluster key K (bytes; empty when none is configured) and the transcript
+T = magic + version (u16) + node_index (u16) + n_nodes (u16) + root nonce + worker nonce, the worker proof
+is HMAC-SHA256(K, b"dllama worker proof\0" + T) and the root proof HMAC-SHA256(K, b"dllama root proof\0" + T).
+Both nonces are 32 fresh random bytes, so a recorded AUTH is worthless on a new connection, and the
+distinct labels keep a proof from being reflected back to the side that made it.
 
 qtype codes: 0 f32, 1 f16, 2 q40, 3 q41, 4 q80. BUFFER op: 1 broadcast (root -> workers), 2 reduce
 (worker -> root, partial sums), 3 gather (worker -> root, its slice of the logits). BUFFER ftype: 0 f32
@@ -47,15 +57,16 @@ import numpy as np
 
 from dllama.errors import DllamaError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = b"DLMA"
 HEADER = struct.Struct("<BBHI")
 MAX_META = 0xFFFF
 MAX_PAYLOAD = 64 << 20
 
-HELLO, HELLO_ACK, REFUSE, CONFIG, WEIGHT, READY, STEP, BUFFER, BYE, PROBE, PROBE_INFO = range(1, 12)
+(HELLO, HELLO_ACK, REFUSE, CONFIG, WEIGHT, READY, STEP, BUFFER, BYE, PROBE, PROBE_INFO, CHALLENGE, AUTH,
+ PING) = range(1, 15)
 TYPE_NAMES = {1: "HELLO", 2: "HELLO_ACK", 3: "REFUSE", 4: "CONFIG", 5: "WEIGHT", 6: "READY", 7: "STEP",
-              8: "BUFFER", 9: "BYE", 10: "PROBE", 11: "PROBE_INFO"}
+              8: "BUFFER", 9: "BYE", 10: "PROBE", 11: "PROBE_INFO", 12: "CHALLENGE", 13: "AUTH", 14: "PING"}
 
 QTYPES = ("f32", "f16", "q40", "q41", "q80")
 # bytes per 32 values: the block formats of docs/architecture.md
@@ -64,7 +75,10 @@ _BYTES_PER_32 = {"f32": 128, "f16": 64, "q40": 18, "q41": 20, "q80": 34}
 OP_BROADCAST, OP_REDUCE, OP_GATHER = 1, 2, 3
 FTYPES = ("f32", "q80")
 
-_HELLO = struct.Struct("<4sHHH")
+NONCE_SIZE = PROOF_SIZE = 32
+_HELLO = struct.Struct("<4sHHH32s")
+_CHALLENGE = struct.Struct("<32s32s")
+_AUTH = struct.Struct("<32s")
 _HELLO_ACK = struct.Struct("<H")
 _WEIGHT = struct.Struct("<QQBB")
 STEP_META = struct.Struct("<I")
@@ -107,6 +121,23 @@ class Hello:
     version: int
     node_index: int
     n_nodes: int
+    nonce: bytes = bytes(NONCE_SIZE)
+
+
+@dataclass
+class Challenge:
+    nonce: bytes
+    proof: bytes
+
+
+@dataclass
+class Auth:
+    proof: bytes
+
+
+@dataclass
+class Ping:
+    pass
 
 
 @dataclass
@@ -178,7 +209,13 @@ def encode(msg) -> list:
     The payload is passed through without a copy (a memoryview of a numpy array is fine)."""
     meta, payload = b"", b""
     if isinstance(msg, Hello):
-        t, meta = HELLO, _HELLO.pack(MAGIC, msg.version, msg.node_index, msg.n_nodes)
+        t, meta = HELLO, _HELLO.pack(MAGIC, msg.version, msg.node_index, msg.n_nodes, msg.nonce)
+    elif isinstance(msg, Challenge):
+        t, meta = CHALLENGE, _CHALLENGE.pack(msg.nonce, msg.proof)
+    elif isinstance(msg, Auth):
+        t, meta = AUTH, _AUTH.pack(msg.proof)
+    elif isinstance(msg, Ping):
+        t = PING
     elif isinstance(msg, HelloAck):
         t, meta = HELLO_ACK, _HELLO_ACK.pack(msg.version)
     elif isinstance(msg, Refuse):
@@ -251,10 +288,14 @@ def _empty(cls):
 
 
 def _dec_hello(meta, payload):
-    magic, version, index, n_nodes = _HELLO.unpack(meta)
-    if magic != MAGIC:
-        raise ProtocolError(f"not a dllama peer (magic {magic!r})")
-    return Hello(version, index, n_nodes)
+    if meta[:4] != MAGIC:
+        raise ProtocolError(f"not a dllama peer (magic {meta[:4]!r})")
+    (version,) = _HELLO_ACK.unpack_from(meta, 4)
+    if version != PROTOCOL_VERSION:
+        # a root of another version: its HELLO may have another length, and the version is all we need
+        return Hello(version, 0, 0)
+    _, version, index, n_nodes, nonce = _HELLO.unpack(meta)
+    return Hello(version, index, n_nodes, nonce)
 
 
 def _dec_weight(meta, payload):
@@ -302,6 +343,9 @@ _DECODERS = {
     BYE: _empty(Bye),
     PROBE: _dec_probe,
     PROBE_INFO: lambda meta, payload: ProbeInfo(json.loads(bytes(payload))),
+    CHALLENGE: lambda meta, payload: Challenge(*_CHALLENGE.unpack(meta)),
+    AUTH: lambda meta, payload: Auth(*_AUTH.unpack(meta)),
+    PING: _empty(Ping),
 }
 
 

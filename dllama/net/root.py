@@ -9,8 +9,10 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 import numpy as np
 
 from dllama.errors import DllamaError
+from dllama.net import auth
 from dllama.net import protocol as P
 from dllama.net.exchange import RootCollective
+from dllama.net.liveness import LoadedLinks, Pinger
 from dllama.net.memory import release_pages, trim_heap
 from dllama.net.transport import Connection, ConnectionLost, connect
 
@@ -35,9 +37,12 @@ def parse_address(address) -> tuple[str, int]:
 
 
 def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q80", nthreads: int = 1,
-                    log=None, max_batch: int = 32, timeout: float = DEFAULT_TIMEOUT) -> RootCollective:
+                    log=None, max_batch: int = 32, timeout: float = DEFAULT_TIMEOUT, key: bytes | None = None,
+                    on_lost=None) -> RootCollective:
     """Connect to `addresses` (node i + 1 is addresses[i]), load each with its slice of `loaded`, and
-    return the root's collective. `nthreads` is the root's own; each worker has its --nthreads.
+    return the root's collective. `nthreads` is the root's own; each worker has its --nthreads. `key` is
+    the cluster key (None: none). The collective pings the workers while idle; `on_lost(exc)` is called
+    (from the ping thread) if one goes away meanwhile.
 
     Raises DllamaError naming the worker that could not be reached, refused, or failed while loading.
     """
@@ -45,10 +50,12 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
         raise DllamaError(f"{len(addresses)} workers for a plan of {len(plan)} nodes")
     say = log or (lambda msg: None)
     conns: list[Connection] = []
+    loaded_links = LoadedLinks()
+    pinger = Pinger(loaded_links, on_lost)
     try:
         for i, address in enumerate(addresses, start=1):
             host, port = parse_address(address)
-            conns.append(_connect_worker(host, port, i, len(plan), timeout))
+            conns.append(_connect_worker(host, port, i, len(plan), timeout, key))
             say(f"connected to worker {host}:{port} (node {i} of {len(plan)})")
         t0 = time.perf_counter()
         config = {"spec": loaded.spec.to_dict(), "seq_len": seq_len, "max_batch": max_batch,
@@ -56,7 +63,8 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
         for conn in conns:
             conn.set_timeout(timeout * IO_TIMEOUT_FACTOR)
         with ThreadPoolExecutor(max_workers=len(conns)) as pool:
-            jobs = [pool.submit(_load_worker, conn, loaded, node, config) for conn, node in zip(conns, plan[1:])]
+            jobs = [pool.submit(_load_worker, conn, loaded, node, config, loaded_links)
+                    for conn, node in zip(conns, plan[1:])]
             wait(jobs, return_when=FIRST_EXCEPTION)
             failed = [job for job in jobs if job.done() and job.exception()]
             if failed:   # stop the other streams now rather than after they have sent everything
@@ -67,13 +75,18 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
         trim_heap()
         say(f"sent {sent / 1e6:.1f} MB of weights to {len(conns)} workers in {time.perf_counter() - t0:.1f} s")
     except BaseException:
+        pinger.stop()
         for conn in conns:
             conn.close()
         raise
-    return RootCollective(conns, plan, loaded.spec.dim, max_batch, buffer_type)
+    coll = RootCollective(conns, plan, loaded.spec.dim, max_batch, buffer_type)
+    pinger.hand_over(coll)
+    coll.pinger = pinger
+    return coll
 
 
-def _connect_worker(host: str, port: int, index: int, n_nodes: int, timeout: float) -> Connection:
+def _connect_worker(host: str, port: int, index: int, n_nodes: int, timeout: float,
+                    key: bytes | None) -> Connection:
     """A connection to the worker at host:port that has accepted this root as node `index`.
 
     A worker still freeing the previous root's slice refuses as busy for up to a second after that root
@@ -82,7 +95,7 @@ def _connect_worker(host: str, port: int, index: int, n_nodes: int, timeout: flo
     while True:
         conn = connect(host, port, timeout, f"worker {host}:{port}")
         try:
-            busy = _handshake(conn, index, n_nodes)
+            busy = _handshake(conn, index, n_nodes, key)
         except BaseException:
             conn.close()
             raise
@@ -95,11 +108,22 @@ def _connect_worker(host: str, port: int, index: int, n_nodes: int, timeout: flo
         delay = min(2 * delay, 1.0)
 
 
-def _handshake(conn: Connection, index: int, n_nodes: int) -> str | None:
-    """None once the worker has acknowledged, or its reason if it refused because it is busy."""
-    conn.send(P.Hello(P.PROTOCOL_VERSION, index, n_nodes))
+def _handshake(conn: Connection, index: int, n_nodes: int, key: bytes | None) -> str | None:
+    """HELLO, the worker's proof checked, ours sent: only a worker holding our key ever gets a CONFIG.
+    None once the worker has acknowledged, or its reason if it refused because it is busy (it says so
+    before the challenge, and again after authentication)."""
+    hello = P.Hello(P.PROTOCOL_VERSION, index, n_nodes, auth.nonce())
+    conn.send(hello)
     try:
-        ack = conn.expect(P.HelloAck, P.Refuse)
+        challenge = conn.expect(P.Challenge, P.Refuse)
+        if isinstance(challenge, P.Challenge):
+            if not auth.check(auth.worker_proof(key, hello, challenge.nonce), challenge.proof):
+                raise DllamaError(f"{conn.label}: authentication failed: the worker does not hold this root's "
+                                  "cluster key (check --cluster-key-file on both)")
+            conn.send(P.Auth(auth.root_proof(key, hello, challenge.nonce)))
+            ack = conn.expect(P.HelloAck, P.Refuse)
+        else:
+            ack = challenge
     except P.ProtocolError as exc:   # something else listens there
         raise DllamaError(f"{conn.label}: not a dllama worker ({str(exc).removeprefix(conn.label + ': ')})") from None
     if isinstance(ack, P.Refuse):
@@ -111,8 +135,9 @@ def _handshake(conn: Connection, index: int, n_nodes: int) -> str | None:
     return None
 
 
-def _load_worker(conn: Connection, loaded, node, config: dict) -> int:
-    """Stream one worker its CONFIG and tensors, then wait until it has packed them. Returns bytes sent."""
+def _load_worker(conn: Connection, loaded, node, config: dict, loaded_links: LoadedLinks) -> int:
+    """Stream one worker its CONFIG and tensors, then wait until it has packed them; from then on the
+    pinger keeps it. Returns bytes sent."""
     try:
         sent = _stream_slice(conn, loaded, node, config)
     except ConnectionLost:
@@ -127,6 +152,8 @@ def _load_worker(conn: Connection, loaded, node, config: dict) -> int:
         raise
     conn.send(P.Ready())
     conn.expect(P.Ready)
+    with loaded_links.io_lock:
+        loaded_links.conns.append(conn)
     return sent
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import time
 
 import numpy as np
 
@@ -18,7 +19,12 @@ if sys.byteorder != "little":  # payloads are numpy arrays sent as they sit in m
 
 
 class ConnectionLost(DllamaError):
-    """The peer closed the connection, reset it, or did not answer in time."""
+    """The peer closed the connection, reset it, or did not answer in time. `peer` is the connection's
+    label ("worker host:port"), when known."""
+
+    def __init__(self, message: str, peer: str | None = None):
+        super().__init__(message)
+        self.peer = peer
 
 
 def configure(sock: socket.socket) -> None:
@@ -34,9 +40,9 @@ def connect(host: str, port: int, timeout: float, label: str) -> "Connection":
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except socket.timeout:
-        raise ConnectionLost(f"{label}: no answer within {timeout:g} s") from None
+        raise ConnectionLost(f"{label}: no answer within {timeout:g} s", label) from None
     except OSError as exc:
-        raise ConnectionLost(f"{label}: cannot connect ({exc.strerror or exc})") from None
+        raise ConnectionLost(f"{label}: cannot connect ({exc.strerror or exc})", label) from None
     configure(sock)
     return Connection(sock, label, timeout)
 
@@ -52,11 +58,17 @@ class Connection:
         self.recv_bytes = 0
         self._head = bytearray(P.HEADER.size + P.MAX_META)
         self._head_mv = memoryview(self._head)
-        self.set_timeout(timeout)
+        self.deadline: float | None = None   # time.monotonic() by which every read must be done, if set
+        self.timeout = timeout
+        sock.settimeout(timeout)
 
     def set_timeout(self, timeout: float | None) -> None:
-        self.timeout = timeout
-        self.sock.settimeout(timeout)
+        if timeout != self.timeout:   # a syscall-free path: the per-token reads set the same value again
+            self.timeout = timeout
+            self.sock.settimeout(timeout)
+
+    def lost(self, what: str) -> ConnectionLost:
+        return ConnectionLost(f"{self.label}: {what}", self.label)
 
     def close(self) -> None:
         try:
@@ -98,9 +110,9 @@ class Connection:
                 if views and sent:
                     views[0] = views[0][sent:]
         except socket.timeout:
-            raise ConnectionLost(f"{self.label}: send timed out after {self.timeout:g} s") from None
+            raise self.lost(f"send timed out after {self.timeout:g} s (frozen or overloaded?)") from None
         except OSError as exc:
-            raise ConnectionLost(f"{self.label}: connection lost while sending ({exc.strerror or exc})") from None
+            raise self.lost(f"connection lost while sending ({exc.strerror or exc})") from None
 
     # --- receiving ---
 
@@ -110,18 +122,31 @@ class Connection:
         got = 0
         try:
             while got < len(view):
+                if self.deadline is not None:
+                    self._until_deadline()
                 k = self.sock.recv_into(view[got:])
                 if k == 0:
                     if at_boundary and got == 0:
                         return False
-                    raise ConnectionLost(f"{self.label}: connection closed in the middle of a frame")
+                    raise self.lost("connection closed in the middle of a frame")
                 got += k
                 self.recv_bytes += k
         except socket.timeout:
-            raise ConnectionLost(f"{self.label}: no data within {self.timeout:g} s") from None
+            if self.deadline is not None:
+                raise self.lost("too slow: the handshake has a deadline") from None
+            raise self.lost(f"no data within {self.timeout:g} s (frozen or gone?)") from None
         except OSError as exc:
-            raise ConnectionLost(f"{self.label}: connection lost ({exc.strerror or exc})") from None
+            raise self.lost(f"connection lost ({exc.strerror or exc})") from None
         return True
+
+    def _until_deadline(self) -> None:
+        # the socket timeout bounds one read; the deadline bounds all of them together, so a peer that
+        # trickles one byte at a time cannot stretch a handshake
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout
+        self.timeout = left
+        self.sock.settimeout(left)
 
     def recv_header(self):
         """(type, meta memoryview, payload_len) of the next frame, or None on a clean close between frames.
@@ -153,7 +178,7 @@ class Connection:
         """The next message, which must be one of `types` (REFUSE is raised as the peer's reason)."""
         msg = self.recv()
         if msg is None:
-            raise ConnectionLost(f"{self.label}: closed the connection")
+            raise self.lost("closed the connection")
         if isinstance(msg, P.Refuse) and P.Refuse not in types:
             raise DllamaError(f"{self.label}: refused: {msg.reason}")
         if not isinstance(msg, types):

@@ -1,9 +1,12 @@
 """`dllama worker`: serve one root at a time with a slice of its model, then wait for the next root.
 
-Threads: the accept loop runs on its own thread and answers every new connection's first frame there
-(PROBE -> PROBE_INFO; HELLO -> ACK, or REFUSE when busy, wrong version or garbage), so a probe or a second
-root never disturbs the root being served. The accepted root is handed to the main thread, which loads the
-slice and runs the forward passes until the root says BYE or goes away, then frees the slice.
+Threads: the accept loop runs on its own thread and hands every new connection to a greeter thread, at
+most MAX_PENDING at once (beyond that a connection is refused at once), which answers its first frames
+within HANDSHAKE_DEADLINE_S (PROBE -> PROBE_INFO; HELLO -> the key's challenge, then ACK, or REFUSE when
+busy, unauthenticated, wrong version or garbage), so a probe or a second root never disturbs the root
+being served, and no peer can hold a thread for long. The accepted root is handed to the main thread,
+which loads the slice and runs the forward passes until the root says BYE, goes away or falls silent
+(liveness.ROOT_SILENCE_S), then frees the slice.
 """
 
 from __future__ import annotations
@@ -20,22 +23,32 @@ import numpy as np
 
 from dllama import __version__
 from dllama.errors import DllamaError
+from dllama.net import auth
 from dllama.net import protocol as P
 from dllama.net.exchange import WorkerCollective
+from dllama.net.limits import check_config, weight_bytes
+from dllama.net.liveness import FIRST_WAIT_S, ROOT_SILENCE_S
 from dllama.net.memory import trim_heap
 from dllama.net.transport import Connection, ConnectionLost, configure
 
 log = logging.getLogger("dllama.worker")
 
-HANDSHAKE_TIMEOUT = 10.0   # a new connection must send its first frame within this
+HANDSHAKE_DEADLINE_S = 5.0   # a new connection must complete its handshake (or probe) within this, in all
+MAX_PENDING = 32             # connections being greeted at once; more are refused at once
+MAX_CONFIG = 1 << 20         # bytes of a CONFIG's JSON
 
 
 def serve(args) -> int:
     """`dllama worker` once its flags are checked: serve roots until killed. Raises DllamaError."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s dllama worker: %(message)s")
+    key = auth.key_from_args(args)
+    if key is None and not args.insecure and not auth.is_loopback(args.host):
+        raise DllamaError(f"refusing to listen on {args.host} without a cluster key: anyone who can reach the "
+                          f"port could use this worker; give --cluster-key-file (or ${auth.KEY_ENV}), "
+                          "or --insecure")
     # bind first, so that a port in use fails at once; roots that connect while the kernels warm up wait
     # in the listen backlog
-    worker = Worker(args.host, args.port, warm=warm_kernels, nthreads=args.nthreads)
+    worker = Worker(args.host, args.port, warm=warm_kernels, nthreads=args.nthreads, key=key)
     warm_kernels(args.nthreads)
     worker.serve_forever()
     return 0
@@ -86,8 +99,11 @@ class Worker:
     """Listens on (host, port). `model_factory(spec, node, seq_len, max_batch, coll)` builds the slice's
     model (the real NodeModel by default; tests may pass a stand-in)."""
 
-    def __init__(self, host: str, port: int, model_factory=None, warm=None, nthreads: int = 1):
+    def __init__(self, host: str, port: int, model_factory=None, warm=None, nthreads: int = 1,
+                 key: bytes | None = None):
         self.model_factory = model_factory or _default_model
+        self._key = key
+        self._pending = threading.BoundedSemaphore(MAX_PENDING)
         self._warm, self._nthreads = warm, nthreads
         self._warmed = {"q40"} if warm else set()
         try:
@@ -113,27 +129,56 @@ class Worker:
         return t
 
     def _accept_loop(self) -> None:
-        log.info("listening on %s (protocol %d, pid %d)", self.address, P.PROTOCOL_VERSION, os.getpid())
+        log.info("listening on %s (protocol %d, pid %d, %s)", self.address, P.PROTOCOL_VERSION, os.getpid(),
+                 "cluster key required" if self._key else "NO cluster key: any peer may connect")
         while not self._stop.is_set():
             try:
-                sock, (host, port, *_) = self.listener.accept()
-            except OSError:
+                self._accept_one()
+            except Exception:  # noqa: BLE001 (the loop must outlive anything: a deaf worker is the worst case)
                 if self._stop.is_set():
                     return
-                continue
+                log.exception("accept loop: unexpected error; accepting on")
+                time.sleep(0.1)
+
+    def _accept_one(self) -> None:
+        try:
+            sock, (host, port, *_) = self.listener.accept()
+        except OSError as exc:
+            if not self._stop.is_set():
+                # out of file descriptors (EMFILE) and the like: the backlog keeps the peer until we recover
+                log.warning("accept failed: %s", exc.strerror or exc)
+                time.sleep(0.1)
+            return
+        conn = Connection(sock, f"peer {host}:{port}", HANDSHAKE_DEADLINE_S)
+        if not self._pending.acquire(blocking=False):
+            log.warning("refused %s: %d connections are already being greeted", f"{host}:{port}", MAX_PENDING)
+            _refuse_now(conn, f"busy: {MAX_PENDING} connections are already being greeted; retry shortly")
+            return
+        try:
             configure(sock)
-            conn = Connection(sock, f"peer {host}:{port}", HANDSHAKE_TIMEOUT)
+            conn.deadline = time.monotonic() + HANDSHAKE_DEADLINE_S
             # its own thread: a peer that sends nothing must not hold up the next connection
             threading.Thread(target=self._greet, args=(conn,), name="dllama-greet", daemon=True).start()
+        except BaseException as exc:
+            self._pending.release()
+            log.warning("refused %s: cannot greet it (%s)", f"{host}:{port}", exc)
+            _refuse_now(conn, f"worker overloaded: {exc}")
+            if not isinstance(exc, Exception):
+                raise
 
     def _greet(self, conn: Connection) -> None:
         try:
-            self._first_frame(conn)
+            self._handshake(conn)
         except (DllamaError, OSError) as exc:
             log.warning("refused %s: %s", conn.label.split(" ", 1)[1], exc)
             self._refuse(conn, str(exc))
+        except Exception:  # noqa: BLE001 (a bug here must cost this connection only)
+            log.exception("refused %s after an internal error", conn.label.split(" ", 1)[1])
+            self._refuse(conn, "internal error in the worker (see its log)")
+        finally:
+            self._pending.release()
 
-    def _first_frame(self, conn: Connection) -> None:
+    def _handshake(self, conn: Connection) -> None:
         msg = conn.recv(max_payload=0)
         if msg is None:
             conn.close()
@@ -149,11 +194,17 @@ class Worker:
                               f"worker speaks {P.PROTOCOL_VERSION}")
         if not 0 < msg.node_index < msg.n_nodes:
             raise DllamaError(f"node index {msg.node_index} of {msg.n_nodes} nodes is not a worker's")
+        self._check_idle()
+        mine = auth.nonce()
+        conn.send(P.Challenge(mine, auth.worker_proof(self._key, msg, mine)))
+        reply = conn.expect(P.Auth)
+        if not auth.check(auth.root_proof(self._key, msg, mine), reply.proof):
+            raise DllamaError("authentication failed: the root does not hold this worker's cluster key")
         with self._lock:
-            if self._state != "idle":
-                raise DllamaError(f"busy: serving root {self._root}")
+            self._check_idle()
             self._state, self._root = "loading", conn.label.split(" ", 1)[1]
             conn.label = f"root {self._root}"
+        conn.deadline = None
         try:
             conn.send(P.HelloAck(P.PROTOCOL_VERSION))
         except BaseException:
@@ -163,10 +214,15 @@ class Worker:
         log.info("accepted %s as node %d of %d", conn.label, msg.node_index, msg.n_nodes)
         self._roots.put((conn, msg))
 
+    def _check_idle(self) -> None:
+        if self._state != "idle":
+            raise DllamaError(f"busy: serving root {self._root}")
+
     def _refuse(self, conn: Connection, reason: str) -> None:
         """Send the reason, then read out what the peer still sends before closing: closing a socket with
         unread bytes resets the connection, and the peer would lose the reason."""
         try:
+            conn.deadline = None
             conn.set_timeout(1.0)
             conn.send(P.Refuse(reason))
             conn.sock.shutdown(socket.SHUT_WR)
@@ -184,7 +240,8 @@ class Worker:
         with self._lock:
             return {"protocol": P.PROTOCOL_VERSION, "version": __version__, "pid": os.getpid(),
                     "state": self._state, "busy": self._state != "idle", "root": self._root,
-                    "node": self._node, "served": self._served}
+                    "node": self._node, "served": self._served, "key_required": self._key is not None,
+                    "root_silence_s": ROOT_SILENCE_S}
 
     # --- main thread ---
 
@@ -213,7 +270,6 @@ class Worker:
             model, coll = self._load(conn, hello)
             with self._lock:
                 self._state = "serving"
-            conn.set_timeout(None)   # a root may sit idle between requests; keepalive notices a dead one
             steps, t0 = 0, time.perf_counter()
             while (positions := coll.step()) is not None:
                 model.forward(None, positions)
@@ -240,15 +296,14 @@ class Worker:
             log.info("slice freed; waiting for a root")
 
     def _load(self, conn: Connection, hello: P.Hello):
-        cfg = conn.expect(P.Config).config
-        from dllama.formats.spec import ModelSpec
-        from dllama.model.partition import NodeSlice
-
-        spec, node = ModelSpec(**cfg["spec"]), NodeSlice.from_dict(cfg["node"])
-        if (node.index, node.n_nodes) != (hello.node_index, hello.n_nodes):
-            raise P.ProtocolError(f"CONFIG for node {node.index} of {node.n_nodes} after HELLO as node "
-                                  f"{hello.node_index} of {hello.n_nodes}")
-        seq_len, max_batch, buffer_type = int(cfg["seq_len"]), int(cfg["max_batch"]), cfg["buffer_type"]
+        # the root streams from its disk: reads may wait that long, not forever
+        conn.set_timeout(FIRST_WAIT_S)
+        msg = conn.recv(max_payload=MAX_CONFIG)
+        if msg is None:
+            raise conn.lost("closed the connection before its CONFIG")
+        if not isinstance(msg, P.Config):
+            raise P.ProtocolError(f"{conn.label}: expected CONFIG, got {type(msg).__name__.upper()}")
+        spec, node, seq_len, max_batch, buffer_type = check_config(msg.config, hello)
         with self._lock:
             self._node = (node.index, node.n_nodes)
         if self._warm and spec.weight_type not in self._warmed:
@@ -256,6 +311,8 @@ class Worker:
             self._warmed.add(spec.weight_type)
         coll = WorkerCollective(conn, node.index, node.n_nodes, spec.dim, max_batch, len(node.vocab), buffer_type)
         model = self.model_factory(spec, node, seq_len, max_batch, coll)
+        # what the CONFIG was admitted for bounds what the WEIGHT frames may make this worker allocate
+        budget = weight_bytes(spec, node)
         t0, total = time.perf_counter(), 0
         while (head := conn.recv_header()) is not None:
             t, meta, payload_len = head
@@ -263,9 +320,9 @@ class Worker:
                 break
             if t != P.WEIGHT:
                 raise P.ProtocolError(f"expected WEIGHT or READY, got {P.TYPE_NAMES[t]}")
-            total += self._receive_weight(conn, model, bytes(meta), payload_len)
+            total += self._receive_weight(conn, model, bytes(meta), payload_len, budget - total)
         else:
-            raise ConnectionLost(f"{conn.label}: closed the connection while sending weights")
+            raise conn.lost("closed the connection while sending weights")
         model.finish_loading()
         trim_heap()
         conn.send(P.Ready())
@@ -273,11 +330,14 @@ class Worker:
                  time.perf_counter() - t0)
         return model, coll
 
-    def _receive_weight(self, conn: Connection, model, meta: bytes, payload_len: int) -> int:
+    def _receive_weight(self, conn: Connection, model, meta: bytes, payload_len: int, room: int) -> int:
         # the header of the chunk is decoded with an empty payload, then the bytes land in the tensor itself
         w = P.decode_frame(P.WEIGHT, meta, b"")
         if w.offset + payload_len > w.total:
             raise P.ProtocolError(f"WEIGHT {w.name}: chunk past the end of the tensor")
+        if w.offset == 0 and w.total > room:
+            raise P.ProtocolError(f"WEIGHT {w.name}: {w.total} bytes, more than is left of the slice's "
+                                  "largest possible size: not this CONFIG's weights")
         if w.offset == 0:
             self._tensor = np.empty(w.total, np.uint8)
         elif self._tensor is None or self._tensor.size != w.total:
@@ -290,9 +350,20 @@ class Worker:
         return 0
 
 
+def _refuse_now(conn: Connection, reason: str) -> None:
+    """Refuse from the accept thread: one attempt to send the reason, never a wait."""
+    try:
+        conn.sock.setblocking(False)
+        conn.sock.send(P.encode_bytes(P.Refuse(reason)))
+    except OSError:
+        pass
+    conn.close()
+
+
 def probe(host: str, port: int, timeout: float = 3.0) -> dict:
     """Ask a worker what it is doing, without disturbing it: {"protocol", "version", "pid", "state"
-    ("idle" | "loading" | "serving"), "busy", "root" ("host:port" or None), "node", "served"}.
+    ("idle" | "loading" | "serving"), "busy", "root" ("host:port" or None), "node", "served",
+    "key_required", "root_silence_s"}. No key is needed: the answer says nothing secret.
 
     Raises DllamaError naming the address if nothing answers or the answer is not a dllama worker's."""
     from dllama.net.transport import connect

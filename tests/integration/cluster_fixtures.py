@@ -1,4 +1,5 @@
-"""Fixtures for clusters on loopback: real `dllama worker` processes on 127.0.0.1 ports.
+"""Fixtures for clusters on loopback: real `dllama worker` processes on 127.0.0.1 ports, holding the
+test session's cluster key (KEY, in the file KEY_FILE; roots pass KEY_ARGS or key=KEY).
 
 Not a conftest.py: a second module named `conftest` would shadow tests/conftest.py for the test modules
 that import helpers from it. Test modules import these fixtures by name."""
@@ -16,6 +17,28 @@ from pathlib import Path
 import pytest
 
 
+def _write_key() -> tuple[bytes, str]:
+    """One key per test session; a root script started by a test (which imports this module) shares it."""
+    import atexit
+    import secrets
+    import tempfile
+
+    inherited = os.environ.get("DLLAMA_TEST_KEY_FILE")
+    if inherited:
+        return Path(inherited).read_bytes().rstrip(), inherited
+    key = secrets.token_hex(32).encode()
+    fd, path = tempfile.mkstemp(prefix="dllama-test-key-")   # mode 0600
+    os.write(fd, key + b"\n")
+    os.close(fd)
+    atexit.register(os.unlink, path)
+    os.environ["DLLAMA_TEST_KEY_FILE"] = path
+    return key, path
+
+
+KEY, KEY_FILE = _write_key()
+KEY_ARGS = ["--cluster-key-file", KEY_FILE]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -25,14 +48,14 @@ def free_port() -> int:
 class WorkerProcess:
     """`dllama worker` on 127.0.0.1:port; its log (stderr) goes to a file the test can read."""
 
-    def __init__(self, tmp: Path, nthreads: int = 1):
-        self.port = free_port()
+    def __init__(self, tmp: Path, nthreads: int = 1, key_args=KEY_ARGS, port: int | None = None):
+        self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = tmp / f"worker-{self.port}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port", str(self.port),
-             "--nthreads", str(nthreads)],
+             "--nthreads", str(nthreads), *key_args],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def wait_ready(self, timeout: float = 120.0) -> "WorkerProcess":

@@ -57,13 +57,14 @@ class _BlockingEngine:
         yield 256
 
 
-def _app(api_key=None, queue_size=2, model_id=None, docs=False):
+def _app(api_key=None, queue_size=2, model_id=None, docs=False, cors_origins=()):
     engine = _BlockingEngine()
     service = Service({"temperature": 0.0, "topp": 0.9, "seed": None}, model_id=model_id)
     runner = EngineRunner(engine, queue_size)
     runner.start()
     service.ready(engine, runner)
-    return create_app(service, max_body=MAX_BODY, api_key=api_key, docs=docs), engine, runner
+    return (create_app(service, max_body=MAX_BODY, api_key=api_key, docs=docs, cors_origins=cors_origins),
+            engine, runner)
 
 
 @pytest.fixture(scope="module")
@@ -223,17 +224,34 @@ def test_api_key_is_required_when_set():
         runner.stop()
 
 
-def test_browsers_may_call_it_from_any_origin():
-    app, engine, runner = _app(api_key="s3cret")
+PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
+
+
+def test_browsers_may_call_it_only_from_the_configured_origins():
+    app, engine, runner = _app(api_key="s3cret", cors_origins=["http://chat.example"])
     try:
         with TestClient(app) as c:
-            pre = c.options(CHAT, headers={"Origin": "http://chat.example", "Access-Control-Request-Method": "POST",
-                                           "Access-Control-Request-Headers": "authorization, content-type"})
+            pre = c.options(CHAT, headers={"Origin": "http://chat.example", **PREFLIGHT})
             assert pre.status_code == 200   # preflights carry no key and must not get a 401
-            assert pre.headers["access-control-allow-origin"] == "*"
+            assert pre.headers["access-control-allow-origin"] == "http://chat.example"
             assert "authorization" in pre.headers["access-control-allow-headers"].lower()
             r = c.get("/v1/models", headers={"Origin": "http://chat.example", "Authorization": "Bearer s3cret"})
-            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://chat.example"
+            other = c.options(CHAT, headers={"Origin": "http://evil.example", **PREFLIGHT})
+            assert "access-control-allow-origin" not in other.headers
+    finally:
+        engine.release.set()
+        runner.stop()
+
+
+def test_no_origin_is_allowed_by_default():
+    app, engine, runner = _app()
+    try:
+        with TestClient(app) as c:
+            r = c.get("/health", headers={"Origin": "http://evil.example"})
+            assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+            pre = c.options(CHAT, headers={"Origin": "http://evil.example", **PREFLIGHT})
+            assert "access-control-allow-origin" not in pre.headers
     finally:
         engine.release.set()
         runner.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster_fixtures import pool, start_workers, unused_port, worker_pool  # noqa: F401  (fixtures)
+from cluster_fixtures import KEY, KEY_ARGS, pool, start_workers, unused_port, worker_pool  # noqa: F401  (fixtures)
 from dllama.errors import DllamaError
 from dllama.net import protocol as P
 
@@ -63,7 +63,8 @@ class Root:
         self.loaded = load_model(str(path))
         spec = self.loaded.spec
         self.plan = partition(spec, 1 + len(workers))
-        self.coll = (connect_workers(workers, self.loaded, self.plan, spec.seq_len, buffer_type, timeout=timeout)
+        self.coll = (connect_workers(workers, self.loaded, self.plan, spec.seq_len, buffer_type, timeout=timeout,
+                                     key=KEY)
                      if workers else LocalCollective())
         self.model = NodeModel(spec, self.plan[0], spec.seq_len, 32, self.coll)
         for name in node_tensor_names(spec, self.plan[0]):
@@ -259,7 +260,7 @@ def test_version_mismatch_refused_naming_both_versions(model_files, pool, monkey
     w = pool[0]
     monkeypatch.setattr(P, "PROTOCOL_VERSION", 99)   # this root, as a future dllama would be
     with pytest.raises(DllamaError, match=f"worker {w.address}: refused: protocol version mismatch: "
-                                          f"root speaks 99, worker speaks 1"):
+                                          f"root speaks 99, worker speaks 2"):
         Root(model_files[0], [w.address])
     monkeypatch.undo()
     assert w.wait_idle()["state"] == "idle"
@@ -273,18 +274,24 @@ def test_worker_failing_to_load_is_named_with_its_reason(model_files, pool):
     import socket
     import threading
 
+    from dllama.net import auth
+
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
 
         def failing_worker():
             conn, _ = server.accept()
             with conn:
-                dec, msgs, acked = P.Decoder(), [], False
-                while len(msgs) < 2:   # HELLO, then CONFIG
+                dec, msgs, answered = P.Decoder(), [], 0
+                while len(msgs) < 3:   # HELLO, AUTH, then CONFIG
                     msgs += dec.feed(conn.recv(1 << 16))
-                    if msgs and not acked:
+                    if len(msgs) >= 1 and answered == 0:
+                        nonce = auth.nonce()
+                        conn.sendall(P.encode_bytes(P.Challenge(nonce, auth.worker_proof(KEY, msgs[0], nonce))))
+                        answered = 1
+                    if len(msgs) >= 2 and answered == 1:
                         conn.sendall(P.encode_bytes(P.HelloAck(P.PROTOCOL_VERSION)))
-                        acked = True
+                        answered = 2
                 conn.sendall(P.encode_bytes(P.Refuse("worker 127.0.0.1: out of memory")))
                 conn.shutdown(socket.SHUT_WR)
                 while conn.recv(1 << 16):   # read out what the root still sends, as the worker does
@@ -390,7 +397,7 @@ def test_worker_memory_is_its_share_and_the_root_keeps_none(tmp_path, pool):
     loaded = load_model(str(path))
     plan = partition(spec, 2)
     root_before = _rss()
-    coll = connect_workers([w.address], loaded, plan, spec.seq_len, "q80")
+    coll = connect_workers([w.address], loaded, plan, spec.seq_len, "q80", key=KEY)
     root_growth = _rss() - root_before
     held = w.rss_bytes() - base
     coll.close()
@@ -419,8 +426,8 @@ def test_cli_inference_on_two_nodes_reports_transfer(model_files, pool):
     common = ["inference", "--model", str(path), "--tokenizer", str(tok), "--prompt", "Hello world",
               "--steps", "8", "--temperature", "0", "--json"]
     res = {}
-    for name, extra in [("one", []), ("q80", ["--workers", w.address]),
-                        ("f32", ["--workers", w.address, "--buffer-float-type", "f32"])]:
+    for name, extra in [("one", []), ("q80", ["--workers", w.address, *KEY_ARGS]),
+                        ("f32", ["--workers", w.address, "--buffer-float-type", "f32", *KEY_ARGS])]:
         w.wait_idle()   # one root at a time
         proc = _dllama(*common, *extra)
         out, err = proc.communicate(timeout=180)
@@ -444,7 +451,7 @@ def test_cli_root_exits_nonzero_naming_a_killed_worker(model_files, start_worker
     path, tok = model_files
     workers = start_workers(1)
     root = _dllama("inference", "--model", str(path), "--tokenizer", str(tok), "--prompt", "Hello world",
-                   "--steps", "240", "--temperature", "0", "--workers", workers[0].address, "--verbose")
+                   "--steps", "240", "--temperature", "0", "--workers", workers[0].address, "--verbose", *KEY_ARGS)
     try:
         deadline = time.monotonic() + 60
         while workers[0].probe()["state"] != "serving" and time.monotonic() < deadline:

@@ -20,7 +20,7 @@ torch = need_module("torch", "the Hugging Face parity tests: pip install 'dllama
 need_module("transformers", "the Hugging Face parity tests: pip install 'dllama[test]'", module=True)
 
 import hf_export as H   # noqa: E402  (needs torch)
-from cluster_fixtures import WorkerProcess  # noqa: E402
+from cluster_fixtures import KEY, WorkerProcess  # noqa: E402
 
 from dllama.engine import MAX_BATCH, Engine  # noqa: E402
 from dllama.sampler import Sampler  # noqa: E402
@@ -203,7 +203,7 @@ def test_two_nodes_match_hf(tmp_path_factory, worker, name):
     # each node's FFN rows must be whole blocks of 32: 96 rows do not split in two
     model, path, _ = _make(tmp_path_factory, f"{name}-2nodes", **{**CASES[name], "intermediate_size": 128})
     ids = _prompt(1, model.config.vocab_size)
-    eng = Engine.open(path, nthreads=1, buffer_float_type="f32", workers=[worker.address])
+    eng = Engine.open(path, nthreads=1, buffer_float_type="f32", workers=[worker.address], cluster_key=KEY)
     try:
         ours = eng.prefill(ids).copy()
         tok = int(np.argmax(ours))

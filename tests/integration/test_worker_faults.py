@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from cluster_fixtures import pool, unused_port, worker_pool  # noqa: F401  (fixtures)
+from cluster_fixtures import KEY, pool, unused_port, worker_pool  # noqa: F401  (fixtures)
 from dllama.errors import DllamaError
+from dllama.net import auth
 from dllama.net import protocol as P
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -27,7 +28,38 @@ def _exchange(port: int, data: bytes, timeout: float = 5.0) -> list:
 
 
 def _hello(version=P.PROTOCOL_VERSION, index=1, n_nodes=2) -> bytes:
-    return P.encode_bytes(P.Hello(version, index, n_nodes))
+    return P.encode_bytes(P.Hello(version, index, n_nodes, auth.nonce()))
+
+
+def _read(s: socket.socket, dec: P.Decoder, n: int) -> list:
+    got = []
+    while len(got) < n:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += dec.feed(chunk)
+    return got
+
+
+def authenticated(port: int, key: bytes = KEY, index: int = 1, n_nodes: int = 2) -> socket.socket:
+    """A connection that has passed the handshake as a root holding `key`: the worker has acknowledged it."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    hello = P.Hello(P.PROTOCOL_VERSION, index, n_nodes, auth.nonce())
+    s.sendall(P.encode_bytes(hello))
+    dec = P.Decoder()
+    (challenge,) = _read(s, dec, 1)
+    assert isinstance(challenge, P.Challenge), challenge
+    assert auth.check(auth.worker_proof(key, hello, challenge.nonce), challenge.proof)
+    s.sendall(P.encode_bytes(P.Auth(auth.root_proof(key, hello, challenge.nonce))))
+    (ack,) = _read(s, dec, 1)
+    assert isinstance(ack, P.HelloAck), ack
+    return s
+
+
+def serves_a_root(port: int) -> bool:
+    with authenticated(port) as s:
+        s.sendall(P.encode_bytes(P.Bye()))
+    return True
 
 
 def _refusal(msgs) -> str:
@@ -64,15 +96,12 @@ def test_refused_logged_and_still_serving(pool, data, reason):
     assert reason in _refusal(_exchange(w.port, data))
     assert _logged(w, reason), w.log()
     assert w.proc.poll() is None and w.probe()["state"] == "idle"
-    assert isinstance(_exchange(w.port, _hello() + P.encode_bytes(P.Bye()))[0], P.HelloAck)
+    assert serves_a_root(w.port)
 
 
 def test_second_root_refused_while_first_is_served(pool):
     w = pool[0]
-    with socket.create_connection(("127.0.0.1", w.port), timeout=5) as first:
-        first.sendall(_hello())
-        dec = P.Decoder()
-        assert isinstance(dec.feed(first.recv(64))[0], P.HelloAck)
+    with authenticated(w.port) as first:
         me = "%s:%d" % first.getsockname()
         reason = _refusal(_exchange(w.port, _hello()))
         assert reason == f"busy: serving root {me}"
@@ -107,8 +136,9 @@ def test_probe_of_nothing_names_the_address(unused_port):
 ], ids=["bad-spec", "wrong-node"])
 def test_bad_configuration_refused_with_reason_and_still_serving(pool, config, reason):
     w = pool[0]
-    msgs = _exchange(w.port, _hello() + P.encode_bytes(P.Config(config)))
-    assert isinstance(msgs[0], P.HelloAck) and reason in _refusal(msgs[1:])
+    with authenticated(w.port) as s:
+        s.sendall(P.encode_bytes(P.Config(config)))
+        assert reason in _refusal(_read(s, P.Decoder(), 2))
     assert _logged(w, reason)
     assert w.wait_idle()["state"] == "idle" and w.proc.poll() is None
 
@@ -137,9 +167,8 @@ def test_root_gone_in_the_middle_of_a_weight_frees_and_serves_on(pool):
     config = {"spec": asdict(spec), "node": partition(spec, 2)[1].to_dict(), "seq_len": 8, "max_batch": 1,
               "buffer_type": "f32"}
     weight = P.encode_bytes(P.Weight("layers.0.wq", "f32", (32, 64), 0, 32 * 64 * 4, bytes(32 * 64 * 4)))
-    with socket.create_connection(("127.0.0.1", w.port), timeout=5) as s:
-        s.sendall(_hello() + P.encode_bytes(P.Config(config)) + weight[:len(weight) // 2])
-        assert isinstance(P.Decoder().feed(s.recv(64))[0], P.HelloAck)
+    with authenticated(w.port) as s:
+        s.sendall(P.encode_bytes(P.Config(config)) + weight[:len(weight) // 2])
     assert _logged(w, "connection closed in the middle of a frame")
     assert w.wait_idle()["state"] == "idle" and w.proc.poll() is None
 

@@ -7,8 +7,8 @@ from dllama.net import protocol as P
 
 # (message, its frame), each frame spelled out field by field: header "<BBHI" type, 0, meta_len, payload_len
 GOLDEN = [
-    (P.Hello(1, 1, 2), "01 00 0a00 00000000" "444c4d41 0100 0100 0200"),
-    (P.HelloAck(1), "02 00 0200 00000000" "0100"),
+    (P.Hello(2, 1, 2, bytes(range(32))), "01 00 2a00 00000000" "444c4d41 0200 0100 0200" + bytes(range(32)).hex()),
+    (P.HelloAck(2), "02 00 0200 00000000" "0200"),
     (P.Refuse("busy"), "03 00 0400 00000000" "62757379"),
     (P.Config({"b": [1, 2], "a": "x"}), "04 00 0000 13000000" + b'{"a":"x","b":[1,2]}'.hex()),
     (P.Weight("norm", "f32", (2,), 0, 8, np.array([1.0, -2.0], "<f4").tobytes()),
@@ -20,8 +20,11 @@ GOLDEN = [
     (P.Buffer(P.OP_REDUCE, "f32", 1, 2, np.array([1.0, -2.0], "<f4").tobytes()),
      "08 00 0a00 08000000" "02 00 01000000 02000000" "0000803f 000000c0"),
     (P.Bye(), "09 00 0000 00000000"),
-    (P.Probe(), "0a 00 0600 00000000" "444c4d41 0100"),
+    (P.Probe(), "0a 00 0600 00000000" "444c4d41 0200"),
     (P.ProbeInfo({"state": "idle"}), "0b 00 0000 10000000" + b'{"state":"idle"}'.hex()),
+    (P.Challenge(b"\x01" * 32, b"\xee" * 32), "0c 00 4000 00000000" + "01" * 32 + "ee" * 32),
+    (P.Auth(b"\x5a" * 32), "0d 00 2000 00000000" + "5a" * 32),
+    (P.Ping(), "0e 00 0000 00000000"),
 ]
 
 
@@ -86,8 +89,10 @@ def test_frame_over_the_size_limit_refused_from_its_header():
 
 
 @pytest.mark.parametrize("frame,match", [
-    ("01 00 0a00 00000000" "58585858 0100 0100 0200", "magic"),                       # HELLO, bad magic
-    ("01 00 0800 00000000" "444c4d41 0100 0100", "malformed"),                         # HELLO, short meta
+    ("01 00 2a00 00000000" "58585858 0200 0100 0200" + "00" * 32, "magic"),           # HELLO, bad magic
+    ("01 00 0800 00000000" "444c4d41 0200 0100", "malformed"),                         # HELLO, short meta
+    ("0c 00 2000 00000000" + "00" * 32, "malformed"),                                  # CHALLENGE, no proof
+    ("0e 00 0000 01000000" "00", "no data"),                                           # PING with a payload
     ("08 00 0a00 04000000" "02 00 01000000 02000000" "0000803f", "carries"),           # BUFFER 1x2 f32, 4 bytes
     ("08 00 0a00 22000000" "01 01 01000000 10000000" + "00" * 34, "multiple of 32"),   # q80, 16 columns
     ("07 00 0400 04000000" "02000000" "05000000", "carries"),                          # STEP of 2, 1 position
@@ -107,3 +112,28 @@ def test_sizes_follow_the_block_formats():
     assert P.buffer_nbytes("q80", 2, 64) == 2 * 2 * 34
     with pytest.raises(P.ProtocolError):
         P.tensor_nbytes("q40", (1, 48))
+
+
+def test_version_1_hello_is_read_for_its_version():
+    """A root of protocol 1 sent a 10-byte HELLO: the worker must still read its version to say which."""
+    hello = P.decode(bytes.fromhex("01 00 0a00 00000000" "444c4d41 0100 0100 0200".replace(" ", "")))
+    assert hello.version == 1
+
+
+def test_proofs_are_hmac_sha256_of_the_documented_transcript():
+    import hashlib
+    import hmac
+
+    from dllama.net import auth
+
+    key, rn, wn = b"k" * 16, bytes(range(32)), bytes(range(32, 64))
+    hello = P.Hello(2, 1, 4, rn)
+    transcript = b"DLMA" + bytes.fromhex("0200 0100 0400".replace(" ", "")) + rn + wn
+    assert auth.worker_proof(key, hello, wn) == hmac.new(key, b"dllama worker proof\0" + transcript,
+                                                         hashlib.sha256).digest()
+    assert auth.root_proof(key, hello, wn) == hmac.new(key, b"dllama root proof\0" + transcript,
+                                                       hashlib.sha256).digest()
+    # a reflected proof (the worker's sent back as the root's) and a proof for other nonces both fail
+    assert auth.worker_proof(key, hello, wn) != auth.root_proof(key, hello, wn)
+    assert auth.root_proof(key, hello, bytes(32)) != auth.root_proof(key, hello, wn)
+    assert auth.root_proof(b"other", hello, wn) != auth.root_proof(key, hello, wn)
