@@ -244,12 +244,10 @@ def test_roots_back_to_back_are_both_served(model_files, pool):
 
 
 def test_a_worker_busy_with_another_root_is_reported_as_busy(model_files, pool):
-    import socket
+    from test_worker_faults import authenticated
 
     w = pool[0]
-    with socket.create_connection(("127.0.0.1", w.port), timeout=5) as other_root:
-        other_root.sendall(P.encode_bytes(P.Hello(P.PROTOCOL_VERSION, 1, 2)))
-        assert isinstance(P.Decoder().feed(other_root.recv(64))[0], P.HelloAck)
+    with authenticated(w.port) as other_root:
         me = "%s:%d" % other_root.getsockname()
         with pytest.raises(DllamaError, match=f"worker {w.address}: refused: busy: serving root {me} "
                                               r"\(still busy after 3 s\)"):
