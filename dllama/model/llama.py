@@ -1,5 +1,5 @@
 """The forward pass of one node's slice of a Llama-family model (Llama 2/3/3.1/3.2, Mistral, SmolLM2,
-TinyLlama; Mixtral-style mixture of experts).
+TinyLlama; Qwen3; Mixtral-style mixture of experts).
 
 One node holds its query/KV heads, its FFN rows and its vocabulary rows (see `partition`). Every node runs
 this same code; where the nodes must exchange activations it calls the collective (`coll`), which is a no-op
@@ -177,6 +177,10 @@ class NodeModel:
             K.matmul(layer.wk, xb, k)
             v = self.qkv[:n, qd + kvd:]
             K.matmul(layer.wv, xb, v)
+        if layer.q_norm is not None:   # Qwen3: every head of q and k RMS-normed on its own, before RoPE
+            qh, kh = q.reshape(-1, hd), k.reshape(-1, hd)
+            K.rmsnorm(qh, layer.q_norm, self.spec.norm_eps, qh)
+            K.rmsnorm(kh, layer.k_norm, self.spec.norm_eps, kh)
         if layer.k_cache is None:
             # np.zeros maps lazily: only the positions used become resident
             layer.k_cache = np.zeros((self.seq_len, kvd), np.float32)
