@@ -39,7 +39,7 @@ GROK = frozenset({"grok1"})
 # rotated as halves (neox): their Q/K rows are stored in HF's order, in GGUF and `.m` alike
 NEOX_ROPE = frozenset({"grok1", "qwen3", "qwen3_moe"})
 # GGUF `general.architecture` -> our architecture (without experts, with experts); None: not read
-GGUF_ARCHS = {"llama": ("llama", "mixtral"), "qwen3": ("qwen3", None)}
+GGUF_ARCHS = {"llama": ("llama", "mixtral"), "qwen3": ("qwen3", None), "qwen3moe": (None, "qwen3_moe")}
 
 WEIGHT = "weight"      # `.m` stores it in the file's weight type (else "f32")
 

@@ -27,6 +27,8 @@ LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=4.0, low_freq_
 MIXTRAL = dict(LLAMA, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
 # head_dim 32 with 4 heads on a 64-wide model: q_dim 128, independent of dim / n_heads as in Qwen3's configs
 QWEN3 = dict(LLAMA, head_dim=32, rms_norm_eps=1e-6)
+# normalised top-k weights: what llama.cpp computes for qwen3moe whatever the config, and Qwen3-30B-A3B's setting
+QWEN3_MOE = dict(QWEN3, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)
 
 # what a sabotaged export gets wrong (to show the comparison can fail)
 SABOTAGES = ("no_qk_permute", "swap_gate_up", "experts_reversed", "no_rope_freqs", "swap_qk_norm")
@@ -37,7 +39,7 @@ def build(kind: str, seed: int, tied: bool = False, rope: dict | None = None, **
     routing decisive (HF's default init, N(0, 0.02), would leave attention uniform and hide RoPE errors)."""
     import torch
     from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM)
+                              Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     rope = rope or dict(rope_type="default", rope_theta=10000.0)
     # eager: plain float32 matmuls, and experts through F.linear (which `q80_activations` wraps)
@@ -48,6 +50,9 @@ def build(kind: str, seed: int, tied: bool = False, rope: dict | None = None, **
     elif kind == "qwen3":
         cfg = Qwen3Config(**{**QWEN3, **over}, **common)
         cls = Qwen3ForCausalLM
+    elif kind == "qwen3_moe":
+        cfg = Qwen3MoeConfig(**{**QWEN3_MOE, **over}, **common, experts_implementation="eager")
+        cls = Qwen3MoeForCausalLM
     else:
         cfg = MixtralConfig(**{**MIXTRAL, **over}, **common, router_jitter_noise=0.0,
                             experts_implementation="eager")
@@ -102,7 +107,7 @@ def rope_factors(cfg) -> np.ndarray:
 
 
 def gguf_arch(cfg) -> str:
-    return "qwen3" if cfg.model_type == "qwen3" else "llama"
+    return {"qwen3": "qwen3", "qwen3_moe": "qwen3moe"}.get(cfg.model_type, "llama")
 
 
 def _attention(sd: dict, cfg, hf: str, g: str, permute: bool, sabotage: str | None) -> list:
@@ -194,6 +199,8 @@ def _write_metadata(w, cfg, vocab: int) -> None:
     if getattr(cfg, "num_local_experts", 0):
         w.add_expert_count(cfg.num_local_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
+    if getattr(cfg, "moe_intermediate_size", 0):
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     # a byte-free vocabulary is enough: the tests feed token ids
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")

@@ -208,8 +208,9 @@ class NodeModel:
         K.matmul(layer.w2, hb, y)
 
     def _moe(self, layer: Layer, xb: np.ndarray, y: np.ndarray) -> None:
-        """Mixtral routing: each position's top-k experts, weighted by the softmax of their router logits.
-        Every node runs its rows of the same experts, so the router (tiny) runs on every node."""
+        """Mixtral routing: each position's top-k experts, weighted by the softmax of their router logits
+        (equal to Qwen3-MoE's softmax over all experts, top-k, renormalised). Every node runs its rows of
+        the same experts, so the router (tiny) runs on every node."""
         s = self.spec
         y[:] = 0
         for i in range(xb.shape[0]):

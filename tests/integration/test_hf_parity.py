@@ -46,6 +46,7 @@ CASES = {
     "mixtral-tied-llama31": dict(kind="mixtral", tied=True, rope=H.LLAMA3_ROPE),
     "qwen3": dict(kind="qwen3"),                 # head_dim 32 != dim 64 / 4 heads, per-head q/k norms, neox
     "qwen3-mha-tied": dict(kind="qwen3", tied=True, num_key_value_heads=4),
+    "qwen3-moe": dict(kind="qwen3_moe"),         # router softmax, top-2 of 4, normalised weights
 }
 
 
@@ -89,8 +90,9 @@ def test_spec_read_from_the_export(case):
     assert s.head_dim == H.head_dim(cfg)
     assert s.n_experts == getattr(cfg, "num_local_experts", 0)
     assert s.n_active_experts == getattr(cfg, "num_experts_per_tok", 0)
-    if cfg.model_type == "qwen3":
-        assert (s.arch, s.rope_type, s.norm_eps) == ("qwen3", "falcon", cfg.rms_norm_eps)
+    if cfg.model_type.startswith("qwen3"):
+        assert (s.arch, s.rope_type, s.norm_eps) == (cfg.model_type, "falcon", cfg.rms_norm_eps)
+        assert s.ffn_dim == getattr(cfg, "moe_intermediate_size", cfg.intermediate_size)
     else:
         assert s.rope_type == ("llama3.1" if cfg.rope_parameters["rope_type"] == "llama3" else "llama")
 
@@ -210,7 +212,7 @@ def worker(tmp_path_factory):
 @pytest.mark.parametrize("name", [
     "mixtral", "llama-wide-heads",
     "mixtral-tied-llama31",   # a GGUF's rope_freqs travel to the worker in the JSON config
-    "qwen3",
+    "qwen3", "qwen3-moe",
 ])
 def test_two_nodes_match_hf(tmp_path_factory, worker, name):
     """Split over a root and a `dllama worker` on loopback (F32 buffers): each node holds half the heads,
@@ -230,7 +232,7 @@ def test_two_nodes_match_hf(tmp_path_factory, worker, name):
     assert _rel(step, _hf_logits(model, ids + [tok])) < TOL_F, name
 
 
-@pytest.mark.parametrize("name,n_nodes", [("qwen3", 2), ("qwen3-mha-tied", 4), ("mixtral", 2)])
+@pytest.mark.parametrize("name,n_nodes", [("qwen3", 2), ("qwen3-mha-tied", 4), ("mixtral", 2), ("qwen3-moe", 2)])
 def test_split_in_process_matches_hf(tmp_path_factory, name, n_nodes):
     """The GGUF's tensors cut by the partition plan and run as n nodes in one process (threads exchanging
     F32 buffers, as in tests/unit/test_tensor_parallel.py): prefill and decode logits are HF's."""
