@@ -112,17 +112,14 @@ def rows_for(spec: ModelSpec) -> list[TensorDef]:
     return [r for r in ROWS if r.applies(spec)]
 
 
-def row(spec: ModelSpec, leaf: str, scope: str) -> TensorDef:
-    return next(r for r in BY_LEAF[leaf] if r.scope == scope and r.applies(spec))
-
-
 def entries(spec: ModelSpec, rows: list[TensorDef] | None = None) -> Iterator[tuple[str, TensorDef, tuple]]:
-    """(internal name, row, (layer, expert)) of every tensor of `spec`, in `.m` order. Experts of a layer
-    follow its router; each expert's tensors are consecutive."""
+    """(internal name, row, (layer, expert)) of every tensor of `spec`, in `.m` order: the global rows
+    listed before the layer rows, every layer, the global rows after. Experts of a layer follow its
+    router; each expert's tensors are consecutive."""
     rows = rows_for(spec) if rows is None else rows
-    for r in rows:
-        if r.scope == GLOBAL and r.leaf == "tok_embd":
-            yield r.leaf, r, (None, None)
+    first_layer_row = next(i for i, r in enumerate(rows) if r.scope != GLOBAL)
+    for r in rows[:first_layer_row]:
+        yield r.leaf, r, (None, None)
     for i in range(spec.n_layers):
         p = f"layers.{i}."
         experts_done = False
@@ -135,8 +132,8 @@ def entries(spec: ModelSpec, rows: list[TensorDef] | None = None) -> Iterator[tu
                 for e in range(spec.n_experts):
                     for x in group:
                         yield f"{p}experts.{e}.{x.leaf}", x, (i, e)
-    for r in rows:
-        if r.scope == GLOBAL and r.leaf != "tok_embd":
+    for r in rows[first_layer_row:]:
+        if r.scope == GLOBAL:
             yield r.leaf, r, (None, None)
 
 

@@ -147,11 +147,10 @@ def _layout_by_layer(spec: ModelSpec, kset: str):
     expert, the head), so that a reader can stop as soon as a header describes more than its file holds."""
     group, key = [], None
     for name, row, (layer, expert) in schema.entries(spec, schema.dlm_rows(spec, kset)):
-        k = (row.scope == schema.GLOBAL and name == "tok_embd", layer, expert, row.scope)
-        if group and k != key:
+        if group and (layer, expert) != key:
             yield group
             group = []
-        key = k
+        key = (layer, expert)
         group.append((name, schema.dlm_type(row, spec, kset), row.shape(spec)))
     yield group
 

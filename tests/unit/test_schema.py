@@ -37,6 +37,7 @@ def test_gguf_names_are_llama_cpps(arch):
 
 
 def test_every_architecture_has_rows_and_qk_norms_only_qwen3():
+    assert set(ARCH_SPECS) == set(schema.ARCHS)
     for arch, (_, spec) in ARCH_SPECS.items():
         leaves = {r.leaf for r in schema.rows_for(spec)}
         assert {"tok_embd", "wq", "wk", "wv", "wo", "attn_norm", "ffn_norm", "norm", "wcls"} <= leaves
