@@ -44,7 +44,6 @@ GGUF_ARCHS = {"llama": ("llama", "mixtral"), "qwen3": ("qwen3", None), "qwen3moe
 WEIGHT = "weight"      # `.m` stores it in the file's weight type (else "f32")
 
 
-
 @dataclass(frozen=True)
 class TensorDef:
     leaf: str                                # internal name's last part
@@ -54,6 +53,7 @@ class TensorDef:
     take: str                                # MATRIX | VECTOR | RAW
     gguf: G | None                           # the GGUF tensor (`.weight` appended); stacked for experts
     dlm_type: str = WEIGHT                   # its type in a `.m` file: WEIGHT or a quant name
+    dlm_type_2024: str | None = None         # where an Oct 2024 `.m` file stores it otherwise
     archs: frozenset | None = None           # None: every architecture
     moe: bool | None = None                  # True: only with experts, False: only without, None: both
     fuse: str | None = None                  # matrices read by one kernel call: their packed name
@@ -73,16 +73,16 @@ def _ffn_rows(scope: str, moe: bool, gate: G, down: G, up: G) -> list[TensorDef]
             TensorDef("w3", scope, ffn_in, ROWS_FFN, MATRIX, up, moe=moe, fuse="w13")]
 
 
-# In `.m` file order (the 2025 key set; `dlm_order` gives the 2024 one).
+# In `.m` file order (the 2025 key set; `dlm_rows` gives the 2024 one).
 ROWS: tuple[TensorDef, ...] = (
     TensorDef("tok_embd", GLOBAL, lambda s: (s.vocab_size, s.dim), ROOT_ONLY, RAW, G.TOKEN_EMBD, dlm_type="f32"),
     TensorDef("wq", LAYER, lambda s: (s.q_dim, s.dim), ROWS_HEADS, MATRIX, G.ATTN_Q, fuse="wqkv"),
     TensorDef("wk", LAYER, lambda s: (s.kv_dim, s.dim), ROWS_KV, MATRIX, G.ATTN_K, fuse="wqkv"),
     TensorDef("wv", LAYER, lambda s: (s.kv_dim, s.dim), ROWS_KV, MATRIX, G.ATTN_V, fuse="wqkv"),
     TensorDef("wo", LAYER, lambda s: (s.dim, s.q_dim), COLS_HEADS, MATRIX, G.ATTN_OUT),
-    # the reference's 2025 converter stores the router in f32 (2024: the weight type, see dlm_order)
+    # the reference's 2025 converter stores the router in f32, its 2024 one in the weight type
     TensorDef("moe_gate", LAYER, lambda s: (s.n_experts, s.dim), WHOLE, MATRIX, G.FFN_GATE_INP,
-              dlm_type="f32", moe=True),
+              dlm_type="f32", dlm_type_2024=WEIGHT, moe=True),
     *_ffn_rows(EXPERT, True, G.FFN_GATE_EXP, G.FFN_DOWN_EXP, G.FFN_UP_EXP),
     *_ffn_rows(LAYER, False, G.FFN_GATE, G.FFN_DOWN, G.FFN_UP),
     TensorDef("q_norm", LAYER, lambda s: (s.head_dim,), WHOLE, VECTOR, G.ATTN_Q_NORM, "f32", archs=QK_NORM),
@@ -103,7 +103,7 @@ LAYER_FIELDS = tuple(dict.fromkeys([r.leaf for r in ROWS if r.scope != GLOBAL]
                                    + [r.fuse for r in ROWS if r.fuse]))
 FUSED = {f: tuple(r.leaf for r in ROWS if r.fuse == f and r.scope == LAYER) for f in {r.fuse for r in ROWS if r.fuse}}
 
-# 2024 `.m` files: each expert as up, gate, down; the router in the weight type
+# 2024 `.m` files: each expert as up, gate, down
 _DLM_2024_EXPERT = ("w3", "w1", "w2")
 
 
@@ -150,9 +150,9 @@ def dlm_rows(spec: ModelSpec, kset: str) -> list[TensorDef]:
 
 
 def dlm_type(r: TensorDef, spec: ModelSpec, kset: str) -> str:
-    if r.leaf == "moe_gate" and kset == "2024":
-        return spec.weight_type
-    return spec.weight_type if r.dlm_type == WEIGHT else r.dlm_type
+    """The type a `.m` file of key set `kset` stores row `r` in."""
+    t = r.dlm_type_2024 if kset == "2024" and r.dlm_type_2024 else r.dlm_type
+    return spec.weight_type if t == WEIGHT else t
 
 
 _NAME = re.compile(r"layers\.(\d+)\.(?:experts\.(\d+)\.)?(\w+)")
