@@ -18,12 +18,61 @@ from __future__ import annotations
 
 import numpy as np
 
+from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
 from dllama.errors import DllamaError
 
-BLOCK_SIZE = 32
-BLOCK_BYTES = {"q40": 18, "q41": 20, "q80": 34}
-ELEMENT_BYTES = {"f32": 4, "f16": 2}
-QTYPES = ("f32", "f16", "q40", "q41", "q80")
+
+@dataclass(frozen=True)
+class QuantType:
+    """One weight type: the registry below is the only place its sizes and codes are written."""
+
+    name: str                      # dllama's name, as flags and the wire spell it
+    gguf: GGMLQuantizationType     # the GGUF tensor type
+    dlm_code: int | None           # its value of the `.m` weight_type key (None: `.m` cannot hold it)
+    wire_code: int                 # its byte in a WEIGHT frame (docs/protocol.md)
+
+    @property
+    def block_size(self) -> int:
+        """Values per block (1 for plain floats)."""
+        return GGML_QUANT_SIZES[self.gguf][0]
+
+    @property
+    def type_size(self) -> int:
+        """Bytes per block."""
+        return GGML_QUANT_SIZES[self.gguf][1]
+
+    @property
+    def is_block(self) -> bool:
+        return self.block_size > 1
+
+
+_T = GGMLQuantizationType
+QUANTS = {q.name: q for q in (
+    QuantType("f32", _T.F32, dlm_code=0, wire_code=0),
+    QuantType("f16", _T.F16, dlm_code=1, wire_code=1),
+    QuantType("q40", _T.Q4_0, dlm_code=2, wire_code=2),
+    QuantType("q41", _T.Q4_1, dlm_code=None, wire_code=3),
+    QuantType("q80", _T.Q8_0, dlm_code=3, wire_code=4),
+)}
+QTYPES = tuple(QUANTS)
+BLOCK_BYTES = {q.name: q.type_size for q in QUANTS.values() if q.is_block}
+ELEMENT_BYTES = {q.name: q.type_size for q in QUANTS.values() if not q.is_block}
+BLOCK_SIZE = 32   # every block type's: a column split must not cut one
+assert {q.block_size for q in QUANTS.values() if q.is_block} == {BLOCK_SIZE}
+BY_GGUF = {q.gguf: q.name for q in QUANTS.values()}
+BY_DLM_CODE = {q.dlm_code: q.name for q in QUANTS.values() if q.dlm_code is not None}
+BY_WIRE_CODE = {q.wire_code: q.name for q in QUANTS.values()}
+
+
+def quant(qtype: str) -> QuantType:
+    """The registry entry of `qtype`. Raises DllamaError for an unknown type."""
+    q = QUANTS.get(qtype)
+    if q is None:
+        raise DllamaError(f"unknown weight type {qtype!r} (expected one of {', '.join(QTYPES)})")
+    return q
 
 # Rows per numpy pass: large enough to amortise numpy's per-call cost, small enough that the
 # float32 temporaries of one pass (a few MB) stay in cache and bounded in RAM.
@@ -32,13 +81,10 @@ _CHUNK_VALUES = 1 << 20
 
 def row_bytes(qtype: str, cols: int) -> int:
     """Bytes of one row of `cols` values. Raises DllamaError for an unknown type or a bad width."""
-    if qtype in ELEMENT_BYTES:
-        return cols * ELEMENT_BYTES[qtype]
-    if qtype not in BLOCK_BYTES:
-        raise DllamaError(f"unknown weight type {qtype!r} (expected one of {', '.join(QTYPES)})")
-    if cols % BLOCK_SIZE:
-        raise DllamaError(f"a {qtype} row needs a multiple of {BLOCK_SIZE} values, got {cols}")
-    return cols // BLOCK_SIZE * BLOCK_BYTES[qtype]
+    q = quant(qtype)
+    if cols % q.block_size:
+        raise DllamaError(f"a {qtype} row needs a multiple of {q.block_size} values, got {cols}")
+    return cols // q.block_size * q.type_size
 
 
 def tensor_bytes(qtype: str, shape: tuple) -> int:

@@ -1,9 +1,13 @@
-"""Tiny random Hugging Face `LlamaForCausalLM` / `MixtralForCausalLM` models and their GGUF twins.
+"""Tiny random Hugging Face `LlamaForCausalLM` / `MixtralForCausalLM` / `Qwen3ForCausalLM` models and their
+GGUF twins.
 
 The GGUF is written the way llama.cpp's `convert_hf_to_gguf.py` writes the `llama` architecture (which
 Mixtral also uses): Q/K rows permuted from HF's rotate-half layout into adjacent RoPE pairs, Mixtral
 experts stacked into `ffn_{gate,up,down}_exps` (n_expert, rows, cols) beside the router `ffn_gate_inp`,
 Llama 3.1 rope scaling as a `rope_freqs` tensor of per-frequency divisors, norms and router kept F32.
+Qwen3 goes to the `qwen3` architecture as its converter (`Qwen3Model`, a `Qwen2Model`) writes it: Q/K rows
+left in HF's order (llama.cpp rotates qwen3 as neox halves), the per-head norms as `attn_q_norm` /
+`attn_k_norm`, `key_length` from config.json's `head_dim`.
 Needs torch and transformers (>= 5: experts as fused `gate_up_proj` / `down_proj` parameters).
 """
 
@@ -21,16 +25,21 @@ LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_la
 LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=4.0, low_freq_factor=1.0,
                    high_freq_factor=8.0, original_max_position_embeddings=256)
 MIXTRAL = dict(LLAMA, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
+# head_dim 32 with 4 heads on a 64-wide model: q_dim 128, independent of dim / n_heads as in Qwen3's configs
+QWEN3 = dict(LLAMA, head_dim=32, rms_norm_eps=1e-6)
+# normalised top-k weights: what llama.cpp computes for qwen3moe whatever the config, and Qwen3-30B-A3B's setting
+QWEN3_MOE = dict(QWEN3, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)
 
 # what a sabotaged export gets wrong (to show the comparison can fail)
-SABOTAGES = ("no_qk_permute", "swap_gate_up", "experts_reversed", "no_rope_freqs")
+SABOTAGES = ("no_qk_permute", "swap_gate_up", "experts_reversed", "no_rope_freqs", "swap_qk_norm")
 
 
 def build(kind: str, seed: int, tied: bool = False, rope: dict | None = None, **over):
     """A float32 model in eval mode with weights drawn from `seed`, scaled so that attention is sharp and
     routing decisive (HF's default init, N(0, 0.02), would leave attention uniform and hide RoPE errors)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     rope = rope or dict(rope_type="default", rope_theta=10000.0)
     # eager: plain float32 matmuls, and experts through F.linear (which `q80_activations` wraps)
@@ -38,6 +47,12 @@ def build(kind: str, seed: int, tied: bool = False, rope: dict | None = None, **
     if kind == "llama":
         cfg = LlamaConfig(**{**LLAMA, **over}, **common)
         cls = LlamaForCausalLM
+    elif kind == "qwen3":
+        cfg = Qwen3Config(**{**QWEN3, **over}, **common)
+        cls = Qwen3ForCausalLM
+    elif kind == "qwen3_moe":
+        cfg = Qwen3MoeConfig(**{**QWEN3_MOE, **over}, **common, experts_implementation="eager")
+        cls = Qwen3MoeForCausalLM
     else:
         cfg = MixtralConfig(**{**MIXTRAL, **over}, **common, router_jitter_noise=0.0,
                             experts_implementation="eager")
@@ -91,9 +106,17 @@ def rope_factors(cfg) -> np.ndarray:
     return np.array(out, np.float32)
 
 
-def _attention(sd: dict, cfg, hf: str, g: str, permute: bool) -> list:
+def gguf_arch(cfg) -> str:
+    return {"qwen3": "qwen3", "qwen3_moe": "qwen3moe"}.get(cfg.model_type, "llama")
+
+
+def _attention(sd: dict, cfg, hf: str, g: str, permute: bool, sabotage: str | None) -> list:
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     out = []
+    if hf + "self_attn.q_norm.weight" in sd:
+        q, k = ("k", "q") if sabotage == "swap_qk_norm" else ("q", "k")
+        out += [(f"{g}attn_q_norm.weight", sd[f"{hf}self_attn.{q}_norm.weight"], hf + "self_attn.q_norm.weight", None),
+                (f"{g}attn_k_norm.weight", sd[f"{hf}self_attn.{k}_norm.weight"], hf + "self_attn.k_norm.weight", None)]
     for kind, heads in (("q", nh), ("k", nkv)):
         name = f"{hf}self_attn.{kind}_proj.weight"
         if permute:
@@ -133,7 +156,9 @@ def _gguf_tensors(model, sabotage: str | None) -> list:
         out.append(("output.weight", sd["lm_head.weight"], "lm_head.weight", None))
     for i in range(cfg.num_hidden_layers):
         hf, g = f"model.layers.{i}.", f"blk.{i}."
-        out += _attention(sd, cfg, hf, g, permute=sabotage != "no_qk_permute")
+        # llama.cpp permutes Q/K for the `llama` architecture only (qwen3 rotates halves, as HF)
+        permute = gguf_arch(cfg) == "llama" and sabotage != "no_qk_permute"
+        out += _attention(sd, cfg, hf, g, permute, sabotage)
         out += [(g + "attn_norm.weight", sd[hf + "input_layernorm.weight"], hf + "input_layernorm.weight", None),
                 (g + "ffn_norm.weight", sd[hf + "post_attention_layernorm.weight"],
                  hf + "post_attention_layernorm.weight", None)]
@@ -174,6 +199,8 @@ def _write_metadata(w, cfg, vocab: int) -> None:
     if getattr(cfg, "num_local_experts", 0):
         w.add_expert_count(cfg.num_local_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
+    if getattr(cfg, "moe_intermediate_size", 0):
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     # a byte-free vocabulary is enough: the tests feed token ids
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
@@ -201,7 +228,7 @@ def export_gguf(model, path, weight_type: str = "f32", llama3_as: str = "rope_fr
     import torch
 
     cfg = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), gguf_arch(cfg))
     _write_metadata(w, cfg, cfg.vocab_size)
     if llama3_as == "keys" and cfg.rope_parameters.get("rope_type") == "llama3":
         r = cfg.rope_parameters

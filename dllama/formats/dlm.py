@@ -20,7 +20,7 @@ from typing import Iterable
 
 import numpy as np
 
-from dllama import quants
+from dllama import quants, schema
 from dllama.errors import DllamaError, FormatError
 from dllama.formats.loader import DLM_MAGIC, LoadedModel, Tensor
 from dllama.formats.spec import ModelSpec
@@ -34,7 +34,7 @@ KEYS = {
 }
 KEY_IDS = {name: key for key, name in KEYS.items()}
 KEYS_2025_ONLY = {"head_dim", "norm_epsilon", "moe_hidden_dim"}
-FLOAT_TYPES = {0: "f32", 1: "f16", 2: "q40", 3: "q80"}
+FLOAT_TYPES = quants.BY_DLM_CODE
 HIDDEN_ACTS = {0: "gelu", 1: "silu"}
 ROPE_TYPES = {0: "llama", 1: "falcon", 2: "llama3.1"}
 NORM_EPSILONS = {5: 1e-5, 6: 1e-6}
@@ -143,34 +143,16 @@ def dlm_layout(spec: ModelSpec, kset: str = "2025") -> list[tuple[str, str, tupl
 
 
 def _layout_by_layer(spec: ModelSpec, kset: str):
-    """dlm_layout a group at a time (the embedding, a layer or an expert, the head), so that a reader can
-    stop as soon as a header describes more than its file holds."""
-    wt, dim, ffn = spec.weight_type, spec.dim, spec.ffn_dim
-    yield [("tok_embd", "f32", (spec.vocab_size, dim))]
-    for i in range(spec.n_layers):
-        p = f"layers.{i}."
-        out = [(p + "wq", wt, (spec.q_dim, dim)), (p + "wk", wt, (spec.kv_dim, dim)),
-               (p + "wv", wt, (spec.kv_dim, dim)), (p + "wo", wt, (dim, spec.q_dim))]
-        if spec.n_experts > 0:
-            # 2024 stored the router in the weight type and each expert as up, gate, down
-            out.append((p + "moe_gate", "f32" if kset == "2025" else wt, (spec.n_experts, dim)))
-            yield out
-            order = ("w1", "w2", "w3") if kset == "2025" else ("w3", "w1", "w2")
-            for e in range(spec.n_experts):
-                yield [(f"{p}experts.{e}.{w}", wt, (dim, ffn) if w == "w2" else (ffn, dim)) for w in order]
-            out = []
-        else:
-            out += [(p + "w1", wt, (ffn, dim)), (p + "w2", wt, (dim, ffn)), (p + "w3", wt, (ffn, dim))]
-        if spec.arch in ("qwen3", "qwen3_moe"):
-            out += [(p + "q_norm", "f32", (spec.head_dim,)), (p + "k_norm", "f32", (spec.head_dim,))]
-        if spec.arch == "grok1":
-            # file order rmsAtt, rmsFfn, rmsMoe, rmsFfn2: rmsFfn normalises the attention output
-            names = ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm")
-        else:
-            names = ("attn_norm", "ffn_norm")
-        out += [(p + n, "f32", (dim,)) for n in names]
-        yield out
-    yield [("norm", "f32", (dim,)), ("wcls", wt, (spec.vocab_size, dim))]
+    """dlm_layout a group at a time (the embedding, a layer's tensors before and after its experts, an
+    expert, the head), so that a reader can stop as soon as a header describes more than its file holds."""
+    group, key = [], None
+    for name, row, (layer, expert) in schema.entries(spec, schema.dlm_rows(spec, kset)):
+        if group and (layer, expert) != key:
+            yield group
+            group = []
+        key = (layer, expert)
+        group.append((name, schema.dlm_type(row, spec, kset), row.shape(spec)))
+    yield group
 
 
 def layout_bytes(layout) -> int:

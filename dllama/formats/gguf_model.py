@@ -1,4 +1,4 @@
-"""GGUF model files (architecture `llama`, incl. Mixtral-style experts), read by `gguf_reader.GGUFFile`.
+"""GGUF model files (the architectures of `schema.GGUF_ARCHS`), read by `gguf_reader.GGUFFile`.
 
 GGUF lists a tensor's dimensions fastest-first (ne0 = columns), so a matrix of ne = [cols, rows] is
 (rows, cols) here. Llama GGUF files already hold Q/K rows in the adjacent-pairs RoPE order the
@@ -15,17 +15,17 @@ from collections import Counter
 
 import numpy as np
 
+from dllama import quants, schema
 from dllama.errors import FormatError
 from dllama.formats.loader import LoadedModel, Tensor
 from dllama.formats.spec import ModelSpec
 
-SUPPORTED_TYPES = {"F32": "f32", "F16": "f16", "Q4_0": "q40", "Q4_1": "q41", "Q8_0": "q80"}
-GLOBAL_NAMES = {"token_embd.weight": "tok_embd", "output_norm.weight": "norm", "output.weight": "wcls",
-                "rope_freqs.weight": "rope_freqs"}
-LAYER_NAMES = {"attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo", "ffn_gate": "w1",
-               "ffn_down": "w2", "ffn_up": "w3", "attn_norm": "attn_norm", "ffn_norm": "ffn_norm",
-               "ffn_gate_inp": "moe_gate"}
-EXPERT_NAMES = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
+SUPPORTED_TYPES = {quants.QUANTS[q].gguf.name: q for q in quants.QTYPES}
+GLOBAL_NAMES = {r.gguf_name(): r.leaf for r in schema.ROWS if r.scope == schema.GLOBAL}
+GLOBAL_NAMES["rope_freqs.weight"] = "rope_freqs"
+# a layer's tensors by the GGUF name's middle part (blk.N.<kind>.weight); experts stacked or one by one
+LAYER_NAMES = {r.gguf_name(0).split(".")[2]: r.leaf for r in schema.ROWS if r.scope == schema.LAYER}
+EXPERT_NAMES = {r.gguf_name(0).split(".")[2]: r.leaf for r in schema.ROWS if r.scope == schema.EXPERT}
 # tensors some llama GGUFs carry that inference never reads
 IGNORED = re.compile(r"blk\.\d+\.attn_rot_embd\.weight")
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+?)(?:\.(\d+))?\.weight")
@@ -43,14 +43,14 @@ def _field(reader, key: str, default=None):
     return default if f is None else f.contents()
 
 
-def _internal_names(t, path: str) -> list[tuple[str, int | None]]:
+def _internal_names(t, path: str, arch: str) -> list[tuple[str, int | None]]:
     """[(internal name, expert index or None)] for one GGUF tensor; several for a stacked-experts tensor."""
     if t.name in GLOBAL_NAMES:
         return [(GLOBAL_NAMES[t.name], None)]
     m = _LAYER_RE.fullmatch(t.name)
     if m:
         layer, kind, expert = m.group(1), m.group(2), m.group(3)
-        if expert is not None and kind in ("ffn_gate", "ffn_down", "ffn_up"):
+        if expert is not None and LAYER_NAMES.get(kind) in EXPERT_NAMES.values():
             return [(f"layers.{layer}.experts.{expert}.{LAYER_NAMES[kind]}", None)]
         if expert is None and kind in LAYER_NAMES:
             return [(f"layers.{layer}.{LAYER_NAMES[kind]}", None)]
@@ -59,10 +59,10 @@ def _internal_names(t, path: str) -> list[tuple[str, int | None]]:
             return [(f"layers.{layer}.experts.{e}.{EXPERT_NAMES[kind]}", e) for e in range(n)]
     if IGNORED.fullmatch(t.name):
         return []
-    raise FormatError(f"{path}: unexpected tensor {t.name} for architecture llama")
+    raise FormatError(f"{path}: unexpected tensor {t.name} for architecture {arch}")
 
 
-def _tensors(reader, path: str) -> dict:
+def _tensors(reader, path: str, arch: str) -> dict:
     out = {}
     for t in reader.tensors:
         qtype = SUPPORTED_TYPES.get(t.tensor_type.name)
@@ -71,7 +71,7 @@ def _tensors(reader, path: str) -> dict:
                               "(F32, F16, Q4_0, Q4_1, Q8_0)")
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         raw = t.data.view(np.uint8).reshape(-1)
-        for name, expert in _internal_names(t, path):
+        for name, expert in _internal_names(t, path, arch):
             if expert is None:
                 out[name] = Tensor(name, qtype, shape, raw)
             else:
@@ -113,13 +113,13 @@ def _llama3_rope(factors: np.ndarray, head_dim: int, theta: float, orig_ctx: int
     return _clean_float(factor), low, high
 
 
-def _spec(reader, tensors: dict, path: str) -> ModelSpec:
+def _spec(reader, tensors: dict, path: str, gguf_arch: str) -> ModelSpec:
     def key(k, default=None):
-        return _field(reader, f"llama.{k}", default)
+        return _field(reader, f"{gguf_arch}.{k}", default)
 
     for k in ("embedding_length", "block_count", "attention.head_count", "feed_forward_length"):
         if key(k) is None:
-            raise FormatError(f"{path}: GGUF metadata lacks llama.{k}")
+            raise FormatError(f"{path}: GGUF metadata lacks {gguf_arch}.{k}")
     if "tok_embd" not in tensors:
         raise FormatError(f"{path}: GGUF has no token_embd.weight tensor")
     dim, n_heads = int(key("embedding_length")), int(key("attention.head_count"))
@@ -129,32 +129,41 @@ def _spec(reader, tensors: dict, path: str) -> ModelSpec:
             raise FormatError(f"{path}: KV heads differ between layers ({sorted(set(n_kv))}); not supported")
         n_kv = n_kv[0]
     n_experts = int(key("expert_count", 0) or 0)
+    arch = schema.GGUF_ARCHS[gguf_arch][bool(n_experts)]
+    if arch is None:
+        raise FormatError(f"{path}: GGUF architecture {gguf_arch!r} {'with' if n_experts else 'without'} "
+                          "experts is not supported")
     layer_types = Counter(t.qtype for n, t in tensors.items() if n.startswith("layers.") and len(t.shape) == 2
                           and not n.endswith("moe_gate"))
     spec = ModelSpec(
-        arch="mixtral" if n_experts else "llama", dim=dim, hidden_dim=int(key("feed_forward_length")),
+        arch=arch, dim=dim, hidden_dim=int(key("feed_forward_length")),
         n_layers=int(key("block_count")), n_heads=n_heads, n_kv_heads=int(n_kv),
         head_dim=int(key("attention.key_length", dim // n_heads)), vocab_size=tensors["tok_embd"].shape[0],
         seq_len=int(key("context_length", 0)), n_experts=n_experts,
-        n_active_experts=int(key("expert_used_count", 0) or 0), hidden_act="silu", rope_type="llama",
+        n_active_experts=int(key("expert_used_count", 0) or 0),
+        moe_hidden_dim=int(key("expert_feed_forward_length", 0) or 0), hidden_act="silu",
+        rope_type="falcon" if arch in schema.NEOX_ROPE else "llama",
         rope_theta=_clean_float(key("rope.freq_base", 10000.0)),
         norm_eps=_clean_float(key("attention.layer_norm_rms_epsilon", 1e-5)),
         weight_type=layer_types.most_common(1)[0][0] if layer_types else "f32",
         tied_embeddings="wcls" not in tensors, name=_field(reader, "general.name", "") or os.path.basename(path),
         extra={"gguf_file_type": _field(reader, "general.file_type")},
     )
-    _rope_scaling(reader, tensors, spec, path)
+    _rope_scaling(reader, tensors, spec, path, gguf_arch)
     return spec
 
 
-def _rope_scaling(reader, tensors: dict, spec: ModelSpec, path: str) -> None:
-    kind = _field(reader, "llama.rope.scaling.type", "none")
-    orig = int(_field(reader, "llama.rope.scaling.original_context_length", 0) or 0)
+def _rope_scaling(reader, tensors: dict, spec: ModelSpec, path: str, gguf_arch: str) -> None:
+    def key(k, default):
+        return _field(reader, f"{gguf_arch}.rope.scaling.{k}", default)
+
+    kind = key("type", "none")
+    orig = int(key("original_context_length", 0) or 0)
     if kind == "llama3":
         spec.rope_type = "llama3.1"
-        spec.rope_scaling_factor = _clean_float(_field(reader, "llama.rope.scaling.factor", 8.0))
-        spec.rope_scaling_low_freq_factor = _clean_float(_field(reader, "llama.rope.scaling.low_freq_factor", 1.0))
-        spec.rope_scaling_high_freq_factor = _clean_float(_field(reader, "llama.rope.scaling.high_freq_factor", 4.0))
+        spec.rope_scaling_factor = _clean_float(key("factor", 8.0))
+        spec.rope_scaling_low_freq_factor = _clean_float(key("low_freq_factor", 1.0))
+        spec.rope_scaling_high_freq_factor = _clean_float(key("high_freq_factor", 4.0))
         spec.rope_scaling_orig_max_seq_len = orig or 8192
     elif kind not in ("none", None):
         raise FormatError(f"{path}: rope scaling type {kind!r} is not supported (none or llama3)")
@@ -178,34 +187,31 @@ def _rope_scaling(reader, tensors: dict, spec: ModelSpec, path: str) -> None:
 
 
 def _check_complete(spec: ModelSpec, tensors: dict, path: str) -> None:
-    need = ["tok_embd", "norm"]
-    for i in range(spec.n_layers):
-        p = f"layers.{i}."
-        need += [p + w for w in ("wq", "wk", "wv", "wo", "attn_norm", "ffn_norm")]
-        if spec.n_experts:
-            need.append(p + "moe_gate")
-            need += [f"{p}experts.{e}.{w}" for e in range(spec.n_experts) for w in ("w1", "w2", "w3")]
-        else:
-            need += [p + w for w in ("w1", "w2", "w3")]
+    """Every tensor the schema gives `spec` is there with the shape the metadata implies, and no other."""
+    need = {name: r.shape(spec) for name, r, _ in schema.entries(spec)}
+    if spec.tied_embeddings:
+        del need["wcls"]
     missing = [n for n in need if n not in tensors]
     if missing:
         raise FormatError(f"{path}: GGUF lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}")
-    checks = {"tok_embd": (spec.vocab_size, spec.dim), "layers.0.wq": (spec.q_dim, spec.dim),
-              "layers.0.wk": (spec.kv_dim, spec.dim), "layers.0.wo": (spec.dim, spec.q_dim)}
-    for name, shape in checks.items():
+    extra = [n for n in tensors if n not in need]
+    if extra:
+        raise FormatError(f"{path}: unexpected tensor {extra[0]} for architecture {spec.arch}")
+    for name, shape in need.items():
         if tensors[name].shape != shape:
             raise FormatError(f"{path}: tensor {name} has shape {tensors[name].shape}, metadata implies {shape}")
 
 
 def read_gguf(path: str) -> LoadedModel:
-    """Maps a llama GGUF file read-only. Raises FormatError (other architecture, unsupported tensor
-    type, missing tensor or metadata, damaged file), naming the file and the problem."""
+    """Maps a GGUF file read-only. Raises FormatError (other architecture, unsupported tensor type, missing
+    tensor or metadata, damaged file), naming the file and the problem."""
     reader = _open(path)
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise FormatError(f"{path}: unsupported GGUF architecture {arch!r} (dllama reads llama)")
-    tensors = _tensors(reader, path)
-    spec = _spec(reader, tensors, path)
+    if arch not in schema.GGUF_ARCHS:
+        raise FormatError(f"{path}: unsupported GGUF architecture {arch!r} "
+                          f"(dllama reads {', '.join(schema.GGUF_ARCHS)})")
+    tensors = _tensors(reader, path, arch)
+    spec = _spec(reader, tensors, path, arch)
     _check_complete(spec, tensors, path)
     if spec.tied_embeddings:
         tensors["wcls"] = tensors["tok_embd"]

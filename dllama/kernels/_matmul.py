@@ -28,12 +28,13 @@ import types
 import numpy as np
 from numba import njit, prange
 
+from dllama import quants
 from dllama.kernels import _threads
 from dllama.kernels._bits import f16_to_f32
 from dllama.kernels.quant import quantize_act
 
 TILE = 64  # rows per tile; the kernels spell it as the literal 64 (numba freezes globals)
-BLOCK_BYTES = {"q40": 18, "q41": 20, "q80": 34}
+BLOCK_BYTES = quants.BLOCK_BYTES
 
 
 # --- the kernels: one body each, compiled serial and parallel --------------------------------
@@ -333,16 +334,13 @@ def pack(qtype, raw_rows, rows, cols):
     """
     from dllama.errors import DllamaError
 
-    sizes = {"f32": 4 * cols, "f16": 2 * cols}
-    if qtype in BLOCK_BYTES:
-        if cols % 32:
-            raise DllamaError(f"{qtype} matrix of {rows}x{cols}: columns must be a multiple of 32")
-        sizes[qtype] = cols // 32 * BLOCK_BYTES[qtype]
-    if qtype not in sizes:
-        raise DllamaError(f"unsupported weight type {qtype!r} (expected one of f32, f16, q40, q41, q80)")
+    try:
+        row_bytes = quants.row_bytes(qtype, cols)
+    except DllamaError as exc:
+        raise DllamaError(f"{qtype} matrix of {rows}x{cols}: {exc}") from None
     raw = np.asarray(raw_rows).reshape(-1).view(np.uint8)
-    if raw.size != rows * sizes[qtype]:
-        raise DllamaError(f"{qtype} matrix of {rows}x{cols} needs {rows * sizes[qtype]} bytes, got {raw.size}")
+    if raw.size != rows * row_bytes:
+        raise DllamaError(f"{qtype} matrix of {rows}x{cols} needs {rows * row_bytes} bytes, got {raw.size}")
     W = Packed(qtype, rows, cols)
     if qtype == "f32":
         W.w = raw.view(np.float32).reshape(rows, cols)

@@ -15,8 +15,10 @@ import numpy as np
 from numba import njit
 
 from dllama.kernels._bits import f16_to_f32, f32_to_f16
+from dllama.quants import QUANTS
 
-Q80_BLOCK_BYTES = 34
+# the numba bodies below spell it as the literal 34 (numba freezes globals); this checks their callers
+Q80_BLOCK_BYTES = QUANTS["q80"].type_size
 
 
 @njit(inline="always", nogil=True, cache=True)

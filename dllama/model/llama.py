@@ -1,5 +1,5 @@
 """The forward pass of one node's slice of a Llama-family model (Llama 2/3/3.1/3.2, Mistral, SmolLM2,
-TinyLlama; Mixtral-style mixture of experts).
+TinyLlama; Qwen3; Mixtral-style mixture of experts).
 
 One node holds its query/KV heads, its FFN rows and its vocabulary rows (see `partition`). Every node runs
 this same code; where the nodes must exchange activations it calls the collective (`coll`), which is a no-op
@@ -12,18 +12,17 @@ from __future__ import annotations
 import numpy as np
 
 from dllama import kernels as K
+from dllama import schema
 from dllama.formats.spec import ModelSpec
 from dllama.model.collective import Collective
 from dllama.model.partition import NodeSlice
 from dllama.quants import dequantize
 
-# Matrices packed together because they read the same input: one kernel call instead of three (or two).
-_FUSED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
-
 
 class Layer:
-    __slots__ = ("attn_norm", "ffn_norm", "wqkv", "wq", "wk", "wv", "wo", "w13", "w1", "w3", "w2",
-                 "moe_gate", "experts", "k_cache", "v_cache")
+    """A layer's (or an expert's) tensors, one field per schema row, plus its experts and KV cache."""
+
+    __slots__ = schema.LAYER_FIELDS + ("experts", "k_cache", "v_cache")
 
     def __init__(self):
         for s in self.__slots__:
@@ -68,53 +67,43 @@ class NodeModel:
     # ---- loading ---------------------------------------------------------------------------------
 
     def load(self, name: str, qtype: str, shape: tuple, raw: np.ndarray) -> None:
-        """Take one tensor of this node's slice (as cut by `partition.slice_tensor`)."""
-        if name == "tok_embd":
-            self.tok_embd = (qtype, shape, raw)
-            return
-        if name == "norm":
-            self.norm = _vector(qtype, shape, raw)
-            return
-        if name == "wcls":
-            self.wcls = K.pack(qtype, raw, *shape)
-            return
-        parts = name.split(".")
-        layer = self.layers[int(parts[1])]
-        leaf = parts[-1]
-        if leaf in ("attn_norm", "ffn_norm", "q_norm", "k_norm"):
-            setattr(layer, leaf, _vector(qtype, shape, raw))
-        elif leaf == "moe_gate":
-            layer.moe_gate = K.pack(qtype, raw, *shape)
-        elif parts[2] == "experts":
-            self._load_expert(layer, int(parts[3]), leaf, qtype, shape, raw)
+        """Take one tensor of this node's slice (as cut by `partition.slice_tensor`), as its schema row says."""
+        row, i, e = schema.parse(name)
+        if row.scope == schema.GLOBAL:
+            owner = self
+        elif row.scope == schema.LAYER:
+            owner = self.layers[i]
         else:
-            self._load_matrix(layer, name, leaf, qtype, shape, raw)
+            layer = self.layers[i]
+            if layer.experts is None:
+                layer.experts = [Layer() for _ in range(self.spec.n_experts)]
+            owner = layer.experts[e]
+        if row.take == schema.RAW:
+            setattr(owner, row.leaf, (qtype, shape, raw))
+        elif row.take == schema.VECTOR:
+            setattr(owner, row.leaf, _vector(qtype, shape, raw))
+        elif row.fuse:
+            self._load_fused(owner, name, row, qtype, shape, raw)
+        else:
+            setattr(owner, row.leaf, K.pack(qtype, raw, *shape))
 
-    def _load_matrix(self, layer: Layer, name: str, leaf: str, qtype, shape, raw) -> None:
-        for fused, members in _FUSED.items():
-            if leaf not in members:
-                continue
-            prefix = name[: -len(leaf)]
-            self._pending[prefix + leaf] = (qtype, shape, raw)
-            got = [self._pending.get(prefix + m) for m in members]
-            if any(g is None for g in got):
-                return
-            for m in members:
-                del self._pending[prefix + m]
-            if len({g[0] for g in got}) == 1:   # one type: one packed matrix, one kernel call
-                rows = sum(g[1][0] for g in got)
-                raw_all = np.concatenate([np.asarray(g[2]).reshape(-1) for g in got])
-                setattr(layer, fused, K.pack(got[0][0], raw_all, rows, shape[1]))
-            else:
-                for m, g in zip(members, got):
-                    setattr(layer, m, K.pack(g[0], g[2], *g[1]))
+    def _load_fused(self, layer: Layer, name: str, row, qtype, shape, raw) -> None:
+        """Matrices that read the same input are packed together: one kernel call instead of three (or two)."""
+        leaf, fused, members = row.leaf, row.fuse, schema.FUSED[row.fuse]
+        prefix = name[: -len(leaf)]
+        self._pending[prefix + leaf] = (qtype, shape, raw)
+        got = [self._pending.get(prefix + m) for m in members]
+        if any(g is None for g in got):
             return
-        setattr(layer, leaf, K.pack(qtype, raw, *shape))
-
-    def _load_expert(self, layer: Layer, e: int, leaf: str, qtype, shape, raw) -> None:
-        if layer.experts is None:
-            layer.experts = [Layer() for _ in range(self.spec.n_experts)]
-        self._load_matrix(layer.experts[e], f"expert{e}.{leaf}", leaf, qtype, shape, raw)
+        for m in members:
+            del self._pending[prefix + m]
+        if len({g[0] for g in got}) == 1:   # one type: one packed matrix, one kernel call
+            rows = sum(g[1][0] for g in got)
+            raw_all = np.concatenate([np.asarray(g[2]).reshape(-1) for g in got])
+            setattr(layer, fused, K.pack(got[0][0], raw_all, rows, shape[1]))
+        else:
+            for m, g in zip(members, got):
+                setattr(layer, m, K.pack(g[0], g[2], *g[1]))
 
     def finish_loading(self) -> None:
         if self._pending:
@@ -188,6 +177,10 @@ class NodeModel:
             K.matmul(layer.wk, xb, k)
             v = self.qkv[:n, qd + kvd:]
             K.matmul(layer.wv, xb, v)
+        if layer.q_norm is not None:   # Qwen3: every head of q and k RMS-normed on its own, before RoPE
+            qh, kh = q.reshape(-1, hd), k.reshape(-1, hd)
+            K.rmsnorm(qh, layer.q_norm, self.spec.norm_eps, qh)
+            K.rmsnorm(kh, layer.k_norm, self.spec.norm_eps, kh)
         if layer.k_cache is None:
             # np.zeros maps lazily: only the positions used become resident
             layer.k_cache = np.zeros((self.seq_len, kvd), np.float32)
@@ -215,8 +208,9 @@ class NodeModel:
         K.matmul(layer.w2, hb, y)
 
     def _moe(self, layer: Layer, xb: np.ndarray, y: np.ndarray) -> None:
-        """Mixtral routing: each position's top-k experts, weighted by the softmax of their router logits.
-        Every node runs its rows of the same experts, so the router (tiny) runs on every node."""
+        """Mixtral routing: each position's top-k experts, weighted by the softmax of their router logits
+        (equal to Qwen3-MoE's softmax over all experts, top-k, renormalised). Every node runs its rows of
+        the same experts, so the router (tiny) runs on every node."""
         s = self.spec
         y[:] = 0
         for i in range(xb.shape[0]):

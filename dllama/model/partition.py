@@ -10,15 +10,15 @@ The root (node 0) also holds the token embedding and runs the sampler.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from dllama import quants, schema
 from dllama.errors import DllamaError
 from dllama.formats.spec import ModelSpec
 
-BLOCK = 32  # values per quantization block: a column split must not cut a block
+BLOCK = quants.BLOCK_SIZE  # a column split must not cut a block
 
 
 @dataclass(frozen=True)
@@ -97,49 +97,13 @@ def partition(spec: ModelSpec, n_nodes: int) -> list[NodeSlice]:
     ]
 
 
-# What each tensor's split is, by the last part of its internal name.
-ROWS_HEADS, ROWS_KV, ROWS_FFN, ROWS_VOCAB = "rows_heads", "rows_kv", "rows_ffn", "rows_vocab"
-COLS_HEADS, COLS_FFN, WHOLE, ROOT_ONLY = "cols_heads", "cols_ffn", "whole", "root"
-_SPLIT = {
-    "wq": ROWS_HEADS, "wk": ROWS_KV, "wv": ROWS_KV, "wo": COLS_HEADS,
-    "w1": ROWS_FFN, "w3": ROWS_FFN, "w2": COLS_FFN,
-    "wcls": ROWS_VOCAB, "tok_embd": ROOT_ONLY,
-}
-
-
 def split_kind(name: str) -> str:
-    return _SPLIT.get(name.rsplit(".", 1)[-1], WHOLE)
+    return schema.parse(name)[0].split
 
 
 def node_tensor_names(spec: ModelSpec, node: NodeSlice) -> list[str]:
     """The tensors a node holds, in the order the root streams them (the `.m` file order)."""
-    names = ["tok_embd"] if node.index == 0 else []
-    for i in range(spec.n_layers):
-        p = f"layers.{i}."
-        names += [p + "wq", p + "wk", p + "wv", p + "wo"]
-        if spec.n_experts:
-            names.append(p + "moe_gate")
-            for e in range(spec.n_experts):
-                names += [f"{p}experts.{e}.{w}" for w in ("w1", "w2", "w3")]
-        else:
-            names += [p + "w1", p + "w2", p + "w3"]
-        if spec.arch.startswith("qwen3"):
-            names += [p + "q_norm", p + "k_norm"]
-        names += [p + "attn_norm", p + "ffn_norm"]
-    names += ["norm", "wcls"]
-    return names
-
-
-_ELEM_BYTES = {"f32": 4, "f16": 2}
-_BLOCK_BYTES = {"q40": 18, "q41": 20, "q80": 34}
-
-
-def _col_bytes(qtype: str, col: int) -> int:
-    if qtype in _ELEM_BYTES:
-        return col * _ELEM_BYTES[qtype]
-    if col % BLOCK:
-        raise ValueError(f"column {col} cuts a {qtype} block")
-    return col // BLOCK * _BLOCK_BYTES[qtype]
+    return [name for name, r, _ in schema.entries(spec) if r.split != schema.ROOT_ONLY or node.index == 0]
 
 
 def slice_tensor(tensor, name: str, spec: ModelSpec, node: NodeSlice):
@@ -148,28 +112,23 @@ def slice_tensor(tensor, name: str, spec: ModelSpec, node: NodeSlice):
     Row slices are zero-copy views of the memory map; column slices are copied (a strided cut of every row).
     """
     kind = split_kind(name)
-    if kind == ROOT_ONLY:
+    if kind == schema.ROOT_ONLY:
         return (tensor.qtype, tensor.shape, tensor.data) if node.index == 0 else None
-    if kind == WHOLE:
+    if kind == schema.WHOLE:
         return tensor.qtype, tensor.shape, tensor.data
     rows, cols = tensor.shape
     hd = spec.head_dim
-    r = {ROWS_HEADS: range(node.heads.start * hd, node.heads.stop * hd),
-         ROWS_KV: range(node.kv_heads.start * hd, node.kv_heads.stop * hd),
-         ROWS_FFN: node.ffn, ROWS_VOCAB: node.vocab,
-         COLS_HEADS: range(node.heads.start * hd, node.heads.stop * hd),
-         COLS_FFN: node.ffn}[kind]
-    row_bytes = _col_bytes(tensor.qtype, cols)
-    matrix = tensor.data.reshape(rows, row_bytes)
+    r = {schema.ROWS_HEADS: range(node.heads.start * hd, node.heads.stop * hd),
+         schema.ROWS_KV: range(node.kv_heads.start * hd, node.kv_heads.stop * hd),
+         schema.ROWS_FFN: node.ffn, schema.ROWS_VOCAB: node.vocab,
+         schema.COLS_HEADS: range(node.heads.start * hd, node.heads.stop * hd),
+         schema.COLS_FFN: node.ffn}[kind]
+    matrix = tensor.data.reshape(rows, quants.row_bytes(tensor.qtype, cols))
     if kind.startswith("rows"):
         return tensor.qtype, (len(r), cols), matrix[r.start:r.stop].reshape(-1)
-    a, b = _col_bytes(tensor.qtype, r.start), _col_bytes(tensor.qtype, r.stop)
+    a, b = quants.row_bytes(tensor.qtype, r.start), quants.row_bytes(tensor.qtype, r.stop)
     return tensor.qtype, (rows, len(r)), np.ascontiguousarray(matrix[:, a:b]).reshape(-1)
 
 
-_LAYER = re.compile(r"layers\.(\d+)\.")
-
-
 def layer_of(name: str) -> int | None:
-    m = _LAYER.match(name)
-    return int(m.group(1)) if m else None
+    return schema.parse(name)[1]

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dllama import quants
 from dllama.errors import DllamaError
 
 PROTOCOL_VERSION = 2
@@ -68,9 +69,7 @@ MAX_PAYLOAD = 64 << 20
 TYPE_NAMES = {1: "HELLO", 2: "HELLO_ACK", 3: "REFUSE", 4: "CONFIG", 5: "WEIGHT", 6: "READY", 7: "STEP",
               8: "BUFFER", 9: "BYE", 10: "PROBE", 11: "PROBE_INFO", 12: "CHALLENGE", 13: "AUTH", 14: "PING"}
 
-QTYPES = ("f32", "f16", "q40", "q41", "q80")
-# bytes per 32 values: the block formats of docs/architecture.md
-_BYTES_PER_32 = {"f32": 128, "f16": 64, "q40": 18, "q41": 20, "q80": 34}
+QTYPES = quants.QTYPES
 
 OP_BROADCAST, OP_REDUCE, OP_GATHER = 1, 2, 3
 FTYPES = ("f32", "q80")
@@ -95,23 +94,18 @@ class ClosedMidFrame(ProtocolError):
 
 
 def tensor_nbytes(qtype: str, shape) -> int:
-    """Bytes of a tensor of `qtype` and `shape` (rows of a block type hold cols // 32 blocks)."""
-    n = 1
-    for s in shape:
-        n *= int(s)
-    if qtype in ("f32", "f16"):
-        return n * _BYTES_PER_32[qtype] // 32
-    if n % 32:
-        raise ProtocolError(f"a {qtype} tensor of shape {tuple(shape)} is not a whole number of 32-value blocks")
-    return n // 32 * _BYTES_PER_32[qtype]
+    """Bytes of a tensor of `qtype` and `shape` (each row a whole number of blocks)."""
+    try:
+        return quants.tensor_bytes(qtype, tuple(shape) or (1,))
+    except DllamaError as exc:
+        raise ProtocolError(f"a {qtype} tensor of shape {tuple(shape)}: {exc}") from None
 
 
 def buffer_nbytes(ftype: str, n: int, cols: int) -> int:
-    if ftype == "f32":
-        return n * cols * 4
-    if cols % 32:
-        raise ProtocolError(f"a q80 buffer needs a multiple of 32 columns, got {cols}")
-    return n * cols // 32 * 34
+    try:
+        return n * quants.row_bytes(ftype, cols)
+    except DllamaError as exc:
+        raise ProtocolError(f"a {ftype} buffer of {cols} columns: {exc}") from None
 
 
 # --- messages ---------------------------------------------------------------------------------------
@@ -224,7 +218,7 @@ def encode(msg) -> list:
         t, payload = CONFIG, _json(msg.config)
     elif isinstance(msg, Weight):
         t = WEIGHT
-        meta = (_WEIGHT.pack(msg.offset, msg.total, QTYPES.index(msg.qtype), len(msg.shape))
+        meta = (_WEIGHT.pack(msg.offset, msg.total, quants.quant(msg.qtype).wire_code, len(msg.shape))
                 + struct.pack(f"<{len(msg.shape)}I", *msg.shape) + msg.name.encode())
         payload = msg.payload
     elif isinstance(msg, Ready):
@@ -302,7 +296,9 @@ def _dec_weight(meta, payload):
     offset, total, qcode, ndim = _WEIGHT.unpack_from(meta)
     shape = struct.unpack_from(f"<{ndim}I", meta, _WEIGHT.size)
     name = meta[_WEIGHT.size + 4 * ndim:].decode()
-    qtype = QTYPES[qcode]
+    qtype = quants.BY_WIRE_CODE.get(qcode)
+    if qtype is None:
+        raise ProtocolError(f"WEIGHT {name}: unknown tensor type code {qcode}")
     if total != tensor_nbytes(qtype, shape) or offset + len(payload) > total:
         raise ProtocolError(f"WEIGHT {name}: bytes [{offset}, {offset + len(payload)}) do not fit "
                             f"a {qtype} tensor of shape {shape}")

@@ -58,6 +58,7 @@ def warm_kernels(nthreads: int, weight_type: str = "q40") -> None:
     """Set the thread count and compile (or load from numba's cache) every kernel a forward pass uses, by
     running a tiny one-node model of `weight_type` weights, so the first token a root asks for is not slow."""
     from dllama import kernels as K
+    from dllama import schema
     from dllama.formats.spec import ModelSpec
     from dllama.model.collective import LocalCollective
     from dllama.model.partition import node_tensor_names, partition, slice_tensor
@@ -71,9 +72,9 @@ def warm_kernels(nthreads: int, weight_type: str = "q40") -> None:
     model = _default_model(spec, node, spec.seq_len, 2, LocalCollective())
     rng = np.random.default_rng(0)
     for name in node_tensor_names(spec, node):
-        leaf = name.rsplit(".", 1)[-1]
-        shape = (spec.dim,) if leaf.endswith("norm") else (32 if leaf in ("tok_embd", "wcls") else 64, 64)
-        qtype = "f32" if len(shape) == 1 or leaf == "tok_embd" else weight_type
+        row = schema.parse(name)[0]
+        shape = row.shape(spec)
+        qtype = "f32" if len(shape) == 1 or row.take == schema.RAW else weight_type
         raw = quantize(qtype, rng.standard_normal(shape, dtype=np.float32)).reshape(-1)
         model.load(*((name,) + slice_tensor(_Raw(qtype, shape, raw), name, spec, node)))
     model.finish_loading()

@@ -1,4 +1,4 @@
-"""The forward pass against Hugging Face `transformers` on tiny random Llama and Mixtral models.
+"""The forward pass against Hugging Face `transformers` on tiny random Llama, Mixtral and Qwen3 models.
 
 What llama.cpp's SmolLM2 goldens cannot reach: grouped-query attention with other head counts, untied
 output, Llama 3.1 rope scaling, and the Mixtral mixture of experts (router, top-2, stacked experts).
@@ -37,6 +37,9 @@ CASES = {
     "llama-wide-heads": dict(kind="llama", head_dim=32),   # q_dim 128 != dim 64
     "mixtral": dict(kind="mixtral"),
     "mixtral-tied-llama31": dict(kind="mixtral", tied=True, rope=H.LLAMA3_ROPE),
+    "qwen3": dict(kind="qwen3"),                 # head_dim 32 != dim 64 / 4 heads, per-head q/k norms, neox
+    "qwen3-mha-tied": dict(kind="qwen3", tied=True, num_key_value_heads=4),
+    "qwen3-moe": dict(kind="qwen3_moe"),         # router softmax, top-2 of 4, normalised weights
 }
 
 
@@ -80,7 +83,11 @@ def test_spec_read_from_the_export(case):
     assert s.head_dim == H.head_dim(cfg)
     assert s.n_experts == getattr(cfg, "num_local_experts", 0)
     assert s.n_active_experts == getattr(cfg, "num_experts_per_tok", 0)
-    assert s.rope_type == ("llama3.1" if cfg.rope_parameters["rope_type"] == "llama3" else "llama")
+    if cfg.model_type.startswith("qwen3"):
+        assert (s.arch, s.rope_type, s.norm_eps) == (cfg.model_type, "falcon", cfg.rms_norm_eps)
+        assert s.ffn_dim == getattr(cfg, "moe_intermediate_size", cfg.intermediate_size)
+    else:
+        assert s.rope_type == ("llama3.1" if cfg.rope_parameters["rope_type"] == "llama3" else "llama")
 
 
 def test_prefill_and_decode_logits_match_hf(case):
@@ -157,8 +164,11 @@ def test_quantized_weights_match_hf(tmp_path_factory, kind, weight_type):
 @pytest.mark.parametrize("sabotage", H.SABOTAGES)
 def test_a_wrong_export_is_caught(tmp_path_factory, sabotage):
     """The comparison has teeth: each mistake a converter (or reader) could make moves the logits far."""
-    model, path, _ = _make(tmp_path_factory, f"bad-{sabotage}", "mixtral", rope=H.LLAMA3_ROPE,
-                           sabotage=sabotage)
+    if sabotage == "swap_qk_norm":
+        model, path, _ = _make(tmp_path_factory, f"bad-{sabotage}", "qwen3", sabotage=sabotage)
+    else:
+        model, path, _ = _make(tmp_path_factory, f"bad-{sabotage}", "mixtral", rope=H.LLAMA3_ROPE,
+                               sabotage=sabotage)
     ids = _prompt(1, model.config.vocab_size)
     eng = Engine.open(path, nthreads=1)
     try:
@@ -195,6 +205,7 @@ def worker(tmp_path_factory):
 @pytest.mark.parametrize("name", [
     "mixtral", "llama-wide-heads",
     "mixtral-tied-llama31",   # a GGUF's rope_freqs travel to the worker in the JSON config
+    "qwen3", "qwen3-moe",
 ])
 def test_two_nodes_match_hf(tmp_path_factory, worker, name):
     """Split over a root and a `dllama worker` on loopback (F32 buffers): each node holds half the heads,
@@ -212,3 +223,25 @@ def test_two_nodes_match_hf(tmp_path_factory, worker, name):
         eng.close()
     assert _rel(ours, _hf_logits(model, ids)) < TOL_F, name
     assert _rel(step, _hf_logits(model, ids + [tok])) < TOL_F, name
+
+
+@pytest.mark.parametrize("name,n_nodes", [("qwen3", 2), ("qwen3-mha-tied", 4), ("mixtral", 2), ("qwen3-moe", 2)])
+def test_split_in_process_matches_hf(tmp_path_factory, name, n_nodes):
+    """The GGUF's tensors cut by the partition plan and run as n nodes in one process (threads exchanging
+    F32 buffers, as in tests/unit/test_tensor_parallel.py): prefill and decode logits are HF's."""
+    from unit.test_tensor_parallel import build, greedy
+
+    from dllama.formats.loader import load_model
+
+    model, path, _ = _make(tmp_path_factory, f"{name}-split{n_nodes}", **{**CASES[name], "intermediate_size": 128})
+    ids = _prompt(1, model.config.vocab_size)
+    with load_model(path) as loaded:
+        spec = loaded.spec
+        spec.seq_len = 64
+        got, first = greedy(build(spec, loaded.tensors, n_nodes), ids, STEPS)
+    assert _rel(first, _hf_logits(model, ids)) < TOL_F, name
+    expect, seq = [], list(ids)
+    for _ in range(STEPS):
+        expect.append(int(np.argmax(_hf_logits(model, seq))))
+        seq.append(expect[-1])
+    assert got == expect, name

@@ -359,3 +359,21 @@ def test_convert_killed_midway_leaves_nothing(smollm2_path, tmp_path, sig, statu
     proc.send_signal(sig)
     assert proc.wait(60) == status
     assert os.listdir(tmp_path) == []
+
+
+def test_tensors_of_another_architecture_are_refused(tmp_path):
+    """The schema decides which tensors an architecture has: Qwen3's q/k norms in a llama file, a qwen3
+    file without them, or a norm of the wrong width are one-line errors, not silently ignored."""
+    src = llama_tensors()
+    src["blk.0.attn_q_norm.weight"] = np.ones(DIM // HEADS, np.float32)
+    write_gguf(tmp_path / "extra.gguf", src)
+    with pytest.raises(FormatError, match=r"extra\.gguf: unexpected tensor layers\.0\.q_norm for architecture llama"):
+        load_model(tmp_path / "extra.gguf")
+    write_gguf(tmp_path / "qwen3.gguf", llama_tensors(), arch="qwen3")
+    with pytest.raises(FormatError, match=r"qwen3\.gguf: GGUF lacks 4 tensor.*layers\.0\.q_norm"):
+        load_model(tmp_path / "qwen3.gguf")
+    src = llama_tensors()
+    src["blk.1.ffn_norm.weight"] = np.ones(DIM + 1, np.float32)
+    write_gguf(tmp_path / "norm.gguf", src)
+    with pytest.raises(FormatError, match=r"layers\.1\.ffn_norm has shape \(65,\), metadata implies \(64,\)"):
+        load_model(tmp_path / "norm.gguf")

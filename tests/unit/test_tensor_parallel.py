@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from dllama import quants
+from dllama import quants, schema
 from dllama.formats.loader import Tensor
 from dllama.formats.spec import ModelSpec
 from dllama.model.collective import Collective, LocalCollective
@@ -24,17 +24,14 @@ def random_tensors(spec: ModelSpec, seed: int = 0, n_experts: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     out = {}
     for name in node_tensor_names(spec, partition(spec, 1)[0]):
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf.endswith("norm"):
-            w = 1 + 0.1 * rng.standard_normal(spec.dim, dtype=np.float32)
-            out[name] = Tensor(name, "f32", (spec.dim,), w.view(np.uint8))
+        row = schema.parse(name)[0]
+        shape = row.shape(spec)
+        if len(shape) == 1:
+            w = 1 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+            out[name] = Tensor(name, "f32", shape, w.view(np.uint8))
             continue
-        shape = {"tok_embd": (spec.vocab_size, spec.dim), "wcls": (spec.vocab_size, spec.dim),
-                 "wq": (spec.q_dim, spec.dim), "wk": (spec.kv_dim, spec.dim), "wv": (spec.kv_dim, spec.dim),
-                 "wo": (spec.dim, spec.q_dim), "w1": (spec.ffn_dim, spec.dim), "w3": (spec.ffn_dim, spec.dim),
-                 "w2": (spec.dim, spec.ffn_dim), "moe_gate": (spec.n_experts, spec.dim)}[leaf]
         w = rng.standard_normal(shape, dtype=np.float32) * 0.1
-        qtype = "f32" if leaf in ("tok_embd", "moe_gate") else "q40"
+        qtype = "f32" if row.leaf in ("tok_embd", "moe_gate") else "q40"
         out[name] = Tensor(name, qtype, shape, quants.quantize(qtype, w).reshape(-1))
     return out
 
