@@ -110,12 +110,19 @@ def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=1)
 
 
+def _inverse(d: np.ndarray) -> np.ndarray:
+    # 1/d, and 0 where d is 0 or so small (subnormal) that 1/d overflows: such a scale is 0 in f16, so
+    # every q decodes alike, and 0 keeps NaN and inf out of the integer cast
+    with np.errstate(divide="ignore", over="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    return np.where(np.isfinite(inv), inv, np.float32(0)).astype(np.float32)
+
+
 def _q40_blocks(b: np.ndarray) -> np.ndarray:
     # ggml: d = (the value of largest magnitude) / -8, q = min(15, trunc(x / d + 8.5))
     imax = np.abs(b).argmax(axis=1)[:, None]
     d = np.take_along_axis(b, imax, axis=1) / np.float32(-8)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    inv = _inverse(d)
     q = np.minimum(np.trunc(b * inv + np.float32(8.5)), np.float32(15)).astype(np.uint8)
     return np.concatenate([d.astype(np.float16).view(np.uint8), _pack_nibbles(q)], axis=1)
 
@@ -124,8 +131,7 @@ def _q41_blocks(b: np.ndarray) -> np.ndarray:
     # ggml: d = (max - min) / 15, m = min, q = min(15, trunc((x - min) / d + 0.5))
     lo = b.min(axis=1, keepdims=True)
     d = (b.max(axis=1, keepdims=True) - lo) / np.float32(15)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    inv = _inverse(d)
     q = np.minimum(np.trunc((b - lo) * inv + np.float32(0.5)), np.float32(15)).astype(np.uint8)
     head = [d.astype(np.float16).view(np.uint8), lo.astype(np.float16).view(np.uint8)]
     return np.concatenate(head + [_pack_nibbles(q)], axis=1)

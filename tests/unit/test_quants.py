@@ -59,7 +59,25 @@ def test_dequantize_matches_gguf(qtype):
                   elements=st.floats(-1e4, 1e4, width=32)),
        st.sampled_from(["q40", "q41", "q80"]))
 def test_quantize_matches_gguf_on_any_values(x, qtype):
-    np.testing.assert_array_equal(quants.quantize(qtype, x), ggml_bytes(qtype, x))
+    ours, theirs = quants.quantize(qtype, x), ggml_bytes(qtype, x)
+    # A block whose scale is so small (subnormal) that 1/d overflows has d = 0 in f16, so its nibbles
+    # decode alike whatever they are; gguf casts NaN/inf to uint8 there (platform-defined), dllama writes
+    # the nibble of 0. Such blocks must decode the same; every other block must match byte for byte.
+    blocks = x.reshape(-1, 32)
+    if qtype == "q40":
+        d = np.take_along_axis(blocks, np.abs(blocks).argmax(1)[:, None], 1)[:, 0] / np.float32(-8)
+    else:
+        d = (blocks.max(1) - blocks.min(1)) / np.float32(15 if qtype == "q41" else 1)
+        if qtype == "q80":
+            d = np.abs(blocks).max(1) / np.float32(127)
+    with np.errstate(divide="ignore", over="ignore"):
+        tiny = (d != 0) & ~np.isfinite(np.float32(1) / d)
+    per_block = quants.row_bytes(qtype, 32)
+    ob, tb = ours.reshape(-1, per_block), theirs.reshape(-1, per_block)
+    np.testing.assert_array_equal(ob[~tiny], tb[~tiny])
+    rows, cols = x.shape
+    np.testing.assert_array_equal(quants.dequantize(qtype, ours, rows, cols),
+                                  quants.dequantize(qtype, theirs, rows, cols))
 
 
 @pytest.mark.parametrize("qtype", ["q40", "q41", "q80"])
