@@ -23,13 +23,17 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="float type of the activations exchanged between nodes (default q80)")
     g.add_argument("--workers", nargs="*", default=[], metavar="HOST:PORT",
                    help="worker nodes, in order (the root is node 0); 1 + workers must be a power of two")
-    from dllama.net.auth import add_key_argument
-
     add_key_argument(g)
     s = p.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
     s.add_argument("--topp", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
     s.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def add_key_argument(parser) -> None:
+    parser.add_argument("--cluster-key-file", metavar="PATH", default=None,
+                        help="file holding the cluster's shared secret (default: env DLLAMA_CLUSTER_KEY_FILE); "
+                             "roots and workers must hold the same one")
 
 
 def check_port(flag: str, port: int, *, listen: bool = False) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dllama.commands.common import check_at_least, check_port
+from dllama.commands.common import add_key_argument, check_at_least, check_port
 
 
 def add_arguments(parser) -> None:
@@ -10,8 +10,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--host", default="0.0.0.0",
                         help="address to listen on (default 0.0.0.0: all; needs a cluster key, else loopback only)")
     parser.add_argument("--nthreads", type=int, default=1, help="compute threads (default 1)")
-    from dllama.net.auth import add_key_argument
-
     add_key_argument(parser)
     parser.add_argument("--insecure", action="store_true",
                         help="without a cluster key, listen on a non-loopback address anyway: anyone who can "

@@ -23,12 +23,6 @@ _ROOT_LABEL = b"dllama root proof\0"
 _WORKER_LABEL = b"dllama worker proof\0"
 
 
-def add_key_argument(parser) -> None:
-    parser.add_argument("--cluster-key-file", metavar="PATH", default=None,
-                        help=f"file holding the cluster's shared secret (default: env {KEY_ENV}); roots and "
-                             "workers must hold the same one")
-
-
 def key_from_args(args) -> bytes | None:
     """The key named by --cluster-key-file, else by $DLLAMA_CLUSTER_KEY_FILE, else None (no key)."""
     flag = getattr(args, "cluster_key_file", None)

@@ -9,6 +9,7 @@ import errno
 import hashlib
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
