@@ -92,6 +92,7 @@ class TestHosts:
     prefix: str = field(default_factory=lambda: f"dlt{os.getpid() % 100000}")
     workdir: str = ""
     hosts: list[Host] = field(default_factory=list)
+    host_class = Host  # not a field: subclasses with other kinds of host set it
 
     @property
     def ctl_ns(self) -> str:
@@ -110,7 +111,7 @@ class TestHosts:
         shutil.copy(self.key + ".pub", os.path.join(self.workdir, "authorized_keys"))
         self._make_controller()
         for i in range(1, self.n_hosts + 1):
-            host = Host(f"node{i}", f"{self.prefix}h{i}", i, os.path.join(self.workdir, f"node{i}"))
+            host = self.host_class(f"node{i}", f"{self.prefix}h{i}", i, os.path.join(self.workdir, f"node{i}"))
             self.hosts.append(host)
             self._make_host(host)
         for host in self.hosts:
