@@ -48,6 +48,13 @@ def model_file() -> str:
     return resolve_model("smollm2_135m_instruct")
 
 
+def supports_cluster_key() -> bool:
+    """The package being deployed knows --cluster-key-file: then the tests deploy with the cluster key
+    (the roles' default), otherwise with `dllama_cluster_key: false`."""
+    r = subprocess.run([sys.executable, "-m", "dllama", "worker", "--help"], capture_output=True, text=True)
+    return "--cluster-key-file" in r.stdout
+
+
 def missing_prerequisites() -> list[str]:
     """What this machine lacks to run namespace hosts (empty when all is there)."""
     missing = [] if os.geteuid() == 0 else ["root privileges"]

@@ -82,10 +82,20 @@ class SystemdHosts(TestHosts):
         """Boot the container: its systemd starts sshd (ssh.service)."""
         host.sshd_log = os.path.join(self.workdir, f"{host.name}-boot.log")
         with open(host.sshd_log, "w") as log:
+            # nspawn mounts the container's /sys from its own: that must be a sysfs mounted inside the
+            # namespace (showing the host's interfaces, not this machine's), with this machine's cgroup
+            # file systems moved over to it (nspawn needs them). CAP_NET_ADMIN: nspawn keeps it only for a
+            # network it makes itself, and the firewall role needs it, as on a real host.
+            cg = os.path.join(host.workdir, "cgroup")
+            os.makedirs(cg)
+            nspawn = [NSPAWN, "--quiet", "--boot", "--register=no", "--keep-unit", f"--machine={host.netns}",
+                      f"--directory={host.path('/')}", f"--network-namespace-path=/run/netns/{host.netns}",
+                      "--capability=CAP_NET_ADMIN", "--console=read-only"]
+            script = (f"mount --rbind /sys/fs/cgroup {cg} && umount -l /sys && mount -t sysfs sysfs /sys && "
+                      f"mount --move {cg} /sys/fs/cgroup && exec {' '.join(nspawn)}")
             host.proc = subprocess.Popen(
-                [NSPAWN, "--quiet", "--boot", "--register=no", "--keep-unit", f"--machine={host.netns}",
-                 f"--directory={host.path('/')}", f"--network-namespace-path=/run/netns/{host.netns}",
-                 "--console=read-only"],
+                ["nsenter", f"--net=/run/netns/{host.netns}", "unshare", "--mount", "--propagation", "private",
+                 "sh", "-c", script],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
