@@ -267,7 +267,7 @@ def ansible_tool(name: str) -> str | None:
 def run_playbook(hosts: TestHosts, playbook: str, inventory: str, *args: str, timeout: float = 600):
     """ansible-playbook from the controller namespace with the repo's ansible.cfg; returns the result."""
     env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"), ANSIBLE_HOST_KEY_CHECKING="False",
-               ANSIBLE_CONTROL_PATH_DIR=os.path.join(hosts.workdir, "cp"),
+               ANSIBLE_SSH_CONTROL_PATH_DIR=os.path.join(hosts.workdir, "cp"),
                ANSIBLE_LOCAL_TEMP=os.path.join(hosts.workdir, "ansible-tmp"), ANSIBLE_NOCOLOR="1",
                ANSIBLE_FORCE_COLOR="0", ANSIBLE_CALLBACKS_ENABLED="junit",
                JUNIT_OUTPUT_DIR=os.path.join(hosts.workdir, "junit"), JUNIT_TASK_CLASS="yes")
