@@ -68,6 +68,10 @@ class SystemdHosts(TestHosts):
         write("/etc/resolv.conf", "")  # no nameserver: lookups fail at once instead of timing out
         with open(self.key + ".pub") as f:
             write("/root/.ssh/authorized_keys", f.read(), 0o600)
+        # A plain shell for root: this machine's shell start-up files (a pyenv rehash under a lock that
+        # every container shares through the lower layer) made each SSH command wait a minute.
+        for name in ("/root/.bashrc", "/root/.profile"):
+            write(name, "")
         write("/etc/ssh/sshd_config.d/dllama-test.conf",
               f"ListenAddress {host.mgmt_ip}\nUseDNS no\nMaxSessions 50\nMaxStartups 50\n")
         for unit in MASKED:
