@@ -11,6 +11,7 @@ judged by the pid the worker reports in its handshake, not by "something listens
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shlex
@@ -104,8 +105,17 @@ def env_prefix(node: Node, facts: Facts) -> list[str]:
     return ["env", f"NUMBA_CACHE_DIR={node.numba_cache_dir}"] if facts.cache_writable else []
 
 
+def listen_address(node: Node) -> str:
+    """A node on loopback (the local demo) listens there only; any other on every address, so the
+    worker is up before the cluster address is."""
+    try:
+        return node.address if ipaddress.ip_address(node.address).is_loopback else "0.0.0.0"
+    except ValueError:  # a host name
+        return "0.0.0.0"
+
+
 def worker_command(node: Node, facts: Facts) -> str:
-    args = [facts.python, "-m", "dllama", "worker", "--host", "0.0.0.0", "--port", str(node.port),
+    args = [facts.python, "-m", "dllama", "worker", "--host", listen_address(node), "--port", str(node.port),
             "--nthreads", str(node.threads or facts.cpus or 1), *key_args(node, facts)]
     return " ".join(shlex.quote(a) for a in env_prefix(node, facts) + args)
 

@@ -48,7 +48,7 @@ def sd(tmp_path_factory):
                                         {"name": os.path.basename(tokenizer), "src": tokenizer}],
             "dllama_root_tokenizer": f"/opt/dllama/models/{os.path.basename(tokenizer)}",
             "dllama_root_buffer_float_type": "f32", "dllama_root_max_seq_len": 256,
-            "dllama_root_api": True, "dllama_cluster_firewall": True,
+            "dllama_root_api": True, "dllama_cluster_firewall": True, "dllama_worker_port": PORT,
             "dllama_cluster_key": nshosts.supports_cluster_key(),
             "dllama_cluster_state_dir": "/run/dllama-cluster",
         })

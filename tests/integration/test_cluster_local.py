@@ -83,6 +83,7 @@ def test_unset_threads_are_the_nodes_cpu_count_and_the_worker_uses_the_cache(tmp
         pid = int((tmp_path / "state" / "w.pid").read_text())
         argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
         assert argv[argv.index(b"--nthreads") + 1] == str(len(os.sched_getaffinity(0))).encode()
+        assert argv[argv.index(b"--host") + 1] == b"127.0.0.1"  # a loopback node is not on the network
         with open(f"/proc/{pid}/environ", "rb") as f:
             env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
         assert env[b"NUMBA_CACHE_DIR"] == yaml.safe_load(open(inv))["all"]["vars"]["dllama_numba_cache_dir"].encode()
