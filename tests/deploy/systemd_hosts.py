@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import dataclass, field
 
 from . import nshosts
 from .nshosts import Host, TestHosts, _run
@@ -40,9 +41,12 @@ class SystemdHost(Host):
         return os.path.join(self.workdir, "root") + inside
 
 
+@dataclass
 class SystemdHosts(TestHosts):
     """Like TestHosts, but each host is a booted systemd container."""
 
+    # Names of its own: nshosts' hosts of the same test run (a session fixture) may be up beside these.
+    prefix: str = field(default_factory=lambda: f"dls{os.getpid() % 100000}")
     host_class = SystemdHost
 
     def _make_host_dirs(self, host: Host) -> None:

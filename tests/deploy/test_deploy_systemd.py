@@ -232,3 +232,11 @@ def test_cluster_down_stops_the_units_and_up_starts_them(sd):
                for line in logs.stdout.splitlines()), logs.stdout[-3000:]
     r = cluster(hosts, "down", inv)
     assert r.returncode == 0 and show(hosts, root, "dllama-api")["ActiveState"] == "inactive"
+    # The inventory names no dllama_root_model (only the files to copy, as docs/deploy.md does): the
+    # one-shot root runs the model and tokenizer role dllama_root recorded on the root.
+    r = cluster(hosts, "up", inv, "--run", "inference", "--prompt", "Hi", "--steps", "3", "--json")
+    try:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        assert json.loads(r.stdout.strip().splitlines()[-1])["sent_bytes_per_token"] > 0
+    finally:
+        assert cluster(hosts, "down", inv).returncode == 0
