@@ -1,8 +1,10 @@
 """The cluster described by an Ansible inventory: one root, workers in inventory order.
 
 Read through `ansible-inventory --list` when Ansible is installed (YAML or INI, group_vars, host_vars),
-otherwise straight from a YAML inventory. The variables are the roles' (docs/deploy.md), with the roles'
-defaults; values must be literal (Jinja expressions in an inventory are not evaluated here).
+otherwise straight from a YAML inventory. The variables are the roles' (docs/deploy.md). What the
+inventory leaves unset, or sets to a Jinja expression (not evaluated here), is taken from the nodes once
+they are reached (`resolve`): the settings role dllama_root recorded on the root, and each node's CPU count
+for the threads, the roles' own default.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ class Node:
     ssh_key: str | None = None
     local: bool = False          # ansible_connection: local -> run on this machine, no SSH
     port: int = 9999             # the worker's port
-    threads: int = 1
+    threads: int | None = None   # None: the node's CPU count
     install_dir: str = "/opt/dllama"
     venv: str = ""
     numba_cache_dir: str = ""
     service: str = "dllama-worker"
+    cluster_key: bool = True     # pass the cluster key file when the node has it
+    cluster_key_file: str = "/etc/dllama/cluster.key"
     state_dir: str = "~/.dllama"  # pid and log files of detached processes
     vars: dict = field(default_factory=dict, repr=False)
 
@@ -41,21 +45,34 @@ class Node:
         return f"{self.address}:{self.port}"
 
 
+# What the root runs when neither the inventory nor the root's recorded settings say (the roles' defaults).
+ROOT_DEFAULTS = {"model": "", "tokenizer": "", "buffer_float_type": "q80", "max_seq_len": None,
+                 "api_host": "0.0.0.0", "api_port": 9990, "api_service": "dllama-api"}
+
+
 @dataclass
 class Cluster:
     root: Node
     workers: list[Node]
-    model: str = ""
-    tokenizer: str = ""
-    root_threads: int = 1
-    buffer_float_type: str = "q80"
+    # None: not in the inventory; `resolve` fills it from the root's settings, then ROOT_DEFAULTS.
+    model: str | None = None
+    tokenizer: str | None = None
+    root_threads: int | None = None
+    buffer_float_type: str | None = None
     max_seq_len: int | None = None
-    api_host: str = "0.0.0.0"
-    api_port: int = 9990
+    api_host: str | None = None
+    api_port: int | None = None
+    api_service: str | None = None
 
     @property
     def nodes(self) -> list[Node]:
         return [self.root, *self.workers]
+
+
+def literal(v: dict, name: str):
+    """The inventory's value of `name`, None when unset or a Jinja expression Ansible would evaluate."""
+    value = v.get(name)
+    return None if value is None or (isinstance(value, str) and "{{" in value) else value
 
 
 def _int(value, name: str, host: str) -> int:
@@ -78,10 +95,12 @@ def make_node(name: str, v: dict) -> Node:
         name=name, address=str(address), ssh_host=str(v.get("ansible_host", name)),
         ssh_user=v.get("ansible_user"), ssh_port=_int(v.get("ansible_port", 22), "ansible_port", name),
         ssh_key=v.get("ansible_ssh_private_key_file") or v.get("ansible_private_key_file"), local=local,
-        port=port, threads=_int(v.get("dllama_worker_threads", 1), "dllama_worker_threads", name),
+        port=port, threads=_opt_int(v, "dllama_worker_threads", name),
         install_dir=install_dir, venv=v.get("dllama_venv", f"{install_dir}/venv"),
         numba_cache_dir=v.get("dllama_numba_cache_dir", f"{install_dir}/numba-cache"),
         service=v.get("dllama_worker_service", "dllama-worker"),
+        cluster_key=str(v.get("dllama_cluster_key", True)).lower() not in ("false", "no", "0"),
+        cluster_key_file=literal(v, "dllama_cluster_key_file") or "/etc/dllama/cluster.key",
         state_dir=v.get("dllama_cluster_state_dir", "~/.dllama"), vars=v,
     )
 
@@ -99,16 +118,35 @@ def make_cluster(groups: dict[str, list[str]], hostvars: dict[str, dict], source
             raise DllamaError(f"dllama_address {n.address} port {n.port} is set for both {seen[key]} and {n.name}")
         seen[key] = n.name
     rv = hostvars.get(roots[0], {})
-    max_seq = rv.get("dllama_root_max_seq_len")
     return Cluster(
-        root=root, workers=workers, model=str(rv.get("dllama_root_model", "")),
-        tokenizer=str(rv.get("dllama_root_tokenizer", "") or ""),
-        root_threads=_int(rv.get("dllama_root_threads", 1), "dllama_root_threads", root.name),
-        buffer_float_type=rv.get("dllama_root_buffer_float_type", "q80"),
-        max_seq_len=_int(max_seq, "dllama_root_max_seq_len", root.name) if max_seq else None,
-        api_host=rv.get("dllama_root_api_host", "0.0.0.0"),
-        api_port=_int(rv.get("dllama_root_api_port", 9990), "dllama_root_api_port", root.name),
+        root=root, workers=workers, model=literal(rv, "dllama_root_model"),
+        tokenizer=literal(rv, "dllama_root_tokenizer"),
+        root_threads=_opt_int(rv, "dllama_root_threads", root.name),
+        buffer_float_type=literal(rv, "dllama_root_buffer_float_type"),
+        max_seq_len=_opt_int(rv, "dllama_root_max_seq_len", root.name),
+        api_host=literal(rv, "dllama_root_api_host"),
+        api_port=_opt_int(rv, "dllama_root_api_port", root.name),
+        api_service=literal(rv, "dllama_root_api_service"),
     )
+
+
+def _opt_int(v: dict, name: str, host: str) -> int | None:
+    value = literal(v, name)
+    return None if value is None else _int(value, name, host)
+
+
+def resolve(c: Cluster, recorded: dict, cpus: dict[str, int | None]) -> None:
+    """Fill what the inventory left unset: from the root's recorded settings (role dllama_root's
+    root.json), then the roles' defaults; threads from each node's CPU count (`cpus`, by node name)."""
+    for attr, default in ROOT_DEFAULTS.items():
+        if getattr(c, attr) is None:
+            value = recorded.get(attr)
+            setattr(c, attr, value if value not in (None, "") else default)
+    if c.root_threads is None:
+        c.root_threads = int(recorded.get("threads") or cpus.get(c.root.name) or 1)
+    for w in c.workers:
+        if w.threads is None:
+            w.threads = cpus.get(w.name) or 1
 
 
 def read_inventory(path: str) -> Cluster:
@@ -178,7 +216,7 @@ def _via_yaml(path: str) -> tuple[dict, dict]:
     return groups, hostvars
 
 
-def from_hosts(items: list[str], model: str = "", threads: int = 1) -> Cluster:
+def from_hosts(items: list[str], model: str | None = None, threads: int | None = None) -> Cluster:
     """`--hosts ROOT WORKER...` without an inventory: [user@]host[:port] each, SSH as configured."""
     nodes = []
     for i, item in enumerate(items):
@@ -188,7 +226,9 @@ def from_hosts(items: list[str], model: str = "", threads: int = 1) -> Cluster:
             raise DllamaError(f"--hosts: {item!r} is not [USER@]HOST[:PORT]")
         local = host in ("localhost", "127.0.0.1")
         v = {"ansible_host": host, "dllama_address": host, "dllama_worker_port": int(port) if sep else 9999,
-             "dllama_worker_threads": threads, "ansible_connection": "local" if local else "ssh"}
+             "ansible_connection": "local" if local else "ssh"}
+        if threads is not None:
+            v["dllama_worker_threads"] = threads
         if user:
             v["ansible_user"] = user
         nodes.append(make_node(f"{host}:{port}" if sep else host, v))

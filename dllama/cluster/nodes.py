@@ -11,10 +11,12 @@ judged by the pid the worker reports in its handshake, not by "something listens
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dllama.cluster.inventory import Node
 from dllama.errors import DllamaError
@@ -40,44 +42,82 @@ class Facts:
     cache_writable: bool = False
     mem_free_mb: int | None = None
     load: str = ""
+    cpus: int | None = None
+    key: bool = False            # the cluster key file is readable (and the inventory wants it)
+    api_unit: bool = False       # systemd is PID 1 and the dllama-api unit is installed
+    api_active: bool = False
+    recorded: dict = field(default_factory=dict)  # the root's settings from role dllama_root
+
+
+ROOT_SETTINGS = "root.json"     # beside the cluster key, written by role dllama_root
 
 
 def python_of(node: Node) -> str:
     return sys.executable if node.local else f"{node.venv}/bin/python"
 
 
-def gather(runner, node: Node, timeout: float = 20) -> Facts:
+def gather(runner, node: Node, api_service: str = "dllama-api", timeout: float = 20) -> Facts:
+    """One round trip: what the node has and runs. The last line is the root's recorded settings."""
     py = python_of(node)
-    unit = f"/etc/systemd/system/{node.service}.service"
+    q = shlex.quote
+    unit, api = f"/etc/systemd/system/{node.service}.service", f"/etc/systemd/system/{api_service}.service"
+    conf = q(os.path.join(os.path.dirname(node.cluster_key_file), ROOT_SETTINGS))
     script = "; ".join([
         "id -u",
-        f"if test -d /run/systemd/system && test -f {shlex.quote(unit)}; then echo unit; else echo nounit; fi",
-        f"if test -x {shlex.quote(py)}; then echo py; else echo nopy; fi",
-        f"if test -w {shlex.quote(node.numba_cache_dir)}; then echo cache; else echo nocache; fi",
+        f"if test -d /run/systemd/system && test -f {q(unit)}; then echo unit; else echo nounit; fi",
+        f"if test -x {q(py)}; then echo py; else echo nopy; fi",
+        f"if test -w {q(node.numba_cache_dir)}; then echo cache; else echo nocache; fi",
         "awk '/^MemAvailable:/ {print int($2/1024)}' /proc/meminfo",
         "cut -d' ' -f1-3 /proc/loadavg",
+        "nproc",
+        f"if test -r {q(node.cluster_key_file)}; then echo key; else echo nokey; fi",
+        f"if test -d /run/systemd/system && test -f {q(api)}; then echo api; else echo noapi; fi",
+        f"systemctl is-active {q(api_service)} 2>/dev/null || true",
+        f"tr -d '\\n' < {conf} 2>/dev/null; echo",
     ])
     r = runner.run(script, timeout=timeout)
     if not r.ok:
         return Facts(False, error=(r.err.strip() or f"exit status {r.rc}").splitlines()[-1])
-    lines = r.out.strip().splitlines()
-    if len(lines) < 6:
+    lines = r.out.split("\n")
+    if len(lines) < 11:
         return Facts(False, error=f"unexpected answer: {r.out.strip()[:200]}")
+    try:
+        recorded = json.loads(lines[10]) if lines[10].strip() else {}
+    except ValueError:
+        recorded = {}
+    api_unit = lines[8] == "api"
     return Facts(True, root_user=lines[0] == "0", systemd_unit=lines[1] == "unit",
                  python=py if lines[2] == "py" else "", cache_writable=lines[3] == "cache",
-                 mem_free_mb=int(lines[4]) if lines[4].isdigit() else None, load=lines[5])
+                 mem_free_mb=int(lines[4]) if lines[4].isdigit() else None, load=lines[5],
+                 cpus=int(lines[6]) if lines[6].isdigit() else None,
+                 key=node.cluster_key and lines[7] == "key", api_unit=api_unit,
+                 api_active=api_unit and lines[9] == "active", recorded=recorded)
+
+
+def key_args(node: Node, facts: Facts) -> list[str]:
+    return ["--cluster-key-file", node.cluster_key_file] if facts.key else []
+
+
+def env_prefix(node: Node, facts: Facts) -> list[str]:
+    """`env NUMBA_CACHE_DIR=...`: the kernels the roles compiled at install (the services' cache).
+
+    `env`, not a VAR=value prefix: the command may go after `nohup setsid`, which execs its argument."""
+    return ["env", f"NUMBA_CACHE_DIR={node.numba_cache_dir}"] if facts.cache_writable else []
+
+
+def listen_address(node: Node) -> str:
+    """A node on loopback (the local demo) listens there only; any other on every address, so the
+    worker is up before the cluster address is."""
+    try:
+        return node.address if ipaddress.ip_address(node.address).is_loopback else "0.0.0.0"
+    except ValueError:  # a host name
+        return node.address if node.address == "localhost" else "0.0.0.0"
 
 
 def worker_command(node: Node, facts: Facts) -> str:
-    from dllama.net.auth import is_loopback
-
-    # a worker without a cluster key listens on loopback only: a node on this machine stays reachable
-    host = node.address if is_loopback(node.address) else "0.0.0.0"
-    args = [facts.python, "-m", "dllama", "worker", "--host", host, "--port", str(node.port),
-            "--nthreads", str(node.threads)]
-    # `env`, not a VAR=value prefix: the command goes after `nohup setsid`, which execs its argument.
-    env = ["env", f"NUMBA_CACHE_DIR={node.numba_cache_dir}"] if facts.cache_writable else []
-    return " ".join(shlex.quote(a) for a in env + args)
+    args = [facts.python, "-m", "dllama", "worker", "--host", listen_address(node), "--port", str(node.port),
+            "--nthreads", str(node.threads or facts.cpus or 1), *key_args(node, facts)]
+    return " ".join(shlex.quote(a) for a in env_prefix(node, facts) + args)
 
 
 def start_detached(runner, node: Node, command: str, name: str) -> tuple[int | None, str]:

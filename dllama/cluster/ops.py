@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -9,8 +10,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from dllama.cluster import nodes as N
-from dllama.cluster.inventory import Cluster, Node
-from dllama.cluster.remote import runner_for
+from dllama.cluster.inventory import ROOT_DEFAULTS, Cluster, Node, resolve
+from dllama.cluster.remote import Result, runner_for
 from dllama.errors import DllamaError
 
 POWERS = [2 ** i for i in range(11)]
@@ -33,9 +34,16 @@ class Session:
             return list(pool.map(fn, nodes))
 
     def gather(self, timeout: float) -> None:
-        nodes = self.cluster.nodes
-        for node, facts in zip(nodes, self.parallel(lambda n: N.gather(self.runners[n.name], n, timeout), nodes)):
-            self.facts[node.name] = facts
+        """The nodes' facts; then what the inventory left unset, from the root's recorded settings."""
+        c = self.cluster
+        api = c.api_service or ROOT_DEFAULTS["api_service"]
+        found = self.parallel(lambda n: N.gather(self.runners[n.name], n, api, timeout), c.nodes)
+        self.facts = {node.name: facts for node, facts in zip(c.nodes, found)}
+        resolve(c, self.facts[c.root.name].recorded, {n: f.cpus for n, f in self.facts.items()})
+
+    def systemctl(self, node: Node, verb: str, unit: str) -> Result:
+        return self.runners[node.name].run(f"{N.sudo(self.facts[node.name])}systemctl {verb} {shlex.quote(unit)}",
+                                           timeout=60)
 
     def root_python(self) -> str:
         return self.facts[self.cluster.root.name].python or N.python_of(self.cluster.root)
@@ -61,7 +69,7 @@ def check_model(s: Session, n_nodes: int) -> None:
     """The model is on the root and splits over n_nodes (the partition rules, run where the model is)."""
     c = s.cluster
     if not c.model:
-        raise DllamaError(f"no model for the root {c.root.name}: set dllama_root_model in the inventory")
+        raise DllamaError(f"no model for the root {c.root.name}: set dllama_root_model in the inventory (or dllama_root_model_files, then run playbooks/deploy.yml)")
     code = ("import sys; from dllama.formats.loader import load_model; from dllama.model.partition import partition; "
             "from dllama.errors import DllamaError\ntry:\n    partition(load_model(sys.argv[1]).spec, int(sys.argv[2]))\n"
             "except DllamaError as e:\n    print(e); sys.exit(3)")
@@ -71,6 +79,8 @@ def check_model(s: Session, n_nodes: int) -> None:
         raise DllamaError(f"{c.model} on {c.root.name}: {r.out.strip()}")
     if not r.ok:
         raise DllamaError(f"cannot check the model on {c.root.name}: {(r.err.strip().splitlines() or ['?'])[-1]}")
+    if c.tokenizer and not s.runners[c.root.name].run(f"test -r {shlex.quote(c.tokenizer)}", timeout=20).ok:
+        raise DllamaError(f"tokenizer not found on {c.root.name}: {c.tokenizer} (dllama_root_tokenizer)")
 
 
 def port_in_use(s: Session, node: Node, port: int | None = None) -> bool:
@@ -83,7 +93,7 @@ def start_worker(s: Session, node: Node) -> int | None:
     facts, runner = s.facts[node.name], s.runners[node.name]
     if facts.systemd_unit:
         say(f"{node.name}: starting {node.service} (systemd)")
-        r = runner.run(f"{N.sudo(facts)}systemctl start {shlex.quote(node.service)}", timeout=60)
+        r = s.systemctl(node, "start", node.service)
         if not r.ok:
             raise DllamaError(f"{node.name}: systemctl start {node.service} failed: {r.err.strip()}")
         return None
@@ -120,7 +130,7 @@ def wait_ready(s: Session, expected: dict[str, int | None], timeout: float) -> N
             time.sleep(1.0)
 
 
-def root_command(c: Cluster, python: str, run: str, extra: list[str]) -> list[str]:
+def root_command(c: Cluster, python: str, run: str, extra: list[str], key_file: str = "") -> list[str]:
     args = [python, "-m", "dllama", run] if run != "api" else [
         python, "-c", "import sys; from dllama.cli import main_api; sys.exit(main_api())",
         "--host", c.api_host, "--port", str(c.api_port)]
@@ -129,6 +139,8 @@ def root_command(c: Cluster, python: str, run: str, extra: list[str]) -> list[st
         args += ["--tokenizer", c.tokenizer]
     if c.max_seq_len:
         args += ["--max-seq-len", str(c.max_seq_len)]
+    if key_file:
+        args += ["--cluster-key-file", key_file]
     if c.workers:
         args += ["--workers", *(w.endpoint for w in c.workers)]
     return args + list(extra)
@@ -153,6 +165,9 @@ def up(c: Cluster, run: str = "none", extra: list[str] = (), timeout: float = 12
             raise DllamaError(f"dllama is not installed on {', '.join(no_py)} (run playbooks/deploy.yml)")
         if run != "none" or c.model:
             check_model(s, len(c.nodes))
+        if run in ("inference", "chat") and s.facts[c.root.name].api_active:
+            raise DllamaError(f"{c.api_service} runs on {c.root.name} (systemd) and holds the workers: "
+                              "stop it first with `dllama cluster down`; nothing was started")
         busy = [w for w in c.workers if port_in_use(s, w)]
         answers = s.probe(busy)
         foreign = [f"{w.name}:{w.port}" for w in busy if "error" in answers.get(w.endpoint, {"error": ""})]
@@ -164,8 +179,10 @@ def up(c: Cluster, run: str = "none", extra: list[str] = (), timeout: float = 12
         started = to_start  # before starting: if one fails to start, the others are stopped again
         expected = dict(zip([w.name for w in to_start], s.parallel(lambda w: start_worker(s, w), to_start)))
         wait_ready(s, expected, timeout)
-        started = []  # ready: from here on they stay up whatever the root does
-        return run_root(s, run, list(extra))
+        rc = run_root(s, run, list(extra))
+        if rc == 0:
+            started = []  # the cluster works: the workers stay up for the next root
+        return rc
     finally:
         if started:
             say("stopping the workers started: " + ", ".join(w.name for w in started))
@@ -174,12 +191,18 @@ def up(c: Cluster, run: str = "none", extra: list[str] = (), timeout: float = 12
 
 
 def run_root(s: Session, run: str, extra: list[str]) -> int:
+    """Run what the root runs; 0 when it succeeded (the API: once it listens)."""
     c = s.cluster
-    argv = root_command(c, s.root_python(), run if run != "none" else "inference", extra)
-    line = " ".join(shlex.quote(a) for a in argv)
+    facts = s.facts[c.root.name]
+    key_file = c.root.cluster_key_file if facts.key else ""
+    argv = root_command(c, s.root_python(), run if run != "none" else "inference", extra, key_file)
     if run == "none":
+        line = " ".join(shlex.quote(a) for a in argv)
         say(f"workers ready. On {c.root.name}, run for example:\n  {line} --prompt 'Hello'")
         return 0
+    if run == "api" and facts.api_unit:
+        return start_api_unit(s)
+    line = " ".join(shlex.quote(a) for a in N.env_prefix(c.root, facts) + argv)
     if run == "api":
         pid, err = N.start_detached(s.runners[c.root.name], c.root, line, "root-api")
         if pid is None:
@@ -189,10 +212,34 @@ def run_root(s: Session, run: str, extra: list[str]) -> int:
         return 0
     say(f"{c.root.name}: running the root ({run})")
     if c.root.local:
-        return subprocess.call(argv)
+        env = dict(os.environ, NUMBA_CACHE_DIR=c.root.numba_cache_dir) if facts.cache_writable else None
+        return subprocess.call(argv, env=env)
     conn = s.runners[c.root.name].conn
     r = conn.run(line, warn=True, pty=run == "chat", in_stream=None if run == "chat" else False)
     return r.exited
+
+
+def start_api_unit(s: Session, timeout: float = 300) -> int:
+    """Start the API through its systemd unit and wait until it listens (it loads and streams the model)."""
+    c = s.cluster
+    if s.facts[c.root.name].api_active:
+        say(f"{c.root.name}: {c.api_service} already running (systemd)")
+        return 0
+    say(f"{c.root.name}: starting {c.api_service} (systemd)")
+    r = s.systemctl(c.root, "start", c.api_service)
+    if not r.ok:
+        raise DllamaError(f"{c.root.name}: systemctl start {c.api_service} failed: {r.err.strip()}")
+    deadline = time.monotonic() + timeout
+    while not port_in_use(s, c.root, c.api_port):
+        if not s.systemctl(c.root, "is-active --quiet", c.api_service).ok or time.monotonic() > deadline:
+            s.systemctl(c.root, "stop", c.api_service)
+            journal = s.runners[c.root.name].run(
+                f"{N.sudo(s.facts[c.root.name])}journalctl --no-pager -n 5 -u {shlex.quote(c.api_service)}").out
+            last = (journal.strip().splitlines() or ["no journal"])[-1]
+            raise DllamaError(f"{c.api_service} on {c.root.name} did not come up: {last}")
+        time.sleep(1.0)
+    say(f"{c.root.name}: API ready ({c.api_service}, systemd) on port {c.api_port}; its log: dllama cluster logs")
+    return 0
 
 
 def wait_api(s: Session, pid: int, timeout: float) -> None:
@@ -211,12 +258,24 @@ def wait_api(s: Session, pid: int, timeout: float) -> None:
 
 def stop_worker(s: Session, node: Node) -> str:
     facts = s.facts.get(node.name)
-    runner = s.runners[node.name]
-    result = N.stop_detached(runner, node, node.name)
+    result = N.stop_detached(s.runners[node.name], node, node.name)
     if facts is not None and facts.systemd_unit:
-        r = runner.run(f"{N.sudo(facts)}systemctl stop {shlex.quote(node.service)}", timeout=60)
-        result = "stopped (systemd)" if r.ok else f"systemctl stop failed: {r.err.strip()}"
+        result = _stop_unit(s, node, node.service)
     return result
+
+
+def stop_api(s: Session) -> str:
+    """Both ways the API runs: the systemd unit and a process started by `up --run api` without systemd."""
+    root = s.cluster.root
+    result = N.stop_detached(s.runners[root.name], root, "root-api")
+    if s.facts[root.name].api_unit:
+        result = _stop_unit(s, root, s.cluster.api_service)
+    return result
+
+
+def _stop_unit(s: Session, node: Node, unit: str) -> str:
+    r = s.systemctl(node, "stop", unit)
+    return "stopped (systemd)" if r.ok else f"systemctl stop {unit} failed: {r.err.strip()}"
 
 
 def down(c: Cluster, connect_timeout: float = 10) -> int:
@@ -230,7 +289,7 @@ def down(c: Cluster, connect_timeout: float = 10) -> int:
             if not s.facts[node.name].reachable:
                 return f"unreachable: {s.facts[node.name].error}"
             if node is c.root:
-                return "API " + N.stop_detached(s.runners[node.name], node, "root-api")
+                return "API " + stop_api(s)
             return "worker " + stop_worker(s, node)
 
         for node, result in zip(c.nodes, s.parallel(stop, c.nodes)):

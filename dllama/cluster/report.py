@@ -26,7 +26,7 @@ def status_rows(c: Cluster, connect_timeout: float = 10) -> tuple[list[tuple], l
             mem = f"{f.mem_free_mb} MB" if f.mem_free_mb is not None else "-"
             if node is c.root:
                 api = N.read_pid(s.runners[node.name], node, "root-api") if f.reachable else None
-                running = "api" if api and N.alive(s.runners[node.name], api) else "-"
+                running = "api(systemd)" if f.api_active else "api" if api and N.alive(s.runners[node.name], api) else "-"
                 rows.append((node.name, "root", _yes(f.reachable), running, "-", "-", mem, f.load or "-", "-"))
                 if not f.reachable:
                     unhealthy.append(f"{node.name}: unreachable ({f.error})")
@@ -61,9 +61,10 @@ def status(c: Cluster, connect_timeout: float = 10) -> int:
     return 1 if unhealthy else 0
 
 
-def log_command(node: Node, facts: N.Facts, lines: int, follow: bool, name: str) -> str:
-    if facts.systemd_unit and name == node.name:
-        return (f"journalctl --no-pager -n {lines} -u {shlex.quote(node.service)}" + (" -f" if follow else ""))
+def log_command(node: Node, facts: N.Facts, lines: int, follow: bool, name: str, unit: str = "") -> str:
+    """The journal of `unit` where systemd runs it, else the log file of the process `name`."""
+    if unit:
+        return f"{N.sudo(facts)}journalctl --no-pager -n {lines} -u {shlex.quote(unit)}" + (" -f" if follow else "")
     path = N.state_path(node, f"{name}.log")
     return f"tail -n {lines} {'-F ' if follow else ''}{path} 2>/dev/null || echo '(no log yet)'"
 
@@ -83,8 +84,10 @@ def logs(c: Cluster, lines: int = 50, follow: bool = False, connect_timeout: flo
         if not f.reachable:
             emit(node.name, f"(unreachable: {f.error})")
             return
-        log_name = "root-api" if node is c.root else node.name
-        cmd = log_command(node, f, lines, follow, log_name)
+        if node is c.root:
+            cmd = log_command(node, f, lines, follow, "root-api", c.api_service if f.api_unit else "")
+        else:
+            cmd = log_command(node, f, lines, follow, node.name, node.service if f.systemd_unit else "")
         if follow:
             s.runners[node.name].stream(cmd, lambda line: emit(node.name, line))
         else:

@@ -32,6 +32,7 @@ def deployed(ns_hosts):
     inv = ns_hosts.inventory(os.path.join(ns_hosts.workdir, "inventory.yml"), extra_vars={
         "dllama_root_model_files": [{"name": os.path.basename(model), "src": model,
                                      "size": os.path.getsize(model)}],
+        "dllama_cluster_key": nshosts.supports_cluster_key(),
     })
     t0 = time.monotonic()
     r = nshosts.run_playbook(ns_hosts, "deploy.yml", inv)

@@ -43,6 +43,13 @@ def model_file() -> str:
     return resolve_model("smollm2_135m_instruct")
 
 
+def supports_cluster_key() -> bool:
+    """The package being deployed knows --cluster-key-file: then the tests deploy with the cluster key
+    (the roles' default), otherwise with `dllama_cluster_key: false`."""
+    r = subprocess.run([sys.executable, "-m", "dllama", "worker", "--help"], capture_output=True, text=True)
+    return "--cluster-key-file" in r.stdout
+
+
 def missing_prerequisites() -> list[str]:
     """What this machine lacks to run namespace hosts (empty when all is there)."""
     missing = [] if os.geteuid() == 0 else ["root privileges"]
@@ -87,6 +94,7 @@ class TestHosts:
     prefix: str = field(default_factory=lambda: f"dlt{os.getpid() % 100000}")
     workdir: str = ""
     hosts: list[Host] = field(default_factory=list)
+    host_class = Host  # not a field: subclasses with other kinds of host set it
 
     @property
     def ctl_ns(self) -> str:
@@ -105,7 +113,7 @@ class TestHosts:
         shutil.copy(self.key + ".pub", os.path.join(self.workdir, "authorized_keys"))
         self._make_controller()
         for i in range(1, self.n_hosts + 1):
-            host = Host(f"node{i}", f"{self.prefix}h{i}", i, os.path.join(self.workdir, f"node{i}"))
+            host = self.host_class(f"node{i}", f"{self.prefix}h{i}", i, os.path.join(self.workdir, f"node{i}"))
             self.hosts.append(host)
             self._make_host(host)
         for host in self.hosts:
@@ -254,7 +262,7 @@ def ansible_tool(name: str) -> str | None:
 def run_playbook(hosts: TestHosts, playbook: str, inventory: str, *args: str, timeout: float = 600):
     """ansible-playbook from the controller namespace with the repo's ansible.cfg; returns the result."""
     env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"), ANSIBLE_HOST_KEY_CHECKING="False",
-               ANSIBLE_CONTROL_PATH_DIR=os.path.join(hosts.workdir, "cp"),
+               ANSIBLE_SSH_CONTROL_PATH_DIR=os.path.join(hosts.workdir, "cp"),
                ANSIBLE_LOCAL_TEMP=os.path.join(hosts.workdir, "ansible-tmp"), ANSIBLE_NOCOLOR="1",
                ANSIBLE_FORCE_COLOR="0", ANSIBLE_CALLBACKS_ENABLED="junit",
                JUNIT_OUTPUT_DIR=os.path.join(hosts.workdir, "junit"), JUNIT_TASK_CLASS="yes")

@@ -16,6 +16,7 @@ import time
 import pytest
 import yaml
 
+from . import nshosts
 from .nshosts import model_file
 
 pytestmark = [pytest.mark.deploy, pytest.mark.slow]
@@ -38,6 +39,7 @@ def cluster(deployed, tmp_path_factory):
     inv = hosts.inventory(os.path.join(hosts.workdir, "cluster.yml"), extra_vars={
         "dllama_root_model": "/opt/dllama/models/random-4kv.m", "dllama_root_tokenizer": tokenizer,
         "dllama_root_buffer_float_type": "f32", "dllama_cluster_state_dir": STATE,
+        "dllama_cluster_key": nshosts.supports_cluster_key(),
     })
     ref = subprocess.run([sys.executable, "-m", "dllama", "inference", "--model", root.path("/opt/dllama/models/random-4kv.m"),
                           "--tokenizer", model_file(), "--prompt", PROMPT, "--steps", str(STEPS),

@@ -26,10 +26,14 @@ PR_SET_NO_NEW_PRIVS = 38
 
 
 def read_service(path: str) -> dict:
+    """[Service] of the unit and its drop-ins (UNIT.d/*.conf, in name order, later keys win)."""
     cp = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
     cp.optionxform = str  # keys are case-sensitive in units
-    with open(path) as f:
-        cp.read_file(f)
+    dropins = path + ".d"
+    names = sorted(n for n in os.listdir(dropins) if n.endswith(".conf")) if os.path.isdir(dropins) else []
+    for p in [path, *(os.path.join(dropins, n) for n in names)]:
+        with open(p) as f:
+            cp.read_file(f)
     return dict(cp["Service"])
 
 

@@ -89,3 +89,56 @@ def test_status_table_aligns_columns():
             ("node22", "worker", "NO", "NO", "-", "9999", "-", "-", "-")]
     lines = format_table(rows).splitlines()
     assert lines[0].startswith("NODE    ROLE") and lines[2].startswith("node22  worker  NO")
+
+
+def _role_defaults(role: str) -> dict:
+    import yaml
+
+    with open(os.path.join(REPO, "roles", role, "defaults", "main.yml")) as f:
+        return yaml.safe_load(f)
+
+
+def test_cluster_fallbacks_are_the_roles_defaults():
+    """What `dllama cluster` assumes when neither the inventory nor the root says is what the roles do."""
+    root, worker, shared = (_role_defaults(r) for r in ("dllama_root", "dllama_worker", "dllama_cluster"))
+    assert I.ROOT_DEFAULTS["buffer_float_type"] == root["dllama_root_buffer_float_type"]
+    assert I.ROOT_DEFAULTS["api_host"] == root["dllama_root_api_host"]
+    assert I.ROOT_DEFAULTS["api_port"] == root["dllama_root_api_port"]
+    assert I.ROOT_DEFAULTS["api_service"] == root["dllama_root_api_service"]
+    node = I.make_node("w", {"dllama_address": "10.0.0.2"})
+    assert node.port == worker["dllama_worker_port"] and node.service == worker["dllama_worker_service"]
+    assert node.cluster_key_file == shared["dllama_cluster_key_file"] and node.cluster_key is shared["dllama_cluster_key"]
+    # The roles' thread default is the host's CPU count: `dllama cluster` leaves it to the node too.
+    assert "processor_vcpus" in worker["dllama_worker_threads"] and node.threads is None
+
+
+def test_unset_and_templated_values_come_from_the_root_then_the_defaults():
+    hostvars = {
+        "r": {"dllama_address": "10.0.0.1", "dllama_root_model": "{{ dllama_root_model_dir }}/m.m",
+              "dllama_root_buffer_float_type": "f32"},
+        "w": {"dllama_address": "10.0.0.2", "dllama_worker_threads": 2},
+        "v": {"dllama_address": "10.0.0.3", "dllama_worker_threads": "{{ ansible_facts.processor_vcpus }}"},
+        "x": {"dllama_address": "10.0.0.4", "dllama_cluster_key": False},
+    }
+    c = I.make_cluster({I.ROOT_GROUP: ["r"], I.WORKER_GROUP: ["w", "v", "x"]}, hostvars, "inv")
+    assert c.model is None  # a Jinja expression is Ansible's to evaluate, not ours
+    I.resolve(c, {"model": "/opt/dllama/models/m.m", "tokenizer": "", "threads": 3, "buffer_float_type": "q80",
+                  "api_port": 9000}, {"r": 8, "w": 4, "v": 6, "x": None})
+    assert (c.model, c.tokenizer, c.root_threads, c.buffer_float_type) == ("/opt/dllama/models/m.m", "", 3, "f32")
+    assert (c.api_port, c.api_service, c.max_seq_len) == (9000, "dllama-api", None)
+    assert [w.threads for w in c.workers] == [2, 6, 1]
+    assert [w.cluster_key for w in c.workers] == [True, True, False]
+    # Nothing recorded on the root (not deployed by the roles): the node's CPU count, the roles' defaults.
+    c = I.make_cluster({I.ROOT_GROUP: ["r"], I.WORKER_GROUP: ["w"]}, hostvars, "inv")
+    I.resolve(c, {}, {"r": 8})
+    assert (c.model, c.root_threads, c.api_port) == ("", 8, 9990)
+
+
+def test_root_command_passes_the_key_file_only_when_given():
+    c = I.make_cluster({I.ROOT_GROUP: ["r"], I.WORKER_GROUP: ["w"]},
+                       {"r": {"dllama_address": "10.0.0.1", "dllama_root_model": "m.m", "dllama_root_threads": 2},
+                        "w": {"dllama_address": "10.0.0.2"}}, "inv")
+    I.resolve(c, {}, {})
+    with_key = root_command(c, "py", "inference", [], "/etc/dllama/cluster.key")
+    assert with_key[with_key.index("--cluster-key-file") + 1] == "/etc/dllama/cluster.key"
+    assert "--cluster-key-file" not in root_command(c, "py", "inference", [])

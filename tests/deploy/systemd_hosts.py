@@ -1,0 +1,131 @@
+"""Test hosts that boot systemd as PID 1: one `systemd-nspawn --boot` container per network namespace.
+
+The network is nshosts' (a controller namespace with two bridges, each host's eth0 with its management
+address and an unconfigured eth1). Each container's root is an overlay: this machine's / read-only below,
+a tmpfs above that takes every write, so the playbooks install into their real paths (/opt, /etc/systemd)
+and nothing reaches this machine's files. Before boot the tmpfs gets the host's name, SSH key, an empty
+resolv.conf and masks for this machine's own services (a database, timers) that a test host must not run.
+
+Teardown: SIGTERM to systemd-nspawn (the container powers off), SIGKILL of the container's init if that
+takes too long, then the mounts and the namespace go.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+from . import nshosts
+from .nshosts import Host, TestHosts, _run
+
+NSPAWN = "systemd-nspawn"
+# This machine's enabled services that have no business in a test host.
+MASKED = ("postgresql.service", "e2scrub_reap.service", "apt-daily.timer", "apt-daily-upgrade.timer",
+          "man-db.timer", "dpkg-db-backup.timer", "e2scrub_all.timer", "fstrim.timer",
+          "systemd-timesyncd.service", "getty@tty1.service")
+
+
+def missing_prerequisites() -> list[str]:
+    missing = nshosts.missing_prerequisites()
+    missing += [] if shutil.which(NSPAWN) else [f"{NSPAWN} (apt package systemd-container)"]
+    return missing
+
+
+class SystemdHost(Host):
+    def path(self, inside: str) -> str:
+        """The controller-side path of any file the host sees at `inside` (its merged root)."""
+        return os.path.join(self.workdir, "root") + inside
+
+
+@dataclass
+class SystemdHosts(TestHosts):
+    """Like TestHosts, but each host is a booted systemd container."""
+
+    # Names of its own: nshosts' hosts of the same test run (a session fixture) may be up beside these.
+    prefix: str = field(default_factory=lambda: f"dls{os.getpid() % 100000}")
+    host_class = SystemdHost
+
+    def _make_host_dirs(self, host: Host) -> None:
+        upper_fs, merged = os.path.join(host.workdir, "rw"), host.path("")
+        os.makedirs(upper_fs)
+        os.makedirs(merged)
+        # The upper layer on a file system of its own: overlayfs refuses an upper directory inside its lower.
+        _run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", upper_fs])
+        os.makedirs(os.path.join(upper_fs, "upper"))
+        os.makedirs(os.path.join(upper_fs, "work"))
+        _run(["mount", "-t", "overlay", "overlay", "-o",
+              f"lowerdir=/,upperdir={upper_fs}/upper,workdir={upper_fs}/work", merged])
+
+        def write(inside: str, text: str, mode: int = 0o644) -> None:
+            path = host.path(inside)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text)
+            os.chmod(path, mode)
+
+        write("/etc/hostname", host.name + "\n")
+        write("/etc/hosts", f"127.0.0.1 localhost\n{host.mgmt_ip} {host.name}\n")
+        write("/etc/resolv.conf", "")  # no nameserver: lookups fail at once instead of timing out
+        with open(self.key + ".pub") as f:
+            write("/root/.ssh/authorized_keys", f.read(), 0o600)
+        # A plain shell for root: this machine's shell start-up files (a pyenv rehash under a lock that
+        # every container shares through the lower layer) made each SSH command wait a minute.
+        for name in ("/root/.bashrc", "/root/.profile"):
+            write(name, "")
+        write("/etc/ssh/sshd_config.d/dllama-test.conf",
+              f"ListenAddress {host.mgmt_ip}\nUseDNS no\nMaxSessions 50\nMaxStartups 50\n")
+        for unit in MASKED:
+            link = host.path(f"/etc/systemd/system/{unit}")
+            if os.path.lexists(link):
+                os.unlink(link)
+            os.symlink("/dev/null", link)
+        shutil.rmtree(host.path("/etc/network/interfaces.d"), ignore_errors=True)
+        os.makedirs(host.path("/etc/network/interfaces.d"))
+
+    def _start_sshd(self, host: Host) -> None:
+        """Boot the container: its systemd starts sshd (ssh.service)."""
+        host.sshd_log = os.path.join(self.workdir, f"{host.name}-boot.log")
+        with open(host.sshd_log, "w") as log:
+            # nspawn mounts the container's /sys from its own: that must be a sysfs mounted inside the
+            # namespace (showing the host's interfaces, not this machine's), with this machine's cgroup
+            # file systems moved over to it (nspawn needs them). CAP_NET_ADMIN: nspawn keeps it only for a
+            # network it makes itself, and the firewall role needs it, as on a real host.
+            cg = os.path.join(host.workdir, "cgroup")
+            os.makedirs(cg)
+            nspawn = [NSPAWN, "--quiet", "--boot", "--register=no", "--keep-unit", f"--machine={host.netns}",
+                      f"--directory={host.path('/')}", f"--network-namespace-path=/run/netns/{host.netns}",
+                      "--capability=CAP_NET_ADMIN", "--console=read-only"]
+            script = (f"mount --rbind /sys/fs/cgroup {cg} && umount -l /sys && mount -t sysfs sysfs /sys && "
+                      f"mount --move {cg} /sys/fs/cgroup && exec {' '.join(nspawn)}")
+            host.proc = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{host.netns}", "unshare", "--mount", "--propagation", "private",
+                 "sh", "-c", script],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+
+    def _wait_ssh(self, host: Host, timeout: float = 90.0) -> None:
+        super()._wait_ssh(host, timeout)
+
+    def stop(self) -> None:
+        for host in self.hosts:
+            if host.proc is not None and host.proc.poll() is None:
+                host.proc.send_signal(signal.SIGTERM)
+        for host in self.hosts:
+            if host.proc is None:
+                continue
+            try:
+                host.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                init = _run(["pgrep", "-P", str(host.proc.pid)], check=False).stdout.split()
+                for pid in init:
+                    os.kill(int(pid), signal.SIGKILL)  # PID 1 of the container: its namespace goes with it
+                host.proc.kill()
+                host.proc.wait(timeout=10)
+        for host in self.hosts:
+            for mount in ("root", "rw"):
+                _run(["umount", "-l", os.path.join(host.workdir, mount)], check=False)
+        super().stop()
