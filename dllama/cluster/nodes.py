@@ -69,7 +69,7 @@ def gather(runner, node: Node, timeout: float = 20) -> Facts:
 
 
 def worker_command(node: Node, facts: Facts) -> str:
-    args = [facts.python, "-m", "dllama", "worker", "--host", "0.0.0.0", "--port", str(node.port),
+    args = [facts.python, "-m", "dllama", "worker", "--host", node.bind, "--port", str(node.port),
             "--nthreads", str(node.threads)]
     # `env`, not a VAR=value prefix: the command goes after `nohup setsid`, which execs its argument.
     env = ["env", f"NUMBA_CACHE_DIR={node.numba_cache_dir}"] if facts.cache_writable else []

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 
 UNIT = "/etc/systemd/system/dllama-worker.service"
 VENV = "/opt/dllama/venv"
-PORT = 9999
+PORT = 9998
 
 
 def again(hosts, inv, playbook="deploy.yml", *args):
@@ -45,24 +45,17 @@ def test_package_imports_on_each_host(deployed):
             f"numba cache on {host.name} is empty"
 
 
-def test_static_address_is_configured_by_ifupdown(deployed):
+def test_static_address_is_added_beside_the_management_address(deployed):
     hosts, _ = deployed
     for host in hosts.hosts:
-        r = hosts.ssh(host, "ip -4 -o addr show dev eth1")
-        assert f"inet {host.cluster_ip}/24" in r.stdout, r.stdout
-        with open(host.path("/etc/network/interfaces.d/dllama-eth1")) as f:
+        # The hosts have one interface: Ansible came in through it and it still answers on both addresses.
+        r = hosts.ssh(host, "ip -4 -o addr show dev eth0")
+        assert f"inet {host.mgmt_ip}/24" in r.stdout and f"inet {host.cluster_ip}/24" in r.stdout, r.stdout
+        with open(host.path("/etc/network/interfaces.d/dllama-eth0")) as f:
             stanza = f.read()
-        assert "auto eth1" in stanza and f"address {host.cluster_ip}/24" in stanza
-
-
-def test_static_address_survives_a_reboot(deployed):
-    hosts, inv = deployed
-    # What a reboot does with ifupdown: interfaces down, then networking.service runs `ifup -a`.
-    node = hosts.hosts[1]
-    hosts.ssh(node, "ifdown eth1")
-    assert node.cluster_ip not in hosts.ssh(node, "ip -4 -o addr show dev eth1").stdout
-    hosts.ssh(node, "ifup -a")
-    assert f"inet {node.cluster_ip}/24" in hosts.ssh(node, "ip -4 -o addr show dev eth1").stdout
+        assert "auto eth0" in stanza and f"address {host.cluster_ip}/24" in stanza
+        with open(host.path("/etc/network/interfaces")) as f:
+            assert f"iface eth0 inet static\n    address {host.mgmt_ip}/24" in f.read()
 
 
 def test_worker_unit_is_valid_hardened_and_enabled(deployed):
@@ -140,9 +133,10 @@ def test_second_run_changes_nothing(deployed):
     counts = nshosts.recap(r.stdout)
     assert set(counts) == {"node1", "node2"}
     assert all(c["changed"] == 0 and c["failed"] == 0 for c in counts.values()), r.stdout[-6000:]
-    # The re-applied static_ip role left the addresses in place.
+    # The re-applied static_ip role left both addresses in place.
     for host in hosts.hosts:
-        assert f"inet {host.cluster_ip}/24" in hosts.ssh(host, "ip -4 -o addr show dev eth1").stdout
+        out = hosts.ssh(host, "ip -4 -o addr show dev eth0").stdout
+        assert f"inet {host.cluster_ip}/24" in out and f"inet {host.mgmt_ip}/24" in out, out
 
 
 def test_check_mode_is_clean(deployed):
@@ -153,27 +147,58 @@ def test_check_mode_is_clean(deployed):
         r.stdout[-6000:]
 
 
+def ini(path: str) -> configparser.ConfigParser:
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str
+    assert cp.read(path), f"{path} is missing"
+    return cp
+
+
 def test_other_network_stacks_render_their_files(deployed):
     hosts, inv = deployed
     node = hosts.hosts[1]
+    # The management interface eth0 as networkd would run it (DHCP), and a dedicated interface eth1.
+    os.makedirs(node.path("/etc/systemd/network"), exist_ok=True)
+    with open(node.path("/etc/systemd/network/20-wired.network"), "w") as f:
+        f.write("[Match]\nName=eth0 en*\n\n[Network]\nDHCP=yes\n")
+    nshosts._run(["ip", "-n", node.netns, "link", "add", "eth1", "type", "dummy"])
     # One run applies the role once per stack (tests/deploy/render_stacks.yml); without a running systemd
     # their handlers (nmcli, networkctl, dhcpcd restart) are skipped, so only the files are checked.
     play = os.path.join(os.path.dirname(os.path.abspath(__file__)), "render_stacks.yml")
     r = nshosts.run_playbook(hosts, play, inv, "--limit", node.name)
     assert r.returncode == 0, r.stdout[-4000:]
-    networkd = configparser.ConfigParser(strict=False)
-    networkd.optionxform = str
-    networkd.read(node.path("/etc/systemd/network/10-dllama-eth1.network"))
-    assert networkd["Match"]["Name"] == "eth1" and networkd["Network"]["Address"] == f"{node.cluster_ip}/24"
+    net = "/etc/systemd/network"
+    # networkd: a drop-in for the file that runs eth0, no file of its own that would sort first and win.
+    dropin = ini(node.path(f"{net}/20-wired.network.d/50-dllama.conf"))
+    assert dropin["Network"]["Address"] == f"{node.cluster_ip}/24"
+    assert not os.path.exists(node.path(f"{net}/10-dllama-eth0.network"))
+    own = ini(node.path(f"{net}/10-dllama-eth1.network"))
+    assert own["Match"]["Name"] == "eth1" and own["Network"]["Address"] == "10.213.2.12/24"
+    # dhcpcd: eth0 keeps DHCP (a hook adds the address), eth1 gets a static block.
     with open(node.path("/etc/dhcpcd.conf")) as f:
         dhcpcd = f.read()
-    assert f"interface eth1\nstatic ip_address={node.cluster_ip}/24\n" in dhcpcd
+    assert "interface eth0" not in dhcpcd and "interface eth1\nstatic ip_address=10.213.2.12/24\n" in dhcpcd
+    with open(node.path("/etc/dhcpcd.exit-hook")) as f:
+        assert f"ip addr replace {node.cluster_ip}/24 dev eth0" in f.read()
+    # NetworkManager: a profile only for the dedicated interface, not one that outranks the DHCP profile.
     keyfile = node.path("/etc/NetworkManager/system-connections/dllama-eth1.nmconnection")
     assert os.stat(keyfile).st_mode & 0o777 == 0o600  # NetworkManager ignores keyfiles others can read
-    nm = configparser.ConfigParser(strict=False)
-    nm.read(keyfile)
+    nm = ini(keyfile)
     assert nm["connection"]["interface-name"] == "eth1" and nm["ipv4"]["method"] == "manual"
-    assert nm["ipv4"]["address1"] == f"{node.cluster_ip}/24"
+    assert nm["ipv4"]["address1"] == "10.213.2.12/24" and "autoconnect-priority" not in nm["connection"]
+    assert not os.path.exists(node.path("/etc/NetworkManager/system-connections/dllama-eth0.nmconnection"))
+
+
+def test_networkmanager_never_gets_a_new_profile_for_the_management_interface(deployed):
+    hosts, inv = deployed
+    node = hosts.hosts[1]
+    # No NetworkManager runs here, so it cannot say which connection runs eth0: the role must refuse
+    # rather than write a profile of its own for the interface Ansible comes in through.
+    r = nshosts.run_playbook(hosts, "network.yml", inv, "--limit", node.name, "-e", "static_ip_stack=networkmanager")
+    assert r.returncode != 0
+    assert "the address is added to an existing connection, never put in a new profile" in " ".join(r.stdout.split())
+    assert not os.path.exists(node.path("/etc/NetworkManager/system-connections/dllama-eth0.nmconnection"))
+    assert f"inet {node.mgmt_ip}/24" in hosts.ssh(node, "ip -4 -o addr show dev eth0").stdout
 
 
 def test_update_pushes_a_new_build(deployed, tmp_path):
