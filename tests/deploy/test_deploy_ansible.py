@@ -147,6 +147,29 @@ def test_check_mode_is_clean(deployed):
         r.stdout[-6000:]
 
 
+def test_interrupted_or_damaged_install_is_repaired(deployed):
+    hosts, inv = deployed
+    root, worker = hosts.hosts
+    # The worker as a run killed right after the wheel copy leaves it: the archive is there, unpacked
+    # and installed is nothing. The root's package was damaged by hand since.
+    hosts.ssh(worker, f"rm -rf /opt/dllama/wheels && {VENV}/bin/pip uninstall --quiet --yes dllama")
+    hosts.ssh(root, f"echo 'raise ImportError(\"damaged\")' > $({VENV}/bin/python -c "
+                    f"'import dllama, os; print(os.path.dirname(dllama.__file__))')/__init__.py")
+    for host in hosts.hosts:
+        assert hosts.ssh(host, f"{VENV}/bin/python -c 'import dllama'", check=False).returncode != 0
+    r = again(hosts, inv)
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert all(c["changed"] > 0 for c in nshosts.recap(r.stdout).values()), r.stdout[-4000:]
+    import dllama
+
+    for host in hosts.hosts:
+        out = hosts.ssh(host, f"{VENV}/bin/python -c 'import dllama, numba; print(dllama.__version__)'").stdout
+        assert out.strip() == dllama.__version__
+    # Repaired for good: the next run finds nothing to do.
+    r = again(hosts, inv)
+    assert all(c["changed"] == 0 for c in nshosts.recap(r.stdout).values()), r.stdout[-4000:]
+
+
 def ini(path: str) -> configparser.ConfigParser:
     cp = configparser.ConfigParser(strict=False, interpolation=None)
     cp.optionxform = str
