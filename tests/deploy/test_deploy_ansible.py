@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import os
 import re
+import shlex
 import time
 
 import pytest
@@ -170,6 +171,28 @@ def test_interrupted_or_damaged_install_is_repaired(deployed):
     assert all(c["changed"] == 0 for c in nshosts.recap(r.stdout).values()), r.stdout[-4000:]
 
 
+def test_node_care_units_are_valid_enabled_and_idempotent(deployed):
+    hosts, inv = deployed
+    node = hosts.hosts[1]
+    play = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node_care.yml")
+    r = nshosts.run_playbook(hosts, play, inv)
+    assert r.returncode == 0, r.stdout[-4000:]
+    for unit, target in (("dllama-zram", "swap"), ("dllama-cpu-governor", "multi-user")):
+        path = f"/etc/systemd/system/{unit}.service"
+        verify = hosts.ssh(node, f"systemd-analyze verify {path}", check=False)
+        assert verify.returncode == 0, verify.stderr
+        assert os.path.islink(node.path(f"/etc/systemd/system/{target}.target.wants/{unit}.service"))
+    svc = ini(node.path("/etc/systemd/system/dllama-zram.service"))["Service"]
+    # systemd turns $$ into $: what the shell then runs must be a valid script.
+    script = svc["ExecStart"].split("-c ", 1)[1].strip("'").replace("$$", "$")
+    assert hosts.ssh(node, f"sh -n -c {shlex.quote(script)}", check=False).returncode == 0
+    assert "--size " in script and "swapon --priority 100" in script
+    if os.path.exists("/lib/systemd/systemd-timesyncd"):
+        assert "NTP=10.213.0.1" in open(node.path("/etc/systemd/timesyncd.conf.d/dllama.conf")).read()
+    again_r = nshosts.run_playbook(hosts, play, inv)
+    assert nshosts.recap(again_r.stdout)[node.name]["changed"] == 0, again_r.stdout[-4000:]
+
+
 def ini(path: str) -> configparser.ConfigParser:
     cp = configparser.ConfigParser(strict=False, interpolation=None)
     cp.optionxform = str
@@ -252,12 +275,20 @@ def test_update_pushes_a_new_build(deployed, tmp_path):
         assert out.strip() == marker
 
 
+HUGE = {"name": "huge.m", "url": "http://127.0.0.1:9/huge.m", "size": 10**14}  # never fetched: preflight stops
 BAD_INVENTORIES = {
     "worker without address": ({"node2": {"dllama_address": None}}, "dllama_address is not set for node2"),
     "duplicate addresses": ({"node2": {"dllama_address": "10.213.1.11"}},
                             "dllama_address 10.213.1.11 is set for more than one host: node1, node2"),
     "node count": ({"node3": {"dllama_address": "10.213.1.13"}}, "= 3 nodes, but the node count must be"),
     "port out of range": ({"node2": {"dllama_worker_port": 70000}}, "dllama_worker_port of node2 is 70000"),
+    # Host checks: the hosts' real Python and memory, against a raised bar or an impossible model.
+    "python too old": ({"node2": {"preflight_min_python": "3.99"}},
+                       "dllama_python /usr/bin/python3 on node2 is Python 3."),
+    "model larger than memory": ({"all": {"dllama_root_model_files": [HUGE]}},
+                                 "its share of the model in dllama_root_model_files is about 47683716 MiB"),
+    "model larger than the disk": ({"all": {"dllama_root_model_files": [HUGE], "preflight_memory": "ignore"}},
+                                   "the model files in dllama_root_model_files take 95367432 MiB"),
 }
 
 
@@ -271,7 +302,7 @@ def test_bad_inventory_fails_in_preflight(ns_hosts, case):
         inv = yaml.safe_load(f)
     workers = inv["all"]["children"]["dllama_workers"]["hosts"]
     for name, values in changes.items():
-        entry = workers.setdefault(name, {"ansible_host": "10.213.0.99"})
+        entry = inv["all"]["vars"] if name == "all" else workers.setdefault(name, {"ansible_host": "10.213.0.99"})
         for key, value in values.items():
             if value is None:
                 entry.pop(key, None)

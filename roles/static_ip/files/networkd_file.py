@@ -31,18 +31,39 @@ def from_networkd(iface: str) -> str | None:
     return None
 
 
+def link_type(iface: str) -> str:
+    sys_dir = f"/sys/class/net/{iface}"
+    if os.path.isdir(f"{sys_dir}/wireless"):
+        return "wlan"
+    try:
+        with open(f"{sys_dir}/type") as f:
+            return {"1": "ether", "772": "loopback"}.get(f.read().strip(), "other")
+    except OSError:
+        return "other"
+
+
+def globs_match(patterns: str, value: str) -> bool:
+    negate = patterns.startswith("!")
+    hit = any(fnmatch.fnmatchcase(value, g) for g in patterns.lstrip("!").split())
+    return hit != negate
+
+
 def matches(path: str, iface: str) -> bool:
+    """Name= and Type= are evaluated; a Kind= (bridge, tunnel, ...) never fits the plain interface a
+    cluster uses; any other key counts as matching, so an unsure answer leads to a drop-in."""
     cp = configparser.ConfigParser(strict=False, interpolation=None)
     try:
         cp.read(path)
     except configparser.Error:
         return False
-    if not cp.has_section("Match"):
-        return True
-    names = cp["Match"].get("Name")
-    if names is None:
-        return len(cp["Match"]) > 0
-    return any(fnmatch.fnmatchcase(iface, glob) for glob in names.split())
+    m = cp["Match"] if cp.has_section("Match") else {}
+    if "Kind" in m:
+        return False
+    if "Name" in m and not globs_match(m["Name"], iface):
+        return False
+    if "Type" in m and not globs_match(m["Type"], link_type(iface)):
+        return False
+    return True
 
 
 def from_files(iface: str) -> str | None:
