@@ -207,7 +207,7 @@ def test_other_network_stacks_render_their_files(deployed):
     os.makedirs(node.path("/etc/systemd/network"), exist_ok=True)
     with open(node.path("/etc/systemd/network/20-wired.network"), "w") as f:
         f.write("[Match]\nName=eth0 en*\n\n[Network]\nDHCP=yes\n")
-    nshosts._run(["ip", "-n", node.netns, "link", "add", "eth1", "type", "dummy"])
+    nshosts._run(["ip", "-n", node.netns, "link", "add", "eth1", "type", "veth", "peer", "name", "eth1peer"])
     # One run applies the role once per stack (tests/deploy/render_stacks.yml); without a running systemd
     # their handlers (nmcli, networkctl, dhcpcd restart) are skipped, so only the files are checked.
     play = os.path.join(os.path.dirname(os.path.abspath(__file__)), "render_stacks.yml")

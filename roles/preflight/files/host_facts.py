@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """What preflight needs to know about a host, as one JSON line (standard library; any Python 3).
 
-    host_facts.py PATH
+    host_facts.py DIR [NAME...]
 
-PATH: where the model files will go; its free space is measured on the nearest existing parent.
+DIR: where the model files go; its free space is measured on the nearest existing parent, and the
+files NAME already there are counted (a re-run overwrites them in place of needing more space).
 """
 
 import json
@@ -54,5 +55,7 @@ print(json.dumps({
     "python": "%d.%d" % sys.version_info[:2],
     "mem_available": mem_available(),
     "disk_free": disk_free(sys.argv[1]),
+    "present": sum(os.path.getsize(os.path.join(sys.argv[1], n)) for n in sys.argv[2:]
+                   if os.path.isfile(os.path.join(sys.argv[1], n))),
     "clock_synced": clock_synced(),
 }))
