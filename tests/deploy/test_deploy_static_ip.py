@@ -48,8 +48,18 @@ def network(hosts, name: str, host_vars: dict | None = None, **extra):
 def test_address_is_added_beside_the_management_address(one_host):
     node = one_host.hosts[0]
     main_before = open(node.path("/etc/network/interfaces")).read()
-    r = network(one_host, "add")
+    # Every address change on the host while the play runs: the management address must never go, not
+    # even for the moment an `ifdown; ifup` takes (with DHCP that moment loses the lease and the host).
+    one_host.ssh(node, "nohup setsid ip monitor address >/run/addr-events 2>&1 </dev/null & "
+                       "echo $! > /run/addr-monitor.pid")
+    try:
+        r = network(one_host, "add")
+    finally:
+        one_host.ssh(node, "kill $(cat /run/addr-monitor.pid)", check=False)
     assert r.returncode == 0, r.stdout[-4000:]
+    events = open(node.path("/run/addr-events")).read()
+    assert not [e for e in events.splitlines() if e.startswith("Deleted") and node.mgmt_ip in e], events
+    assert f"inet {node.cluster_ip}/24" in events  # the monitor saw the run's own change
     out = addresses(one_host, node)
     assert f"inet {node.mgmt_ip}/24" in out and f"inet {node.cluster_ip}/24" in out, out
     assert open(node.path("/etc/network/interfaces")).read() == main_before
