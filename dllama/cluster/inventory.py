@@ -20,6 +20,9 @@ from dllama.errors import DllamaError
 ROOT_GROUP, WORKER_GROUP = "dllama_root", "dllama_workers"
 
 
+# `dllama worker`'s own default, as in the reference's docs; the roles use the same.
+DEFAULT_WORKER_PORT = 9998
+
 @dataclass
 class Node:
     name: str
@@ -29,7 +32,8 @@ class Node:
     ssh_port: int = 22
     ssh_key: str | None = None
     local: bool = False          # ansible_connection: local -> run on this machine, no SSH
-    port: int = 9999             # the worker's port
+    port: int = DEFAULT_WORKER_PORT
+    bind: str = "0.0.0.0"        # the address the worker listens on (dllama_worker_host)
     threads: int | None = None   # None: the node's CPU count
     install_dir: str = "/opt/dllama"
     venv: str = ""
@@ -88,14 +92,15 @@ def make_node(name: str, v: dict) -> Node:
     address = v.get("dllama_address") or ("127.0.0.1" if local else None)
     if not address:
         raise DllamaError(f"dllama_address is not set for {name}")
-    port = _int(v.get("dllama_worker_port", 9999), "dllama_worker_port", name)
+    port = _int(v.get("dllama_worker_port", DEFAULT_WORKER_PORT), "dllama_worker_port", name)
     if not 0 < port < 65536:
         raise DllamaError(f"dllama_worker_port of {name} is {port}, not a port in 1-65535")
     return Node(
         name=name, address=str(address), ssh_host=str(v.get("ansible_host", name)),
         ssh_user=v.get("ansible_user"), ssh_port=_int(v.get("ansible_port", 22), "ansible_port", name),
         ssh_key=v.get("ansible_ssh_private_key_file") or v.get("ansible_private_key_file"), local=local,
-        port=port, threads=_opt_int(v, "dllama_worker_threads", name),
+        port=port, bind=str(v.get("dllama_worker_host", "0.0.0.0")),
+        threads=_opt_int(v, "dllama_worker_threads", name),
         install_dir=install_dir, venv=v.get("dllama_venv", f"{install_dir}/venv"),
         numba_cache_dir=v.get("dllama_numba_cache_dir", f"{install_dir}/numba-cache"),
         service=v.get("dllama_worker_service", "dllama-worker"),
@@ -225,10 +230,13 @@ def from_hosts(items: list[str], model: str | None = None, threads: int | None =
         if sep and not port.isdigit():
             raise DllamaError(f"--hosts: {item!r} is not [USER@]HOST[:PORT]")
         local = host in ("localhost", "127.0.0.1")
-        v = {"ansible_host": host, "dllama_address": host, "dllama_worker_port": int(port) if sep else 9999,
+        v = {"ansible_host": host, "dllama_address": host,
+             "dllama_worker_port": int(port) if sep else DEFAULT_WORKER_PORT,
              "ansible_connection": "local" if local else "ssh"}
         if threads is not None:
             v["dllama_worker_threads"] = threads
+        if local:
+            v["dllama_worker_host"] = "127.0.0.1"
         if user:
             v["ansible_user"] = user
         nodes.append(make_node(f"{host}:{port}" if sep else host, v))

@@ -106,12 +106,12 @@ def env_prefix(node: Node, facts: Facts) -> list[str]:
 
 
 def listen_address(node: Node) -> str:
-    """A node on loopback (the local demo) listens there only; any other on every address, so the
-    worker is up before the cluster address is."""
+    """A node on loopback (the local demo) listens there only; any other where the inventory says
+    (`dllama_worker_host`, default every address, so the worker is up before the cluster address is)."""
     try:
-        return node.address if ipaddress.ip_address(node.address).is_loopback else "0.0.0.0"
+        return node.address if ipaddress.ip_address(node.address).is_loopback else node.bind
     except ValueError:  # a host name
-        return node.address if node.address == "localhost" else "0.0.0.0"
+        return node.bind
 
 
 def worker_command(node: Node, facts: Facts) -> str:

@@ -13,10 +13,12 @@ from .nshosts import model_file, require
 
 @pytest.fixture(scope="session")
 def ns_hosts():
-    """Two SSH test hosts in network namespaces; torn down at the end of the session, also on failure."""
+    """Two SSH test hosts in network namespaces, each with a single interface that carries both the
+    management address Ansible connects through and the cluster address; torn down at the end of the
+    session, also on failure."""
     missing = nshosts.missing_prerequisites()
     require(not missing, "namespace test hosts need " + ", ".join(missing))
-    hosts = nshosts.TestHosts(n_hosts=2)
+    hosts = nshosts.TestHosts(n_hosts=2, single_interface=True)
     try:
         hosts.start()
         yield hosts

@@ -6,6 +6,11 @@ Layout (all addresses exist only inside the namespaces created here):
     host i ns      <prefix>hi  eth0 10.213.0.(10+i)/24               eth1 left unconfigured: the
                                                                      static_ip role gives it 10.213.1.(10+i)
 
+With single_interface=True (as a Raspberry Pi with one Ethernet port) there is no eth1 and no br1: br0
+carries both networks, and the static_ip role adds 10.213.1.(10+i) to eth0, the very interface SSH
+comes in through. eth0's management address is then configured by the host's own
+/etc/network/interfaces and brought up with `ifup`, so ifupdown owns it as it would on a real host.
+
 Each host runs `sshd -D` inside `unshare --mount --uts --pid --fork --kill-child --mount-proc`, with
 per-host copies bind-mounted over /etc, /opt, /run and /var/log, so playbooks keep their real paths and
 the hosts do not see each other's files or processes. Teardown is SIGKILL of the `unshare` process
@@ -91,6 +96,7 @@ class Host:
 @dataclass
 class TestHosts:
     n_hosts: int = 2
+    single_interface: bool = False
     prefix: str = field(default_factory=lambda: f"dlt{os.getpid() % 100000}")
     workdir: str = ""
     hosts: list[Host] = field(default_factory=list)
@@ -99,6 +105,10 @@ class TestHosts:
     @property
     def ctl_ns(self) -> str:
         return f"{self.prefix}c"
+
+    @property
+    def cluster_interface(self) -> str:
+        return "eth0" if self.single_interface else "eth1"
 
     @property
     def key(self) -> str:
@@ -137,21 +147,25 @@ class TestHosts:
         _run(["ip", "netns", "add", ns])
         sh = ["ip", "-n", ns]
         _run(sh + ["link", "set", "lo", "up"])
-        for br, net in (("br0", MGMT_NET), ("br1", CLUSTER_NET)):
+        bridges = ["br0"] if self.single_interface else ["br0", "br1"]
+        for br in bridges:
             _run(sh + ["link", "add", br, "type", "bridge"])
-            _run(sh + ["addr", "add", f"{net}.1/24", "dev", br])
             _run(sh + ["link", "set", br, "up"])
+        _run(sh + ["addr", "add", f"{MGMT_NET}.1/24", "dev", "br0"])
+        _run(sh + ["addr", "add", f"{CLUSTER_NET}.1/24", "dev", bridges[-1]])
 
     def _make_host(self, host: Host) -> None:
         _run(["ip", "netns", "add", host.netns])
         ctl, h = ["ip", "-n", self.ctl_ns], ["ip", "-n", host.netns]
-        for iface, br in (("eth0", "br0"), ("eth1", "br1")):
+        links = (("eth0", "br0"),) if self.single_interface else (("eth0", "br0"), ("eth1", "br1"))
+        for iface, br in links:
             peer = f"{iface[-1]}h{host.index}"
             _run(ctl + ["link", "add", peer, "type", "veth", "peer", "name", iface, "netns", host.netns])
             _run(ctl + ["link", "set", peer, "master", br, "up"])
         _run(h + ["link", "set", "lo", "up"])
-        _run(h + ["addr", "add", f"{host.mgmt_ip}/24", "dev", "eth0"])
-        _run(h + ["link", "set", "eth0", "up"])
+        if not self.single_interface:  # otherwise the host's ifupdown brings eth0 up (_start_sshd)
+            _run(h + ["addr", "add", f"{host.mgmt_ip}/24", "dev", "eth0"])
+            _run(h + ["link", "set", "eth0", "up"])
         self._make_host_dirs(host)
         self._start_sshd(host)
 
@@ -172,12 +186,16 @@ class TestHosts:
         # The machine's own sshd/network config must not leak into the host's: start from clean dirs.
         shutil.rmtree(host.path("/etc/network/interfaces.d"), ignore_errors=True)
         os.makedirs(host.path("/etc/network/interfaces.d"))
+        if self.single_interface:
+            with open(host.path("/etc/network/interfaces"), "w") as f:
+                f.write(f"source /etc/network/interfaces.d/*\n\nauto eth0\niface eth0 inet static\n"
+                        f"    address {host.mgmt_ip}/24\n")
 
     def _start_sshd(self, host: Host) -> None:
         cfg = os.path.join(host.workdir, "sshd_config")
         with open(cfg, "w") as f:
             f.write(
-                f"ListenAddress {host.mgmt_ip}\nHostKey {self.workdir}/hostkey\n"
+                f"ListenAddress {'0.0.0.0' if self.single_interface else host.mgmt_ip}\nHostKey {self.workdir}/hostkey\n"
                 f"AuthorizedKeysFile {self.workdir}/authorized_keys\nPermitRootLogin prohibit-password\n"
                 "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
                 "PidFile none\nSubsystem sftp internal-sftp\nMaxSessions 50\nMaxStartups 50\n"
@@ -185,7 +203,8 @@ class TestHosts:
         binds = " && ".join(
             f"mount --bind {os.path.join(host.workdir, d)} /{d}" for d in PER_HOST_DIRS
         )
-        script = f"{binds} && hostname {host.name} && exec /usr/sbin/sshd -D -e -f {cfg}"
+        up = " && /sbin/ifup eth0" if self.single_interface else ""
+        script = f"{binds} && hostname {host.name}{up} && exec /usr/sbin/sshd -D -e -f {cfg}"
         host.sshd_log = os.path.join(self.workdir, f"{host.name}-sshd.log")
         with open(host.sshd_log, "w") as log:
             host.proc = subprocess.Popen(
@@ -211,9 +230,10 @@ class TestHosts:
         return ["-i", self.key, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5"]
 
-    def ssh(self, host: Host, command: str, check: bool = True, timeout: float = 120):
-        """Run a shell command on a host (in its namespaces) as root."""
-        return self.in_controller(["ssh", *self.ssh_options(), f"root@{host.mgmt_ip}", command],
+    def ssh(self, host: Host, command: str, check: bool = True, timeout: float = 120, address: str = ""):
+        """Run a shell command on a host (in its namespaces) as root, through its management address
+        unless another is given."""
+        return self.in_controller(["ssh", *self.ssh_options(), f"root@{address or host.mgmt_ip}", command],
                                   check=check, timeout=timeout)
 
     def in_controller(self, cmd: list[str], check: bool = True, timeout: float = 600, env=None):
@@ -224,12 +244,13 @@ class TestHosts:
             raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}\n{r.stdout}\n{r.stderr}")
         return r
 
-    def inventory(self, path: str, root: int = 1, extra_vars: dict | None = None) -> str:
+    def inventory(self, path: str, root: int = 1, extra_vars: dict | None = None,
+                  host_vars: dict[str, dict] | None = None) -> str:
         """Write an Ansible inventory: host `root` in dllama_root, the others in dllama_workers."""
         import yaml
 
         def entry(h: Host) -> dict:
-            return {"ansible_host": h.mgmt_ip, "dllama_address": h.cluster_ip}
+            return {"ansible_host": h.mgmt_ip, "dllama_address": h.cluster_ip, **(host_vars or {}).get(h.name, {})}
 
         root_host = self.hosts[root - 1]
         workers = [h for h in self.hosts if h is not root_host]
@@ -237,7 +258,7 @@ class TestHosts:
             "vars": {"ansible_user": "root", "ansible_become": False,
                      "ansible_python_interpreter": "/usr/bin/python3",
                      "ansible_ssh_private_key_file": self.key,
-                     "static_ip_interface": "eth1", "static_ip_prefix": 24,
+                     "static_ip_interface": self.cluster_interface, "static_ip_prefix": 24,
                      "dllama_worker_threads": 1, "dllama_root_threads": 1,
                      **(extra_vars or {})},
             "children": {
@@ -262,6 +283,7 @@ def ansible_tool(name: str) -> str | None:
 def run_playbook(hosts: TestHosts, playbook: str, inventory: str, *args: str, timeout: float = 600):
     """ansible-playbook from the controller namespace with the repo's ansible.cfg; returns the result."""
     env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"), ANSIBLE_HOST_KEY_CHECKING="False",
+               # Per run: the same address in another run's namespaces must never share an SSH master.
                ANSIBLE_SSH_CONTROL_PATH_DIR=os.path.join(hosts.workdir, "cp"),
                ANSIBLE_LOCAL_TEMP=os.path.join(hosts.workdir, "ansible-tmp"), ANSIBLE_NOCOLOR="1",
                ANSIBLE_FORCE_COLOR="0", ANSIBLE_CALLBACKS_ENABLED="junit",
@@ -272,13 +294,16 @@ def run_playbook(hosts: TestHosts, playbook: str, inventory: str, *args: str, ti
 
 
 def recap(output: str) -> dict:
-    """The PLAY RECAP counters per host: {"node1": {"ok": 5, "changed": 0, ...}}."""
+    """The PLAY RECAP counters per test host: {"node1": {"ok": 5, "changed": 0, ...}} (not localhost, where
+    the playbooks only check that there is an inventory)."""
     out = {}
     lines = output.split("PLAY RECAP", 1)[-1].splitlines()[1:]
     for line in lines:
         if ":" not in line:
             continue
         name, _, rest = line.partition(":")
+        if name.strip() == "localhost":
+            continue
         counters = dict(kv.split("=") for kv in rest.split())
         out[name.strip()] = {k: int(v) for k, v in counters.items()}
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import os
 import re
+import shlex
 import time
 
 import pytest
@@ -21,7 +22,7 @@ pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 
 UNIT = "/etc/systemd/system/dllama-worker.service"
 VENV = "/opt/dllama/venv"
-PORT = 9999
+PORT = 9998
 
 
 def again(hosts, inv, playbook="deploy.yml", *args):
@@ -45,24 +46,17 @@ def test_package_imports_on_each_host(deployed):
             f"numba cache on {host.name} is empty"
 
 
-def test_static_address_is_configured_by_ifupdown(deployed):
+def test_static_address_is_added_beside_the_management_address(deployed):
     hosts, _ = deployed
     for host in hosts.hosts:
-        r = hosts.ssh(host, "ip -4 -o addr show dev eth1")
-        assert f"inet {host.cluster_ip}/24" in r.stdout, r.stdout
-        with open(host.path("/etc/network/interfaces.d/dllama-eth1")) as f:
+        # The hosts have one interface: Ansible came in through it and it still answers on both addresses.
+        r = hosts.ssh(host, "ip -4 -o addr show dev eth0")
+        assert f"inet {host.mgmt_ip}/24" in r.stdout and f"inet {host.cluster_ip}/24" in r.stdout, r.stdout
+        with open(host.path("/etc/network/interfaces.d/dllama-eth0")) as f:
             stanza = f.read()
-        assert "auto eth1" in stanza and f"address {host.cluster_ip}/24" in stanza
-
-
-def test_static_address_survives_a_reboot(deployed):
-    hosts, inv = deployed
-    # What a reboot does with ifupdown: interfaces down, then networking.service runs `ifup -a`.
-    node = hosts.hosts[1]
-    hosts.ssh(node, "ifdown eth1")
-    assert node.cluster_ip not in hosts.ssh(node, "ip -4 -o addr show dev eth1").stdout
-    hosts.ssh(node, "ifup -a")
-    assert f"inet {node.cluster_ip}/24" in hosts.ssh(node, "ip -4 -o addr show dev eth1").stdout
+        assert "auto eth0" in stanza and f"address {host.cluster_ip}/24" in stanza
+        with open(host.path("/etc/network/interfaces")) as f:
+            assert f"iface eth0 inet static\n    address {host.mgmt_ip}/24" in f.read()
 
 
 def test_worker_unit_is_valid_hardened_and_enabled(deployed):
@@ -139,9 +133,10 @@ def test_second_run_changes_nothing(deployed):
     counts = nshosts.recap(r.stdout)
     assert set(counts) == {"node1", "node2"}
     assert all(c["changed"] == 0 and c["failed"] == 0 for c in counts.values()), r.stdout[-6000:]
-    # The re-applied static_ip role left the addresses in place.
+    # The re-applied static_ip role left both addresses in place.
     for host in hosts.hosts:
-        assert f"inet {host.cluster_ip}/24" in hosts.ssh(host, "ip -4 -o addr show dev eth1").stdout
+        out = hosts.ssh(host, "ip -4 -o addr show dev eth0").stdout
+        assert f"inet {host.cluster_ip}/24" in out and f"inet {host.mgmt_ip}/24" in out, out
 
 
 def test_check_mode_is_clean(deployed):
@@ -152,27 +147,103 @@ def test_check_mode_is_clean(deployed):
         r.stdout[-6000:]
 
 
+def test_interrupted_or_damaged_install_is_repaired(deployed):
+    hosts, inv = deployed
+    root, worker = hosts.hosts
+    # The worker as a run killed right after the wheel copy leaves it: the archive is there, unpacked
+    # and installed is nothing. The root's package was damaged by hand since.
+    hosts.ssh(worker, f"rm -rf /opt/dllama/wheels && {VENV}/bin/pip uninstall --quiet --yes dllama")
+    hosts.ssh(root, f"echo 'raise ImportError(\"damaged\")' > $({VENV}/bin/python -c "
+                    f"'import dllama, os; print(os.path.dirname(dllama.__file__))')/__init__.py")
+    for host in hosts.hosts:
+        assert hosts.ssh(host, f"{VENV}/bin/python -c 'import dllama'", check=False).returncode != 0
+    r = again(hosts, inv)
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert all(c["changed"] > 0 for c in nshosts.recap(r.stdout).values()), r.stdout[-4000:]
+    import dllama
+
+    for host in hosts.hosts:
+        out = hosts.ssh(host, f"{VENV}/bin/python -c 'import dllama, numba; print(dllama.__version__)'").stdout
+        assert out.strip() == dllama.__version__
+    # Repaired for good: the next run finds nothing to do.
+    r = again(hosts, inv)
+    assert all(c["changed"] == 0 for c in nshosts.recap(r.stdout).values()), r.stdout[-4000:]
+
+
+def test_node_care_units_are_valid_enabled_and_idempotent(deployed):
+    hosts, inv = deployed
+    node = hosts.hosts[1]
+    play = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node_care.yml")
+    r = nshosts.run_playbook(hosts, play, inv)
+    assert r.returncode == 0, r.stdout[-4000:]
+    for unit, target in (("dllama-zram", "swap"), ("dllama-cpu-governor", "multi-user")):
+        path = f"/etc/systemd/system/{unit}.service"
+        verify = hosts.ssh(node, f"systemd-analyze verify {path}", check=False)
+        assert verify.returncode == 0, verify.stderr
+        assert os.path.islink(node.path(f"/etc/systemd/system/{target}.target.wants/{unit}.service"))
+    svc = ini(node.path("/etc/systemd/system/dllama-zram.service"))["Service"]
+    # systemd turns $$ into $: what the shell then runs must be a valid script.
+    script = svc["ExecStart"].split("-c ", 1)[1].strip("'").replace("$$", "$")
+    assert hosts.ssh(node, f"sh -n -c {shlex.quote(script)}", check=False).returncode == 0
+    assert "--size " in script and "swapon --priority 100" in script
+    if os.path.exists("/lib/systemd/systemd-timesyncd"):
+        assert "NTP=10.213.0.1" in open(node.path("/etc/systemd/timesyncd.conf.d/dllama.conf")).read()
+    again_r = nshosts.run_playbook(hosts, play, inv)
+    assert nshosts.recap(again_r.stdout)[node.name]["changed"] == 0, again_r.stdout[-4000:]
+
+
+def ini(path: str) -> configparser.ConfigParser:
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str
+    assert cp.read(path), f"{path} is missing"
+    return cp
+
+
 def test_other_network_stacks_render_their_files(deployed):
     hosts, inv = deployed
     node = hosts.hosts[1]
+    # The management interface eth0 as networkd would run it (DHCP), and a dedicated interface eth1.
+    os.makedirs(node.path("/etc/systemd/network"), exist_ok=True)
+    with open(node.path("/etc/systemd/network/20-wired.network"), "w") as f:
+        f.write("[Match]\nName=eth0 en*\n\n[Network]\nDHCP=yes\n")
+    nshosts._run(["ip", "-n", node.netns, "link", "add", "eth1", "type", "veth", "peer", "name", "eth1peer"])
     # One run applies the role once per stack (tests/deploy/render_stacks.yml); without a running systemd
     # their handlers (nmcli, networkctl, dhcpcd restart) are skipped, so only the files are checked.
     play = os.path.join(os.path.dirname(os.path.abspath(__file__)), "render_stacks.yml")
     r = nshosts.run_playbook(hosts, play, inv, "--limit", node.name)
     assert r.returncode == 0, r.stdout[-4000:]
-    networkd = configparser.ConfigParser(strict=False)
-    networkd.optionxform = str
-    networkd.read(node.path("/etc/systemd/network/10-dllama-eth1.network"))
-    assert networkd["Match"]["Name"] == "eth1" and networkd["Network"]["Address"] == f"{node.cluster_ip}/24"
+    net = "/etc/systemd/network"
+    # networkd: a drop-in for the file that runs eth0, no file of its own that would sort first and win.
+    dropin = ini(node.path(f"{net}/20-wired.network.d/50-dllama.conf"))
+    assert dropin["Network"]["Address"] == f"{node.cluster_ip}/24"
+    assert not os.path.exists(node.path(f"{net}/10-dllama-eth0.network"))
+    own = ini(node.path(f"{net}/10-dllama-eth1.network"))
+    assert own["Match"]["Name"] == "eth1" and own["Network"]["Address"] == "10.213.2.12/24"
+    # dhcpcd: eth0 keeps DHCP (a hook adds the address), eth1 gets a static block.
     with open(node.path("/etc/dhcpcd.conf")) as f:
         dhcpcd = f.read()
-    assert f"interface eth1\nstatic ip_address={node.cluster_ip}/24\n" in dhcpcd
+    assert "interface eth0" not in dhcpcd and "interface eth1\nstatic ip_address=10.213.2.12/24\n" in dhcpcd
+    with open(node.path("/etc/dhcpcd.exit-hook")) as f:
+        assert f"ip addr replace {node.cluster_ip}/24 dev eth0" in f.read()
+    # NetworkManager: a profile only for the dedicated interface, not one that outranks the DHCP profile.
     keyfile = node.path("/etc/NetworkManager/system-connections/dllama-eth1.nmconnection")
     assert os.stat(keyfile).st_mode & 0o777 == 0o600  # NetworkManager ignores keyfiles others can read
-    nm = configparser.ConfigParser(strict=False)
-    nm.read(keyfile)
+    nm = ini(keyfile)
     assert nm["connection"]["interface-name"] == "eth1" and nm["ipv4"]["method"] == "manual"
-    assert nm["ipv4"]["address1"] == f"{node.cluster_ip}/24"
+    assert nm["ipv4"]["address1"] == "10.213.2.12/24" and "autoconnect-priority" not in nm["connection"]
+    assert not os.path.exists(node.path("/etc/NetworkManager/system-connections/dllama-eth0.nmconnection"))
+
+
+def test_networkmanager_never_gets_a_new_profile_for_the_management_interface(deployed):
+    hosts, inv = deployed
+    node = hosts.hosts[1]
+    # No NetworkManager runs here, so it cannot say which connection runs eth0: the role must refuse
+    # rather than write a profile of its own for the interface Ansible comes in through.
+    r = nshosts.run_playbook(hosts, "network.yml", inv, "--limit", node.name, "-e", "static_ip_stack=networkmanager")
+    assert r.returncode != 0
+    assert "the address is added to an existing connection, never put in a new profile" in " ".join(r.stdout.split())
+    assert not os.path.exists(node.path("/etc/NetworkManager/system-connections/dllama-eth0.nmconnection"))
+    assert f"inet {node.mgmt_ip}/24" in hosts.ssh(node, "ip -4 -o addr show dev eth0").stdout
 
 
 def test_update_pushes_a_new_build(deployed, tmp_path):
@@ -203,12 +274,20 @@ def test_update_pushes_a_new_build(deployed, tmp_path):
         assert out.strip() == marker
 
 
+HUGE = {"name": "huge.m", "url": "http://127.0.0.1:9/huge.m", "size": 10**14}  # never fetched: preflight stops
 BAD_INVENTORIES = {
     "worker without address": ({"node2": {"dllama_address": None}}, "dllama_address is not set for node2"),
     "duplicate addresses": ({"node2": {"dllama_address": "10.213.1.11"}},
                             "dllama_address 10.213.1.11 is set for more than one host: node1, node2"),
     "node count": ({"node3": {"dllama_address": "10.213.1.13"}}, "= 3 nodes, but the node count must be"),
     "port out of range": ({"node2": {"dllama_worker_port": 70000}}, "dllama_worker_port of node2 is 70000"),
+    # Host checks: the hosts' real Python and memory, against a raised bar or an impossible model.
+    "python too old": ({"node2": {"preflight_min_python": "3.99"}},
+                       "dllama_python /usr/bin/python3 on node2 is Python 3."),
+    "model larger than memory": ({"all": {"dllama_root_model_files": [HUGE]}},
+                                 "its share of the model in dllama_root_model_files is about 47683716 MiB"),
+    "model larger than the disk": ({"all": {"dllama_root_model_files": [HUGE], "preflight_memory": "ignore"}},
+                                   "the model files in dllama_root_model_files take 95367432 MiB"),
 }
 
 
@@ -222,7 +301,7 @@ def test_bad_inventory_fails_in_preflight(ns_hosts, case):
         inv = yaml.safe_load(f)
     workers = inv["all"]["children"]["dllama_workers"]["hosts"]
     for name, values in changes.items():
-        entry = workers.setdefault(name, {"ansible_host": "10.213.0.99"})
+        entry = inv["all"]["vars"] if name == "all" else workers.setdefault(name, {"ansible_host": "10.213.0.99"})
         for key, value in values.items():
             if value is None:
                 entry.pop(key, None)

@@ -77,7 +77,7 @@ def test_status_reports_all_healthy(cluster):
     assert rows["node1"][1:3] == ["root", "yes"]
     import dllama
 
-    assert rows["node2"][1:6] == ["worker", "yes", "yes", dllama.__version__, "9999"]
+    assert rows["node2"][1:6] == ["worker", "yes", "yes", dllama.__version__, "9998"]
 
 
 def test_logs_are_prefixed_with_the_host(cluster):
@@ -85,7 +85,7 @@ def test_logs_are_prefixed_with_the_host(cluster):
     r = dllama_cluster(hosts, "logs", inv, "-n", "20")
     assert r.returncode == 0, r.stderr
     lines = [line for line in r.stdout.splitlines() if line.startswith("node2 |")]
-    assert any("listening on 0.0.0.0:9999" in line for line in lines), r.stdout
+    assert any("listening on 0.0.0.0:9998" in line for line in lines), r.stdout
 
 
 def test_killed_worker_is_named_by_status(cluster):
@@ -96,7 +96,7 @@ def test_killed_worker_is_named_by_status(cluster):
     time.sleep(0.5)
     r = dllama_cluster(hosts, "status", inv)
     assert r.returncode == 1
-    assert "node2: worker not answering on port 9999" in r.stderr
+    assert "node2: worker not answering on port 9998" in r.stderr
 
 
 def test_up_api_then_down_leaves_no_process_and_is_idempotent(cluster):

@@ -14,6 +14,7 @@ from .nshosts import require
 pytestmark = pytest.mark.slow
 
 PLAYBOOKS = sorted(glob.glob(os.path.join(nshosts.REPO, "playbooks", "*.yml")))
+ROOT_PLAYBOOKS = [os.path.join(nshosts.REPO, f"{name}.yml") for name in ("deploy", "network", "update")]
 
 
 def ansible_env() -> dict:
@@ -23,9 +24,10 @@ def ansible_env() -> dict:
 def test_playbooks_exist():
     names = {os.path.basename(p) for p in PLAYBOOKS}
     assert {"deploy.yml", "network.yml", "update.yml"} <= names
+    assert all(os.path.isfile(p) for p in ROOT_PLAYBOOKS)
 
 
-@pytest.mark.parametrize("playbook", PLAYBOOKS, ids=os.path.basename)
+@pytest.mark.parametrize("playbook", PLAYBOOKS + ROOT_PLAYBOOKS, ids=lambda p: os.path.relpath(p, nshosts.REPO))
 def test_syntax_check(playbook):
     tool = nshosts.ansible_tool("ansible-playbook")
     require(tool is not None, "ansible-playbook is not installed")
@@ -38,6 +40,21 @@ def test_syntax_check(playbook):
 def test_ansible_lint_is_clean():
     tool = nshosts.ansible_tool("ansible-lint")
     require(tool is not None, "ansible-lint is not installed")
-    r = subprocess.run([tool, "--offline", "--nocolor", "playbooks", "roles", "inventory"],
+    paths = ["playbooks", "roles", "inventory", *(os.path.basename(p) for p in ROOT_PLAYBOOKS)]
+    r = subprocess.run([tool, "--offline", "--nocolor", *paths],
                        capture_output=True, text=True, cwd=nshosts.REPO, env=ansible_env(), timeout=300)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("playbook", ["deploy.yml", "update.yml"])
+def test_run_without_inventory_fails_with_one_message(playbook, tmp_path):
+    """`ansible-playbook deploy.yml` typed at the root with no inventory must not succeed doing nothing."""
+    tool = nshosts.ansible_tool("ansible-playbook")
+    require(tool is not None, "ansible-playbook is not installed")
+    # A missing file stands for "no inventory" (and keeps a developer's own inventory/hosts.yml out of it).
+    env = dict(ansible_env(), ANSIBLE_INVENTORY=str(tmp_path / "none.yml"), ANSIBLE_LOCAL_TEMP=str(tmp_path / "tmp"))
+    r = subprocess.run([tool, playbook], capture_output=True, text=True, cwd=nshosts.REPO, env=env, timeout=120)
+    assert r.returncode != 0, r.stdout
+    out = " ".join(r.stdout.split())
+    assert "the inventory has no host in group dllama_root" in out and "-i" in out, r.stdout[-3000:]
+    assert "PLAY [Validate the inventory]" not in r.stdout

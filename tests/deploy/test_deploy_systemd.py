@@ -24,7 +24,7 @@ from .nshosts import model_file, require
 
 pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 
-PORT, API_PORT = 9999, 9990
+PORT, API_PORT = 9998, 9990
 VENV = "/opt/dllama/venv"
 
 
@@ -228,7 +228,7 @@ def test_cluster_down_stops_the_units_and_up_starts_them(sd):
     r = cluster(hosts, "up", inv, "--run", "inference", "--prompt", "Hi", "--steps", "2")
     assert r.returncode == 2 and "dllama-api runs on node1 (systemd)" in r.stderr, r.stderr
     logs = cluster(hosts, "logs", inv, "-n", "200")
-    assert any(line.startswith("node2 |") and "listening on 0.0.0.0:9999" in line
+    assert any(line.startswith("node2 |") and "listening on 0.0.0.0:9998" in line
                for line in logs.stdout.splitlines()), logs.stdout[-3000:]
     r = cluster(hosts, "down", inv)
     assert r.returncode == 0 and show(hosts, root, "dllama-api")["ActiveState"] == "inactive"

@@ -44,12 +44,26 @@ def test_yaml_reader_agrees_with_ansible_inventory(name, tmp_path):
 def test_raspberrypi_example_is_a_four_node_cluster_in_order():
     c = I.read_inventory(os.path.join(REPO, "inventory", "example-raspberrypi.yml"))
     assert c.root.name == "raspberrypi1" and c.root.ssh_user == "pi"
-    assert [w.endpoint for w in c.workers] == ["10.0.0.2:9999", "10.0.0.3:9999", "10.0.0.4:9999"]
+    assert [w.endpoint for w in c.workers] == ["10.0.0.2:9998", "10.0.0.3:9998", "10.0.0.4:9998"]
     check_node_count(c)
     argv = root_command(c, "/opt/dllama/venv/bin/python", "inference", ["--prompt", "hi"])
     i = argv.index("--workers")
-    assert argv[i + 1:i + 4] == ["10.0.0.2:9999", "10.0.0.3:9999", "10.0.0.4:9999"]
+    assert argv[i + 1:i + 4] == ["10.0.0.2:9998", "10.0.0.3:9998", "10.0.0.4:9998"]
     assert argv[-2:] == ["--prompt", "hi"]
+
+
+def test_local_demo_listens_on_loopback_only():
+    c = I.read_inventory(os.path.join(REPO, "inventory", "local.yml"))
+    facts = N.Facts(True, python="/usr/bin/python3")
+
+    def bind(node) -> str:
+        argv = N.worker_command(node, facts).split()
+        return argv[argv.index("--host") + 1]
+
+    assert c.workers and all(bind(w) == "127.0.0.1" for w in c.workers)
+    # Hosts given on the command line as this machine listen on loopback too; others on every address.
+    local, remote = I.from_hosts(["127.0.0.1", "localhost:9997", "10.0.0.3"]).nodes[1:]
+    assert bind(local) == "127.0.0.1" and (bind(remote), remote.port) == ("0.0.0.0", 9998)
 
 
 def test_bad_inventories_name_the_variable(tmp_path):
@@ -86,7 +100,7 @@ def test_state_paths_expand_home_on_the_node_and_quote_the_rest():
 
 def test_status_table_aligns_columns():
     rows = [("node1", "root", "yes", "-", "-", "-", "100 MB", "0.1", "-"),
-            ("node22", "worker", "NO", "NO", "-", "9999", "-", "-", "-")]
+            ("node22", "worker", "NO", "NO", "-", "9998", "-", "-", "-")]
     lines = format_table(rows).splitlines()
     assert lines[0].startswith("NODE    ROLE") and lines[2].startswith("node22  worker  NO")
 

@@ -8,7 +8,9 @@
 The hosts reach no package index, so everything they install comes from DIR. The wheel is built
 reproducibly (SOURCE_DATE_EPOCH) from a copy of the sources, so an unchanged tree gives a byte-identical
 wheel and Ansible's copy reports no change. Dependencies are taken from DIR when it already has them
-(offline), otherwise downloaded. Finally the wheels are packed into DIR.tar, byte-identical for the same
+(offline), otherwise downloaded, at the exact versions of --constraints when given: the first kind of host
+records the versions it got there (name==version per line), every later kind gets the same ones, and only
+the pinned versions are packed, so an x86 root and aarch64 workers run the same numba. Finally the wheels are packed into DIR.tar, byte-identical for the same
 wheels, so a host receives one file (copying a directory costs Ansible a round trip per file). Prints one
 JSON line: {"wheel": name, "changed": bool}; exit 1 with a one-line message on stderr on failure.
 """
@@ -21,6 +23,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,9 +76,43 @@ def place(wheel: str, dest_dir: str) -> bool:
     return True
 
 
-def download_dependencies(wheel: str, out: str, python_version: str, platforms: list[str], extras: str) -> None:
+def wheel_pin(filename: str) -> tuple[str, str]:
+    """(normalized name, version) of a wheel file name."""
+    name, version = filename.split("-")[:2]
+    return re.sub(r"[-_.]+", "-", name).lower(), version
+
+
+def read_pins(path: str | None) -> dict[str, str]:
+    pins = {}
+    if path and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                name, sep, version = line.strip().partition("==")
+                if sep:
+                    pins[name] = version
+    return pins
+
+
+def record_pins(path: str, out: str, pins: dict[str, str]) -> dict[str, str]:
+    """Add the versions of the wheels in out that path does not pin yet; returns all pins."""
+    pins = dict(pins)
+    for name in sorted(os.listdir(out)):
+        if name.endswith(".whl") and not name.startswith("dllama-"):
+            pins.setdefault(*wheel_pin(name))
+    text = "".join(f"{n}=={v}\n" for n, v in sorted(pins.items()))
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path + ".part", "w") as f:
+            f.write(text)
+        os.replace(path + ".part", path)
+    return pins
+
+
+def download_dependencies(wheel: str, out: str, python_version: str, platforms: list[str], extras: str,
+                          constraints: str | None = None) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", out, "--only-binary=:all:",
            "--implementation", "cp", "--python-version", python_version]
+    if constraints and os.path.exists(constraints):
+        cmd += ["--constraint", constraints]
     for p in platforms:
         cmd += ["--platform", p]
     if extras:
@@ -89,8 +126,9 @@ def download_dependencies(wheel: str, out: str, python_version: str, platforms: 
         raise SystemExit(f"downloading dependency wheels for Python {python_version} {platforms} failed: {last}")
 
 
-def pack(out: str) -> bool:
-    """Write out + ".tar" from the wheels in out, reproducibly; returns whether its bytes changed."""
+def pack(out: str, pins: dict[str, str] | None = None) -> bool:
+    """Write out + ".tar" from the wheels in out (with pins, only dllama's and the pinned versions),
+    reproducibly; returns whether its bytes changed."""
     import io
     import tarfile
 
@@ -99,6 +137,8 @@ def pack(out: str) -> bool:
         for name in sorted(os.listdir(out)):
             if not name.endswith(".whl"):
                 continue
+            if pins and not name.startswith("dllama-") and pins.get(wheel_pin(name)[0]) != wheel_pin(name)[1]:
+                continue  # an earlier version left in out
             info = tar.gettarinfo(os.path.join(out, name), arcname=name)
             info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
             with open(os.path.join(out, name), "rb") as f:
@@ -123,12 +163,14 @@ def main() -> int:
     ap.add_argument("--platform", action="append", help="wheel platform tag (repeatable)")
     ap.add_argument("--extras", default="api", help="extras whose wheels to include too (default api)")
     ap.add_argument("--pack-only", action="store_true", help="only pack the wheels already in --out")
+    ap.add_argument("--constraints", help="file of exact versions shared by every kind of host (made if missing)")
     args = ap.parse_args()
     if args.pack_only:
         wheels = glob.glob(os.path.join(args.out, "dllama-*.whl"))
         if len(wheels) != 1:
             raise SystemExit(f"{args.out}: expected one dllama wheel, found {len(wheels)}")
-        print(json.dumps({"wheel": os.path.basename(wheels[0]), "changed": pack(args.out)}))
+        changed = pack(args.out, read_pins(args.constraints))
+        print(json.dumps({"wheel": os.path.basename(wheels[0]), "changed": changed}))
         return 0
     if not (args.source and args.python_version and args.platform):
         raise SystemExit("--source, --python-version and --platform are needed unless --pack-only")
@@ -139,8 +181,10 @@ def main() -> int:
         wheel = build_wheel(args.source, tmp)
         changed = place(wheel, args.out)
     name = os.path.basename(wheel)
-    download_dependencies(os.path.join(args.out, name), args.out, args.python_version, args.platform, args.extras)
-    changed = pack(args.out) or changed
+    download_dependencies(os.path.join(args.out, name), args.out, args.python_version, args.platform, args.extras,
+                          args.constraints)
+    pins = record_pins(args.constraints, args.out, read_pins(args.constraints)) if args.constraints else None
+    changed = pack(args.out, pins) or changed
     print(json.dumps({"wheel": name, "changed": changed}))
     return 0
 
