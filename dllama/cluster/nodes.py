@@ -105,13 +105,17 @@ def env_prefix(node: Node, facts: Facts) -> list[str]:
     return ["env", f"NUMBA_CACHE_DIR={node.numba_cache_dir}"] if facts.cache_writable else []
 
 
+def is_loopback_address(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
 def listen_address(node: Node) -> str:
     """A node on loopback (the local demo) listens there only; any other where the inventory says
     (`dllama_worker_host`, default every address, so the worker is up before the cluster address is)."""
-    try:
-        return node.address if ipaddress.ip_address(node.address).is_loopback else node.bind
-    except ValueError:  # a host name
-        return node.bind
+    return node.address if is_loopback_address(node.address) else node.bind
 
 
 def worker_command(node: Node, facts: Facts) -> str:
@@ -174,6 +178,31 @@ for ep in json.loads(sys.argv[1]):
         out[ep] = {"error": str(exc)}
 print(json.dumps(out))
 """
+
+
+HEALTH_SCRIPT = """
+import json, sys, urllib.error, urllib.request
+try:
+    body = urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])).read()
+except urllib.error.HTTPError as exc:   # 503: loading or degraded, with the same body
+    body = exc.read()
+except Exception as exc:
+    body = json.dumps({"status": "not answering", "error": str(exc)}).encode()
+print(body.decode(errors="replace"))
+"""
+
+
+def api_health(root_runner, root: Node, python: str, host: str, port: int, timeout: float = 3.0) -> dict:
+    """The API's own `/health` (status ready/loading/degraded/failed and each node's state), asked on the
+    root itself: the API may listen on loopback only."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/health"
+    cmd = " ".join(shlex.quote(a) for a in [python, "-c", HEALTH_SCRIPT, url, str(timeout)])
+    r = root_runner.run(cmd, timeout=timeout + 30)
+    try:
+        return json.loads(r.out) if r.ok else {"status": "not answering", "error": r.err.strip()[-200:]}
+    except ValueError:
+        return {"status": "not answering", "error": r.out.strip()[-200:]}
 
 
 def probe_all(root_runner, root: Node, python: str, endpoints: list[str], timeout: float = 3.0) -> dict:

@@ -130,10 +130,18 @@ def wait_ready(s: Session, expected: dict[str, int | None], timeout: float) -> N
             time.sleep(1.0)
 
 
+def _api_host(c: Cluster) -> str:
+    # a root on this machine (the local demo) serves this machine only: without an API key dllama-api
+    # refuses any other address, and the demo opens nothing to the network
+    if c.api_host == "0.0.0.0" and (c.root.address == "localhost" or N.is_loopback_address(c.root.address)):
+        return "127.0.0.1"
+    return c.api_host
+
+
 def root_command(c: Cluster, python: str, run: str, extra: list[str], key_file: str = "") -> list[str]:
     args = [python, "-m", "dllama", run] if run != "api" else [
         python, "-c", "import sys; from dllama.cli import main_api; sys.exit(main_api())",
-        "--host", c.api_host, "--port", str(c.api_port)]
+        "--host", _api_host(c), "--port", str(c.api_port)]
     args += ["--model", c.model, "--nthreads", str(c.root_threads), "--buffer-float-type", c.buffer_float_type]
     if c.tokenizer:
         args += ["--tokenizer", c.tokenizer]

@@ -27,7 +27,13 @@ def status_rows(c: Cluster, connect_timeout: float = 10) -> tuple[list[tuple], l
             if node is c.root:
                 api = N.read_pid(s.runners[node.name], node, "root-api") if f.reachable else None
                 running = "api(systemd)" if f.api_active else "api" if api and N.alive(s.runners[node.name], api) else "-"
-                rows.append((node.name, "root", _yes(f.reachable), running, "-", "-", mem, f.load or "-", "-"))
+                serves = "-"
+                if running != "-":
+                    health = N.api_health(s.runners[node.name], node, s.root_python(), c.api_host, c.api_port)
+                    serves = f"api {health.get('status', '?')}"
+                    if health.get("status") not in ("ready", "loading"):
+                        unhealthy.append(f"{node.name}: {_api_trouble(health)}")
+                rows.append((node.name, "root", _yes(f.reachable), running, "-", "-", mem, f.load or "-", serves))
                 if not f.reachable:
                     unhealthy.append(f"{node.name}: unreachable ({f.error})")
                 continue
@@ -42,6 +48,13 @@ def status_rows(c: Cluster, connect_timeout: float = 10) -> tuple[list[tuple], l
         return rows, unhealthy
     finally:
         s.close()
+
+
+def _api_trouble(health: dict) -> str:
+    """One line for an API that is not serving: degraded names the nodes it lost, as its /health does."""
+    down = [n for n in health.get("nodes", []) if isinstance(n, dict) and n.get("state") == "down"]
+    what = "; ".join(f"{n.get('address')} down ({n.get('error') or 'lost'})" for n in down)
+    return f"API {health.get('status')}" + (f": {what}" if what else f" ({health.get('error', 'no reason given')})")
 
 
 def _yes(flag: bool) -> str:

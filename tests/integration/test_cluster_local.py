@@ -91,3 +91,41 @@ def test_unset_threads_are_the_nodes_cpu_count_and_the_worker_uses_the_cache(tmp
         assert f"--nthreads {len(os.sched_getaffinity(0))}" in r.stderr
     finally:
         assert cluster("down", "-i", inv).returncode == 0
+
+
+def test_status_shows_the_apis_own_state_and_names_the_lost_worker(tmp_path, model, smollm2_path):
+    """`cluster status` reads the API's /health: ready while the cluster is whole; degraded, naming the worker
+    and exit 1, once a worker is lost (the API notices an idle loss within its ping interval)."""
+    import signal
+    import time
+
+    port = free_port()
+    inv = inventory(tmp_path, model, smollm2_path, port)
+    with open(inv) as f:
+        data = yaml.safe_load(f)
+    data["all"]["vars"]["dllama_root_api_port"] = api_port = free_port()
+    with open(inv, "w") as f:
+        yaml.safe_dump(data, f)
+    r = cluster("up", "-i", inv, "--run", "api")
+    try:
+        assert r.returncode == 0, r.stderr
+        st = cluster("status", "-i", inv)
+        assert st.returncode == 0, st.stdout + st.stderr
+        root_row = next(line for line in st.stdout.splitlines() if line.startswith("r "))
+        assert root_row.split()[-1] == "ready" and "api" in root_row.split(), st.stdout
+        os.kill(int((tmp_path / "state" / "w.pid").read_text()), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            st = cluster("status", "-i", inv)
+            if "API degraded" in st.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert st.returncode == 1
+        assert f"unhealthy: r: API degraded: 127.0.0.1:{port} down" in st.stderr, st.stderr
+        assert "degraded" in next(line for line in st.stdout.splitlines() if line.startswith("r "))
+        import urllib.request
+
+        with pytest.raises(urllib.error.HTTPError):   # the API itself says the same
+            urllib.request.urlopen(f"http://127.0.0.1:{api_port}/health", timeout=5)
+    finally:
+        assert cluster("down", "-i", inv).returncode == 0
