@@ -130,6 +130,8 @@ def _read_api_key(path: str) -> str:
         key = key.decode()
     except UnicodeDecodeError:
         raise DllamaError(f"--api-key-file {path}: the key is not UTF-8 text") from None
+    # also the systemd EnvironmentFile the roles write (DLLAMA_API_KEY=KEY), so one file serves both
+    key = key.removeprefix("DLLAMA_API_KEY=").strip()
     if not key:
         raise DllamaError(f"--api-key-file {path}: the file is empty")
     return key

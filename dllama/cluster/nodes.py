@@ -44,12 +44,18 @@ class Facts:
     load: str = ""
     cpus: int | None = None
     key: bool = False            # the cluster key file is readable (and the inventory wants it)
+    api_key: bool = False        # the API key file the roles write (API_KEY_FILE) is readable
     api_unit: bool = False       # systemd is PID 1 and the dllama-api unit is installed
     api_active: bool = False
     recorded: dict = field(default_factory=dict)  # the root's settings from role dllama_root
 
 
 ROOT_SETTINGS = "root.json"     # beside the cluster key, written by role dllama_root
+API_KEY_FILE = "api.env"        # beside the cluster key: DLLAMA_API_KEY=..., written by role dllama_cluster
+
+
+def api_key_file(node: Node) -> str:
+    return os.path.join(os.path.dirname(node.cluster_key_file), API_KEY_FILE)
 
 
 def python_of(node: Node) -> str:
@@ -73,16 +79,17 @@ def gather(runner, node: Node, api_service: str = "dllama-api", timeout: float =
         f"if test -r {q(node.cluster_key_file)}; then echo key; else echo nokey; fi",
         f"if test -d /run/systemd/system && test -f {q(api)}; then echo api; else echo noapi; fi",
         f"systemctl is-active {q(api_service)} 2>/dev/null || true",
+        f"if test -r {q(api_key_file(node))}; then echo apikey; else echo noapikey; fi",
         f"tr -d '\\n' < {conf} 2>/dev/null; echo",
     ])
     r = runner.run(script, timeout=timeout)
     if not r.ok:
         return Facts(False, error=(r.err.strip() or f"exit status {r.rc}").splitlines()[-1])
     lines = r.out.split("\n")
-    if len(lines) < 11:
+    if len(lines) < 12:
         return Facts(False, error=f"unexpected answer: {r.out.strip()[:200]}")
     try:
-        recorded = json.loads(lines[10]) if lines[10].strip() else {}
+        recorded = json.loads(lines[11]) if lines[11].strip() else {}
     except ValueError:
         recorded = {}
     api_unit = lines[8] == "api"
@@ -91,7 +98,7 @@ def gather(runner, node: Node, api_service: str = "dllama-api", timeout: float =
                  mem_free_mb=int(lines[4]) if lines[4].isdigit() else None, load=lines[5],
                  cpus=int(lines[6]) if lines[6].isdigit() else None,
                  key=node.cluster_key and lines[7] == "key", api_unit=api_unit,
-                 api_active=api_unit and lines[9] == "active", recorded=recorded)
+                 api_active=api_unit and lines[9] == "active", api_key=lines[10] == "apikey", recorded=recorded)
 
 
 def key_args(node: Node, facts: Facts) -> list[str]:

@@ -212,6 +212,8 @@ def run_root(s: Session, run: str, extra: list[str]) -> int:
         return start_api_unit(s)
     line = " ".join(shlex.quote(a) for a in N.env_prefix(c.root, facts) + argv)
     if run == "api":
+        if facts.api_key:   # the key the roles made, as the unit would get it
+            line += " --api-key-file " + shlex.quote(N.api_key_file(c.root))
         pid, err = N.start_detached(s.runners[c.root.name], c.root, line, "root-api")
         if pid is None:
             raise DllamaError(f"{c.root.name}: could not start the API: {err}")

@@ -106,8 +106,12 @@ def test_up_api_then_down_leaves_no_process_and_is_idempotent(cluster):
     assert r.returncode == 0, r.stderr
     pid = worker_pid(hosts)
     api_pid = int(hosts.ssh(root, f"cat {STATE}/root-api.pid").stdout)
+    # with the API key the roles made (cluster up gives it to the API it starts, as the unit gets it)
     models = hosts.ssh(root, "/opt/dllama/venv/bin/python -c \"import urllib.request; "
-                             "print(urllib.request.urlopen('http://127.0.0.1:9990/v1/models').read().decode())\"")
+                             "key = open('/etc/dllama/api.env').read().strip().split('=', 1)[1]; "
+                             "req = urllib.request.Request('http://127.0.0.1:9990/v1/models', "
+                             "headers={'Authorization': 'Bearer ' + key}); "
+                             "print(urllib.request.urlopen(req).read().decode())\"")
     assert "random-4kv" in models.stdout, models.stdout
     rows = {line.split()[0]: line.split() for line in dllama_cluster(hosts, "status", inv).stdout.splitlines()[1:]}
     assert rows["node1"][3] == "api" and rows["node2"][-1].startswith("10.213.1.11:")  # serving the API's root

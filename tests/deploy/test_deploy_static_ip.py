@@ -27,7 +27,7 @@ def one_host():
     missing = nshosts.missing_prerequisites()
     require(not missing, "namespace test hosts need " + ", ".join(missing))
     require(nshosts.ansible_tool("ansible-playbook") is not None, "ansible-playbook is not installed")
-    hosts = nshosts.TestHosts(n_hosts=1, single_interface=True)
+    hosts = nshosts.TestHosts(n_hosts=1, single_interface=True, prefix=f"dli{os.getpid() % 100000}")
     try:
         hosts.start()
         yield hosts

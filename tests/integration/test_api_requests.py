@@ -314,3 +314,21 @@ def test_model_name_flag_overrides_the_id_and_the_default_is_the_file_stem(tmp_p
         assert args.model_name == expected
     with pytest.raises(DllamaError, match="--model-name is empty"):
         server._check_flags(p.parse_args(["--model", str(model), "--model-name", " "]))
+
+
+@pytest.mark.parametrize("content", ["s3cret\n", "DLLAMA_API_KEY=s3cret\n"], ids=["plain", "env-file"])
+def test_api_key_file_holds_the_key_plain_or_as_the_roles_env_file(tmp_path, content):
+    import argparse
+
+    from dllama.api import server
+    from dllama.commands import api as api_command
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    key = tmp_path / "api.key"
+    key.write_text(content)
+    p = argparse.ArgumentParser()
+    api_command.add_arguments(p)
+    args = p.parse_args(["--model", str(model), "--api-key-file", str(key), "--host", "0.0.0.0"])
+    server._check_flags(args)   # a key, so a non-loopback host is allowed
+    assert args.api_key == "s3cret"
