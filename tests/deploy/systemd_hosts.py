@@ -129,3 +129,35 @@ class SystemdHosts(TestHosts):
             for mount in ("root", "rw"):
                 _run(["umount", "-l", os.path.join(host.workdir, mount)], check=False)
         super().stop()
+
+
+# The name netplan gives the file it writes for eth0: a drop-in must add to it, a file of our own would
+# sort before it and win.
+NETPLAN_FILE = "10-netplan-eth0.network"
+
+
+@dataclass
+class NetworkdHosts(SystemdHosts):
+    """Booted systemd containers with a single interface, eth0, that a running systemd-networkd configures
+    from a .network file as netplan writes it: the management address SSH comes in through is networkd's."""
+
+    single_interface: bool = True
+
+    def _make_host_dirs(self, host: Host) -> None:
+        super()._make_host_dirs(host)
+        with open(host.path(f"/etc/systemd/network/{NETPLAN_FILE}"), "w") as f:
+            f.write(f"[Match]\nName=eth0\n\n[Network]\nAddress={host.mgmt_ip}/24\n")
+        # networkd on (as `systemctl enable` links it), ifupdown's boot-time service off: one owner.
+        for unit, target in (("systemd-networkd.service", "multi-user.target"),
+                             ("systemd-networkd.socket", "sockets.target")):
+            wants = host.path(f"/etc/systemd/system/{target}.wants")
+            os.makedirs(wants, exist_ok=True)
+            os.symlink(f"/lib/systemd/system/{unit}", os.path.join(wants, unit))
+        for unit in ("networking.service",):
+            link = host.path(f"/etc/systemd/system/{unit}")
+            if os.path.lexists(link):
+                os.unlink(link)
+            os.symlink("/dev/null", link)
+        # sshd may start before networkd has put the address on eth0: listen on any address.
+        with open(host.path("/etc/ssh/sshd_config.d/dllama-test.conf"), "w") as f:
+            f.write("UseDNS no\nMaxSessions 50\nMaxStartups 50\n")
