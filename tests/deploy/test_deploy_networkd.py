@@ -4,12 +4,14 @@ configures from a netplan-style file: the management address SSH comes in throug
 The host is a booted systemd container (systemd_hosts.NetworkdHosts); what is checked is what networkd and
 the kernel report: the address arrives through a drop-in to netplan's file (a file of our own would sort
 before it and take the interface over), the management address is never deleted while the play runs, a
-second run changes nothing, and networkd itself puts both addresses back after they are flushed.
+second run (`deploy.yml --tags network`) runs only the checks and this role and changes nothing, and
+networkd itself puts both addresses back after they are flushed.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -55,9 +57,14 @@ def network_file(hosts, host) -> str:
                  if line.strip().startswith("Network File:")), "")
 
 
-def run_network(hosts, **host_vars):
-    inv = hosts.inventory(os.path.join(hosts.workdir, "nd.yml"), host_vars={"node1": host_vars})
-    return nshosts.run_playbook(hosts, "network.yml", inv, timeout=300)
+def run_playbook(hosts, playbook: str = "network.yml", *args: str):
+    inv = hosts.inventory(os.path.join(hosts.workdir, "nd.yml"))
+    return nshosts.run_playbook(hosts, playbook, inv, *args, timeout=300)
+
+
+def roles_run(output: str) -> set[str]:
+    """The roles whose tasks ran on the host (not their argument checks, which Ansible tags always)."""
+    return {m.group(1) for m in re.finditer(r"^TASK \[(\w+) : (?!Validating arguments)", output, re.M)}
 
 
 def test_address_is_added_through_a_dropin_that_networkd_applies(nd):
@@ -70,7 +77,7 @@ def test_address_is_added_through_a_dropin_that_networkd_applies(nd):
     t0 = time.monotonic()
     try:
         # static_ip_stack left at auto: the host has ifupdown installed too, networkd is what runs.
-        r = run_network(nd)
+        r = run_playbook(nd)
     finally:
         nd.ssh(node, "kill $(cat /var/tmp/addr-monitor.pid)", check=False)
     print(f"network.yml on the networkd host took {time.monotonic() - t0:.0f} s")
@@ -88,8 +95,11 @@ def test_address_is_added_through_a_dropin_that_networkd_applies(nd):
     # Both answer: the management address and the new one (the controller has 10.213.1.1 on the same link).
     for address in (node.mgmt_ip, node.cluster_ip):
         assert nd.ssh(node, "hostname", address=address).stdout.strip() == "node1"
-    again = run_network(nd)
+    # The whole deploy limited to its network part: the checks and static_ip run, nothing else, and
+    # they find nothing to change.
+    again = run_playbook(nd, "deploy.yml", "--tags", "network")
     assert again.returncode == 0, again.stdout[-4000:]
+    assert roles_run(again.stdout) == {"preflight", "static_ip"}, again.stdout[-6000:]
     assert nshosts.recap(again.stdout)["node1"]["changed"] == 0, again.stdout[-4000:]
 
 
