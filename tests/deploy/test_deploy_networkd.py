@@ -5,7 +5,8 @@ The host is a booted systemd container (systemd_hosts.NetworkdHosts); what is ch
 the kernel report: the address arrives through a drop-in to netplan's file (a file of our own would sort
 before it and take the interface over), the management address is never deleted while the play runs, a
 second run (`deploy.yml --tags network`) runs only the checks and this role and changes nothing, and
-networkd itself puts both addresses back after they are flushed.
+networkd itself puts both addresses back after they are flushed (`networkctl reload`, `reconfigure`, a
+restart). Both with the management address in the file (Address=) and as a DHCP lease.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 DROPIN = f"/etc/systemd/network/{systemd_hosts.NETPLAN_FILE}.d/50-dllama.conf"
 
 
-@pytest.fixture(scope="module")
-def nd():
+@pytest.fixture(scope="module", params=["static", "dhcp"])
+def nd(request):
+    """One host whose management address is networkd's: from Address= in its file, or a DHCP lease."""
     missing = systemd_hosts.missing_prerequisites()
     require(not missing, "systemd test hosts need " + ", ".join(missing))
     require(nshosts.ansible_tool("ansible-playbook") is not None, "ansible-playbook is not installed")
-    hosts = systemd_hosts.NetworkdHosts(n_hosts=1)
+    hosts = systemd_hosts.NetworkdHosts(n_hosts=1, dhcp=request.param == "dhcp")
     try:
         hosts.start()
         yield hosts
@@ -103,12 +105,15 @@ def test_address_is_added_through_a_dropin_that_networkd_applies(nd):
     assert nshosts.recap(again.stdout)["node1"]["changed"] == 0, again.stdout[-4000:]
 
 
-@pytest.mark.parametrize("apply", ["networkctl reconfigure eth0", "systemctl restart systemd-networkd"])
+# In this order: the reload takes the drop-in over (the play did not reload networkd on the interface it
+# came in through), after which the link's own configuration has the cluster address.
+@pytest.mark.parametrize("apply", ["networkctl reload", "networkctl reconfigure eth0",
+                                   "systemctl restart systemd-networkd"])
 def test_networkd_puts_both_addresses_back(nd, apply):
     node = nd.hosts[0]
     # Detached: flushing eth0 takes this SSH connection's address away until networkd puts it back.
-    nd.ssh(node, f"nohup setsid sh -c 'sleep 1; ip addr flush dev eth0; ip -4 -o addr show dev eth0 > /var/tmp/between; "
-                 f"{apply}' >/dev/null 2>&1 </dev/null &")
+    nd.ssh(node, "nohup setsid sh -c 'sleep 1; ip addr flush dev eth0; "
+                 f"ip -4 -o addr show dev eth0 > /var/tmp/between; {apply}' >/dev/null 2>&1 </dev/null &")
     deadline = time.monotonic() + 30
     while not os.path.exists(node.path("/var/tmp/between")) and time.monotonic() < deadline:
         time.sleep(0.5)
