@@ -12,7 +12,6 @@ restart). Both with the management address in the file (Address=) and as a DHCP 
 from __future__ import annotations
 
 import os
-import re
 import time
 
 import pytest
@@ -64,11 +63,6 @@ def run_playbook(hosts, playbook: str = "network.yml", *args: str):
     return nshosts.run_playbook(hosts, playbook, inv, *args, timeout=300)
 
 
-def roles_run(output: str) -> set[str]:
-    """The roles whose tasks ran on the host (not their argument checks, which Ansible tags always)."""
-    return {m.group(1) for m in re.finditer(r"^TASK \[(\w+) : (?!Validating arguments)", output, re.M)}
-
-
 def test_address_is_added_through_a_dropin_that_networkd_applies(nd):
     node = nd.hosts[0]
     netplan = node.path(f"/etc/systemd/network/{systemd_hosts.NETPLAN_FILE}")
@@ -101,7 +95,7 @@ def test_address_is_added_through_a_dropin_that_networkd_applies(nd):
     # they find nothing to change.
     again = run_playbook(nd, "deploy.yml", "--tags", "network")
     assert again.returncode == 0, again.stdout[-4000:]
-    assert roles_run(again.stdout) == {"preflight", "static_ip"}, again.stdout[-6000:]
+    assert nshosts.roles_run(again.stdout) == {"preflight", "static_ip"}, again.stdout[-6000:]
     assert nshosts.recap(again.stdout)["node1"]["changed"] == 0, again.stdout[-4000:]
 
 
