@@ -307,3 +307,10 @@ def recap(output: str) -> dict:
         counters = dict(kv.split("=") for kv in rest.split())
         out[name.strip()] = {k: int(v) for k, v in counters.items()}
     return out
+
+
+def roles_run(output: str) -> set[str]:
+    """The roles whose tasks ran in a play's output (not their argument checks, which Ansible tags always)."""
+    import re
+
+    return {m.group(1) for m in re.finditer(r"^TASK \[(\w+) : (?!Validating arguments)", output, re.M)}

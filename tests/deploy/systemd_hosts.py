@@ -6,6 +6,9 @@ a tmpfs above that takes every write, so the playbooks install into their real p
 and nothing reaches this machine's files. Before boot the tmpfs gets the host's name, SSH key, an empty
 resolv.conf and masks for this machine's own services (a database, timers) that a test host must not run.
 
+NetworkdHosts: the same with a single interface that a running systemd-networkd configures (from Address=
+in a netplan-style file, or a DHCP lease from networkd's DHCP server in one more container).
+
 Teardown: SIGTERM to systemd-nspawn (the container powers off), SIGKILL of the container's init if that
 takes too long, then the mounts and the namespace go.
 """
@@ -48,6 +51,7 @@ class SystemdHosts(TestHosts):
     # Names of its own: nshosts' hosts of the same test run (a session fixture) may be up beside these.
     prefix: str = field(default_factory=lambda: f"dls{os.getpid() % 100000}")
     host_class = SystemdHost
+    masked = MASKED  # not a field: units the hosts must not run
 
     def _make_host_dirs(self, host: Host) -> None:
         upper_fs, merged = os.path.join(host.workdir, "rw"), host.path("")
@@ -78,7 +82,7 @@ class SystemdHosts(TestHosts):
             write(name, "")
         write("/etc/ssh/sshd_config.d/dllama-test.conf",
               f"ListenAddress {host.mgmt_ip}\nUseDNS no\nMaxSessions 50\nMaxStartups 50\n")
-        for unit in MASKED:
+        for unit in self.masked:
             link = host.path(f"/etc/systemd/system/{unit}")
             if os.path.lexists(link):
                 os.unlink(link)
@@ -128,4 +132,68 @@ class SystemdHosts(TestHosts):
         for host in self.hosts:
             for mount in ("root", "rw"):
                 _run(["umount", "-l", os.path.join(host.workdir, mount)], check=False)
+        super().stop()
+
+
+# The name netplan gives the file it writes for eth0: a drop-in must add to it, a file of our own would
+# sort before it and win.
+NETPLAN_FILE = "10-netplan-eth0.network"
+
+
+@dataclass
+class NetworkdHosts(SystemdHosts):
+    """Booted systemd containers with a single interface, eth0, that a running systemd-networkd configures
+    from a .network file as netplan writes it: the management address SSH comes in through is networkd's.
+
+    dhcp=False: the file gives the address (Address=). dhcp=True: the file says DHCP=ipv4 and the address
+    is a lease from one more container, "dhcpd", whose networkd serves DHCP on the management network
+    (a static lease for each host's fixed MAC address, so the address is still known in advance)."""
+
+    single_interface: bool = True
+    dhcp: bool = False
+    server: Host | None = None
+    # ifupdown's boot-time service off: networkd is the one owner of eth0.
+    masked = MASKED + ("networking.service",)
+
+    @staticmethod
+    def mac(host: Host) -> str:
+        return f"02:00:00:00:00:{host.index:02x}"
+
+    def _make_controller(self) -> None:
+        super()._make_controller()
+        if self.dhcp:
+            # Index 0: its veth and namespace names and address (.10) are apart from the hosts' (1...).
+            self.server = self.host_class("dhcpd", f"{self.prefix}h0", 0, os.path.join(self.workdir, "dhcpd"))
+            self._make_host(self.server)
+
+    def _network_file(self, host: Host) -> str:
+        if host is self.server:
+            leases = "".join(f"\n[DHCPServerStaticLease]\nMACAddress={self.mac(self.host_class('', '', i, ''))}\n"
+                             f"Address={nshosts.MGMT_NET}.{10 + i}\n" for i in range(1, self.n_hosts + 1))
+            return (f"[Match]\nName=eth0\n\n[Network]\nAddress={host.mgmt_ip}/24\nDHCPServer=yes\n\n"
+                    "[DHCPServer]\nPoolOffset=100\nPoolSize=20\nEmitDNS=no\nEmitRouter=no\n" + leases)
+        if self.dhcp:
+            # As netplan writes `dhcp-identifier: mac`: the server's static lease is found by the MAC.
+            return "[Match]\nName=eth0\n\n[Network]\nDHCP=ipv4\n\n[DHCPv4]\nClientIdentifier=mac\n"
+        return f"[Match]\nName=eth0\n\n[Network]\nAddress={host.mgmt_ip}/24\n"
+
+    def _make_host_dirs(self, host: Host) -> None:
+        super()._make_host_dirs(host)
+        _run(["ip", "-n", host.netns, "link", "set", "eth0", "address", self.mac(host)])
+        with open(host.path(f"/etc/systemd/network/{NETPLAN_FILE}"), "w") as f:
+            f.write(self._network_file(host))
+        # networkd on, as `systemctl enable` links it.
+        for unit, target in (("systemd-networkd.service", "multi-user.target"),
+                             ("systemd-networkd.socket", "sockets.target")):
+            wants = host.path(f"/etc/systemd/system/{target}.wants")
+            os.makedirs(wants, exist_ok=True)
+            os.symlink(f"/lib/systemd/system/{unit}", os.path.join(wants, unit))
+        # sshd may start before networkd has put the address on eth0: listen on any address.
+        with open(host.path("/etc/ssh/sshd_config.d/dllama-test.conf"), "w") as f:
+            f.write("UseDNS no\nMaxSessions 50\nMaxStartups 50\n")
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.hosts.append(self.server)  # torn down as the hosts are
+            self.server = None
         super().stop()

@@ -26,6 +26,8 @@ pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 
 PORT, API_PORT = 9998, 9990
 VENV = "/opt/dllama/venv"
+# What a run limited to the services' tags (keys, firewall) may touch.
+SERVICE_ROLES = {"preflight", "dllama_cluster", "dllama_worker", "dllama_root"}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,8 @@ def sd(tmp_path_factory):
             "dllama_root_api": True, "dllama_cluster_firewall": True, "dllama_worker_port": PORT,
             "dllama_cluster_key": nshosts.supports_cluster_key(),
             "dllama_cluster_state_dir": "/run/dllama-cluster",
+            # timesyncd never runs in a container (ConditionVirtualization=!container; masked here too).
+            "dllama_node_time_sync": False,
         })
         r = nshosts.run_playbook(hosts, "deploy.yml", inv)
         assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
@@ -166,6 +170,33 @@ def test_firewall_lets_only_the_root_reach_the_worker(sd):
     code = f"from dllama.net import probe; print(probe('{worker.cluster_ip}', {PORT}, 3.0)['version'])"
     assert hosts.ssh(hosts.hosts[0], f"{VENV}/bin/python -c \"{code}\"").stdout.strip()
 
+
+def test_tag_firewall_puts_back_only_the_table(sd):
+    hosts, inv, _ = sd
+    worker = hosts.hosts[1]
+    hosts.ssh(worker, "nft delete table inet dllama")
+    r = nshosts.run_playbook(hosts, "deploy.yml", inv, "--tags", "firewall")
+    assert r.returncode == 0, r.stdout[-4000:]
+    # Nothing of the other parts (install, node, network, the units themselves).
+    assert {"dllama_cluster"} <= nshosts.roles_run(r.stdout) <= SERVICE_ROLES, r.stdout[-6000:]
+    counts = nshosts.recap(r.stdout)
+    assert counts["node2"]["changed"] >= 1 and counts["node1"]["changed"] == 0, r.stdout[-4000:]
+    assert f"tcp dport {PORT}" in hosts.ssh(worker, "nft list table inet dllama").stdout
+
+
+def test_tag_keys_puts_the_key_back_and_restarts_the_worker(sd):
+    hosts, inv, _ = sd
+    worker = hosts.hosts[1]
+    key = hosts.ssh(worker, "cat /etc/dllama/cluster.key").stdout
+    before = show(hosts, worker, "dllama-worker")["MainPID"]
+    hosts.ssh(worker, "echo 00 > /etc/dllama/cluster.key")
+    r = nshosts.run_playbook(hosts, "deploy.yml", inv, "--tags", "keys")
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert {"dllama_cluster", "dllama_worker"} <= nshosts.roles_run(r.stdout) <= SERVICE_ROLES, r.stdout[-6000:]
+    assert hosts.ssh(worker, "cat /etc/dllama/cluster.key").stdout == key
+    after = show(hosts, worker, "dllama-worker")
+    assert after["ActiveState"] == "active" and after["MainPID"] != before, (before, after)
+    assert show(hosts, hosts.hosts[0], "dllama-api")["ActiveState"] == "active"
 
 def test_security_exposure_of_the_units(sd):
     hosts, _, _ = sd
