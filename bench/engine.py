@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "out"
+# Models are written once; DLLAMA_BENCH_OUT lets several checkouts share them (1 GB for b1).
+OUT = Path(os.environ.get("DLLAMA_BENCH_OUT") or Path(__file__).resolve().parent / "out")
 PROMPT = ("Raspberry Pi computers are small single-board machines. People join several of them on a home "
           "network switch to run software that does not fit on one board. ") * 4
 PEER_SCRIPT = r"""

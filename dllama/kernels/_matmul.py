@@ -9,7 +9,9 @@ side: qs[tile, block, j, row]. The row loop is then the innermost, contiguous lo
 turns it into vector lanes; every row of a tile multiplies the same activation values, so there
 are no cross-lane sums. Scales stay IEEE half (no bytes added): d[tile, block, row].
 
-    q40  qs (tiles, blocks, 16, TILE) uint8   low nibble = value j, high = value j + 16; (q - 8) * d
+    q40  qs (tiles, blocks, 4, TILE, 4) uint8: byte 4q + c of row r at [t, b, q, r, c]; low nibble =
+         value 4q + c, high = value 16 + 4q + c; (q - 8) * d. Each row's bytes in quads: the form the
+         integer multiply-adds take (see _simd)
     q41  qs as q40, d and m (tiles, blocks, TILE) f16 bits;  q * d + m
     q80  qs (tiles, blocks, 32, TILE) int8;   q * d
     f16  w (tiles, cols, TILE) f16 bits
@@ -18,18 +20,20 @@ are no cross-lane sums. Scales stay IEEE half (no bytes added): d[tile, block, r
 Block weights multiply Q80-quantized activations in integer arithmetic, as llama.cpp does:
 sum((q - 8) d x) = d dx (sum(q xq) - 8 sum(xq)), so the -8 (Q40) and the m (Q41) leave the inner
 loop. Inner sums are 16-bit (at most 16 * 15 * 127 < 2**15 for nibbles; pairs of int8 products for
-Q80), widened once per block.
+Q80), widened once per block. Q4 sums run on the CPU's integer multiply-add (dllama.kernels._simd).
 """
 
 from __future__ import annotations
 
 import types
 
+import numba
 import numpy as np
-from numba import njit, prange
+from numba import get_thread_id, njit, prange
 
 from dllama.kernels import _threads
 from dllama.kernels._bits import f16_to_f32
+from dllama.kernels._simd import isums_any, isums_x86, simd_isa
 from dllama.kernels.quant import quantize_act
 
 TILE = 64  # rows per tile; the kernels spell it as the literal 64 (numba freezes globals)
@@ -39,70 +43,12 @@ BLOCK_BYTES = {"q40": 18, "q41": 20, "q80": 34}
 # --- the kernels: one body each, compiled serial and parallel --------------------------------
 
 
-# Two forms of each block kernel, because the compiler keeps the integer sums in different places.
+# Q80: two forms of the kernel, because the compiler keeps the integer sums in different places.
 # "Sweep": the row loop is innermost and sweeps a tile's 64 rows per column, giving the widest
 # vectors (sums in L1-resident per-tile arrays); the fastest matrix-vector form everywhere, and for
 # batches on AVX2. "Regs": the literal 16-column loop unrolls inside the row loop, keeping the sums
 # in registers; with AVX-512's 32 vector registers this is the faster batch form (it needs 32
 # broadcast activations live, so on AVX2's 16 registers it drops to 128-bit vectors).
-
-
-def _sweep_q40(qs, d, m, x, xq, xd, xs, out):
-    # W q40 (rows, cols) @ x (n, cols) -> out (n, rows): value = (q - 8) * d; m unused
-    quantize_act(x, xq, xd, xs)
-    ntiles, nb = qs.shape[0], qs.shape[1]
-    T = 64  # TILE, as a literal: the row loop becomes whole vector registers
-    n = x.shape[0]
-    for t in prange(ntiles):
-        acc = np.zeros((n, T), np.float32)
-        lo = np.empty(T, np.int16)
-        hi = np.empty(T, np.int16)
-        for b in range(nb):
-            for i in range(n):
-                lo[:] = 0
-                hi[:] = 0
-                for j in range(16):
-                    xl = np.int16(xq[i, b * 32 + j])
-                    xh = np.int16(xq[i, b * 32 + 16 + j])
-                    for r in range(T):
-                        q = qs[t, b, j, r]
-                        lo[r] = np.int16(lo[r] + np.int16(q & np.uint8(15)) * xl)
-                        hi[r] = np.int16(hi[r] + np.int16(q >> np.uint8(4)) * xh)
-                dx = xd[i, b]
-                c = np.float32(8.0) * xs[i, b]
-                for r in range(T):
-                    isum = np.float32(np.int32(np.int32(lo[r]) + np.int32(hi[r])))
-                    acc[i, r] += f16_to_f32(d[t, b, r]) * (dx * isum - c)
-        _store(acc, out, t * T)
-
-
-def _sweep_q41(qs, d, m, x, xq, xd, xs, out):
-    # W q41 (rows, cols) @ x (n, cols) -> out (n, rows): value = q * d + m
-    quantize_act(x, xq, xd, xs)
-    ntiles, nb = qs.shape[0], qs.shape[1]
-    T = 64
-    n = x.shape[0]
-    for t in prange(ntiles):
-        acc = np.zeros((n, T), np.float32)
-        lo = np.empty(T, np.int16)
-        hi = np.empty(T, np.int16)
-        for b in range(nb):
-            for i in range(n):
-                lo[:] = 0
-                hi[:] = 0
-                for j in range(16):
-                    xl = np.int16(xq[i, b * 32 + j])
-                    xh = np.int16(xq[i, b * 32 + 16 + j])
-                    for r in range(T):
-                        q = qs[t, b, j, r]
-                        lo[r] = np.int16(lo[r] + np.int16(q & np.uint8(15)) * xl)
-                        hi[r] = np.int16(hi[r] + np.int16(q >> np.uint8(4)) * xh)
-                dx = xd[i, b]
-                sx = xs[i, b]
-                for r in range(T):
-                    isum = np.float32(np.int32(np.int32(lo[r]) + np.int32(hi[r])))
-                    acc[i, r] += f16_to_f32(d[t, b, r]) * dx * isum + f16_to_f32(m[t, b, r]) * sx
-        _store(acc, out, t * T)
 
 
 def _sweep_q80(qs, d, m, x, xq, xd, xs, out):
@@ -130,47 +76,34 @@ def _sweep_q80(qs, d, m, x, xq, xd, xs, out):
         _store(acc, out, t * T)
 
 
-@njit(inline="always", nogil=True, cache=True)
-def _nibble_sums(qs, t, b, xv, isum):
-    # isum[r] = sum_j nibble q[r, j] * xv[j] over one block, for the 64 rows of tile t
-    for r in range(64):
-        lo = np.int16(0)
-        hi = np.int16(0)
-        for j in range(16):
-            q = qs[t, b, j, r]
-            lo = np.int16(lo + np.int16(q & np.uint8(15)) * xv[j])
-            hi = np.int16(hi + np.int16(q >> np.uint8(4)) * xv[16 + j])
-        isum[r] = np.int32(lo) + np.int32(hi)
-
-
-def _regs_q4(qs, d, m, x, xq, xd, xs, out):
+def _mm_q4(qs, d, m, x, xq, xd, xs, out, fs, ist):
     # W q40 or q41 (rows, cols) @ x (n, cols) -> out (n, rows). A q41 matrix brings its m
-    # (value = q * d + m); q40 brings an empty m (value = (q - 8) * d).
+    # (value = q * d + m); q40 brings an empty m (value = (q - 8) * d). fs (threads, 6, 64) f32 and
+    # ist (threads, 4, 64) i32: each thread's scratch, allocated with the matrix.
     quantize_act(x, xq, xd, xs)
     ntiles, nb = qs.shape[0], qs.shape[1]
     T = 64
     n = x.shape[0]
     q41 = m.shape[0] == ntiles
     for t in prange(ntiles):
-        acc = np.zeros((n, T), np.float32)
-        isum = np.empty(T, np.int32)
-        xv = np.empty(32, np.int16)
-        dw = np.empty(T, np.float32)
-        mw = np.zeros(T, np.float32)
-        for b in range(nb):
-            for r in range(T):
-                dw[r] = f16_to_f32(d[t, b, r])
-                if q41:
-                    mw[r] = f16_to_f32(m[t, b, r])
-            for i in range(n):
-                for j in range(32):
-                    xv[j] = xq[i, b * 32 + j]
-                _nibble_sums(qs, t, b, xv, isum)
-                dx = xd[i, b]
-                c = xs[i, b] if q41 else np.float32(-8.0) * xs[i, b]
+        tid = get_thread_id()
+        acc, dw, mw, isum = fs[tid, 0:4], fs[tid, 4], fs[tid, 5], ist[tid]
+        # up to 4 activation rows share each load of the weights (prompt batches); the tile's weights
+        # stay in L2 between the groups of 4
+        for i0 in range(0, n, 4):
+            k = min(4, n - i0)
+            acc[:k] = 0
+            for b in range(nb):
                 for r in range(T):
-                    acc[i, r] += dw[r] * dx * np.float32(isum[r]) + (mw[r] if q41 else dw[r]) * c
-        _store(acc, out, t * T)
+                    dw[r] = f16_to_f32(d[t, b, r])
+                    mw[r] = f16_to_f32(m[t, b, r]) if q41 else np.float32(-8.0) * dw[r]
+                _isums(qs, t, b, xq, i0, k, isum)
+                for i in range(k):
+                    dx = xd[i0 + i, b]
+                    sx = xs[i0 + i, b]
+                    for r in range(T):
+                        acc[i, r] += dw[r] * dx * np.float32(isum[i, r]) + mw[r] * sx
+            _store(acc[:k], out[i0:i0 + k], t * T)
 
 
 def _regs_q80(qs, d, m, x, xq, xd, xs, out):
@@ -244,7 +177,7 @@ def _mm_q40_f32(qs, d, x, out):
                     xh = x[i, b * 32 + 16 + j]
                     sx += xl + xh
                     for r in range(T):
-                        q = qs[t, b, j, r]
+                        q = qs[t, b, j // 4, r, j % 4]
                         s[r] += np.float32(q & np.uint8(15)) * xl + np.float32(q >> np.uint8(4)) * xh
                 for r in range(T):
                     acc[i, r] += f16_to_f32(d[t, b, r]) * (s[r] - np.float32(8.0) * sx)
@@ -258,29 +191,55 @@ def _renamed(fn, suffix):
     return types.FunctionType(code, fn.__globals__, fn.__name__ + suffix)
 
 
-def _variants(fn):
+@njit(inline="always", nogil=True, cache=True)
+def _thread_zero():
+    return 0
+
+
+def _variants(fn, suffix="", **bind):
     """(serial, parallel) compiled variants of one kernel body: a parallel call wakes threads
-    (~1-25 us depending on numba's threading layer), so with one thread the serial one runs."""
-    return (njit(nogil=True, cache=True)(_renamed(fn, "_serial")),
-            njit(nogil=True, cache=True, parallel=True)(fn))
+    (~1-25 us depending on numba's threading layer), so with one thread the serial one runs.
+    `bind` replaces globals of the body (a flavour, named by `suffix`, with its own cache entries)."""
+    def bound(extra, name):
+        g = dict(fn.__globals__, **bind, **extra)
+        code = fn.__code__.replace(co_name=fn.__name__ + name, co_qualname=fn.__qualname__ + name)
+        return types.FunctionType(code, g, fn.__name__ + name)
+
+    # The serial variant is thread 0: numba's get_thread_id, loaded from the cache before any
+    # parallel call has started the thread pool, would read an unset pointer.
+    return (njit(nogil=True, cache=True)(bound({"get_thread_id": _thread_zero}, suffix + "_serial")),
+            njit(nogil=True, cache=True, parallel=True)(bound({}, suffix) if suffix or bind else fn))
 
 
 def _wide_vectors():
     """Whether numba compiles for AVX-512 (32 vector registers): picks the batch kernel form."""
-    import numba
-    from llvmlite import binding
-
-    features = numba.config.CPU_FEATURES or binding.get_host_cpu_features().flatten()
-    return "+avx512bw" in features.split(",")
+    return simd_isa()[1] == 64
 
 
-# per type: (matrix-vector, matrix-matrix) x (serial, parallel)
-_SWEEP = {q: _variants(fn) for q, fn in (("q40", _sweep_q40), ("q41", _sweep_q41), ("q80", _sweep_q80))}
-_REGS_Q4 = _variants(_regs_q4)  # compiled on first use only
-_REGS = {"q40": _REGS_Q4, "q41": _REGS_Q4, "q80": _variants(_regs_q80)}
-_BATCH = _REGS if _wide_vectors() else _SWEEP
-_KERNELS = {"q40": (_SWEEP["q40"], _BATCH["q40"]), "q41": (_SWEEP["q41"], _BATCH["q41"]),
-            "q80": (_SWEEP["q80"], _BATCH["q80"]),
+def _isums_simd(kind, nbytes):
+    """isums(qs, t, b, xq, i0, k, isum) for k <= 4 rows on this x86 CPU's multiply-add (see _simd)."""
+    four, one = isums_x86(4, kind, nbytes), isums_x86(1, kind, nbytes)
+
+    @njit(inline="always", nogil=True, cache=True)
+    def isums(qs, t, b, xq, i0, k, isum):
+        if k == 4:
+            four(qs, t, b, xq, i0, isum)
+        else:
+            for i in range(k):
+                one(qs, t, b, xq, i0 + i, isum[i:])
+
+    return isums
+
+
+_ISA = simd_isa()
+# per type: (matrix-vector, matrix-matrix) x (serial, parallel). Q4 has one form for both; Q4_ANY is the
+# portable one (every CPU without a multiply-add flavour here runs it; tests check it on x86 too).
+_Q4_ANY = _variants(_mm_q4, "_any", _isums=isums_any)
+_Q4 = _variants(_mm_q4, f"_{_ISA[0]}{_ISA[1]}", _isums=_isums_simd(*_ISA)) if _ISA[0] else _Q4_ANY
+_SWEEP = {"q40": _Q4, "q41": _Q4, "q80": _variants(_sweep_q80)}
+_REGS = {"q40": _Q4_ANY, "q41": _Q4_ANY, "q80": _variants(_regs_q80)}  # compiled on first use only
+_KERNELS = {"q40": (_Q4, _Q4), "q41": (_Q4, _Q4),
+            "q80": (_SWEEP["q80"], (_REGS if _wide_vectors() else _SWEEP)["q80"]),
             "f16": _variants(_mm_f16), "q40_f32": _variants(_mm_q40_f32)}
 
 
@@ -293,7 +252,7 @@ class Packed:
     rows, cols, qtype; nbytes = bytes of packed weights (equal to the ggml bytes plus tile padding).
     """
 
-    __slots__ = ("qtype", "rows", "cols", "nbytes", "qs", "d", "m", "w", "kernels", "xq", "xd", "xs")
+    __slots__ = ("qtype", "rows", "cols", "nbytes", "qs", "d", "m", "w", "kernels", "xq", "xd", "xs", "fs", "ist")
 
     def __init__(self, qtype, rows, cols):
         self.qtype, self.rows, self.cols = qtype, rows, cols
@@ -302,6 +261,10 @@ class Packed:
         self.xq = self.xd = self.xs = None
         if qtype in BLOCK_BYTES:
             self._grow(1)
+        # each thread's tile accumulators (Q4 kernels): prepared here, not per tile per call
+        threads = numba.config.NUMBA_NUM_THREADS
+        self.fs = np.empty((threads, 6, TILE), np.float32) if qtype in ("q40", "q41") else None
+        self.ist = np.empty((threads, 4, TILE), np.int32) if qtype in ("q40", "q41") else None
 
     def _grow(self, n):
         # Scratch for the Q80 activations, sized for the largest batch seen: no allocation per call.
@@ -357,7 +320,11 @@ def pack(qtype, raw_rows, rows, cols):
         else:
             W.m = _NO_M  # one signature for every block type; its length tells q40 from q41
         qs = blocks[:, :, 4:] if qtype == "q41" else blocks[:, :, 2:]
-        W.qs = _tiles(qs.view(np.int8) if qtype == "q80" else qs, rows, TILE)
+        if qtype == "q80":
+            W.qs = _tiles(qs.view(np.int8), rows, TILE)
+        else:  # (tiles, blocks, 16, TILE) -> quads of each row's bytes side by side (see _simd)
+            W.qs = np.ascontiguousarray(
+                _tiles(qs, rows, TILE).reshape(-1, cols // 32, 4, 4, TILE).transpose(0, 1, 2, 4, 3))
     W.nbytes = sum(a.nbytes for a in (W.qs, W.d, W.w) if a is not None)
     if qtype == "q41":
         W.nbytes += W.m.nbytes
@@ -386,7 +353,10 @@ def matmul(W, x, out, act="q80"):
         if act == "q80":
             if n > W.xq.shape[0]:
                 W._grow(n)
-            W.kernels[n > 1][par](W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out)
+            if W.fs is not None:
+                W.kernels[n > 1][par](W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out, W.fs, W.ist)
+            else:
+                W.kernels[n > 1][par](W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out)
         elif act == "f32" and W.qtype == "q40":
             _KERNELS["q40_f32"][par](W.qs, W.d, x, out)
         else:
