@@ -24,10 +24,10 @@ import numpy as np  # noqa: E402
 from dllama.kernels._threads import set_threads  # noqa: E402
 from dllama.kernels._attention import attention  # noqa: E402
 from dllama.kernels._matmul import BLOCK_BYTES, TILE, Packed, matmul, pack  # noqa: E402
-from dllama.kernels.ops import gelu_glu, rmsnorm, rope, rope_tables, softmax, swiglu  # noqa: E402
+from dllama.kernels.ops import gelu_glu, rmsnorm, rope, rope_qkv, rope_tables, softmax, swiglu  # noqa: E402
 from dllama.kernels.quant import Q80_BLOCK_BYTES, dequantize_q80, quantize_q80  # noqa: E402
 
-__all__ = ["set_threads", "Packed", "pack", "matmul", "TILE", "rmsnorm", "rope_tables", "rope", "attention",
+__all__ = ["set_threads", "Packed", "pack", "matmul", "TILE", "rmsnorm", "rope_tables", "rope", "rope_qkv", "attention",
            "swiglu", "gelu_glu", "softmax", "quantize_q80", "dequantize_q80", "Q80_BLOCK_BYTES", "warmup"]
 
 
@@ -49,6 +49,11 @@ def warmup(qtypes=("q40", "q41", "q80", "f16")):
     rmsnorm(x, np.ones(64, np.float32), 1e-5, out)
     positions = np.zeros(1, np.int64)
     rope(x, positions, half, half, 64, False)
+    # the glue after a fused qkv matmul reads column slices: contiguous for one token, strided for a batch
+    qkv, cache, tables = np.zeros((2, 192), np.float32), np.zeros((2, 64), np.float32), np.ones((2, 32), np.float32)
+    for rows in (qkv[:1], qkv):
+        rope_qkv(rows[:, :64], rows[:, 64:128], rows[:, 128:], np.arange(len(rows), dtype=np.int64), tables, tables,
+                 64, False, np.empty((len(rows), 64), np.float32), cache, cache)
     attention(x, x, x, positions, 1, 1, 64, np.empty((1, 1), np.float32), out)
     swiglu(x, 32, half)
     gelu_glu(x, 32, half)

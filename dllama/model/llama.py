@@ -176,26 +176,21 @@ class NodeModel:
 
     def _attention(self, layer: Layer, xb: np.ndarray, positions: np.ndarray, y: np.ndarray) -> None:
         n, hd, qd, kvd = len(positions), self.spec.head_dim, self.q_dim, self.kv_dim
-        q, k = self.q[:n], self.k[:n]
+        q, qkv = self.q[:n], self.qkv[:n]
         if layer.wqkv is not None:
-            qkv = self.qkv[:n]
             K.matmul(layer.wqkv, xb, qkv)
-            q[:] = qkv[:, :qd]
-            k[:] = qkv[:, qd:qd + kvd]
-            v = qkv[:, qd + kvd:]
+            q_in, k_in = qkv[:, :qd], qkv[:, qd:qd + kvd]
         else:
-            K.matmul(layer.wq, xb, q)
-            K.matmul(layer.wk, xb, k)
-            v = self.qkv[:n, qd + kvd:]
-            K.matmul(layer.wv, xb, v)
+            q_in, k_in = q, self.k[:n]
+            K.matmul(layer.wq, xb, q_in)
+            K.matmul(layer.wk, xb, k_in)
+            K.matmul(layer.wv, xb, qkv[:, qd + kvd:])
         if layer.k_cache is None:
             # np.zeros maps lazily: only the positions used become resident
             layer.k_cache = np.zeros((self.seq_len, kvd), np.float32)
             layer.v_cache = np.zeros((self.seq_len, kvd), np.float32)
-        K.rope(q, positions, self.cos, self.sin, hd, self.neox)
-        K.rope(k, positions, self.cos, self.sin, hd, self.neox)
-        layer.k_cache[positions] = k
-        layer.v_cache[positions] = v
+        K.rope_qkv(q_in, k_in, qkv[:, qd + kvd:], positions, self.cos, self.sin, hd, self.neox, q,
+                   layer.k_cache, layer.v_cache)
         att_out = self.att_out[:n]
         K.attention(q, layer.k_cache, layer.v_cache, positions, self.n_heads, self.n_kv, hd, self.att, att_out)
         K.matmul(layer.wo, att_out, y)
