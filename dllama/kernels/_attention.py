@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from dllama.kernels import _threads
-from dllama.kernels._matmul import _renamed
+from dllama.kernels._matmul import _bound
 from dllama.kernels.ops import expf
 
 
@@ -64,7 +64,7 @@ def _attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, at
 # reassoc lets the q.k dot product use vector lanes (a float sum is otherwise strictly ordered);
 # tests hold the result to 1e-5 of float64.
 _FLAGS = dict(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-_VARIANTS = (njit(**_FLAGS)(_renamed(_attention, "_serial")), njit(parallel=True, **_FLAGS)(_attention))
+_VARIANTS = (njit(**_FLAGS)(_bound(_attention, "_serial")), njit(parallel=True, **_FLAGS)(_attention))
 
 
 def attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out):

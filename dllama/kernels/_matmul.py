@@ -33,7 +33,7 @@ from numba import get_thread_id, njit, prange
 
 from dllama.kernels import _threads
 from dllama.kernels._bits import f16_to_f32
-from dllama.kernels._simd import isums_any, isums_x86, simd_isa
+from dllama.kernels._simd import PORTABLE, isums_intrinsic, simd_isa
 from dllama.kernels.quant import quantize_act
 
 TILE = 64  # rows per tile; the kernels spell it as the literal 64 (numba freezes globals)
@@ -87,23 +87,54 @@ def _mm_q4(qs, d, m, x, xq, xd, xs, out, fs, ist):
     q41 = m.shape[0] == ntiles
     for t in prange(ntiles):
         tid = get_thread_id()
-        acc, dw, mw, isum = fs[tid, 0:4], fs[tid, 4], fs[tid, 5], ist[tid]
+        # whole-row views (integer indices only): numba then knows them contiguous, and vectorises
+        acc0, acc1, acc2, acc3, dw, mw = fs[tid, 0], fs[tid, 1], fs[tid, 2], fs[tid, 3], fs[tid, 4], fs[tid, 5]
+        isum = ist[tid]
         # up to 4 activation rows share each load of the weights (prompt batches); the tile's weights
         # stay in L2 between the groups of 4
         for i0 in range(0, n, 4):
             k = min(4, n - i0)
-            acc[:k] = 0
+            acc0[:] = 0
+            acc1[:] = 0
+            acc2[:] = 0
+            acc3[:] = 0
             for b in range(nb):
-                for r in range(T):
-                    dw[r] = f16_to_f32(d[t, b, r])
-                    mw[r] = f16_to_f32(m[t, b, r]) if q41 else np.float32(-8.0) * dw[r]
-                _isums(qs, t, b, xq, i0, k, isum)
-                for i in range(k):
-                    dx = xd[i0 + i, b]
-                    sx = xs[i0 + i, b]
+                if q41:
                     for r in range(T):
-                        acc[i, r] += dw[r] * dx * np.float32(isum[i, r]) + mw[r] * sx
-            _store(acc[:k], out[i0:i0 + k], t * T)
+                        dw[r] = f16_to_f32(d[t, b, r])
+                        mw[r] = f16_to_f32(m[t, b, r])
+                else:
+                    for r in range(T):
+                        dw[r] = f16_to_f32(d[t, b, r])
+                        mw[r] = np.float32(-8.0) * dw[r]
+                _isums(qs, t, b, xq, i0, k, isum)
+                _scale_add(acc0, isum[0], dw, mw, xd[i0, b], xs[i0, b])
+                if k > 1:
+                    _scale_add(acc1, isum[1], dw, mw, xd[i0 + 1, b], xs[i0 + 1, b])
+                if k > 2:
+                    _scale_add(acc2, isum[2], dw, mw, xd[i0 + 2, b], xs[i0 + 2, b])
+                if k > 3:
+                    _scale_add(acc3, isum[3], dw, mw, xd[i0 + 3, b], xs[i0 + 3, b])
+            _store_row(acc0, out[i0], t * T)
+            if k > 1:
+                _store_row(acc1, out[i0 + 1], t * T)
+            if k > 2:
+                _store_row(acc2, out[i0 + 2], t * T)
+            if k > 3:
+                _store_row(acc3, out[i0 + 3], t * T)
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _scale_add(acc, isum, dw, mw, dx, sx):
+    # one activation row's block: acc[r] += d_r dx isum_r + m_r sx (m = -8 d for Q40)
+    for r in range(64):
+        acc[r] += dw[r] * dx * np.float32(isum[r]) + mw[r] * sx
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _store_row(acc, out, r0):
+    for r in range(min(64, out.shape[0] - r0)):
+        out[r0 + r] = acc[r]
 
 
 def _regs_q80(qs, d, m, x, xq, xd, xs, out):
@@ -184,31 +215,28 @@ def _mm_q40_f32(qs, d, x, out):
         _store(acc, out, t * T)
 
 
-def _renamed(fn, suffix):
-    # numba keys its on-disk cache by qualified name and line, not by compile flags: the serial and
-    # parallel variants of one body must be distinct functions or they would load each other's code.
-    code = fn.__code__.replace(co_name=fn.__name__ + suffix, co_qualname=fn.__qualname__ + suffix)
-    return types.FunctionType(code, fn.__globals__, fn.__name__ + suffix)
-
-
 @njit(inline="always", nogil=True, cache=True)
 def _thread_zero():
     return 0
+
+
+def _bound(fn, name, **bind):
+    """A copy of kernel body `fn` named fn.__name__ + name, some of its globals replaced by `bind`.
+
+    numba keys its on-disk cache by qualified name and line, not by compile flags or globals: each
+    variant of one body must be a distinct function or they would load each other's code."""
+    code = fn.__code__.replace(co_name=fn.__name__ + name, co_qualname=fn.__qualname__ + name)
+    return types.FunctionType(code, dict(fn.__globals__, **bind), fn.__name__ + name)
 
 
 def _variants(fn, suffix="", **bind):
     """(serial, parallel) compiled variants of one kernel body: a parallel call wakes threads
     (~1-25 us depending on numba's threading layer), so with one thread the serial one runs.
     `bind` replaces globals of the body (a flavour, named by `suffix`, with its own cache entries)."""
-    def bound(extra, name):
-        g = dict(fn.__globals__, **bind, **extra)
-        code = fn.__code__.replace(co_name=fn.__name__ + name, co_qualname=fn.__qualname__ + name)
-        return types.FunctionType(code, g, fn.__name__ + name)
-
     # The serial variant is thread 0: numba's get_thread_id, loaded from the cache before any
     # parallel call has started the thread pool, would read an unset pointer.
-    return (njit(nogil=True, cache=True)(bound({"get_thread_id": _thread_zero}, suffix + "_serial")),
-            njit(nogil=True, cache=True, parallel=True)(bound({}, suffix) if suffix or bind else fn))
+    return (njit(nogil=True, cache=True)(_bound(fn, suffix + "_serial", get_thread_id=_thread_zero, **bind)),
+            njit(nogil=True, cache=True, parallel=True)(_bound(fn, suffix, **bind) if suffix or bind else fn))
 
 
 def _wide_vectors():
@@ -216,9 +244,9 @@ def _wide_vectors():
     return simd_isa()[1] == 64
 
 
-def _isums_simd(kind, nbytes):
-    """isums(qs, t, b, xq, i0, k, isum) for k <= 4 rows on this x86 CPU's multiply-add (see _simd)."""
-    four, one = isums_x86(4, kind, nbytes), isums_x86(1, kind, nbytes)
+def _isums(kind, nbytes):
+    """isums(qs, t, b, xq, i0, k, isum) for k <= 4 activation rows on one multiply-add flavour (see _simd)."""
+    four, one = isums_intrinsic(4, kind, nbytes), isums_intrinsic(1, kind, nbytes)
 
     @njit(inline="always", nogil=True, cache=True)
     def isums(qs, t, b, xq, i0, k, isum):
@@ -233,9 +261,9 @@ def _isums_simd(kind, nbytes):
 
 _ISA = simd_isa()
 # per type: (matrix-vector, matrix-matrix) x (serial, parallel). Q4 has one form for both; Q4_ANY is the
-# portable one (every CPU without a multiply-add flavour here runs it; tests check it on x86 too).
-_Q4_ANY = _variants(_mm_q4, "_any", _isums=isums_any)
-_Q4 = _variants(_mm_q4, f"_{_ISA[0]}{_ISA[1]}", _isums=_isums_simd(*_ISA)) if _ISA[0] else _Q4_ANY
+# portable flavour (ARM runs it; tests check it on x86 too, and compile it for ARM).
+_Q4_ANY = _variants(_mm_q4, "_any", _isums=_isums(*PORTABLE))
+_Q4 = _Q4_ANY if _ISA == PORTABLE else _variants(_mm_q4, f"_{_ISA[0]}{_ISA[1]}", _isums=_isums(*_ISA))
 _SWEEP = {"q40": _Q4, "q41": _Q4, "q80": _variants(_sweep_q80)}
 _REGS = {"q40": _Q4_ANY, "q41": _Q4_ANY, "q80": _variants(_regs_q80)}  # compiled on first use only
 _KERNELS = {"q40": (_Q4, _Q4), "q41": (_Q4, _Q4),
