@@ -112,7 +112,17 @@ def loops(body):
     return ["\n".join(blocks[j:k + 1]) for j, k in sorted(regions, key=lambda r: r[1] - r[0])]
 
 
-def mnemonics(text):
+def instruction_mix(text):
+    """Counter of (class, mnemonic): class 'vector' (NEON v-registers or q-registers, x86 ymm/zmm),
+    'fp-scalar' (ARM s/d/h registers, x86 xmm: scalar or 128-bit) or 'scalar' (general registers)."""
     import collections
 
-    return collections.Counter(re.findall(r"^\s+([a-z][a-z0-9.]*)\s", text, re.M))
+    mix = collections.Counter()
+    for op, args in re.findall(r"^\s+([a-z][a-z0-9.]*)\s+(.*)$", text, re.M):
+        if re.search(r"\bv\d+\.(16b|8h|4s|2d|8b|4h|2s)|\bq\d+\b|%[yz]mm", args):
+            mix["vector", op] += 1
+        elif re.search(r"\b[sdh]\d+\b|%xmm", args):
+            mix["fp-scalar", op] += 1
+        else:
+            mix["scalar", op] += 1
+    return mix
