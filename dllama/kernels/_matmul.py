@@ -4,23 +4,22 @@
     matmul(W, x, out)                      # x (n, cols) f32 -> out (n, rows) f32, out = x @ W.T
 
 Packed layout (why it is fast): rows are cut into tiles of TILE consecutive output rows (the last
-tile zero-padded). Within a tile, for each block of 32 columns, byte j of every row sits side by
-side: qs[tile, block, j, row]. The row loop is then the innermost, contiguous loop, so the compiler
-turns it into vector lanes; every row of a tile multiplies the same activation values, so there
-are no cross-lane sums. Scales stay IEEE half (no bytes added): d[tile, block, row].
+tile zero-padded). Within a tile, for each block of 32 columns, the rows sit side by side (f16: value
+c of every row; block types: 4 bytes of every row), so a vector holds several rows, every row of a tile
+multiplies the same activation values, and there are no cross-lane sums. Scales stay IEEE half (no
+bytes added): d[tile, block, row].
 
     q40  qs (tiles, blocks, 4, TILE, 4) uint8: byte 4q + c of row r at [t, b, q, r, c]; low nibble =
          value 4q + c, high = value 16 + 4q + c; (q - 8) * d. Each row's bytes in quads: the form the
          integer multiply-adds take (see _simd)
     q41  qs as q40, d and m (tiles, blocks, TILE) f16 bits;  q * d + m
-    q80  qs (tiles, blocks, 32, TILE) int8;   q * d
+    q80  qs (tiles, blocks, 8, TILE, 4) int8: value 4q + c of row r at [t, b, q, r, c];   q * d
     f16  w (tiles, cols, TILE) f16 bits
     f32  w (rows, cols) f32, the raw bytes viewed in place (numpy BLAS)
 
 Block weights multiply Q80-quantized activations in integer arithmetic, as llama.cpp does:
 sum((q - 8) d x) = d dx (sum(q xq) - 8 sum(xq)), so the -8 (Q40) and the m (Q41) leave the inner
-loop. Inner sums are 16-bit (at most 16 * 15 * 127 < 2**15 for nibbles; pairs of int8 products for
-Q80), widened once per block. Q4 sums run on the CPU's integer multiply-add (dllama.kernels._simd).
+loop. The integer sums run on the CPU's integer multiply-add (dllama.kernels._simd).
 """
 
 from __future__ import annotations
@@ -43,42 +42,10 @@ BLOCK_BYTES = {"q40": 18, "q41": 20, "q80": 34}
 # --- the kernels: one body each, compiled serial and parallel --------------------------------
 
 
-# Q80: two forms of the kernel, because the compiler keeps the integer sums in different places.
-# "Sweep": the row loop is innermost and sweeps a tile's 64 rows per column, giving the widest
-# vectors (sums in L1-resident per-tile arrays); the fastest matrix-vector form everywhere, and for
-# batches on AVX2. "Regs": the literal 16-column loop unrolls inside the row loop, keeping the sums
-# in registers; with AVX-512's 32 vector registers this is the faster batch form (it needs 32
-# broadcast activations live, so on AVX2's 16 registers it drops to 128-bit vectors).
-
-
-def _sweep_q80(qs, d, m, x, xq, xd, xs, out):
-    # W q80 (rows, cols) @ x (n, cols) -> out (n, rows): value = q * d; m unused
-    quantize_act(x, xq, xd, xs)
-    ntiles, nb = qs.shape[0], qs.shape[1]
-    T = 64
-    n = x.shape[0]
-    for t in prange(ntiles):
-        acc = np.zeros((n, T), np.float32)
-        s = np.empty(T, np.int32)
-        for b in range(nb):
-            for i in range(n):
-                s[:] = 0
-                for j in range(0, 32, 2):
-                    x0 = np.int16(xq[i, b * 32 + j])
-                    x1 = np.int16(xq[i, b * 32 + j + 1])
-                    for r in range(T):
-                        # two int8 products fit int16: |q| <= 128, |xq| <= 127
-                        p = np.int16(np.int16(qs[t, b, j, r]) * x0 + np.int16(qs[t, b, j + 1, r]) * x1)
-                        s[r] = np.int32(s[r] + np.int32(p))
-                dx = xd[i, b]
-                for r in range(T):
-                    acc[i, r] += f16_to_f32(d[t, b, r]) * dx * np.float32(s[r])
-        _store(acc, out, t * T)
-
-
-def _mm_q4(qs, d, m, x, xq, xd, xs, out, fs, ist):
-    # W q40 or q41 (rows, cols) @ x (n, cols) -> out (n, rows). A q41 matrix brings its m
-    # (value = q * d + m); q40 brings an empty m (value = (q - 8) * d). fs (threads, 6, 64) f32 and
+def _mm_blocks(qs, d, m, x, xq, xd, xs, out, fs, ist):
+    # W q40, q41 or q80 (rows, cols) @ x (n, cols) -> out (n, rows). A q41 matrix brings its m
+    # (value = q * d + m); q40 and q80 an empty m (value = (q + _OFFSET) * d: -8 for q40, 0 for q80).
+    # _isums and _OFFSET are bound per weight type and CPU flavour. fs (threads, 6, 64) f32 and
     # ist (threads, 4, 64) i32: each thread's scratch, allocated with the matrix.
     quantize_act(x, xq, xd, xs)
     ntiles, nb = qs.shape[0], qs.shape[1]
@@ -106,7 +73,7 @@ def _mm_q4(qs, d, m, x, xq, xd, xs, out, fs, ist):
                 else:
                     for r in range(T):
                         dw[r] = f16_to_f32(d[t, b, r])
-                        mw[r] = np.float32(-8.0) * dw[r]
+                        mw[r] = np.float32(_OFFSET) * dw[r]
                 _isums(qs, t, b, xq, i0, k, isum)
                 _scale_add(acc0, isum[0], dw, mw, xd[i0, b], xs[i0, b])
                 if k > 1:
@@ -135,33 +102,6 @@ def _scale_add(acc, isum, dw, mw, dx, sx):
 def _store_row(acc, out, r0):
     for r in range(min(64, out.shape[0] - r0)):
         out[r0 + r] = acc[r]
-
-
-def _regs_q80(qs, d, m, x, xq, xd, xs, out):
-    # W q80 (rows, cols) @ x (n, cols) -> out (n, rows): value = q * d; m unused
-    quantize_act(x, xq, xd, xs)
-    ntiles, nb = qs.shape[0], qs.shape[1]
-    T = 64
-    n = x.shape[0]
-    for t in prange(ntiles):
-        acc = np.zeros((n, T), np.float32)
-        xv = np.empty(32, np.int16)
-        dw = np.empty(T, np.float32)
-        for b in range(nb):
-            for r in range(T):
-                dw[r] = f16_to_f32(d[t, b, r])
-            for i in range(n):
-                for j in range(32):
-                    xv[j] = xq[i, b * 32 + j]
-                dx = xd[i, b]
-                for r in range(T):
-                    s = np.int32(0)
-                    for j in range(0, 32, 2):
-                        # two int8 products fit int16: |q| <= 128, |xq| <= 127
-                        p = np.int16(np.int16(qs[t, b, j, r]) * xv[j] + np.int16(qs[t, b, j + 1, r]) * xv[j + 1])
-                        s = np.int32(s + np.int32(p))
-                    acc[i, r] += dw[r] * dx * np.float32(s)
-        _store(acc, out, t * T)
 
 
 @njit(inline="always", nogil=True, cache=True)
@@ -239,14 +179,9 @@ def _variants(fn, suffix="", **bind):
             njit(nogil=True, cache=True, parallel=True)(_bound(fn, suffix, **bind) if suffix or bind else fn))
 
 
-def _wide_vectors():
-    """Whether numba compiles for AVX-512 (32 vector registers): picks the batch kernel form."""
-    return simd_isa()[1] == 64
-
-
-def _isums(kind, nbytes):
+def _isums(kind, nbytes, signed=False):
     """isums(qs, t, b, xq, i0, k, isum) for k <= 4 activation rows on one multiply-add flavour (see _simd)."""
-    four, one = isums_intrinsic(4, kind, nbytes), isums_intrinsic(1, kind, nbytes)
+    four, one = isums_intrinsic(4, kind, nbytes, signed), isums_intrinsic(1, kind, nbytes, signed)
 
     @njit(inline="always", nogil=True, cache=True)
     def isums(qs, t, b, xq, i0, k, isum):
@@ -259,15 +194,21 @@ def _isums(kind, nbytes):
     return isums
 
 
+def _blocks(qtype, kind, nbytes):
+    """(serial, parallel) block kernel for one weight type ('q4': q40 and q41, or 'q80') and flavour."""
+    signed = qtype == "q80"
+    return _variants(_mm_blocks, f"_{qtype}_{kind}{nbytes}", _isums=_isums(kind, nbytes, signed),
+                     _OFFSET=0.0 if signed else -8.0)
+
+
 _ISA = simd_isa()
-# per type: (matrix-vector, matrix-matrix) x (serial, parallel). Q4 has one form for both; Q4_ANY is the
-# portable flavour (ARM runs it; tests check it on x86 too, and compile it for ARM).
-_Q4_ANY = _variants(_mm_q4, "_any", _isums=_isums(*PORTABLE))
-_Q4 = _Q4_ANY if _ISA == PORTABLE else _variants(_mm_q4, f"_{_ISA[0]}{_ISA[1]}", _isums=_isums(*_ISA))
-_SWEEP = {"q40": _Q4, "q41": _Q4, "q80": _variants(_sweep_q80)}
-_REGS = {"q40": _Q4_ANY, "q41": _Q4_ANY, "q80": _variants(_regs_q80)}  # compiled on first use only
-_KERNELS = {"q40": (_Q4, _Q4), "q41": (_Q4, _Q4),
-            "q80": (_SWEEP["q80"], (_REGS if _wide_vectors() else _SWEEP)["q80"]),
+# per type: (matrix-vector, matrix-matrix) x (serial, parallel); one block kernel serves both. _ANY: the
+# portable flavour (ARM without dotprod runs it; tests check it here and compile the ARM ones, see _cross).
+_Q4, _Q80 = _blocks("q4", *_ISA), _blocks("q80", *_ISA)
+_Q4_ANY, _Q80_ANY = (_Q4, _Q80) if _ISA == PORTABLE else (_blocks("q4", *PORTABLE), _blocks("q80", *PORTABLE))
+_SWEEP = {"q40": _Q4, "q41": _Q4, "q80": _Q80}            # this CPU's flavour
+_REGS = {"q40": _Q4_ANY, "q41": _Q4_ANY, "q80": _Q80_ANY}  # the portable one, compiled on first use only
+_KERNELS = {"q40": (_Q4, _Q4), "q41": (_Q4, _Q4), "q80": (_Q80, _Q80),
             "f16": _variants(_mm_f16), "q40_f32": _variants(_mm_q40_f32)}
 
 
@@ -291,8 +232,8 @@ class Packed:
             self._grow(1)
         # each thread's tile accumulators (Q4 kernels): prepared here, not per tile per call
         threads = numba.config.NUMBA_NUM_THREADS
-        self.fs = np.empty((threads, 6, TILE), np.float32) if qtype in ("q40", "q41") else None
-        self.ist = np.empty((threads, 4, TILE), np.int32) if qtype in ("q40", "q41") else None
+        self.fs = np.empty((threads, 6, TILE), np.float32) if qtype in BLOCK_BYTES else None
+        self.ist = np.empty((threads, 4, TILE), np.int32) if qtype in BLOCK_BYTES else None
 
     def _grow(self, n):
         # Scratch for the Q80 activations, sized for the largest batch seen: no allocation per call.
@@ -348,11 +289,9 @@ def pack(qtype, raw_rows, rows, cols):
         else:
             W.m = _NO_M  # one signature for every block type; its length tells q40 from q41
         qs = blocks[:, :, 4:] if qtype == "q41" else blocks[:, :, 2:]
-        if qtype == "q80":
-            W.qs = _tiles(qs.view(np.int8), rows, TILE)
-        else:  # (tiles, blocks, 16, TILE) -> quads of each row's bytes side by side (see _simd)
-            W.qs = np.ascontiguousarray(
-                _tiles(qs, rows, TILE).reshape(-1, cols // 32, 4, 4, TILE).transpose(0, 1, 2, 4, 3))
+        # (tiles, blocks, bytes, TILE) -> quads of each row's bytes side by side (see _simd)
+        quads = _tiles(qs.view(np.int8) if qtype == "q80" else qs, rows, TILE)
+        W.qs = np.ascontiguousarray(quads.reshape(-1, cols // 32, qs.shape[2] // 4, 4, TILE).transpose(0, 1, 2, 4, 3))
     W.nbytes = sum(a.nbytes for a in (W.qs, W.d, W.w) if a is not None)
     if qtype == "q41":
         W.nbytes += W.m.nbytes
@@ -381,10 +320,7 @@ def matmul(W, x, out, act="q80"):
         if act == "q80":
             if n > W.xq.shape[0]:
                 W._grow(n)
-            if W.fs is not None:
-                W.kernels[n > 1][par](W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out, W.fs, W.ist)
-            else:
-                W.kernels[n > 1][par](W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out)
+            W.kernels[n > 1][par](W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out, W.fs, W.ist)
         elif act == "f32" and W.qtype == "q40":
             _KERNELS["q40_f32"][par](W.qs, W.d, x, out)
         else:

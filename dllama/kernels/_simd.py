@@ -28,7 +28,6 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-QUADS_BYTES = 4 * 64 * 4  # one (tile, block): 64 rows x 16 bytes
 PORTABLE = ("generic", 16)
 
 
@@ -76,11 +75,12 @@ def _named_cpu_features(cpu):
 
 
 class _MultiplyAdd:
-    """One flavour's IR: acc = madd(acc, nibbles, x quads broadcast) per vector of rows, then isum(acc)."""
+    """One flavour's IR: acc = madd(acc, weights, x quads broadcast) per vector of rows, then isum(acc).
+    Weights are nibbles (0..15: unsigned and signed alike) or, `signed`, int8 (Q80)."""
 
-    def __init__(self, builder, kind, nbytes):
+    def __init__(self, builder, kind, nbytes, signed):
         i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
-        self.b, self.kind, self.lanes = builder, kind, nbytes // 4
+        self.b, self.kind, self.signed, self.lanes = builder, kind, signed, nbytes // 4
         self.vi8, self.vi16, self.vi32 = (ir.VectorType(i8, nbytes), ir.VectorType(i16, nbytes // 2),
                                           ir.VectorType(i32, nbytes // 4))
         self.wide = ir.VectorType(i32, nbytes)  # generic: one lane per product
@@ -93,6 +93,8 @@ class _MultiplyAdd:
             "vnni": [("dp", self.vi32, [self.vi32] * 3, f"llvm.x86.avx512.vpdpbusd.{bits}")],
             "sdot": [("dp", self.vi32, [self.vi32, self.vi8, self.vi8], "llvm.aarch64.neon.sdot.v4i32.v16i8")],
             "generic": []}[kind]
+        if signed and kind in ("avx2", "vnni"):
+            decls.append(("abs", self.vi8, [self.vi8, ir.IntType(1)], f"llvm.abs.v{nbytes}i8"))
         self.fn = {k: cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
                    for k, ret, args, name in decls}
 
@@ -100,27 +102,32 @@ class _MultiplyAdd:
         return ir.Constant(ty, [value] * ty.count)
 
     def zero(self):
-        return self.splat(self.vi16 if self.kind == "avx2" else self.vi32, 0)
+        return self.splat(self.vi16 if self.kind == "avx2" and not self.signed else self.vi32, 0)
 
     def broadcast(self, quad):
         """4 activations (one i32) -> the operand every row's quad multiplies."""
         vec = self.b.insert_element(ir.Constant(self.vi32, None), quad, ir.Constant(ir.IntType(32), 0))
         vec = self.b.shuffle_vector(vec, ir.Constant(self.vi32, None), ir.Constant(self.vi32, [0] * self.lanes))
-        if self.kind == "vnni":
-            return vec
         vec = self.b.bitcast(vec, self.vi8)
         return self.b.sext(vec, self.wide) if self.kind == "generic" else vec
 
-    def madd(self, acc, nib, x):
+    def madd(self, acc, w, x):
         b = self.b
+        if self.kind in ("avx2", "vnni") and self.signed:
+            # x86 multiplies unsigned by signed bytes: |w| times x with w's sign (|w x| pairs <= 2 x 128 x 127 < 2**15)
+            x = b.select(b.icmp_signed("<", w, self.splat(self.vi8, 0)), b.sub(self.splat(self.vi8, 0), x), x)
+            w = b.call(self.fn["abs"], [w, ir.Constant(ir.IntType(1), 0)])
         if self.kind == "avx2":
-            # |sum| <= 8 x 2 x 15 x 127 < 2**15: the 16-bit sums never saturate
-            return b.add(acc, b.call(self.fn["ub"], [nib, x]))
+            pairs = b.call(self.fn["ub"], [w, x])
+            if self.signed:  # pair sums of int8 products would overflow 16 bits when added: widen now
+                return b.add(acc, b.call(self.fn["wd"], [pairs, self.splat(self.vi16, 1)]))
+            # |sum| <= 8 x 2 x 15 x 127 < 2**15: the 16-bit sums of nibble products never saturate
+            return b.add(acc, pairs)
         if self.kind == "vnni":
-            return b.call(self.fn["dp"], [acc, b.bitcast(nib, self.vi32), x])
+            return b.call(self.fn["dp"], [acc, b.bitcast(w, self.vi32), b.bitcast(x, self.vi32)])
         if self.kind == "sdot":  # nibbles 0..15 are non-negative signed bytes too
-            return b.call(self.fn["dp"], [acc, nib, x])
-        prod = b.mul(b.sext(nib, self.wide), x)
+            return b.call(self.fn["dp"], [acc, w, x])
+        prod = b.mul(b.sext(w, self.wide), x)
         for n in (self.wide.count // 2, self.wide.count // 4):  # add neighbours twice: lanes of 4 -> 1
             ty, undef = ir.VectorType(ir.IntType(32), n), ir.Constant(prod.type, None)
             prod = b.add(b.shuffle_vector(prod, undef, ir.Constant(ty, list(range(0, 2 * n, 2)))),
@@ -128,14 +135,18 @@ class _MultiplyAdd:
         return b.add(acc, prod)
 
     def isum(self, acc):
-        return self.b.call(self.fn["wd"], [acc, self.splat(self.vi16, 1)]) if self.kind == "avx2" else acc
+        if self.kind == "avx2" and not self.signed:
+            return self.b.call(self.fn["wd"], [acc, self.splat(self.vi16, 1)])
+        return acc
 
 
-def isums_intrinsic(ni, kind, nbytes):
-    """An intrinsic isums(qs, t, b, xq, i0, isum): isum[i, r] = sum_j nibble(r, j) * xq[i0 + i, 32 b + j]
-    for the `ni` rows i and the 64 rows r of tile t, block b, on `nbytes`-byte vectors of one `kind`
-    (see simd_isa). isum is C-contiguous with rows of 64."""
+def isums_intrinsic(ni, kind, nbytes, signed=False):
+    """An intrinsic isums(qs, t, b, xq, i0, isum): isum[i, r] = sum_j w(r, j) * xq[i0 + i, 32 b + j] for
+    the `ni` rows i and the 64 rows r of tile t, block b, on `nbytes`-byte vectors of one `kind` (see
+    simd_isa). Weights w: Q4 nibbles in the quad layout above, or (`signed`) Q80 int8 in quads
+    qs[t, b, q, r, c] = value 4q + c, q = 0..7. isum is C-contiguous with rows of 64."""
     i32, i64 = ir.IntType(32), ir.IntType(64)
+    nquads = 8 if signed else 4
 
     def c64(v):
         return ir.Constant(i64, v)
@@ -147,27 +158,29 @@ def isums_intrinsic(ni, kind, nbytes):
         t, b, i0 = (context.cast(builder, args[k], sig.args[k], types.int64) for k in (1, 2, 4))
         nb = cgutils.unpack_tuple(builder, qs.shape)[1]
         cols = cgutils.unpack_tuple(builder, xq.shape)[1]
-        qbase = builder.gep(qs.data, [builder.mul(builder.add(builder.mul(t, nb), b), c64(QUADS_BYTES))])
-        ma = _MultiplyAdd(builder, kind, nbytes)
-        # activations: 4 values broadcast to every row's quad, per (row i, quad q, low/high half)
-        xs = [[[None, None] for _ in range(4)] for _ in range(ni)]
+        qbase = builder.gep(qs.data, [builder.mul(builder.add(builder.mul(t, nb), b), c64(nquads * 256))])
+        ma = _MultiplyAdd(builder, kind, nbytes, signed)
+        # activations: 4 values broadcast to every row's quad, per (row i, weight operand k)
+        offsets = [4 * q for q in range(8)] if signed else [off for q in range(4) for off in (4 * q, 16 + 4 * q)]
+        xs = []
         for i in range(ni):
             row = builder.gep(xq.data, [builder.add(builder.mul(builder.add(i0, c64(i)), cols),
                                                     builder.mul(b, c64(32)))])
-            for q in range(4):
-                for h, off in enumerate((4 * q, 16 + 4 * q)):
-                    quad = builder.load(builder.bitcast(builder.gep(row, [c64(off)]), i32.as_pointer()), align=1)
-                    xs[i][q][h] = ma.broadcast(quad)
+            xs.append([ma.broadcast(builder.load(builder.bitcast(builder.gep(row, [c64(off)]), i32.as_pointer()),
+                                                 align=1)) for off in offsets])
         out = builder.bitcast(isum.data, i32.as_pointer())
         for g in range(64 // ma.lanes):
             acc = [ma.zero() for _ in range(ni)]
-            for q in range(4):
+            for q in range(nquads):
                 ptr = builder.bitcast(builder.gep(qbase, [c64(q * 256 + g * nbytes)]), ma.vi8.as_pointer())
                 w = builder.load(ptr, align=1)
-                halves = (builder.and_(w, ma.splat(ma.vi8, 15)), builder.lshr(w, ma.splat(ma.vi8, 4)))
-                for h, nib in enumerate(halves):
+                if signed:
+                    operands = (w,)
+                else:  # low nibbles: values 4q + c; high: 16 + 4q + c
+                    operands = (builder.and_(w, ma.splat(ma.vi8, 15)), builder.lshr(w, ma.splat(ma.vi8, 4)))
+                for h, wk in enumerate(operands):
                     for i in range(ni):
-                        acc[i] = ma.madd(acc[i], nib, xs[i][q][h])
+                        acc[i] = ma.madd(acc[i], wk, xs[i][len(operands) * q + h])
             for i in range(ni):
                 ptr = builder.bitcast(builder.gep(out, [c64(i * 64 + g * ma.lanes)]), ma.vi32.as_pointer())
                 builder.store(ma.isum(acc[i]), ptr, align=4)

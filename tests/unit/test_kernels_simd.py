@@ -39,27 +39,29 @@ def _flavours():
 _COMPILED = {}
 
 
-def _kernel(kind, nbytes):
-    if (kind, nbytes) not in _COMPILED:
-        _COMPILED[kind, nbytes] = mm._variants(mm._mm_q4, f"_{kind}{nbytes}", _isums=mm._isums(kind, nbytes))
-    return _COMPILED[kind, nbytes]
+def _kernel(qtype, kind, nbytes):
+    key = ("q80" if qtype == "q80" else "q4", kind, nbytes)
+    if key not in _COMPILED:
+        _COMPILED[key] = mm._blocks(*key)
+    return _COMPILED[key]
 
 
-def _q4_weights(qtype, rows, cols, seed):
+def _weights(qtype, rows, cols, seed):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((rows, cols)).astype(np.float32) * rng.uniform(0.01, 3, (rows, 1)).astype(np.float32)
     w[0, :32] = 0
-    return gguf_quantize(w, {"q40": G.Q4_0, "q41": G.Q4_1}[qtype]).view(np.uint8).reshape(-1)
+    w[1, :32] = -w[1, :32].max() * 1.0001  # Q8_0 quants of -127 and -128 x the scale: the extremes
+    return gguf_quantize(w, {"q40": G.Q4_0, "q41": G.Q4_1, "q80": G.Q8_0}[qtype]).view(np.uint8).reshape(-1)
 
 
-@pytest.mark.parametrize("qtype", ["q40", "q41"])
+@pytest.mark.parametrize("qtype", ["q40", "q41", "q80"])
 @pytest.mark.parametrize("flavour", _flavours(), ids=lambda f: f"{f[0]}{f[1]}")
 @pytest.mark.parametrize("threads", THREADS, ids=lambda n: f"{n}thr")
 def test_q4_flavours_match_twin(qtype, flavour, threads):
     rows, cols = 200, 160   # a partial last tile; 5 blocks
-    raw = _q4_weights(qtype, rows, cols, 11)
+    raw = _weights(qtype, rows, cols, 11)
     W = K.pack(qtype, raw, rows, cols)
-    W.kernels = (_kernel(*flavour),) * 2
+    W.kernels = (_kernel(qtype, *flavour),) * 2
     wabs = np.abs(naive.dequantize(qtype, raw, rows, cols))
     rng = np.random.default_rng(3)
     K.set_threads(threads)
@@ -74,14 +76,16 @@ def test_q4_flavours_match_twin(qtype, flavour, threads):
         K.set_threads(1)
 
 
-def test_flavours_compute_identical_sums():
+@pytest.mark.parametrize("qtype", ["q40", "q80"])
+def test_flavours_compute_identical_sums(qtype):
     # integer sums are exact, and the float part is the same code: every flavour gives the same bits
-    raw = _q4_weights("q40", 130, 96, 5)
+    raw = _weights(qtype, 130, 96, 5)
     x = np.random.default_rng(1).standard_normal((5, 96)).astype(np.float32)
+    x[0, :32] = np.linspace(-1, 1, 32)   # activations quantized to +-127
     outs = []
     for flavour in _flavours():
-        W = K.pack("q40", raw, 130, 96)
-        W.kernels = (_kernel(*flavour),) * 2
+        W = K.pack(qtype, raw, 130, 96)
+        W.kernels = (_kernel(qtype, *flavour),) * 2
         out = np.empty((5, 130), np.float32)
         K.matmul(W, x, out)
         outs.append(out)
