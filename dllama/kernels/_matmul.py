@@ -32,6 +32,7 @@ from numba import get_thread_id, njit, prange
 
 from dllama.kernels import _threads
 from dllama.kernels._bits import f16_to_f32
+from dllama.kernels import _simd
 from dllama.kernels._simd import PORTABLE, isums_intrinsic, simd_isa
 from dllama.kernels.quant import quantize_act
 
@@ -197,8 +198,20 @@ def _isums(kind, nbytes, signed=False):
 def _blocks(qtype, kind, nbytes):
     """(serial, parallel) block kernel for one weight type ('q4': q40 and q41, or 'q80') and flavour."""
     signed = qtype == "q80"
-    return _variants(_mm_blocks, f"_{qtype}_{kind}{nbytes}", _isums=_isums(kind, nbytes, signed),
+    return _variants(_mm_blocks, f"_{qtype}_{kind}{nbytes}_{_SIMD_TAG}", _isums=_isums(kind, nbytes, signed),
                      _OFFSET=0.0 if signed else -8.0)
+
+
+def _source_tag(module):
+    # numba invalidates a cached kernel when its own file changes, not when the intrinsics it inlines
+    # from another file do: their source's hash goes into the kernel's name instead
+    import hashlib
+
+    with open(module.__file__, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:8]
+
+
+_SIMD_TAG = _source_tag(_simd)
 
 
 _ISA = simd_isa()

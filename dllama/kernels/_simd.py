@@ -95,6 +95,8 @@ class _MultiplyAdd:
             "generic": []}[kind]
         if signed and kind in ("avx2", "vnni"):
             decls.append(("abs", self.vi8, [self.vi8, ir.IntType(1)], f"llvm.abs.v{nbytes}i8"))
+            if nbytes == 32:
+                decls.append(("sign", self.vi8, [self.vi8, self.vi8], "llvm.x86.avx2.psign.b"))
         self.fn = {k: cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
                    for k, ret, args, name in decls}
 
@@ -114,9 +116,14 @@ class _MultiplyAdd:
     def madd(self, acc, w, x):
         b = self.b
         if self.kind in ("avx2", "vnni") and self.signed:
-            # x86 multiplies unsigned by signed bytes: |w| times x with w's sign (|w x| pairs <= 2 x 128 x 127 < 2**15)
-            x = b.select(b.icmp_signed("<", w, self.splat(self.vi8, 0)), b.sub(self.splat(self.vi8, 0), x), x)
-            w = b.call(self.fn["abs"], [w, ir.Constant(ir.IntType(1), 0)])
+            # x86 multiplies unsigned by signed bytes: |x| (once per broadcast: the same SSA value) times w
+            # with x's sign, as llama.cpp does. |pair| <= 2 x 127 x 127 < 2**15. ggml's quantizer never
+            # writes the weight -128, whose negation would wrap.
+            if "sign" in self.fn:
+                w = b.call(self.fn["sign"], [w, x])
+            else:
+                w = b.select(b.icmp_signed("<", x, self.splat(self.vi8, 0)), b.sub(self.splat(self.vi8, 0), w), w)
+            w, x = b.call(self.fn["abs"], [x, ir.Constant(ir.IntType(1), 0)]), w
         if self.kind == "avx2":
             pairs = b.call(self.fn["ub"], [w, x])
             if self.signed:  # pair sums of int8 products would overflow 16 bits when added: widen now
