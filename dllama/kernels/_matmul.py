@@ -302,9 +302,10 @@ def pack(qtype, raw_rows, rows, cols):
         else:
             W.m = _NO_M  # one signature for every block type; its length tells q40 from q41
         qs = blocks[:, :, 4:] if qtype == "q41" else blocks[:, :, 2:]
-        # (tiles, blocks, bytes, TILE) -> quads of each row's bytes side by side (see _simd)
-        quads = _tiles(qs.view(np.int8) if qtype == "q80" else qs, rows, TILE)
-        W.qs = np.ascontiguousarray(quads.reshape(-1, cols // 32, qs.shape[2] // 4, 4, TILE).transpose(0, 1, 2, 4, 3))
+        # quads of each row's bytes side by side (see _simd): rows (rows, blocks, quads, 4) moved as
+        # 4-byte units to (tiles, blocks, quads, TILE, 4), in one copy
+        quads = _tiles(np.ascontiguousarray(qs).view(np.uint32), rows, TILE)
+        W.qs = quads.view(np.int8 if qtype == "q80" else np.uint8).reshape(quads.shape[:3] + (TILE, 4))
     W.nbytes = sum(a.nbytes for a in (W.qs, W.d, W.w) if a is not None)
     if qtype == "q41":
         W.nbytes += W.m.nbytes
