@@ -24,6 +24,7 @@ loop. The integer sums run on the CPU's integer multiply-add (dllama.kernels._si
 
 from __future__ import annotations
 
+import platform
 import types
 
 import numba
@@ -33,7 +34,7 @@ from numba import get_thread_id, njit, prange
 from dllama.kernels import _threads
 from dllama.kernels._bits import f16_to_f32
 from dllama.kernels import _simd
-from dllama.kernels._simd import PORTABLE, isums_intrinsic, simd_isa
+from dllama.kernels._simd import PORTABLE, halves_to_f32, isums_intrinsic, simd_isa
 from dllama.kernels.quant import quantize_act
 
 TILE = 64  # rows per tile; the kernels spell it as the literal 64 (numba freezes globals)
@@ -53,6 +54,7 @@ def _mm_blocks(qs, d, m, x, xq, xd, xs, out, fs, ist):
     T = 64
     n = x.shape[0]
     q41 = m.shape[0] == ntiles
+    off = np.float32(1.0) if q41 else np.float32(_OFFSET)
     for t in prange(ntiles):
         tid = get_thread_id()
         # whole-row views (integer indices only): numba then knows them contiguous, and vectorises
@@ -67,22 +69,17 @@ def _mm_blocks(qs, d, m, x, xq, xd, xs, out, fs, ist):
             acc2[:] = 0
             acc3[:] = 0
             for b in range(nb):
+                _scales(d, t, b, dw)
                 if q41:
-                    for r in range(T):
-                        dw[r] = f16_to_f32(d[t, b, r])
-                        mw[r] = f16_to_f32(m[t, b, r])
-                else:
-                    for r in range(T):
-                        dw[r] = f16_to_f32(d[t, b, r])
-                        mw[r] = np.float32(_OFFSET) * dw[r]
+                    _scales(m, t, b, mw)
                 _isums(qs, t, b, xq, i0, k, isum)
-                _scale_add(acc0, isum[0], dw, mw, xd[i0, b], xs[i0, b])
+                _scale_add(acc0, isum[0], dw, mw, xd[i0, b], off * xs[i0, b], q41)
                 if k > 1:
-                    _scale_add(acc1, isum[1], dw, mw, xd[i0 + 1, b], xs[i0 + 1, b])
+                    _scale_add(acc1, isum[1], dw, mw, xd[i0 + 1, b], off * xs[i0 + 1, b], q41)
                 if k > 2:
-                    _scale_add(acc2, isum[2], dw, mw, xd[i0 + 2, b], xs[i0 + 2, b])
+                    _scale_add(acc2, isum[2], dw, mw, xd[i0 + 2, b], off * xs[i0 + 2, b], q41)
                 if k > 3:
-                    _scale_add(acc3, isum[3], dw, mw, xd[i0 + 3, b], xs[i0 + 3, b])
+                    _scale_add(acc3, isum[3], dw, mw, xd[i0 + 3, b], off * xs[i0 + 3, b], q41)
             _store_row(acc0, out[i0], t * T)
             if k > 1:
                 _store_row(acc1, out[i0 + 1], t * T)
@@ -93,10 +90,15 @@ def _mm_blocks(qs, d, m, x, xq, xd, xs, out, fs, ist):
 
 
 @njit(inline="always", nogil=True, cache=True)
-def _scale_add(acc, isum, dw, mw, dx, sx):
-    # one activation row's block: acc[r] += d_r dx isum_r + m_r sx (m = -8 d for Q40)
-    for r in range(64):
-        acc[r] += dw[r] * dx * np.float32(isum[r]) + mw[r] * sx
+def _scale_add(acc, isum, dw, mw, dx, c, q41):
+    # one activation row's block: acc[r] += d_r dx isum_r + m_r c (Q41: c = sx), else d_r (dx isum_r + c)
+    # (c = offset x sx: the -8 of Q40)
+    if q41:
+        for r in range(64):
+            acc[r] += dw[r] * dx * np.float32(isum[r]) + mw[r] * c
+    else:
+        for r in range(64):
+            acc[r] += dw[r] * (dx * np.float32(isum[r]) + c)
 
 
 @njit(inline="always", nogil=True, cache=True)
@@ -195,11 +197,20 @@ def _isums(kind, nbytes, signed=False):
     return isums
 
 
+@njit(inline="always", nogil=True, cache=True)
+def _scales_bits(d, t, b, out):
+    # the 64 f16 scales d[t, b] -> out, by bit arithmetic: for CPUs without a half conversion
+    for r in range(64):
+        out[r] = f16_to_f32(d[t, b, r])
+
+
 def _blocks(qtype, kind, nbytes):
     """(serial, parallel) block kernel for one weight type ('q4': q40 and q41, or 'q80') and flavour."""
     signed = qtype == "q80"
+    # x86 with AVX2 has F16C and every ARMv8 converts halves; the portable flavour may run on neither on x86
+    scales = _scales_bits if (kind, platform.machine().lower()) == ("generic", "x86_64") else halves_to_f32
     return _variants(_mm_blocks, f"_{qtype}_{kind}{nbytes}_{_SIMD_TAG}", _isums=_isums(kind, nbytes, signed),
-                     _OFFSET=0.0 if signed else -8.0)
+                     _OFFSET=0.0 if signed else -8.0, _scales=scales)
 
 
 def _source_tag(module):

@@ -198,3 +198,24 @@ def isums_intrinsic(ni, kind, nbytes, signed=False):
         return types.none(qs, t, b, xq, i0, isum), codegen
 
     return isums
+
+
+@intrinsic
+def halves_to_f32(typingctx, src, t, b, dst):
+    """dst[:64] = src[t, b, :64] converted from IEEE half bits (uint16) to float32: one `vcvtph2ps` per 8
+    values on x86 (F16C), `fcvtl` on ARM. For targets with these conversions only (see kernels' use)."""
+    i16, i64 = ir.IntType(16), ir.IntType(64)
+
+    def codegen(context, builder, sig, args):
+        s_arr = context.make_array(sig.args[0])(context, builder, args[0])
+        d_arr = context.make_array(sig.args[3])(context, builder, args[3])
+        tt, bb = (context.cast(builder, args[k], sig.args[k], types.int64) for k in (1, 2))
+        nb = cgutils.unpack_tuple(builder, s_arr.shape)[1]
+        off = builder.mul(builder.add(builder.mul(tt, nb), bb), ir.Constant(i64, 64))
+        src_ptr = builder.bitcast(builder.gep(s_arr.data, [off]), ir.VectorType(i16, 64).as_pointer())
+        halves = builder.bitcast(builder.load(src_ptr, align=2), ir.VectorType(ir.HalfType(), 64))
+        floats = builder.fpext(halves, ir.VectorType(ir.FloatType(), 64))
+        builder.store(floats, builder.bitcast(d_arr.data, floats.type.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(src, t, b, dst), codegen
