@@ -116,14 +116,17 @@ def _store(acc, out, r0):
             out[i, r0 + r] = acc[i, r]
 
 
-def _mm_f16(w, x, out):
-    # W f16 (rows, cols) @ x (n, cols) f32 -> out (n, rows)
+def _mm_f16(w, x, out, fs):
+    # W f16 (rows, cols) @ x (n, cols) f32 -> out (n, rows); fs (threads, >= n + 1, 64) f32: each
+    # thread's accumulators and converted weights, kept by the matrix
     ntiles, cols = w.shape[0], w.shape[1]
     T = 64  # TILE, as a literal: the compiler unrolls the row loop into whole vector registers
     n = x.shape[0]
     for t in prange(ntiles):
-        acc = np.zeros((n, T), np.float32)
-        wf = np.empty(T, np.float32)
+        scratch = fs[get_thread_id()]
+        acc = scratch[:n]
+        wf = scratch[n]
+        acc[:] = 0
         for c in range(cols):
             for r in range(T):
                 wf[r] = f16_to_f32(w[t, c, r])
@@ -351,7 +354,9 @@ def matmul(W, x, out, act="q80"):
         else:
             raise ValueError(f"matmul: no {W.qtype} x {act} kernel")
     elif W.qtype == "f16":
-        W.kernels[par](W.w, x, out)
+        if W.fs is None or W.fs.shape[1] <= n:   # sized for the largest batch seen
+            W.fs = np.empty((numba.config.NUMBA_NUM_THREADS, n + 1, TILE), np.float32)
+        W.kernels[par](W.w, x, out, W.fs)
     else:
         np.matmul(x, W.w.T, out=out)
 
