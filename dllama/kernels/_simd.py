@@ -83,7 +83,7 @@ class _MultiplyAdd:
         self.b, self.kind, self.signed, self.lanes = builder, kind, signed, nbytes // 4
         self.vi8, self.vi16, self.vi32 = (ir.VectorType(i8, nbytes), ir.VectorType(i16, nbytes // 2),
                                           ir.VectorType(i32, nbytes // 4))
-        self.wide = ir.VectorType(i32, nbytes)  # generic: one lane per product
+        self.wide = ir.VectorType(i16, nbytes)  # generic: one lane per product (|w x| <= 128 x 127 < 2**15)
         bits = {16: "128", 32: "256", 64: "512"}[nbytes]
         decls = {
             "avx2": [("ub", self.vi16, [self.vi8, self.vi8],
@@ -136,9 +136,11 @@ class _MultiplyAdd:
             return b.call(self.fn["dp"], [acc, w, x])
         prod = b.mul(b.sext(w, self.wide), x)
         for n in (self.wide.count // 2, self.wide.count // 4):  # add neighbours twice: lanes of 4 -> 1
-            ty, undef = ir.VectorType(ir.IntType(32), n), ir.Constant(prod.type, None)
-            prod = b.add(b.shuffle_vector(prod, undef, ir.Constant(ty, list(range(0, 2 * n, 2)))),
-                         b.shuffle_vector(prod, undef, ir.Constant(ty, list(range(1, 2 * n, 2)))))
+            undef, ty = ir.Constant(prod.type, None), ir.VectorType(ir.IntType(32), n)
+            halves = [b.shuffle_vector(prod, undef, ir.Constant(ty, list(range(k, 2 * n, 2)))) for k in (0, 1)]
+            if prod.type.element == ir.IntType(16):   # the first add widens (NEON saddlp)
+                halves = [b.sext(h, ty) for h in halves]
+            prod = b.add(*halves)
         return b.add(acc, prod)
 
     def isum(self, acc):
