@@ -133,8 +133,14 @@ class NodeModel:
         row_bytes = raw.size // vocab
         for i, t in enumerate(tokens):
             row = raw[int(t) * row_bytes:(int(t) + 1) * row_bytes]
-            # a .m embedding is f32: copied straight from the map, no temporary per token
-            x[i] = row.view(np.float32) if qtype == "f32" else dequantize(qtype, row, 1, dim)[0]
+            # a .m embedding is f32: copied straight from the map; a GGUF's is often Q8_0: decoded by the
+            # kernel into x; no temporary per token for either
+            if qtype == "f32":
+                x[i] = row.view(np.float32)
+            elif qtype == "q80":
+                K.dequantize_q80(row, x[i])
+            else:
+                x[i] = dequantize(qtype, row, 1, dim)[0]
 
     def forward(self, tokens: np.ndarray | None, positions: np.ndarray, logits: bool = True):
         """Run `len(positions)` tokens through the model, writing their K/V at `positions`.
