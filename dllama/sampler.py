@@ -22,15 +22,15 @@ class Sampler:
             return int(np.argmax(logits))
         if self._p.size != logits.size:
             self._p = np.empty(logits.size, np.float32)
-        # unnormalised softmax in float32, in place; only the sum is taken in float64 (no float64 copy)
+        # unnormalised softmax in float32, in place; sums in float64 (no float64 copy of the vocabulary)
         p = np.multiply(logits, np.float32(1 / self.temperature), out=self._p)
         p -= p.max()
         np.exp(p, out=p)
-        total = float(p.sum(dtype=np.float64))
         if self.topp >= 1:
             cum = np.cumsum(p, out=p)
             i = int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"))
             return min(i, p.size - 1)
+        total = float(p.sum(dtype=np.float64))
         # As llama2.c: tokens below (1 - topp) / (n - 1) can never be in the nucleus, so only the few
         # survivors are sorted (a full argsort of a 128k vocabulary per token would cost milliseconds).
         cand = np.flatnonzero(p >= (1 - self.topp) / (p.size - 1) * total)
