@@ -22,7 +22,7 @@ class Sampler:
             return int(np.argmax(logits))
         if self._p.size != logits.size:
             self._p = np.empty(logits.size, np.float32)
-        # unnormalised softmax in float32, in place; sums in float64 (no float64 copy of the vocabulary)
+        # unnormalised softmax in float32, in place: no float64 copy of the vocabulary per token
         p = np.multiply(logits, np.float32(1 / self.temperature), out=self._p)
         p -= p.max()
         np.exp(p, out=p)
