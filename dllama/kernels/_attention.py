@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from dllama.kernels import _threads
-from dllama.kernels._matmul import _renamed
+from dllama.kernels._matmul import _bound
 from dllama.kernels.ops import expf
 
 
@@ -30,7 +30,6 @@ def _attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, at
     for h in prange(n_heads):
         kvo = (h // group) * head_dim
         scores = att[h]
-        acc = np.empty(head_dim, np.float32)
         for t in range(n):
             # 1-D views with plain range indices: no negative-index fix-ups, so the loops vectorise
             qh = q[t, h * head_dim:(h + 1) * head_dim]
@@ -49,22 +48,23 @@ def _attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, at
                 e = expf(scores[s] - m)
                 scores[s] = e
                 total += e
-            acc[:] = 0.0
+            # accumulated straight into this head's slice of out: no scratch per head and call
+            oh = out[t, h * head_dim:(h + 1) * head_dim]
+            oh[:] = 0.0
             for s in range(end):
                 a = scores[s]
                 vh = v_cache[s, kvo:kvo + head_dim]
                 for d in range(head_dim):
-                    acc[d] += a * vh[d]
+                    oh[d] += a * vh[d]
             inv = np.float32(1.0) / total
-            oh = out[t, h * head_dim:(h + 1) * head_dim]
             for d in range(head_dim):
-                oh[d] = acc[d] * inv
+                oh[d] *= inv
 
 
 # reassoc lets the q.k dot product use vector lanes (a float sum is otherwise strictly ordered);
 # tests hold the result to 1e-5 of float64.
 _FLAGS = dict(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-_VARIANTS = (njit(**_FLAGS)(_renamed(_attention, "_serial")), njit(parallel=True, **_FLAGS)(_attention))
+_VARIANTS = (njit(**_FLAGS)(_bound(_attention, "_serial")), njit(parallel=True, **_FLAGS)(_attention))
 
 
 def attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out):

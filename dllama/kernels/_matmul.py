@@ -4,33 +4,38 @@
     matmul(W, x, out)                      # x (n, cols) f32 -> out (n, rows) f32, out = x @ W.T
 
 Packed layout (why it is fast): rows are cut into tiles of TILE consecutive output rows (the last
-tile zero-padded). Within a tile, for each block of 32 columns, byte j of every row sits side by
-side: qs[tile, block, j, row]. The row loop is then the innermost, contiguous loop, so the compiler
-turns it into vector lanes; every row of a tile multiplies the same activation values, so there
-are no cross-lane sums. Scales stay IEEE half (no bytes added): d[tile, block, row].
+tile zero-padded). Within a tile, for each block of 32 columns, the rows sit side by side (f16: value
+c of every row; block types: 4 bytes of every row), so a vector holds several rows, every row of a tile
+multiplies the same activation values, and there are no cross-lane sums. Scales stay IEEE half (no
+bytes added): d[tile, block, row].
 
-    q40  qs (tiles, blocks, 16, TILE) uint8   low nibble = value j, high = value j + 16; (q - 8) * d
+    q40  qs (tiles, blocks, 4, TILE, 4) uint8: byte 4q + c of row r at [t, b, q, r, c]; low nibble =
+         value 4q + c, high = value 16 + 4q + c; (q - 8) * d. Each row's bytes in quads: the form the
+         integer multiply-adds take (see _simd)
     q41  qs as q40, d and m (tiles, blocks, TILE) f16 bits;  q * d + m
-    q80  qs (tiles, blocks, 32, TILE) int8;   q * d
+    q80  qs (tiles, blocks, 8, TILE, 4) int8: value 4q + c of row r at [t, b, q, r, c];   q * d
     f16  w (tiles, cols, TILE) f16 bits
     f32  w (rows, cols) f32, the raw bytes viewed in place (numpy BLAS)
 
 Block weights multiply Q80-quantized activations in integer arithmetic, as llama.cpp does:
 sum((q - 8) d x) = d dx (sum(q xq) - 8 sum(xq)), so the -8 (Q40) and the m (Q41) leave the inner
-loop. Inner sums are 16-bit (at most 16 * 15 * 127 < 2**15 for nibbles; pairs of int8 products for
-Q80), widened once per block.
+loop. The integer sums run on the CPU's integer multiply-add (dllama.kernels._simd).
 """
 
 from __future__ import annotations
 
+import platform
 import types
 
+import numba
 import numpy as np
-from numba import njit, prange
+from numba import get_thread_id, njit, prange
 
 from dllama import quants
 from dllama.kernels import _threads
 from dllama.kernels._bits import f16_to_f32
+from dllama.kernels import _simd
+from dllama.kernels._simd import PORTABLE, halves_to_f32, isums_intrinsic, simd_isa
 from dllama.kernels.quant import quantize_act
 
 TILE = 64  # rows per tile; the kernels spell it as the literal 64 (numba freezes globals)
@@ -40,165 +45,67 @@ BLOCK_BYTES = quants.BLOCK_BYTES
 # --- the kernels: one body each, compiled serial and parallel --------------------------------
 
 
-# Two forms of each block kernel, because the compiler keeps the integer sums in different places.
-# "Sweep": the row loop is innermost and sweeps a tile's 64 rows per column, giving the widest
-# vectors (sums in L1-resident per-tile arrays); the fastest matrix-vector form everywhere, and for
-# batches on AVX2. "Regs": the literal 16-column loop unrolls inside the row loop, keeping the sums
-# in registers; with AVX-512's 32 vector registers this is the faster batch form (it needs 32
-# broadcast activations live, so on AVX2's 16 registers it drops to 128-bit vectors).
-
-
-def _sweep_q40(qs, d, m, x, xq, xd, xs, out):
-    # W q40 (rows, cols) @ x (n, cols) -> out (n, rows): value = (q - 8) * d; m unused
-    quantize_act(x, xq, xd, xs)
-    ntiles, nb = qs.shape[0], qs.shape[1]
-    T = 64  # TILE, as a literal: the row loop becomes whole vector registers
-    n = x.shape[0]
-    for t in prange(ntiles):
-        acc = np.zeros((n, T), np.float32)
-        lo = np.empty(T, np.int16)
-        hi = np.empty(T, np.int16)
-        for b in range(nb):
-            for i in range(n):
-                lo[:] = 0
-                hi[:] = 0
-                for j in range(16):
-                    xl = np.int16(xq[i, b * 32 + j])
-                    xh = np.int16(xq[i, b * 32 + 16 + j])
-                    for r in range(T):
-                        q = qs[t, b, j, r]
-                        lo[r] = np.int16(lo[r] + np.int16(q & np.uint8(15)) * xl)
-                        hi[r] = np.int16(hi[r] + np.int16(q >> np.uint8(4)) * xh)
-                dx = xd[i, b]
-                c = np.float32(8.0) * xs[i, b]
-                for r in range(T):
-                    isum = np.float32(np.int32(np.int32(lo[r]) + np.int32(hi[r])))
-                    acc[i, r] += f16_to_f32(d[t, b, r]) * (dx * isum - c)
-        _store(acc, out, t * T)
-
-
-def _sweep_q41(qs, d, m, x, xq, xd, xs, out):
-    # W q41 (rows, cols) @ x (n, cols) -> out (n, rows): value = q * d + m
-    quantize_act(x, xq, xd, xs)
-    ntiles, nb = qs.shape[0], qs.shape[1]
-    T = 64
-    n = x.shape[0]
-    for t in prange(ntiles):
-        acc = np.zeros((n, T), np.float32)
-        lo = np.empty(T, np.int16)
-        hi = np.empty(T, np.int16)
-        for b in range(nb):
-            for i in range(n):
-                lo[:] = 0
-                hi[:] = 0
-                for j in range(16):
-                    xl = np.int16(xq[i, b * 32 + j])
-                    xh = np.int16(xq[i, b * 32 + 16 + j])
-                    for r in range(T):
-                        q = qs[t, b, j, r]
-                        lo[r] = np.int16(lo[r] + np.int16(q & np.uint8(15)) * xl)
-                        hi[r] = np.int16(hi[r] + np.int16(q >> np.uint8(4)) * xh)
-                dx = xd[i, b]
-                sx = xs[i, b]
-                for r in range(T):
-                    isum = np.float32(np.int32(np.int32(lo[r]) + np.int32(hi[r])))
-                    acc[i, r] += f16_to_f32(d[t, b, r]) * dx * isum + f16_to_f32(m[t, b, r]) * sx
-        _store(acc, out, t * T)
-
-
-def _sweep_q80(qs, d, m, x, xq, xd, xs, out):
-    # W q80 (rows, cols) @ x (n, cols) -> out (n, rows): value = q * d; m unused
-    quantize_act(x, xq, xd, xs)
-    ntiles, nb = qs.shape[0], qs.shape[1]
-    T = 64
-    n = x.shape[0]
-    for t in prange(ntiles):
-        acc = np.zeros((n, T), np.float32)
-        s = np.empty(T, np.int32)
-        for b in range(nb):
-            for i in range(n):
-                s[:] = 0
-                for j in range(0, 32, 2):
-                    x0 = np.int16(xq[i, b * 32 + j])
-                    x1 = np.int16(xq[i, b * 32 + j + 1])
-                    for r in range(T):
-                        # two int8 products fit int16: |q| <= 128, |xq| <= 127
-                        p = np.int16(np.int16(qs[t, b, j, r]) * x0 + np.int16(qs[t, b, j + 1, r]) * x1)
-                        s[r] = np.int32(s[r] + np.int32(p))
-                dx = xd[i, b]
-                for r in range(T):
-                    acc[i, r] += f16_to_f32(d[t, b, r]) * dx * np.float32(s[r])
-        _store(acc, out, t * T)
-
-
-@njit(inline="always", nogil=True, cache=True)
-def _nibble_sums(qs, t, b, xv, isum):
-    # isum[r] = sum_j nibble q[r, j] * xv[j] over one block, for the 64 rows of tile t
-    for r in range(64):
-        lo = np.int16(0)
-        hi = np.int16(0)
-        for j in range(16):
-            q = qs[t, b, j, r]
-            lo = np.int16(lo + np.int16(q & np.uint8(15)) * xv[j])
-            hi = np.int16(hi + np.int16(q >> np.uint8(4)) * xv[16 + j])
-        isum[r] = np.int32(lo) + np.int32(hi)
-
-
-def _regs_q4(qs, d, m, x, xq, xd, xs, out):
-    # W q40 or q41 (rows, cols) @ x (n, cols) -> out (n, rows). A q41 matrix brings its m
-    # (value = q * d + m); q40 brings an empty m (value = (q - 8) * d).
+def _mm_blocks(qs, d, m, x, xq, xd, xs, out, fs, ist):
+    # W q40, q41 or q80 (rows, cols) @ x (n, cols) -> out (n, rows). A q41 matrix brings its m
+    # (value = q * d + m); q40 and q80 an empty m (value = (q + _OFFSET) * d: -8 for q40, 0 for q80).
+    # _isums and _OFFSET are bound per weight type and CPU flavour. fs (threads, 6, 64) f32 and
+    # ist (threads, 4, 64) i32: each thread's scratch, allocated with the matrix.
     quantize_act(x, xq, xd, xs)
     ntiles, nb = qs.shape[0], qs.shape[1]
     T = 64
     n = x.shape[0]
     q41 = m.shape[0] == ntiles
+    off = np.float32(1.0) if q41 else np.float32(_OFFSET)
     for t in prange(ntiles):
-        acc = np.zeros((n, T), np.float32)
-        isum = np.empty(T, np.int32)
-        xv = np.empty(32, np.int16)
-        dw = np.empty(T, np.float32)
-        mw = np.zeros(T, np.float32)
-        for b in range(nb):
-            for r in range(T):
-                dw[r] = f16_to_f32(d[t, b, r])
+        tid = get_thread_id()
+        # whole-row views (integer indices only): numba then knows them contiguous, and vectorises
+        acc0, acc1, acc2, acc3, dw, mw = fs[tid, 0], fs[tid, 1], fs[tid, 2], fs[tid, 3], fs[tid, 4], fs[tid, 5]
+        isum = ist[tid]
+        # up to 4 activation rows share each load of the weights (prompt batches); the tile's weights
+        # stay in L2 between the groups of 4
+        for i0 in range(0, n, 4):
+            k = min(4, n - i0)
+            acc0[:] = 0
+            acc1[:] = 0
+            acc2[:] = 0
+            acc3[:] = 0
+            for b in range(nb):
+                _scales(d, t, b, dw)
                 if q41:
-                    mw[r] = f16_to_f32(m[t, b, r])
-            for i in range(n):
-                for j in range(32):
-                    xv[j] = xq[i, b * 32 + j]
-                _nibble_sums(qs, t, b, xv, isum)
-                dx = xd[i, b]
-                c = xs[i, b] if q41 else np.float32(-8.0) * xs[i, b]
-                for r in range(T):
-                    acc[i, r] += dw[r] * dx * np.float32(isum[r]) + (mw[r] if q41 else dw[r]) * c
-        _store(acc, out, t * T)
+                    _scales(m, t, b, mw)
+                _isums(qs, t, b, xq, i0, k, isum)
+                _scale_add(acc0, isum[0], dw, mw, xd[i0, b], off * xs[i0, b], q41)
+                if k > 1:
+                    _scale_add(acc1, isum[1], dw, mw, xd[i0 + 1, b], off * xs[i0 + 1, b], q41)
+                if k > 2:
+                    _scale_add(acc2, isum[2], dw, mw, xd[i0 + 2, b], off * xs[i0 + 2, b], q41)
+                if k > 3:
+                    _scale_add(acc3, isum[3], dw, mw, xd[i0 + 3, b], off * xs[i0 + 3, b], q41)
+            _store_row(acc0, out[i0], t * T)
+            if k > 1:
+                _store_row(acc1, out[i0 + 1], t * T)
+            if k > 2:
+                _store_row(acc2, out[i0 + 2], t * T)
+            if k > 3:
+                _store_row(acc3, out[i0 + 3], t * T)
 
 
-def _regs_q80(qs, d, m, x, xq, xd, xs, out):
-    # W q80 (rows, cols) @ x (n, cols) -> out (n, rows): value = q * d; m unused
-    quantize_act(x, xq, xd, xs)
-    ntiles, nb = qs.shape[0], qs.shape[1]
-    T = 64
-    n = x.shape[0]
-    for t in prange(ntiles):
-        acc = np.zeros((n, T), np.float32)
-        xv = np.empty(32, np.int16)
-        dw = np.empty(T, np.float32)
-        for b in range(nb):
-            for r in range(T):
-                dw[r] = f16_to_f32(d[t, b, r])
-            for i in range(n):
-                for j in range(32):
-                    xv[j] = xq[i, b * 32 + j]
-                dx = xd[i, b]
-                for r in range(T):
-                    s = np.int32(0)
-                    for j in range(0, 32, 2):
-                        # two int8 products fit int16: |q| <= 128, |xq| <= 127
-                        p = np.int16(np.int16(qs[t, b, j, r]) * xv[j] + np.int16(qs[t, b, j + 1, r]) * xv[j + 1])
-                        s = np.int32(s + np.int32(p))
-                    acc[i, r] += dw[r] * dx * np.float32(s)
-        _store(acc, out, t * T)
+@njit(inline="always", nogil=True, cache=True)
+def _scale_add(acc, isum, dw, mw, dx, c, q41):
+    # one activation row's block: acc[r] += d_r dx isum_r + m_r c (Q41: c = sx), else d_r (dx isum_r + c)
+    # (c = offset x sx: the -8 of Q40)
+    if q41:
+        for r in range(64):
+            acc[r] += dw[r] * dx * np.float32(isum[r]) + mw[r] * c
+    else:
+        for r in range(64):
+            acc[r] += dw[r] * (dx * np.float32(isum[r]) + c)
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _store_row(acc, out, r0):
+    for r in range(min(64, out.shape[0] - r0)):
+        out[r0 + r] = acc[r]
 
 
 @njit(inline="always", nogil=True, cache=True)
@@ -210,14 +117,17 @@ def _store(acc, out, r0):
             out[i, r0 + r] = acc[i, r]
 
 
-def _mm_f16(w, x, out):
-    # W f16 (rows, cols) @ x (n, cols) f32 -> out (n, rows)
+def _mm_f16(w, x, out, fs):
+    # W f16 (rows, cols) @ x (n, cols) f32 -> out (n, rows); fs (threads, >= n + 1, 64) f32: each
+    # thread's accumulators and converted weights, kept by the matrix
     ntiles, cols = w.shape[0], w.shape[1]
     T = 64  # TILE, as a literal: the compiler unrolls the row loop into whole vector registers
     n = x.shape[0]
     for t in prange(ntiles):
-        acc = np.zeros((n, T), np.float32)
-        wf = np.empty(T, np.float32)
+        scratch = fs[get_thread_id()]
+        acc = scratch[:n]
+        wf = scratch[n]
+        acc[:] = 0
         for c in range(cols):
             for r in range(T):
                 wf[r] = f16_to_f32(w[t, c, r])
@@ -245,43 +155,88 @@ def _mm_q40_f32(qs, d, x, out):
                     xh = x[i, b * 32 + 16 + j]
                     sx += xl + xh
                     for r in range(T):
-                        q = qs[t, b, j, r]
+                        q = qs[t, b, j // 4, r, j % 4]
                         s[r] += np.float32(q & np.uint8(15)) * xl + np.float32(q >> np.uint8(4)) * xh
                 for r in range(T):
                     acc[i, r] += f16_to_f32(d[t, b, r]) * (s[r] - np.float32(8.0) * sx)
         _store(acc, out, t * T)
 
 
-def _renamed(fn, suffix):
-    # numba keys its on-disk cache by qualified name and line, not by compile flags: the serial and
-    # parallel variants of one body must be distinct functions or they would load each other's code.
-    code = fn.__code__.replace(co_name=fn.__name__ + suffix, co_qualname=fn.__qualname__ + suffix)
-    return types.FunctionType(code, fn.__globals__, fn.__name__ + suffix)
+@njit(inline="always", nogil=True, cache=True)
+def _thread_zero():
+    return 0
 
 
-def _variants(fn):
+def _bound(fn, name, **bind):
+    """A copy of kernel body `fn` named fn.__name__ + name, some of its globals replaced by `bind`.
+
+    numba keys its on-disk cache by qualified name and line, not by compile flags or globals: each
+    variant of one body must be a distinct function or they would load each other's code."""
+    code = fn.__code__.replace(co_name=fn.__name__ + name, co_qualname=fn.__qualname__ + name)
+    return types.FunctionType(code, dict(fn.__globals__, **bind), fn.__name__ + name)
+
+
+def _variants(fn, suffix="", **bind):
     """(serial, parallel) compiled variants of one kernel body: a parallel call wakes threads
-    (~1-25 us depending on numba's threading layer), so with one thread the serial one runs."""
-    return (njit(nogil=True, cache=True)(_renamed(fn, "_serial")),
-            njit(nogil=True, cache=True, parallel=True)(fn))
+    (~1-25 us depending on numba's threading layer), so with one thread the serial one runs.
+    `bind` replaces globals of the body (a flavour, named by `suffix`, with its own cache entries)."""
+    # The serial variant is thread 0: numba's get_thread_id, loaded from the cache before any
+    # parallel call has started the thread pool, would read an unset pointer.
+    return (njit(nogil=True, cache=True)(_bound(fn, suffix + "_serial", get_thread_id=_thread_zero, **bind)),
+            njit(nogil=True, cache=True, parallel=True)(_bound(fn, suffix, **bind) if suffix or bind else fn))
 
 
-def _wide_vectors():
-    """Whether numba compiles for AVX-512 (32 vector registers): picks the batch kernel form."""
-    import numba
-    from llvmlite import binding
+def _isums(kind, nbytes, signed=False):
+    """isums(qs, t, b, xq, i0, k, isum) for k <= 4 activation rows on one multiply-add flavour (see _simd)."""
+    four, one = isums_intrinsic(4, kind, nbytes, signed), isums_intrinsic(1, kind, nbytes, signed)
 
-    features = numba.config.CPU_FEATURES or binding.get_host_cpu_features().flatten()
-    return "+avx512bw" in features.split(",")
+    @njit(inline="always", nogil=True, cache=True)
+    def isums(qs, t, b, xq, i0, k, isum):
+        if k == 4:
+            four(qs, t, b, xq, i0, isum)
+        else:
+            for i in range(k):
+                one(qs, t, b, xq, i0 + i, isum[i:])
+
+    return isums
 
 
-# per type: (matrix-vector, matrix-matrix) x (serial, parallel)
-_SWEEP = {q: _variants(fn) for q, fn in (("q40", _sweep_q40), ("q41", _sweep_q41), ("q80", _sweep_q80))}
-_REGS_Q4 = _variants(_regs_q4)  # compiled on first use only
-_REGS = {"q40": _REGS_Q4, "q41": _REGS_Q4, "q80": _variants(_regs_q80)}
-_BATCH = _REGS if _wide_vectors() else _SWEEP
-_KERNELS = {"q40": (_SWEEP["q40"], _BATCH["q40"]), "q41": (_SWEEP["q41"], _BATCH["q41"]),
-            "q80": (_SWEEP["q80"], _BATCH["q80"]),
+@njit(inline="always", nogil=True, cache=True)
+def _scales_bits(d, t, b, out):
+    # the 64 f16 scales d[t, b] -> out, by bit arithmetic: for CPUs without a half conversion
+    for r in range(64):
+        out[r] = f16_to_f32(d[t, b, r])
+
+
+def _blocks(qtype, kind, nbytes):
+    """(serial, parallel) block kernel for one weight type ('q4': q40 and q41, or 'q80') and flavour."""
+    signed = qtype == "q80"
+    # x86 with AVX2 has F16C and every ARMv8 converts halves; the portable flavour may run on neither on x86
+    scales = _scales_bits if (kind, platform.machine().lower()) == ("generic", "x86_64") else halves_to_f32
+    return _variants(_mm_blocks, f"_{qtype}_{kind}{nbytes}_{_SIMD_TAG}", _isums=_isums(kind, nbytes, signed),
+                     _OFFSET=0.0 if signed else -8.0, _scales=scales)
+
+
+def _source_tag(module):
+    # numba invalidates a cached kernel when its own file changes, not when the intrinsics it inlines
+    # from another file do: their source's hash goes into the kernel's name instead
+    import hashlib
+
+    with open(module.__file__, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:8]
+
+
+_SIMD_TAG = _source_tag(_simd)
+
+
+_ISA = simd_isa()
+# per type: (matrix-vector, matrix-matrix) x (serial, parallel); one block kernel serves both. _ANY: the
+# portable flavour (ARM without dotprod runs it; tests check it here and compile the ARM ones, see _cross).
+_Q4, _Q80 = _blocks("q4", *_ISA), _blocks("q80", *_ISA)
+_Q4_ANY, _Q80_ANY = (_Q4, _Q80) if _ISA == PORTABLE else (_blocks("q4", *PORTABLE), _blocks("q80", *PORTABLE))
+_SWEEP = {"q40": _Q4, "q41": _Q4, "q80": _Q80}            # this CPU's flavour
+_REGS = {"q40": _Q4_ANY, "q41": _Q4_ANY, "q80": _Q80_ANY}  # the portable one, compiled on first use only
+_KERNELS = {"q40": (_Q4, _Q4), "q41": (_Q4, _Q4), "q80": (_Q80, _Q80),
             "f16": _variants(_mm_f16), "q40_f32": _variants(_mm_q40_f32)}
 
 
@@ -294,7 +249,7 @@ class Packed:
     rows, cols, qtype; nbytes = bytes of packed weights (equal to the ggml bytes plus tile padding).
     """
 
-    __slots__ = ("qtype", "rows", "cols", "nbytes", "qs", "d", "m", "w", "kernels", "xq", "xd", "xs")
+    __slots__ = ("qtype", "rows", "cols", "nbytes", "qs", "d", "m", "w", "kernels", "xq", "xd", "xs", "fs", "ist")
 
     def __init__(self, qtype, rows, cols):
         self.qtype, self.rows, self.cols = qtype, rows, cols
@@ -303,6 +258,10 @@ class Packed:
         self.xq = self.xd = self.xs = None
         if qtype in BLOCK_BYTES:
             self._grow(1)
+        # each thread's tile accumulators (Q4 kernels): prepared here, not per tile per call
+        threads = numba.config.NUMBA_NUM_THREADS
+        self.fs = np.empty((threads, 6, TILE), np.float32) if qtype in BLOCK_BYTES else None
+        self.ist = np.empty((threads, 4, TILE), np.int32) if qtype in BLOCK_BYTES else None
 
     def _grow(self, n):
         # Scratch for the Q80 activations, sized for the largest batch seen: no allocation per call.
@@ -355,7 +314,10 @@ def pack(qtype, raw_rows, rows, cols):
         else:
             W.m = _NO_M  # one signature for every block type; its length tells q40 from q41
         qs = blocks[:, :, 4:] if qtype == "q41" else blocks[:, :, 2:]
-        W.qs = _tiles(qs.view(np.int8) if qtype == "q80" else qs, rows, TILE)
+        # quads of each row's bytes side by side (see _simd): rows (rows, blocks, quads, 4) moved as
+        # 4-byte units to (tiles, blocks, quads, TILE, 4), in one copy
+        quads = _tiles(np.ascontiguousarray(qs).view(np.uint32), rows, TILE)
+        W.qs = quads.view(np.int8 if qtype == "q80" else np.uint8).reshape(quads.shape[:3] + (TILE, 4))
     W.nbytes = sum(a.nbytes for a in (W.qs, W.d, W.w) if a is not None)
     if qtype == "q41":
         W.nbytes += W.m.nbytes
@@ -384,13 +346,15 @@ def matmul(W, x, out, act="q80"):
         if act == "q80":
             if n > W.xq.shape[0]:
                 W._grow(n)
-            W.kernels[n > 1][par](W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out)
+            W.kernels[n > 1][par](W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out, W.fs, W.ist)
         elif act == "f32" and W.qtype == "q40":
             _KERNELS["q40_f32"][par](W.qs, W.d, x, out)
         else:
             raise ValueError(f"matmul: no {W.qtype} x {act} kernel")
     elif W.qtype == "f16":
-        W.kernels[par](W.w, x, out)
+        if W.fs is None or W.fs.shape[1] <= n:   # sized for the largest batch seen
+            W.fs = np.empty((numba.config.NUMBA_NUM_THREADS, n + 1, TILE), np.float32)
+        W.kernels[par](W.w, x, out, W.fs)
     else:
         np.matmul(x, W.w.T, out=out)
 

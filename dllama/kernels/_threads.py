@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import threading
+
 import numba
 
 # True when more than one thread: dispatchers pick the parallel (prange) compiled variant.
 PARALLEL = False
 N = 1
+# The count this Python thread last gave numba (numba keeps one per thread): asking numba costs ~6 us,
+# reading this ~50 ns, and a token makes ~100 kernel calls.
+_applied = threading.local()
 
 
 def use_parallel():
     """True when the parallel variant should run; also applies the thread count to the calling
     thread, because numba keeps it per thread (an engine may run in a server's worker thread)."""
-    if PARALLEL and numba.get_num_threads() != N:
+    if PARALLEL and getattr(_applied, "n", 0) != N:
         numba.set_num_threads(N)
+        _applied.n = N
     return PARALLEL
 
 
@@ -29,5 +35,5 @@ def set_threads(n):
     if not isinstance(n, int) or n < 1 or n > limit:
         raise DllamaError(f"--nthreads {n}: must be between 1 and {limit} (NUMBA_NUM_THREADS)")
     numba.set_num_threads(n)
-    N = n
+    _applied.n = N = n
     PARALLEL = n > 1

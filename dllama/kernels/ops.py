@@ -101,20 +101,49 @@ def rope(x, positions, cos, sin, head_dim, neox):
     for t in range(n):
         if positions[t] < 0 or positions[t] >= min(cos.shape[0], sin.shape[0]):
             raise ValueError("rope: a position is outside the cos/sin tables")
+    for t in range(n):
+        _rotate(x[t], cos[positions[t]], sin[positions[t]], head_dim, neox)
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _rotate(x, cos, sin, head_dim, neox):
+    # one row x (heads * head_dim,) by the rotation of one position (cos, sin rows)
+    half = head_dim // 2
     step = 1 if neox else 2
     other = half if neox else 1
+    for h0 in range(0, x.shape[0], head_dim):
+        for i in range(half):
+            a = h0 + i * step
+            b = a + other
+            x0 = x[a]
+            x1 = x[b]
+            x[a] = x0 * cos[i] - x1 * sin[i]
+            x[b] = x0 * sin[i] + x1 * cos[i]
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def rope_qkv(q_in, k_in, v_in, positions, cos, sin, head_dim, neox, q, k_cache, v_cache):
+    """The attention glue in one call: q (n, q_dim) = rope(q_in); k_cache[positions] = rope(k_in);
+    v_cache[positions] = v_in. Inputs may be column slices of one fused qkv output; rotation as `rope`."""
+    n = q_in.shape[0]
+    kv_dim = k_in.shape[1]
+    half = head_dim // 2
+    if (q.shape[0] < n or q.shape[1] != q_in.shape[1] or k_cache.shape[1] != kv_dim or v_in.shape[1] != kv_dim
+            or v_cache.shape[1] != kv_dim or q_in.shape[1] % head_dim or kv_dim % head_dim or head_dim % 2
+            or cos.shape[1] < half or sin.shape[1] < half):
+        raise ValueError("rope_qkv: shapes of q, k, v, caches and tables do not fit")
+    for t in range(n):
+        if positions[t] < 0 or positions[t] >= min(cos.shape[0], sin.shape[0], k_cache.shape[0], v_cache.shape[0]):
+            raise ValueError("rope_qkv: a position is outside the tables or the KV cache")
     for t in range(n):
         p = positions[t]
-        for h0 in range(0, width, head_dim):
-            for i in range(half):
-                a = h0 + i * step
-                b = a + other
-                c = cos[p, i]
-                s = sin[p, i]
-                x0 = x[t, a]
-                x1 = x[t, b]
-                x[t, a] = x0 * c - x1 * s
-                x[t, b] = x0 * s + x1 * c
+        for j in range(q_in.shape[1]):
+            q[t, j] = q_in[t, j]
+        for j in range(kv_dim):
+            k_cache[p, j] = k_in[t, j]
+            v_cache[p, j] = v_in[t, j]
+        _rotate(q[t], cos[p], sin[p], head_dim, neox)
+        _rotate(k_cache[p], cos[p], sin[p], head_dim, neox)
 
 
 @njit(inline="always", nogil=True, cache=True)

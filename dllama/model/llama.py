@@ -122,8 +122,14 @@ class NodeModel:
         row_bytes = raw.size // vocab
         for i, t in enumerate(tokens):
             row = raw[int(t) * row_bytes:(int(t) + 1) * row_bytes]
-            # a .m embedding is f32: copied straight from the map, no temporary per token
-            x[i] = row.view(np.float32) if qtype == "f32" else dequantize(qtype, row, 1, dim)[0]
+            # a .m embedding is f32: copied straight from the map; a GGUF's is often Q8_0: decoded by the
+            # kernel into x; no temporary per token for either
+            if qtype == "f32":
+                x[i] = row.view(np.float32)
+            elif qtype == "q80":
+                K.dequantize_q80(row, x[i])
+            else:
+                x[i] = dequantize(qtype, row, 1, dim)[0]
 
     def forward(self, tokens: np.ndarray | None, positions: np.ndarray, logits: bool = True):
         """Run `len(positions)` tokens through the model, writing their K/V at `positions`.
@@ -165,19 +171,21 @@ class NodeModel:
 
     def _attention(self, layer: Layer, xb: np.ndarray, positions: np.ndarray, y: np.ndarray) -> None:
         n, hd, qd, kvd = len(positions), self.spec.head_dim, self.q_dim, self.kv_dim
-        q, k = self.q[:n], self.k[:n]
+        q, qkv = self.q[:n], self.qkv[:n]
         if layer.wqkv is not None:
-            qkv = self.qkv[:n]
             K.matmul(layer.wqkv, xb, qkv)
-            q[:] = qkv[:, :qd]
-            k[:] = qkv[:, qd:qd + kvd]
-            v = qkv[:, qd + kvd:]
+            q_in, k_in = qkv[:, :qd], qkv[:, qd:qd + kvd]
         else:
-            K.matmul(layer.wq, xb, q)
-            K.matmul(layer.wk, xb, k)
-            v = self.qkv[:n, qd + kvd:]
-            K.matmul(layer.wv, xb, v)
+            q_in, k_in = q, self.k[:n]
+            K.matmul(layer.wq, xb, q_in)
+            K.matmul(layer.wk, xb, k_in)
+            K.matmul(layer.wv, xb, qkv[:, qd + kvd:])
         if layer.q_norm is not None:   # Qwen3: every head of q and k RMS-normed on its own, before RoPE
+            k = self.k[:n]
+            if q_in is not q:          # fused: the norms need whole rows of heads, not column slices
+                q[:] = q_in
+                k[:] = k_in
+            q_in, k_in = q, k
             qh, kh = q.reshape(-1, hd), k.reshape(-1, hd)
             K.rmsnorm(qh, layer.q_norm, self.spec.norm_eps, qh)
             K.rmsnorm(kh, layer.k_norm, self.spec.norm_eps, kh)
@@ -185,10 +193,8 @@ class NodeModel:
             # np.zeros maps lazily: only the positions used become resident
             layer.k_cache = np.zeros((self.seq_len, kvd), np.float32)
             layer.v_cache = np.zeros((self.seq_len, kvd), np.float32)
-        K.rope(q, positions, self.cos, self.sin, hd, self.neox)
-        K.rope(k, positions, self.cos, self.sin, hd, self.neox)
-        layer.k_cache[positions] = k
-        layer.v_cache[positions] = v
+        K.rope_qkv(q_in, k_in, qkv[:, qd + kvd:], positions, self.cos, self.sin, hd, self.neox, q,
+                   layer.k_cache, layer.v_cache)
         att_out = self.att_out[:n]
         K.attention(q, layer.k_cache, layer.v_cache, positions, self.n_heads, self.n_kv, hd, self.att, att_out)
         K.matmul(layer.wo, att_out, y)

@@ -117,8 +117,9 @@ def test_matmul_matches_twin(qtype, rows, cols, threads):
 @pytest.mark.parametrize("qtype", ["q40", "q41", "q80"])
 @pytest.mark.parametrize("form", ["sweep", "regs"])
 def test_matmul_both_batch_forms(qtype, form):
-    # This CPU runs one batch form (AVX-512: regs, AVX2: sweep); the other is checked here too,
-    # serially (its parallel variant is the same body).
+    # This CPU runs one batch form (Q80 on AVX-512: regs, AVX2: sweep; Q4: sweep is this x86's
+    # multiply-add, regs the portable sums ARM runs); the other is checked here too, serially (its
+    # parallel variant is the same body).
     from dllama.kernels import _matmul as mm
 
     raw = random_weights(qtype, 130, 224, 5)
