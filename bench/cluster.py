@@ -85,54 +85,75 @@ def dllama_run(model: Path, tok: Path, threads: int, steps: int, workers: list[s
 
 
 ECHO_WORKER = r"""
-import socket, sys
+import os, socket, sys
 import numpy as np
 from dllama.net.exchange import WorkerCollective
 from dllama.net.transport import Connection, configure
-dim, n_layers, vocab_part, ftype, port = map(str, sys.argv[1:6])
-dim, n_layers, vocab_part, port = int(dim), int(n_layers), int(vocab_part), int(port)
+index, n_nodes, dim, n_layers, vocab_part, port = map(int, sys.argv[1:7])
 s = socket.create_connection(("127.0.0.1", port)); configure(s)
-coll = WorkerCollective(Connection(s, "root", None), 1, 2, dim, 1, vocab_part, ftype)
+coll = WorkerCollective(Connection(s, "root", None), index, n_nodes, dim, 1, vocab_part, sys.argv[7])
 x, part = np.zeros((1, dim), np.float32), np.zeros((1, vocab_part), np.float32)
+cpu = None
 while coll.step() is not None:
+    if cpu is None:   # from the first token on: imports and compilation are not the exchange's
+        cpu = sum(os.times()[:2])
     for _ in range(2 * n_layers):
         coll.broadcast(x); coll.reduce_sum(x)
     coll.broadcast(x); coll.gather(part, None)
+print(sum(os.times()[:2]) - cpu, flush=True)
 """
 
 
-def exchange_only_ms(ftype: str, dim=2048, n_layers=16, vocab=49152, tokens=200) -> float:
-    """The wire's share alone: a token's exchanges between two processes that compute nothing."""
+def exchange_only(ftype: str, n_nodes=2, dim=2048, n_layers=16, vocab=49152, tokens=200) -> dict:
+    """The wire's share alone: a token's exchanges (2 per layer, then the logits) between a root and
+    n_nodes - 1 processes that compute nothing. Returns ms per token (median, 10th percentile), the
+    per-exchange overhead that implies (median over 2 * n_layers + 1 round trips), and CPU us per
+    exchange summed over all processes (what a loaded machine cannot hide)."""
     import numpy as np
 
     from dllama.model.partition import NodeSlice
     from dllama.net.exchange import RootCollective
     from dllama.net.transport import Connection, configure
 
-    half = vocab // 2
-    plan = [NodeSlice(i, 2, range(0), range(0), range(0), range(i * half, (i + 1) * half)) for i in range(2)]
+    part_cols = vocab // n_nodes
+    plan = [NodeSlice(i, n_nodes, range(0), range(0), range(0), range(i * part_cols, (i + 1) * part_cols))
+            for i in range(n_nodes)]
+    echoes, conns = [], []
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
-        echo = subprocess.Popen([sys.executable, "-c", ECHO_WORKER, str(dim), str(n_layers), str(half), ftype,
-                                 str(port)])
-        sock, _ = listener.accept()
-    configure(sock)
-    root = RootCollective([Connection(sock, "echo worker", 30)], plan, dim, 1, ftype)
+        for i in range(1, n_nodes):
+            echoes.append(subprocess.Popen([sys.executable, "-c", ECHO_WORKER, str(i), str(n_nodes), str(dim),
+                                            str(n_layers), str(part_cols), str(port), ftype],
+                                           stdout=subprocess.PIPE, text=True))
+            sock, _ = listener.accept()
+            configure(sock)
+            conns.append(Connection(sock, f"echo worker {i}", 30))
+    root = RootCollective(conns, plan, dim, 1, ftype)
     x, y = np.random.default_rng(0).standard_normal((2, 1, dim), dtype=np.float32)
-    logits, part = np.zeros((1, vocab), np.float32), np.zeros((1, half), np.float32)
+    logits, part = np.zeros((1, vocab), np.float32), np.zeros((1, part_cols), np.float32)
+    positions = np.zeros(1, np.int64)
     times = []
-    for i in range(tokens):
+    for i in range(tokens + 1):
+        if i == 1:
+            cpu = time.process_time()
         t0 = time.perf_counter()
-        root.step(1, np.array([i]))
+        positions[0] = i
+        root.step(1, positions)
         for _ in range(2 * n_layers):
             root.broadcast(x)
             root.reduce_sum(y)
         root.broadcast(x)
         root.gather(part, logits)
         times.append(time.perf_counter() - t0)
+    cpu = time.process_time() - cpu
     root.close()
-    echo.wait(10)
-    return 1000 * statistics.median(times)
+    for echo in echoes:
+        cpu += float(echo.communicate(timeout=30)[0].split()[-1])
+    times = sorted(times[1:])
+    exchanges = 2 * n_layers + 1
+    return {"ms_per_token": 1000 * statistics.median(times), "ms_per_token_p10": 1000 * times[len(times) // 10],
+            "us_per_exchange": 1e6 * statistics.median(times) / exchanges,
+            "cpu_us_per_exchange": 1e6 * cpu / tokens / exchanges}
 
 
 def cpp_run(binary: str, model: Path, tok: Path, threads: int, steps: int, nodes: int) -> dict:
@@ -155,6 +176,14 @@ def cpp_run(binary: str, model: Path, tok: Path, threads: int, steps: int, nodes
             worker.wait(10)
     rates = re.findall(r"tokens/s:\s*([\d.]+)", out.stdout)
     return {"avg_token_ms": 1000 / float(rates[-1])}
+
+
+def print_exchange_only(ftype: str, n_nodes: int = 2, tokens: int = 200) -> dict:
+    r = exchange_only(ftype, n_nodes, tokens=tokens)
+    print(f"exchanges alone, {n_nodes} processes computing nothing, {ftype} buffers: {r['ms_per_token']:.2f} "
+          f"ms/token (median of {tokens}; p10 {r['ms_per_token_p10']:.2f}) = {r['us_per_exchange']:.0f} us per "
+          f"exchange, {r['cpu_us_per_exchange']:.0f} us CPU per exchange (all processes)")
+    return r
 
 
 def main() -> int:
@@ -194,8 +223,7 @@ def main() -> int:
               f"{m['recv_bytes_per_token'] / 1024:>9.1f}{base / m['avg_token_ms']:>8.2f}x"
               f"{min(x['avg_token_ms'] for x in runs[name]):>8.1f}   {ref}")
     for ftype in ("q80", "f32"):
-        print(f"exchanges alone, 2 processes computing nothing, {ftype} buffers: "
-              f"{exchange_only_ms(ftype):.2f} ms/token (median of 200)")
+        print_exchange_only(ftype)
     print(json.dumps({"medians": med}), file=sys.stderr)
     return 0
 

@@ -5,9 +5,22 @@ from __future__ import annotations
 import numpy as np
 
 try:  # numba kernels: no temporaries on the per-token path
+    from numba import njit
+
     from dllama.kernels import dequantize_q80 as _k_dequantize, quantize_q80 as _k_quantize
+    from dllama.kernels._bits import f16_to_f32
 except ImportError:  # pragma: no cover - the numpy path below gives the same bytes
-    _k_quantize = _k_dequantize = None
+    _k_quantize = _k_dequantize = _k_add = None
+else:
+    @njit(nogil=True, cache=True)
+    def _k_add(blocks, out):
+        # out (n_blocks * 32,) f32 += the Q80 blocks (n_blocks * 34,) uint8: the root's sum of partials,
+        # one pass and no temporary
+        for b in range(out.size // 32):
+            o = b * 34
+            d = f16_to_f32(np.uint16(blocks[o]) | (np.uint16(blocks[o + 1]) << np.uint16(8)))
+            for j in range(32):
+                out[b * 32 + j] += np.float32(np.int8(blocks[o + 2 + j])) * d
 
 Q80_BLOCK = np.dtype([("d", "<f2"), ("qs", "i1", (32,))])
 
@@ -70,6 +83,9 @@ class Q80Codec:
     def decode_add(self, raw: np.ndarray, out: np.ndarray) -> None:
         """out (n, cols) += the Q80 rows in raw."""
         nb = out.shape[0] * self.cols // 32
+        if _k_add is not None and out.flags.c_contiguous:
+            _k_add(raw[:nb * Q80_BLOCK.itemsize], out.reshape(-1))
+            return
         tmp = self._scaled[:nb]
         self.decode(raw, tmp.reshape(out.shape[0], self.cols))
         out.reshape(nb, 32)[...] += tmp

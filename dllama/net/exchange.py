@@ -3,10 +3,18 @@ partial outputs (DESIGN.md, "Data flow of one token"). Buffers are allocated onc
 
 Root and workers call the same methods in the same order (the forward pass is written once), so each
 BUFFER frame is checked against what the receiver expects: a mismatch is a protocol error, not garbage.
+
+The per-exchange path is a few system calls and no buffers: a Q80 frame is quantized behind its header in
+one preallocated buffer and goes out in one `send`; a frame comes in with one `recvmsg_into`, header into
+a small buffer and payload where it belongs, and is checked by comparing the header with the one expected.
+The root sends to every worker before it waits for any, and receives from whichever answers first; it adds
+the partial sums in node order, so a cluster's result does not depend on who was faster.
 """
 
 from __future__ import annotations
 
+import select
+import struct
 import time
 
 import numpy as np
@@ -20,50 +28,57 @@ try:  # the lead's interface; until it lands the socket collectives stand alone
 except ImportError:  # pragma: no cover
     Collective = object
 
+# header and BUFFER meta as one struct: the per-exchange path packs and compares them in one go
+_HEAD = struct.Struct("<" + P.HEADER.format.lstrip("<") + P.BUFFER_META.format.lstrip("<"))
+
 
 class _Exchange(Collective):
-    def __init__(self, index: int, n_nodes: int, dim: int, max_batch: int, vocab_cols: int, buffer_type: str):
+    def __init__(self, index: int, n_nodes: int, dim: int, max_batch: int, vocab_cols: list, buffer_type: str):
         if buffer_type not in P.FTYPES:
             raise ValueError(f"buffer type must be one of {P.FTYPES}, got {buffer_type!r}")
         self.index, self.n_nodes = index, n_nodes
         self.dim, self.max_batch, self.buffer_type = dim, max_batch, buffer_type
         self._ftype = P.FTYPES.index(buffer_type)
         self._codec = Q80Codec(max_batch, dim) if buffer_type == "q80" else None
-        self._tx = np.empty(max(P.buffer_nbytes("f32", max_batch, dim), 4), np.uint8)
-        self._rx = np.empty(max(P.buffer_nbytes("f32", max_batch, max(dim, vocab_cols)), 4), np.uint8)
-        self._meta = bytearray(P.BUFFER_META.size)
+        nbytes = P.buffer_nbytes(buffer_type, max_batch, dim)
+        self._tx = np.empty(_HEAD.size + nbytes, np.uint8)
+        self._tx_mv = memoryview(self._tx)
+        self._tx_payload = self._tx[_HEAD.size:]
+        # one receive buffer per peer: the root takes the workers' frames in whatever order they come
+        self._rx = [np.empty(max(nbytes, 4 * cols), np.uint8) for cols in vocab_cols]
+        self._rx_mv = [memoryview(rx) for rx in self._rx]
+        self._rx_head = [memoryview(bytearray(_HEAD.size)) for _ in vocab_cols]
+        self._expect = bytearray(_HEAD.size)
         self.transfer_s = 0.0
 
-    def _encode(self, x: np.ndarray):
-        """x (n, dim) f32 as the wire payload: the array itself for f32, Q80 blocks in _tx otherwise."""
+    def _nbytes(self, n: int) -> int:
+        return n * self.dim * 4 if self._codec is None else self._codec.nbytes(n)
+
+    def _send(self, conns, op: int, x: np.ndarray) -> None:
+        """x (n, dim) f32 to every connection in `conns`, in the buffer type: Q80 is encoded once, behind
+        the header in _tx, and sent as one contiguous frame."""
+        n = x.shape[0]
+        nbytes = self._nbytes(n)
+        _HEAD.pack_into(self._tx, 0, P.BUFFER, 0, P.BUFFER_META.size, nbytes, op, self._ftype, n, self.dim)
         if self._codec is None:
-            return memoryview(np.ascontiguousarray(x, dtype=np.float32)).cast("B")
-        return self._codec.encode(x, self._tx)
+            parts = [self._tx_mv[:_HEAD.size], memoryview(np.ascontiguousarray(x, dtype=np.float32)).cast("B")]
+            for conn in conns:
+                conn.send_buffers(parts)
+            return
+        self._codec.encode(x, self._tx_payload)
+        frame = self._tx_mv[:_HEAD.size + nbytes]
+        for conn in conns:
+            conn.send_all(frame)
 
-    def _send_buffer(self, conn: Connection, op: int, ftype: int, n: int, cols: int, payload) -> None:
-        P.BUFFER_META.pack_into(self._meta, 0, op, ftype, n, cols)
-        conn.send_frame(P.BUFFER, self._meta, payload)
-
-    def _recv_buffer(self, conn: Connection, op: int, ftype: int, n: int, cols: int, into=None) -> np.ndarray:
-        """Receive the BUFFER frame that must come next; returns its payload (into `into` if given)."""
-        head = conn.recv_header()
-        if head is None:
-            raise ConnectionLost(f"{conn.label}: closed the connection")
-        t, meta, payload_len = head
-        if t == P.REFUSE:
-            raise ConnectionLost(f"{conn.label}: {bytes(meta).decode(errors='replace')}")
-        if t == P.BYE:   # a root interrupted in the middle of a forward pass (Ctrl-C) still says goodbye
-            raise ConnectionLost(f"{conn.label}: said goodbye in the middle of a forward pass")
-        if t != P.BUFFER:
-            raise P.ProtocolError(f"{conn.label}: expected BUFFER, got {P.TYPE_NAMES[t]}")
-        got = P.parse_buffer_meta(meta)
-        nbytes = P.buffer_nbytes(P.FTYPES[ftype], n, cols)
-        if got != (op, ftype, n, cols) or payload_len != nbytes:
-            raise P.ProtocolError(f"{conn.label}: BUFFER {got} of {payload_len} bytes, expected "
-                                  f"{(op, ftype, n, cols)} of {nbytes}")
-        dst = self._rx[:nbytes] if into is None else into
-        conn.recv_into(dst)
-        return dst
+    def _recv(self, conn: Connection, i: int, op: int, ftype: int, n: int, cols: int, payload) -> None:
+        """The BUFFER frame that must come next from `conn` (peer i): its payload into `payload`."""
+        nbytes = len(payload)
+        _HEAD.pack_into(self._expect, 0, P.BUFFER, 0, P.BUFFER_META.size, nbytes, op, ftype, n, cols)
+        head = self._rx_head[i]
+        got = conn.recv_frame_into(head, payload, self._expect)
+        if got != _HEAD.size + nbytes or head != self._expect:
+            _unexpected(conn, bytes(head[:got]) + bytes(payload[:max(got - _HEAD.size, 0)]),
+                        (op, ftype, n, cols), nbytes)
 
     def _decode_into(self, raw: np.ndarray, out: np.ndarray, add: bool) -> None:
         n = out.shape[0]
@@ -79,15 +94,41 @@ class _Exchange(Collective):
             self._codec.decode(raw, out)
 
 
+def _unexpected(conn: Connection, raw: bytes, want: tuple, nbytes: int) -> None:
+    """Raise what a frame other than the expected BUFFER means: the peer's reason, its goodbye, a close,
+    or a protocol error naming both frames."""
+    if not raw:
+        raise ConnectionLost(f"{conn.label}: closed the connection")
+    if len(raw) < P.HEADER.size:
+        raise ConnectionLost(f"{conn.label}: connection closed in the middle of a frame")
+    try:
+        t, meta_len, payload_len = P.parse_header(raw)
+    except P.ProtocolError as exc:
+        raise P.ProtocolError(f"{conn.label}: {exc}") from None
+    meta = raw[P.HEADER.size:P.HEADER.size + meta_len]
+    if t == P.REFUSE:
+        raise ConnectionLost(f"{conn.label}: {meta.decode(errors='replace')}")
+    if t == P.BYE:   # a root interrupted in the middle of a forward pass (Ctrl-C) still says goodbye
+        raise ConnectionLost(f"{conn.label}: said goodbye in the middle of a forward pass")
+    if t != P.BUFFER:
+        raise P.ProtocolError(f"{conn.label}: expected BUFFER, got {P.TYPE_NAMES[t]}")
+    got = P.parse_buffer_meta(meta) if len(meta) == P.BUFFER_META.size else meta.hex()
+    if got == want and payload_len == nbytes:
+        raise ConnectionLost(f"{conn.label}: connection closed in the middle of a frame")
+    raise P.ProtocolError(f"{conn.label}: BUFFER {got} of {payload_len} bytes, expected {want} of {nbytes}")
+
+
 class RootCollective(_Exchange):
     """Node 0's side. `conns[i]` talks to node i + 1; `plan` is the partition (for the vocab slices)."""
 
     def __init__(self, conns: list[Connection], plan, dim: int, max_batch: int, buffer_type: str):
-        vocab_cols = max((len(s.vocab) for s in plan), default=0)
-        super().__init__(0, len(plan), dim, max_batch, vocab_cols, buffer_type)
+        super().__init__(0, len(plan), dim, max_batch, [len(s.vocab) for s in plan[1:]], buffer_type)
         self.conns, self.plan = conns, plan
-        self._positions = np.empty(max_batch, np.int32)
-        self._step_meta = bytearray(4)
+        self._step_frame = bytearray(P.HEADER.size + P.STEP_META.size)
+        self._step_pos = np.empty(max_batch, np.int32)
+        self._poller = select.poll()
+        self._fds = {conn.sock.fileno(): i for i, conn in enumerate(conns)}
+        self._waiting: dict[int, int] = {}
 
     @property
     def sent_bytes(self) -> int:
@@ -102,26 +143,64 @@ class RootCollective(_Exchange):
         if not 0 < n <= self.max_batch:
             raise ValueError(f"a forward pass of {n} positions; the workers were set up for 1..{self.max_batch}")
         t0 = time.perf_counter()
-        pos = self._positions[:n]
+        pos = self._step_pos[:n]
         pos[...] = positions[:n]
-        P.STEP_META.pack_into(self._step_meta, 0, n)
+        P.HEADER.pack_into(self._step_frame, 0, P.STEP, 0, P.STEP_META.size, 4 * n)
+        P.STEP_META.pack_into(self._step_frame, P.HEADER.size, n)
+        parts = [self._step_frame, pos]
         for conn in self.conns:
-            conn.send_frame(P.STEP, self._step_meta, pos)
+            conn.send_buffers(parts)
         self.transfer_s += time.perf_counter() - t0
 
     def broadcast(self, x: np.ndarray) -> None:
         t0 = time.perf_counter()
-        payload = self._encode(x)
-        for conn in self.conns:
-            self._send_buffer(conn, P.OP_BROADCAST, self._ftype, x.shape[0], self.dim, payload)
+        self._send(self.conns, P.OP_BROADCAST, x)
         self.transfer_s += time.perf_counter() - t0
 
     def reduce_sum(self, y: np.ndarray) -> None:
         t0 = time.perf_counter()
-        for conn in self.conns:
-            raw = self._recv_buffer(conn, P.OP_REDUCE, self._ftype, y.shape[0], self.dim)
-            self._decode_into(raw, y, add=True)
+        n = y.shape[0]
+        nbytes = self._nbytes(n)
+        self._collect(P.OP_REDUCE, self._ftype, n, self.dim, nbytes)
+        for rx in self._rx:   # in node order: the sum is the same whoever answered first
+            self._decode_into(rx, y, add=True)
         self.transfer_s += time.perf_counter() - t0
+
+    def _collect(self, op: int, ftype: int, n: int, cols: int, nbytes: int, into=None) -> None:
+        """Receive the expected frame from every worker, from whichever has sent it first. Payloads land
+        in the receive buffers, or in into[i] (a byte view) when given; `cols` 0 means the node's vocab."""
+        if len(self.conns) == 1:
+            self._recv_one(0, op, ftype, n, cols, nbytes, into)
+            return
+        waiting = self._waiting
+        waiting.update(self._fds)
+        for fd in waiting:
+            self._poller.register(fd, select.POLLIN)
+        try:
+            timeout = self.conns[0].timeout
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while waiting:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0) * 1000
+                ready = self._poller.poll(left)
+                if not ready:
+                    late = ", ".join(self.conns[i].label for i in waiting.values())
+                    raise ConnectionLost(f"{late}: no data within {timeout:g} s")
+                for fd, _ in ready:
+                    i = waiting.pop(fd, None)
+                    if i is not None:
+                        self._poller.unregister(fd)
+                        self._recv_one(i, op, ftype, n, cols, nbytes, into)
+        finally:
+            for fd in waiting:
+                self._poller.unregister(fd)
+            waiting.clear()
+
+    def _recv_one(self, i: int, op: int, ftype: int, n: int, cols: int, nbytes: int, into) -> None:
+        if cols == 0:
+            cols = len(self.plan[i + 1].vocab)
+            nbytes = 4 * n * cols
+        payload = self._rx_mv[i][:nbytes] if into is None else into[i]
+        self._recv(self.conns[i], i, op, ftype, n, cols, payload)
 
     def gather(self, part: np.ndarray, out: np.ndarray) -> None:
         """out (n, vocab) <- the root's part and every worker's (n, len(vocab slice)) f32 logits."""
@@ -129,10 +208,14 @@ class RootCollective(_Exchange):
         n = out.shape[0]
         own = self.plan[0].vocab
         out[:, own.start:own.stop] = part
-        for conn, node in zip(self.conns, self.plan[1:]):
-            cols = len(node.vocab)
-            raw = self._recv_buffer(conn, P.OP_GATHER, 0, n, cols)
-            out[:, node.vocab.start:node.vocab.stop] = raw.view(np.float32).reshape(n, cols)
+        if n == 1:   # a row's slice is contiguous: the workers' logits land in place
+            views = [memoryview(out[0, s.vocab.start:s.vocab.stop]).cast("B") for s in self.plan[1:]]
+            self._collect(P.OP_GATHER, 0, n, 0, 0, views)
+        else:
+            self._collect(P.OP_GATHER, 0, n, 0, 0)
+            for rx, node in zip(self._rx, self.plan[1:]):
+                cols = len(node.vocab)
+                out[:, node.vocab.start:node.vocab.stop] = rx[:4 * n * cols].view(np.float32).reshape(n, cols)
         self.transfer_s += time.perf_counter() - t0
 
     def close(self) -> None:
@@ -152,8 +235,9 @@ class WorkerCollective(_Exchange):
 
     def __init__(self, conn: Connection, index: int, n_nodes: int, dim: int, max_batch: int,
                  vocab_cols: int, buffer_type: str):
-        super().__init__(index, n_nodes, dim, max_batch, vocab_cols, buffer_type)
+        super().__init__(index, n_nodes, dim, max_batch, [0], buffer_type)
         self.conn = conn
+        self._conns = [conn]
         self._positions = np.empty(max_batch, np.int32)
         self.said_bye = False   # after step() returned None: BYE (True) or a close between frames
 
@@ -188,20 +272,23 @@ class WorkerCollective(_Exchange):
     def broadcast(self, x: np.ndarray) -> None:
         t0 = time.perf_counter()
         n = x.shape[0]
+        nbytes = self._nbytes(n)
         if self._codec is None and x.flags.c_contiguous and x.dtype == np.float32:
-            self._recv_buffer(self.conn, P.OP_BROADCAST, self._ftype, n, self.dim, into=x)
+            self._recv(self.conn, 0, P.OP_BROADCAST, self._ftype, n, self.dim, memoryview(x).cast("B"))
         else:
-            raw = self._recv_buffer(self.conn, P.OP_BROADCAST, self._ftype, n, self.dim)
-            self._decode_into(raw, x, add=False)
+            self._recv(self.conn, 0, P.OP_BROADCAST, self._ftype, n, self.dim, self._rx_mv[0][:nbytes])
+            self._decode_into(self._rx[0], x, add=False)
         self.transfer_s += time.perf_counter() - t0
 
     def reduce_sum(self, y: np.ndarray) -> None:
         t0 = time.perf_counter()
-        self._send_buffer(self.conn, P.OP_REDUCE, self._ftype, y.shape[0], self.dim, self._encode(y))
+        self._send(self._conns, P.OP_REDUCE, y)
         self.transfer_s += time.perf_counter() - t0
 
     def gather(self, part: np.ndarray, out=None) -> None:
         t0 = time.perf_counter()
         payload = memoryview(np.ascontiguousarray(part, dtype=np.float32)).cast("B")
-        self._send_buffer(self.conn, P.OP_GATHER, 0, part.shape[0], part.shape[1], payload)
+        _HEAD.pack_into(self._tx, 0, P.BUFFER, 0, P.BUFFER_META.size, len(payload), P.OP_GATHER, 0,
+                        part.shape[0], part.shape[1])
+        self.conn.send_buffers([self._tx_mv[:_HEAD.size], payload])
         self.transfer_s += time.perf_counter() - t0

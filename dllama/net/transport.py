@@ -1,12 +1,17 @@
 """Frames over a TCP socket: TCP_NODELAY, scatter-gather sends, receives into preallocated buffers.
 
-Every failure is a `ConnectionLost` naming the peer, so the root can say which worker went away.
+A connection's timeout is the kernel's (SO_RCVTIMEO / SO_SNDTIMEO on a blocking socket), not Python's: a
+Python socket with a timeout polls before every send and receive, which doubles the system calls of an
+exchange. Every failure is a `ConnectionLost` naming the peer, so the root can say which worker went away.
 """
 
 from __future__ import annotations
 
+import select
 import socket
+import struct
 import sys
+import time
 
 import numpy as np
 
@@ -52,11 +57,19 @@ class Connection:
         self.recv_bytes = 0
         self._head = bytearray(P.HEADER.size + P.MAX_META)
         self._head_mv = memoryview(self._head)
+        sock.settimeout(None)
         self.set_timeout(timeout)
 
     def set_timeout(self, timeout: float | None) -> None:
+        """Seconds any one send or receive may wait for the peer (None: no limit)."""
         self.timeout = timeout
-        self.sock.settimeout(timeout)
+        t = 0.0 if timeout is None else max(timeout, 1e-3)
+        tv = struct.pack("@ll", int(t), int(round((t - int(t)) * 1e6)))
+        try:
+            for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+                self.sock.setsockopt(socket.SOL_SOCKET, opt, tv)
+        except OSError:
+            pass   # a closed socket: its next use says so
 
     def close(self) -> None:
         try:
@@ -85,6 +98,16 @@ class Connection:
         self._head[P.HEADER.size:P.HEADER.size + len(meta)] = meta
         self.send_buffers([self._head_mv[:P.HEADER.size + len(meta)], payload])
 
+    def send_all(self, frame) -> None:
+        """One contiguous frame (a memoryview of bytes): the per-exchange path, one system call as a rule."""
+        try:
+            sent = self.sock.send(frame)
+        except OSError:
+            sent = 0   # send_buffers says what went wrong
+        self.sent_bytes += sent
+        if sent < len(frame):
+            self.send_buffers([frame[sent:]])
+
     def send_buffers(self, buffers) -> None:
         views = [memoryview(b).cast("B") for b in buffers]
         views = [v for v in views if len(v)]
@@ -97,7 +120,7 @@ class Connection:
                     views.pop(0)
                 if views and sent:
                     views[0] = views[0][sent:]
-        except socket.timeout:
+        except BlockingIOError:
             raise ConnectionLost(f"{self.label}: send timed out after {self.timeout:g} s") from None
         except OSError as exc:
             raise ConnectionLost(f"{self.label}: connection lost while sending ({exc.strerror or exc})") from None
@@ -117,11 +140,52 @@ class Connection:
                     raise ConnectionLost(f"{self.label}: connection closed in the middle of a frame")
                 got += k
                 self.recv_bytes += k
-        except socket.timeout:
+        except BlockingIOError:
             raise ConnectionLost(f"{self.label}: no data within {self.timeout:g} s") from None
         except OSError as exc:
             raise ConnectionLost(f"{self.label}: connection lost ({exc.strerror or exc})") from None
         return True
+
+    def recv_frame_into(self, head, payload, expect) -> int:
+        """The per-exchange receive: a frame's header and meta into `head`, its payload into `payload`
+        (writable byte memoryviews; payload may be empty), with as few system calls as the data allows.
+        Returns the bytes received: all of head and payload, or fewer when the peer closed first or sent
+        something else (the head then differs from `expect`, the bytes the frame should start with)."""
+        total, got = len(head) + len(payload), 0
+        bufs = [head, payload]
+        try:
+            while got < total:
+                k = self.sock.recvmsg_into(bufs)[0]
+                if k == 0:
+                    break
+                got += k
+                self.recv_bytes += k
+                if got < total:
+                    if got >= len(head) and head != expect:
+                        break   # not the frame expected: the caller says what it is instead
+                    bufs = [head[got:], payload] if got < len(head) else [payload[got - len(head):]]
+        except BlockingIOError:
+            raise ConnectionLost(f"{self.label}: no data within {self.timeout:g} s") from None
+        except OSError as exc:
+            raise ConnectionLost(f"{self.label}: connection lost ({exc.strerror or exc})") from None
+        return got
+
+    def drain(self, seconds: float, limit: int) -> None:
+        """Read and drop what the peer still sends, for up to `seconds` or `limit` bytes, or until it closes."""
+        deadline, drained, scratch = time.monotonic() + seconds, 0, bytearray(1 << 16)
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        while drained < limit:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                return
+            try:
+                k = self.sock.recv_into(scratch)
+            except OSError:
+                return
+            if not k:
+                return
+            drained += k
 
     def recv_header(self):
         """(type, meta memoryview, payload_len) of the next frame, or None on a clean close between frames.

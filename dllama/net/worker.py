@@ -177,12 +177,7 @@ class Worker:
             conn.set_timeout(1.0)
             conn.send(P.Refuse(reason))
             conn.sock.shutdown(socket.SHUT_WR)
-            deadline, drained = time.monotonic() + 1.0, 0
-            while time.monotonic() < deadline and drained < 1 << 24:
-                chunk = conn.sock.recv(1 << 16)
-                if not chunk:
-                    break
-                drained += len(chunk)
+            conn.drain(1.0, 1 << 24)
         except (DllamaError, OSError):
             pass
         conn.close()
