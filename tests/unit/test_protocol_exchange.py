@@ -155,3 +155,61 @@ def test_bad_worker_address_is_named(bad):
 
     with pytest.raises(DllamaError, match=f"bad worker address {bad!r}"):
         parse_address(bad)
+
+
+def test_root_takes_whichever_worker_answers_first_and_sums_in_node_order():
+    """Worker 2 sends a frame bigger than its socket buffer and worker 1 sends only once worker 2's send
+    has gone through: a root that waited on worker 1 first would deadlock (and time out)."""
+    dim, n = 4096, 8                       # 128 KiB of f32 per frame
+    plan = _plan(3, dim, 96)
+    pairs = []
+    for i in (1, 2):
+        a, b = socket.socketpair()
+        for s in (a, b):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        pairs.append((Connection(a, f"worker {i}", 3.0), Connection(b, f"root of {i}", 3.0)))
+    root = RootCollective([p[0] for p in pairs], plan, dim, n, "f32")
+    rng = np.random.default_rng(5)
+    parts = {i: rng.normal(size=(n, dim)).astype(np.float32) for i in (1, 2)}
+    second_sent, errors = threading.Event(), []
+
+    def worker(i, conn):
+        try:
+            coll = WorkerCollective(conn, i, 3, dim, n, 32, "f32")
+            if i == 1:
+                assert second_sent.wait(3.0), "worker 2's frame was never taken"
+            coll.reduce_sum(parts[i])
+            if i == 2:
+                second_sent.set()
+        except Exception as exc:  # noqa: BLE001 (reported by the main thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i, p[1])) for i, p in zip((1, 2), pairs)]
+    for t in threads:
+        t.start()
+    y = rng.normal(size=(n, dim)).astype(np.float32)
+    want = (y + parts[1]) + parts[2]
+    root.reduce_sum(y)
+    for t in threads:
+        t.join(5)
+    assert not errors
+    assert np.array_equal(y, want)   # the same float sum as node order, not arrival order
+
+
+@pytest.mark.parametrize("frame,error,match", [
+    (P.Refuse("worker 127.0.0.1:7: out of memory"), ConnectionLost, "w a: worker 127.0.0.1:7: out of memory"),
+    (P.Bye(), ConnectionLost, "said goodbye"),
+    (P.Buffer(P.OP_GATHER, "q80", 1, 64), P.ProtocolError, r"BUFFER \(3, 1, 1, 64\) of 68 bytes, expected \(2, 1, 1, 64\)"),
+    (P.Ready(), P.ProtocolError, "expected BUFFER, got READY"),
+])
+def test_root_names_what_came_instead_of_a_partial_sum(frame, error, match):
+    plan = _plan(2, 64, 64)
+    a, b = _pair("w")
+    root = RootCollective([a], plan, 64, 1, "q80")
+    if isinstance(frame, P.Buffer):
+        frame.payload = bytes(68)
+    b.send(frame)
+    b.close()
+    with pytest.raises(error, match=match):
+        root.reduce_sum(np.zeros((1, 64), np.float32))
