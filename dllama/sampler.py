@@ -1,10 +1,14 @@
-"""Choosing the next token from logits: greedy at temperature 0, else temperature + top-p (nucleus)."""
+"""Choosing the next token from logits: greedy at temperature 0, else temperature + top-p (nucleus).
+
+On a cluster the root may hand over the nodes' top candidates instead of the full logits
+(dllama/candidates.py); they decide the same token, or the full logits are fetched."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from dllama.errors import DllamaError
+from dllama.model.collective import FULL_LOGITS, LOGITS_TOP
 
 
 class Sampler:
@@ -16,7 +20,25 @@ class Sampler:
         self.temperature, self.topp = temperature, topp
         self.rng = np.random.default_rng(seed)
 
-    def __call__(self, logits: np.ndarray) -> int:
+    def wants(self) -> tuple:
+        """What the output layer must return for this sampler (dllama.model.collective): the top token at
+        temperature 0, the top candidates for top-p, the full logits when top_p is 1 (all of them count)."""
+        from dllama.candidates import TOP_K
+
+        if self.temperature == 0:
+            return (LOGITS_TOP, 0.0, 1)
+        if self.topp < 1:
+            return (LOGITS_TOP, float(self.temperature), TOP_K)
+        return FULL_LOGITS
+
+    def __call__(self, logits) -> int:
+        if not isinstance(logits, np.ndarray):   # the nodes' top candidates
+            if self.temperature == 0:
+                return logits.greedy()
+            nucleus = logits.nucleus(self.topp) if self.topp < 1 else None
+            if nucleus is not None:
+                return self._draw(*nucleus)
+            logits = logits.full()
         if self.temperature == 0:
             return int(np.argmax(logits))
         z = logits.astype(np.float64) / self.temperature
@@ -32,6 +54,10 @@ class Sampler:
         cum = np.cumsum(p[cand])
         last = int(np.searchsorted(cum, self.topp)) + 1
         keep = cand[:last]
-        cum_keep = np.cumsum(p[keep])
+        return self._draw(keep, p[keep])
+
+    def _draw(self, keep: np.ndarray, p: np.ndarray) -> int:
+        """One of the nucleus's tokens `keep` (most probable first), by their probabilities p."""
+        cum_keep = np.cumsum(p)
         i = int(np.searchsorted(cum_keep, self.rng.random() * cum_keep[-1], side="right"))
         return int(keep[min(i, keep.size - 1)])

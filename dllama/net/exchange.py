@@ -23,13 +23,17 @@ from dllama.net import protocol as P
 from dllama.net.codec import Q80Codec
 from dllama.net.transport import Connection, ConnectionLost
 
-try:  # the lead's interface; until it lands the socket collectives stand alone
-    from dllama.model.collective import Collective
-except ImportError:  # pragma: no cover
-    Collective = object
+from dllama.model.collective import FULL_LOGITS, Collective
 
 # header and BUFFER meta as one struct: the per-exchange path packs and compares them in one go
 _HEAD = struct.Struct("<" + P.HEADER.format.lstrip("<") + P.BUFFER_META.format.lstrip("<"))
+
+
+def _warm_top_k() -> None:
+    """Compile (or load from numba's cache) the candidates kernel now, not within the first token."""
+    from dllama.candidates import top_k
+
+    top_k(np.zeros(2, np.float32), 1, np.empty(2, np.int32), np.empty(2, np.float32))
 
 
 class _Exchange(Collective):
@@ -45,11 +49,14 @@ class _Exchange(Collective):
         self._tx_mv = memoryview(self._tx)
         self._tx_payload = self._tx[_HEAD.size:]
         # one receive buffer per peer: the root takes the workers' frames in whatever order they come
-        self._rx = [np.empty(max(nbytes, 4 * cols), np.uint8) for cols in vocab_cols]
+        # (a node's top candidates take at most 8 bytes a vocabulary entry, and 16 more)
+        self._rx = [np.empty(max(nbytes, P.TOP_STATS.size + 8 * cols), np.uint8) for cols in vocab_cols]
         self._rx_mv = [memoryview(rx) for rx in self._rx]
         self._rx_head = [memoryview(bytearray(_HEAD.size)) for _ in vocab_cols]
         self._expect = bytearray(_HEAD.size)
         self.transfer_s = 0.0
+        _warm_top_k()
+
 
     def _nbytes(self, n: int) -> int:
         return n * self.dim * 4 if self._codec is None else self._codec.nbytes(n)
@@ -126,6 +133,12 @@ class RootCollective(_Exchange):
         self.conns, self.plan = conns, plan
         self._step_frame = bytearray(P.HEADER.size + P.STEP_META.size)
         self._step_pos = np.empty(max_batch, np.int32)
+        self._logits = FULL_LOGITS
+        vocab = plan[-1].vocab.stop
+        self._top_ids = np.empty(vocab, np.int32)        # every node's candidates, node after node
+        self._top_logits = np.empty(vocab, np.float32)
+        self._own_scratch = np.empty(len(plan[0].vocab), np.float64)
+        self.top_fallbacks = 0   # tokens whose candidates did not decide: the full logits were fetched
         self._poller = select.poll()
         self._fds = {conn.sock.fileno(): i for i, conn in enumerate(conns)}
         self._waiting: dict[int, int] = {}
@@ -138,15 +151,17 @@ class RootCollective(_Exchange):
     def recv_bytes(self) -> int:
         return sum(c.recv_bytes for c in self.conns)
 
-    def step(self, n: int, positions: np.ndarray) -> None:
-        """Tell every worker to run a forward pass over n tokens at `positions`."""
+    def step(self, n: int, positions: np.ndarray, logits: tuple = FULL_LOGITS) -> None:
+        """Tell every worker to run a forward pass over n tokens at `positions`, ending in `logits`."""
         if not 0 < n <= self.max_batch:
             raise ValueError(f"a forward pass of {n} positions; the workers were set up for 1..{self.max_batch}")
         t0 = time.perf_counter()
         pos = self._step_pos[:n]
         pos[...] = positions[:n]
+        self._logits = logits
         P.HEADER.pack_into(self._step_frame, 0, P.STEP, 0, P.STEP_META.size, 4 * n)
-        P.STEP_META.pack_into(self._step_frame, P.HEADER.size, n)
+        what, temperature, k = logits
+        P.STEP_META.pack_into(self._step_frame, P.HEADER.size, n, what, k, temperature)
         parts = [self._step_frame, pos]
         for conn in self.conns:
             conn.send_buffers(parts)
@@ -196,14 +211,25 @@ class RootCollective(_Exchange):
             waiting.clear()
 
     def _recv_one(self, i: int, op: int, ftype: int, n: int, cols: int, nbytes: int, into) -> None:
-        if cols == 0:
+        if cols == 0:   # sized by the node's vocabulary slice: its logits, or its top n
             cols = len(self.plan[i + 1].vocab)
-            nbytes = 4 * n * cols
+            if op == P.OP_TOP:
+                n = min(n, cols)
+                nbytes = P.TOP_STATS.size + 8 * n
+            else:
+                nbytes = 4 * n * cols
         payload = self._rx_mv[i][:nbytes] if into is None else into[i]
         self._recv(self.conns[i], i, op, ftype, n, cols, payload)
 
-    def gather(self, part: np.ndarray, out: np.ndarray) -> None:
-        """out (n, vocab) <- the root's part and every worker's (n, len(vocab slice)) f32 logits."""
+    def gather(self, part: np.ndarray, out: np.ndarray):
+        """out (n, vocab) <- the root's part and every worker's (n, len(vocab slice)) f32 logits; or, when
+        the step asked for the top candidates, those of every node (dllama.candidates.Candidates)."""
+        if self._logits[0] == P.LOGITS_TOP:
+            return self._gather_top(part, out)
+        self._gather_full(part, out)
+        return None
+
+    def _gather_full(self, part: np.ndarray, out: np.ndarray) -> None:
         t0 = time.perf_counter()
         n = out.shape[0]
         own = self.plan[0].vocab
@@ -217,6 +243,42 @@ class RootCollective(_Exchange):
                 cols = len(node.vocab)
                 out[:, node.vocab.start:node.vocab.stop] = rx[:4 * n * cols].view(np.float32).reshape(n, cols)
         self.transfer_s += time.perf_counter() - t0
+
+    def _gather_top(self, part: np.ndarray, out: np.ndarray):
+        from dllama.candidates import Candidates, node_candidates
+
+        t0 = time.perf_counter()
+        _, temperature, k = self._logits
+        ids, vals = self._top_ids, self._top_logits
+        own = self.plan[0].vocab
+        m, s = np.zeros(self.n_nodes), np.zeros(self.n_nodes)
+        at, m[0], s[0] = node_candidates(part[0], own.start, k, temperature, ids, vals, self._own_scratch)
+        # every token a node did not send is at most its last one sent
+        floor = vals[at - 1] if len(own) > k else -np.inf
+        self._collect(P.OP_TOP, 0, k, 0, 0)
+        for i, (rx, node) in enumerate(zip(self._rx, self.plan[1:]), start=1):
+            got = min(k, len(node.vocab))
+            m[i], s[i] = P.TOP_STATS.unpack_from(rx)
+            ids[at:at + got] = rx[P.TOP_STATS.size:P.TOP_STATS.size + 4 * got].view(np.uint32)
+            vals[at:at + got] = rx[P.TOP_STATS.size + 4 * got:P.TOP_STATS.size + 8 * got].view(np.float32)
+            if len(node.vocab) > k:
+                floor = max(floor, vals[at + got - 1])
+            at += got
+        self.transfer_s += time.perf_counter() - t0
+        return Candidates(ids[:at], vals[:at], m, s, float(floor), temperature, out.shape[1],
+                          lambda: self._fetch_full(part, out))
+
+    def _fetch_full(self, part: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """The fall-back of a top step: every worker sends the slice of the logits it has just computed."""
+        t0 = time.perf_counter()
+        self.top_fallbacks += 1
+        _HEAD.pack_into(self._tx, 0, P.BUFFER, 0, P.BUFFER_META.size, 0, P.OP_FULL, 0, 0, 0)
+        request = self._tx_mv[:_HEAD.size]
+        for conn in self.conns:
+            conn.send_all(request)
+        self.transfer_s += time.perf_counter() - t0
+        self._gather_full(part, out)
+        return out[0]
 
     def close(self) -> None:
         """Say goodbye to every worker (each then frees its slice) and close the sockets."""
@@ -234,12 +296,19 @@ class WorkerCollective(_Exchange):
     """A worker's side: one connection, to the root."""
 
     def __init__(self, conn: Connection, index: int, n_nodes: int, dim: int, max_batch: int,
-                 vocab_cols: int, buffer_type: str):
+                 vocab_cols: int, buffer_type: str, vocab_start: int = 0):
         super().__init__(index, n_nodes, dim, max_batch, [0], buffer_type)
         self.conn = conn
         self._conns = [conn]
         self._positions = np.empty(max_batch, np.int32)
         self.said_bye = False   # after step() returned None: BYE (True) or a close between frames
+        self._logits = FULL_LOGITS
+        self._vocab_start = vocab_start
+        self._last_part = None  # the logits of the last pass, until a top step's root has decided
+        self._top_ids = np.empty(max(vocab_cols, 1), np.int32)
+        self._top_logits = np.empty(max(vocab_cols, 1), np.float32)
+        self._top_stats = bytearray(_HEAD.size + P.TOP_STATS.size)
+        self._scratch = np.empty(vocab_cols, np.float64)
 
     @property
     def sent_bytes(self) -> int:
@@ -249,25 +318,37 @@ class WorkerCollective(_Exchange):
     def recv_bytes(self) -> int:
         return self.conn.recv_bytes
 
-    def step(self, n: int | None = None, positions=None):
+    @property
+    def wants_logits(self) -> bool:
+        """Whether the forward pass the last step() announced ends in the output layer."""
+        return self._logits[0] != P.LOGITS_NONE
+
+    def step(self, n: int | None = None, positions=None, logits=None):
         """Block until the root starts a forward pass: its positions (int32, a view valid until the next
-        step), or None when the root said BYE or closed between frames."""
-        head = self.conn.recv_header()
-        if head is None:
-            return None
-        t, meta, payload_len = head
-        if t == P.BYE:
-            self.said_bye = True
-            return None
-        if t != P.STEP or len(meta) != P.STEP_META.size:
-            raise P.ProtocolError(f"{self.conn.label}: expected STEP or BYE, got {P.TYPE_NAMES[t]}")
-        (n,) = P.STEP_META.unpack_from(meta)
-        if not 0 < n <= self.max_batch or payload_len != 4 * n:
-            raise P.ProtocolError(f"{self.conn.label}: STEP of {n} positions ({payload_len} bytes), "
-                                  f"at most {self.max_batch}")
-        pos = self._positions[:n]
-        self.conn.recv_into(pos)
-        return pos
+        step), or None when the root said BYE or closed between frames. A root that could not sample from
+        the candidates of the last pass is sent that pass's full slice of logits meanwhile."""
+        while True:
+            head = self.conn.recv_header()
+            if head is None:
+                return None
+            t, meta, payload_len = head
+            if t == P.BYE:
+                self.said_bye = True
+                return None
+            if t == P.BUFFER and payload_len == 0 and P.parse_buffer_meta(meta) == (P.OP_FULL, 0, 0, 0):
+                self._send_full()
+                continue
+            if t != P.STEP or len(meta) != P.STEP_META.size:
+                raise P.ProtocolError(f"{self.conn.label}: expected STEP or BYE, got {P.TYPE_NAMES[t]}")
+            n, what, k, temperature = P.STEP_META.unpack_from(meta)
+            if not 0 < n <= self.max_batch or payload_len != 4 * n:
+                raise P.ProtocolError(f"{self.conn.label}: STEP of {n} positions ({payload_len} bytes), "
+                                      f"at most {self.max_batch}")
+            P.check_step(n, what, k, temperature)
+            self._logits = (what, temperature, k)
+            pos = self._positions[:n]
+            self.conn.recv_into(pos)
+            return pos
 
     def broadcast(self, x: np.ndarray) -> None:
         t0 = time.perf_counter()
@@ -287,8 +368,29 @@ class WorkerCollective(_Exchange):
 
     def gather(self, part: np.ndarray, out=None) -> None:
         t0 = time.perf_counter()
+        self._last_part = part
+        if self._logits[0] == P.LOGITS_TOP:
+            self._send_top(part[0])
+        else:
+            self._send_full()
+        self.transfer_s += time.perf_counter() - t0
+
+    def _send_full(self) -> None:
+        part = self._last_part
+        if part is None:
+            raise P.ProtocolError(f"{self.conn.label}: asked for logits before any forward pass")
         payload = memoryview(np.ascontiguousarray(part, dtype=np.float32)).cast("B")
         _HEAD.pack_into(self._tx, 0, P.BUFFER, 0, P.BUFFER_META.size, len(payload), P.OP_GATHER, 0,
                         part.shape[0], part.shape[1])
         self.conn.send_buffers([self._tx_mv[:_HEAD.size], payload])
-        self.transfer_s += time.perf_counter() - t0
+
+    def _send_top(self, logits: np.ndarray) -> None:
+        from dllama.candidates import node_candidates
+
+        _, temperature, k = self._logits
+        n, m, s = node_candidates(logits, self._vocab_start, k, temperature, self._top_ids, self._top_logits,
+                                  self._scratch)
+        _HEAD.pack_into(self._top_stats, 0, P.BUFFER, 0, P.BUFFER_META.size, P.TOP_STATS.size + 8 * n, P.OP_TOP,
+                        0, n, logits.size)
+        P.TOP_STATS.pack_into(self._top_stats, _HEAD.size, m, s)
+        self.conn.send_buffers([self._top_stats, self._top_ids[:n], self._top_logits[:n]])

@@ -218,7 +218,7 @@ class Worker:
             conn.set_timeout(None)   # a root may sit idle between requests; keepalive notices a dead one
             steps, t0 = 0, time.perf_counter()
             while (positions := coll.step()) is not None:
-                model.forward(None, positions)
+                model.forward(None, positions, logits=coll.wants_logits)
                 steps += 1
             busy = time.perf_counter() - t0
             log.info("%s %s after %d forward passes (%.1f s: %.1f s waiting on the network)", conn.label,
@@ -256,7 +256,8 @@ class Worker:
         if self._warm and spec.weight_type not in self._warmed:
             self._warm(self._nthreads, spec.weight_type)
             self._warmed.add(spec.weight_type)
-        coll = WorkerCollective(conn, node.index, node.n_nodes, spec.dim, max_batch, len(node.vocab), buffer_type)
+        coll = WorkerCollective(conn, node.index, node.n_nodes, spec.dim, max_batch, len(node.vocab), buffer_type,
+                                node.vocab.start)
         model = self.model_factory(spec, node, seq_len, max_batch, coll)
         t0, total = time.perf_counter(), 0
         while (head := conn.recv_header()) is not None:
