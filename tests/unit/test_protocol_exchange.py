@@ -213,3 +213,19 @@ def test_root_names_what_came_instead_of_a_partial_sum(frame, error, match):
     b.close()
     with pytest.raises(error, match=match):
         root.reduce_sum(np.zeros((1, 64), np.float32))
+
+
+@pytest.mark.parametrize("n_workers", [1, 2])
+def test_a_silent_worker_times_out_naming_it(n_workers):
+    """One worker answers, the other says nothing: the root gives up after the connection's timeout, naming
+    the silent one (with one worker the kernel's receive timeout, with several the root's poll)."""
+    plan = _plan(n_workers + 1, 32, 96)
+    pairs = [_pair(f"worker {i}") for i in range(1, n_workers + 1)]
+    root = RootCollective([p[0] for p in pairs], plan, 32, 1, "f32")
+    for a, _ in pairs:
+        a.set_timeout(0.3)
+    if n_workers == 2:
+        WorkerCollective(pairs[0][1], 1, 3, 32, 1, 32, "f32").reduce_sum(np.ones((1, 32), np.float32))
+    silent = pairs[-1][0].label
+    with pytest.raises(ConnectionLost, match=f"^{silent}: no data within 0.3 s"):
+        root.reduce_sum(np.zeros((1, 32), np.float32))
