@@ -25,56 +25,51 @@ from numba import njit
 TOP_K = 64   # candidates per node: 512 bytes on the wire, against 4 bytes per vocabulary entry
 
 
+@njit(inline="always", nogil=True, cache=True)
+def _worse(vals, ids, a, b):
+    # entry a ranks below entry b: a lower logit, or the same logit and a higher id
+    return vals[a] < vals[b] or (vals[a] == vals[b] and ids[a] > ids[b])
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _swap(vals, ids, a, b):
+    vals[a], vals[b] = vals[b], vals[a]
+    ids[a], ids[b] = ids[b], ids[a]
+
+
 @njit(nogil=True, cache=True)
 def top_k(logits, k, ids, vals):
     """The k best of logits (f32, 1-D) into ids/vals (at least k long), best first: logit descending, then
-    index ascending (np.argmax's tie rule). Returns how many (min(k, size)). A min-heap of k: one compare
-    per logit once the heap is full."""
+    index ascending (np.argmax's tie rule). Returns how many (min(k, size)). A heap of the k kept whose
+    root is the worst of them: one compare per logit once it is full."""
     n = min(k, logits.size)
-    if n == 0:
-        return 0
-    # heap of (value, index) whose root is the worst kept: the lowest value, then the highest index
     for i in range(n):
         ids[i] = i
         vals[i] = logits[i]
         j = i
-        while j > 0:
-            p = (j - 1) // 2
-            if vals[j] < vals[p] or (vals[j] == vals[p] and ids[j] > ids[p]):
-                vals[j], vals[p] = vals[p], vals[j]
-                ids[j], ids[p] = ids[p], ids[j]
-                j = p
-            else:
-                break
+        while j > 0 and _worse(vals, ids, j, (j - 1) // 2):
+            _swap(vals, ids, j, (j - 1) // 2)
+            j = (j - 1) // 2
     for i in range(n, logits.size):
-        v = logits[i]
-        if v <= vals[0]:   # an equal value with a higher index never beats what is kept
+        if logits[i] <= vals[0]:   # an equal logit with a higher id never beats what is kept
             continue
-        vals[0] = v
+        vals[0] = logits[i]
         ids[0] = i
         j = 0
-        while True:
+        while 2 * j + 1 < n:
             c = 2 * j + 1
-            if c >= n:
-                break
-            if c + 1 < n and (vals[c + 1] < vals[c] or (vals[c + 1] == vals[c] and ids[c + 1] > ids[c])):
+            if c + 1 < n and _worse(vals, ids, c + 1, c):
                 c += 1
-            if vals[c] < vals[j] or (vals[c] == vals[j] and ids[c] > ids[j]):
-                vals[j], vals[c] = vals[c], vals[j]
-                ids[j], ids[c] = ids[c], ids[j]
-                j = c
-            else:
+            if not _worse(vals, ids, c, j):
                 break
+            _swap(vals, ids, j, c)
+            j = c
     # best first: insertion sort of the k kept (k is small)
     for i in range(1, n):
-        v, t = vals[i], ids[i]
-        j = i - 1
-        while j >= 0 and (vals[j] < v or (vals[j] == v and ids[j] > t)):
-            vals[j + 1] = vals[j]
-            ids[j + 1] = ids[j]
+        j = i
+        while j > 0 and _worse(vals, ids, j - 1, j):
+            _swap(vals, ids, j - 1, j)
             j -= 1
-        vals[j + 1] = v
-        ids[j + 1] = t
     return n
 
 
