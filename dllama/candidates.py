@@ -89,8 +89,12 @@ def node_candidates(logits: np.ndarray, start: int, k: int, temperature: float, 
     """A node's share of a top step: its best k of `logits` (its vocabulary slice, 1-D f32, the first
     token being `start`) into ids (global, int32) and vals, and its normaliser (0, 0 when greedy).
     Returns (how many, m, s)."""
-    n = top_k(logits, k, ids, vals)
-    ids[:n] += start
+    if k == 1 and logits.size:   # greedy: numpy's vectorised argmax has the same tie rule (first index)
+        best = int(np.argmax(logits))
+        ids[0], vals[0], n = start + best, logits[best], 1
+    else:
+        n = top_k(logits, k, ids, vals)
+        ids[:n] += start
     m, s = normaliser(logits, temperature, scratch) if temperature > 0 else (0.0, 0.0)
     return n, m, s
 
