@@ -57,7 +57,6 @@ class _Exchange(Collective):
         self.transfer_s = 0.0
         _warm_top_k()
 
-
     def _nbytes(self, n: int) -> int:
         return n * self.dim * 4 if self._codec is None else self._codec.nbytes(n)
 

@@ -206,7 +206,8 @@ def encode(msg) -> list:
         t = READY
     elif isinstance(msg, Step):
         positions = np.ascontiguousarray(msg.positions, dtype="<i4")
-        t, meta, payload = STEP, STEP_META.pack(len(positions), msg.logits, msg.k, msg.temperature), memoryview(positions).cast("B")
+        meta = STEP_META.pack(len(positions), msg.logits, msg.k, msg.temperature)
+        t, payload = STEP, memoryview(positions).cast("B")
     elif isinstance(msg, Buffer):
         t, meta, payload = BUFFER, BUFFER_META.pack(msg.op, FTYPES.index(msg.ftype), msg.n, msg.cols), msg.payload
     elif isinstance(msg, Bye):

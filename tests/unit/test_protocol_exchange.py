@@ -200,7 +200,8 @@ def test_root_takes_whichever_worker_answers_first_and_sums_in_node_order():
 @pytest.mark.parametrize("frame,error,match", [
     (P.Refuse("worker 127.0.0.1:7: out of memory"), ConnectionLost, "w a: worker 127.0.0.1:7: out of memory"),
     (P.Bye(), ConnectionLost, "said goodbye"),
-    (P.Buffer(P.OP_GATHER, "q80", 1, 64), P.ProtocolError, r"BUFFER \(3, 1, 1, 64\) of 68 bytes, expected \(2, 1, 1, 64\)"),
+    (P.Buffer(P.OP_GATHER, "q80", 1, 64), P.ProtocolError,
+     r"BUFFER \(3, 1, 1, 64\) of 68 bytes, expected \(2, 1, 1, 64\)"),
     (P.Ready(), P.ProtocolError, "expected BUFFER, got READY"),
 ])
 def test_root_names_what_came_instead_of_a_partial_sum(frame, error, match):
