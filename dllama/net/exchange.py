@@ -60,21 +60,24 @@ class _Exchange(Collective):
     def _nbytes(self, n: int) -> int:
         return n * self.dim * 4 if self._codec is None else self._codec.nbytes(n)
 
-    def _send(self, conns, op: int, x: np.ndarray) -> None:
+    def _send(self, conns, op: int, x: np.ndarray, lead=None) -> None:
         """x (n, dim) f32 to every connection in `conns`, in the buffer type: Q80 is encoded once, behind
-        the header in _tx, and sent as one contiguous frame."""
+        the header in _tx, and sent as one contiguous frame (after the buffers `lead`, if any)."""
         n = x.shape[0]
         nbytes = self._nbytes(n)
         _HEAD.pack_into(self._tx, 0, P.BUFFER, 0, P.BUFFER_META.size, nbytes, op, self._ftype, n, self.dim)
         if self._codec is None:
             parts = [self._tx_mv[:_HEAD.size], memoryview(np.ascontiguousarray(x, dtype=np.float32)).cast("B")]
-            for conn in conns:
-                conn.send_buffers(parts)
-            return
-        self._codec.encode(x, self._tx_payload)
-        frame = self._tx_mv[:_HEAD.size + nbytes]
+        else:
+            self._codec.encode(x, self._tx_payload)
+            parts = [self._tx_mv[:_HEAD.size + nbytes]]
+        if lead:
+            parts = lead + parts
         for conn in conns:
-            conn.send_all(frame)
+            if len(parts) == 1:
+                conn.send_all(parts[0])
+            else:
+                conn.send_buffers(parts)
 
     def _recv(self, conn: Connection, i: int, op: int, ftype: int, n: int, cols: int, payload) -> None:
         """The BUFFER frame that must come next from `conn` (peer i): its payload into `payload`."""
@@ -132,6 +135,7 @@ class RootCollective(_Exchange):
         self.conns, self.plan = conns, plan
         self._step_frame = bytearray(P.HEADER.size + P.STEP_META.size)
         self._step_pos = np.empty(max_batch, np.int32)
+        self._pending_step = None
         self._logits = FULL_LOGITS
         vocab = plan[-1].vocab.stop
         self._top_ids = np.empty(vocab, np.int32)        # every node's candidates, node after node
@@ -161,17 +165,24 @@ class RootCollective(_Exchange):
         P.HEADER.pack_into(self._step_frame, 0, P.STEP, 0, P.STEP_META.size, 4 * n)
         what, temperature, k = logits
         P.STEP_META.pack_into(self._step_frame, P.HEADER.size, n, what, k, temperature)
-        parts = [self._step_frame, pos]
-        for conn in self.conns:
-            conn.send_buffers(parts)
+        # sent with the pass's first broadcast: one wake-up of each worker instead of two
+        self._pending_step = [self._step_frame, pos]
         self.transfer_s += time.perf_counter() - t0
+
+    def _flush_step(self) -> None:
+        if self._pending_step:
+            for conn in self.conns:
+                conn.send_buffers(self._pending_step)
+            self._pending_step = None
 
     def broadcast(self, x: np.ndarray) -> None:
         t0 = time.perf_counter()
-        self._send(self.conns, P.OP_BROADCAST, x)
+        self._send(self.conns, P.OP_BROADCAST, x, self._pending_step)
+        self._pending_step = None
         self.transfer_s += time.perf_counter() - t0
 
     def reduce_sum(self, y: np.ndarray) -> None:
+        self._flush_step()
         t0 = time.perf_counter()
         n = y.shape[0]
         nbytes = self._nbytes(n)
@@ -223,6 +234,7 @@ class RootCollective(_Exchange):
     def gather(self, part: np.ndarray, out: np.ndarray):
         """out (n, vocab) <- the root's part and every worker's (n, len(vocab slice)) f32 logits; or, when
         the step asked for the top candidates, those of every node (dllama.candidates.Candidates)."""
+        self._flush_step()
         if self._logits[0] == P.LOGITS_TOP:
             return self._gather_top(part, out)
         self._gather_full(part, out)
