@@ -34,9 +34,9 @@ def test_bytes_per_token_are_what_the_collectives_move(n_nodes, buffer, sampling
         coll = WorkerCollective(conn, i, n_nodes, dim, 1, cols, buffer, i * cols)
         x = np.zeros((1, dim), np.float32)
         while coll.step() is not None:
-            for i in range(2 * n_layers + 1):   # the last broadcast is the output layer's
+            for j in range(2 * n_layers + 1):   # the last broadcast is the output layer's
                 coll.broadcast(x)
-                if i < 2 * n_layers:
+                if j < 2 * n_layers:
                     coll.reduce_sum(x)
             coll.gather(rng.standard_normal((1, cols)).astype(np.float32))
 
