@@ -31,14 +31,20 @@ class Sampler:
             return (LOGITS_TOP, float(self.temperature), TOP_K)
         return FULL_LOGITS
 
+    def _from_candidates(self, cands) -> int:
+        if self.temperature == 0:
+            return cands.greedy()
+        nucleus = cands.nucleus(self.topp) if self.topp < 1 else None
+        if nucleus is None:
+            return self(cands.full())
+        keep, p = nucleus
+        cum = np.cumsum(p)
+        i = int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"))
+        return int(keep[min(i, keep.size - 1)])
+
     def __call__(self, logits) -> int:
-        if not isinstance(logits, np.ndarray):   # the nodes' top candidates
-            if self.temperature == 0:
-                return logits.greedy()
-            nucleus = logits.nucleus(self.topp) if self.topp < 1 else None
-            if nucleus is not None:
-                return self._draw(*nucleus)
-            logits = logits.full()
+        if not isinstance(logits, np.ndarray):   # the nodes' top candidates (dllama.candidates)
+            return self._from_candidates(logits)
         if self.temperature == 0:
             return int(np.argmax(logits))
         z = logits.astype(np.float64) / self.temperature
@@ -54,10 +60,6 @@ class Sampler:
         cum = np.cumsum(p[cand])
         last = int(np.searchsorted(cum, self.topp)) + 1
         keep = cand[:last]
-        return self._draw(keep, p[keep])
-
-    def _draw(self, keep: np.ndarray, p: np.ndarray) -> int:
-        """One of the nucleus's tokens `keep` (most probable first), by their probabilities p."""
-        cum_keep = np.cumsum(p)
+        cum_keep = np.cumsum(p[keep])
         i = int(np.searchsorted(cum_keep, self.rng.random() * cum_keep[-1], side="right"))
         return int(keep[min(i, keep.size - 1)])
