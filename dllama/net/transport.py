@@ -57,11 +57,15 @@ class Connection:
         self.recv_bytes = 0
         self._head = bytearray(P.HEADER.size + P.MAX_META)
         self._head_mv = memoryview(self._head)
-        sock.settimeout(None)
+        self.timeout = -1.0   # not set yet
         self.set_timeout(timeout)
 
     def set_timeout(self, timeout: float | None) -> None:
-        """Seconds any one send or receive may wait for the peer (None: no limit)."""
+        """Seconds any one send or receive may wait for the peer (None: no limit). Free when unchanged: the
+        per-exchange path may set it every time."""
+        if timeout == self.timeout and self.sock.gettimeout() is None:
+            return
+        self.sock.settimeout(None)   # blocking: the kernel keeps the time
         self.timeout = timeout
         t = 0.0 if timeout is None else max(timeout, 1e-3)
         tv = struct.pack("@ll", int(t), int(round((t - int(t)) * 1e6)))
@@ -120,7 +124,7 @@ class Connection:
                     views.pop(0)
                 if views and sent:
                     views[0] = views[0][sent:]
-        except BlockingIOError:
+        except (BlockingIOError, socket.timeout):
             raise ConnectionLost(f"{self.label}: send timed out after {self.timeout:g} s") from None
         except OSError as exc:
             raise ConnectionLost(f"{self.label}: connection lost while sending ({exc.strerror or exc})") from None
@@ -140,7 +144,7 @@ class Connection:
                     raise ConnectionLost(f"{self.label}: connection closed in the middle of a frame")
                 got += k
                 self.recv_bytes += k
-        except BlockingIOError:
+        except (BlockingIOError, socket.timeout):
             raise ConnectionLost(f"{self.label}: no data within {self.timeout:g} s") from None
         except OSError as exc:
             raise ConnectionLost(f"{self.label}: connection lost ({exc.strerror or exc})") from None
@@ -164,7 +168,7 @@ class Connection:
                     if got >= len(head) and head != expect:
                         break   # not the frame expected: the caller says what it is instead
                     bufs = [head[got:], payload] if got < len(head) else [payload[got - len(head):]]
-        except BlockingIOError:
+        except (BlockingIOError, socket.timeout):
             raise ConnectionLost(f"{self.label}: no data within {self.timeout:g} s") from None
         except OSError as exc:
             raise ConnectionLost(f"{self.label}: connection lost ({exc.strerror or exc})") from None
