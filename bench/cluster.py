@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import socket
@@ -224,7 +225,7 @@ def print_exchange_only(ftype: str, n_nodes: int, tokens: int, link=None) -> dic
     return r
 
 
-def exchanges_only(args) -> int:
+def exchanges_only(args) -> None:
     """Exchanges alone on loopback and, with --link shaped/both, through the shaped link beside the cost
     model's prediction from the loopback overhead."""
     import cost_model
@@ -236,7 +237,7 @@ def exchanges_only(args) -> int:
         if args.link in ("loopback", "both") and n == 2:
             print_exchange_only("f32", n, args.tokens)
     if args.link == "loopback":
-        return 0
+        return
     from netns import VETH_NOTE, Link
 
     with Link() as link:
@@ -251,7 +252,6 @@ def exchanges_only(args) -> int:
                                                cost_model.VETH_OVERHEAD)
             print(f"  cost model (loopback overhead {overhead * 1e6:.0f} us + RTT {rtt * 1e3:.2f} ms + bytes at "
                   f"1 Gbit/s{VETH_NOTE}): {want:.2f} ms/token predicted, {got['ms_per_token']:.2f} measured")
-    return 0
 
 
 def main() -> int:
@@ -267,8 +267,11 @@ def main() -> int:
     args = ap.parse_args()
     args.nodes = [int(n) for n in args.nodes.split(",")]
     sys.path.insert(0, str(HERE))
+    print(f"load average at the start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
     if args.exchanges_only:
-        return exchanges_only(args)
+        exchanges_only(args)
+        print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+        return 0
     from netns import Link
 
     model, tok = ensure_model()
@@ -300,6 +303,7 @@ def main() -> int:
         if link is not None:
             link.close()
     print_table(runs, cpp, configs, args)
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     if link is not None:
         print(f"shaped link: {link.qdisc}")
     return 0
