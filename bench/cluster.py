@@ -248,10 +248,15 @@ def exchanges_only(args) -> None:
             got = print_exchange_only("q80", n, args.tokens, link)
             dim, n_layers, vocab = cost_model.SHAPES["1B shape (b1)"]
             overhead = loop[n]["us_per_exchange"] * 1e-6
-            want = 1e3 * cost_model.transfer_s(dim, n_layers, vocab, n, overhead, rtt, 1e9,
-                                               cost_model.VETH_OVERHEAD)
-            print(f"  cost model (loopback overhead {overhead * 1e6:.0f} us + RTT {rtt * 1e3:.2f} ms + bytes at "
-                  f"1 Gbit/s{VETH_NOTE}): {want:.2f} ms/token predicted, {got['ms_per_token']:.2f} measured")
+            c = cost_model.components(dim, n_layers, vocab, n, overhead, rtt, 1e9, cost_model.VETH_OVERHEAD)
+            print(f"  cost model, ms/token: overhead {1e3 * c['overhead']:.2f} (the loopback's {overhead * 1e6:.0f} us "
+                  f"per exchange) + latency {1e3 * c['latency']:.2f} (RTT {rtt * 1e3:.2f} ms) + wire "
+                  f"{1e3 * c['wire']:.2f} (1 Gbit/s{VETH_NOTE}) = {1e3 * sum(c.values()):.2f} predicted; "
+                  f"{got['ms_per_token']:.2f} measured")
+            if not link.delay_s:
+                print("  (a token bucket delays no packet while its average stays under the rate, so without "
+                      "netem the wire term is not expected in the measurement either: it and the latency are "
+                      "the model's alone)")
 
 
 def main() -> int:

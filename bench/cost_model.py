@@ -48,18 +48,22 @@ def per_token(dim: int, n_layers: int, vocab: int, n_nodes: int, buffer: str = "
             "sent_bytes": workers * (STEP + rounds * x), "recv_bytes": workers * ((rounds - 1) * x + reply)}
 
 
-def transfer_s(dim: int, n_layers: int, vocab: int, n_nodes: int, overhead_s: float, rtt_s: float,
+def components(dim: int, n_layers: int, vocab: int, n_nodes: int, overhead_s: float, rtt_s: float,
                bits_per_s: float, per_segment: int = ETHERNET_OVERHEAD, buffer: str = "q80",
-               sampling: str = "greedy") -> float:
-    """Seconds per token the exchanges add on the critical path."""
+               sampling: str = "greedy") -> dict:
+    """Seconds per token the exchanges add on the critical path, by cause: "overhead" (Python and system
+    calls), "latency" (one RTT per round trip) and "wire" (the root's bytes at the link's speed)."""
     t = per_token(dim, n_layers, vocab, n_nodes, buffer, sampling)
-    workers = n_nodes - 1
-    overhead = overhead_s * (1 + ROOT_SHARE * (workers - 1))
+    workers, rounds = n_nodes - 1, t["round_trips"]
     x, reply = _wire(t["x_bytes"], per_segment), _wire(t["reply_bytes"], per_segment)
-    per_round = overhead + rtt_s + 8 * workers * x / bits_per_s
-    rounds = t["round_trips"]
-    return (rounds * per_round + 8 * workers * ((rounds - 1) * x + reply) / bits_per_s
-            + 8 * workers * _wire(STEP, per_segment) / bits_per_s)
+    wire_bytes = workers * (_wire(STEP, per_segment) + rounds * x + (rounds - 1) * x + reply)
+    return {"overhead": rounds * overhead_s * (1 + ROOT_SHARE * (workers - 1)), "latency": rounds * rtt_s,
+            "wire": 8 * wire_bytes / bits_per_s}
+
+
+def transfer_s(*args, **kw) -> float:
+    """The sum of `components` (same arguments)."""
+    return sum(components(*args, **kw).values())
 
 
 def table(overhead_s: float, rtt_s: float, bits_per_s: float) -> str:
