@@ -143,8 +143,6 @@ class RootCollective(_Exchange):
         self._own_scratch = np.empty(len(plan[0].vocab), np.float64)
         self.top_fallbacks = 0   # tokens whose candidates did not decide: the full logits were fetched
         self._poller = select.poll()
-        self._fds = {conn.sock.fileno(): i for i, conn in enumerate(conns)}
-        self._waiting: dict[int, int] = {}
 
     @property
     def sent_bytes(self) -> int:
@@ -197,8 +195,8 @@ class RootCollective(_Exchange):
         if len(self.conns) == 1:
             self._recv_one(0, op, ftype, n, cols, nbytes, into)
             return
-        waiting = self._waiting
-        waiting.update(self._fds)
+        # from the connections as they are now (a root may have replaced a lost worker's)
+        waiting = {conn.sock.fileno(): i for i, conn in enumerate(self.conns)}
         for fd in waiting:
             self._poller.register(fd, select.POLLIN)
         try:
@@ -218,7 +216,6 @@ class RootCollective(_Exchange):
         finally:
             for fd in waiting:
                 self._poller.unregister(fd)
-            waiting.clear()
 
     def _recv_one(self, i: int, op: int, ftype: int, n: int, cols: int, nbytes: int, into) -> None:
         if cols == 0:   # sized by the node's vocabulary slice: its logits, or its top n
