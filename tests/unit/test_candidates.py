@@ -107,6 +107,30 @@ def test_candidates_that_do_not_reach_top_p_fall_back_to_the_full_logits():
         cluster.close()
 
 
+def test_the_fall_back_fetch_keeps_the_pinger_off_the_sockets():
+    """The fetch comes after the pass has ended; a pinger that looked meanwhile would take the workers'
+    logits on a readable socket for a close. So the fetch is marked as in a pass, and ends it again."""
+    logits = np.zeros(4000, np.float32)
+    logits[:3] = [1.0, 2.0, 3.0]
+    cluster = Cluster(logits, 2)
+    root, seen = cluster.root, []
+    collect = root._collect
+
+    def watched(*args):
+        seen.append(root.in_pass)
+        return collect(*args)
+
+    try:
+        cands = cluster.output((LOGITS_TOP, 1.0, 64))
+        assert not root.in_pass
+        root._collect = watched
+        ended = root.last_io
+        assert np.array_equal(cands.full(), logits)
+        assert seen == [True] and not root.in_pass and root.last_io >= ended
+    finally:
+        cluster.close()
+
+
 @pytest.mark.parametrize("temperature,topp", [(0.0, 0.9), (0.5, 0.9), (1.0, 0.95), (0.8, 0.3), (1.0, 1.0)])
 def test_same_tokens_as_the_sampler_given_the_full_logits(temperature, topp):
     rng = np.random.default_rng(11)

@@ -2,6 +2,7 @@
 
 import socket
 import threading
+import time
 
 import gguf
 import numpy as np
@@ -45,6 +46,18 @@ def test_recv_timeout_names_the_peer():
     b.set_timeout(0.2)
     with pytest.raises(ConnectionLost, match="worker 10.0.0.9:9998 b: no data within 0.2 s"):
         b.recv_header()
+
+
+def test_handshake_deadline_bounds_all_reads_with_kernel_timeouts():
+    """A peer that sends part of a frame and stalls is cut off at the deadline, not per read; the reads under
+    it leave the socket blocking (the per-exchange path then needs no Python timeout mode undone)."""
+    a, b = _pair("worker 127.0.0.1:9")
+    frame = P.encode_bytes(P.Bye())
+    b.deadline = time.monotonic() + 0.3
+    a.sock.sendall(frame[:3])
+    with pytest.raises(ConnectionLost, match="^worker 127.0.0.1:9 b: too slow: the handshake has a deadline"):
+        b.recv_header()
+    assert b.sock.gettimeout() is None and 0 < b.timeout <= 0.3
 
 
 def _plan(n_nodes, dim, vocab):
