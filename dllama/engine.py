@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dllama.errors import DllamaError
+from dllama.model.collective import FULL_LOGITS, LOGITS_NONE, NO_LOGITS
 
 MAX_BATCH = 32  # prompt positions per forward pass, as the reference
 
@@ -141,13 +142,14 @@ class Engine:
 
     # ---- generation ------------------------------------------------------------------------------
 
-    def _forward(self, tokens: list[int], start: int) -> np.ndarray:
+    def _forward(self, tokens: list[int], start: int, logits: tuple = FULL_LOGITS):
         positions = np.arange(start, start + len(tokens), dtype=np.int64)
-        self.coll.step(len(tokens), positions)
-        return self.model.forward(np.asarray(tokens, dtype=np.int64), positions)
+        self.coll.step(len(tokens), positions, logits)
+        return self.model.forward(np.asarray(tokens, dtype=np.int64), positions, logits=logits[0] != LOGITS_NONE)
 
-    def prefill(self, prompt_ids: list[int]) -> np.ndarray:
-        """Evaluate the prompt's tokens not already in the cache; return the logits of its last one."""
+    def prefill(self, prompt_ids: list[int], logits: tuple = FULL_LOGITS):
+        """Evaluate the prompt's tokens not already in the cache; return the logits of its last one (or what
+        `logits` asks for: see dllama.model.collective)."""
         keep = _common_prefix(self.cache_ids, prompt_ids)
         keep = min(keep, len(prompt_ids) - 1)   # the last prompt token must run to give logits
         self.cache_ids = self.cache_ids[:keep]
@@ -156,13 +158,14 @@ class Engine:
         todo = prompt_ids[keep:]
         st.prompt_tokens = len(todo)
         t0 = time.perf_counter()
-        logits = None
+        out = None
         for i in range(0, len(todo), MAX_BATCH):
             chunk = todo[i:i + MAX_BATCH]
-            logits = self._forward(chunk, keep + i)
+            # only the last batch's output layer is read
+            out = self._forward(chunk, keep + i, logits if i + MAX_BATCH >= len(todo) else NO_LOGITS)
             self.cache_ids.extend(chunk)
         st.prompt_s = time.perf_counter() - t0
-        return logits
+        return out
 
     def generate(self, prompt_ids: list[int], max_tokens: int, sampler, stop_ids=None):
         """Yield up to `max_tokens` generated token ids after `prompt_ids`.
@@ -178,7 +181,8 @@ class Engine:
         stops = set(self.tokenizer.eos_ids if stop_ids is None else stop_ids)
         self.stats = st = Stats()
         t_start = time.perf_counter()
-        logits = self.prefill(prompt_ids)
+        wants = sampler.wants() if hasattr(sampler, "wants") else FULL_LOGITS
+        logits = self.prefill(prompt_ids, wants)
         c0 = (self.coll.transfer_s, self.coll.sent_bytes, self.coll.recv_bytes)
         t0 = time.perf_counter()
         try:
@@ -193,7 +197,7 @@ class Engine:
                 if tok in stops or st.generated == max_tokens or len(self.cache_ids) >= self.seq_len:
                     break
                 t1 = time.perf_counter()
-                logits = self._forward([tok], len(self.cache_ids))
+                logits = self._forward([tok], len(self.cache_ids), wants)
                 self.cache_ids.append(tok)
                 st.token_ms.append(1000 * (time.perf_counter() - t1))
         finally:

@@ -1,10 +1,14 @@
-"""Choosing the next token from logits: greedy at temperature 0, else temperature + top-p (nucleus)."""
+"""Choosing the next token from logits: greedy at temperature 0, else temperature + top-p (nucleus).
+
+On a cluster the root may hand over the nodes' top candidates instead of the full logits
+(dllama/candidates.py); they decide the same token, or the full logits are fetched."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from dllama.errors import DllamaError
+from dllama.model.collective import FULL_LOGITS, LOGITS_TOP
 
 
 class Sampler:
@@ -17,7 +21,31 @@ class Sampler:
         self.rng = np.random.default_rng(seed)
         self._p = np.empty(0, np.float32)   # the vocabulary's weights, reused token after token
 
-    def __call__(self, logits: np.ndarray) -> int:
+    def wants(self) -> tuple:
+        """What the output layer must return for this sampler (dllama.model.collective): the top token at
+        temperature 0, the top candidates for top-p, the full logits when top_p is 1 (all of them count)."""
+        from dllama.candidates import TOP_K
+
+        if self.temperature == 0:
+            return (LOGITS_TOP, 0.0, 1)
+        if self.topp < 1:
+            return (LOGITS_TOP, float(self.temperature), TOP_K)
+        return FULL_LOGITS
+
+    def _from_candidates(self, cands) -> int:
+        if self.temperature == 0:
+            return cands.greedy()
+        nucleus = cands.nucleus(self.topp) if self.topp < 1 else None
+        if nucleus is None:
+            return self(cands.full())
+        keep, p = nucleus
+        cum = np.cumsum(p)
+        i = int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"))
+        return int(keep[min(i, keep.size - 1)])
+
+    def __call__(self, logits) -> int:
+        if not isinstance(logits, np.ndarray):   # the nodes' top candidates (dllama.candidates)
+            return self._from_candidates(logits)
         if self.temperature == 0:
             return int(np.argmax(logits))
         if self._p.size != logits.size:

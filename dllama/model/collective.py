@@ -8,6 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
+# What the root's sampler needs from the output layer, told to every node with the forward pass:
+# (what, temperature, k). Nothing (a prompt batch before its last), the full logits, or each node's k best
+# tokens and partial normaliser at that temperature (dllama/candidates.py).
+LOGITS_NONE, LOGITS_FULL, LOGITS_TOP = 0, 1, 2
+NO_LOGITS = (LOGITS_NONE, 0.0, 0)
+FULL_LOGITS = (LOGITS_FULL, 0.0, 0)
+
 
 class Collective:
     """Base of every collective. `index` 0 is the root."""
@@ -24,9 +31,9 @@ class Collective:
     def is_root(self) -> bool:
         return self.index == 0
 
-    def step(self, n: int, positions: np.ndarray) -> np.ndarray | None:
-        """Root: announce a forward pass over `n` positions. Worker: wait for one; returns its positions
-        (None when the root is done)."""
+    def step(self, n: int, positions: np.ndarray, logits: tuple = FULL_LOGITS) -> np.ndarray | None:
+        """Root: announce a forward pass over `n` positions, whose output layer returns `logits`. Worker: wait
+        for one; returns its positions (None when the root is done)."""
         return positions
 
     def broadcast(self, x: np.ndarray) -> None:
@@ -35,9 +42,10 @@ class Collective:
     def reduce_sum(self, y: np.ndarray) -> None:
         """Worker: send its partial y (n, dim). Root: add every worker's partial into y."""
 
-    def gather(self, part: np.ndarray, out: np.ndarray) -> None:
-        """Root: fill out (n, vocab) with every node's slice of columns; `part` is the root's own slice.
-        Worker: send its slice."""
+    def gather(self, part: np.ndarray, out: np.ndarray):
+        """Root: fill out (n, vocab) with every node's slice of columns (`part` is the root's own) and return
+        None, or return the merged top candidates (dllama.candidates.Candidates) when the step asked for
+        them. Worker: send its slice or its candidates."""
         out[:, : part.shape[1]] = part
 
     def close(self) -> None:

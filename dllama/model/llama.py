@@ -134,7 +134,8 @@ class NodeModel:
     def forward(self, tokens: np.ndarray | None, positions: np.ndarray, logits: bool = True):
         """Run `len(positions)` tokens through the model, writing their K/V at `positions`.
 
-        Root: `tokens` (n,) ids -> logits (vocab,) of the last position (None if `logits` is False).
+        Root: `tokens` (n,) ids -> logits (vocab,) of the last position (None if `logits` is False), or the
+        nodes' top candidates when the collective's step asked for them (dllama.candidates).
         Workers: `tokens` is None; they follow the root's exchanges and return None.
         """
         s, coll = self.spec, self.coll
@@ -166,8 +167,10 @@ class NodeModel:
         K.matmul(self.wcls, xb[:1], self.logits_part)
         if coll.n_nodes == 1:
             return self.logits_part[0]
-        coll.gather(self.logits_part, self.logits)
-        return self.logits[0] if coll.is_root else None
+        top = coll.gather(self.logits_part, self.logits)
+        if not coll.is_root:
+            return None
+        return self.logits[0] if top is None else top
 
     def _attention(self, layer: Layer, xb: np.ndarray, positions: np.ndarray, y: np.ndarray) -> None:
         n, hd, qd, kvd = len(positions), self.spec.head_dim, self.q_dim, self.kv_dim

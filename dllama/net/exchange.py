@@ -3,73 +3,93 @@ partial outputs (DESIGN.md, "Data flow of one token"). Buffers are allocated onc
 
 Root and workers call the same methods in the same order (the forward pass is written once), so each
 BUFFER frame is checked against what the receiver expects: a mismatch is a protocol error, not garbage.
+
+The per-exchange path is a few system calls and no buffers: a Q80 frame is quantized behind its header in
+one preallocated buffer and goes out in one `send`; a frame comes in with one `recvmsg_into`, header into
+a small buffer and payload where it belongs, and is checked by comparing the header with the one expected.
+The root sends to every worker before it waits for any, and receives from whichever answers first; it adds
+the partial sums in node order, so a cluster's result does not depend on who was faster.
 """
 
 from __future__ import annotations
 
+import select
+import struct
 import threading
 import time
 
 import numpy as np
 
+from dllama.model.collective import FULL_LOGITS, Collective
 from dllama.net import protocol as P
 from dllama.net.codec import Q80Codec
 from dllama.net.liveness import ROOT_SILENCE_S, Pacer
 from dllama.net.transport import Connection, ConnectionLost
 
-try:  # the lead's interface; until it lands the socket collectives stand alone
-    from dllama.model.collective import Collective
-except ImportError:  # pragma: no cover
-    Collective = object
+# header and BUFFER meta as one struct: the per-exchange path packs and compares them in one go
+_HEAD = struct.Struct("<" + P.HEADER.format.lstrip("<") + P.BUFFER_META.format.lstrip("<"))
+
+
+def _warm_top_k() -> None:
+    """Compile (or load from numba's cache) the candidates kernel now, not within the first token."""
+    from dllama.candidates import top_k
+
+    top_k(np.zeros(2, np.float32), 1, np.empty(2, np.int32), np.empty(2, np.float32))
 
 
 class _Exchange(Collective):
-    def __init__(self, index: int, n_nodes: int, dim: int, max_batch: int, vocab_cols: int, buffer_type: str):
+    def __init__(self, index: int, n_nodes: int, dim: int, max_batch: int, vocab_cols: list, buffer_type: str):
         if buffer_type not in P.FTYPES:
             raise ValueError(f"buffer type must be one of {P.FTYPES}, got {buffer_type!r}")
         self.index, self.n_nodes = index, n_nodes
         self.dim, self.max_batch, self.buffer_type = dim, max_batch, buffer_type
         self._ftype = P.FTYPES.index(buffer_type)
         self._codec = Q80Codec(max_batch, dim) if buffer_type == "q80" else None
-        self._tx = np.empty(max(P.buffer_nbytes("f32", max_batch, dim), 4), np.uint8)
-        self._rx = np.empty(max(P.buffer_nbytes("f32", max_batch, max(dim, vocab_cols)), 4), np.uint8)
-        self._meta = bytearray(P.BUFFER_META.size)
+        nbytes = P.buffer_nbytes(buffer_type, max_batch, dim)
+        self._tx = np.empty(_HEAD.size + nbytes, np.uint8)
+        self._tx_mv = memoryview(self._tx)
+        self._tx_payload = self._tx[_HEAD.size:]
+        # one receive buffer per peer: the root takes the workers' frames in whatever order they come
+        # (a node's top candidates take at most 8 bytes a vocabulary entry, and 16 more)
+        self._rx = [np.empty(max(nbytes, P.TOP_STATS.size + 8 * cols), np.uint8) for cols in vocab_cols]
+        self._rx_mv = [memoryview(rx) for rx in self._rx]
+        self._rx_head = [memoryview(bytearray(_HEAD.size)) for _ in vocab_cols]
+        self._expect = bytearray(_HEAD.size)
         self.transfer_s = 0.0
         self.pacer = Pacer()
+        _warm_top_k()
 
-    def _encode(self, x: np.ndarray):
-        """x (n, dim) f32 as the wire payload: the array itself for f32, Q80 blocks in _tx otherwise."""
+    def _nbytes(self, n: int) -> int:
+        return n * self.dim * 4 if self._codec is None else self._codec.nbytes(n)
+
+    def _send(self, conns, op: int, x: np.ndarray, lead=None) -> None:
+        """x (n, dim) f32 to every connection in `conns`, in the buffer type: Q80 is encoded once, behind
+        the header in _tx, and sent as one contiguous frame (after the buffers `lead`, if any)."""
+        n = x.shape[0]
+        nbytes = self._nbytes(n)
+        _HEAD.pack_into(self._tx, 0, P.BUFFER, 0, P.BUFFER_META.size, nbytes, op, self._ftype, n, self.dim)
         if self._codec is None:
-            return memoryview(np.ascontiguousarray(x, dtype=np.float32)).cast("B")
-        return self._codec.encode(x, self._tx)
+            parts = [self._tx_mv[:_HEAD.size], memoryview(np.ascontiguousarray(x, dtype=np.float32)).cast("B")]
+        else:
+            self._codec.encode(x, self._tx_payload)
+            parts = [self._tx_mv[:_HEAD.size + nbytes]]
+        if lead:
+            parts = lead + parts
+        for conn in conns:
+            if len(parts) == 1:
+                conn.send_all(parts[0])
+            else:
+                conn.send_buffers(parts)
 
-    def _send_buffer(self, conn: Connection, op: int, ftype: int, n: int, cols: int, payload) -> None:
-        P.BUFFER_META.pack_into(self._meta, 0, op, ftype, n, cols)
-        conn.send_frame(P.BUFFER, self._meta, payload)
-
-    def _recv_buffer(self, conn: Connection, op: int, ftype: int, n: int, cols: int, into=None) -> np.ndarray:
-        """Receive the BUFFER frame that must come next; returns its payload (into `into` if given)."""
-        conn.set_timeout(self.pacer.timeout(n))
-        t0 = time.perf_counter()
-        head = conn.recv_header()
-        if head is None:
-            raise conn.lost("closed the connection")
-        self.pacer.observe(time.perf_counter() - t0, n)
-        t, meta, payload_len = head
-        if t == P.REFUSE:
-            raise conn.lost(bytes(meta).decode(errors="replace"))
-        if t == P.BYE:   # a root interrupted in the middle of a forward pass (Ctrl-C) still says goodbye
-            raise conn.lost("said goodbye in the middle of a forward pass")
-        if t != P.BUFFER:
-            raise P.ProtocolError(f"{conn.label}: expected BUFFER, got {P.TYPE_NAMES[t]}")
-        got = P.parse_buffer_meta(meta)
-        nbytes = P.buffer_nbytes(P.FTYPES[ftype], n, cols)
-        if got != (op, ftype, n, cols) or payload_len != nbytes:
-            raise P.ProtocolError(f"{conn.label}: BUFFER {got} of {payload_len} bytes, expected "
-                                  f"{(op, ftype, n, cols)} of {nbytes}")
-        dst = self._rx[:nbytes] if into is None else into
-        conn.recv_into(dst)
-        return dst
+    def _recv(self, conn: Connection, i: int, op: int, ftype: int, n: int, cols: int, payload) -> None:
+        """The BUFFER frame that must come next from `conn` (peer i): its payload into `payload`."""
+        nbytes = len(payload)
+        _HEAD.pack_into(self._expect, 0, P.BUFFER, 0, P.BUFFER_META.size, nbytes, op, ftype, n, cols)
+        head = self._rx_head[i]
+        got = conn.recv_frame_into(head, payload, self._expect)
+        if got != _HEAD.size + nbytes or head != self._expect:
+            _unexpected(conn, bytes(head[:got]) + bytes(payload[:max(got - _HEAD.size, 0)]),
+                        (op, ftype, n, cols), nbytes)
 
     def _decode_into(self, raw: np.ndarray, out: np.ndarray, add: bool) -> None:
         n = out.shape[0]
@@ -85,15 +105,46 @@ class _Exchange(Collective):
             self._codec.decode(raw, out)
 
 
+def _unexpected(conn: Connection, raw: bytes, want: tuple, nbytes: int) -> None:
+    """Raise what a frame other than the expected BUFFER means: the peer's reason, its goodbye, a close,
+    or a protocol error naming both frames."""
+    if not raw:
+        raise conn.lost("closed the connection")
+    if len(raw) < P.HEADER.size:
+        raise conn.lost("connection closed in the middle of a frame")
+    try:
+        t, meta_len, payload_len = P.parse_header(raw)
+    except P.ProtocolError as exc:
+        raise P.ProtocolError(f"{conn.label}: {exc}") from None
+    meta = raw[P.HEADER.size:P.HEADER.size + meta_len]
+    if t == P.REFUSE:
+        raise conn.lost(meta.decode(errors="replace"))
+    if t == P.BYE:   # a root interrupted in the middle of a forward pass (Ctrl-C) still says goodbye
+        raise conn.lost("said goodbye in the middle of a forward pass")
+    if t != P.BUFFER:
+        raise P.ProtocolError(f"{conn.label}: expected BUFFER, got {P.TYPE_NAMES[t]}")
+    got = P.parse_buffer_meta(meta) if len(meta) == P.BUFFER_META.size else meta.hex()
+    if got == want and payload_len == nbytes:
+        raise conn.lost("connection closed in the middle of a frame")
+    raise P.ProtocolError(f"{conn.label}: BUFFER {got} of {payload_len} bytes, expected {want} of {nbytes}")
+
+
 class RootCollective(_Exchange):
     """Node 0's side. `conns[i]` talks to node i + 1; `plan` is the partition (for the vocab slices)."""
 
     def __init__(self, conns: list[Connection], plan, dim: int, max_batch: int, buffer_type: str):
-        vocab_cols = max((len(s.vocab) for s in plan), default=0)
-        super().__init__(0, len(plan), dim, max_batch, vocab_cols, buffer_type)
+        super().__init__(0, len(plan), dim, max_batch, [len(s.vocab) for s in plan[1:]], buffer_type)
         self.conns, self.plan = conns, plan
-        self._positions = np.empty(max_batch, np.int32)
-        self._step_meta = bytearray(4)
+        self._step_frame = bytearray(P.HEADER.size + P.STEP_META.size)
+        self._step_pos = np.empty(max_batch, np.int32)
+        self._pending_step = None
+        self._logits = FULL_LOGITS
+        vocab = plan[-1].vocab.stop
+        self._top_ids = np.empty(vocab, np.int32)        # every node's candidates, node after node
+        self._top_logits = np.empty(vocab, np.float32)
+        self._own_scratch = np.empty(len(plan[0].vocab), np.float64)
+        self.top_fallbacks = 0   # tokens whose candidates did not decide: the full logits were fetched
+        self._poller = select.poll()
         # the pinger (liveness.Pinger) writes between passes only: these tell it when, under io_lock
         self.io_lock = threading.Lock()
         self.in_pass = False
@@ -109,8 +160,8 @@ class RootCollective(_Exchange):
     def recv_bytes(self) -> int:
         return sum(c.recv_bytes for c in self.conns)
 
-    def step(self, n: int, positions: np.ndarray) -> None:
-        """Tell every worker to run a forward pass over n tokens at `positions`."""
+    def step(self, n: int, positions: np.ndarray, logits: tuple = FULL_LOGITS) -> None:
+        """Tell every worker to run a forward pass over n tokens at `positions`, ending in `logits`."""
         if not 0 < n <= self.max_batch:
             raise ValueError(f"a forward pass of {n} positions; the workers were set up for 1..{self.max_batch}")
         if self.lost is not None:
@@ -118,45 +169,156 @@ class RootCollective(_Exchange):
         with self.io_lock:
             self.in_pass = True
         t0 = time.perf_counter()
-        pos = self._positions[:n]
+        pos = self._step_pos[:n]
         pos[...] = positions[:n]
-        P.STEP_META.pack_into(self._step_meta, 0, n)
-        for conn in self.conns:
-            conn.send_frame(P.STEP, self._step_meta, pos)
+        self._logits = logits
+        P.HEADER.pack_into(self._step_frame, 0, P.STEP, 0, P.STEP_META.size, 4 * n)
+        what, temperature, k = logits
+        P.STEP_META.pack_into(self._step_frame, P.HEADER.size, n, what, k, temperature)
+        # sent with the pass's first broadcast: one wake-up of each worker instead of two
+        self._pending_step = [self._step_frame, pos]
         self.transfer_s += time.perf_counter() - t0
+
+    def _flush_step(self) -> None:
+        if self._pending_step:
+            for conn in self.conns:
+                conn.send_buffers(self._pending_step)
+            self._pending_step = None
 
     def broadcast(self, x: np.ndarray) -> None:
         t0 = time.perf_counter()
-        payload = self._encode(x)
-        for conn in self.conns:
-            self._send_buffer(conn, P.OP_BROADCAST, self._ftype, x.shape[0], self.dim, payload)
+        self._send(self.conns, P.OP_BROADCAST, x, self._pending_step)
+        self._pending_step = None
         self.transfer_s += time.perf_counter() - t0
 
     def reduce_sum(self, y: np.ndarray) -> None:
+        self._flush_step()
         t0 = time.perf_counter()
-        for conn in self.conns:
-            raw = self._recv_buffer(conn, P.OP_REDUCE, self._ftype, y.shape[0], self.dim)
-            self._decode_into(raw, y, add=True)
+        n = y.shape[0]
+        nbytes = self._nbytes(n)
+        self._collect(P.OP_REDUCE, self._ftype, n, self.dim, nbytes)
+        for rx in self._rx:   # in node order: the sum is the same whoever answered first
+            self._decode_into(rx, y, add=True)
         self.transfer_s += time.perf_counter() - t0
 
-    def gather(self, part: np.ndarray, out: np.ndarray) -> None:
-        """out (n, vocab) <- the root's part and every worker's (n, len(vocab slice)) f32 logits."""
+    def _collect(self, op: int, ftype: int, n: int, cols: int, nbytes: int, into=None) -> None:
+        """Receive the expected frame from every worker, from whichever has sent it first. Payloads land
+        in the receive buffers, or in into[i] (a byte view) when given; `cols` 0 means the node's vocab.
+        Every read has the pacer's deadline (a top's n is its candidates; the pass is of one row)."""
+        rows = 1 if op == P.OP_TOP else n
+        timeout = self.pacer.timeout(rows)
+        for conn in self.conns:
+            conn.set_timeout(timeout)   # free when unchanged: the pacer's answer is stable within a pass
+        t0 = time.perf_counter()
+        if len(self.conns) == 1:
+            self._recv_one(0, op, ftype, n, cols, nbytes, into)
+        else:
+            self._poll_all(op, ftype, n, cols, nbytes, into, timeout)
+        self.pacer.observe(time.perf_counter() - t0, rows)
+
+    def _poll_all(self, op: int, ftype: int, n: int, cols: int, nbytes: int, into, timeout: float) -> None:
+        # from the connections as they are now (a root may have replaced a lost worker's)
+        waiting = {conn.sock.fileno(): i for i, conn in enumerate(self.conns)}
+        for fd in waiting:
+            self._poller.register(fd, select.POLLIN)
+        try:
+            deadline = time.monotonic() + timeout
+            while waiting:
+                ready = self._poller.poll(max(deadline - time.monotonic(), 0.0) * 1000)
+                if not ready:
+                    late = [self.conns[i].label for i in waiting.values()]
+                    raise ConnectionLost(f"{', '.join(late)}: no data within {timeout:g} s (frozen or gone?)",
+                                         late[0])
+                for fd, _ in ready:
+                    i = waiting.pop(fd, None)
+                    if i is not None:
+                        self._poller.unregister(fd)
+                        self._recv_one(i, op, ftype, n, cols, nbytes, into)
+        finally:
+            for fd in waiting:
+                self._poller.unregister(fd)
+
+    def _recv_one(self, i: int, op: int, ftype: int, n: int, cols: int, nbytes: int, into) -> None:
+        if cols == 0:   # sized by the node's vocabulary slice: its logits, or its top n
+            cols = len(self.plan[i + 1].vocab)
+            if op == P.OP_TOP:
+                n = min(n, cols)
+                nbytes = P.TOP_STATS.size + 8 * n
+            else:
+                nbytes = 4 * n * cols
+        payload = self._rx_mv[i][:nbytes] if into is None else into[i]
+        self._recv(self.conns[i], i, op, ftype, n, cols, payload)
+
+    def gather(self, part: np.ndarray, out: np.ndarray):
+        """out (n, vocab) <- the root's part and every worker's (n, len(vocab slice)) f32 logits; or, when
+        the step asked for the top candidates, those of every node (dllama.candidates.Candidates)."""
+        self._flush_step()
+        top = self._gather_top(part, out) if self._logits[0] == P.LOGITS_TOP else self._gather_full(part, out)
+        self.end_pass()
+        return top
+
+    def _gather_full(self, part: np.ndarray, out: np.ndarray) -> None:
         t0 = time.perf_counter()
         n = out.shape[0]
         own = self.plan[0].vocab
         out[:, own.start:own.stop] = part
-        for conn, node in zip(self.conns, self.plan[1:]):
-            cols = len(node.vocab)
-            raw = self._recv_buffer(conn, P.OP_GATHER, 0, n, cols)
-            out[:, node.vocab.start:node.vocab.stop] = raw.view(np.float32).reshape(n, cols)
+        if n == 1:   # a row's slice is contiguous: the workers' logits land in place
+            views = [memoryview(out[0, s.vocab.start:s.vocab.stop]).cast("B") for s in self.plan[1:]]
+            self._collect(P.OP_GATHER, 0, n, 0, 0, views)
+        else:
+            self._collect(P.OP_GATHER, 0, n, 0, 0)
+            for rx, node in zip(self._rx, self.plan[1:]):
+                cols = len(node.vocab)
+                out[:, node.vocab.start:node.vocab.stop] = rx[:4 * n * cols].view(np.float32).reshape(n, cols)
         self.transfer_s += time.perf_counter() - t0
-        self.end_pass()
 
     def end_pass(self) -> None:
         """The forward pass is over: the pinger may write again. The gather, which ends every pass that
         computes logits, calls it; a pass without logits must call it itself."""
         self.last_io = time.monotonic()
         self.in_pass = False
+
+    def _gather_top(self, part: np.ndarray, out: np.ndarray):
+        from dllama.candidates import Candidates, node_candidates
+
+        t0 = time.perf_counter()
+        _, temperature, k = self._logits
+        ids, vals = self._top_ids, self._top_logits
+        own = self.plan[0].vocab
+        m, s = np.zeros(self.n_nodes), np.zeros(self.n_nodes)
+        at, m[0], s[0] = node_candidates(part[0], own.start, k, temperature, ids, vals, self._own_scratch)
+        # every token a node did not send is at most its last one sent
+        floor = vals[at - 1] if len(own) > k else -np.inf
+        self._collect(P.OP_TOP, 0, k, 0, 0)
+        for i, (rx, node) in enumerate(zip(self._rx, self.plan[1:]), start=1):
+            got = min(k, len(node.vocab))
+            m[i], s[i] = P.TOP_STATS.unpack_from(rx)
+            ids[at:at + got] = rx[P.TOP_STATS.size:P.TOP_STATS.size + 4 * got].view(np.uint32)
+            vals[at:at + got] = rx[P.TOP_STATS.size + 4 * got:P.TOP_STATS.size + 8 * got].view(np.float32)
+            if len(node.vocab) > k:
+                floor = max(floor, vals[at + got - 1])
+            at += got
+        self.transfer_s += time.perf_counter() - t0
+        return Candidates(ids[:at], vals[:at], m, s, float(floor), temperature, out.shape[1],
+                          lambda: self._fetch_full(part, out))
+
+    def _fetch_full(self, part: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """The fall-back of a top step: every worker sends the slice of the logits it has just computed.
+        It runs after the pass ended, so the pinger is kept off the sockets as during a pass."""
+        if self.lost is not None:
+            raise self.lost
+        with self.io_lock:   # a ping being written finishes first: no frame lands inside it
+            self.in_pass = True
+        t0 = time.perf_counter()
+        self.top_fallbacks += 1
+        _HEAD.pack_into(self._tx, 0, P.BUFFER, 0, P.BUFFER_META.size, 0, P.OP_FULL, 0, 0, 0)
+        request = self._tx_mv[:_HEAD.size]
+        for conn in self.conns:
+            conn.send_all(request)
+        self.transfer_s += time.perf_counter() - t0
+        self._gather_full(part, out)
+        self.end_pass()
+        return out[0]
 
     def close(self) -> None:
         """Say goodbye to every worker (each then frees its slice) and close the sockets."""
@@ -177,11 +339,19 @@ class WorkerCollective(_Exchange):
     """A worker's side: one connection, to the root."""
 
     def __init__(self, conn: Connection, index: int, n_nodes: int, dim: int, max_batch: int,
-                 vocab_cols: int, buffer_type: str):
-        super().__init__(index, n_nodes, dim, max_batch, vocab_cols, buffer_type)
+                 vocab_cols: int, buffer_type: str, vocab_start: int = 0):
+        super().__init__(index, n_nodes, dim, max_batch, [0], buffer_type)
         self.conn = conn
+        self._conns = [conn]
         self._positions = np.empty(max_batch, np.int32)
         self.said_bye = False   # after step() returned None: BYE (True) or a close between frames
+        self._logits = FULL_LOGITS
+        self._vocab_start = vocab_start
+        self._last_part = None  # the logits of the last pass, until a top step's root has decided
+        self._top_ids = np.empty(max(vocab_cols, 1), np.int32)
+        self._top_logits = np.empty(max(vocab_cols, 1), np.float32)
+        self._top_stats = bytearray(_HEAD.size + P.TOP_STATS.size)
+        self._scratch = np.empty(vocab_cols, np.float64)
 
     @property
     def sent_bytes(self) -> int:
@@ -191,46 +361,88 @@ class WorkerCollective(_Exchange):
     def recv_bytes(self) -> int:
         return self.conn.recv_bytes
 
-    def step(self, n: int | None = None, positions=None):
+    @property
+    def wants_logits(self) -> bool:
+        """Whether the forward pass the last step() announced ends in the output layer."""
+        return self._logits[0] != P.LOGITS_NONE
+
+    def step(self, n: int | None = None, positions=None, logits=None):
         """Block until the root starts a forward pass: its positions (int32, a view valid until the next
         step), or None when the root said BYE or closed between frames. A root silent for ROOT_SILENCE_S
-        (no STEP, no PING) is taken for dead: ConnectionLost."""
-        self.conn.set_timeout(ROOT_SILENCE_S)
-        while (head := self.conn.recv_header()) is not None and head[0] == P.PING and head[2] == 0:
-            pass
-        if head is None:
-            return None
-        t, meta, payload_len = head
-        if t == P.BYE:
-            self.said_bye = True
-            return None
-        if t != P.STEP or len(meta) != P.STEP_META.size:
-            raise P.ProtocolError(f"{self.conn.label}: expected STEP or BYE, got {P.TYPE_NAMES[t]}")
-        (n,) = P.STEP_META.unpack_from(meta)
-        if not 0 < n <= self.max_batch or payload_len != 4 * n:
-            raise P.ProtocolError(f"{self.conn.label}: STEP of {n} positions ({payload_len} bytes), "
-                                  f"at most {self.max_batch}")
-        pos = self._positions[:n]
-        self.conn.recv_into(pos)
-        return pos
+        (no STEP, no PING) is taken for dead: ConnectionLost. A root that could not sample from the
+        candidates of the last pass is sent that pass's full slice of logits meanwhile."""
+        while True:
+            self.conn.set_timeout(ROOT_SILENCE_S)
+            head = self.conn.recv_header()
+            if head is None:
+                return None
+            t, meta, payload_len = head
+            if t == P.PING and payload_len == 0:
+                continue
+            if t == P.BYE:
+                self.said_bye = True
+                return None
+            if t == P.BUFFER and payload_len == 0 and P.parse_buffer_meta(meta) == (P.OP_FULL, 0, 0, 0):
+                self._send_full()
+                continue
+            if t != P.STEP or len(meta) != P.STEP_META.size:
+                raise P.ProtocolError(f"{self.conn.label}: expected STEP or BYE, got {P.TYPE_NAMES[t]}")
+            n, what, k, temperature = P.STEP_META.unpack_from(meta)
+            if not 0 < n <= self.max_batch or payload_len != 4 * n:
+                raise P.ProtocolError(f"{self.conn.label}: STEP of {n} positions ({payload_len} bytes), "
+                                      f"at most {self.max_batch}")
+            P.check_step(n, what, k, temperature)
+            self._logits = (what, temperature, k)
+            pos = self._positions[:n]
+            self.conn.recv_into(pos)
+            return pos
 
     def broadcast(self, x: np.ndarray) -> None:
         t0 = time.perf_counter()
         n = x.shape[0]
+        nbytes = self._nbytes(n)
+        self.conn.set_timeout(self.pacer.timeout(n))
         if self._codec is None and x.flags.c_contiguous and x.dtype == np.float32:
-            self._recv_buffer(self.conn, P.OP_BROADCAST, self._ftype, n, self.dim, into=x)
+            self._recv(self.conn, 0, P.OP_BROADCAST, self._ftype, n, self.dim, memoryview(x).cast("B"))
         else:
-            raw = self._recv_buffer(self.conn, P.OP_BROADCAST, self._ftype, n, self.dim)
-            self._decode_into(raw, x, add=False)
+            self._recv(self.conn, 0, P.OP_BROADCAST, self._ftype, n, self.dim, self._rx_mv[0][:nbytes])
+            self.pacer.observe(time.perf_counter() - t0, n)
+            self._decode_into(self._rx[0], x, add=False)
+            self.transfer_s += time.perf_counter() - t0
+            return
+        self.pacer.observe(time.perf_counter() - t0, n)
         self.transfer_s += time.perf_counter() - t0
 
     def reduce_sum(self, y: np.ndarray) -> None:
         t0 = time.perf_counter()
-        self._send_buffer(self.conn, P.OP_REDUCE, self._ftype, y.shape[0], self.dim, self._encode(y))
+        self._send(self._conns, P.OP_REDUCE, y)
         self.transfer_s += time.perf_counter() - t0
 
     def gather(self, part: np.ndarray, out=None) -> None:
         t0 = time.perf_counter()
-        payload = memoryview(np.ascontiguousarray(part, dtype=np.float32)).cast("B")
-        self._send_buffer(self.conn, P.OP_GATHER, 0, part.shape[0], part.shape[1], payload)
+        self._last_part = part
+        if self._logits[0] == P.LOGITS_TOP:
+            self._send_top(part[0])
+        else:
+            self._send_full()
         self.transfer_s += time.perf_counter() - t0
+
+    def _send_full(self) -> None:
+        part = self._last_part
+        if part is None:
+            raise P.ProtocolError(f"{self.conn.label}: asked for logits before any forward pass")
+        payload = memoryview(np.ascontiguousarray(part, dtype=np.float32)).cast("B")
+        _HEAD.pack_into(self._tx, 0, P.BUFFER, 0, P.BUFFER_META.size, len(payload), P.OP_GATHER, 0,
+                        part.shape[0], part.shape[1])
+        self.conn.send_buffers([self._tx_mv[:_HEAD.size], payload])
+
+    def _send_top(self, logits: np.ndarray) -> None:
+        from dllama.candidates import node_candidates
+
+        _, temperature, k = self._logits
+        n, m, s = node_candidates(logits, self._vocab_start, k, temperature, self._top_ids, self._top_logits,
+                                  self._scratch)
+        _HEAD.pack_into(self._top_stats, 0, P.BUFFER, 0, P.BUFFER_META.size, P.TOP_STATS.size + 8 * n, P.OP_TOP,
+                        0, n, logits.size)
+        P.TOP_STATS.pack_into(self._top_stats, _HEAD.size, m, s)
+        self.conn.send_buffers([self._top_stats, self._top_ids[:n], self._top_logits[:n]])

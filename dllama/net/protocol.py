@@ -17,7 +17,7 @@ Every integer is little-endian. A connection carries a sequence of frames:
 | 4    | CONFIG     | root -> worker | -                                           | JSON object, UTF-8 (below)  |
 | 5    | WEIGHT     | root -> worker | "<QQBB" offset, total, qtype, ndim; ndim x "<I" shape; name UTF-8 | bytes [offset, offset+len) of the tensor |
 | 6    | READY      | either         | -                                           | -                           |
-| 7    | STEP       | root -> worker | "<I" n                                      | n x int32 positions         |
+| 7    | STEP       | root -> worker | "<IBHd" n, logits, k, temperature           | n x int32 positions         |
 | 8    | BUFFER     | either         | "<BBII" op, ftype, n, cols                  | n x cols activations        |
 | 9    | BYE        | root -> worker | -                                           | -                           |
 | 10   | PROBE      | anyone -> worker | "<4sH" magic, version                     | -                           |
@@ -43,8 +43,15 @@ Both nonces are 32 fresh random bytes, so a recorded AUTH is worthless on a new 
 distinct labels keep a proof from being reflected back to the side that made it.
 
 qtype codes: 0 f32, 1 f16, 2 q40, 3 q41, 4 q80. BUFFER op: 1 broadcast (root -> workers), 2 reduce
-(worker -> root, partial sums), 3 gather (worker -> root, its slice of the logits). BUFFER ftype: 0 f32
-(n*cols float32), 1 q80 (n*cols/32 blocks of f16 scale + 32 int8; cols a multiple of 32).
+(worker -> root, partial sums), 3 gather (worker -> root, its slice of the logits), 4 top (worker -> root,
+its top candidates: n = how many, cols = its vocabulary slice's size; payload "<dd" m, s, then n x u32
+token ids, then n x f32 logits, best first), 5 full (root -> worker, n = cols = 0, no payload: send the
+slice of the last logits, as a gather, after a top). BUFFER ftype: 0 f32 (n*cols float32), 1 q80 (n*cols/32
+blocks of f16 scale + 32 int8; cols a multiple of 32).
+
+STEP logits: what the worker sends at the end of the forward pass: 0 nothing (the output layer is skipped),
+1 its slice of the logits (gather), 2 its k best tokens and partial normaliser at `temperature` (top;
+temperature 0: greedy, k = 1); see dllama/candidates.py.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ import numpy as np
 from dllama import quants
 from dllama.errors import DllamaError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAGIC = b"DLMA"
 HEADER = struct.Struct("<BBHI")
 MAX_META = 0xFFFF
@@ -71,7 +78,9 @@ TYPE_NAMES = {1: "HELLO", 2: "HELLO_ACK", 3: "REFUSE", 4: "CONFIG", 5: "WEIGHT",
 
 QTYPES = quants.QTYPES
 
-OP_BROADCAST, OP_REDUCE, OP_GATHER = 1, 2, 3
+OP_BROADCAST, OP_REDUCE, OP_GATHER, OP_TOP, OP_FULL = 1, 2, 3, 4, 5
+LOGITS_NONE, LOGITS_FULL, LOGITS_TOP = 0, 1, 2
+TOP_STATS = struct.Struct("<dd")
 FTYPES = ("f32", "q80")
 
 NONCE_SIZE = PROOF_SIZE = 32
@@ -80,7 +89,7 @@ _CHALLENGE = struct.Struct("<32s32s")
 _AUTH = struct.Struct("<32s")
 _HELLO_ACK = struct.Struct("<H")
 _WEIGHT = struct.Struct("<QQBB")
-STEP_META = struct.Struct("<I")
+STEP_META = struct.Struct("<IBHd")
 BUFFER_META = struct.Struct("<BBII")
 _PROBE = struct.Struct("<4sH")
 
@@ -167,6 +176,9 @@ class Ready:
 @dataclass
 class Step:
     positions: np.ndarray   # int32 (n,)
+    logits: int = LOGITS_FULL
+    k: int = 0
+    temperature: float = 0.0
 
 
 @dataclass
@@ -225,7 +237,8 @@ def encode(msg) -> list:
         t = READY
     elif isinstance(msg, Step):
         positions = np.ascontiguousarray(msg.positions, dtype="<i4")
-        t, meta, payload = STEP, STEP_META.pack(len(positions)), memoryview(positions).cast("B")
+        meta = STEP_META.pack(len(positions), msg.logits, msg.k, msg.temperature)
+        t, payload = STEP, memoryview(positions).cast("B")
     elif isinstance(msg, Buffer):
         t, meta, payload = BUFFER, BUFFER_META.pack(msg.op, FTYPES.index(msg.ftype), msg.n, msg.cols), msg.payload
     elif isinstance(msg, Bye):
@@ -306,16 +319,27 @@ def _dec_weight(meta, payload):
 
 
 def _dec_step(meta, payload):
-    (n,) = STEP_META.unpack(meta)
+    n, logits, k, temperature = STEP_META.unpack(meta)
     if len(payload) != 4 * n:
         raise ProtocolError(f"STEP of {n} positions carries {len(payload)} bytes")
-    return Step(np.frombuffer(payload, dtype="<i4").copy())
+    check_step(n, logits, k, temperature)
+    return Step(np.frombuffer(payload, dtype="<i4").copy(), logits, k, temperature)
+
+
+def check_step(n: int, logits: int, k: int, temperature: float) -> None:
+    """ProtocolError unless a STEP's fields are consistent (positions are checked against max_batch by the
+    worker)."""
+    if logits not in (LOGITS_NONE, LOGITS_FULL, LOGITS_TOP) or not temperature >= 0 or temperature == float("inf"):
+        raise ProtocolError(f"STEP asks for logits {logits} at temperature {temperature}")
+    if logits == LOGITS_TOP and k < 1:
+        raise ProtocolError("STEP asks for the top 0 candidates")
 
 
 def _dec_buffer(meta, payload):
     op, fcode, n, cols = parse_buffer_meta(meta)
     ftype = FTYPES[fcode]
-    if op not in (OP_BROADCAST, OP_REDUCE, OP_GATHER) or len(payload) != buffer_nbytes(ftype, n, cols):
+    size = (TOP_STATS.size + 8 * n if op == OP_TOP else 0 if op == OP_FULL else buffer_nbytes(ftype, n, cols))
+    if op not in (OP_BROADCAST, OP_REDUCE, OP_GATHER, OP_TOP, OP_FULL) or len(payload) != size:
         raise ProtocolError(f"BUFFER op {op} of {n}x{cols} {ftype} carries {len(payload)} bytes")
     return Buffer(op, ftype, n, cols, payload)
 

@@ -1,11 +1,15 @@
 """Frames over a TCP socket: TCP_NODELAY, scatter-gather sends, receives into preallocated buffers.
 
-Every failure is a `ConnectionLost` naming the peer, so the root can say which worker went away.
+A connection's timeout is the kernel's (SO_RCVTIMEO / SO_SNDTIMEO on a blocking socket), not Python's: a
+Python socket with a timeout polls before every send and receive, which doubles the system calls of an
+exchange. Every failure is a `ConnectionLost` naming the peer, so the root can say which worker went away.
 """
 
 from __future__ import annotations
 
+import select
 import socket
+import struct
 import sys
 import time
 
@@ -16,6 +20,9 @@ from dllama.net import protocol as P
 
 if sys.byteorder != "little":  # payloads are numpy arrays sent as they sit in memory
     raise ImportError("dllama's wire format is little-endian; this machine is not")
+
+
+SPIN = 100   # non-blocking tries (about 1 us each) before a per-exchange receive blocks
 
 
 class ConnectionLost(DllamaError):
@@ -59,13 +66,23 @@ class Connection:
         self._head = bytearray(P.HEADER.size + P.MAX_META)
         self._head_mv = memoryview(self._head)
         self.deadline: float | None = None   # time.monotonic() by which every read must be done, if set
-        self.timeout = timeout
-        sock.settimeout(timeout)
+        self.timeout = -1.0   # not set yet
+        self.set_timeout(timeout)
 
     def set_timeout(self, timeout: float | None) -> None:
-        if timeout != self.timeout:   # a syscall-free path: the per-token reads set the same value again
-            self.timeout = timeout
-            self.sock.settimeout(timeout)
+        """Seconds any one send or receive may wait for the peer (None: no limit). Free when unchanged: the
+        per-exchange path may set it every time."""
+        if timeout == self.timeout and self.sock.gettimeout() is None:
+            return
+        self.sock.settimeout(None)   # blocking: the kernel keeps the time
+        self.timeout = timeout
+        t = 0.0 if timeout is None else max(timeout, 1e-3)
+        tv = struct.pack("@ll", int(t), int(round((t - int(t)) * 1e6)))
+        try:
+            for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+                self.sock.setsockopt(socket.SOL_SOCKET, opt, tv)
+        except OSError:
+            pass   # a closed socket: its next use says so
 
     def lost(self, what: str) -> ConnectionLost:
         return ConnectionLost(f"{self.label}: {what}", self.label)
@@ -97,6 +114,16 @@ class Connection:
         self._head[P.HEADER.size:P.HEADER.size + len(meta)] = meta
         self.send_buffers([self._head_mv[:P.HEADER.size + len(meta)], payload])
 
+    def send_all(self, frame) -> None:
+        """One contiguous frame (a memoryview of bytes): the per-exchange path, one system call as a rule."""
+        try:
+            sent = self.sock.send(frame)
+        except OSError:
+            sent = 0   # send_buffers says what went wrong
+        self.sent_bytes += sent
+        if sent < len(frame):
+            self.send_buffers([frame[sent:]])
+
     def send_buffers(self, buffers) -> None:
         views = [memoryview(b).cast("B") for b in buffers]
         views = [v for v in views if len(v)]
@@ -109,7 +136,7 @@ class Connection:
                     views.pop(0)
                 if views and sent:
                     views[0] = views[0][sent:]
-        except socket.timeout:
+        except (BlockingIOError, socket.timeout):
             raise self.lost(f"send timed out after {self.timeout:g} s (frozen or overloaded?)") from None
         except OSError as exc:
             raise self.lost(f"connection lost while sending ({exc.strerror or exc})") from None
@@ -131,22 +158,77 @@ class Connection:
                     raise self.lost("connection closed in the middle of a frame")
                 got += k
                 self.recv_bytes += k
-        except socket.timeout:
-            if self.deadline is not None:
-                raise self.lost("too slow: the handshake has a deadline") from None
-            raise self.lost(f"no data within {self.timeout:g} s (frozen or gone?)") from None
+        except (BlockingIOError, socket.timeout):
+            raise self._timed_out() from None
         except OSError as exc:
             raise self.lost(f"connection lost ({exc.strerror or exc})") from None
         return True
 
     def _until_deadline(self) -> None:
-        # the socket timeout bounds one read; the deadline bounds all of them together, so a peer that
+        # the receive timeout bounds one read; the deadline bounds all of them together, so a peer that
         # trickles one byte at a time cannot stretch a handshake
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise socket.timeout
-        self.timeout = left
-        self.sock.settimeout(left)
+        self.set_timeout(left)
+
+    def _timed_out(self) -> ConnectionLost:
+        if self.deadline is not None:
+            return self.lost("too slow: the handshake has a deadline")
+        return self.lost(f"no data within {self.timeout:g} s (frozen or gone?)")
+
+    def recv_frame_into(self, head, payload, expect) -> int:
+        """The per-exchange receive: a frame's header and meta into `head`, its payload into `payload`
+        (writable byte memoryviews; payload may be empty), with as few system calls as the data allows.
+        Returns the bytes received: all of head and payload, or fewer when the peer closed first or sent
+        something else (the head then differs from `expect`, the bytes the frame should start with)."""
+        total, got = len(head) + len(payload), 0
+        bufs = [head, payload]
+        try:
+            for _ in range(SPIN):
+                # a reply usually comes within tens of microseconds: asking again keeps this CPU awake,
+                # where blocking lets it idle and the wake-up (a VM exit on a virtual machine) costs more
+                try:
+                    got = self.sock.recvmsg_into(bufs, 0, socket.MSG_DONTWAIT)[0]
+                    break
+                except BlockingIOError:
+                    continue
+            if got:
+                self.recv_bytes += got
+                if got < total:
+                    bufs = [head[got:], payload] if got < len(head) else [payload[got - len(head):]]
+            while got < total:
+                if got >= len(head) and head != expect:
+                    break   # not the frame expected: the caller says what it is instead
+                k = self.sock.recvmsg_into(bufs)[0]
+                if k == 0:
+                    break
+                got += k
+                self.recv_bytes += k
+                if got < total:
+                    bufs = [head[got:], payload] if got < len(head) else [payload[got - len(head):]]
+        except (BlockingIOError, socket.timeout):
+            raise self._timed_out() from None
+        except OSError as exc:
+            raise self.lost(f"connection lost ({exc.strerror or exc})") from None
+        return got
+
+    def drain(self, seconds: float, limit: int) -> None:
+        """Read and drop what the peer still sends, for up to `seconds` or `limit` bytes, or until it closes."""
+        deadline, drained, scratch = time.monotonic() + seconds, 0, bytearray(1 << 16)
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        while drained < limit:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                return
+            try:
+                k = self.sock.recv_into(scratch)
+            except OSError:
+                return
+            if not k:
+                return
+            drained += k
 
     def recv_header(self):
         """(type, meta memoryview, payload_len) of the next frame, or None on a clean close between frames.

@@ -227,12 +227,7 @@ class Worker:
             conn.set_timeout(1.0)
             conn.send(P.Refuse(reason))
             conn.sock.shutdown(socket.SHUT_WR)
-            deadline, drained = time.monotonic() + 1.0, 0
-            while time.monotonic() < deadline and drained < 1 << 24:
-                chunk = conn.sock.recv(1 << 16)
-                if not chunk:
-                    break
-                drained += len(chunk)
+            conn.drain(1.0, 1 << 24)
         except (DllamaError, OSError):
             pass
         conn.close()
@@ -273,7 +268,7 @@ class Worker:
                 self._state = "serving"
             steps, t0 = 0, time.perf_counter()
             while (positions := coll.step()) is not None:
-                model.forward(None, positions)
+                model.forward(None, positions, logits=coll.wants_logits)
                 steps += 1
             busy = time.perf_counter() - t0
             log.info("%s %s after %d forward passes (%.1f s: %.1f s waiting on the network)", conn.label,
@@ -310,7 +305,8 @@ class Worker:
         if self._warm and spec.weight_type not in self._warmed:
             self._warm(self._nthreads, spec.weight_type)
             self._warmed.add(spec.weight_type)
-        coll = WorkerCollective(conn, node.index, node.n_nodes, spec.dim, max_batch, len(node.vocab), buffer_type)
+        coll = WorkerCollective(conn, node.index, node.n_nodes, spec.dim, max_batch, len(node.vocab), buffer_type,
+                                node.vocab.start)
         model = self.model_factory(spec, node, seq_len, max_batch, coll)
         # what the CONFIG was admitted for bounds what the WEIGHT frames may make this worker allocate
         budget = weight_bytes(spec, node)

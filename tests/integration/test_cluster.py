@@ -256,9 +256,10 @@ def test_a_worker_busy_with_another_root_is_reported_as_busy(model_files, pool):
 
 def test_version_mismatch_refused_naming_both_versions(model_files, pool, monkeypatch):
     w = pool[0]
+    ours = P.PROTOCOL_VERSION
     monkeypatch.setattr(P, "PROTOCOL_VERSION", 99)   # this root, as a future dllama would be
     with pytest.raises(DllamaError, match=f"worker {w.address}: refused: protocol version mismatch: "
-                                          f"root speaks 99, worker speaks 2"):
+                                          f"root speaks 99, worker speaks {ours}"):
         Root(model_files[0], [w.address])
     monkeypatch.undo()
     assert w.wait_idle()["state"] == "idle"
@@ -433,16 +434,54 @@ def test_cli_inference_on_two_nodes_reports_transfer(model_files, pool):
         res[name] = json.loads(out)
     assert res["one"]["sent_bytes_per_token"] == 0
     assert res["q80"]["generated_ids"] == res["f32"]["generated_ids"] == res["one"]["generated_ids"]
-    # per generated token, to the worker: STEP (16 B) + 2 broadcasts per layer + the last x; back: 2
-    # reduces per layer + the logits slice (always f32); 18 bytes of framing per buffer
-    dim, n_layers, vocab = 256, 3, 512
+    # per generated token, to the worker: STEP (27 B) + 2 broadcasts per layer + the last x; back: 2
+    # reduces per layer + its best token (greedy: 16 B of normaliser, 8 B of candidate), 18 bytes of
+    # framing per buffer
+    dim, n_layers = 256, 3
+    step = P.HEADER.size + P.STEP_META.size + 4
     for ftype, x_bytes in (("q80", dim // 32 * 34), ("f32", dim * 4)):
         r = res[ftype]
         assert r["avg_transfer_ms"] > 0
-        assert r["sent_bytes_per_token"] == 16 + (2 * n_layers + 1) * (x_bytes + 18)
-        assert r["recv_bytes_per_token"] == 2 * n_layers * (x_bytes + 18) + vocab // 2 * 4 + 18
+        assert r["sent_bytes_per_token"] == step + (2 * n_layers + 1) * (x_bytes + 18)
+        assert r["recv_bytes_per_token"] == 2 * n_layers * (x_bytes + 18) + 18 + 16 + 8
     # activations: Q80 is 34/128 of F32, about a quarter
-    assert abs((res["q80"]["sent_bytes_per_token"] - 16) / (res["f32"]["sent_bytes_per_token"] - 16) - 0.27) < 0.02
+    assert abs((res["q80"]["sent_bytes_per_token"] - step) / (res["f32"]["sent_bytes_per_token"] - step) - 0.27) < 0.02
+
+
+@pytest.mark.parametrize("temperature,topp,fetches", [(0.0, 0.9, "never"), (0.8, 0.9, "not always"),
+                                                     (1.5, 0.95, "sometimes")])
+def test_top_candidates_sample_the_tokens_of_the_full_gather(model_files, pool, temperature, topp, fetches):
+    """2 real nodes: the root samples from the nodes' top candidates (and their normalisers) the tokens it
+    samples from the gathered logits, with the same seed; where the candidates do not cover top_p it
+    fetches the logits, and the token is the same too."""
+    from dllama.engine import Engine
+    from dllama.model.collective import FULL_LOGITS
+    from dllama.sampler import Sampler
+
+    class FullGather(Sampler):
+        def wants(self):
+            return FULL_LOGITS
+
+    path, tok = model_files
+    engine = Engine.open(str(path), str(tok), workers=[pool[0].address], cluster_key=KEY)
+    try:
+        runs = {}
+        for name, cls in (("top", Sampler), ("full", FullGather)):
+            engine.cache_ids = []   # the same prompt batches both times
+            fetched = engine.coll.top_fallbacks
+            ids = list(engine.generate(PROMPT, 24, cls(temperature, topp, seed=3), stop_ids=[]))
+            runs[name] = (ids, engine.coll.top_fallbacks - fetched, engine.stats.recv_bytes)
+    finally:
+        engine.close()
+    (top, fetched, top_bytes), (full, none, full_bytes) = runs["top"], runs["full"]
+    print(f"T {temperature} top_p {topp}: {fetched} of 24 tokens fetched the logits; received "
+          f"{top_bytes} B against {full_bytes} B")
+    assert top == full and len(set(top)) > 1
+    assert none == 0
+    # 24 tokens: the prompt's pass and 23 decode passes
+    assert {"never": fetched == 0, "not always": fetched < 24, "sometimes": fetched > 0}[fetches]
+    if fetched == 0:
+        assert top_bytes < full_bytes
 
 
 def test_cli_root_exits_nonzero_naming_a_killed_worker(model_files, start_workers):

@@ -7,8 +7,8 @@ from dllama.net import protocol as P
 
 # (message, its frame), each frame spelled out field by field: header "<BBHI" type, 0, meta_len, payload_len
 GOLDEN = [
-    (P.Hello(2, 1, 2, bytes(range(32))), "01 00 2a00 00000000" "444c4d41 0200 0100 0200" + bytes(range(32)).hex()),
-    (P.HelloAck(2), "02 00 0200 00000000" "0200"),
+    (P.Hello(3, 1, 2, bytes(range(32))), "01 00 2a00 00000000" "444c4d41 0300 0100 0200" + bytes(range(32)).hex()),
+    (P.HelloAck(3), "02 00 0200 00000000" "0300"),
     (P.Refuse("busy"), "03 00 0400 00000000" "62757379"),
     (P.Config({"b": [1, 2], "a": "x"}), "04 00 0000 13000000" + b'{"a":"x","b":[1,2]}'.hex()),
     (P.Weight("norm", "f32", (2,), 0, 8, np.array([1.0, -2.0], "<f4").tobytes()),
@@ -16,11 +16,16 @@ GOLDEN = [
     (P.Weight("l.wq", "q40", (2, 64), 36, 72, bytes(range(36))),
      "05 00 1e00 24000000" "2400000000000000 4800000000000000 02 02 02000000 40000000 6c2e7771" + bytes(range(36)).hex()),
     (P.Ready(), "06 00 0000 00000000"),
-    (P.Step(np.array([5, 6], np.int32)), "07 00 0400 08000000" "02000000" "05000000 06000000"),
+    (P.Step(np.array([5, 6], np.int32)), "07 00 0f00 08000000" "02000000 01 0000 0000000000000000" "05000000 06000000"),
+    (P.Step(np.array([7], np.int32), P.LOGITS_TOP, 64, 0.5),
+     "07 00 0f00 04000000" "01000000 02 4000 000000000000e03f" "07000000"),
+    (P.Buffer(P.OP_TOP, "f32", 1, 512, np.array([2.0, 3.0], "<f8").tobytes() + bytes.fromhex("05000000 0000803f")),
+     "08 00 0a00 18000000" "04 00 01000000 00020000" "0000000000000040 0000000000000840" "05000000 0000803f"),
+    (P.Buffer(P.OP_FULL, "f32", 0, 0), "08 00 0a00 00000000" "05 00 00000000 00000000"),
     (P.Buffer(P.OP_REDUCE, "f32", 1, 2, np.array([1.0, -2.0], "<f4").tobytes()),
      "08 00 0a00 08000000" "02 00 01000000 02000000" "0000803f 000000c0"),
     (P.Bye(), "09 00 0000 00000000"),
-    (P.Probe(), "0a 00 0600 00000000" "444c4d41 0200"),
+    (P.Probe(), "0a 00 0600 00000000" "444c4d41 0300"),
     (P.ProbeInfo({"state": "idle"}), "0b 00 0000 10000000" + b'{"state":"idle"}'.hex()),
     (P.Challenge(b"\x01" * 32, b"\xee" * 32), "0c 00 4000 00000000" + "01" * 32 + "ee" * 32),
     (P.Auth(b"\x5a" * 32), "0d 00 2000 00000000" + "5a" * 32),
@@ -89,13 +94,15 @@ def test_frame_over_the_size_limit_refused_from_its_header():
 
 
 @pytest.mark.parametrize("frame,match", [
-    ("01 00 2a00 00000000" "58585858 0200 0100 0200" + "00" * 32, "magic"),           # HELLO, bad magic
-    ("01 00 0800 00000000" "444c4d41 0200 0100", "malformed"),                         # HELLO, short meta
+    ("01 00 2a00 00000000" "58585858 0300 0100 0200" + "00" * 32, "magic"),           # HELLO, bad magic
+    ("01 00 0800 00000000" "444c4d41 0300 0100", "malformed"),                         # HELLO, short meta
     ("0c 00 2000 00000000" + "00" * 32, "malformed"),                                  # CHALLENGE, no proof
     ("0e 00 0000 01000000" "00", "no data"),                                           # PING with a payload
     ("08 00 0a00 04000000" "02 00 01000000 02000000" "0000803f", "carries"),           # BUFFER 1x2 f32, 4 bytes
     ("08 00 0a00 22000000" "01 01 01000000 10000000" + "00" * 34, "multiple of 32"),   # q80, 16 columns
-    ("07 00 0400 04000000" "02000000" "05000000", "carries"),                          # STEP of 2, 1 position
+    ("07 00 0f00 04000000" "02000000 01 0000 0000000000000000" "05000000", "carries"),  # STEP of 2, 1 position
+    ("07 00 0f00 04000000" "01000000 02 0000 0000000000000000" "05000000", "top 0"),    # top, k 0
+    ("07 00 0f00 04000000" "01000000 03 0000 0000000000000000" "05000000", "logits 3"),  # unknown logits
     ("05 00 1a00 08000000" "0000000000000000 0400000000000000 00 01 02000000 6e6f726d" + "00" * 8, "fit"),
     ("06 00 0000 01000000" "00", "no data"),                                           # READY with a payload
 ])
@@ -114,10 +121,14 @@ def test_sizes_follow_the_block_formats():
         P.tensor_nbytes("q40", (1, 48))
 
 
-def test_version_1_hello_is_read_for_its_version():
-    """A root of protocol 1 sent a 10-byte HELLO: the worker must still read its version to say which."""
-    hello = P.decode(bytes.fromhex("01 00 0a00 00000000" "444c4d41 0100 0100 0200".replace(" ", "")))
-    assert hello.version == 1
+@pytest.mark.parametrize("version,frame", [
+    (1, "01 00 0a00 00000000" "444c4d41 0100 0100 0200"),                        # 10-byte HELLO
+    (2, "01 00 2a00 00000000" "444c4d41 0200 0100 0200" + "00" * 32),            # with a nonce
+])
+def test_older_hellos_are_read_for_their_version(version, frame):
+    """A root of an older protocol: the worker must still read its version to say which."""
+    hello = P.decode(bytes.fromhex(frame.replace(" ", "")))
+    assert hello.version == version
 
 
 def test_proofs_are_hmac_sha256_of_the_documented_transcript():
@@ -127,8 +138,8 @@ def test_proofs_are_hmac_sha256_of_the_documented_transcript():
     from dllama.net import auth
 
     key, rn, wn = b"k" * 16, bytes(range(32)), bytes(range(32, 64))
-    hello = P.Hello(2, 1, 4, rn)
-    transcript = b"DLMA" + bytes.fromhex("0200 0100 0400".replace(" ", "")) + rn + wn
+    hello = P.Hello(3, 1, 4, rn)
+    transcript = b"DLMA" + bytes.fromhex("0300 0100 0400".replace(" ", "")) + rn + wn
     assert auth.worker_proof(key, hello, wn) == hmac.new(key, b"dllama worker proof\0" + transcript,
                                                          hashlib.sha256).digest()
     assert auth.root_proof(key, hello, wn) == hmac.new(key, b"dllama root proof\0" + transcript,

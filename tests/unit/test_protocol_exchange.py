@@ -2,6 +2,7 @@
 
 import socket
 import threading
+import time
 
 import gguf
 import numpy as np
@@ -11,6 +12,7 @@ from gguf.quants import dequantize, quantize
 from dllama.model.partition import NodeSlice
 from dllama.net import protocol as P
 from dllama.net.exchange import RootCollective, WorkerCollective
+from dllama.net.liveness import Pacer
 from dllama.net.transport import Connection, ConnectionLost
 
 
@@ -44,6 +46,18 @@ def test_recv_timeout_names_the_peer():
     b.set_timeout(0.2)
     with pytest.raises(ConnectionLost, match="worker 10.0.0.9:9998 b: no data within 0.2 s"):
         b.recv_header()
+
+
+def test_handshake_deadline_bounds_all_reads_with_kernel_timeouts():
+    """A peer that sends part of a frame and stalls is cut off at the deadline, not per read; the reads under
+    it leave the socket blocking (the per-exchange path then needs no Python timeout mode undone)."""
+    a, b = _pair("worker 127.0.0.1:9")
+    frame = P.encode_bytes(P.Bye())
+    b.deadline = time.monotonic() + 0.3
+    a.sock.sendall(frame[:3])
+    with pytest.raises(ConnectionLost, match="^worker 127.0.0.1:9 b: too slow: the handshake has a deadline"):
+        b.recv_header()
+    assert b.sock.gettimeout() is None and 0 < b.timeout <= 0.3
 
 
 def _plan(n_nodes, dim, vocab):
@@ -99,7 +113,7 @@ def test_collectives_star(ftype):
     assert np.array_equal(logits, np.concatenate(logits_parts, axis=1))
     # bytes on the wire: what the spec says (8-byte header + 10-byte meta per buffer)
     xbytes = P.buffer_nbytes(ftype, n, dim)
-    assert sent == 2 * ((8 + 4 + 4 * n) + (8 + 10 + xbytes))
+    assert sent == 2 * ((8 + P.STEP_META.size + 4 * n) + (8 + 10 + xbytes))
     assert recv == 2 * ((8 + 10 + xbytes) + (8 + 10 + 32 * 4))
 
 
@@ -129,3 +143,79 @@ def test_bad_worker_address_is_named(bad):
 
     with pytest.raises(DllamaError, match=f"bad worker address {bad!r}"):
         parse_address(bad)
+
+
+def test_root_takes_whichever_worker_answers_first_and_sums_in_node_order():
+    """Worker 2 sends a frame bigger than its socket buffer and worker 1 sends only once worker 2's send
+    has gone through: a root that waited on worker 1 first would deadlock (and time out)."""
+    dim, n = 4096, 8                       # 128 KiB of f32 per frame
+    plan = _plan(3, dim, 96)
+    pairs = []
+    for i in (1, 2):
+        a, b = socket.socketpair()
+        for s in (a, b):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        pairs.append((Connection(a, f"worker {i}", 3.0), Connection(b, f"root of {i}", 3.0)))
+    root = RootCollective([p[0] for p in pairs], plan, dim, n, "f32")
+    rng = np.random.default_rng(5)
+    parts = {i: rng.normal(size=(n, dim)).astype(np.float32) for i in (1, 2)}
+    second_sent, errors = threading.Event(), []
+
+    def worker(i, conn):
+        try:
+            coll = WorkerCollective(conn, i, 3, dim, n, 32, "f32")
+            if i == 1:
+                assert second_sent.wait(3.0), "worker 2's frame was never taken"
+            coll.reduce_sum(parts[i])
+            if i == 2:
+                second_sent.set()
+        except Exception as exc:  # noqa: BLE001 (reported by the main thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i, p[1])) for i, p in zip((1, 2), pairs)]
+    for t in threads:
+        t.start()
+    y = rng.normal(size=(n, dim)).astype(np.float32)
+    want = (y + parts[1]) + parts[2]
+    root.reduce_sum(y)
+    for t in threads:
+        t.join(5)
+    assert not errors
+    assert np.array_equal(y, want)   # the same float sum as node order, not arrival order
+
+
+@pytest.mark.parametrize("frame,error,match", [
+    (P.Refuse("worker 127.0.0.1:7: out of memory"), ConnectionLost, "w a: worker 127.0.0.1:7: out of memory"),
+    (P.Bye(), ConnectionLost, "said goodbye"),
+    (P.Buffer(P.OP_GATHER, "q80", 1, 64), P.ProtocolError,
+     r"BUFFER \(3, 1, 1, 64\) of 68 bytes, expected \(2, 1, 1, 64\)"),
+    (P.Ready(), P.ProtocolError, "expected BUFFER, got READY"),
+])
+def test_root_names_what_came_instead_of_a_partial_sum(frame, error, match):
+    plan = _plan(2, 64, 64)
+    a, b = _pair("w")
+    root = RootCollective([a], plan, 64, 1, "q80")
+    if isinstance(frame, P.Buffer):
+        frame.payload = bytes(68)
+    b.send(frame)
+    b.close()
+    with pytest.raises(error, match=match):
+        root.reduce_sum(np.zeros((1, 64), np.float32))
+
+
+@pytest.mark.parametrize("n_workers", [1, 2])
+def test_a_silent_worker_times_out_naming_it(n_workers):
+    """One worker answers, the other says nothing: the root gives up after the pacer's deadline, naming
+    the silent one (with one worker the kernel's receive timeout, with several the root's poll)."""
+    plan = _plan(n_workers + 1, 32, 96)
+    pairs = [_pair(f"worker {i}") for i in range(1, n_workers + 1)]
+    root = RootCollective([p[0] for p in pairs], plan, 32, 1, "f32")
+    root.pacer = Pacer(first=0.3)   # nothing measured yet: the first deadline
+    if n_workers == 2:
+        WorkerCollective(pairs[0][1], 1, 3, 32, 1, 32, "f32").reduce_sum(np.ones((1, 32), np.float32))
+    silent = pairs[-1][0].label
+    with pytest.raises(ConnectionLost, match=f"^{silent}: no data within 0.3 s \\(frozen or gone\\?\\)") as lost:
+        root.reduce_sum(np.zeros((1, 32), np.float32))
+    assert lost.value.peer == silent
+    assert all(a.timeout == 0.3 for a, _ in pairs)   # the deadline is the sockets' kernel timeout
