@@ -78,7 +78,8 @@ def gather(runner, node: Node, api_service: str = "dllama-api", timeout: float =
         "nproc",
         f"if test -r {q(node.cluster_key_file)}; then echo key; else echo nokey; fi",
         f"if test -d /run/systemd/system && test -f {q(api)}; then echo api; else echo noapi; fi",
-        f"systemctl is-active {q(api_service)} 2>/dev/null || true",
+        # one line whatever happens: without a running systemd, is-active prints nothing at all
+        f"a=$(systemctl is-active {q(api_service)} 2>/dev/null); echo \"${{a:-unknown}}\"",
         f"if test -r {q(api_key_file(node))}; then echo apikey; else echo noapikey; fi",
         f"tr -d '\\n' < {conf} 2>/dev/null; echo",
     ])

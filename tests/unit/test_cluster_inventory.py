@@ -156,3 +156,22 @@ def test_root_command_passes_the_key_file_only_when_given():
     with_key = root_command(c, "py", "inference", [], "/etc/dllama/cluster.key")
     assert with_key[with_key.index("--cluster-key-file") + 1] == "/etc/dllama/cluster.key"
     assert "--cluster-key-file" not in root_command(c, "py", "inference", [])
+
+
+def test_gather_reads_every_fact_where_systemd_is_not_running(tmp_path):
+    """One line per fact, whatever the host: `systemctl is-active` prints nothing without a running systemd,
+    which must not shift the API key and the root's recorded settings into each other's place."""
+    import json
+
+    from dllama.cluster import remote
+
+    (tmp_path / "cluster.key").write_text("k")
+    (tmp_path / "api.env").write_text("DLLAMA_API_KEY=a\n")
+    (tmp_path / "root.json").write_text(json.dumps({"model": "/m.gguf", "threads": 4}))
+    node = I.Node(name="r", address="127.0.0.1", ssh_host="127.0.0.1", local=True,
+                  cluster_key_file=str(tmp_path / "cluster.key"))
+    facts = N.gather(remote.LocalRunner(node), node)
+    assert facts.reachable and facts.key and facts.api_key
+    assert facts.recorded == {"model": "/m.gguf", "threads": 4}
+    (tmp_path / "api.env").unlink()
+    assert not N.gather(remote.LocalRunner(node), node).api_key
