@@ -79,7 +79,8 @@ def api_key(hosts) -> str:
 
 
 def chat(hosts, key: str | None, timeout: float = 240) -> tuple[int, dict]:
-    """POST /v1/chat/completions on the root (loopback there), until the API listens; (status, body)."""
+    """POST /v1/chat/completions on the root (loopback there), until the API listens and has loaded the model
+    (it listens at once and answers 503 while loading); (status, body)."""
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     body = {"model": "random-4kv", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4,
             "temperature": 0}
@@ -92,6 +93,7 @@ def chat(hosts, key: str | None, timeout: float = 240) -> tuple[int, dict]:
         "    try:\n"
         "        r = urllib.request.urlopen(req, timeout=120); print(r.status); print(r.read().decode()); break\n"
         "    except urllib.error.HTTPError as e:\n"
+        "        if e.code == 503 and time.monotonic() < end: time.sleep(1); continue   # still loading\n"
         "        print(e.code); print(e.read().decode()); break\n"
         "    except OSError:\n"
         "        if time.monotonic() > end: raise\n"
