@@ -59,8 +59,22 @@ class Engine:
         self.spec = loaded.spec
         self.model, self.coll, self.seq_len = model, coll, seq_len
         self.name = self.spec.name or os.path.basename(loaded.path)
-        self.cache_ids: list[int] = []      # tokens whose K/V are in the cache, in position order
+        # per conversation slot: the tokens whose K/V are in its cache, in position order; prefill and
+        # generate use slot 0, a scheduler (dllama.api.batcher) all of them through forward_rows
+        self.slot_ids: list[list[int]] = [[] for _ in range(model.kv.n_slots)]
         self.stats = Stats()
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.slot_ids)
+
+    @property
+    def cache_ids(self) -> list[int]:
+        return self.slot_ids[0]
+
+    @cache_ids.setter
+    def cache_ids(self, ids: list[int]) -> None:
+        self.slot_ids[0] = ids
 
     @property
     def chat(self):
@@ -75,14 +89,14 @@ class Engine:
     @classmethod
     def open(cls, model_path: str, tokenizer_path: str | None = None, nthreads: int = 1,
              max_seq_len: int | None = None, buffer_float_type: str = "q80", workers=(),
-             log=None, cluster_key: bytes | None = None, on_lost=None) -> "Engine":
+             log=None, cluster_key: bytes | None = None, on_lost=None, parallel: int = 1) -> "Engine":
         """Load a model file (and tokenizer), connecting to and loading the workers if any.
 
         Raises DllamaError for bad files, bad flags, and workers that cannot be reached.
         """
         from dllama.formats.loader import load_model
 
-        _check_flags(nthreads, buffer_float_type, max_seq_len)
+        _check_flags(nthreads, buffer_float_type, max_seq_len, parallel)
         loaded = load_model(model_path)
         tokenizer = _open_tokenizer(loaded, tokenizer_path)
         if tokenizer.vocab_size != loaded.spec.vocab_size:
@@ -92,24 +106,25 @@ class Engine:
             raise DllamaError(f"the tokenizer {tokenizer_path or loaded.path} has {tokenizer.vocab_size} tokens, "
                               f"the model {loaded.path} {loaded.spec.vocab_size}: not this model's tokenizer")
         return cls.from_loaded(loaded, tokenizer, nthreads, max_seq_len, buffer_float_type, workers, log,
-                               cluster_key, on_lost)
+                               cluster_key, on_lost, parallel)
 
     @classmethod
     def from_loaded(cls, loaded, tokenizer, nthreads: int = 1, max_seq_len: int | None = None,
                     buffer_float_type: str = "q80", workers=(), log=None, cluster_key: bytes | None = None,
-                    on_lost=None) -> "Engine":
+                    on_lost=None, parallel: int = 1) -> "Engine":
         """An engine over an already loaded model (a file's, or tensors built in memory). `cluster_key`
-        authenticates the workers; `on_lost(exc)` hears of a worker lost while idle (see `reconnect`)."""
+        authenticates the workers; `on_lost(exc)` hears of a worker lost while idle (see `reconnect`);
+        `parallel` conversation slots get a KV cache of the context each."""
         from dllama import kernels as K
         from dllama.model.collective import LocalCollective
         from dllama.model.llama import NodeModel
         from dllama.model.partition import partition
 
-        _check_flags(nthreads, buffer_float_type, max_seq_len)
+        _check_flags(nthreads, buffer_float_type, max_seq_len, parallel)
         spec = loaded.spec
         plan = partition(spec, 1 + len(workers))   # refuses bad node counts before connecting
         seq_len = min(spec.seq_len, max_seq_len) if max_seq_len else spec.seq_len
-        _check_memory(spec, plan[0], seq_len)
+        _check_memory(spec, plan[0], seq_len, parallel)
         K.set_threads(nthreads)
         # load every kernel the model needs from numba's cache now, not inside the first prompt's timing
         K.warmup(sorted({t.qtype for t in loaded.tensors.values() if len(t.shape) == 2} - {"f32"}))
@@ -118,11 +133,11 @@ class Engine:
             from dllama.net.root import connect_workers
             cluster = dict(addresses=list(workers), loaded=loaded, plan=plan, seq_len=seq_len,
                            buffer_type=buffer_float_type, nthreads=nthreads, log=log, max_batch=MAX_BATCH,
-                           key=cluster_key, on_lost=on_lost)
+                           key=cluster_key, on_lost=on_lost, n_slots=parallel)
             coll = connect_workers(**cluster)
         else:
             coll = LocalCollective()
-        model = NodeModel(spec, plan[0], seq_len, MAX_BATCH, coll)
+        model = NodeModel(spec, plan[0], seq_len, MAX_BATCH, coll, parallel)
         _load_slice(model, loaded, spec, plan[0])
         _release_pages(loaded)
         return cls(loaded, tokenizer, model, coll, seq_len, cluster)
@@ -136,7 +151,7 @@ class Engine:
         if self._cluster is None:
             return
         self.coll.close()
-        self.cache_ids = []
+        self.slot_ids = [[] for _ in self.slot_ids]
         coll = connect_workers(**self._cluster)
         self.coll = self.model.coll = coll
 
@@ -146,6 +161,52 @@ class Engine:
         positions = np.arange(start, start + len(tokens), dtype=np.int64)
         self.coll.step(len(tokens), positions, logits)
         return self.model.forward(np.asarray(tokens, dtype=np.int64), positions, logits=logits[0] != LOGITS_NONE)
+
+    def best_slot(self, prompt_ids: list[int], free) -> int:
+        """Of the slots `free`, the one whose cached tokens share the longest prefix with `prompt_ids`
+        (a returning conversation finds its own cache again); ties go to the emptiest cache."""
+        return max(free, key=lambda s: (_common_prefix(self.slot_ids[s], prompt_ids), -len(self.slot_ids[s])))
+
+    def claim(self, slot: int, prompt_ids: list[int]) -> int:
+        """Start `prompt_ids` in `slot`: keep the K/V of the prefix it shares with the slot's cache (not its
+        last token, whose logits must be computed), give back the rest's memory on every node. Returns how
+        many tokens are kept."""
+        keep = min(_common_prefix(self.slot_ids[slot], prompt_ids), len(prompt_ids) - 1)
+        self.release(slot, keep)
+        return keep
+
+    def release(self, slot: int, keep: int = 0) -> None:
+        """Forget `slot`'s positions from `keep` on, and give back their memory on every node."""
+        del self.slot_ids[slot][keep:]
+        self.model.kv.release(slot, keep)
+        self.coll.release(slot, keep)
+
+    def forward_rows(self, parts, logits: tuple = FULL_LOGITS):
+        """One forward pass over several slots' tokens: `parts` is [(slot, tokens, wants_logits)], each
+        slot's tokens following its cache. Returns the logits (m, vocab) of the last token of each part
+        that wants them, in order (m <= number of parts), or None when none does."""
+        rows = [(s, t, self.cache_len(s) + i, False) for s, toks, want in parts
+                for i, t in enumerate(toks[:-1] if want else toks)]
+        rows += [(s, toks[-1], self.cache_len(s) + len(toks) - 1, True) for s, toks, want in parts if want]
+        # rows needing logits go last: the pass computes the output layer for its last m rows only (the
+        # order of rows inside a pass is free: every row's K/V is written before any attention reads)
+        m = sum(r[3] for r in rows)
+        slots = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+        positions = np.fromiter((r[2] for r in rows), np.int64, len(rows))
+        tokens = np.fromiter((r[1] for r in rows), np.int64, len(rows))
+        what = logits if m else NO_LOGITS
+        self.coll.step(len(rows), positions, what, slots, max(m, 1))
+        out = self.model.forward(tokens, positions, logits=m > 0, slots=slots, out_rows=max(m, 1))
+        if m == 0 and hasattr(self.coll, "end_pass"):
+            self.coll.end_pass()
+        for s, toks, _ in parts:
+            self.slot_ids[s].extend(toks)
+        if out is not None and m == 1 and getattr(out, "ndim", 2) == 1:
+            out = out[None]
+        return out
+
+    def cache_len(self, slot: int) -> int:
+        return len(self.slot_ids[slot])
 
     def prefill(self, prompt_ids: list[int], logits: tuple = FULL_LOGITS):
         """Evaluate the prompt's tokens not already in the cache; return the logits of its last one (or what
@@ -215,7 +276,9 @@ class Engine:
         self.loaded.close()
 
 
-def _check_flags(nthreads, buffer_float_type, max_seq_len) -> None:
+def _check_flags(nthreads, buffer_float_type, max_seq_len, parallel=1) -> None:
+    if parallel < 1:
+        raise DllamaError(f"--parallel must be at least 1, got {parallel}")
     if nthreads < 1:
         raise DllamaError(f"--nthreads must be at least 1, got {nthreads}")
     if buffer_float_type not in ("f32", "q80"):
@@ -232,18 +295,22 @@ def _context_bytes(spec, node, seq_len: int) -> int:
     return seq_len * per_position
 
 
-def _check_memory(spec, node, seq_len: int) -> None:
+def _check_memory(spec, node, seq_len: int, n_slots: int = 1) -> None:
     """Refuse, before allocating anything, a context this machine cannot hold (a header's seq_len of
-    2^31, or a long-context model run without --max-seq-len). Raises DllamaError suggesting a limit."""
+    2^31, or a long-context model run without --max-seq-len), for each of `n_slots` conversation slots.
+    Raises DllamaError suggesting a limit."""
     from dllama.net.memory import available_bytes
 
-    need, have = _context_bytes(spec, node, seq_len), available_bytes()
+    need, have = n_slots * _context_bytes(spec, node, seq_len), available_bytes()
     if have is None or need <= have:
         return
-    fits = max(1, have // max(1, _context_bytes(spec, node, 1))) // 2   # leave half for the weights
+    # leave half for the weights
+    fits = max(1, have // max(1, n_slots * _context_bytes(spec, node, 1))) // 2
     fits = fits // 1024 * 1024 or fits
-    raise DllamaError(f"a context of {seq_len} tokens needs {need / 2**30:.1f} GiB for its KV cache and scratch, "
-                      f"this machine has {have / 2**30:.1f} GiB available: pass --max-seq-len {fits} or less")
+    slots = f" in each of {n_slots} slots (--parallel)" if n_slots > 1 else ""
+    raise DllamaError(f"a context of {seq_len} tokens{slots} needs {need / 2**30:.1f} GiB for its KV cache and "
+                      f"scratch, this machine has {have / 2**30:.1f} GiB available: pass --max-seq-len {fits} "
+                      f"or less")
 
 
 def _release_pages(loaded) -> None:

@@ -1,8 +1,9 @@
 """Causal multi-head attention over a float32 KV cache, grouped-query heads supported.
 
-    q (n, n_heads * hd); k_cache, v_cache (seq_len, n_kv_heads * hd); positions (n,)
-    query row t attends to cache rows 0..positions[t] (so a prompt batch, whose keys are already
-    written into the cache, is causal within itself); query head h reads KV head
+    q (n, n_heads * hd); k_cache, v_cache (rows, n_kv_heads * hd); positions, bases (n,)
+    query row t attends to cache rows bases[t]..bases[t] + positions[t] (so a prompt batch, whose keys are
+    already written into the cache, is causal within itself, and rows of several sequences, each with its
+    own stretch of the cache, share one call); query head h reads KV head
     h // (n_heads // n_kv_heads); att (n_heads, >= max(positions) + 1) is scratch;
     out (n, n_heads * hd).
 """
@@ -16,14 +17,15 @@ from numba import njit, prange
 
 from dllama.kernels import _threads
 from dllama.kernels._matmul import _bound
-from dllama.kernels.ops import expf
+from dllama.kernels.ops import expf, zero_bases
 
 
-def _attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out):
+def _attention(q, k_cache, v_cache, positions, bases, n_heads, n_kv_heads, head_dim, att, out):
     n = q.shape[0]
-    limit = min(k_cache.shape[0], v_cache.shape[0], att.shape[1])
+    rows = min(k_cache.shape[0], v_cache.shape[0])
     for t in range(n):
-        if positions[t] < 0 or positions[t] >= limit:
+        if (positions[t] < 0 or positions[t] >= att.shape[1] or bases[t] < 0
+                or bases[t] + positions[t] >= rows):
             raise ValueError("attention: a position is outside the KV cache or the att scratch")
     group = n_heads // n_kv_heads
     scale = np.float32(1.0 / math.sqrt(head_dim))
@@ -34,9 +36,10 @@ def _attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, at
             # 1-D views with plain range indices: no negative-index fix-ups, so the loops vectorise
             qh = q[t, h * head_dim:(h + 1) * head_dim]
             end = positions[t] + 1
+            b = bases[t]
             m = np.float32(-np.inf)
             for s in range(end):
-                kh = k_cache[s, kvo:kvo + head_dim]
+                kh = k_cache[b + s, kvo:kvo + head_dim]
                 dot = np.float32(0.0)
                 for d in range(head_dim):
                     dot += qh[d] * kh[d]
@@ -53,7 +56,7 @@ def _attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, at
             oh[:] = 0.0
             for s in range(end):
                 a = scores[s]
-                vh = v_cache[s, kvo:kvo + head_dim]
+                vh = v_cache[b + s, kvo:kvo + head_dim]
                 for d in range(head_dim):
                     oh[d] += a * vh[d]
             inv = np.float32(1.0) / total
@@ -67,12 +70,17 @@ _FLAGS = dict(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 _VARIANTS = (njit(**_FLAGS)(_bound(_attention, "_serial")), njit(parallel=True, **_FLAGS)(_attention))
 
 
-def attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out):
+def attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out, bases=None):
     """Attention of every query row over the cache (see the module docstring); heads in parallel
-    when set_threads(n > 1). Raises ValueError on shapes that do not fit."""
+    when set_threads(n > 1). `bases` None: every row's sequence starts at cache row 0. Raises ValueError
+    on shapes that do not fit."""
     if n_heads % n_kv_heads or q.shape[1] != n_heads * head_dim or k_cache.shape[1] != n_kv_heads * head_dim:
         raise ValueError(f"attention: {n_heads} heads / {n_kv_heads} KV heads of {head_dim} do not fit "
                          f"q {q.shape}, cache {k_cache.shape}")
     if att.shape[0] < n_heads or out.shape != q.shape:
         raise ValueError(f"attention: att {att.shape} or out {out.shape} too small")
-    _VARIANTS[_threads.use_parallel()](q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out)
+    if bases is None:
+        bases = zero_bases(q.shape[0])
+    _VARIANTS[_threads.use_parallel()](q, k_cache, v_cache, positions, bases, n_heads, n_kv_heads, head_dim, att,
+                                       out)
+

@@ -122,28 +122,48 @@ def _rotate(x, cos, sin, head_dim, neox):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def rope_qkv(q_in, k_in, v_in, positions, cos, sin, head_dim, neox, q, k_cache, v_cache):
-    """The attention glue in one call: q (n, q_dim) = rope(q_in); k_cache[positions] = rope(k_in);
-    v_cache[positions] = v_in. Inputs may be column slices of one fused qkv output; rotation as `rope`."""
+def _rope_qkv(q_in, k_in, v_in, positions, bases, cos, sin, head_dim, neox, q, k_cache, v_cache):
     n = q_in.shape[0]
     kv_dim = k_in.shape[1]
     half = head_dim // 2
     if (q.shape[0] < n or q.shape[1] != q_in.shape[1] or k_cache.shape[1] != kv_dim or v_in.shape[1] != kv_dim
             or v_cache.shape[1] != kv_dim or q_in.shape[1] % head_dim or kv_dim % head_dim or head_dim % 2
-            or cos.shape[1] < half or sin.shape[1] < half):
+            or cos.shape[1] < half or sin.shape[1] < half or bases.shape[0] < n):
         raise ValueError("rope_qkv: shapes of q, k, v, caches and tables do not fit")
     for t in range(n):
-        if positions[t] < 0 or positions[t] >= min(cos.shape[0], sin.shape[0], k_cache.shape[0], v_cache.shape[0]):
+        if (positions[t] < 0 or positions[t] >= min(cos.shape[0], sin.shape[0]) or bases[t] < 0
+                or bases[t] + positions[t] >= min(k_cache.shape[0], v_cache.shape[0])):
             raise ValueError("rope_qkv: a position is outside the tables or the KV cache")
     for t in range(n):
         p = positions[t]
+        r = bases[t] + p
         for j in range(q_in.shape[1]):
             q[t, j] = q_in[t, j]
         for j in range(kv_dim):
-            k_cache[p, j] = k_in[t, j]
-            v_cache[p, j] = v_in[t, j]
+            k_cache[r, j] = k_in[t, j]
+            v_cache[r, j] = v_in[t, j]
         _rotate(q[t], cos[p], sin[p], head_dim, neox)
-        _rotate(k_cache[p], cos[p], sin[p], head_dim, neox)
+        _rotate(k_cache[r], cos[p], sin[p], head_dim, neox)
+
+
+def rope_qkv(q_in, k_in, v_in, positions, cos, sin, head_dim, neox, q, k_cache, v_cache, bases=None):
+    """The attention glue in one call: q (n, q_dim) = rope(q_in); k_cache[bases + positions] = rope(k_in);
+    v_cache[bases + positions] = v_in. Inputs may be column slices of one fused qkv output; rotation as
+    `rope`, by each row's position; `bases` (n,) places each row's sequence in the cache (None: at row 0)."""
+    if bases is None:
+        bases = zero_bases(q_in.shape[0])
+    _rope_qkv(q_in, k_in, v_in, positions, bases, cos, sin, head_dim, neox, q, k_cache, v_cache)
+
+
+_ZEROS = np.zeros(32, np.int64)
+
+
+def zero_bases(n: int) -> np.ndarray:
+    """n zero cache offsets (one sequence at the start of the cache), without allocating per call."""
+    global _ZEROS
+    if n > _ZEROS.shape[0]:
+        _ZEROS = np.zeros(n, np.int64)
+    return _ZEROS[:n]
 
 
 @njit(inline="always", nogil=True, cache=True)

@@ -31,10 +31,15 @@ class Collective:
     def is_root(self) -> bool:
         return self.index == 0
 
-    def step(self, n: int, positions: np.ndarray, logits: tuple = FULL_LOGITS) -> np.ndarray | None:
-        """Root: announce a forward pass over `n` positions, whose output layer returns `logits`. Worker: wait
-        for one; returns its positions (None when the root is done)."""
+    def step(self, n: int, positions: np.ndarray, logits: tuple = FULL_LOGITS, slots: np.ndarray | None = None,
+             out_rows: int = 1) -> np.ndarray | None:
+        """Root: announce a forward pass over `n` rows at `positions` of the conversation `slots` (None:
+        slot 0), whose output layer returns `logits` for the last `out_rows` rows. Worker: wait for one;
+        returns its positions (None when the root is done)."""
         return positions
+
+    def release(self, slot: int, keep: int = 0) -> None:
+        """Root: tell every worker to drop `slot`'s positions from `keep` on (see KVCache.release)."""
 
     def broadcast(self, x: np.ndarray) -> None:
         """Root: send x (n, dim) to every worker. Worker: receive the root's x into x."""

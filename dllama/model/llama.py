@@ -15,14 +15,15 @@ from dllama import kernels as K
 from dllama import schema
 from dllama.formats.spec import ModelSpec
 from dllama.model.collective import Collective
+from dllama.model.kvcache import KVCache
 from dllama.model.partition import NodeSlice
 from dllama.quants import dequantize
 
 
 class Layer:
-    """A layer's (or an expert's) tensors, one field per schema row, plus its experts and KV cache."""
+    """A layer's (or an expert's) tensors, one field per schema row, plus its experts."""
 
-    __slots__ = schema.LAYER_FIELDS + ("experts", "k_cache", "v_cache")
+    __slots__ = schema.LAYER_FIELDS + ("experts",)
 
     def __init__(self):
         for s in self.__slots__:
@@ -30,7 +31,11 @@ class Layer:
 
 
 class NodeModel:
-    def __init__(self, spec: ModelSpec, node: NodeSlice, seq_len: int, max_batch: int, coll: Collective):
+    """The weights of one node's slice and the scratch of its forward pass; the sequences' K/V live in
+    `kv`, one stretch per conversation slot (`n_slots` of `seq_len` positions each)."""
+
+    def __init__(self, spec: ModelSpec, node: NodeSlice, seq_len: int, max_batch: int, coll: Collective,
+                 n_slots: int = 1):
         self.spec, self.node, self.seq_len, self.max_batch, self.coll = spec, node, seq_len, max_batch, coll
         hd = spec.head_dim
         self.n_heads = len(node.heads)          # this node's query heads
@@ -44,6 +49,7 @@ class NodeModel:
         self._pending: dict[str, tuple] = {}
         self.cos, self.sin = K.rope_tables(spec, seq_len)
         self.neox = spec.rope_type == "falcon"
+        self.kv = KVCache(spec.n_layers, n_slots, seq_len, self.kv_dim)
         self._alloc(max_batch)
 
     def _alloc(self, b: int) -> None:
@@ -56,10 +62,12 @@ class NodeModel:
         self.k = np.zeros((b, self.kv_dim), f32)
         self.att_out = np.zeros((b, self.q_dim), f32)
         self.att = np.zeros((self.n_heads, self.seq_len), f32)
+        self.bases = np.zeros(b, np.int64)       # each row's slot's first cache row
         self.h = np.zeros((b, 2 * self.ffn), f32)
         self.hb = np.zeros((b, self.ffn), f32)
-        self.logits_part = np.zeros((1, len(self.node.vocab)), f32)
-        self.logits = np.zeros((1, s.vocab_size), f32)
+        # a row of logits per sequence of a batch (np.zeros maps lazily: unused rows cost nothing)
+        self.logits_part = np.zeros((b, len(self.node.vocab)), f32)
+        self.logits = np.zeros((b, s.vocab_size), f32)
         if s.n_experts:
             self.router = np.zeros((1, s.n_experts), f32)
             self.moe_acc = np.zeros((1, s.dim), f32)
@@ -131,22 +139,33 @@ class NodeModel:
             else:
                 x[i] = dequantize(qtype, row, 1, dim)[0]
 
-    def forward(self, tokens: np.ndarray | None, positions: np.ndarray, logits: bool = True):
-        """Run `len(positions)` tokens through the model, writing their K/V at `positions`.
+    def forward(self, tokens: np.ndarray | None, positions: np.ndarray, logits: bool = True,
+                slots: np.ndarray | None = None, out_rows: int = 1):
+        """Run `len(positions)` tokens through the model, writing each row's K/V at its position in its
+        slot's cache (`slots` (n,), None: all in slot 0) and attending over that slot only.
 
-        Root: `tokens` (n,) ids -> logits (vocab,) of the last position (None if `logits` is False), or the
-        nodes' top candidates when the collective's step asked for them (dllama.candidates).
+        Root: `tokens` (n,) ids -> logits (vocab,) of the last row, or (out_rows, vocab) of the last
+        `out_rows` rows when more than one (None if `logits` is False), or the nodes' top candidates when
+        the collective's step asked for them (dllama.candidates; one row only).
         Workers: `tokens` is None; they follow the root's exchanges and return None.
         """
         s, coll = self.spec, self.coll
         n = len(positions)
+        if not 0 < out_rows <= n:
+            raise ValueError(f"{out_rows} rows of logits from a pass of {n}")
         x, xb, y = self.x[:n], self.xb[:n], self.y[:n]
+        bases = self.bases[:n]
+        if slots is None:
+            bases[:] = 0
+        else:
+            for i in range(n):
+                bases[i] = self.kv.base(int(slots[i]))
         if coll.is_root:
             self.embed(tokens, x)
-        for layer in self.layers:
+        for li, layer in enumerate(self.layers):
             coll.broadcast(x)
             K.rmsnorm(x, layer.attn_norm, s.norm_eps, xb)
-            self._attention(layer, xb, positions, y)
+            self._attention(layer, self.kv.k[li], self.kv.v[li], xb, positions, bases, y)
             coll.reduce_sum(y)
             if coll.is_root:
                 x += y
@@ -161,18 +180,23 @@ class NodeModel:
                 x += y
         if not logits:
             return None
-        last = x[n - 1:n]
+        m = out_rows
+        last = x[n - m:n]
         coll.broadcast(last)
-        K.rmsnorm(last, self.norm, s.norm_eps, xb[:1])
-        K.matmul(self.wcls, xb[:1], self.logits_part)
+        K.rmsnorm(last, self.norm, s.norm_eps, xb[:m])
+        part = self.logits_part[:m]
+        K.matmul(self.wcls, xb[:m], part)
         if coll.n_nodes == 1:
-            return self.logits_part[0]
-        top = coll.gather(self.logits_part, self.logits)
+            return part[0] if m == 1 else part
+        top = coll.gather(part, self.logits[:m])
         if not coll.is_root:
             return None
-        return self.logits[0] if top is None else top
+        if top is not None:
+            return top
+        return self.logits[0] if m == 1 else self.logits[:m]
 
-    def _attention(self, layer: Layer, xb: np.ndarray, positions: np.ndarray, y: np.ndarray) -> None:
+    def _attention(self, layer: Layer, k_cache: np.ndarray, v_cache: np.ndarray, xb: np.ndarray,
+                   positions: np.ndarray, bases: np.ndarray, y: np.ndarray) -> None:
         n, hd, qd, kvd = len(positions), self.spec.head_dim, self.q_dim, self.kv_dim
         q, qkv = self.q[:n], self.qkv[:n]
         if layer.wqkv is not None:
@@ -192,14 +216,10 @@ class NodeModel:
             qh, kh = q.reshape(-1, hd), k.reshape(-1, hd)
             K.rmsnorm(qh, layer.q_norm, self.spec.norm_eps, qh)
             K.rmsnorm(kh, layer.k_norm, self.spec.norm_eps, kh)
-        if layer.k_cache is None:
-            # np.zeros maps lazily: only the positions used become resident
-            layer.k_cache = np.zeros((self.seq_len, kvd), np.float32)
-            layer.v_cache = np.zeros((self.seq_len, kvd), np.float32)
         K.rope_qkv(q_in, k_in, qkv[:, qd + kvd:], positions, self.cos, self.sin, hd, self.neox, q,
-                   layer.k_cache, layer.v_cache)
+                   k_cache, v_cache, bases)
         att_out = self.att_out[:n]
-        K.attention(q, layer.k_cache, layer.v_cache, positions, self.n_heads, self.n_kv, hd, self.att, att_out)
+        K.attention(q, k_cache, v_cache, positions, self.n_heads, self.n_kv, hd, self.att, att_out, bases)
         K.matmul(layer.wo, att_out, y)
 
     def _ffn(self, layer: Layer, xb: np.ndarray, y: np.ndarray) -> None:

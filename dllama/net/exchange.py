@@ -51,7 +51,9 @@ class _Exchange(Collective):
         self._tx_payload = self._tx[_HEAD.size:]
         # one receive buffer per peer: the root takes the workers' frames in whatever order they come
         # (a node's top candidates take at most 8 bytes a vocabulary entry, and 16 more)
-        self._rx = [np.empty(max(nbytes, P.TOP_STATS.size + 8 * cols), np.uint8) for cols in vocab_cols]
+        # (or a batch's rows of logits: np.empty maps lazily, rows never received cost nothing)
+        self._rx = [np.empty(max(nbytes, P.TOP_STATS.size + 8 * cols, 4 * max_batch * cols), np.uint8)
+                    for cols in vocab_cols]
         self._rx_mv = [memoryview(rx) for rx in self._rx]
         self._rx_head = [memoryview(bytearray(_HEAD.size)) for _ in vocab_cols]
         self._expect = bytearray(_HEAD.size)
@@ -136,7 +138,7 @@ class RootCollective(_Exchange):
         super().__init__(0, len(plan), dim, max_batch, [len(s.vocab) for s in plan[1:]], buffer_type)
         self.conns, self.plan = conns, plan
         self._step_frame = bytearray(P.HEADER.size + P.STEP_META.size)
-        self._step_pos = np.empty(max_batch, np.int32)
+        self._step_pos = np.zeros(2 * max_batch, np.int32)   # positions, then slots
         self._pending_step = None
         self._logits = FULL_LOGITS
         vocab = plan[-1].vocab.stop
@@ -160,8 +162,10 @@ class RootCollective(_Exchange):
     def recv_bytes(self) -> int:
         return sum(c.recv_bytes for c in self.conns)
 
-    def step(self, n: int, positions: np.ndarray, logits: tuple = FULL_LOGITS) -> None:
-        """Tell every worker to run a forward pass over n tokens at `positions`, ending in `logits`."""
+    def step(self, n: int, positions: np.ndarray, logits: tuple = FULL_LOGITS, slots: np.ndarray | None = None,
+             out_rows: int = 1) -> None:
+        """Tell every worker to run a forward pass over n tokens at `positions` of `slots`, ending in
+        `logits` of the last `out_rows` rows."""
         if not 0 < n <= self.max_batch:
             raise ValueError(f"a forward pass of {n} positions; the workers were set up for 1..{self.max_batch}")
         if self.lost is not None:
@@ -169,12 +173,13 @@ class RootCollective(_Exchange):
         with self.io_lock:
             self.in_pass = True
         t0 = time.perf_counter()
-        pos = self._step_pos[:n]
-        pos[...] = positions[:n]
+        pos = self._step_pos[:2 * n]
+        pos[:n] = positions[:n]
+        pos[n:] = 0 if slots is None else slots[:n]
         self._logits = logits
-        P.HEADER.pack_into(self._step_frame, 0, P.STEP, 0, P.STEP_META.size, 4 * n)
+        P.HEADER.pack_into(self._step_frame, 0, P.STEP, 0, P.STEP_META.size, 8 * n)
         what, temperature, k = logits
-        P.STEP_META.pack_into(self._step_frame, P.HEADER.size, n, what, k, temperature)
+        P.STEP_META.pack_into(self._step_frame, P.HEADER.size, n, what, k, temperature, out_rows)
         # sent with the pass's first broadcast: one wake-up of each worker instead of two
         self._pending_step = [self._step_frame, pos]
         self.transfer_s += time.perf_counter() - t0
@@ -184,6 +189,15 @@ class RootCollective(_Exchange):
             for conn in self.conns:
                 conn.send_buffers(self._pending_step)
             self._pending_step = None
+
+    def release(self, slot: int, keep: int = 0) -> None:
+        if self.lost is not None:
+            raise self.lost
+        frame = P.encode_bytes(P.Release(slot, keep))
+        with self.io_lock:   # between passes, as a ping: never inside another frame
+            for conn in self.conns:
+                conn.send_all(frame)
+            self.last_io = time.monotonic()
 
     def broadcast(self, x: np.ndarray) -> None:
         t0 = time.perf_counter()
@@ -343,7 +357,10 @@ class WorkerCollective(_Exchange):
         super().__init__(index, n_nodes, dim, max_batch, [0], buffer_type)
         self.conn = conn
         self._conns = [conn]
-        self._positions = np.empty(max_batch, np.int32)
+        self._positions = np.empty(2 * max_batch, np.int32)   # positions, then slots
+        self.slots = self._positions[:0]   # the slot of each row of the pass step() announced
+        self.out_rows = 1
+        self.on_release = None   # on_release(slot, keep): a RELEASE from the root (the model's KVCache.release)
         self.said_bye = False   # after step() returned None: BYE (True) or a close between frames
         self._logits = FULL_LOGITS
         self._vocab_start = vocab_start
@@ -385,17 +402,26 @@ class WorkerCollective(_Exchange):
             if t == P.BUFFER and payload_len == 0 and P.parse_buffer_meta(meta) == (P.OP_FULL, 0, 0, 0):
                 self._send_full()
                 continue
+            if t == P.RELEASE and payload_len == 0 and len(meta) == P.RELEASE_META.size:
+                if self.on_release is not None:
+                    try:
+                        self.on_release(*P.RELEASE_META.unpack(meta))
+                    except ValueError as exc:
+                        raise P.ProtocolError(f"{self.conn.label}: RELEASE {exc}") from None
+                continue
             if t != P.STEP or len(meta) != P.STEP_META.size:
                 raise P.ProtocolError(f"{self.conn.label}: expected STEP or BYE, got {P.TYPE_NAMES[t]}")
-            n, what, k, temperature = P.STEP_META.unpack_from(meta)
-            if not 0 < n <= self.max_batch or payload_len != 4 * n:
+            n, what, k, temperature, out_rows = P.STEP_META.unpack_from(meta)
+            if not 0 < n <= self.max_batch or payload_len != 8 * n:
                 raise P.ProtocolError(f"{self.conn.label}: STEP of {n} positions ({payload_len} bytes), "
                                       f"at most {self.max_batch}")
-            P.check_step(n, what, k, temperature)
+            P.check_step(n, what, k, temperature, out_rows)
             self._logits = (what, temperature, k)
-            pos = self._positions[:n]
-            self.conn.recv_into(pos)
-            return pos
+            self.out_rows = out_rows
+            rows = self._positions[:2 * n]
+            self.conn.recv_into(rows)
+            self.slots = rows[n:]
+            return rows[:n]
 
     def broadcast(self, x: np.ndarray) -> None:
         t0 = time.perf_counter()

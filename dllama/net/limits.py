@@ -14,6 +14,7 @@ from dllama.net import protocol as P
 
 MAX_SEQ_LEN = 1 << 20     # positions; past every model we know, and the RoPE tables alone would be GBs
 MAX_BATCH = 1024
+MAX_SLOTS = 1024          # conversation slots, each with a KV cache of seq_len positions
 MAX_DIM = 1 << 17         # dim, hidden_dim, head_dim, vocab_size, heads, layers, experts
 HEADROOM = 0.9            # of the available memory a slice may take: the process itself needs some
 
@@ -50,13 +51,21 @@ def check_config(cfg: dict, hello: P.Hello, available: int | None = None):
     # the slice must be the one the partition gives this node: ranges out of the model are refused
     if partition(spec, node.n_nodes)[node.index] != node:
         raise DllamaError(f"CONFIG node slice {cfg['node']} is not node {node.index}'s of this model")
-    need = slice_bytes(spec, node, seq_len, max_batch)
+    need = slice_bytes(spec, node, seq_len, max_batch, config_slots(cfg))
     if available is None:
         available = available_memory()
     if available is not None and need > HEADROOM * available:
-        raise DllamaError(f"the slice needs {need / 1e6:.0f} MB (weights, KV cache for {seq_len} positions, "
+        raise DllamaError(f"the slice needs {need / 1e6:.0f} MB (weights, KV cache for {seq_len} positions "
+                          f"x {config_slots(cfg)} slots, "
                           f"scratch); this worker has {available / 1e6:.0f} MB available")
     return spec, node, seq_len, max_batch, buffer_type
+
+
+def config_slots(cfg: dict) -> int:
+    """The CONFIG's number of conversation slots (1 when it names none), or DllamaError."""
+    n = cfg.get("n_slots", 1)
+    _bounded("n_slots", n, MAX_SLOTS)
+    return n
 
 
 def _bounded(name: str, value, high: int, low: int = 1) -> None:
@@ -64,13 +73,13 @@ def _bounded(name: str, value, high: int, low: int = 1) -> None:
         raise DllamaError(f"CONFIG {name} must be an integer in [{low}, {high}], got {value!r}")
 
 
-def slice_bytes(spec, node, seq_len: int, max_batch: int) -> int:
+def slice_bytes(spec, node, seq_len: int, max_batch: int, n_slots: int = 1) -> int:
     """An estimate of what a node holding `node` of `spec` allocates: packed weights of the model's weight
-    type, a full KV cache, RoPE tables, attention scores and activation buffers (f32)."""
+    type, a full KV cache per slot, RoPE tables, attention scores and activation buffers (f32)."""
     bits = {"f32": 32, "f16": 16, "q40": 4.5, "q41": 5, "q80": 8.5}[spec.weight_type]
     hd, dim = spec.head_dim, spec.dim
     q, kv, ffn = len(node.heads) * hd, len(node.kv_heads) * hd, len(node.ffn)
-    kv_cache = spec.n_layers * seq_len * kv * 2 * 4
+    kv_cache = spec.n_layers * seq_len * kv * 2 * 4 * n_slots
     rope = seq_len * hd * 4
     scratch = (len(node.heads) * seq_len + max_batch * (3 * dim + 2 * q + 3 * kv + 3 * ffn)) * 4
     return int(weight_bytes(spec, node, bits) + kv_cache + rope + scratch)

@@ -17,7 +17,7 @@ Every integer is little-endian. A connection carries a sequence of frames:
 | 4    | CONFIG     | root -> worker | -                                           | JSON object, UTF-8 (below)  |
 | 5    | WEIGHT     | root -> worker | "<QQBB" offset, total, qtype, ndim; ndim x "<I" shape; name UTF-8 | bytes [offset, offset+len) of the tensor |
 | 6    | READY      | either         | -                                           | -                           |
-| 7    | STEP       | root -> worker | "<IBHd" n, logits, k, temperature           | n x int32 positions         |
+| 7    | STEP       | root -> worker | "<IBHdI" n, logits, k, temperature, out_rows | n x int32 positions, n x int32 slots |
 | 8    | BUFFER     | either         | "<BBII" op, ftype, n, cols                  | n x cols activations        |
 | 9    | BYE        | root -> worker | -                                           | -                           |
 | 10   | PROBE      | anyone -> worker | "<4sH" magic, version                     | -                           |
@@ -25,16 +25,19 @@ Every integer is little-endian. A connection carries a sequence of frames:
 | 12   | CHALLENGE  | worker -> root | "<32s32s" worker nonce, worker proof        | -                           |
 | 13   | AUTH       | root -> worker | "<32s" root proof                           | -                           |
 | 14   | PING       | root -> worker | -                                           | -                           |
+| 15   | RELEASE    | root -> worker | "<II" slot, keep                            | -                           |
 
 A session: root HELLO; worker CHALLENGE (or REFUSE: wrong magic/version, busy); root AUTH; worker HELLO_ACK
 (or REFUSE: authentication failed, busy); root CONFIG, WEIGHT..., READY (all weights sent); worker READY
 (loaded, kernels warm) or REFUSE (could not load); then per forward pass root STEP and the BUFFER exchanges
-of the model, and PING while the root is idle; finally root BYE (or the connection closes) and the worker
+of the model, RELEASE when a conversation slot's positions are dropped, and PING while the root is
+idle; finally root BYE (or the connection closes) and the worker
 waits for the next root. A PROBE is the first and only frame of its own short connection: the worker
 answers PROBE_INFO and closes, whether or not it is serving a root.
 
 CONFIG JSON: {"spec": ModelSpec fields, "node": NodeSlice.to_dict(), "seq_len": int, "max_batch": int,
-"buffer_type": "f32" | "q80"}. Keys sorted, no spaces.
+"buffer_type": "f32" | "q80", "n_slots": int}. Keys sorted, no spaces. The worker keeps a KV cache of
+seq_len positions for each of n_slots conversation slots (1 when absent).
 
 Authentication: with the cluster key K (bytes; empty when none is configured) and the transcript
 T = magic + version (u16) + node_index (u16) + n_nodes (u16) + root nonce + worker nonce, the worker proof
@@ -50,8 +53,12 @@ slice of the last logits, as a gather, after a top). BUFFER ftype: 0 f32 (n*cols
 blocks of f16 scale + 32 int8; cols a multiple of 32).
 
 STEP logits: what the worker sends at the end of the forward pass: 0 nothing (the output layer is skipped),
-1 its slice of the logits (gather), 2 its k best tokens and partial normaliser at `temperature` (top;
-temperature 0: greedy, k = 1); see dllama/candidates.py.
+1 its slice of the logits (gather) of the pass's last out_rows rows, 2 its k best tokens and partial
+normaliser at `temperature` (top, out_rows 1; temperature 0: greedy, k = 1); see dllama/candidates.py.
+STEP rows: row t is at position positions[t] of slot slots[t]'s cache and attends over that slot only, so
+one pass can carry the next token of several conversations and prompt chunks of others.
+
+RELEASE: the worker forgets slot `slot`'s positions from `keep` on and gives their memory back.
 """
 
 from __future__ import annotations
@@ -65,16 +72,17 @@ import numpy as np
 from dllama import quants
 from dllama.errors import DllamaError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAGIC = b"DLMA"
 HEADER = struct.Struct("<BBHI")
 MAX_META = 0xFFFF
 MAX_PAYLOAD = 64 << 20
 
 (HELLO, HELLO_ACK, REFUSE, CONFIG, WEIGHT, READY, STEP, BUFFER, BYE, PROBE, PROBE_INFO, CHALLENGE, AUTH,
- PING) = range(1, 15)
+ PING, RELEASE) = range(1, 16)
 TYPE_NAMES = {1: "HELLO", 2: "HELLO_ACK", 3: "REFUSE", 4: "CONFIG", 5: "WEIGHT", 6: "READY", 7: "STEP",
-              8: "BUFFER", 9: "BYE", 10: "PROBE", 11: "PROBE_INFO", 12: "CHALLENGE", 13: "AUTH", 14: "PING"}
+              8: "BUFFER", 9: "BYE", 10: "PROBE", 11: "PROBE_INFO", 12: "CHALLENGE", 13: "AUTH", 14: "PING",
+              15: "RELEASE"}
 
 QTYPES = quants.QTYPES
 
@@ -89,7 +97,8 @@ _CHALLENGE = struct.Struct("<32s32s")
 _AUTH = struct.Struct("<32s")
 _HELLO_ACK = struct.Struct("<H")
 _WEIGHT = struct.Struct("<QQBB")
-STEP_META = struct.Struct("<IBHd")
+STEP_META = struct.Struct("<IBHdI")
+RELEASE_META = struct.Struct("<II")
 BUFFER_META = struct.Struct("<BBII")
 _PROBE = struct.Struct("<4sH")
 
@@ -179,6 +188,14 @@ class Step:
     logits: int = LOGITS_FULL
     k: int = 0
     temperature: float = 0.0
+    slots: np.ndarray | None = None   # int32 (n,); None: all in slot 0
+    out_rows: int = 1
+
+
+@dataclass
+class Release:
+    slot: int
+    keep: int = 0
 
 
 @dataclass
@@ -237,8 +254,12 @@ def encode(msg) -> list:
         t = READY
     elif isinstance(msg, Step):
         positions = np.ascontiguousarray(msg.positions, dtype="<i4")
-        meta = STEP_META.pack(len(positions), msg.logits, msg.k, msg.temperature)
-        t, payload = STEP, memoryview(positions).cast("B")
+        slots = np.zeros_like(positions) if msg.slots is None else msg.slots
+        rows = np.concatenate([positions, np.ascontiguousarray(slots, dtype="<i4")])
+        meta = STEP_META.pack(len(positions), msg.logits, msg.k, msg.temperature, msg.out_rows)
+        t, payload = STEP, memoryview(rows).cast("B")
+    elif isinstance(msg, Release):
+        t, meta = RELEASE, RELEASE_META.pack(msg.slot, msg.keep)
     elif isinstance(msg, Buffer):
         t, meta, payload = BUFFER, BUFFER_META.pack(msg.op, FTYPES.index(msg.ftype), msg.n, msg.cols), msg.payload
     elif isinstance(msg, Bye):
@@ -319,20 +340,23 @@ def _dec_weight(meta, payload):
 
 
 def _dec_step(meta, payload):
-    n, logits, k, temperature = STEP_META.unpack(meta)
-    if len(payload) != 4 * n:
+    n, logits, k, temperature, out_rows = STEP_META.unpack(meta)
+    if len(payload) != 8 * n:
         raise ProtocolError(f"STEP of {n} positions carries {len(payload)} bytes")
-    check_step(n, logits, k, temperature)
-    return Step(np.frombuffer(payload, dtype="<i4").copy(), logits, k, temperature)
+    check_step(n, logits, k, temperature, out_rows)
+    rows = np.frombuffer(payload, dtype="<i4")
+    return Step(rows[:n].copy(), logits, k, temperature, rows[n:].copy(), out_rows)
 
 
-def check_step(n: int, logits: int, k: int, temperature: float) -> None:
-    """ProtocolError unless a STEP's fields are consistent (positions are checked against max_batch by the
-    worker)."""
+def check_step(n: int, logits: int, k: int, temperature: float, out_rows: int = 1) -> None:
+    """ProtocolError unless a STEP's fields are consistent (positions and slots are checked against
+    max_batch and n_slots by the worker)."""
     if logits not in (LOGITS_NONE, LOGITS_FULL, LOGITS_TOP) or not temperature >= 0 or temperature == float("inf"):
         raise ProtocolError(f"STEP asks for logits {logits} at temperature {temperature}")
     if logits == LOGITS_TOP and k < 1:
         raise ProtocolError("STEP asks for the top 0 candidates")
+    if not 1 <= out_rows <= n or (logits == LOGITS_TOP and out_rows != 1):
+        raise ProtocolError(f"STEP of {n} rows asks for the logits of {out_rows} rows ({logits})")
 
 
 def _dec_buffer(meta, payload):
@@ -366,6 +390,7 @@ _DECODERS = {
     CHALLENGE: lambda meta, payload: Challenge(*_CHALLENGE.unpack(meta)),
     AUTH: lambda meta, payload: Auth(*_AUTH.unpack(meta)),
     PING: _empty(Ping),
+    RELEASE: lambda meta, payload: Release(*RELEASE_META.unpack(meta)),
 }
 
 

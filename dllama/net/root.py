@@ -38,10 +38,10 @@ def parse_address(address) -> tuple[str, int]:
 
 def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q80", nthreads: int = 1,
                     log=None, max_batch: int = 32, timeout: float = DEFAULT_TIMEOUT, key: bytes | None = None,
-                    on_lost=None) -> RootCollective:
+                    on_lost=None, n_slots: int = 1) -> RootCollective:
     """Connect to `addresses` (node i + 1 is addresses[i]), load each with its slice of `loaded`, and
     return the root's collective. `nthreads` is the root's own; each worker has its --nthreads. `key` is
-    the cluster key (None: none). The collective pings the workers while idle; `on_lost(exc)` is called
+    the cluster key (None: none); each worker keeps `n_slots` conversations' KV caches. The collective pings the workers while idle; `on_lost(exc)` is called
     (from the ping thread) if one goes away meanwhile.
 
     Raises DllamaError naming the worker that could not be reached, refused, or failed while loading.
@@ -59,7 +59,7 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
             say(f"connected to worker {host}:{port} (node {i} of {len(plan)})")
         t0 = time.perf_counter()
         config = {"spec": loaded.spec.to_dict(), "seq_len": seq_len, "max_batch": max_batch,
-                  "buffer_type": buffer_type}
+                  "buffer_type": buffer_type, "n_slots": n_slots}
         for conn in conns:
             conn.set_timeout(timeout * IO_TIMEOUT_FACTOR)
         with ThreadPoolExecutor(max_workers=len(conns)) as pool:

@@ -26,7 +26,7 @@ from dllama.errors import DllamaError
 from dllama.net import auth
 from dllama.net import protocol as P
 from dllama.net.exchange import WorkerCollective
-from dllama.net.limits import check_config, weight_bytes
+from dllama.net.limits import check_config, config_slots, weight_bytes
 from dllama.net.liveness import FIRST_WAIT_S, ROOT_SILENCE_S
 from dllama.net.memory import trim_heap
 from dllama.net.transport import Connection, ConnectionLost, configure
@@ -90,14 +90,14 @@ class _Raw:
         self.qtype, self.shape, self.data = qtype, shape, data
 
 
-def _default_model(spec, node, seq_len, max_batch, coll):
+def _default_model(spec, node, seq_len, max_batch, coll, n_slots=1):
     from dllama.model.llama import NodeModel
 
-    return NodeModel(spec, node, seq_len, max_batch, coll)
+    return NodeModel(spec, node, seq_len, max_batch, coll, n_slots)
 
 
 class Worker:
-    """Listens on (host, port). `model_factory(spec, node, seq_len, max_batch, coll)` builds the slice's
+    """Listens on (host, port). `model_factory(spec, node, seq_len, max_batch, coll, n_slots)` builds the slice's
     model (the real NodeModel by default; tests may pass a stand-in)."""
 
     def __init__(self, host: str, port: int, model_factory=None, warm=None, nthreads: int = 1,
@@ -267,8 +267,9 @@ class Worker:
             with self._lock:
                 self._state = "serving"
             steps, t0 = 0, time.perf_counter()
+            coll.on_release = model.kv.release
             while (positions := coll.step()) is not None:
-                model.forward(None, positions, logits=coll.wants_logits)
+                model.forward(None, positions, logits=coll.wants_logits, slots=coll.slots, out_rows=coll.out_rows)
                 steps += 1
             busy = time.perf_counter() - t0
             log.info("%s %s after %d forward passes (%.1f s: %.1f s waiting on the network)", conn.label,
@@ -300,6 +301,7 @@ class Worker:
         if not isinstance(msg, P.Config):
             raise P.ProtocolError(f"{conn.label}: expected CONFIG, got {type(msg).__name__.upper()}")
         spec, node, seq_len, max_batch, buffer_type = check_config(msg.config, hello)
+        n_slots = config_slots(msg.config)
         with self._lock:
             self._node = (node.index, node.n_nodes)
         if self._warm and spec.weight_type not in self._warmed:
@@ -307,7 +309,7 @@ class Worker:
             self._warmed.add(spec.weight_type)
         coll = WorkerCollective(conn, node.index, node.n_nodes, spec.dim, max_batch, len(node.vocab), buffer_type,
                                 node.vocab.start)
-        model = self.model_factory(spec, node, seq_len, max_batch, coll)
+        model = self.model_factory(spec, node, seq_len, max_batch, coll, n_slots)
         # what the CONFIG was admitted for bounds what the WEIGHT frames may make this worker allocate
         budget = weight_bytes(spec, node)
         t0, total = time.perf_counter(), 0

@@ -434,11 +434,11 @@ def test_cli_inference_on_two_nodes_reports_transfer(model_files, pool):
         res[name] = json.loads(out)
     assert res["one"]["sent_bytes_per_token"] == 0
     assert res["q80"]["generated_ids"] == res["f32"]["generated_ids"] == res["one"]["generated_ids"]
-    # per generated token, to the worker: STEP (27 B) + 2 broadcasts per layer + the last x; back: 2
-    # reduces per layer + its best token (greedy: 16 B of normaliser, 8 B of candidate), 18 bytes of
-    # framing per buffer
+    # per generated token, to the worker: STEP (35 B: its position and slot) + 2 broadcasts per layer + the
+    # last x; back: 2 reduces per layer + its best token (greedy: 16 B of normaliser, 8 B of candidate),
+    # 18 bytes of framing per buffer
     dim, n_layers = 256, 3
-    step = P.HEADER.size + P.STEP_META.size + 4
+    step = P.HEADER.size + P.STEP_META.size + 8
     for ftype, x_bytes in (("q80", dim // 32 * 34), ("f32", dim * 4)):
         r = res[ftype]
         assert r["avg_transfer_ms"] > 0

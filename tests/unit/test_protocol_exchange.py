@@ -113,7 +113,7 @@ def test_collectives_star(ftype):
     assert np.array_equal(logits, np.concatenate(logits_parts, axis=1))
     # bytes on the wire: what the spec says (8-byte header + 10-byte meta per buffer)
     xbytes = P.buffer_nbytes(ftype, n, dim)
-    assert sent == 2 * ((8 + P.STEP_META.size + 4 * n) + (8 + 10 + xbytes))
+    assert sent == 2 * ((8 + P.STEP_META.size + 8 * n) + (8 + 10 + xbytes))   # positions and slots
     assert recv == 2 * ((8 + 10 + xbytes) + (8 + 10 + 32 * 4))
 
 
