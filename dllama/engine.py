@@ -277,8 +277,9 @@ class Engine:
 
 
 def _check_flags(nthreads, buffer_float_type, max_seq_len, parallel=1) -> None:
-    if parallel < 1:
-        raise DllamaError(f"--parallel must be at least 1, got {parallel}")
+    if not 1 <= parallel <= MAX_BATCH:
+        raise DllamaError(f"--parallel must be from 1 to {MAX_BATCH} (a forward pass carries a token of each "
+                          f"slot), got {parallel}")
     if nthreads < 1:
         raise DllamaError(f"--nthreads must be at least 1, got {nthreads}")
     if buffer_float_type not in ("f32", "q80"):
