@@ -54,6 +54,7 @@ class Batcher:
         self.free = list(range(engine.n_slots))
         self.running: list[Sequence] = []
         self.passes = self.rows = 0       # forward passes run and rows they carried
+        self.last_rows = 0                # rows of the latest pass
 
     @property
     def has_room(self) -> bool:
@@ -100,7 +101,8 @@ class Batcher:
             return []
         logits = self.engine.forward_rows(parts, FULL_LOGITS)
         self.passes += 1
-        self.rows += sum(len(p[1]) for p in parts)
+        self.last_rows = sum(len(p[1]) for p in parts)
+        self.rows += self.last_rows
         out = []
         for i, seq in enumerate(owners):
             tok = int(seq.sampler(logits[i]))
@@ -116,6 +118,11 @@ class Batcher:
             else:
                 seq.pending = tok
         return out
+
+    def end(self, seq: Sequence, finish: str | None) -> None:
+        """End `seq` (a stop string, an error): its slot frees and keeps its cache for a returning chat."""
+        if seq in self.running:
+            self._end(seq, finish)
 
     def _end(self, seq: Sequence, finish: str | None) -> None:
         seq.finish, seq.t_end = finish, time.perf_counter()

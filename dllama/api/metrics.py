@@ -55,6 +55,18 @@ def observe_generation(stats) -> None:
         time_per_token.observe(ms / 1000)
 
 
+def observe_sequence(seq) -> None:
+    """The same counts for one request of batched serving (dllama.batcher.Sequence), once it ended."""
+    generations.inc()
+    prompt_tokens.inc(len(seq.prompt_ids))
+    prompt_tokens_reused.inc(seq.reused)
+    tokens_generated.inc(seq.generated)
+    if seq.generated:
+        time_to_first_token.observe(seq.t_first - seq.t_start)
+    if seq.generated > 1:
+        time_per_token.observe((seq.t_end - seq.t_first) / (seq.generated - 1))
+
+
 def endpoint_label(path: str) -> str:
     if path.startswith("/v1/models/"):
         return "/v1/models/{id}"
@@ -103,8 +115,10 @@ class _ServiceCollector:
             return
         for name, doc, value in (("dllama_queue_waiting", "Requests waiting for the engine", r.waiting),
                                  ("dllama_queue_capacity", "Requests that may wait (--queue-size)", r.capacity),
-                                 ("dllama_slots_in_use", "Requests the engine is generating now", int(r.busy)),
-                                 ("dllama_slots_total", "Requests the engine can generate at once", 1)):
+                                 ("dllama_slots_in_use", "Requests the engine is generating now", r.slots_in_use),
+                                 ("dllama_slots_total", "Requests the engine can generate at once (--parallel)",
+                                  r.slots_total),
+                                 ("dllama_batch_rows", "Rows (tokens) of the latest forward pass", r.last_batch)):
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], float(value))
             yield g

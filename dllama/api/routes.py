@@ -130,6 +130,7 @@ def create_app(service: Service, max_body: int, api_key: str | None = None, docs
         if service.runner:
             r = service.runner
             body["queue"] = {"busy": r.busy, "waiting": r.waiting, "capacity": r.capacity}
+            body["slots"] = {"in_use": r.slots_in_use, "total": r.slots_total, "last_batch_rows": r.last_batch}
             body["requests"] = {"served": r.served, "cancelled": r.cancelled}
             # timings of the latest generation: tokens/s, and how much of its prompt came from the KV cache
             body["last"] = service.engine.stats.summary()
@@ -290,8 +291,11 @@ async def _complete(service: Service, request: Request, body, prompt_ids: list[i
 
 
 def _usage(done: Done) -> dict:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+    usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+             "total_tokens": done.prompt_tokens + done.completion_tokens}
+    if done.timings:
+        usage["timings"] = done.timings
+    return usage
 
 
 _GONE = object()   # the client disconnected: stop reading the job's events

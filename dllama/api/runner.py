@@ -1,10 +1,12 @@
 """One engine, one thread, a bounded queue: how HTTP requests share a model that is not re-entrant.
 
 The event loop never runs the model. A route builds a `Job` (prompt token ids, limits, sampler) and
-`submit`s it; the engine thread takes jobs in arrival order and runs each to its end, turning token ids into
-text (streaming UTF-8 decoding, stop strings held back until they can be ruled out) and posting `Delta` /
-`Done` / `Failed` events to the job's asyncio queue. A job whose client went away is cancelled: the thread
-checks the flag after every token and closes the engine's generator, so the next job starts at once.
+`submit`s it; the engine thread takes jobs in arrival order, turning token ids into text (streaming UTF-8
+decoding, stop strings held back until they can be ruled out) and posting `Delta` / `Done` / `Failed`
+events to the job's asyncio queue. With one conversation slot it runs each job to its end; with
+--parallel N it runs up to N at once, every forward pass carrying a token of each (dllama.batcher), and a
+queued job takes a slot as soon as one frees. A job whose client went away is cancelled: the thread checks
+the flag after every token and frees its slot, so the next job starts at once.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Done:
     finish_reason: str          # "stop" (end of turn or a stop string) or "length" (max_tokens or context)
     prompt_tokens: int
     completion_tokens: int      # every token the model produced, the end-of-turn token included
+    timings: dict | None = None  # this request's queue wait, time to first token, tokens/s (usage.timings)
 
 
 @dataclass
@@ -98,7 +101,11 @@ class EngineRunner:
         self._current: Job | None = None
         self._closing = False
         self.served = self.cancelled = 0
-        self._thread = threading.Thread(target=self._serve, name="dllama-engine", daemon=True)
+        self.slots_total = getattr(engine, "n_slots", 1)
+        self._batcher = None
+        self.last_batch = 0               # rows of the latest forward pass (batched serving)
+        serve = self._serve_batched if self.slots_total > 1 else self._serve
+        self._thread = threading.Thread(target=serve, name="dllama-engine", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -109,7 +116,12 @@ class EngineRunner:
 
     @property
     def busy(self) -> bool:
-        return self._current is not None
+        return self.slots_in_use > 0
+
+    @property
+    def slots_in_use(self) -> int:
+        b = self._batcher
+        return len(b.running) if b is not None else int(self._current is not None)
 
     def submit(self, job: Job) -> None:
         """Queue a job; raises ApiError 503 (with Retry-After) when the queue is full or closing."""
@@ -141,6 +153,9 @@ class EngineRunner:
         self._closing = True
         if self._current is not None:
             self._current.cancel()
+        b = self._batcher
+        for seq in list(b.running) if b is not None else ():
+            seq.tag.cancel()
         while True:
             try:
                 job = self._jobs.get_nowait()
@@ -220,5 +235,112 @@ class EngineRunner:
             tail = text.flush()
             if tail:
                 job.post(Delta(tail))
-        job.post(Done(finish, len(job.prompt_ids), n))
+        st = self.engine.stats
+        timings = st.summary() if hasattr(st, "token_ms") else None
+        job.post(Done(finish, len(job.prompt_ids), n, timings and {
+            "prompt_tokens_evaluated": timings["prompt_tokens"], "reused_tokens": timings["reused_tokens"],
+            "time_to_first_token_s": round(timings["time_to_first_token_s"], 6),
+            "generation_tokens_per_s": round(timings["generation_tokens_per_s"], 3)}))
         return True
+
+    # ---- several conversations at once -------------------------------------------------------------
+
+    def _serve_batched(self) -> None:
+        from dllama.batcher import Batcher
+
+        self._batcher = b = Batcher(self.engine)
+        self._streams: dict = {}
+        while True:
+            if not self._admit(b):
+                for seq in list(b.running):
+                    self._drop(b, seq, "the server is shutting down")
+                return
+            for seq in list(b.running):
+                if seq.tag.cancelled.is_set():
+                    self._drop(b, seq, "the request was cancelled (client gone or server shutting down)")
+            if not b.running:
+                continue
+            try:
+                events = b.step()
+            except Exception as exc:  # noqa: BLE001 - the thread must survive anything one pass does
+                self._pass_failed(b, exc)
+                continue
+            self.last_batch = b.last_rows
+            for seq, tok in events:
+                self._deliver(b, seq, tok)
+
+    def _admit(self, b) -> bool:
+        """Queued jobs into free slots (waiting for one only while nothing runs); False when stopping."""
+        from dllama.batcher import Sequence
+
+        while b.has_room:
+            try:
+                job = self._jobs.get(block=not b.running)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            if job is _HEAL:
+                if not b.running:
+                    self._heal()
+                continue
+            if job.cancelled.is_set():   # its client left while it waited
+                self.cancelled += 1
+                continue
+            tokenizer = self.engine.tokenizer
+            seq = Sequence(job.prompt_ids, job.max_tokens, job.sampler, tokenizer.eos_ids, tag=job)
+            try:
+                b.admit(seq)
+            except DllamaError as exc:
+                job.post(Failed(str(exc)))
+                continue
+            self._streams[seq] = TextStream(tokenizer, job.stop_strings, tokenizer.eos_ids)
+            log.info("slot %d: %d prompt tokens (%d from its cache), %d slots in use, %d waiting", seq.slot,
+                     len(seq.prompt_ids), seq.reused, len(b.running), self.waiting)
+        return True
+
+    def _deliver(self, b, seq, tok: int) -> None:
+        job, text = seq.tag, self._streams[seq]
+        piece, ended = text.feed(tok)
+        if piece:
+            job.post(Delta(piece))
+        if ended and seq.finish is None:   # a stop string: the model itself would go on
+            b.end(seq, "stop")
+        if seq.finish is None:
+            return
+        if seq.finish == "length":
+            tail = text.flush()
+            if tail:
+                job.post(Delta(tail))
+        del self._streams[seq]
+        self.served += 1
+        metrics.observe_sequence(seq)
+        t = seq.timings()
+        log.info("slot %d done (%s): %d tokens, first after %.2f s, %.1f tok/s; %.1f rows per pass so far, "
+                 "%d slots in use, %d waiting", seq.slot, seq.finish, seq.generated, t["time_to_first_token_s"],
+                 t["generation_tokens_per_s"], b.rows / max(b.passes, 1), len(b.running), self.waiting)
+        job.post(Done(seq.finish, len(seq.prompt_ids), seq.generated, seq.timings()))
+
+    def _drop(self, b, seq, reason: str) -> None:
+        b.cancel(seq)
+        self._streams.pop(seq, None)
+        self.cancelled += 1
+        seq.tag.post(Failed(reason))
+
+    def _pass_failed(self, b, exc: Exception) -> None:
+        """A forward pass failed: every running job gets the error; a lost worker is reconnected."""
+        lost = isinstance(exc, (ConnectionLost, ProtocolError))
+        if lost and self.cluster is not None:
+            msg = f"the cluster lost a node: {exc}; the server is reconnecting (see /health)"
+        elif isinstance(exc, DllamaError) or lost:
+            msg = str(exc)
+        else:
+            log.error("generation failed", exc_info=exc)
+            msg = "internal error during generation (see the server's log)"
+        for seq in list(b.running):
+            b.end(seq, None)
+            self._streams.pop(seq, None)
+            seq.tag.post(Failed(msg, 503 if isinstance(exc, DllamaError) or lost else 500))
+        if lost and self.cluster is not None:
+            self.cluster.lost(exc)
+            self._heal()

@@ -100,6 +100,11 @@ def _check_flags(args) -> None:
     args.model = path
     if args.queue_size < 1:
         raise DllamaError(f"--queue-size must be at least 1, got {args.queue_size}")
+    from dllama.engine import MAX_BATCH
+
+    parallel = getattr(args, "parallel", 1)
+    if not 1 <= parallel <= MAX_BATCH:
+        raise DllamaError(f"--parallel must be from 1 to {MAX_BATCH}, got {parallel}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise DllamaError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.max_body_size < 1024:
@@ -177,4 +182,5 @@ def _load(args, open_engine, service, server) -> None:
     runner = EngineRunner(engine, args.queue_size, service.cluster)
     runner.start()
     service.ready(engine, runner)
-    log.info("serving %s (context %d tokens, %d node(s))", engine.name, engine.seq_len, 1 + len(args.workers))
+    log.info("serving %s (context %d tokens, %d slot(s), %d node(s))", engine.name, engine.seq_len,
+             getattr(engine, "n_slots", 1), 1 + len(args.workers))

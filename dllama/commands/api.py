@@ -32,6 +32,9 @@ def add_arguments(p) -> None:
                         f"{DEFAULT_MAX_CONNECTIONS})")
     g.add_argument("--queue-size", type=int, default=16,
                    help="requests that may wait for the engine; more get 503 + Retry-After (default 16)")
+    g.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="conversations generated at once, each with its own KV cache of --max-seq-len tokens, "
+                        "sharing every forward pass (default 1; at most 32)")
     g.add_argument("--max-tokens", type=int, default=None,
                    help="longest reply any request may get, in tokens (default: what the context leaves)")
     g.add_argument("--max-body-size", type=int, default=DEFAULT_MAX_BODY,

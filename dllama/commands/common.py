@@ -70,7 +70,8 @@ def open_engine(args, log=None, on_lost=None):
 
     return Engine.open(resolve_model(args.model), args.tokenizer, nthreads=args.nthreads, max_seq_len=args.max_seq_len,
                        buffer_float_type=args.buffer_float_type, workers=parse_workers(args.workers), log=log,
-                       cluster_key=key_from_args(args) if args.workers else None, on_lost=on_lost)
+                       cluster_key=key_from_args(args) if args.workers else None, on_lost=on_lost,
+                       parallel=getattr(args, "parallel", 1))
 
 
 def kernels_cached() -> bool:
