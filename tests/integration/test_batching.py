@@ -203,3 +203,21 @@ def test_batched_streams_match_alone_over_a_worker(model_files, start_workers): 
         assert _compare(alone[:2], got2, seqs2) >= STEPS
     finally:
         engine.close()
+
+
+def test_memory_for_every_slot_is_checked_up_front():
+    from dllama.engine import _check_memory, _context_bytes
+    from dllama.errors import DllamaError
+    from dllama.formats.random_model import preset_spec
+    from dllama.model.partition import partition
+    from dllama.net.memory import available_bytes
+
+    have = available_bytes()
+    if have is None:
+        pytest.skip("the available memory cannot be read here")
+    spec = preset_spec("llama3_2_1b", "q40")
+    node = partition(spec, 1)[0]
+    seq_len = have // _context_bytes(spec, node, 1) // 4   # one slot's cache: a quarter of what is there
+    _check_memory(spec, node, seq_len, 1)
+    with pytest.raises(DllamaError, match="--parallel"):
+        _check_memory(spec, node, seq_len, 8)

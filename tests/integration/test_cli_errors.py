@@ -131,6 +131,14 @@ def test_api_port_out_of_range(tiny_m):
     assert_one_line_error(res, "--port", "65536")
 
 
+@pytest.mark.parametrize("value", ["0", "33"])
+def test_api_parallel_out_of_range(tiny_m, value):
+    res = subprocess.run([sys.executable, "-c", "import sys; from dllama.cli import main_api; sys.exit(main_api())",
+                          "--model", str(tiny_m), "--host", "127.0.0.1", "--port", "0", "--parallel", value],
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert_one_line_error(res, "--parallel", value)
+
+
 @pytest.mark.parametrize("flag", ["--max-seq-len", "--steps", "--nthreads"])
 def test_a_bad_flag_is_named_alone(tiny_m, flag):
     res = dllama("inference", "--model", str(tiny_m), "--prompt", "x", flag, "0")
