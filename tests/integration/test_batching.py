@@ -7,9 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cluster_fixtures import KEY, start_workers  # noqa: F401  (fixtures)
+from cluster_fixtures import KEY, random_cluster_model, start_workers  # noqa: F401  (fixtures)
 from dllama.batcher import Batcher, Sequence
-from dllama.sampler import Sampler
 
 pytestmark = [pytest.mark.slow]
 
@@ -25,27 +24,8 @@ STEPS = 16
 
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory):
-    """A random Llama-3-shaped Q40 model (8 heads / 4 KV heads) and a byte-level tokenizer for it."""
-    from dllama.formats.dlm import write_dlm
-    from dllama.formats.dlt import TokenizerData, write_t
-    from dllama.formats.random_model import preset_spec, random_tensors
-
-    d = tmp_path_factory.mktemp("batching")
-    spec = preset_spec("llama3_2_1b", "q40", dim=256, hidden_dim=512, n_layers=3, n_heads=8, n_kv_heads=4,
-                       vocab_size=512, seq_len=256)
-
-    def tensors():
-        # 10x the preset's weights: varied greedy tokens rather than one repeated
-        for name, src in random_tensors(spec, seed=7):
-            yield name, src if isinstance(src, np.ndarray) else (10 * rows for rows in src)
-
-    write_dlm(str(d / "m.m"), spec, tensors())
-    tokens = [bytes([i]) for i in range(256)] + [b"<s>", b"</s>"]
-    tokens += [bytes([97 + i // 26, 97 + i % 26]) for i in range(512 - len(tokens))]
-    scores = [0.0] * 258 + [-float(i) for i in range(512 - 258)]
-    write_t(str(d / "t.t"), TokenizerData(tokens, scores, bos_id=256, eos_ids=[257],
-                                          special_ids=frozenset({256, 257})))
-    return str(d / "m.m"), str(d / "t.t")
+    m, t = random_cluster_model(tmp_path_factory.mktemp("batching"))
+    return str(m), str(t)
 
 
 class Recorder:

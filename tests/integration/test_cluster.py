@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster_fixtures import KEY, KEY_ARGS, pool, start_workers, unused_port, worker_pool  # noqa: F401  (fixtures)
+from cluster_fixtures import (KEY, KEY_ARGS, pool, random_cluster_model, start_workers, unused_port,  # noqa: F401
+                              worker_pool)
 from dllama.errors import DllamaError
 from dllama.net import protocol as P
 
@@ -26,28 +27,8 @@ TOL_Q80 = 0.10
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory):
     """A random Llama-3-shaped Q40 model with 8 heads / 4 KV heads (splits over 1, 2, 4 nodes), and a
-    byte-level tokenizer for it (256 byte tokens, <s>, </s>, filler pairs)."""
-    from dllama.formats.dlm import write_dlm
-    from dllama.formats.dlt import TokenizerData, write_t
-    from dllama.formats.random_model import preset_spec, random_tensors
-
-    d = tmp_path_factory.mktemp("cluster")
-    spec = preset_spec("llama3_2_1b", "q40", dim=256, hidden_dim=512, n_layers=3, n_heads=8, n_kv_heads=4,
-                       vocab_size=512, seq_len=256)
-
-    def tensors():
-        # weights 10x the preset's N(0, 0.02): with tiny weights the stream is the embedding and greedy
-        # decoding repeats one token; these give varied tokens with top-2 logit gaps >= 0.07 (spread ~3)
-        for name, src in random_tensors(spec, seed=7):
-            yield name, src if isinstance(src, np.ndarray) else (10 * rows for rows in src)
-
-    write_dlm(str(d / "m.m"), spec, tensors())
-    tokens = [bytes([i]) for i in range(256)] + [b"<s>", b"</s>"]
-    tokens += [bytes([97 + i // 26, 97 + i % 26]) for i in range(512 - len(tokens))]
-    scores = [0.0] * 258 + [-float(i) for i in range(512 - 258)]
-    write_t(str(d / "t.t"), TokenizerData(tokens, scores, bos_id=256, eos_ids=[257],
-                                          special_ids=frozenset({256, 257})))
-    return d / "m.m", d / "t.t"
+    byte-level tokenizer for it."""
+    return random_cluster_model(tmp_path_factory.mktemp("cluster"))
 
 
 class Root:
