@@ -62,6 +62,7 @@ class Engine:
         # per conversation slot: the tokens whose K/V are in its cache, in position order; prefill and
         # generate use slot 0, a scheduler (dllama.api.batcher) all of them through forward_rows
         self.slot_ids: list[list[int]] = [[] for _ in range(model.kv.n_slots)]
+        self._rows = np.zeros((3, model.max_batch), np.int64)   # a batched pass's slots, positions, tokens
         self.stats = Stats()
 
     @property
@@ -185,17 +186,24 @@ class Engine:
         """One forward pass over several slots' tokens: `parts` is [(slot, tokens, wants_logits)], each
         slot's tokens following its cache. Returns the logits (m, vocab) of the last token of each part
         that wants them, in order (m <= number of parts), or None when none does."""
-        rows = [(s, t, self.cache_len(s) + i, False) for s, toks, want in parts
-                for i, t in enumerate(toks[:-1] if want else toks)]
-        rows += [(s, toks[-1], self.cache_len(s) + len(toks) - 1, True) for s, toks, want in parts if want]
         # rows needing logits go last: the pass computes the output layer for its last m rows only (the
         # order of rows inside a pass is free: every row's K/V is written before any attention reads)
-        m = sum(r[3] for r in rows)
-        slots = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-        positions = np.fromiter((r[2] for r in rows), np.int64, len(rows))
-        tokens = np.fromiter((r[1] for r in rows), np.int64, len(rows))
+        n, m = sum(len(p[1]) for p in parts), sum(1 for p in parts if p[2])
+        if n > len(self._rows[0]):
+            raise ValueError(f"a pass of {n} rows; at most {len(self._rows[0])}")
+        slots, positions, tokens = (a[:n] for a in self._rows)
+        head, tail = 0, n - m
+        for s, toks, want in parts:
+            start = len(self.slot_ids[s])
+            for i, t in enumerate(toks):
+                r = tail if want and i == len(toks) - 1 else head
+                slots[r], positions[r], tokens[r] = s, start + i, t
+                if r == tail:
+                    tail += 1
+                else:
+                    head += 1
         what = logits if m else NO_LOGITS
-        self.coll.step(len(rows), positions, what, slots, max(m, 1))
+        self.coll.step(n, positions, what, slots, max(m, 1))
         out = self.model.forward(tokens, positions, logits=m > 0, slots=slots, out_rows=max(m, 1))
         if m == 0 and hasattr(self.coll, "end_pass"):
             self.coll.end_pass()
