@@ -54,3 +54,44 @@ def _greedy_weighted(path, workers, prompt, steps, force, weights):
         root.close()
         for w in workers:
             assert w.wait_idle()["state"] == "idle", w.log()
+
+
+def test_cli_split_auto_prints_the_plan_and_generates_what_one_node_does(model_files, start_workers):
+    import json
+
+    from test_cluster import KEY_ARGS, _dllama
+
+    path, tok = model_files
+    workers = start_workers(2)
+    common = ["inference", "--model", str(path), "--tokenizer", str(tok), "--prompt", "Hello world",
+              "--steps", "6", "--temperature", "0", "--json", "--buffer-float-type", "f32"]
+    res, errs = {}, {}
+    for name, extra in [("one", []), ("auto", ["--split", "auto", "--workers", *[w.address for w in workers], *KEY_ARGS]),
+                        ("3,1,2", ["--split", "3,1,2", "--workers", *[w.address for w in workers], *KEY_ARGS])]:
+        proc = _dllama(*common, *extra)
+        out, errs[name] = proc.communicate(timeout=180)
+        assert proc.returncode == 0, errs[name]
+        res[name] = json.loads(out)
+        for w in workers:
+            w.wait_idle()
+    assert res["auto"]["generated_ids"] == res["one"]["generated_ids"] == res["3,1,2"]["generated_ids"]
+    print(errs["auto"])
+    lines = errs["auto"].splitlines()
+    at = lines.index("split by measured speed:")
+    assert lines[at + 1].startswith("  node 0 root: heads ")
+    for i, w in enumerate(workers, start=1):
+        assert lines[at + 1 + i].startswith(f"  node {i} {w.address}: heads "), errs["auto"]
+        assert " Gvalues/s, expected " in lines[at + 1 + i]
+    assert "  node 0 root: heads 4/8, ffn 256/512 (50%)" in errs["3,1,2"], errs["3,1,2"]
+
+
+def test_cli_split_of_the_wrong_length_is_refused_before_connecting(model_files):
+    from test_cluster import _dllama
+
+    path, tok = model_files
+    proc = _dllama("inference", "--model", str(path), "--tokenizer", str(tok), "--prompt", "Hi", "--steps", "1",
+                   "--split", "1,1", "--workers", "127.0.0.1:1", "127.0.0.1:2")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.strip().splitlines()[-1] == "dllama: error: --split '1,1': 2 weights for 3 nodes (the root and 2 workers)"
+    assert "Traceback" not in err
