@@ -90,7 +90,8 @@ class Engine:
     @classmethod
     def open(cls, model_path: str, tokenizer_path: str | None = None, nthreads: int = 1,
              max_seq_len: int | None = None, buffer_float_type: str = "q80", workers=(),
-             log=None, cluster_key: bytes | None = None, on_lost=None, parallel: int = 1) -> "Engine":
+             log=None, cluster_key: bytes | None = None, on_lost=None, parallel: int = 1,
+             split=None) -> "Engine":
         """Load a model file (and tokenizer), connecting to and loading the workers if any.
 
         Raises DllamaError for bad files, bad flags, and workers that cannot be reached.
@@ -107,23 +108,27 @@ class Engine:
             raise DllamaError(f"the tokenizer {tokenizer_path or loaded.path} has {tokenizer.vocab_size} tokens, "
                               f"the model {loaded.path} {loaded.spec.vocab_size}: not this model's tokenizer")
         return cls.from_loaded(loaded, tokenizer, nthreads, max_seq_len, buffer_float_type, workers, log,
-                               cluster_key, on_lost, parallel)
+                               cluster_key, on_lost, parallel, split)
 
     @classmethod
     def from_loaded(cls, loaded, tokenizer, nthreads: int = 1, max_seq_len: int | None = None,
                     buffer_float_type: str = "q80", workers=(), log=None, cluster_key: bytes | None = None,
-                    on_lost=None, parallel: int = 1) -> "Engine":
+                    on_lost=None, parallel: int = 1, split=None) -> "Engine":
         """An engine over an already loaded model (a file's, or tensors built in memory). `cluster_key`
         authenticates the workers; `on_lost(exc)` hears of a worker lost while idle (see `reconnect`);
-        `parallel` conversation slots get a KV cache of the context each."""
+        `parallel` conversation slots get a KV cache of the context each. `split`: None (even shares), a
+        weight per node, or "auto" (by measured speed, dllama.model.split)."""
         from dllama import kernels as K
         from dllama.model.collective import LocalCollective
         from dllama.model.llama import NodeModel
+        from dllama.model import split as S
         from dllama.model.partition import partition
 
         _check_flags(nthreads, buffer_float_type, max_seq_len, parallel)
         spec = loaded.spec
-        plan = partition(spec, 1 + len(workers))   # refuses bad node counts before connecting
+        auto = split == S.AUTO and bool(workers)
+        # refuses bad node counts (and, with auto, at least n nodes' worth of heads) before connecting
+        plan = partition(spec, 1 + len(workers), None if split == S.AUTO else split)
         seq_len = min(spec.seq_len, max_seq_len) if max_seq_len else spec.seq_len
         _check_memory(spec, plan[0], seq_len, parallel)
         K.set_threads(nthreads)
@@ -132,10 +137,17 @@ class Engine:
         cluster = None
         if workers:
             from dllama.net.root import connect_workers
-            cluster = dict(addresses=list(workers), loaded=loaded, plan=plan, seq_len=seq_len,
+            names = ["root"] + [w if isinstance(w, str) else f"{w[0]}:{w[1]}" for w in workers]
+            planner = S.auto_planner(spec, seq_len, MAX_BATCH, names, log or (lambda msg: None)) if auto else None
+            cluster = dict(addresses=list(workers), loaded=loaded, plan=planner or plan, seq_len=seq_len,
                            buffer_type=buffer_float_type, nthreads=nthreads, log=log, max_batch=MAX_BATCH,
                            key=cluster_key, on_lost=on_lost, n_slots=parallel)
             coll = connect_workers(**cluster)
+            # a reconnect streams the plan the root's own slice is loaded for
+            plan = cluster["plan"] = coll.plan
+            if split is not None and not auto and log:
+                for line in S.describe(spec, plan, names, None):
+                    log("  " + line)
         else:
             coll = LocalCollective()
         model = NodeModel(spec, plan[0], seq_len, MAX_BATCH, coll, parallel)

@@ -22,7 +22,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--buffer-float-type", choices=("f32", "q80"), default="q80",
                    help="float type of the activations exchanged between nodes (default q80)")
     g.add_argument("--workers", nargs="*", default=[], metavar="HOST:PORT",
-                   help="worker nodes, in order (the root is node 0); 1 + workers must be a power of two")
+                   help="worker nodes, in order (the root is node 0); any number up to the model's query heads")
+    g.add_argument("--split", default=None, metavar="auto|W0,W1,...",
+                   help="each node's share of the model: one weight per node (root first), such as 3,1,1, or "
+                        "'auto': by each node's measured speed, within its free memory (default: even)")
     add_key_argument(g)
     s = p.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
@@ -62,16 +65,21 @@ def parse_workers(items: list[str]) -> list[tuple[str, int]]:
 
 def open_engine(args, log=None, on_lost=None):
     from dllama.engine import Engine
+    from dllama.model.split import parse_split
     from dllama.net.auth import key_from_args
 
     if not kernels_cached():
         print("compiling kernels (first run only; later runs start in seconds)...", file=sys.stderr, flush=True)
     from dllama.catalog import resolve_model
 
+    split = parse_split(getattr(args, "split", None), 1 + len(args.workers))
+    if split is not None and log is None:   # the plan is printed, with the workers it was made for
+        log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
     return Engine.open(resolve_model(args.model), args.tokenizer, nthreads=args.nthreads, max_seq_len=args.max_seq_len,
                        buffer_float_type=args.buffer_float_type, workers=parse_workers(args.workers), log=log,
                        cluster_key=key_from_args(args) if args.workers else None, on_lost=on_lost,
-                       parallel=getattr(args, "parallel", 1))
+                       parallel=getattr(args, "parallel", 1), split=split)
 
 
 def kernels_cached() -> bool:

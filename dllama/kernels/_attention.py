@@ -4,8 +4,10 @@
     query row t attends to cache rows bases[t]..bases[t] + positions[t] (so a prompt batch, whose keys are
     already written into the cache, is causal within itself, and rows of several sequences, each with its
     own stretch of the cache, share one call); query head h reads KV head
-    h // (n_heads // n_kv_heads); att (n_heads, >= max(positions) + 1) is scratch;
-    out (n, n_heads * hd).
+    (first + h) // group, where `group` is the model's query heads per KV head and `first` is where
+    the node's first query head sits in its first KV head's group (a node of an uneven split may start
+    or end inside a group; by default group = n_heads // n_kv_heads, first = 0);
+    att (n_heads, >= max(positions) + 1) is scratch; out (n, n_heads * hd).
 """
 
 from __future__ import annotations
@@ -20,17 +22,16 @@ from dllama.kernels._matmul import _bound
 from dllama.kernels.ops import expf, zero_bases
 
 
-def _attention(q, k_cache, v_cache, positions, bases, n_heads, n_kv_heads, head_dim, att, out):
+def _attention(q, k_cache, v_cache, positions, bases, n_heads, group, first, head_dim, att, out):
     n = q.shape[0]
     rows = min(k_cache.shape[0], v_cache.shape[0])
     for t in range(n):
         if (positions[t] < 0 or positions[t] >= att.shape[1] or bases[t] < 0
                 or bases[t] + positions[t] >= rows):
             raise ValueError("attention: a position is outside the KV cache or the att scratch")
-    group = n_heads // n_kv_heads
     scale = np.float32(1.0 / math.sqrt(head_dim))
     for h in prange(n_heads):
-        kvo = (h // group) * head_dim
+        kvo = ((first + h) // group) * head_dim
         scores = att[h]
         for t in range(n):
             # 1-D views with plain range indices: no negative-index fix-ups, so the loops vectorise
@@ -70,17 +71,20 @@ _FLAGS = dict(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 _VARIANTS = (njit(**_FLAGS)(_bound(_attention, "_serial")), njit(parallel=True, **_FLAGS)(_attention))
 
 
-def attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out, bases=None):
+def attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out, bases=None, group=None,
+              first=0):
     """Attention of every query row over the cache (see the module docstring); heads in parallel
     when set_threads(n > 1). `bases` None: every row's sequence starts at cache row 0. Raises ValueError
     on shapes that do not fit."""
-    if n_heads % n_kv_heads or q.shape[1] != n_heads * head_dim or k_cache.shape[1] != n_kv_heads * head_dim:
+    if group is None:
+        group = n_heads // n_kv_heads if n_heads % n_kv_heads == 0 else 0
+    if (group < 1 or not 0 <= first < group or n_kv_heads != -(-(first + n_heads) // group)
+            or q.shape[1] != n_heads * head_dim or k_cache.shape[1] != n_kv_heads * head_dim):
         raise ValueError(f"attention: {n_heads} heads / {n_kv_heads} KV heads of {head_dim} do not fit "
                          f"q {q.shape}, cache {k_cache.shape}")
     if att.shape[0] < n_heads or out.shape != q.shape:
         raise ValueError(f"attention: att {att.shape} or out {out.shape} too small")
     if bases is None:
         bases = zero_bases(q.shape[0])
-    _VARIANTS[_threads.use_parallel()](q, k_cache, v_cache, positions, bases, n_heads, n_kv_heads, head_dim, att,
+    _VARIANTS[_threads.use_parallel()](q, k_cache, v_cache, positions, bases, n_heads, group, first, head_dim, att,
                                        out)
-

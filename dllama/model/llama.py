@@ -40,6 +40,9 @@ class NodeModel:
         hd = spec.head_dim
         self.n_heads = len(node.heads)          # this node's query heads
         self.n_kv = len(node.kv_heads)          # this node's KV heads
+        # an uneven split may start a node inside a KV head's group of query heads
+        self.group = spec.n_heads // spec.n_kv_heads
+        self.first = node.heads.start - node.kv_heads.start * self.group
         self.q_dim, self.kv_dim = self.n_heads * hd, self.n_kv * hd
         self.ffn = len(node.ffn)
         self.layers = [Layer() for _ in range(spec.n_layers)]
@@ -219,7 +222,8 @@ class NodeModel:
         K.rope_qkv(q_in, k_in, qkv[:, qd + kvd:], positions, self.cos, self.sin, hd, self.neox, q,
                    k_cache, v_cache, bases)
         att_out = self.att_out[:n]
-        K.attention(q, k_cache, v_cache, positions, self.n_heads, self.n_kv, hd, self.att, att_out, bases)
+        K.attention(q, k_cache, v_cache, positions, self.n_heads, self.n_kv, hd, self.att, att_out, bases,
+                    self.group, self.first)
         K.matmul(layer.wo, att_out, y)
 
     def _ffn(self, layer: Layer, xb: np.ndarray, y: np.ndarray) -> None:

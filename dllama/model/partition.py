@@ -2,15 +2,21 @@
 
 Megatron-style, as in Meta's `model.py`: q/k/v and w1/w3 are split by output rows (column-parallel), wo and
 w2 by input columns (row-parallel), and the nodes' partial outputs of wo and w2 are summed. A node owns a
-contiguous range of KV heads with their query heads (so attention needs no exchange), a contiguous range of
-FFN rows (for MoE models the same rows of every expert), and a range of output-vocabulary rows.
+contiguous range of query heads, a contiguous range of FFN rows (for MoE models the same rows of every
+expert) and a range of output-vocabulary rows, each sized by the node's weight (its measured or given
+speed). A node holds the KV heads its query heads read: where a KV head's query heads fall on two nodes,
+both compute that head's K and V (a small duplicate: K/V are 1/group of the attention's rows) and each
+attends with its own query heads only, so attention still needs no exchange.
+
+Column cuts (of wo and w2) fall on block boundaries of the weight type; row cuts may fall anywhere.
 
 The root (node 0) also holds the token embedding and runs the sampler.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -18,7 +24,7 @@ from dllama import quants, schema
 from dllama.errors import DllamaError
 from dllama.formats.spec import ModelSpec
 
-BLOCK = quants.BLOCK_SIZE  # a column split must not cut a block
+BLOCK = quants.BLOCK_SIZE  # the smallest column alignment: a GGUF mixes Q8_0 into files of any type
 
 
 @dataclass(frozen=True)
@@ -26,73 +32,112 @@ class NodeSlice:
     index: int
     n_nodes: int
     heads: range      # query heads
-    kv_heads: range   # key/value heads
+    kv_heads: range   # key/value heads: those the query heads read (shared with a neighbour at the edges)
     ffn: range        # rows of w1/w3, columns of w2 (per expert)
     vocab: range      # rows of wcls
+    weights: tuple = field(default=())   # the plan's per-node weights; () for an even split
 
     def to_dict(self) -> dict:
         d = asdict(self)
         for key in ("heads", "kv_heads", "ffn", "vocab"):
             r = getattr(self, key)
             d[key] = [r.start, r.stop]
+        d["weights"] = list(self.weights)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "NodeSlice":
-        return cls(index=d["index"], n_nodes=d["n_nodes"],
+        return cls(index=d["index"], n_nodes=d["n_nodes"], weights=tuple(d.get("weights") or ()),
                    **{k: range(*d[k]) for k in ("heads", "kv_heads", "ffn", "vocab")})
 
 
-def _ranges(n_items: int, n_nodes: int) -> list[range]:
-    """Even contiguous ranges. The one place to change for uneven (weighted) splits."""
-    step = n_items // n_nodes
-    return [range(i * step, (i + 1) * step) for i in range(n_nodes)]
+def column_align(spec: ModelSpec) -> int:
+    """Values a column cut must be a multiple of: the block of the model's weight type, at least BLOCK."""
+    try:
+        block = quants.quant(spec.weight_type).block_size
+    except DllamaError:
+        block = BLOCK
+    return max(BLOCK, block)
+
+
+def cuts(total: int, weights: list[float], unit: int) -> list[int]:
+    """Cut points 0 = c_0 < c_1 < ... < c_n = total splitting `total` items by `weights`: every inner cut
+    a multiple of `unit`, every range non-empty, each within `unit` of its weight's share when every share
+    is at least a unit. Raises DllamaError when `total` does not hold a unit per range."""
+    n, units = len(weights), -(-total // unit)
+    if n > units:
+        raise DllamaError(f"{total} split in units of {unit} gives {units} parts, fewer than {n}")
+    w_sum, acc, c = float(sum(weights)), 0.0, [0]
+    for w in weights[:-1]:
+        acc += w
+        c.append(math.floor(total * acc / w_sum / unit + 0.5))
+    c.append(units)
+    for k in range(1, n):           # every range at least one unit: only shares under a unit move
+        c[k] = max(c[k], c[k - 1] + 1)
+    for k in range(n - 1, 0, -1):
+        c[k] = min(c[k], c[k + 1] - 1)
+    return [min(x * unit, total) for x in c]
+
+
+def _ranges(total: int, weights: list[float], unit: int) -> list[range]:
+    c = cuts(total, weights, unit)
+    return [range(a, b) for a, b in zip(c, c[1:])]
+
+
+def head_unit(spec: ModelSpec) -> int:
+    """Query heads per unit of the split: the fewest whole heads whose `wo` columns fill whole blocks."""
+    align = column_align(spec)
+    return align // math.gcd(align, spec.head_dim)
+
+
+def max_nodes(spec: ModelSpec) -> int:
+    """The most nodes `spec` splits over: one unit of query heads (and of FFN columns) each."""
+    return max(1, min(-(-spec.n_heads // head_unit(spec)), -(-spec.ffn_dim // column_align(spec)),
+                      spec.vocab_size))
 
 
 def valid_node_counts(spec: ModelSpec) -> list[int]:
-    counts, n = [], 1
-    while n <= spec.n_kv_heads:
-        if _why_not(spec, n) is None:
-            counts.append(n)
-        n *= 2
-    return counts
+    return list(range(1, max_nodes(spec) + 1))
 
 
-def _why_not(spec: ModelSpec, n: int) -> str | None:
-    """Why `spec` cannot be split over `n` nodes, or None if it can."""
-    if n < 1 or n & (n - 1):
-        return "the node count must be a power of two"
-    if n > spec.n_kv_heads or spec.n_kv_heads % n:
-        return f"it has {spec.n_kv_heads} KV heads"
-    if spec.ffn_dim % (n * BLOCK):
-        return f"its FFN width {spec.ffn_dim} does not split into {BLOCK}-value blocks over {n} nodes"
-    if (spec.q_dim // n) % BLOCK:
-        return f"its attention width {spec.q_dim} does not split into {BLOCK}-value blocks over {n} nodes"
+def _why_not(spec: ModelSpec, n: int, weights) -> str | None:
+    """Why `spec` cannot be split over `n` nodes with `weights`, or None if it can."""
+    if n < 1:
+        return "there must be at least one node"
+    if n > max_nodes(spec):
+        unit = head_unit(spec)
+        heads = f"{spec.n_heads} query heads" + (f" ({unit} to a {column_align(spec)}-value block)" if unit > 1 else "")
+        return f"it has {heads} and an FFN width of {spec.ffn_dim}: at most {max_nodes(spec)} nodes"
+    if weights is not None:
+        if len(weights) != n:
+            return f"{len(weights)} split weights were given for {n} nodes"
+        bad = [w for w in weights if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0)]
+        if bad:
+            return f"split weight {bad[0]!r} is not a positive number"
     return None
 
 
-def partition(spec: ModelSpec, n_nodes: int) -> list[NodeSlice]:
-    """Split `spec` over `n_nodes` nodes.
+def partition(spec: ModelSpec, n_nodes: int, weights=None) -> list[NodeSlice]:
+    """Split `spec` over `n_nodes` nodes, node i's shares following `weights[i]` (None: even).
 
     Raises DllamaError, naming the reason and the node counts that would work, when the model cannot be
-    split so: like the reference, node counts are powers of two and at most the number of KV heads.
+    split so (more nodes than units of query heads or of FFN blocks) or the weights are not n positive
+    numbers.
     """
-    why = _why_not(spec, n_nodes)
+    why = _why_not(spec, n_nodes, weights)
     if why:
-        works = ", ".join(str(c) for c in valid_node_counts(spec))
-        raise DllamaError(f"this model cannot be split over {n_nodes} nodes ({why}); node counts that work: {works}")
+        raise DllamaError(f"this model cannot be split over {n_nodes} nodes ({why}); "
+                          f"node counts that work: 1 to {max_nodes(spec)}")
+    w = [1.0] * n_nodes if weights is None else [float(x) for x in weights]
     group = spec.n_heads // spec.n_kv_heads
-    kv = _ranges(spec.n_kv_heads, n_nodes)
-    ffn = _ranges(spec.ffn_dim, n_nodes)
-    vocab_step = -(-spec.vocab_size // n_nodes)
+    heads = _ranges(spec.n_heads, w, head_unit(spec))
+    ffn = _ranges(spec.ffn_dim, w, column_align(spec))
+    vocab = _ranges(spec.vocab_size, w, 1)
+    kept = () if weights is None else tuple(weights)
     return [
-        NodeSlice(
-            index=i, n_nodes=n_nodes,
-            heads=range(kv[i].start * group, kv[i].stop * group),
-            kv_heads=kv[i],
-            ffn=ffn[i],
-            vocab=range(min(i * vocab_step, spec.vocab_size), min((i + 1) * vocab_step, spec.vocab_size)),
-        )
+        NodeSlice(index=i, n_nodes=n_nodes, heads=heads[i],
+                  kv_heads=range(heads[i].start // group, -(-heads[i].stop // group)),
+                  ffn=ffn[i], vocab=vocab[i], weights=kept)
         for i in range(n_nodes)
     ]
 

@@ -21,6 +21,7 @@ from dllama.net import protocol as P
 KEY_ENV = "DLLAMA_CLUSTER_KEY_FILE"
 _ROOT_LABEL = b"dllama root proof\0"
 _WORKER_LABEL = b"dllama worker proof\0"
+_REPORT_LABEL = b"dllama worker report\0"
 
 
 def key_from_args(args) -> bytes | None:
@@ -63,8 +64,15 @@ def nonce() -> bytes:
 
 
 def _transcript(hello: P.Hello, worker_nonce: bytes) -> bytes:
-    return (P.MAGIC + struct.pack("<HHH", hello.version, hello.node_index, hello.n_nodes)
+    return (P.MAGIC + struct.pack("<HHHBI", hello.version, hello.node_index, hello.n_nodes,
+                                  *P.calibration_fields(hello))
             + hello.nonce + worker_nonce)
+
+
+def report_mac(key: bytes | None, hello: P.Hello, worker_nonce: bytes, speed: float, free: int) -> bytes:
+    """The MAC of a worker's calibration report (HELLO_ACK speed and free memory) in this session."""
+    return hmac.new(key or b"", _REPORT_LABEL + _transcript(hello, worker_nonce) + struct.pack("<dQ", speed, free),
+                    hashlib.sha256).digest()
 
 
 def worker_proof(key: bytes | None, hello: P.Hello, worker_nonce: bytes) -> bytes:

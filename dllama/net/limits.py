@@ -49,7 +49,7 @@ def check_config(cfg: dict, hello: P.Hello, available: int | None = None):
     if spec.weight_type not in P.QTYPES:
         raise DllamaError(f"CONFIG weight_type must be one of {P.QTYPES}, got {spec.weight_type!r}")
     # the slice must be the one the partition gives this node: ranges out of the model are refused
-    if partition(spec, node.n_nodes)[node.index] != node:
+    if partition(spec, node.n_nodes, node.weights or None)[node.index] != node:
         raise DllamaError(f"CONFIG node slice {cfg['node']} is not node {node.index}'s of this model")
     need = slice_bytes(spec, node, seq_len, max_batch, config_slots(cfg))
     if available is None:

@@ -11,8 +11,8 @@ Every integer is little-endian. A connection carries a sequence of frames:
 
 | type | name       | direction      | meta                                        | payload                     |
 |------|------------|----------------|---------------------------------------------|-----------------------------|
-| 1    | HELLO      | root -> worker | "<4sHHH32s" magic b"DLMA", version, node_index, n_nodes, root nonce | -    |
-| 2    | HELLO_ACK  | worker -> root | "<H" version                                | -                           |
+| 1    | HELLO      | root -> worker | "<4sHHH32sBI" magic b"DLMA", version, node_index, n_nodes, root nonce, calibration qtype (255: none), calibration cols | - |
+| 2    | HELLO_ACK  | worker -> root | "<HdQ32s" version, speed, free memory, report MAC | -                    |
 | 3    | REFUSE     | either         | reason, UTF-8                               | -                           |
 | 4    | CONFIG     | root -> worker | -                                           | JSON object, UTF-8 (below)  |
 | 5    | WEIGHT     | root -> worker | "<QQBB" offset, total, qtype, ndim; ndim x "<I" shape; name UTF-8 | bytes [offset, offset+len) of the tensor |
@@ -40,8 +40,15 @@ CONFIG JSON: {"spec": ModelSpec fields, "node": NodeSlice.to_dict(), "seq_len": 
 seq_len positions for each of n_slots conversation slots (1 when absent).
 
 Authentication: with the cluster key K (bytes; empty when none is configured) and the transcript
-T = magic + version (u16) + node_index (u16) + n_nodes (u16) + root nonce + worker nonce, the worker proof
-is HMAC-SHA256(K, b"dllama worker proof\0" + T) and the root proof HMAC-SHA256(K, b"dllama root proof\0" + T).
+T = magic + version (u16) + node_index (u16) + n_nodes (u16) + calibration qtype (u8) + calibration cols (u32)
++ root nonce + worker nonce, the worker proof is HMAC-SHA256(K, b"dllama worker proof\0" + T) and the root
+proof HMAC-SHA256(K, b"dllama root proof\0" + T). The HELLO_ACK's report MAC is HMAC-SHA256(K,
+b"dllama worker report\0" + T + "<dQ" speed, free memory): a root plans `--split auto` on figures only the
+worker could have sent.
+
+Calibration (for `--split auto`): a HELLO naming a qtype asks the worker to time its matmul kernel, with its
+thread count, on a matrix of that type with `cols` columns; HELLO_ACK speed is the weight values it
+multiplied per second (0: not asked), free memory the bytes it may still allocate (0: unknown).
 Both nonces are 32 fresh random bytes, so a recorded AUTH is worthless on a new connection, and the
 distinct labels keep a proof from being reflected back to the side that made it.
 
@@ -92,10 +99,12 @@ TOP_STATS = struct.Struct("<dd")
 FTYPES = ("f32", "q80")
 
 NONCE_SIZE = PROOF_SIZE = 32
-_HELLO = struct.Struct("<4sHHH32s")
+_HELLO = struct.Struct("<4sHHH32sBI")
+_VERSION = struct.Struct("<H")
+NO_CALIBRATION = 255
 _CHALLENGE = struct.Struct("<32s32s")
 _AUTH = struct.Struct("<32s")
-_HELLO_ACK = struct.Struct("<H")
+_HELLO_ACK = struct.Struct("<HdQ32s")
 _WEIGHT = struct.Struct("<QQBB")
 STEP_META = struct.Struct("<IBHdI")
 RELEASE_META = struct.Struct("<II")
@@ -134,6 +143,8 @@ class Hello:
     node_index: int
     n_nodes: int
     nonce: bytes = bytes(NONCE_SIZE)
+    calibrate: str | None = None   # a qtype: the worker times its matmul on it (--split auto)
+    calibrate_cols: int = 0
 
 
 @dataclass
@@ -155,6 +166,9 @@ class Ping:
 @dataclass
 class HelloAck:
     version: int
+    speed: float = 0.0             # weight values multiplied per second (0: not asked)
+    free: int = 0                  # bytes the worker may still allocate (0: unknown)
+    mac: bytes = bytes(PROOF_SIZE)
 
 
 @dataclass
@@ -232,7 +246,8 @@ def encode(msg) -> list:
     The payload is passed through without a copy (a memoryview of a numpy array is fine)."""
     meta, payload = b"", b""
     if isinstance(msg, Hello):
-        t, meta = HELLO, _HELLO.pack(MAGIC, msg.version, msg.node_index, msg.n_nodes, msg.nonce)
+        t, meta = HELLO, _HELLO.pack(MAGIC, msg.version, msg.node_index, msg.n_nodes, msg.nonce,
+                                     *calibration_fields(msg))
     elif isinstance(msg, Challenge):
         t, meta = CHALLENGE, _CHALLENGE.pack(msg.nonce, msg.proof)
     elif isinstance(msg, Auth):
@@ -240,7 +255,7 @@ def encode(msg) -> list:
     elif isinstance(msg, Ping):
         t = PING
     elif isinstance(msg, HelloAck):
-        t, meta = HELLO_ACK, _HELLO_ACK.pack(msg.version)
+        t, meta = HELLO_ACK, _HELLO_ACK.pack(msg.version, msg.speed, msg.free, msg.mac)
     elif isinstance(msg, Refuse):
         t, meta = REFUSE, msg.reason.encode()[:MAX_META]
     elif isinstance(msg, Config):
@@ -318,12 +333,23 @@ def _empty(cls):
 def _dec_hello(meta, payload):
     if meta[:4] != MAGIC:
         raise ProtocolError(f"not a dllama peer (magic {meta[:4]!r})")
-    (version,) = _HELLO_ACK.unpack_from(meta, 4)
+    (version,) = _VERSION.unpack_from(meta, 4)
     if version != PROTOCOL_VERSION:
         # a root of another version: its HELLO may have another length, and the version is all we need
         return Hello(version, 0, 0)
-    _, version, index, n_nodes, nonce = _HELLO.unpack(meta)
-    return Hello(version, index, n_nodes, nonce)
+    _, version, index, n_nodes, nonce, code, cols = _HELLO.unpack(meta)
+    if code == NO_CALIBRATION:
+        return Hello(version, index, n_nodes, nonce)
+    if code not in quants.BY_WIRE_CODE:
+        raise ProtocolError(f"HELLO asks for calibration on unknown qtype code {code}")
+    return Hello(version, index, n_nodes, nonce, quants.BY_WIRE_CODE[code], cols)
+
+
+def calibration_fields(hello: Hello) -> tuple[int, int]:
+    """(qtype code, cols) of a HELLO as the wire and the transcript carry them."""
+    if hello.calibrate is None:
+        return NO_CALIBRATION, 0
+    return quants.quant(hello.calibrate).wire_code, hello.calibrate_cols
 
 
 def _dec_weight(meta, payload):

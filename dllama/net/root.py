@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
@@ -40,23 +41,34 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
                     log=None, max_batch: int = 32, timeout: float = DEFAULT_TIMEOUT, key: bytes | None = None,
                     on_lost=None, n_slots: int = 1) -> RootCollective:
     """Connect to `addresses` (node i + 1 is addresses[i]), load each with its slice of `loaded`, and
-    return the root's collective. `nthreads` is the root's own; each worker has its --nthreads. `key` is
-    the cluster key (None: none); each worker keeps `n_slots` conversations' KV caches. The collective pings the workers while idle; `on_lost(exc)` is called
+    return the root's collective. `plan` is the partition, or a function of the workers' calibration
+    reports ([(values/s, free bytes)], asked for at handshake) that returns it (`--split auto`): it may
+    refuse, before any weight is sent. `nthreads` is the root's own; each worker has its --nthreads. `key` is
+    the cluster key (None: none); each worker keeps `n_slots` conversations' KV caches. The collective
+    pings the workers while idle; `on_lost(exc)` is called
     (from the ping thread) if one goes away meanwhile.
 
     Raises DllamaError naming the worker that could not be reached, refused, or failed while loading.
     """
-    if len(addresses) != len(plan) - 1:
+    planner = plan if callable(plan) else None
+    n_nodes = 1 + len(addresses)
+    if planner is None and len(addresses) != len(plan) - 1:
         raise DllamaError(f"{len(addresses)} workers for a plan of {len(plan)} nodes")
+    calibration = (loaded.spec.weight_type, loaded.spec.dim) if planner else None
     say = log or (lambda msg: None)
     conns: list[Connection] = []
     loaded_links = LoadedLinks()
     pinger = Pinger(loaded_links, on_lost)
+    reports = []
     try:
         for i, address in enumerate(addresses, start=1):
             host, port = parse_address(address)
-            conns.append(_connect_worker(host, port, i, len(plan), timeout, key))
-            say(f"connected to worker {host}:{port} (node {i} of {len(plan)})")
+            conn, report = _connect_worker(host, port, i, n_nodes, timeout, key, calibration)
+            conns.append(conn)
+            reports.append(report)
+            say(f"connected to worker {host}:{port} (node {i} of {n_nodes})")
+        if planner:
+            plan = planner(reports)
         t0 = time.perf_counter()
         config = {"spec": loaded.spec.to_dict(), "seq_len": seq_len, "max_batch": max_batch,
                   "buffer_type": buffer_type, "n_slots": n_slots}
@@ -86,8 +98,9 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
 
 
 def _connect_worker(host: str, port: int, index: int, n_nodes: int, timeout: float,
-                    key: bytes | None) -> Connection:
-    """A connection to the worker at host:port that has accepted this root as node `index`.
+                    key: bytes | None, calibration=None) -> tuple[Connection, tuple | None]:
+    """A connection to the worker at host:port that has accepted this root as node `index`, and its
+    calibration report (values/s, free bytes or None) if `calibration` (qtype, cols) asked for one.
 
     A worker still freeing the previous root's slice refuses as busy for up to a second after that root
     leaves, so a busy refusal is retried with backoff for BUSY_WAIT seconds before it is reported."""
@@ -95,12 +108,12 @@ def _connect_worker(host: str, port: int, index: int, n_nodes: int, timeout: flo
     while True:
         conn = connect(host, port, timeout, f"worker {host}:{port}")
         try:
-            busy = _handshake(conn, index, n_nodes, key)
+            busy, report = _handshake(conn, index, n_nodes, key, calibration)
         except BaseException:
             conn.close()
             raise
         if busy is None:
-            return conn
+            return conn, report
         conn.close()
         if time.monotonic() + delay > deadline:
             raise DllamaError(f"{conn.label}: refused: {busy} (still busy after {BUSY_WAIT:g} s)")
@@ -108,11 +121,12 @@ def _connect_worker(host: str, port: int, index: int, n_nodes: int, timeout: flo
         delay = min(2 * delay, 1.0)
 
 
-def _handshake(conn: Connection, index: int, n_nodes: int, key: bytes | None) -> str | None:
+def _handshake(conn: Connection, index: int, n_nodes: int, key: bytes | None,
+               calibration=None) -> tuple[str | None, tuple | None]:
     """HELLO, the worker's proof checked, ours sent: only a worker holding our key ever gets a CONFIG.
-    None once the worker has acknowledged, or its reason if it refused because it is busy (it says so
-    before the challenge, and again after authentication)."""
-    hello = P.Hello(P.PROTOCOL_VERSION, index, n_nodes, auth.nonce())
+    (None, its calibration report or None) once the worker has acknowledged, or (its reason, None) if it
+    refused because it is busy (it says so before the challenge, and again after authentication)."""
+    hello = P.Hello(P.PROTOCOL_VERSION, index, n_nodes, auth.nonce(), *(calibration or (None, 0)))
     conn.send(hello)
     try:
         challenge = conn.expect(P.Challenge, P.Refuse)
@@ -128,11 +142,17 @@ def _handshake(conn: Connection, index: int, n_nodes: int, key: bytes | None) ->
         raise DllamaError(f"{conn.label}: not a dllama worker ({str(exc).removeprefix(conn.label + ': ')})") from None
     if isinstance(ack, P.Refuse):
         if ack.reason.startswith("busy"):
-            return ack.reason
+            return ack.reason, None
         raise DllamaError(f"{conn.label}: refused: {ack.reason}")
     if ack.version != P.PROTOCOL_VERSION:
         raise DllamaError(f"{conn.label}: speaks protocol version {ack.version}, this root {P.PROTOCOL_VERSION}")
-    return None
+    if calibration is None:
+        return None, None
+    if not auth.check(auth.report_mac(key, hello, challenge.nonce, ack.speed, ack.free), ack.mac):
+        raise DllamaError(f"{conn.label}: its calibration report fails authentication")
+    if not (math.isfinite(ack.speed) and ack.speed > 0):
+        raise DllamaError(f"{conn.label}: reported a speed of {ack.speed!r}")
+    return None, (ack.speed, ack.free or None)
 
 
 def _load_worker(conn: Connection, loaded, node, config: dict, loaded_links: LoadedLinks) -> int:

@@ -207,13 +207,24 @@ class Worker:
             conn.label = f"root {self._root}"
         conn.deadline = None
         try:
-            conn.send(P.HelloAck(P.PROTOCOL_VERSION))
+            conn.send(self._ack(msg, mine))
         except BaseException:
             with self._lock:
                 self._state, self._root = "idle", None
             raise
         log.info("accepted %s as node %d of %d", conn.label, msg.node_index, msg.n_nodes)
         self._roots.put((conn, msg))
+
+    def _ack(self, hello: P.Hello, mine: bytes) -> P.HelloAck:
+        """HELLO_ACK, with this worker's calibration and free memory if the root asked (--split auto)."""
+        if hello.calibrate is None:
+            return P.HelloAck(P.PROTOCOL_VERSION)
+        from dllama.model.split import calibrate
+        from dllama.net.limits import available_memory
+
+        speed, free = calibrate(hello.calibrate, hello.calibrate_cols), available_memory() or 0
+        log.info("calibrated: %.2f G %s values/s, %.0f MB free", speed / 1e9, hello.calibrate, free / 1e6)
+        return P.HelloAck(P.PROTOCOL_VERSION, speed, free, auth.report_mac(self._key, hello, mine, speed, free))
 
     def _check_idle(self) -> None:
         if self._state != "idle":

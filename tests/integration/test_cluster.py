@@ -34,7 +34,7 @@ def model_files(tmp_path_factory):
 class Root:
     """The root's side as the engine drives it: partition, connect, load its own slice, forward passes."""
 
-    def __init__(self, path, workers, buffer_type="f32", timeout=10.0):
+    def __init__(self, path, workers, buffer_type="f32", timeout=10.0, weights=None):
         from dllama.formats.loader import load_model
         from dllama.model.collective import LocalCollective
         from dllama.model.llama import NodeModel
@@ -43,7 +43,7 @@ class Root:
 
         self.loaded = load_model(str(path))
         spec = self.loaded.spec
-        self.plan = partition(spec, 1 + len(workers))
+        self.plan = partition(spec, 1 + len(workers), weights)
         self.coll = (connect_workers(workers, self.loaded, self.plan, spec.seq_len, buffer_type, timeout=timeout,
                                      key=KEY)
                      if workers else LocalCollective())
@@ -123,7 +123,7 @@ def _q80_round_trip(x):
     return dequantize(quantize(np.ascontiguousarray(x, np.float32), T.Q8_0), T.Q8_0).reshape(x.shape)
 
 
-def _in_process_greedy(path, n_nodes, q80=False, force=None):
+def _in_process_greedy(path, n_nodes, q80=False, force=None, weights=None):
     """The same split run by threads in this process: what the sockets must reproduce bit for bit."""
     import queue
     import threading
@@ -133,7 +133,7 @@ def _in_process_greedy(path, n_nodes, q80=False, force=None):
     from dllama.model.partition import node_tensor_names, partition, slice_tensor
 
     loaded = load_model(str(path))
-    spec, plan = loaded.spec, partition(loaded.spec, n_nodes)
+    spec, plan = loaded.spec, partition(loaded.spec, n_nodes, weights)
     down, up = [queue.Queue() for _ in plan[1:]], [queue.Queue() for _ in plan[1:]]
     models = []
     for node in plan:
@@ -163,8 +163,8 @@ def _in_process_greedy(path, n_nodes, q80=False, force=None):
         assert not any(t.is_alive() for t in threads), "a follower did not see the root's end"
 
 
-def _run_greedy(path, workers, buffer_type="f32", force=None):
-    root = Root(path, [w.address for w in workers], buffer_type)
+def _run_greedy(path, workers, buffer_type="f32", force=None, weights=None):
+    root = Root(path, [w.address for w in workers], buffer_type, weights=weights)
     try:
         return root.greedy(force=force)
     finally:
@@ -486,13 +486,13 @@ def test_cli_root_exits_nonzero_naming_a_killed_worker(model_files, start_worker
     assert elapsed < 5
 
 
-def test_smollm2_refused_on_two_nodes(smollm2_path):
+def test_smollm2_refused_on_ten_nodes(smollm2_path):
     """(Its one-node run is tests/integration/test_golden_smollm2.py, against llama.cpp.)"""
     t0 = time.monotonic()
-    # nothing listens on the worker address: the refusal must come before any connection is tried
-    two = _dllama("inference", "--model", smollm2_path, "--prompt", "Hello", "--steps", "2",
-                  "--workers", "127.0.0.1:1")
-    _, err = two.communicate(timeout=120)
-    assert two.returncode == 2
-    assert "cannot be split over 2 nodes (it has 3 KV heads); node counts that work: 1" in err, err
+    # nothing listens on the worker addresses: the refusal must come before any connection is tried
+    ten = _dllama("inference", "--model", smollm2_path, "--prompt", "Hello", "--steps", "2",
+                  "--workers", *[f"127.0.0.1:{p}" for p in range(1, 10)])
+    _, err = ten.communicate(timeout=120)
+    assert ten.returncode == 2
+    assert "cannot be split over 10 nodes (it has 9 query heads" in err and "node counts that work: 1 to 9" in err, err
     assert "127.0.0.1:1" not in err and time.monotonic() - t0 < 60

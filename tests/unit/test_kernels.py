@@ -250,6 +250,29 @@ def test_attention(n_heads, n_kv_heads, positions, threads):
     np.testing.assert_allclose(out, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads", [range(2, 7), range(4, 5), range(0, 2), range(7, 9)])
+def test_attention_of_heads_that_cut_through_kv_groups(heads, threads):
+    """A node of an uneven split holds query heads from the middle of a KV head's group: its kernel call
+    over its KV heads only must give the full attention's columns of those heads."""
+    hd, seq_len, group, n_kv = 32, 16, 3, 3
+    rng = np.random.default_rng(len(heads))
+    positions = np.array([4, 9], np.int64)
+    q = rng.standard_normal((2, 9 * hd)).astype(np.float32)
+    k_cache = rng.standard_normal((seq_len, n_kv * hd)).astype(np.float32)
+    v_cache = rng.standard_normal((seq_len, n_kv * hd)).astype(np.float32)
+    want = naive.attention(q, k_cache, v_cache, positions, 9, n_kv, hd)[:, heads.start * hd:heads.stop * hd]
+    kv = range(heads.start // group, -(-heads.stop // group))
+    cols = slice(kv.start * hd, kv.stop * hd)
+    out = np.empty((2, len(heads) * hd), np.float32)
+    K.attention(np.ascontiguousarray(q[:, heads.start * hd:heads.stop * hd]), np.ascontiguousarray(k_cache[:, cols]),
+                np.ascontiguousarray(v_cache[:, cols]), positions, len(heads), len(kv), hd,
+                np.empty((len(heads), seq_len), np.float32), out, group=group, first=heads.start - kv.start * group)
+    np.testing.assert_allclose(out, want, atol=1e-5)
+    with pytest.raises(ValueError):   # one KV head too many for these heads
+        K.attention(q[:, :hd], k_cache[:, :2 * hd], v_cache[:, :2 * hd], positions, 1, 2, hd,
+                    np.empty((1, seq_len), np.float32), np.empty((2, hd), np.float32), group=group, first=0)
+
+
 def test_attention_rejects_positions_outside_the_cache():
     q = np.zeros((1, 64), np.float32)
     cache = np.zeros((8, 64), np.float32)

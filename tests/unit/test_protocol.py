@@ -7,8 +7,13 @@ from dllama.net import protocol as P
 
 # (message, its frame), each frame spelled out field by field: header "<BBHI" type, 0, meta_len, payload_len
 GOLDEN = [
-    (P.Hello(4, 1, 2, bytes(range(32))), "01 00 2a00 00000000" "444c4d41 0400 0100 0200" + bytes(range(32)).hex()),
-    (P.HelloAck(4), "02 00 0200 00000000" "0400"),
+    (P.Hello(4, 1, 2, bytes(range(32))),
+     "01 00 2f00 00000000" "444c4d41 0400 0100 0200" + bytes(range(32)).hex() + "ff 00000000"),
+    (P.Hello(4, 1, 2, bytes(range(32)), "q40", 576),
+     "01 00 2f00 00000000" "444c4d41 0400 0100 0200" + bytes(range(32)).hex() + "02 40020000"),
+    (P.HelloAck(4), "02 00 3200 00000000" "0400" + "00" * 48),
+    (P.HelloAck(4, 1.5, 4096, b"\xab" * 32),
+     "02 00 3200 00000000" "0400 000000000000f83f 0010000000000000" + "ab" * 32),
     (P.Refuse("busy"), "03 00 0400 00000000" "62757379"),
     (P.Config({"b": [1, 2], "a": "x"}), "04 00 0000 13000000" + b'{"a":"x","b":[1,2]}'.hex()),
     (P.Weight("norm", "f32", (2,), 0, 8, np.array([1.0, -2.0], "<f4").tobytes()),
@@ -144,8 +149,8 @@ def test_proofs_are_hmac_sha256_of_the_documented_transcript():
     from dllama.net import auth
 
     key, rn, wn = b"k" * 16, bytes(range(32)), bytes(range(32, 64))
-    hello = P.Hello(3, 1, 4, rn)
-    transcript = b"DLMA" + bytes.fromhex("0300 0100 0400".replace(" ", "")) + rn + wn
+    hello = P.Hello(4, 1, 4, rn, "q80", 64)
+    transcript = b"DLMA" + bytes.fromhex("0400 0100 0400 04 40000000".replace(" ", "")) + rn + wn
     assert auth.worker_proof(key, hello, wn) == hmac.new(key, b"dllama worker proof\0" + transcript,
                                                          hashlib.sha256).digest()
     assert auth.root_proof(key, hello, wn) == hmac.new(key, b"dllama root proof\0" + transcript,
@@ -154,3 +159,11 @@ def test_proofs_are_hmac_sha256_of_the_documented_transcript():
     assert auth.worker_proof(key, hello, wn) != auth.root_proof(key, hello, wn)
     assert auth.root_proof(key, hello, bytes(32)) != auth.root_proof(key, hello, wn)
     assert auth.root_proof(b"other", hello, wn) != auth.root_proof(key, hello, wn)
+    # the calibration report (--split auto) is covered too: speed and free memory, in this session
+    report = hmac.new(key, b"dllama worker report\0" + transcript + bytes.fromhex("000000000000f83f 0010000000000000"
+                                                                                   .replace(" ", "")),
+                      hashlib.sha256).digest()
+    assert auth.report_mac(key, hello, wn, 1.5, 4096) == report
+    assert auth.report_mac(key, hello, wn, 3.0, 4096) != report
+    # and so is what the root asked to be calibrated: another qtype is another transcript
+    assert auth.worker_proof(key, P.Hello(4, 1, 4, rn, "q40", 64), wn) != auth.worker_proof(key, hello, wn)

@@ -73,8 +73,8 @@ class ThreadCollective(Collective):
             self.up[self.index - 1].put(part.copy())
 
 
-def build(spec, tensors, n_nodes):
-    plan = partition(spec, n_nodes)
+def build(spec, tensors, n_nodes, weights=None):
+    plan = partition(spec, n_nodes, weights)
     down = [queue.Queue() for _ in range(n_nodes - 1)]
     up = [queue.Queue() for _ in range(n_nodes - 1)]
     models = []
@@ -134,6 +134,25 @@ def test_one_two_four_nodes_agree():
         ids, logits = greedy(build(SPEC, tensors, n), prompt, 12)
         np.testing.assert_allclose(logits, logits1, rtol=0, atol=1e-4)
         assert ids == ids1, f"{n} nodes"
+
+
+# SmolLM2's grouping (9 query heads on 3 KV heads): 2, 4, 5 and 6 nodes cut through KV groups
+GQA3 = ModelSpec(dim=96, hidden_dim=288, n_layers=2, n_heads=9, n_kv_heads=3, head_dim=32, vocab_size=80,
+                 seq_len=64, rope_theta=10000.0, norm_eps=1e-5, weight_type="q40")
+
+
+@pytest.mark.parametrize("spec,n,weights", [
+    (GQA3, 2, None), (GQA3, 3, None), (GQA3, 5, None), (GQA3, 6, None), (GQA3, 9, None),
+    (GQA3, 3, [3, 1, 1]), (GQA3, 4, [1, 5, 2, 2]),
+    (SPEC, 8, None), (SPEC, 6, [1, 1, 2, 1, 3, 1]),   # more nodes than its 4 KV heads
+])
+def test_uneven_splits_and_shared_kv_heads_agree_with_one_node(spec, n, weights):
+    tensors = random_tensors(spec, seed=n)
+    prompt = [5, 17, 3, 60, 42, 7, 1, 70, 23]
+    ids1, logits1 = greedy(build(spec, tensors, 1), prompt, 6)
+    ids, logits = greedy(build(spec, tensors, n, weights), prompt, 6)
+    np.testing.assert_allclose(logits, logits1, rtol=0, atol=1e-4)
+    assert ids == ids1
 
 
 def test_one_node_matches_a_plain_numpy_forward():

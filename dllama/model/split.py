@@ -1,0 +1,136 @@
+"""Sizing each node's share: `--split 3,1,1` by hand, or `--split auto` from each node's measured speed.
+
+Every node (the root here, a worker at handshake) times the real matmul kernel, with its own thread count,
+on a matrix of the model's weight type and width, and reports that speed with its free memory. The root
+gives each node a share in proportion to its speed (the per-token time of a tensor-parallel step is the
+slowest node's), lowers the share of any node whose slice would not fit in its memory, and refuses, naming
+the node and the shortfall, when no plan fits. The plan itself is `partition.partition`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+
+import numpy as np
+
+from dllama import quants
+from dllama.errors import DllamaError
+from dllama.formats.spec import ModelSpec
+from dllama.model.partition import NodeSlice, partition
+
+AUTO = "auto"
+CALIBRATION_S = 0.15        # s of matmuls timed per calibration
+CALIBRATION_VALUES = 4 << 20   # weight values of the timed matrix: past the L2 cache, as a layer's are
+
+
+def parse_split(text: str | None, n_nodes: int):
+    """`--split` -> None (even), AUTO, or a list of n_nodes positive weights. DllamaError naming what is wrong."""
+    if text is None or text == "":
+        return None
+    if text == AUTO:
+        return AUTO
+    try:
+        weights = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise DllamaError(f"--split {text!r}: expected 'auto' or one weight per node, such as 3,1,1") from None
+    if len(weights) != n_nodes:
+        raise DllamaError(f"--split {text!r}: {len(weights)} weights for {n_nodes} nodes (the root and "
+                          f"{n_nodes - 1} workers)")
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise DllamaError(f"--split {text!r}: every weight must be a positive number")
+    return weights
+
+
+@functools.lru_cache(maxsize=4)
+def _calibration_matrix(qtype: str, cols: int):
+    from dllama import kernels as K
+
+    rows = max(16, CALIBRATION_VALUES // cols)
+    w = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32)
+    return K.pack(qtype, quants.quantize(qtype, w).reshape(-1), rows, cols), rows
+
+
+def calibrate(qtype: str, cols: int, seconds: float = CALIBRATION_S) -> float:
+    """Weight values this process multiplies per second with the matmul kernel (at its set_threads),
+    one token at a time, on a `qtype` matrix of `cols` columns."""
+    from dllama import kernels as K
+
+    if qtype not in quants.QUANTS or cols < 32 or cols % quants.quant(qtype).block_size or cols > 1 << 17:
+        raise DllamaError(f"cannot calibrate on a {qtype} matrix of {cols} columns")
+    w, rows = _calibration_matrix(qtype, cols)
+    x, out = np.ones((1, cols), np.float32), np.empty((1, rows), np.float32)
+    K.matmul(w, x, out)
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        K.matmul(w, x, out)
+        calls += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds and calls >= 3:
+            return rows * cols * calls / elapsed
+
+
+def values_per_token(spec: ModelSpec, node: NodeSlice) -> int:
+    """Weight values the node multiplies per token (its matrices, the output layer included)."""
+    from dllama.net.limits import weight_bytes
+
+    return weight_bytes(spec, node, bits=8)
+
+
+def plan_by_speed(spec: ModelSpec, speeds: list[float], free: list[int | None], need, names: list[str]):
+    """The plan with shares by `speeds`, each node's slice within its free memory.
+
+    `need(node)` is the bytes a node holding `node` allocates; `free[i]` what node i may use (None: unknown,
+    not limited). A node over its memory has its weight lowered in proportion and the plan is made again;
+    raises DllamaError naming the node and the shortfall when a node cannot hold even its smallest share."""
+    weights = [float(s) for s in speeds]
+    for _ in range(12):
+        plan = partition(spec, len(weights), weights)
+        over = [(i, need(node), free[i]) for i, node in enumerate(plan)
+                if free[i] is not None and need(node) > free[i]]
+        if not over:
+            return plan
+        for i, needed, have in over:
+            weights[i] *= 0.95 * have / needed
+    i, needed, have = max(over, key=lambda o: o[1] - o[2])
+    raise DllamaError(f"the model does not fit: node {i} ({names[i]}) needs {needed / 1e6:.0f} MB for its share, "
+                      f"has {have / 1e6:.0f} MB: short by {(needed - have) / 1e6:.0f} MB")
+
+
+def describe(spec: ModelSpec, plan: list[NodeSlice], names: list[str], speeds: list[float] | None) -> list[str]:
+    """The plan as lines to print: each node's share of heads, FFN rows and vocabulary, its weight bytes,
+    and (with measured speeds) its expected matmul time per token."""
+    from dllama.net.limits import weight_bytes
+
+    bits = quants.quant(spec.weight_type).type_size * 8 / quants.quant(spec.weight_type).block_size
+    lines = []
+    for i, (node, name) in enumerate(zip(plan, names)):
+        line = (f"node {i} {name}: heads {len(node.heads)}/{spec.n_heads}, ffn {len(node.ffn)}/{spec.ffn_dim}"
+                f" ({len(node.ffn) / spec.ffn_dim:.0%}), vocab {len(node.vocab)}/{spec.vocab_size}, "
+                f"weights {weight_bytes(spec, node, bits) / 1e6:.1f} MB")
+        if speeds:
+            line += (f", measured {speeds[i] / 1e9:.2f} Gvalues/s, "
+                     f"expected {1e3 * values_per_token(spec, node) / speeds[i]:.1f} ms/token")
+        lines.append(line)
+    return lines
+
+
+def auto_planner(spec: ModelSpec, seq_len: int, max_batch: int, names: list[str], say):
+    """The `--split auto` planner handed to `connect_workers`: this node calibrates now (after
+    set_threads), the workers at handshake; it prints the plan it makes and returns it."""
+    from dllama.net.limits import HEADROOM, available_memory, slice_bytes
+
+    own = calibrate(spec.weight_type, spec.dim), available_memory()
+
+    def plan(reports):
+        speeds, free = zip(*([own] + list(reports)))
+        limits = [None if f is None else int(HEADROOM * f) for f in free]
+        chosen = plan_by_speed(spec, list(speeds), limits, lambda node: slice_bytes(spec, node, seq_len, max_batch),
+                               names)
+        say("split by measured speed:")
+        for line in describe(spec, chosen, names, list(speeds)):
+            say("  " + line)
+        return chosen
+
+    return plan

@@ -1,0 +1,62 @@
+"""Sizing the shares: --split parsing, planning by speed within memory, the calibration's figure."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dllama.errors import DllamaError
+from dllama.formats.spec import ModelSpec
+from dllama.model.split import AUTO, calibrate, describe, parse_split, plan_by_speed
+from dllama.net.limits import slice_bytes
+
+SMOLLM2 = ModelSpec(dim=576, hidden_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                    vocab_size=49152, seq_len=8192)
+NAMES = ["root", "a:9998", "b:9998"]
+
+
+def test_parse_split():
+    assert parse_split(None, 3) is None and parse_split("auto", 3) == AUTO
+    assert parse_split("3,1,1", 3) == [3.0, 1.0, 1.0]
+    assert parse_split("0.5,2", 2) == [0.5, 2.0]
+    for text, what in (("3,1", r"2 weights for 3 nodes \(the root and 2 workers\)"), ("3,x,1", "expected 'auto'"),
+                       ("3,0,1", "positive"), ("3,-1,1", "positive"), ("3,nan,1", "positive"), ("fast", "expected")):
+        with pytest.raises(DllamaError, match=what):
+            parse_split(text, 3)
+
+
+def _need(node):
+    return slice_bytes(SMOLLM2, node, 1024, 32)
+
+
+def test_plan_follows_speed_where_memory_allows():
+    plan = plan_by_speed(SMOLLM2, [3e9, 1e9, 1e9], [None, None, None], _need, NAMES)
+    assert [len(n.ffn) for n in plan] == [928, 288, 320]
+    # node 1 holds too little memory for a 3/5 share: its weight drops until its slice fits
+    even = plan_by_speed(SMOLLM2, [1e9, 3e9, 1e9], [None, None, None], _need, NAMES)
+    cap = int(0.8 * _need(even[1]))
+    plan = plan_by_speed(SMOLLM2, [1e9, 3e9, 1e9], [None, cap, None], _need, NAMES)
+    assert _need(plan[1]) <= cap < _need(even[1])
+    assert len(plan[0].ffn) > len(even[0].ffn) and len(plan[2].ffn) > len(even[2].ffn)
+
+
+def test_plan_refused_naming_the_node_and_its_shortfall():
+    smallest = _need(plan_by_speed(SMOLLM2, [1, 1e6, 1e6], [None] * 3, _need, NAMES)[0])
+    with pytest.raises(DllamaError, match=r"node 2 \(b:9998\) needs \d+ MB for its share, has 1 MB: short by \d+ MB"):
+        plan_by_speed(SMOLLM2, [1e9, 1e9, 1e9], [None, None, 10**6], _need, NAMES)
+    assert smallest > 10**6
+
+
+def test_describe_names_each_share_and_expected_time():
+    plan = plan_by_speed(SMOLLM2, [3e9, 1e9, 1e9], [None] * 3, _need, NAMES)
+    lines = describe(SMOLLM2, plan, NAMES, [3e9, 1e9, 1e9])
+    assert lines[0].startswith("node 0 root: heads 5/9, ffn 928/1536 (60%), vocab ")
+    assert "measured 3.00 Gvalues/s" in lines[0] and "ms/token" in lines[2]
+
+
+def test_calibration_is_a_positive_speed_and_refuses_odd_shapes():
+    speed = calibrate("q40", 576, seconds=0.01)
+    assert math.isfinite(speed) and speed > 0
+    with pytest.raises(DllamaError, match="cannot calibrate"):
+        calibrate("q40", 100)
