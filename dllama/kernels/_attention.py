@@ -5,6 +5,8 @@
     written into the cache, is causal within itself); query head h reads KV head
     h // (n_heads // n_kv_heads); att (n_heads, >= max(positions) + 1) is scratch;
     out (n, n_heads * hd).
+    A score is q.k * scale (scale 0: 1 / sqrt(hd)); with softcap c > 0 it becomes c * tanh(score / c),
+    Grok-1's soft cap, as llama.cpp's `grok` graph computes it.
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ from dllama.kernels._matmul import _bound
 from dllama.kernels.ops import expf
 
 
-def _attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out):
+def _attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out, scale, softcap):
     n = q.shape[0]
     limit = min(k_cache.shape[0], v_cache.shape[0], att.shape[1])
     for t in range(n):
         if positions[t] < 0 or positions[t] >= limit:
             raise ValueError("attention: a position is outside the KV cache or the att scratch")
     group = n_heads // n_kv_heads
-    scale = np.float32(1.0 / math.sqrt(head_dim))
+    scale = np.float32(scale if scale > 0 else 1.0 / math.sqrt(head_dim))
+    cap = np.float32(softcap)
+    inv_cap = np.float32(1.0 / softcap if softcap > 0 else 0.0)
     for h in prange(n_heads):
         kvo = (h // group) * head_dim
         scores = att[h]
@@ -41,6 +45,8 @@ def _attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, at
                 for d in range(head_dim):
                     dot += qh[d] * kh[d]
                 dot *= scale
+                if cap > 0:
+                    dot = cap * np.float32(math.tanh(dot * inv_cap))
                 scores[s] = dot
                 m = max(m, dot)
             total = np.float32(0.0)
@@ -67,7 +73,7 @@ _FLAGS = dict(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 _VARIANTS = (njit(**_FLAGS)(_bound(_attention, "_serial")), njit(parallel=True, **_FLAGS)(_attention))
 
 
-def attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out):
+def attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out, scale=0.0, softcap=0.0):
     """Attention of every query row over the cache (see the module docstring); heads in parallel
     when set_threads(n > 1). Raises ValueError on shapes that do not fit."""
     if n_heads % n_kv_heads or q.shape[1] != n_heads * head_dim or k_cache.shape[1] != n_kv_heads * head_dim:
@@ -75,4 +81,5 @@ def attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att
                          f"q {q.shape}, cache {k_cache.shape}")
     if att.shape[0] < n_heads or out.shape != q.shape:
         raise ValueError(f"attention: att {att.shape} or out {out.shape} too small")
-    _VARIANTS[_threads.use_parallel()](q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out)
+    _VARIANTS[_threads.use_parallel()](q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out,
+                                       float(scale), float(softcap))

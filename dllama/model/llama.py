@@ -1,5 +1,5 @@
 """The forward pass of one node's slice of a Llama-family model (Llama 2/3/3.1/3.2, Mistral, SmolLM2,
-TinyLlama; Qwen3; Mixtral-style mixture of experts).
+TinyLlama; Qwen3; Mixtral-style mixture of experts; Grok-1).
 
 One node holds its query/KV heads, its FFN rows and its vocabulary rows (see `partition`). Every node runs
 this same code; where the nodes must exchange activations it calls the collective (`coll`), which is a no-op
@@ -143,13 +143,14 @@ class NodeModel:
         x, xb, y = self.x[:n], self.xb[:n], self.y[:n]
         if coll.is_root:
             self.embed(tokens, x)
+            if s.embedding_scale:
+                x *= np.float32(s.embedding_scale)
         for layer in self.layers:
             coll.broadcast(x)
             K.rmsnorm(x, layer.attn_norm, s.norm_eps, xb)
             self._attention(layer, xb, positions, y)
             coll.reduce_sum(y)
-            if coll.is_root:
-                x += y
+            self._residual(x, y, layer.attn_post_norm)
             coll.broadcast(x)
             K.rmsnorm(x, layer.ffn_norm, s.norm_eps, xb)
             if s.n_experts:
@@ -157,20 +158,41 @@ class NodeModel:
             else:
                 self._ffn(layer, xb, y)
             coll.reduce_sum(y)
-            if coll.is_root:
-                x += y
+            self._residual(x, y, layer.ffn_post_norm)
         if not logits:
             return None
         last = x[n - 1:n]
         coll.broadcast(last)
         K.rmsnorm(last, self.norm, s.norm_eps, xb[:1])
         K.matmul(self.wcls, xb[:1], self.logits_part)
+        self._scale_logits(self.logits_part)
         if coll.n_nodes == 1:
             return self.logits_part[0]
         top = coll.gather(self.logits_part, self.logits)
         if not coll.is_root:
             return None
         return self.logits[0] if top is None else top
+
+    def _residual(self, x: np.ndarray, y: np.ndarray, post_norm: np.ndarray | None) -> None:
+        """x += y on the root, y (the nodes' summed block output) RMS-normed first where the
+        architecture norms a block's output (Grok-1)."""
+        if not self.coll.is_root:
+            return
+        if post_norm is not None:
+            K.rmsnorm(y, post_norm, self.spec.norm_eps, y)
+        x += y
+
+    def _scale_logits(self, logits: np.ndarray) -> None:
+        """Grok-1's output multiplier and (where a GGUF sets one) final soft cap, on this node's rows:
+        both act per logit, so the nodes' rows stay comparable for the top candidates."""
+        s = self.spec
+        if s.logit_scale:
+            logits *= np.float32(s.logit_scale)
+        if s.final_softcap:
+            cap = np.float32(s.final_softcap)
+            logits /= cap
+            np.tanh(logits, out=logits)
+            logits *= cap
 
     def _attention(self, layer: Layer, xb: np.ndarray, positions: np.ndarray, y: np.ndarray) -> None:
         n, hd, qd, kvd = len(positions), self.spec.head_dim, self.q_dim, self.kv_dim
@@ -199,7 +221,8 @@ class NodeModel:
         K.rope_qkv(q_in, k_in, qkv[:, qd + kvd:], positions, self.cos, self.sin, hd, self.neox, q,
                    layer.k_cache, layer.v_cache)
         att_out = self.att_out[:n]
-        K.attention(q, layer.k_cache, layer.v_cache, positions, self.n_heads, self.n_kv, hd, self.att, att_out)
+        K.attention(q, layer.k_cache, layer.v_cache, positions, self.n_heads, self.n_kv, hd, self.att, att_out,
+                    self.spec.attn_scale, self.spec.attn_softcap)
         K.matmul(layer.wo, att_out, y)
 
     def _ffn(self, layer: Layer, xb: np.ndarray, y: np.ndarray) -> None:
