@@ -39,7 +39,29 @@ GROK = frozenset({"grok1"})
 # rotated as halves (neox): their Q/K rows are stored in HF's order, in GGUF and `.m` alike
 NEOX_ROPE = frozenset({"grok1", "qwen3", "qwen3_moe"})
 # GGUF `general.architecture` -> our architecture (without experts, with experts); None: not read
-GGUF_ARCHS = {"llama": ("llama", "mixtral"), "qwen3": ("qwen3", None), "qwen3moe": (None, "qwen3_moe")}
+GGUF_ARCHS = {"llama": ("llama", "mixtral"), "qwen3": ("qwen3", None), "qwen3moe": (None, "qwen3_moe"),
+              "grok": (None, "grok1")}
+GELU = frozenset({"grok1"})   # GELU experts; every other architecture is SiLU
+
+# Grok-1's scalings: ModelSpec field -> (GGUF key after "grok.", llama.cpp's value when the key is absent).
+# llama.cpp reads a router soft cap too but never applies it, so neither does dllama.
+GROK_SCALINGS = {
+    "embedding_scale": ("embedding_scale", 78.38367176906169),
+    "attn_scale": ("attention.output_scale", 0.08838834764831845),
+    "attn_softcap": ("attn_logit_softcapping", 30.0),
+    "logit_scale": ("logit_scale", 0.5773502691896257),
+    "final_softcap": ("final_logit_softcapping", 0.0),
+}
+
+
+def grok_dlm_scalings(head_dim: int) -> dict:
+    """The scalings of a Grok-1 `.m` file, whose header has no keys for them: the multipliers the
+    reference hard-codes, its 1/sqrt(head_dim) on q.k (llama.cpp's default for Grok-1's 128-wide heads)
+    and Grok-1's soft cap of 30, which llama.cpp applies and the Oct 2024 reference left out."""
+    out = {f: default for f, (_, default) in GROK_SCALINGS.items()}
+    out["attn_scale"] = 1.0 / head_dim ** 0.5
+    return out
+
 
 WEIGHT = "weight"      # `.m` stores it in the file's weight type (else "f32")
 

@@ -134,6 +134,7 @@ def spec_from_header(kv: dict, path: str) -> ModelSpec:
         weight_type=None if weight_type is None else _lookup(FLOAT_TYPES, weight_type, "weight type", path),
         name=os.path.splitext(os.path.basename(path))[0],
         extra={"dlm_key_set": kset, "dlm_version": kv.get("version", 0)},
+        **(schema.grok_dlm_scalings(head_dim) if arch == "grok1" else {}),
     )
 
 
@@ -243,6 +244,12 @@ def write_key_set(spec: ModelSpec) -> str:
 def _check_2024(spec: ModelSpec) -> None:
     if spec.arch == "grok1" and not spec.n_experts:
         raise DllamaError("cannot write a grok1 model without experts (it would read back as Qwen3)")
+    if spec.arch == "grok1":
+        want = schema.grok_dlm_scalings(spec.head_dim)
+        off = [f"{f} {getattr(spec, f):g} (a .m file means {v:g})" for f, v in want.items()
+               if abs(getattr(spec, f) - v) > 1e-6 * abs(v)]
+        if off:
+            raise DllamaError(f"cannot write this grok1 model as .m: its header cannot hold {', '.join(off)}")
     # what the Oct 2024 header cannot say, it assumes: head_dim = dim / n_heads, epsilon 1e-5
     if spec.head_dim * spec.n_heads != spec.dim or abs(spec.norm_eps - 1e-5) > 1e-9 or spec.moe_hidden_dim:
         raise DllamaError(f"cannot write this {spec.arch} model as .m: the Oct 2024 header (the only one with "

@@ -141,7 +141,7 @@ def _spec(reader, tensors: dict, path: str, gguf_arch: str) -> ModelSpec:
         head_dim=int(key("attention.key_length", dim // n_heads)), vocab_size=tensors["tok_embd"].shape[0],
         seq_len=int(key("context_length", 0)), n_experts=n_experts,
         n_active_experts=int(key("expert_used_count", 0) or 0),
-        moe_hidden_dim=int(key("expert_feed_forward_length", 0) or 0), hidden_act="silu",
+        moe_hidden_dim=int(key("expert_feed_forward_length", 0) or 0), hidden_act="gelu" if arch in schema.GELU else "silu",
         rope_type="falcon" if arch in schema.NEOX_ROPE else "llama",
         rope_theta=_clean_float(key("rope.freq_base", 10000.0)),
         norm_eps=_clean_float(key("attention.layer_norm_rms_epsilon", 1e-5)),
@@ -150,6 +150,10 @@ def _spec(reader, tensors: dict, path: str, gguf_arch: str) -> ModelSpec:
         extra={"gguf_file_type": _field(reader, "general.file_type")},
     )
     _rope_scaling(reader, tensors, spec, path, gguf_arch)
+    if arch in schema.GROK:
+        for f, (k, default) in schema.GROK_SCALINGS.items():
+            v = key(k)
+            setattr(spec, f, default if v is None else _clean_float(v))
     return spec
 
 

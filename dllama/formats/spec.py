@@ -29,6 +29,12 @@ class ModelSpec:
     norm_eps: float = 1e-5
     weight_type: str = "q40"       # dominant matmul weight type: "f32", "f16", "q40", "q41", "q80"
     tied_embeddings: bool = False  # the output matrix is the token embedding
+    # Grok-1's scalings (llama.cpp's `grok` hparams); 0 leaves the step out (attn_scale 0: 1/sqrt(head_dim))
+    embedding_scale: float = 0.0   # the token embedding times this
+    attn_scale: float = 0.0        # q.k times this before the soft cap
+    attn_softcap: float = 0.0      # attention scores c * tanh(s / c)
+    logit_scale: float = 0.0       # the output logits times this
+    final_softcap: float = 0.0     # then logits c * tanh(l / c)
     name: str = ""                 # human name (GGUF general.name, or the file stem)
     extra: dict = field(default_factory=dict)
 

@@ -8,6 +8,8 @@
     the node's first query head sits in its first KV head's group (a node of an uneven split may start
     or end inside a group; by default group = n_heads // n_kv_heads, first = 0);
     att (n_heads, >= max(positions) + 1) is scratch; out (n, n_heads * hd).
+    A score is q.k * scale (scale 0: 1 / sqrt(hd)); with softcap c > 0 it becomes c * tanh(score / c),
+    Grok-1's soft cap, as llama.cpp's `grok` graph computes it.
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ from dllama.kernels._matmul import _bound
 from dllama.kernels.ops import expf, zero_bases
 
 
-def _attention(q, k_cache, v_cache, positions, bases, n_heads, group, first, head_dim, att, out):
+def _attention(q, k_cache, v_cache, positions, bases, n_heads, group, first, head_dim, att, out, scale, softcap):
     n = q.shape[0]
     rows = min(k_cache.shape[0], v_cache.shape[0])
     for t in range(n):
         if (positions[t] < 0 or positions[t] >= att.shape[1] or bases[t] < 0
                 or bases[t] + positions[t] >= rows):
             raise ValueError("attention: a position is outside the KV cache or the att scratch")
-    scale = np.float32(1.0 / math.sqrt(head_dim))
+    scale = np.float32(scale if scale > 0 else 1.0 / math.sqrt(head_dim))
+    cap = np.float32(softcap)
+    inv_cap = np.float32(1.0 / softcap if softcap > 0 else 0.0)
     for h in prange(n_heads):
         kvo = ((first + h) // group) * head_dim
         scores = att[h]
@@ -45,6 +49,8 @@ def _attention(q, k_cache, v_cache, positions, bases, n_heads, group, first, hea
                 for d in range(head_dim):
                     dot += qh[d] * kh[d]
                 dot *= scale
+                if cap > 0:
+                    dot = cap * np.float32(math.tanh(dot * inv_cap))
                 scores[s] = dot
                 m = max(m, dot)
             total = np.float32(0.0)
@@ -72,7 +78,7 @@ _VARIANTS = (njit(**_FLAGS)(_bound(_attention, "_serial")), njit(parallel=True, 
 
 
 def attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out, bases=None, group=None,
-              first=0):
+              first=0, scale=0.0, softcap=0.0):
     """Attention of every query row over the cache (see the module docstring); heads in parallel
     when set_threads(n > 1). `bases` None: every row's sequence starts at cache row 0. Raises ValueError
     on shapes that do not fit."""
@@ -87,4 +93,4 @@ def attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att
     if bases is None:
         bases = zero_bases(q.shape[0])
     _VARIANTS[_threads.use_parallel()](q, k_cache, v_cache, positions, bases, n_heads, group, first, head_dim, att,
-                                       out)
+                                       out, float(scale), float(softcap))

@@ -1,5 +1,5 @@
 """The forward pass of one node's slice of a Llama-family model (Llama 2/3/3.1/3.2, Mistral, SmolLM2,
-TinyLlama; Qwen3; Mixtral-style mixture of experts).
+TinyLlama; Qwen3; Mixtral-style mixture of experts; Grok-1).
 
 One node holds its query/KV heads, its FFN rows and its vocabulary rows (see `partition`). Every node runs
 this same code; where the nodes must exchange activations it calls the collective (`coll`), which is a no-op
@@ -165,13 +165,14 @@ class NodeModel:
                 bases[i] = self.kv.base(int(slots[i]))
         if coll.is_root:
             self.embed(tokens, x)
+            if s.embedding_scale:
+                x *= np.float32(s.embedding_scale)
         for li, layer in enumerate(self.layers):
             coll.broadcast(x)
             K.rmsnorm(x, layer.attn_norm, s.norm_eps, xb)
             self._attention(layer, self.kv.k[li], self.kv.v[li], xb, positions, bases, y)
             coll.reduce_sum(y)
-            if coll.is_root:
-                x += y
+            self._residual(x, y, layer.attn_post_norm)
             coll.broadcast(x)
             K.rmsnorm(x, layer.ffn_norm, s.norm_eps, xb)
             if s.n_experts:
@@ -179,8 +180,7 @@ class NodeModel:
             else:
                 self._ffn(layer, xb, y)
             coll.reduce_sum(y)
-            if coll.is_root:
-                x += y
+            self._residual(x, y, layer.ffn_post_norm)
         if not logits:
             return None
         m = out_rows
@@ -189,6 +189,7 @@ class NodeModel:
         K.rmsnorm(last, self.norm, s.norm_eps, xb[:m])
         part = self.logits_part[:m]
         K.matmul(self.wcls, xb[:m], part)
+        self._scale_logits(part)
         if coll.n_nodes == 1:
             return part[0] if m == 1 else part
         top = coll.gather(part, self.logits[:m])
@@ -197,6 +198,27 @@ class NodeModel:
         if top is not None:
             return top
         return self.logits[0] if m == 1 else self.logits[:m]
+
+    def _residual(self, x: np.ndarray, y: np.ndarray, post_norm: np.ndarray | None) -> None:
+        """x += y on the root, y (the nodes' summed block output) RMS-normed first where the
+        architecture norms a block's output (Grok-1)."""
+        if not self.coll.is_root:
+            return
+        if post_norm is not None:
+            K.rmsnorm(y, post_norm, self.spec.norm_eps, y)
+        x += y
+
+    def _scale_logits(self, logits: np.ndarray) -> None:
+        """Grok-1's output multiplier and (where a GGUF sets one) final soft cap, on this node's rows:
+        both act per logit, so the nodes' rows stay comparable for the top candidates."""
+        s = self.spec
+        if s.logit_scale:
+            logits *= np.float32(s.logit_scale)
+        if s.final_softcap:
+            cap = np.float32(s.final_softcap)
+            logits /= cap
+            np.tanh(logits, out=logits)
+            logits *= cap
 
     def _attention(self, layer: Layer, k_cache: np.ndarray, v_cache: np.ndarray, xb: np.ndarray,
                    positions: np.ndarray, bases: np.ndarray, y: np.ndarray) -> None:
@@ -223,7 +245,7 @@ class NodeModel:
                    k_cache, v_cache, bases)
         att_out = self.att_out[:n]
         K.attention(q, k_cache, v_cache, positions, self.n_heads, self.n_kv, hd, self.att, att_out, bases,
-                    self.group, self.first)
+                    self.group, self.first, self.spec.attn_scale, self.spec.attn_softcap)
         K.matmul(layer.wo, att_out, y)
 
     def _ffn(self, layer: Layer, xb: np.ndarray, y: np.ndarray) -> None:

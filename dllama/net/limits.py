@@ -7,8 +7,10 @@ refused with both figures, instead of swapping the machine to a halt or being ki
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 
+from dllama import schema
 from dllama.errors import DllamaError
 from dllama.net import protocol as P
 
@@ -92,7 +94,9 @@ def weight_bytes(spec, node, bits: float = 32) -> int:
     q, kv, ffn = len(node.heads) * hd, len(node.kv_heads) * hd, len(node.ffn)
     experts = max(spec.n_experts, 1)
     per_layer = (q + 2 * kv) * dim + dim * q + 3 * ffn * dim * experts + spec.n_experts * dim
-    norms = (spec.n_layers * 2 + 1) * dim + spec.n_layers * 2 * hd
+    # the f32 vectors (norms) the schema gives this architecture: two to four per layer, one global
+    norms = sum(math.prod(r.shape(spec)) * (spec.n_layers if r.scope == schema.LAYER else 1)
+                for r in schema.rows_for(spec) if r.take == schema.VECTOR)
     return int((spec.n_layers * per_layer + len(node.vocab) * dim) * bits / 8 + norms * 4)
 
 

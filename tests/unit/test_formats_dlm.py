@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from dllama import quants
+from dllama import quants, schema
 from dllama.errors import DllamaError, FormatError
 from dllama.formats import dlm
 from dllama.formats.loader import load_model
@@ -175,6 +175,10 @@ def test_2024_grok1_has_four_norms_and_gelu(tmp_path):
                     v * d * 4 + per_layer + d * 4 + f32_mat(v, d))
     m = load_model(path)
     assert (m.spec.arch, m.spec.hidden_act, m.spec.rope_type) == ("grok1", "gelu", "falcon")
+    # the reference hard-codes Grok-1's multipliers; llama.cpp adds the attention soft cap
+    assert (m.spec.embedding_scale, m.spec.logit_scale, m.spec.attn_softcap) == (
+        pytest.approx(78.38367176906169), pytest.approx(0.5773502691896257), 30.0)
+    assert m.spec.attn_scale == pytest.approx(1 / (d // 4) ** 0.5)
     assert "layers.0.ffn_post_norm" in m.tensors
 
 
@@ -207,6 +211,8 @@ def test_moe_models_are_written_with_the_2024_keys(tmp_path, arch, arch_id, norm
     # the 2025 reference builds experts only for Qwen3-MoE: llama-family MoE goes out as 2024 read it
     spec = dataclasses.replace(TINY, arch=arch, n_experts=3, n_active_experts=2, weight_type="q80",
                                hidden_act="gelu" if arch == "grok1" else "silu")
+    if arch == "grok1":   # a .m header cannot state Grok's scalings: only those it implies can be written
+        spec = dataclasses.replace(spec, **schema.grok_dlm_scalings(TINY.head_dim))
     assert dlm.write_key_set(spec) == "2024"
     src = source_tensors(spec)
     path = tmp_path / "moe.m"
