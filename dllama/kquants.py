@@ -65,26 +65,33 @@ def _q4k(b: np.ndarray) -> np.ndarray:
     return (dl * _nibbles64(b[:, 16:144]).astype(_F) - ml).reshape(-1, 256)
 
 
+def q5k_values(b: np.ndarray) -> np.ndarray:
+    """Q5_K blocks (n, 176) -> their quants (n, 8, 32) uint8 in 0..31, per 32-value sub-block."""
+    high = _bits(b[:, None, 16:48], 8, 1)           # (n, 8, 32): bit j of byte l for value 32j + l
+    return _nibbles64(b[:, 48:176]) | (high << np.uint8(4))
+
+
 def _q5k(b: np.ndarray) -> np.ndarray:
     d, dmin = _half(b[:, 0:2]), _half(b[:, 2:4])
     sc, m = k4_scales(b[:, 4:16])
     dl = (d * sc.astype(_F))[:, :, None]
     ml = (dmin * m.astype(_F))[:, :, None]
-    high = _bits(b[:, None, 16:48], 8, 1)           # (n, 8, 32): bit j of byte l for value 32j + l
-    q = _nibbles64(b[:, 48:176]) | (high << np.uint8(4))
-    return (dl * q.astype(_F) - ml).reshape(-1, 256)
+    return (dl * q5k_values(b).astype(_F) - ml).reshape(-1, 256)
 
 
-def _q6k(b: np.ndarray) -> np.ndarray:
+def q6k_values(b: np.ndarray) -> np.ndarray:
+    """Q6_K blocks (n, 210) -> their quants less 32, (n, 8, 32) int8 in -32..31, per 32 values."""
     ql, qh = b[:, 0:128], b[:, 128:192]
-    sc = b[:, 192:208].view(np.int8).astype(_F)
-    d = _half(b[:, 208:210])
-    dl = (d * sc)[:, :, None]                        # (n, 16, 1): one scale per 16 values
     # each half of 128 values: ql bytes 64h..64h+63 (low nibbles, then high), qh bytes 32h..32h+31 (2-bit fields)
     low = (ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & np.uint8(15)
     high = _bits(qh.reshape(-1, 2, 32), 4, 2)        # (n, 8, 32)
-    q = (low.reshape(-1, 8, 32) | (high << np.uint8(4))).astype(np.int8) - np.int8(32)
-    return (dl * q.reshape(-1, 16, 16).astype(_F)).reshape(-1, 256)
+    return (low.reshape(-1, 8, 32) | (high << np.uint8(4))).astype(np.int8) - np.int8(32)
+
+
+def _q6k(b: np.ndarray) -> np.ndarray:
+    sc = b[:, 192:208].view(np.int8).astype(_F)
+    dl = (_half(b[:, 208:210]) * sc)[:, :, None]     # (n, 16, 1): one scale per 16 values
+    return (dl * q6k_values(b).reshape(-1, 16, 16).astype(_F)).reshape(-1, 256)
 
 
 def _q2k(b: np.ndarray) -> np.ndarray:

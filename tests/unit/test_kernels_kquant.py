@@ -52,17 +52,23 @@ def activations(n, cols, seed=7):
     return rng.standard_normal((n, cols)).astype(np.float32) * rng.uniform(0.1, 10, (n, 1)).astype(np.float32)
 
 
+KERNEL_TYPES = ["q4k", "q5k", "q6k"]
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES)
 @pytest.mark.parametrize("rows,cols", [(77, 256), (130, 768), (1, 512), (128, 256)])
-def test_q4k_matmul_matches_twin(rows, cols, threads):
-    raw = weights("q4k", rows, cols, rows + cols)
-    W = K.pack("q4k", raw, rows, cols)
-    assert (W.rows, W.cols, W.qtype) == (rows, cols, "q4k")
-    w = gguf_f64("q4k", raw, rows, cols)
-    # the scale of the two terms the kernel sums apart (d*sc*q and dmin*m): their rounding is what differs
-    no_d = raw.reshape(-1, 144).copy()
-    no_d[:, 0:2] = 0
-    mins = np.abs(gguf_f64("q4k", no_d, rows, cols))
-    for n in (1, 32, 3):
+def test_kquant_matmul_matches_twin(qtype, rows, cols, threads):
+    raw = weights(qtype, rows, cols, rows + cols)
+    W = K.pack(qtype, raw, rows, cols)
+    assert (W.rows, W.cols, W.qtype) == (rows, cols, qtype)
+    w = gguf_f64(qtype, raw, rows, cols)
+    # the scale of the two terms Q4_K and Q5_K sum apart (d*sc*q and dmin*m): their rounding is what differs
+    mins = np.zeros_like(w)
+    if qtype != "q6k":
+        no_d = raw.reshape(-1, quants.QUANTS[qtype].type_size).copy()
+        no_d[:, 0:2] = 0
+        mins = np.abs(gguf_f64(qtype, no_d, rows, cols))
+    for n in (1, 32, 3, 6):
         x = activations(n, cols, seed=n)
         out = np.full((n, rows), np.nan, np.float32)
         K.matmul(W, x, out)
@@ -71,7 +77,7 @@ def test_q4k_matmul_matches_twin(rows, cols, threads):
         assert np.all(np.abs(out - ref) <= 2e-6 * scale), n
 
 
-@pytest.mark.parametrize("qtype", [q for q in READ_ONLY if q != "q4k"])
+@pytest.mark.parametrize("qtype", [q for q in READ_ONLY if q not in KERNEL_TYPES])
 def test_requantized_types_match_their_weights(qtype, threads):
     # no kernel of their own: re-quantized to Q80 at load, so within Q80 rounding of the exact product
     q = quants.QUANTS[qtype]
@@ -88,15 +94,16 @@ def test_requantized_types_match_their_weights(qtype, threads):
         assert np.all(np.abs(out - x.astype(np.float64) @ w.T) <= 0.02 * scale), n
 
 
-def test_q4k_fused_rows_equal_separate():
-    a, b = weights("q4k", 64, 512, 1), weights("q4k", 30, 512, 2)
+@pytest.mark.parametrize("qtype", KERNEL_TYPES)
+def test_fused_rows_equal_separate(qtype):
+    a, b = weights(qtype, 64, 512, 1), weights(qtype, 30, 512, 2)
     x = activations(2, 512)
-    fused = K.pack("q4k", np.concatenate([a, b]), 94, 512)
+    fused = K.pack(qtype, np.concatenate([a, b]), 94, 512)
     out = np.empty((2, 94), np.float32)
     K.matmul(fused, x, out)
     for raw, rows, sl in ((a, 64, slice(0, 64)), (b, 30, slice(64, 94))):
         part = np.empty((2, rows), np.float32)
-        K.matmul(K.pack("q4k", raw, rows, 512), x, part)
+        K.matmul(K.pack(qtype, raw, rows, 512), x, part)
         np.testing.assert_array_equal(out[:, sl], part)
 
 
@@ -108,4 +115,4 @@ def test_pack_rejects_bad_kquant_input():
 
 
 def test_warmup_compiles_kquant_types():
-    K.warmup(("q4k", "q6k"))
+    K.warmup(("q4k", "q5k", "q6k", "q2k"))
