@@ -103,11 +103,12 @@ class Engine:
         from dllama import kernels as K
         from dllama.model.collective import LocalCollective
         from dllama.model.llama import NodeModel
-        from dllama.model.partition import partition
+        from dllama.model.partition import check_blocks, partition
 
         _check_flags(nthreads, buffer_float_type, max_seq_len)
         spec = loaded.spec
         plan = partition(spec, 1 + len(workers))   # refuses bad node counts before connecting
+        check_blocks(loaded.tensors, spec, plan)
         seq_len = min(spec.seq_len, max_seq_len) if max_seq_len else spec.seq_len
         _check_memory(spec, plan[0], seq_len)
         K.set_threads(nthreads)

@@ -75,3 +75,23 @@ def test_logits_agree_with_llamacpp(name, n_nodes, reference, q80_gap):
     same = ours.argmax(axis=1) == theirs.argmax(axis=1)
     assert clear.sum() >= len(clear) // 2, "the reference decides too few positions clearly to test"
     assert same[clear].mean() >= 0.95, f"{name}: top-1 agrees at {same[clear].mean():.1%} of clear positions"
+
+
+def test_a_split_inside_a_super_block_is_refused_naming_the_tensor():
+    from dllama.errors import DllamaError
+    from dllama.formats.loader import Tensor
+    from dllama.formats.spec import ModelSpec
+    from dllama.model.partition import check_blocks, partition, slice_tensor
+    from naive import random_blocks
+
+    # q_dim 256 over 2 nodes: wo's columns 0..128 and 128..256, each half a Q4_K super-block
+    spec = ModelSpec(dim=256, hidden_dim=512, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=64, vocab_size=256,
+                     seq_len=64, rope_theta=10000.0, norm_eps=1e-5, weight_type="q4k")
+    wo = Tensor("layers.0.wo", "q4k", (256, 256), random_blocks("q4k", 256, 0).reshape(-1))
+    plan = partition(spec, 2)
+    with pytest.raises(DllamaError, match=r"tensor layers\.0\.wo \(q4k, blocks of 256 values\) cannot be split "
+                                          r"over 2 nodes"):
+        check_blocks({"layers.0.wo": wo}, spec, plan)
+    with pytest.raises(DllamaError, match=r"tensor layers\.0\.wo"):
+        slice_tensor(wo, "layers.0.wo", spec, plan[1])
+    check_blocks({"layers.0.wo": wo}, spec, partition(spec, 1))   # one node cuts nothing
