@@ -95,3 +95,26 @@ def test_a_split_inside_a_super_block_is_refused_naming_the_tensor():
     with pytest.raises(DllamaError, match=r"tensor layers\.0\.wo"):
         slice_tensor(wo, "layers.0.wo", spec, plan[1])
     check_blocks({"layers.0.wo": wo}, spec, partition(spec, 1))   # one node cuts nothing
+
+
+def test_convert_kquants_to_q40_with_a_note(tmp_path, capsys):
+    import gguf
+
+    from dllama import quants
+    from dllama.formats import convert as conv
+
+    src = DATA / "tiny_q4_k_m.gguf"
+    out = tmp_path / "tiny.m"
+    conv.convert(str(src), str(out), weight_type="q40")
+    assert "q4k, q6k weights are dequantized and re-quantized to q40, which costs accuracy" in capsys.readouterr().err
+    m = load_model(out)
+    assert m.kind == "dlm" and m.spec.weight_type == "q40"
+    g = {t.name: t for t in gguf.GGUFReader(str(src)).tensors}
+    for gname, name in (("blk.0.attn_q.weight", "layers.0.wq"), ("blk.0.ffn_down.weight", "layers.0.w2"),
+                        ("token_embd.weight", "wcls")):
+        t = g[gname]
+        rows = int(t.shape[1])
+        values = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(rows, -1)
+        np.testing.assert_array_equal(m.tensors[name].data, quants.quantize("q40", values).reshape(-1), err_msg=name)
+    conv.convert(str(src), str(tmp_path / "f32.m"), weight_type="f32")
+    assert "costs accuracy" not in capsys.readouterr().err
