@@ -65,7 +65,7 @@ import numpy as np
 from dllama import quants
 from dllama.errors import DllamaError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAGIC = b"DLMA"
 HEADER = struct.Struct("<BBHI")
 MAX_META = 0xFFFF

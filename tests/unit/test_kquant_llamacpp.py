@@ -118,3 +118,14 @@ def test_convert_kquants_to_q40_with_a_note(tmp_path, capsys):
         np.testing.assert_array_equal(m.tensors[name].data, quants.quantize("q40", values).reshape(-1), err_msg=name)
     conv.convert(str(src), str(tmp_path / "f32.m"), weight_type="f32")
     assert "costs accuracy" not in capsys.readouterr().err
+
+
+def test_weight_frames_carry_kquant_tensors():
+    from dllama.net import protocol as P
+
+    raw = (DATA / "tiny_q4_k_m.gguf").read_bytes()[-2 * 144:]
+    frame = P.encode_bytes(P.Weight("layers.0.wq", "q4k", (1, 512), 0, 288, raw))
+    # WEIGHT meta "<QQBB": offset, total, qtype code 7 (docs/protocol.md), ndim
+    assert frame[8 + 16] == 7
+    got = P.decode(frame)
+    assert (got.qtype, got.shape, bytes(got.payload)) == ("q4k", (1, 512), raw)
