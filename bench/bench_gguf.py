@@ -74,3 +74,46 @@ def write_gguf_twin(m_path: str, gguf_path: str, t_path: str) -> None:
     from dllama.tokenizer import Tokenizer
 
     write_t(t_path, Tokenizer.from_gguf(smollm2_gguf()))
+
+
+QUANTIZE_SCRIPT = r"""
+import sys
+import llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype, params.nthread = 15, 2   # LLAMA_FTYPE_MOSTLY_Q4_K_M
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
+"""
+
+
+def write_q4_k_m(src_gguf: str, dst: str, peer_python: str) -> None:
+    """`src_gguf`'s weights as llama.cpp's Q4_K_M (what people download): written to F16 first (its metadata
+    and tokenizer copied, every block matrix dequantized), then quantized by llama.cpp run by `peer_python`."""
+    import subprocess
+
+    src = gguf.GGUFReader(src_gguf)
+    f16, tmp = dst + ".f16.tmp", dst + ".tmp"
+    w = gguf.GGUFWriter(f16, src.fields["general.architecture"].contents())
+    for key, field in src.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        sub = field.types[1] if len(field.types) > 1 else None
+        w.add_key_value(key, field.contents(), field.types[0], sub)
+    T = gguf.GGMLQuantizationType
+    for t in src.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if t.tensor_type == T.F32:
+            w.add_tensor(t.name, np.asarray(t.data).reshape(shape))
+        else:
+            values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+            w.add_tensor(t.name, values.astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    try:
+        subprocess.run([peer_python, "-c", QUANTIZE_SCRIPT, f16, tmp], check=True, capture_output=True)
+        os.replace(tmp, dst)
+    finally:
+        for p in (f16, tmp):
+            if os.path.exists(p):
+                os.unlink(p)

