@@ -84,9 +84,11 @@ def test_a_split_inside_a_super_block_is_refused_naming_the_tensor():
     from dllama.model.partition import check_blocks, partition, slice_tensor
     from naive import random_blocks
 
-    # q_dim 256 over 2 nodes: wo's columns 0..128 and 128..256, each half a Q4_K super-block
+    # q_dim 256 over 2 nodes: wo's columns 0..128 and 128..256, each half a Q4_K super-block. The plan
+    # itself aligns to the file's main type (here Q8_0, 32 values), as a mixed file's plan does; the
+    # one Q4_K tensor is what must be caught.
     spec = ModelSpec(dim=256, hidden_dim=512, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=64, vocab_size=256,
-                     seq_len=64, rope_theta=10000.0, norm_eps=1e-5, weight_type="q4k")
+                     seq_len=64, rope_theta=10000.0, norm_eps=1e-5, weight_type="q80")
     wo = Tensor("layers.0.wo", "q4k", (256, 256), random_blocks("q4k", 256, 0).reshape(-1))
     plan = partition(spec, 2)
     with pytest.raises(DllamaError, match=r"tensor layers\.0\.wo \(q4k, blocks of 256 values\) cannot be split "
