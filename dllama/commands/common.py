@@ -23,11 +23,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="float type of the activations exchanged between nodes (default q80)")
     g.add_argument("--workers", nargs="*", default=[], metavar="HOST:PORT",
                    help="worker nodes, in order (the root is node 0); 1 + workers must be a power of two")
+    add_m_keys_argument(g)
     add_key_argument(g)
     s = p.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
     s.add_argument("--topp", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
     s.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def add_m_keys_argument(parser) -> None:
+    parser.add_argument("--m-keys", choices=("auto", "2024", "2025"), default="auto",
+                        help="which reference key set a .m file was written with: 2024 (arch ids of Grok-1 and "
+                             "Mixtral) or 2025 (the same ids for Qwen3 and Qwen3-MoE); auto (default) tells them "
+                             "apart by the header keys")
 
 
 def add_key_argument(parser) -> None:
@@ -70,7 +78,8 @@ def open_engine(args, log=None, on_lost=None):
 
     return Engine.open(resolve_model(args.model), args.tokenizer, nthreads=args.nthreads, max_seq_len=args.max_seq_len,
                        buffer_float_type=args.buffer_float_type, workers=parse_workers(args.workers), log=log,
-                       cluster_key=key_from_args(args) if args.workers else None, on_lost=on_lost)
+                       cluster_key=key_from_args(args) if args.workers else None, on_lost=on_lost,
+                       m_keys=getattr(args, "m_keys", "auto"))
 
 
 def kernels_cached() -> bool:
