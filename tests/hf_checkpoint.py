@@ -34,8 +34,8 @@ def save_tokenizer(folder, vocab_size: int):
 
 
 def save_checkpoint(model, folder, dtype: str = "bfloat16"):
-    """`model` stored as `dtype` with save_pretrained into `folder`, with a tokenizer. Returns the model,
-    now float32 with the stored (rounded) weights, so that it computes with what the folder holds."""
+    """`model` stored as `dtype` with save_pretrained into `folder`, with a tokenizer. Returns the folder
+    as transformers reads it in float32 (`load`): what the checkpoint holds, computed in float32."""
     import torch
 
     tok = save_tokenizer(folder, model.config.vocab_size)
@@ -43,4 +43,21 @@ def save_checkpoint(model, folder, dtype: str = "bfloat16"):
     model.config.eos_token_id = tok.eos_token_id
     model.to(getattr(torch, dtype))
     model.save_pretrained(str(folder))
-    return model.to(torch.float32)
+    return load(folder)
+
+
+def load(folder):
+    """The checkpoint in `folder` as a float32 transformers model in eval mode, with the eager attention and
+    experts that `hf_export.build` also uses."""
+    import json
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with open(os.path.join(str(folder), "config.json")) as f:
+        model_type = json.load(f)["model_type"]
+    kw = dict(dtype=torch.float32, attn_implementation="eager")
+    if model_type in ("mixtral", "qwen3_moe"):
+        kw["experts_implementation"] = "eager"
+    return AutoModelForCausalLM.from_pretrained(str(folder), **kw).eval()

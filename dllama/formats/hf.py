@@ -191,6 +191,10 @@ def spec_from_config(cfg: dict, folder: str) -> ModelSpec:
     if arch is None:
         raise DllamaError(f"--hf {folder}: architecture {names[0]} is not supported "
                           f"(dllama converts {', '.join(sorted(ARCHITECTURES))})")
+    rope = _rope(cfg, folder)
+    if arch in schema.NEOX_ROPE and "rope_type" in rope:
+        raise DllamaError(f"--hf {folder}: Llama 3.1 rope scaling on {names[0]} is not supported")
+    rope.setdefault("rope_type", "falcon" if arch in schema.NEOX_ROPE else "llama")
     try:
         dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         n_experts = int(_config_value(cfg, "num_local_experts", "num_experts", default=0)) if arch in _MOE else 0
@@ -201,9 +205,9 @@ def spec_from_config(cfg: dict, folder: str) -> ModelSpec:
             seq_len=int(cfg.get("max_position_embeddings") or 0), n_experts=n_experts,
             n_active_experts=int(cfg.get("num_experts_per_tok") or 0) if n_experts else 0,
             moe_hidden_dim=int(cfg.get("moe_intermediate_size") or 0) if arch == "qwen3_moe" else 0,
-            rope_type="falcon" if arch in schema.NEOX_ROPE else "llama", norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             weight_type="f32", tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            name=os.path.basename(os.path.normpath(folder)), **_rope(cfg, folder))
+            name=os.path.basename(os.path.normpath(folder)), **rope)
     except KeyError as exc:
         raise DllamaError(f"--hf {folder}: config.json lacks {exc.args[0]}") from None
     if cfg.get("hidden_act", "silu") != "silu":
@@ -260,7 +264,7 @@ def sources(ckpt: Checkpoint, spec: ModelSpec) -> dict:
         shape = row.shape(spec)
         if layer is None:
             hf = _GLOBAL[row.leaf]
-            if row.leaf == "wcls" and (spec.tied_embeddings or not ckpt.has(hf)):
+            if row.leaf == "wcls" and spec.tied_embeddings:
                 hf = _GLOBAL["tok_embd"]
             out[name] = Source(ckpt, hf, shape)
         elif expert is not None:

@@ -95,6 +95,7 @@ def gguf_plan(spec: ModelSpec, sources: dict) -> list[tuple[str, str, tuple, lis
 
 def _metadata(w, spec: ModelSpec, config: dict) -> None:
     w.add_name(spec.name)
+    w.add_file_type({"f32": 0, "f16": 1, "q40": 2, "q80": 7}[spec.weight_type])   # llama.cpp's LlamaFileType
     w.add_vocab_size(spec.vocab_size)
     w.add_context_length(spec.seq_len)
     w.add_embedding_length(spec.dim)
@@ -153,6 +154,13 @@ def write_gguf(path: str, spec: ModelSpec, sources: dict, vocab: dict, config: d
         nbytes = quants.tensor_bytes(qtype, shape)
         byte_shape = (*shape[:-1], quants.row_bytes(qtype, shape[-1])) if len(shape) > 1 else (nbytes,)
         w.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=quants.quant(qtype).gguf)
+    try:
+        _write_gguf_data(w, plan, factors)
+    finally:
+        w.close()
+
+
+def _write_gguf_data(w, plan: list, factors: np.ndarray | None) -> None:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -173,4 +181,3 @@ def write_gguf(path: str, spec: ModelSpec, sources: dict, vocab: dict, config: d
             raise DllamaError(f"writing GGUF tensor {gname} {shape}: {n} bytes, expected "
                               f"{quants.tensor_bytes(qtype, shape)}")
         w.write_padding(fout, n)
-    w.close()
