@@ -280,3 +280,27 @@ def test_cli_converts_and_reports(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["q.m", "q.t"]
     proc = _cli("--hf", TINY / "qwen3", "--output-model", tmp_path / "q.gguf", "--output-tokenizer", tmp_path / "x.t")
     assert proc.returncode == 2 and "a GGUF output carries its tokenizer" in proc.stderr
+
+
+def test_qwen3_moe_m_file_without_2025_keys_runs_with_m_keys_2025(tmp_path):
+    """A 2025 Qwen3-MoE `.m` stating none of keys 19-21 (auto reads such a header as Mixtral): with
+    --m-keys 2025 it runs to transformers' logits."""
+    from unit.test_m_keys import write_without_2025_keys
+
+    model = C.save_checkpoint(H.build("qwen3_moe", 9, head_dim=16, rms_norm_eps=1e-5, intermediate_size=64),
+                              tmp_path / "ckpt", "bfloat16")
+    from dllama.errors import FormatError
+
+    m, t = tmp_path / "model.m", tmp_path / "model.t"
+    convert_hf(str(tmp_path / "ckpt"), str(m), str(t), "f32")
+    write_without_2025_keys(m)
+    ids = _prompt(2, model.config.vocab_size)
+    with pytest.raises(FormatError, match="truncated|unexpected bytes"):
+        Engine.open(str(m), str(t), nthreads=1)
+    eng = Engine.open(str(m), str(t), nthreads=1, m_keys="2025")
+    try:
+        assert eng.spec.arch == "qwen3_moe"
+        ours = eng.prefill(ids).copy()
+    finally:
+        eng.close()
+    assert _rel(ours, _hf_logits(model, ids)) < TOL_F
