@@ -21,7 +21,6 @@ from dllama.errors import DllamaError
 HF = "https://huggingface.co/b4rtaz"
 BENCHMARK_PROMPT = "Hello world"
 BENCHMARK_STEPS = 64
-QWEN3_REASON = "needs the Qwen3 architecture, which dllama does not run yet"
 
 
 @dataclass(frozen=True)
@@ -132,19 +131,19 @@ ENTRIES: tuple[CatalogEntry, ...] = (
                "dllama_tokenizer_deepseek-r1-distill-llama-8b.t", 6320 * MB, SEQ_4096),
     _reference("qwen3_0.6b_q40", "Qwen 3 0.6B Q40", "chat",
                "Qwen3-0.6B-Q40-Distributed-Llama", "dllama_model_qwen3_0.6b_q40.m",
-               "dllama_tokenizer_qwen3_0.6b.t", 900 * MB, SEQ_4096, False, QWEN3_REASON),
+               "dllama_tokenizer_qwen3_0.6b.t", 900 * MB, SEQ_4096),
     _reference("qwen3_1.7b_q40", "Qwen 3 1.7B Q40", "chat",
                "Qwen3-1.7B-Q40-Distributed-Llama", "dllama_model_qwen3_1.7b_q40.m",
-               "dllama_tokenizer_qwen3_1.7b.t", 2200 * MB, SEQ_4096, False, QWEN3_REASON),
+               "dllama_tokenizer_qwen3_1.7b.t", 2200 * MB, SEQ_4096),
     _reference("qwen3_8b_q40", "Qwen 3 8B Q40", "chat",
                "Qwen3-8B-Q40-Distributed-Llama", "dllama_model_qwen3_8b_q40.m",
-               "dllama_tokenizer_qwen3_8b.t", 6700 * MB, SEQ_4096, False, QWEN3_REASON),
+               "dllama_tokenizer_qwen3_8b.t", 6700 * MB, SEQ_4096),
     _reference("qwen3_14b_q40", "Qwen 3 14B Q40", "chat",
                "Qwen3-14B-Q40-Distributed-Llama", _split("dllama_model_qwen3_14b_q40_", 2),
-               "dllama_tokenizer_qwen3_14b.t", 10900 * MB, SEQ_4096, False, QWEN3_REASON),
+               "dllama_tokenizer_qwen3_14b.t", 10900 * MB, SEQ_4096),
     _reference("qwen3_30b_a3b_q40", "Qwen 3 30B A3B Q40", "chat",
                "Qwen3-30B-A3B-Q40-Distributed-Llama", _split("dllama_model_qwen3_30b_a3b_", 5),
-               "dllama_tokenizer_qwen3_30b_a3b.t", 17 * GB, SEQ_4096, False, QWEN3_REASON),
+               "dllama_tokenizer_qwen3_30b_a3b.t", 17 * GB, SEQ_4096),
 )
 
 CATALOG: dict[str, CatalogEntry] = {e.name: e for e in ENTRIES}

@@ -91,15 +91,16 @@ class Engine:
     def open(cls, model_path: str, tokenizer_path: str | None = None, nthreads: int = 1,
              max_seq_len: int | None = None, buffer_float_type: str = "q80", workers=(),
              log=None, cluster_key: bytes | None = None, on_lost=None, parallel: int = 1,
-             split=None) -> "Engine":
-        """Load a model file (and tokenizer), connecting to and loading the workers if any.
+             split=None, m_keys: str = "auto") -> "Engine":
+        """Load a model file (and tokenizer), connecting to and loading the workers if any. `m_keys`: the
+        key set of a `.m` file (see `dlm.key_set`), "auto" to detect it.
 
         Raises DllamaError for bad files, bad flags, and workers that cannot be reached.
         """
         from dllama.formats.loader import load_model
 
         _check_flags(nthreads, buffer_float_type, max_seq_len, parallel)
-        loaded = load_model(model_path)
+        loaded = load_model(model_path, m_keys)
         tokenizer = _open_tokenizer(loaded, tokenizer_path)
         if tokenizer.vocab_size != loaded.spec.vocab_size:
             # the model would pick ids the tokenizer cannot print, or the tokenizer give ids past the

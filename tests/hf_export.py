@@ -38,8 +38,8 @@ def build(kind: str, seed: int, tied: bool = False, rope: dict | None = None, **
     """A float32 model in eval mode with weights drawn from `seed`, scaled so that attention is sharp and
     routing decisive (HF's default init, N(0, 0.02), would leave attention uniform and hide RoPE errors)."""
     import torch
-    from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
+                              MixtralForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     rope = rope or dict(rope_type="default", rope_theta=10000.0)
     # eager: plain float32 matmuls, and experts through F.linear (which `q80_activations` wraps)
@@ -47,6 +47,9 @@ def build(kind: str, seed: int, tied: bool = False, rope: dict | None = None, **
     if kind == "llama":
         cfg = LlamaConfig(**{**LLAMA, **over}, **common)
         cls = LlamaForCausalLM
+    elif kind == "mistral":   # Llama's layers under another name; no sliding window, as in Mistral >= v0.2
+        cfg = MistralConfig(**{**LLAMA, **over}, **common, sliding_window=None)
+        cls = MistralForCausalLM
     elif kind == "qwen3":
         cfg = Qwen3Config(**{**QWEN3, **over}, **common)
         cls = Qwen3ForCausalLM

@@ -26,11 +26,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default=None, metavar="auto|W0,W1,...",
                    help="each node's share of the model: one weight per node (root first), such as 3,1,1, or "
                         "'auto': by each node's measured speed, within its free memory (default: even)")
+    add_m_keys_argument(g)
     add_key_argument(g)
     s = p.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
     s.add_argument("--topp", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
     s.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def add_m_keys_argument(parser) -> None:
+    parser.add_argument("--m-keys", choices=("auto", "2024", "2025"), default="auto",
+                        help="which reference key set a .m file was written with: 2024 (arch ids of Grok-1 and "
+                             "Mixtral) or 2025 (the same ids for Qwen3 and Qwen3-MoE); auto (default) tells them "
+                             "apart by the header keys")
 
 
 def add_key_argument(parser) -> None:
@@ -79,7 +87,7 @@ def open_engine(args, log=None, on_lost=None):
     return Engine.open(resolve_model(args.model), args.tokenizer, nthreads=args.nthreads, max_seq_len=args.max_seq_len,
                        buffer_float_type=args.buffer_float_type, workers=parse_workers(args.workers), log=log,
                        cluster_key=key_from_args(args) if args.workers else None, on_lost=on_lost,
-                       parallel=getattr(args, "parallel", 1), split=split)
+                       parallel=getattr(args, "parallel", 1), split=split, m_keys=getattr(args, "m_keys", "auto"))
 
 
 def kernels_cached() -> bool:

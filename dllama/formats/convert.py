@@ -106,7 +106,7 @@ def _note_requantizing(model, weight_type: str) -> None:
 
 
 def convert(model_path: str, output_model: str, output_tokenizer: str | None = None,
-            weight_type: str = "q40", pad_kv_heads: int | None = None):
+            weight_type: str = "q40", pad_kv_heads: int | None = None, m_keys: str = "auto"):
     """Converts model_path (GGUF or `.m`) to output_model (+ output_tokenizer); returns the written spec.
 
     Raises DllamaError/FormatError (unreadable input, an architecture or value `.m` cannot hold).
@@ -114,7 +114,7 @@ def convert(model_path: str, output_model: str, output_tokenizer: str | None = N
     from dllama.formats.dlm import atomic_paths, header_items, write_dlm_to
     from dllama.formats.loader import load_model
 
-    model = load_model(model_path)
+    model = load_model(model_path, m_keys)
     try:
         _note_requantizing(model, weight_type)
         spec = dataclasses.replace(model.spec, weight_type=weight_type, tied_embeddings=False,

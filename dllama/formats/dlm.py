@@ -64,6 +64,28 @@ def key_set(kv: dict) -> str:
     return "2024"
 
 
+def chosen_key_set(kv: dict, path: str, m_keys: str = "auto") -> str:
+    """The key set to read the header `kv` with: detected (`key_set`) for "auto", else `m_keys` ('2024' or
+    '2025') if the header can be of that set. Raises FormatError for a forced set the header contradicts."""
+    if m_keys == "auto":
+        return key_set(kv)
+    if m_keys not in ("2024", "2025"):
+        raise DllamaError(f"--m-keys {m_keys!r}: choose auto, 2024 or 2025")
+    arch_id, experts = kv.get("arch_type", 0xABCD00), kv.get("n_experts", 0)
+    why = None
+    if m_keys == "2024" and KEYS_2025_ONLY & kv.keys():
+        why = f"its header has {sorted(KEYS_2025_ONLY & kv.keys())[0]}, a key only the 2025 set has"
+    elif m_keys == "2024" and arch_id == 0xABCD01 and not experts:
+        why = "arch 0xabcd01 is Grok-1 there, which has experts, and this file has none"
+    elif m_keys == "2025" and arch_id == 0xABCD01 and experts:
+        why = f"arch 0xabcd01 is dense Qwen3 there, and this file has {experts} experts"
+    elif m_keys == "2025" and arch_id == 0xABCD02 and not experts:
+        why = "arch 0xabcd02 is Qwen3-MoE there, and this file has no experts"
+    if why:
+        raise FormatError(f"{path}: does not fit --m-keys {m_keys}: {why}")
+    return m_keys
+
+
 def parse_header(buf: bytes, path: str) -> tuple[int, dict]:
     """(header_size, {key name: int value}) from the first bytes of a `.m` file. Raises FormatError."""
     if len(buf) < 8:
@@ -93,9 +115,9 @@ def _lookup(table: dict, value: int, what: str, path: str):
     return table[value]
 
 
-def spec_from_header(kv: dict, path: str) -> ModelSpec:
+def spec_from_header(kv: dict, path: str, m_keys: str = "auto") -> ModelSpec:
     """ModelSpec from parsed header values (weight_type may be None: see read_dlm). Raises FormatError."""
-    kset = key_set(kv)
+    kset = chosen_key_set(kv, path, m_keys)
     archs = ARCHS_2025 if kset == "2025" else ARCHS_2024
     arch = _lookup(archs, kv.get("arch_type", 0xABCD00), "arch type", path)
     n_experts = kv.get("n_experts", 0)
@@ -186,8 +208,10 @@ def _infer_weight_type(spec: ModelSpec, kset: str, payload: int, path: str) -> s
     return fits[0]
 
 
-def read_dlm(path: str) -> LoadedModel:
-    """Maps a `.m` file read-only; tensors are views of the map. Raises FormatError naming the file."""
+def read_dlm(path: str, m_keys: str = "auto") -> LoadedModel:
+    """Maps a `.m` file read-only; tensors are views of the map. Raises FormatError naming the file.
+
+    m_keys: "auto", or the key set ("2024", "2025") to read the header with, whatever it looks like."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -197,7 +221,20 @@ def read_dlm(path: str) -> LoadedModel:
     except OSError as exc:
         raise FormatError(f"cannot read model file {path}: {exc.strerror or exc}") from None
     header_size, kv = parse_header(head, path)
-    spec = spec_from_header(kv, path)
+    spec = spec_from_header(kv, path, m_keys)
+    try:
+        tensors, mm = _map_tensors(path, spec, size, header_size)
+    except FormatError as exc:
+        if m_keys == "auto":
+            raise
+        # a forced key set that names another architecture: its tensors do not add up to the file
+        raise FormatError(f"{path}: does not fit --m-keys {m_keys} (read as a {m_keys} {spec.arch} file: "
+                          f"{str(exc).removeprefix(path + ': ')})") from None
+    return LoadedModel(spec=spec, tensors=tensors, path=path, kind="dlm", _owner=mm)
+
+
+def _map_tensors(path: str, spec: ModelSpec, size: int, header_size: int):
+    """({name: Tensor}, the map) of a `.m` file whose header gave `spec`. Raises FormatError."""
     kset = spec.extra["dlm_key_set"]
     if spec.weight_type is None:
         spec.weight_type = _infer_weight_type(spec, kset, size - header_size, path)
@@ -221,7 +258,7 @@ def read_dlm(path: str) -> LoadedModel:
         n = quants.tensor_bytes(qtype, shape)
         tensors[name] = Tensor(name, qtype, shape, mm[offset:offset + n])
         offset += n
-    return LoadedModel(spec=spec, tensors=tensors, path=path, kind="dlm", _owner=mm)
+    return tensors, mm
 
 
 def _exact_int(spec: ModelSpec, field: str, value) -> int:

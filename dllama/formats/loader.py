@@ -93,8 +93,10 @@ def detect_kind(path: str) -> str:
     raise FormatError(f"{path}: not a model file (starts with {head.hex()}; expected a .m or GGUF file)")
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Maps a `.m` or GGUF model read-only. Raises FormatError (missing, unreadable, unknown, malformed)."""
+def load_model(path: str | os.PathLike, m_keys: str = "auto") -> LoadedModel:
+    """Maps a `.m` or GGUF model read-only. Raises FormatError (missing, unreadable, unknown, malformed).
+
+    m_keys: for a `.m` file, the reference key set it was written with ("2024", "2025"), or "auto"."""
     path = os.fspath(path)
     kind = detect_kind(path)
     if kind == "gguf":
@@ -103,4 +105,4 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         return read_gguf(path)
     from dllama.formats.dlm import read_dlm
 
-    return read_dlm(path)
+    return read_dlm(path, m_keys)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -32,7 +33,7 @@ def test_every_reference_name_is_there_with_its_parts_count():
         assert CATALOG[name].parts == parts, name
         assert CATALOG[name].supported, name
     for name in QWEN3:
-        assert not CATALOG[name].supported and "Qwen3" in CATALOG[name].reason
+        assert CATALOG[name].supported and CATALOG[name].args == ("--max-seq-len", "4096"), name
     assert CATALOG["qwen3_14b_q40"].parts == 2 and CATALOG["qwen3_30b_a3b_q40"].parts == 5
 
 
@@ -136,8 +137,9 @@ def test_gguf_model_has_no_tokenizer_flag_and_api_runs_dllama_api():
 
 
 def test_refusals():
-    with pytest.raises(DllamaError, match="Qwen3.*--run none"):
-        run_plan(CATALOG["qwen3_8b_q40"], "m", "t")
+    unsupported = dataclasses.replace(CATALOG["qwen3_8b_q40"], supported=False, reason="needs Grok-2")
+    with pytest.raises(DllamaError, match="qwen3_8b_q40 needs Grok-2; use --run none"):
+        run_plan(unsupported, "m", "t")
     with pytest.raises(DllamaError, match="--prompt and --steps are for --run inference"):
         run_plan(CATALOG["llama3_2_1b_instruct_q40"], "m", "t", prompt="hi")
     with pytest.raises(DllamaError, match="unknown --run"):
@@ -167,3 +169,29 @@ def test_model_id_is_the_catalogue_name_or_the_file_stem_never_a_sentence():
     assert catalog.model_id("/m/Mistral-7B-Instruct-v0.3.Q4_0.gguf", "/m/Mistral-7B-Instruct-v0.3.Q4_0.gguf") \
         == "Mistral-7B-Instruct-v0.3.Q4_0"
     assert catalog.model_id("my model.gguf", "my model.gguf") == "my-model"
+
+
+@pytest.mark.parametrize("name, arch, experts", [("qwen3_0.6b_q40", "qwen3", 0), ("qwen3_30b_a3b_q40", "qwen3_moe", 4)])
+def test_a_downloaded_qwen3_model_resolves_loads_and_plans_a_chat(tmp_path, monkeypatch, name, arch, experts):
+    """Where launch.py put the reference's files (models/<name>/), `--model <name>` finds the `.m`; written
+    as the reference's 2025 converter writes Qwen3 (a tiny shape), it loads as that architecture."""
+    from dllama.formats.dlm import write_dlm
+    from dllama.formats.loader import load_model
+    from dllama.formats.random_model import random_tensors
+    from dllama.formats.spec import ModelSpec
+
+    spec = ModelSpec(arch=arch, dim=64, hidden_dim=96, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=32,
+                     vocab_size=40, seq_len=40960, n_experts=experts, n_active_experts=2 if experts else 0,
+                     moe_hidden_dim=64 if experts else 0, rope_type="falcon", rope_theta=1000000.0,
+                     norm_eps=1e-6, weight_type="q40")
+    monkeypatch.chdir(tmp_path)
+    entry = CATALOG[name]
+    os.makedirs(f"models/{name}")
+    write_dlm(f"models/{name}/{entry.model.filename}", spec, random_tensors(spec))
+    path = catalog.resolve_model(name)
+    assert path == os.path.join("models", name, f"dllama_model_{name}.m")
+    with load_model(path) as m:
+        assert (m.spec.arch, m.spec.n_experts, m.spec.head_dim, m.spec.extra["dlm_key_set"]) == (arch, experts, 32,
+                                                                                                 "2025")
+    ns = _parse(run_plan(entry, path, f"models/{name}/{entry.tokenizer.filename}", nthreads=2))
+    assert (ns.command, ns.model, ns.max_seq_len) == ("chat", path, 4096)

@@ -1,0 +1,63 @@
+"""Tiny Hugging Face checkpoint folders, as `save_pretrained` writes them, for `dllama convert --hf`.
+
+The model comes from `hf_export.build` (seeded, O(1)-scale weights); the tokenizer is a byte-level BPE
+trained by the `tokenizers` package on a fixed text (deterministic), saved by transformers'
+`PreTrainedTokenizerFast` with a chat template, bos and eos, so that llama.cpp's converter and
+transformers itself read the same folder.
+"""
+
+from __future__ import annotations
+
+TEXT = ("the quick brown fox jumps over the lazy dog. the dog sleeps; the fox runs away!\n"
+        "hello world, hello there. numbers 123 and 4567 go here? yes: they do.\n") * 4
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def save_tokenizer(folder, vocab_size: int):
+    """A byte-level BPE of at most `vocab_size` tokens (specials last) saved into `folder`; returns it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIALS), show_progress=False)
+    tok.train_from_iterator([TEXT], trainer)
+    tok.add_special_tokens(SPECIALS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def save_checkpoint(model, folder, dtype: str = "bfloat16"):
+    """`model` stored as `dtype` with save_pretrained into `folder`, with a tokenizer. Returns the folder
+    as transformers reads it in float32 (`load`): what the checkpoint holds, computed in float32."""
+    import torch
+
+    tok = save_tokenizer(folder, model.config.vocab_size)
+    model.config.bos_token_id = tok.bos_token_id
+    model.config.eos_token_id = tok.eos_token_id
+    model.to(getattr(torch, dtype))
+    model.save_pretrained(str(folder))
+    return load(folder)
+
+
+def load(folder):
+    """The checkpoint in `folder` as a float32 transformers model in eval mode, with the eager attention and
+    experts that `hf_export.build` also uses."""
+    import json
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with open(os.path.join(str(folder), "config.json")) as f:
+        model_type = json.load(f)["model_type"]
+    kw = dict(dtype=torch.float32, attn_implementation="eager")
+    if model_type in ("mixtral", "qwen3_moe"):
+        kw["experts_implementation"] = "eager"
+    return AutoModelForCausalLM.from_pretrained(str(folder), **kw).eval()
