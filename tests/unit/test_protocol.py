@@ -7,8 +7,8 @@ from dllama.net import protocol as P
 
 # (message, its frame), each frame spelled out field by field: header "<BBHI" type, 0, meta_len, payload_len
 GOLDEN = [
-    (P.Hello(3, 1, 2, bytes(range(32))), "01 00 2a00 00000000" "444c4d41 0300 0100 0200" + bytes(range(32)).hex()),
-    (P.HelloAck(3), "02 00 0200 00000000" "0300"),
+    (P.Hello(4, 1, 2, bytes(range(32))), "01 00 2a00 00000000" "444c4d41 0400 0100 0200" + bytes(range(32)).hex()),
+    (P.HelloAck(4), "02 00 0200 00000000" "0400"),
     (P.Refuse("busy"), "03 00 0400 00000000" "62757379"),
     (P.Config({"b": [1, 2], "a": "x"}), "04 00 0000 13000000" + b'{"a":"x","b":[1,2]}'.hex()),
     (P.Weight("norm", "f32", (2,), 0, 8, np.array([1.0, -2.0], "<f4").tobytes()),
@@ -25,9 +25,11 @@ GOLDEN = [
     (P.Buffer(P.OP_REDUCE, "f32", 1, 2, np.array([1.0, -2.0], "<f4").tobytes()),
      "08 00 0a00 08000000" "02 00 01000000 02000000" "0000803f 000000c0"),
     (P.Bye(), "09 00 0000 00000000"),
-    (P.Probe(), "0a 00 0600 00000000" "444c4d41 0300"),
+    (P.Probe(), "0a 00 0600 00000000" "444c4d41 0400"),
     (P.ProbeInfo({"state": "idle"}), "0b 00 0000 10000000" + b'{"state":"idle"}'.hex()),
     (P.Challenge(b"\x01" * 32, b"\xee" * 32), "0c 00 4000 00000000" + "01" * 32 + "ee" * 32),
+    (P.Challenge(b"\x01" * 32, b"\xee" * 32, b'{"n_nodes":2}'),
+     "0c 00 4d00 00000000" + "01" * 32 + "ee" * 32 + b'{"n_nodes":2}'.hex()),
     (P.Auth(b"\x5a" * 32), "0d 00 2000 00000000" + "5a" * 32),
     (P.Ping(), "0e 00 0000 00000000"),
 ]
@@ -95,7 +97,7 @@ def test_frame_over_the_size_limit_refused_from_its_header():
 
 @pytest.mark.parametrize("frame,match", [
     ("01 00 2a00 00000000" "58585858 0300 0100 0200" + "00" * 32, "magic"),           # HELLO, bad magic
-    ("01 00 0800 00000000" "444c4d41 0300 0100", "malformed"),                         # HELLO, short meta
+    ("01 00 0800 00000000" "444c4d41 0400 0100", "malformed"),                         # HELLO, short meta
     ("0c 00 2000 00000000" + "00" * 32, "malformed"),                                  # CHALLENGE, no proof
     ("0e 00 0000 01000000" "00", "no data"),                                           # PING with a payload
     ("08 00 0a00 04000000" "02 00 01000000 02000000" "0000803f", "carries"),           # BUFFER 1x2 f32, 4 bytes
@@ -124,6 +126,7 @@ def test_sizes_follow_the_block_formats():
 @pytest.mark.parametrize("version,frame", [
     (1, "01 00 0a00 00000000" "444c4d41 0100 0100 0200"),                        # 10-byte HELLO
     (2, "01 00 2a00 00000000" "444c4d41 0200 0100 0200" + "00" * 32),            # with a nonce
+    (3, "01 00 2a00 00000000" "444c4d41 0300 0100 0200" + "00" * 32),            # no local slices
 ])
 def test_older_hellos_are_read_for_their_version(version, frame):
     """A root of an older protocol: the worker must still read its version to say which."""
@@ -138,8 +141,8 @@ def test_proofs_are_hmac_sha256_of_the_documented_transcript():
     from dllama.net import auth
 
     key, rn, wn = b"k" * 16, bytes(range(32)), bytes(range(32, 64))
-    hello = P.Hello(3, 1, 4, rn)
-    transcript = b"DLMA" + bytes.fromhex("0300 0100 0400".replace(" ", "")) + rn + wn
+    hello = P.Hello(4, 1, 4, rn)
+    transcript = b"DLMA" + bytes.fromhex("0400 0100 0400".replace(" ", "")) + rn + wn
     assert auth.worker_proof(key, hello, wn) == hmac.new(key, b"dllama worker proof\0" + transcript,
                                                          hashlib.sha256).digest()
     assert auth.root_proof(key, hello, wn) == hmac.new(key, b"dllama root proof\0" + transcript,
@@ -148,3 +151,21 @@ def test_proofs_are_hmac_sha256_of_the_documented_transcript():
     assert auth.worker_proof(key, hello, wn) != auth.root_proof(key, hello, wn)
     assert auth.root_proof(key, hello, bytes(32)) != auth.root_proof(key, hello, wn)
     assert auth.root_proof(b"other", hello, wn) != auth.root_proof(key, hello, wn)
+
+
+def test_proofs_cover_the_local_slice_announcement():
+    """A peer in between cannot add, drop or alter a worker's local slice announcement unnoticed."""
+    import hashlib
+    import hmac
+
+    from dllama.net import auth
+
+    key, rn, wn, local = b"k" * 16, bytes(range(32)), bytes(range(32, 64)), b'{"node_index":1}'
+    hello = P.Hello(4, 1, 2, rn)
+    transcript = b"DLMA" + bytes.fromhex("040001000200") + rn + wn + local
+    assert auth.worker_proof(key, hello, wn, local) == hmac.new(key, b"dllama worker proof\0" + transcript,
+                                                                hashlib.sha256).digest()
+    assert auth.root_proof(key, hello, wn, local) == hmac.new(key, b"dllama root proof\0" + transcript,
+                                                              hashlib.sha256).digest()
+    assert auth.worker_proof(key, hello, wn, local) != auth.worker_proof(key, hello, wn)
+    assert auth.root_proof(key, hello, wn, local) != auth.root_proof(key, hello, wn, b'{"node_index":2}')
