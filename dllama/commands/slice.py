@@ -31,7 +31,7 @@ def run(args) -> int:
     from dllama.formats.convert import sigterm_as_exit
     from dllama.formats.loader import load_model
     from dllama.model.partition import partition
-    from dllama.net.slicefile import model_sha256, slice_name, write_slice
+    from dllama.net.slicefile import model_fingerprint, slice_name, write_slice
 
     loaded = load_model(resolve_model(args.model))
     plan = partition(loaded.spec, args.nodes)   # refuses a node count the model cannot be split over
@@ -39,10 +39,10 @@ def run(args) -> int:
         os.makedirs(args.out, exist_ok=True)
     except OSError as exc:
         raise DllamaError(f"--out {args.out}: cannot create it ({exc.strerror or exc})") from None
-    digest = model_sha256(loaded.path)
+    model_id = model_fingerprint(loaded.path)
     with sigterm_as_exit():
         for i in nodes:
             path = os.path.join(args.out, slice_name(i, args.nodes))
-            size = write_slice(path, loaded, plan, i, digest)
+            size = write_slice(path, loaded, plan, i, model_id)
             print(f"wrote {path}: node {i} of {args.nodes}, {size / 1e6:.1f} MB of weights", file=sys.stdout)
     return 0

@@ -38,7 +38,7 @@ CONFIG JSON: {"spec": ModelSpec fields, "node": NodeSlice.to_dict(), "seq_len": 
 (then no WEIGHT frames follow: the worker loads its slice file). Keys sorted, no spaces.
 
 Local slice: a worker started with `--weights FILE` appends to its CHALLENGE's meta the JSON (keys sorted)
-{"model_sha256", "plan_sha256", "node_index", "n_nodes", "payload_sha256", "payload_size"} of its file
+{"model_fingerprint", "plan_sha256", "node_index", "n_nodes", "payload_sha256", "payload_size"} of its file
 (dllama/net/slicefile.py); both proofs cover those bytes.
 
 Authentication: with the cluster key K (bytes; empty when none is configured) and the transcript

@@ -96,18 +96,18 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
 def _accept_local_slices(conns, announced, loaded, plan, say) -> list[bool]:
     """Per worker, whether it loads its own slice file: only one cut from this very model file by this
     plan for its node. Any other is logged with the reason, and that worker is streamed its weights."""
-    from dllama.net.slicefile import mismatch, model_sha256, plan_sha256
+    from dllama.net.slicefile import mismatch, model_fingerprint, plan_sha256
 
     if not any(announced):
         return [False] * len(conns)
     try:
-        model_digest = model_sha256(loaded.path)
+        model_id = model_fingerprint(loaded.path)
     except (OSError, TypeError):
-        model_digest = None   # a model built in memory: no worker's file can be of it
+        model_id = None   # a model built in memory: no worker's file can be of it
     plan_digest = plan_sha256(loaded.spec, plan)
     out = []
     for i, (conn, local) in enumerate(zip(conns, announced), start=1):
-        why = mismatch(local, model_digest, plan_digest, i, len(plan)) if local else "no local slice"
+        why = mismatch(local, model_id, plan_digest, i, len(plan)) if local else "no local slice"
         if local and why:
             say(f"{conn.label}: not using its local slice: {why}; streaming its weights")
         elif local:

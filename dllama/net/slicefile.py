@@ -4,12 +4,12 @@ started with `--weights FILE` loads them from its own disk and a restart does no
     preamble  "<8sIIQ32s32s"  magic b"DLSLICE\\0", format version, header_len, payload_size,
                               sha256 of the payload, sha256 of the header
     payload   the node's tensors back to back, in the order the root streams them
-    header    JSON, UTF-8 (keys sorted): {"model_sha256", "model_size", "plan_sha256", "plan": [NodeSlice
+    header    JSON, UTF-8 (keys sorted): {"model_fingerprint", "model_size", "plan_sha256", "plan": [NodeSlice
               dicts, every node], "spec": ModelSpec fields, "node_index", "n_nodes",
               "tensors": [[name, qtype, shape, offset, nbytes], ...]}
 
 The header follows the payload so that a slice is cut and written in one pass. A slice is bound to the
-model file by its sha256 and to the plan by `plan_sha256` (the spec and every node's ranges as the
+model file by its fingerprint (`model_fingerprint`) and to the plan by `plan_sha256` (the spec and every node's ranges as the
 partition gave them): the root compares both with its own before it lets a worker load locally.
 """
 
@@ -31,6 +31,7 @@ MAGIC = b"DLSLICE\0"
 FORMAT_VERSION = 1
 PREAMBLE = struct.Struct("<8sIIQ32s32s")
 MAX_HEADER = 1 << 24
+FP_WHOLE, FP_EDGE, FP_SPAN, FP_SAMPLES = 64 << 20, 1 << 20, 64 << 10, 256
 _READ = 8 << 20
 
 
@@ -39,38 +40,30 @@ def plan_sha256(spec, plan) -> str:
     return hashlib.sha256(_json({"spec": spec.to_dict(), "plan": [n.to_dict() for n in plan]})).hexdigest()
 
 
-def _cache_path() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "dllama", "model-sha256.json")
-
-
-def model_sha256(path: str) -> str:
-    """The sha256 of the file at `path`, remembered (per user, keyed by the file's device, inode, size and
-    modification time) so that a root reads a multi-GB model for it once, not at every start."""
-    st = os.stat(path)
-    key = f"{os.path.realpath(path)}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-    cache_file = _cache_path()
-    try:
-        with open(cache_file) as f:
-            cache = json.load(f)
-    except (OSError, ValueError):
-        cache = {}
-    if isinstance(cache, dict) and isinstance(cache.get(key), str):
-        return cache[key]
-    h = hashlib.sha256()
+def model_fingerprint(path: str) -> str:
+    """The model file's identity for slices: sha256 of its size and of its bytes, all of them for a file
+    up to FP_WHOLE, else its first and last MiB (header, tensor table) and FP_SAMPLES spans of 64 KiB spread
+    evenly over it. Two model files of the same shape (fine-tunes, other quantizations) differ in every
+    span; a root computes this at each start from about 18 MiB, where a whole-file sha256 of a multi-GB
+    model would cost a Raspberry Pi's SD card minutes (the deployment checks files by their sha256)."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(b"dllama model fingerprint 1\0" + struct.pack("<Q", size))
     with open(path, "rb") as f:
-        while chunk := f.read(_READ):
-            h.update(chunk)
-    digest = h.hexdigest()
-    cache = {k: v for k, v in (cache.items() if isinstance(cache, dict) else ())
-             if not k.startswith(os.path.realpath(path) + ":")}
-    cache[key] = digest
-    try:   # a cache that cannot be written costs the next start a re-read, nothing else
-        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-        _write_atomically(cache_file, lambda f: f.write(_json(cache)))
-    except OSError:
-        pass
-    return digest
+        if size <= FP_WHOLE:
+            spans = [(0, size)]
+        else:
+            step = (size - FP_SPAN) / (FP_SAMPLES - 1)
+            spans = ([(0, FP_EDGE)] + [(int(k * step), FP_SPAN) for k in range(FP_SAMPLES)]
+                     + [(size - FP_EDGE, FP_EDGE)])
+        for offset, length in spans:
+            f.seek(offset)
+            while length:
+                chunk = f.read(min(_READ, length))
+                if not chunk:
+                    raise OSError(f"{path} shrank while it was read")
+                h.update(chunk)
+                length -= len(chunk)
+    return h.hexdigest()
 
 
 def _write_atomically(path: str, fill) -> None:
@@ -95,7 +88,7 @@ def slice_name(index: int, n_nodes: int) -> str:
     return f"node{index}-of-{n_nodes}.dlslice"
 
 
-def write_slice(path: str, loaded, plan, index: int, model_digest: str) -> int:
+def write_slice(path: str, loaded, plan, index: int, model_id: str) -> int:
     """Write node `index`'s slice of `loaded` (cut by `plan`, the partition's list of NodeSlice) to `path`,
     atomically. Returns the payload's size in bytes. Raises DllamaError naming the path on an OS error."""
     from dllama.model.partition import node_tensor_names, slice_tensor
@@ -115,7 +108,7 @@ def write_slice(path: str, loaded, plan, index: int, model_digest: str) -> int:
             f.write(memoryview(raw))
             table.append([name, qtype, list(shape), offset, int(raw.size)])
             offset += raw.size
-        header = _json({"model_sha256": model_digest, "model_size": os.path.getsize(loaded.path),
+        header = _json({"model_fingerprint": model_id, "model_size": os.path.getsize(loaded.path),
                         "plan_sha256": plan_sha256(spec, plan), "plan": [n.to_dict() for n in plan],
                         "spec": spec.to_dict(), "node_index": index, "n_nodes": len(plan), "tensors": table})
         f.write(header)
@@ -184,7 +177,7 @@ class SliceFile:
     def announcement(self) -> dict:
         """What the worker tells a root about this slice at the handshake."""
         h = self.header
-        return {"model_sha256": h["model_sha256"], "plan_sha256": h["plan_sha256"], "node_index": h["node_index"],
+        return {"model_fingerprint": h["model_fingerprint"], "plan_sha256": h["plan_sha256"], "node_index": h["node_index"],
                 "n_nodes": h["n_nodes"], "payload_sha256": self.payload_sha256, "payload_size": self.payload_size}
 
     def load_into(self, model, spec, node) -> int:
@@ -216,16 +209,17 @@ class SliceFile:
 
 
 
-def mismatch(announced: bytes, model_digest: str | None, plan_digest: str, index: int, n_nodes: int) -> str | None:
+def mismatch(announced: bytes, model_id: str | None, plan_digest: str, index: int, n_nodes: int) -> str | None:
     """Why a worker's announced slice (its CHALLENGE's local bytes) is not the one the root would stream it
     as node `index` of `n_nodes`, or None when it is."""
     try:
         a = json.loads(announced)
-        model, plan, node = a["model_sha256"], a["plan_sha256"], (a["node_index"], a["n_nodes"])
+        model, plan, node = a["model_fingerprint"], a["plan_sha256"], (a["node_index"], a["n_nodes"])
     except (ValueError, TypeError, KeyError):
         return "its slice announcement is malformed"
-    if model_digest is None or model != model_digest:
-        return f"its slice is of another model file (sha256 {str(model)[:12]}..., the root's {str(model_digest)[:12]}...)"
+    if model_id is None or model != model_id:
+        return (f"its slice is of another model file (fingerprint {str(model)[:12]}..., "
+                f"the root's {str(model_id)[:12]}...)")
     if node != (index, n_nodes):
         return f"its slice is node {node[0]} of {node[1]}, it joins as node {index} of {n_nodes}"
     if plan != plan_digest:

@@ -15,11 +15,6 @@ from dllama.errors import DllamaError
 from dllama.net import slicefile as S
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     from dllama.formats.presets import preset_spec
@@ -66,12 +61,11 @@ def test_round_trip_gives_the_streamed_bytes_of_every_worker(model_path, tmp_pat
     assert _cut(model_path, tmp_path / "s") == [f"node{i}-of-4.dlslice" for i in (1, 2, 3)]
     loaded = load_model(model_path)
     plan = partition(loaded.spec, 4)
-    with open(model_path, "rb") as f:
-        whole = hashlib.sha256(f.read()).hexdigest()
+    whole = S.model_fingerprint(model_path)
     for i in (1, 2, 3):
         sf = S.SliceFile(str(tmp_path / "s" / S.slice_name(i, 4)))
         a = sf.announcement()
-        assert (a["model_sha256"], a["node_index"], a["n_nodes"]) == (whole, i, 4)
+        assert (a["model_fingerprint"], a["node_index"], a["n_nodes"]) == (whole, i, 4)
         assert a["plan_sha256"] == S.plan_sha256(loaded.spec, plan)
         rec = Recorder()
         assert sf.load_into(rec, loaded.spec, plan[i]) == a["payload_size"]
@@ -135,7 +129,7 @@ def test_another_nodes_or_models_slice_is_refused(model_path, tmp_path):
     sf = S.SliceFile(str(tmp_path / S.slice_name(2, 4)))
     with pytest.raises(DllamaError, match="not node 1's slice"):
         sf.load_into(Recorder(), loaded.spec, plan[1])
-    a, digest = P_json(sf.announcement()), sf.header["model_sha256"]
+    a, digest = P_json(sf.announcement()), sf.header["model_fingerprint"]
     plan_digest = S.plan_sha256(loaded.spec, plan)
     assert "node 2 of 4, it joins as node 1 of 4" in S.mismatch(a, digest, plan_digest, 1, 4)
     assert "another model file" in S.mismatch(a, "0" * 64, plan_digest, 2, 4)
@@ -145,12 +139,24 @@ def test_another_nodes_or_models_slice_is_refused(model_path, tmp_path):
     assert "malformed" in S.mismatch(b"{", digest, plan_digest, 2, 4)
 
 
-def test_model_sha256_is_the_files_and_is_remembered(model_path, monkeypatch):
-    with open(model_path, "rb") as f:
-        whole = hashlib.sha256(f.read()).hexdigest()
-    assert S.model_sha256(model_path) == whole
-    monkeypatch.setattr(S.hashlib, "sha256", None)   # a second read would fail
-    assert S.model_sha256(model_path) == whole
+def test_model_fingerprint_is_the_documented_sha256(model_path, tmp_path):
+    data = open(model_path, "rb").read()
+    prefix = b"dllama model fingerprint 1\0" + len(data).to_bytes(8, "little")
+    assert S.model_fingerprint(model_path) == hashlib.sha256(prefix + data).hexdigest()   # small: every byte
+    big = tmp_path / "big"
+    size = 100 << 20
+    with open(big, "wb") as f:
+        f.truncate(size)
+    first = S.model_fingerprint(str(big))
+    step = (size - S.FP_SPAN) / (S.FP_SAMPLES - 1)
+    with open(big, "r+b") as f:   # a byte between two sampled spans does not count ...
+        f.seek(int(100 * step) + S.FP_SPAN + 10)
+        f.write(b"x")
+    assert S.model_fingerprint(str(big)) == first
+    with open(big, "r+b") as f:   # ... one inside a span does
+        f.seek(int(100 * step) + 10)
+        f.write(b"x")
+    assert S.model_fingerprint(str(big)) != first
 
 
 def test_a_failed_cut_leaves_nothing_behind(model_path, tmp_path, monkeypatch, capsys):
