@@ -1,4 +1,4 @@
-"""Command line: `dllama inference|chat|worker|convert|random-model|cluster` and `dllama-api`.
+"""Command line: `dllama inference|chat|worker|convert|slice|random-model|cluster` and `dllama-api`.
 
 Thin by design: each command is a module of `dllama.commands` with `add_arguments(parser)` and
 `run(args) -> int`; those modules import nothing heavy (numpy, numba, the model, the network) until `run`,
@@ -21,6 +21,7 @@ COMMANDS = {
     "chat": ("dllama.commands.chat", "chat with a model in the terminal"),
     "worker": ("dllama.commands.worker", "serve as a worker node for a root started with --workers"),
     "convert": ("dllama.commands.convert", "convert a GGUF model to Distributed Llama .m + .t files"),
+    "slice": ("dllama.commands.slice", "cut a model into one weights file per worker, for `dllama worker --weights`"),
     "random-model": ("dllama.commands.random_model", "write a random-weight .m model of any shape (benchmarks)"),
     "cluster": ("dllama.commands.cluster", "start, stop and inspect a cluster described by an Ansible inventory"),
 }

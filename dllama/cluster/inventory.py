@@ -42,6 +42,7 @@ class Node:
     cluster_key: bool = True     # pass the cluster key file when the node has it
     cluster_key_file: str = "/etc/dllama/cluster.key"
     state_dir: str = "~/.dllama"  # pid and log files of detached processes
+    weights: str = ""            # the worker's slice file (dllama_worker_local_weights), else ""
     vars: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -122,6 +123,12 @@ def make_cluster(groups: dict[str, list[str]], hostvars: dict[str, dict], source
         if key in seen and n is not root:
             raise DllamaError(f"dllama_address {n.address} port {n.port} is set for both {seen[key]} and {n.name}")
         seen[key] = n.name
+    for i, w in enumerate(workers, start=1):
+        if str(w.vars.get("dllama_worker_local_weights", False)).lower() in ("true", "yes", "1"):
+            # the roles' default path: node<I>-of-<N>.dlslice, I the worker's place in the group
+            folder = literal(w.vars, "dllama_worker_weights_dir") or f"{w.install_dir}/weights"
+            w.weights = (literal(w.vars, "dllama_worker_weights_file")
+                         or f"{folder}/node{i}-of-{len(workers) + 1}.dlslice")
     rv = hostvars.get(roots[0], {})
     return Cluster(
         root=root, workers=workers, model=literal(rv, "dllama_root_model"),

@@ -128,7 +128,8 @@ def listen_address(node: Node) -> str:
 
 def worker_command(node: Node, facts: Facts) -> str:
     args = [facts.python, "-m", "dllama", "worker", "--host", listen_address(node), "--port", str(node.port),
-            "--nthreads", str(node.threads or facts.cpus or 1), *key_args(node, facts)]
+            "--nthreads", str(node.threads or facts.cpus or 1), *key_args(node, facts),
+            *(["--weights", node.weights] if node.weights else [])]
     return " ".join(shlex.quote(a) for a in env_prefix(node, facts) + args)
 
 

@@ -10,6 +10,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--host", default="0.0.0.0",
                         help="address to listen on (default 0.0.0.0: all; needs a cluster key, else loopback only)")
     parser.add_argument("--nthreads", type=int, default=1, help="compute threads (default 1)")
+    parser.add_argument("--weights", metavar="FILE", default=None,
+                        help="this worker's slice file (from `dllama slice`): a root of the same model file and "
+                             "plan lets the worker load it from here instead of streaming it the weights")
     add_key_argument(parser)
     parser.add_argument("--insecure", action="store_true",
                         help="without a cluster key, listen on a non-loopback address anyway: anyone who can "

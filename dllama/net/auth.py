@@ -63,10 +63,12 @@ def nonce() -> bytes:
     return secrets.token_bytes(P.NONCE_SIZE)
 
 
-def _transcript(hello: P.Hello, worker_nonce: bytes) -> bytes:
+def _transcript(hello: P.Hello, worker_nonce: bytes, local: bytes = b"") -> bytes:
+    # the worker's local-slice announcement is bound in: a peer between the two cannot make a root skip
+    # streaming (or stream) to a worker against what that worker said
     return (P.MAGIC + struct.pack("<HHHBI", hello.version, hello.node_index, hello.n_nodes,
                                   *P.calibration_fields(hello))
-            + hello.nonce + worker_nonce)
+            + hello.nonce + worker_nonce + local)
 
 
 def report_mac(key: bytes | None, hello: P.Hello, worker_nonce: bytes, speed: float, free: int) -> bytes:
@@ -75,12 +77,12 @@ def report_mac(key: bytes | None, hello: P.Hello, worker_nonce: bytes, speed: fl
                     hashlib.sha256).digest()
 
 
-def worker_proof(key: bytes | None, hello: P.Hello, worker_nonce: bytes) -> bytes:
-    return hmac.new(key or b"", _WORKER_LABEL + _transcript(hello, worker_nonce), hashlib.sha256).digest()
+def worker_proof(key: bytes | None, hello: P.Hello, worker_nonce: bytes, local: bytes = b"") -> bytes:
+    return hmac.new(key or b"", _WORKER_LABEL + _transcript(hello, worker_nonce, local), hashlib.sha256).digest()
 
 
-def root_proof(key: bytes | None, hello: P.Hello, worker_nonce: bytes) -> bytes:
-    return hmac.new(key or b"", _ROOT_LABEL + _transcript(hello, worker_nonce), hashlib.sha256).digest()
+def root_proof(key: bytes | None, hello: P.Hello, worker_nonce: bytes, local: bytes = b"") -> bytes:
+    return hmac.new(key or b"", _ROOT_LABEL + _transcript(hello, worker_nonce, local), hashlib.sha256).digest()
 
 
 def check(expected: bytes, got: bytes) -> bool:

@@ -22,7 +22,7 @@ Every integer is little-endian. A connection carries a sequence of frames:
 | 9    | BYE        | root -> worker | -                                           | -                           |
 | 10   | PROBE      | anyone -> worker | "<4sH" magic, version                     | -                           |
 | 11   | PROBE_INFO | worker -> prober | -                                         | JSON object, UTF-8          |
-| 12   | CHALLENGE  | worker -> root | "<32s32s" worker nonce, worker proof        | -                           |
+| 12   | CHALLENGE  | worker -> root | "<32s32s" worker nonce, worker proof; local slice JSON or nothing | - |
 | 13   | AUTH       | root -> worker | "<32s" root proof                           | -                           |
 | 14   | PING       | root -> worker | -                                           | -                           |
 | 15   | RELEASE    | root -> worker | "<II" slot, keep                            | -                           |
@@ -36,21 +36,28 @@ waits for the next root. A PROBE is the first and only frame of its own short co
 answers PROBE_INFO and closes, whether or not it is serving a root.
 
 CONFIG JSON: {"spec": ModelSpec fields, "node": NodeSlice.to_dict(), "seq_len": int, "max_batch": int,
-"buffer_type": "f32" | "q80", "n_slots": int}. Keys sorted, no spaces. The worker keeps a KV cache of
-seq_len positions for each of n_slots conversation slots (1 when absent).
+"buffer_type": "f32" | "q80", "n_slots": int}, plus "weights": "local" when the root accepted the worker's
+local slice (then no WEIGHT frames follow: the worker loads its slice file). Keys sorted, no spaces. The
+worker keeps a KV cache of seq_len positions for each of n_slots conversation slots (1 when absent).
+
+Local slice: a worker started with `--weights FILE` appends to its CHALLENGE's meta the JSON (keys sorted)
+{"model_fingerprint", "plan_sha256", "node_index", "n_nodes", "payload_sha256", "payload_size"} of its file
+(dllama/net/slicefile.py); both proofs cover those bytes.
 
 Authentication: with the cluster key K (bytes; empty when none is configured) and the transcript
 T = magic + version (u16) + node_index (u16) + n_nodes (u16) + calibration qtype (u8) + calibration cols (u32)
-+ root nonce + worker nonce, the worker proof is HMAC-SHA256(K, b"dllama worker proof\0" + T) and the root
-proof HMAC-SHA256(K, b"dllama root proof\0" + T). The HELLO_ACK's report MAC is HMAC-SHA256(K,
-b"dllama worker report\0" + T + "<dQ" speed, free memory): a root plans `--split auto` on figures only the
-worker could have sent.
++ root nonce + worker nonce + the CHALLENGE's local slice bytes (empty when none), the worker proof is
+HMAC-SHA256(K, b"dllama worker proof\0" + T) and the root proof HMAC-SHA256(K, b"dllama root proof\0" + T).
+The HELLO_ACK's report MAC is HMAC-SHA256(K, b"dllama worker report\0" + T' + "<dQ" speed, free memory),
+T' being T without the local slice bytes: a root plans `--split auto` on figures only the worker could have
+sent.
+
+Both nonces are 32 fresh random bytes, so a recorded AUTH is worthless on a new connection, and the
+distinct labels keep a proof from being reflected back to the side that made it.
 
 Calibration (for `--split auto`): a HELLO naming a qtype asks the worker to time its matmul kernel, with its
 thread count, on a matrix of that type with `cols` columns; HELLO_ACK speed is the weight values it
 multiplied per second (0: not asked), free memory the bytes it may still allocate (0: unknown).
-Both nonces are 32 fresh random bytes, so a recorded AUTH is worthless on a new connection, and the
-distinct labels keep a proof from being reflected back to the side that made it.
 
 qtype codes: 0 f32, 1 f16, 2 q40, 3 q41, 4 q80. BUFFER op: 1 broadcast (root -> workers), 2 reduce
 (worker -> root, partial sums), 3 gather (worker -> root, its slice of the logits), 4 top (worker -> root,
@@ -151,6 +158,7 @@ class Hello:
 class Challenge:
     nonce: bytes
     proof: bytes
+    local: bytes = b""   # the worker's local slice (slicefile.SliceFile.announcement() as JSON), or empty
 
 
 @dataclass
@@ -236,7 +244,8 @@ class ProbeInfo:
     info: dict = field(default_factory=dict)
 
 
-def _json(obj) -> bytes:
+def json_bytes(obj) -> bytes:
+    """The protocol's JSON form: keys sorted, no spaces, UTF-8."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -249,7 +258,7 @@ def encode(msg) -> list:
         t, meta = HELLO, _HELLO.pack(MAGIC, msg.version, msg.node_index, msg.n_nodes, msg.nonce,
                                      *calibration_fields(msg))
     elif isinstance(msg, Challenge):
-        t, meta = CHALLENGE, _CHALLENGE.pack(msg.nonce, msg.proof)
+        t, meta = CHALLENGE, _CHALLENGE.pack(msg.nonce, msg.proof) + msg.local
     elif isinstance(msg, Auth):
         t, meta = AUTH, _AUTH.pack(msg.proof)
     elif isinstance(msg, Ping):
@@ -259,7 +268,7 @@ def encode(msg) -> list:
     elif isinstance(msg, Refuse):
         t, meta = REFUSE, msg.reason.encode()[:MAX_META]
     elif isinstance(msg, Config):
-        t, payload = CONFIG, _json(msg.config)
+        t, payload = CONFIG, json_bytes(msg.config)
     elif isinstance(msg, Weight):
         t = WEIGHT
         meta = (_WEIGHT.pack(msg.offset, msg.total, quants.quant(msg.qtype).wire_code, len(msg.shape))
@@ -282,7 +291,7 @@ def encode(msg) -> list:
     elif isinstance(msg, Probe):
         t, meta = PROBE, _PROBE.pack(MAGIC, msg.version)
     elif isinstance(msg, ProbeInfo):
-        t, payload = PROBE_INFO, _json(msg.info)
+        t, payload = PROBE_INFO, json_bytes(msg.info)
     else:
         raise TypeError(f"not a protocol message: {msg!r}")
     payload_len = memoryview(payload).nbytes
@@ -413,7 +422,7 @@ _DECODERS = {
     BYE: _empty(Bye),
     PROBE: _dec_probe,
     PROBE_INFO: lambda meta, payload: ProbeInfo(json.loads(bytes(payload))),
-    CHALLENGE: lambda meta, payload: Challenge(*_CHALLENGE.unpack(meta)),
+    CHALLENGE: lambda meta, payload: Challenge(*_CHALLENGE.unpack_from(meta), meta[_CHALLENGE.size:]),
     AUTH: lambda meta, payload: Auth(*_AUTH.unpack(meta)),
     PING: _empty(Ping),
     RELEASE: lambda meta, payload: Release(*RELEASE_META.unpack(meta)),

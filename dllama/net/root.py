@@ -22,6 +22,7 @@ IO_TIMEOUT_FACTOR = 6      # loading and per-token reads may wait on a busy work
 CHUNK = 8 << 20            # bytes of a tensor per WEIGHT frame
 DEFAULT_PORT = 9998
 BUSY_WAIT = 3.0            # s: how long a busy worker is retried; one frees the last root's slice in ~1 s
+LOCAL_LOAD_TIMEOUT = 900.0  # s: a worker reading (and hashing) its slice file from a slow SD card
 
 
 def parse_address(address) -> tuple[str, int]:
@@ -40,12 +41,13 @@ def parse_address(address) -> tuple[str, int]:
 def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q80", nthreads: int = 1,
                     log=None, max_batch: int = 32, timeout: float = DEFAULT_TIMEOUT, key: bytes | None = None,
                     on_lost=None, n_slots: int = 1) -> RootCollective:
-    """Connect to `addresses` (node i + 1 is addresses[i]), load each with its slice of `loaded`, and
-    return the root's collective. `plan` is the partition, or a function of the workers' calibration
-    reports ([(values/s, free bytes)], asked for at handshake) that returns it (`--split auto`): it may
-    refuse, before any weight is sent. `nthreads` is the root's own; each worker has its --nthreads. `key` is
-    the cluster key (None: none); each worker keeps `n_slots` conversations' KV caches. The collective
-    pings the workers while idle; `on_lost(exc)` is called
+    """Connect to `addresses` (node i + 1 is addresses[i]), load each with its slice of `loaded` (a worker
+    that announces a local slice file of this model and plan loads that instead), and return the root's
+    collective. `plan` is the partition, or a function of the workers' calibration reports ([(values/s,
+    free bytes)], asked for at handshake) that returns it (`--split auto`): it may refuse, before any weight
+    is sent. `nthreads` is the root's own; each worker has its --nthreads. `key` is the cluster key (None:
+    none); each worker keeps `n_slots` conversations' KV caches. The collective pings the workers while
+    idle; `on_lost(exc)` is called
     (from the ping thread) if one goes away meanwhile.
 
     Raises DllamaError naming the worker that could not be reached, refused, or failed while loading.
@@ -59,24 +61,27 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
     conns: list[Connection] = []
     loaded_links = LoadedLinks()
     pinger = Pinger(loaded_links, on_lost)
-    reports = []
+    reports, announced = [], []
     try:
         for i, address in enumerate(addresses, start=1):
             host, port = parse_address(address)
-            conn, report = _connect_worker(host, port, i, n_nodes, timeout, key, calibration)
+            conn, report, local = _connect_worker(host, port, i, n_nodes, timeout, key, calibration)
             conns.append(conn)
             reports.append(report)
+            announced.append(local)
             say(f"connected to worker {host}:{port} (node {i} of {n_nodes})")
         if planner:
             plan = planner(reports)
+        # after planning: a local slice is used only where it was cut by the very plan in force
+        local = _accept_local_slices(conns, announced, loaded, plan, say)
         t0 = time.perf_counter()
         config = {"spec": loaded.spec.to_dict(), "seq_len": seq_len, "max_batch": max_batch,
                   "buffer_type": buffer_type, "n_slots": n_slots}
         for conn in conns:
             conn.set_timeout(timeout * IO_TIMEOUT_FACTOR)
         with ThreadPoolExecutor(max_workers=len(conns)) as pool:
-            jobs = [pool.submit(_load_worker, conn, loaded, node, config, loaded_links)
-                    for conn, node in zip(conns, plan[1:])]
+            jobs = [pool.submit(_load_worker, conn, loaded, node, config, loaded_links, own)
+                    for conn, node, own in zip(conns, plan[1:], local)]
             wait(jobs, return_when=FIRST_EXCEPTION)
             failed = [job for job in jobs if job.done() and job.exception()]
             if failed:   # stop the other streams now rather than after they have sent everything
@@ -85,7 +90,9 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
                 raise failed[0].exception()
             sent = sum(job.result() for job in jobs)
         trim_heap()
-        say(f"sent {sent / 1e6:.1f} MB of weights to {len(conns)} workers in {time.perf_counter() - t0:.1f} s")
+        streamed = len(conns) - sum(local)
+        say(f"sent {sent / 1e6:.1f} MB of weights to {streamed} workers in {time.perf_counter() - t0:.1f} s"
+            + (f"; {sum(local)} loaded their local slices" if any(local) else ""))
     except BaseException:
         pinger.stop()
         for conn in conns:
@@ -97,10 +104,34 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
     return coll
 
 
+def _accept_local_slices(conns, announced, loaded, plan, say) -> list[bool]:
+    """Per worker, whether it loads its own slice file: only one cut from this very model file by this
+    plan for its node. Any other is logged with the reason, and that worker is streamed its weights."""
+    from dllama.net.slicefile import mismatch, model_fingerprint, plan_sha256
+
+    if not any(announced):
+        return [False] * len(conns)
+    try:
+        model_id = model_fingerprint(loaded.path)
+    except (OSError, TypeError):
+        model_id = None   # a model built in memory: no worker's file can be of it
+    plan_digest = plan_sha256(loaded.spec, plan)
+    out = []
+    for i, (conn, local) in enumerate(zip(conns, announced), start=1):
+        why = mismatch(local, model_id, plan_digest, i, len(plan)) if local else "no local slice"
+        if local and why:
+            say(f"{conn.label}: not using its local slice: {why}; streaming its weights")
+        elif local:
+            say(f"{conn.label}: loads its local slice (node {i} of {len(plan)})")
+        out.append(why is None)
+    return out
+
+
 def _connect_worker(host: str, port: int, index: int, n_nodes: int, timeout: float,
-                    key: bytes | None, calibration=None) -> tuple[Connection, tuple | None]:
-    """A connection to the worker at host:port that has accepted this root as node `index`, and its
-    calibration report (values/s, free bytes or None) if `calibration` (qtype, cols) asked for one.
+                    key: bytes | None, calibration=None) -> tuple[Connection, tuple | None, bytes]:
+    """A connection to the worker at host:port that has accepted this root as node `index`, its
+    calibration report (values/s, free bytes or None) if `calibration` (qtype, cols) asked for one, and
+    the local slice it announced (empty: none).
 
     A worker still freeing the previous root's slice refuses as busy for up to a second after that root
     leaves, so a busy refusal is retried with backoff for BUSY_WAIT seconds before it is reported."""
@@ -108,12 +139,12 @@ def _connect_worker(host: str, port: int, index: int, n_nodes: int, timeout: flo
     while True:
         conn = connect(host, port, timeout, f"worker {host}:{port}")
         try:
-            busy, report = _handshake(conn, index, n_nodes, key, calibration)
+            busy, report, local = _handshake(conn, index, n_nodes, key, calibration)
         except BaseException:
             conn.close()
             raise
         if busy is None:
-            return conn, report
+            return conn, report, local
         conn.close()
         if time.monotonic() + delay > deadline:
             raise DllamaError(f"{conn.label}: refused: {busy} (still busy after {BUSY_WAIT:g} s)")
@@ -122,19 +153,22 @@ def _connect_worker(host: str, port: int, index: int, n_nodes: int, timeout: flo
 
 
 def _handshake(conn: Connection, index: int, n_nodes: int, key: bytes | None,
-               calibration=None) -> tuple[str | None, tuple | None]:
+               calibration=None) -> tuple[str | None, tuple | None, bytes]:
     """HELLO, the worker's proof checked, ours sent: only a worker holding our key ever gets a CONFIG.
-    (None, its calibration report or None) once the worker has acknowledged, or (its reason, None) if it
-    refused because it is busy (it says so before the challenge, and again after authentication)."""
+    (None, its calibration report or None, its local slice announcement) once the worker has acknowledged,
+    or (its reason, None, b"") if it refused because it is busy (it says so before the challenge, and again
+    after authentication)."""
     hello = P.Hello(P.PROTOCOL_VERSION, index, n_nodes, auth.nonce(), *(calibration or (None, 0)))
     conn.send(hello)
+    local = b""
     try:
         challenge = conn.expect(P.Challenge, P.Refuse)
         if isinstance(challenge, P.Challenge):
-            if not auth.check(auth.worker_proof(key, hello, challenge.nonce), challenge.proof):
+            local = challenge.local
+            if not auth.check(auth.worker_proof(key, hello, challenge.nonce, local), challenge.proof):
                 raise DllamaError(f"{conn.label}: authentication failed: the worker does not hold this root's "
                                   "cluster key (check --cluster-key-file on both)")
-            conn.send(P.Auth(auth.root_proof(key, hello, challenge.nonce)))
+            conn.send(P.Auth(auth.root_proof(key, hello, challenge.nonce, local)))
             ack = conn.expect(P.HelloAck, P.Refuse)
         else:
             ack = challenge
@@ -142,24 +176,29 @@ def _handshake(conn: Connection, index: int, n_nodes: int, key: bytes | None,
         raise DllamaError(f"{conn.label}: not a dllama worker ({str(exc).removeprefix(conn.label + ': ')})") from None
     if isinstance(ack, P.Refuse):
         if ack.reason.startswith("busy"):
-            return ack.reason, None
+            return ack.reason, None, b""
         raise DllamaError(f"{conn.label}: refused: {ack.reason}")
     if ack.version != P.PROTOCOL_VERSION:
         raise DllamaError(f"{conn.label}: speaks protocol version {ack.version}, this root {P.PROTOCOL_VERSION}")
     if calibration is None:
-        return None, None
+        return None, None, local
     if not auth.check(auth.report_mac(key, hello, challenge.nonce, ack.speed, ack.free), ack.mac):
         raise DllamaError(f"{conn.label}: its calibration report fails authentication")
     if not (math.isfinite(ack.speed) and ack.speed > 0):
         raise DllamaError(f"{conn.label}: reported a speed of {ack.speed!r}")
-    return None, (ack.speed, ack.free or None)
+    return None, (ack.speed, ack.free or None), local
 
 
-def _load_worker(conn: Connection, loaded, node, config: dict, loaded_links: LoadedLinks) -> int:
-    """Stream one worker its CONFIG and tensors, then wait until it has packed them; from then on the
-    pinger keeps it. Returns bytes sent."""
+def _load_worker(conn: Connection, loaded, node, config: dict, loaded_links: LoadedLinks, local: bool) -> int:
+    """Stream one worker its CONFIG and tensors (only the CONFIG to one that loads its `local` slice), then
+    wait until it has packed them; from then on the pinger keeps it. Returns bytes of weights sent."""
     try:
-        sent = _stream_slice(conn, loaded, node, config)
+        io_timeout = conn.timeout
+        if local:
+            conn.send(P.Config({**config, "node": node.to_dict(), "weights": "local"}))
+            sent = 0
+        else:
+            sent = _stream_slice(conn, loaded, node, config)
     except ConnectionLost:
         # a worker that gives up (out of memory, bad tensor) says why before closing: find its reason
         conn.set_timeout(1.0)
@@ -171,7 +210,10 @@ def _load_worker(conn: Connection, loaded, node, config: dict, loaded_links: Loa
             raise DllamaError(f"{conn.label}: refused: {msg.reason}") from None
         raise
     conn.send(P.Ready())
+    if local:   # the worker reads (and hashes) its whole slice file before it answers
+        conn.set_timeout(LOCAL_LOAD_TIMEOUT)
     conn.expect(P.Ready)
+    conn.set_timeout(io_timeout)
     with loaded_links.io_lock:
         loaded_links.conns.append(conn)
     return sent

@@ -48,7 +48,15 @@ def serve(args) -> int:
                           "or --insecure")
     # bind first, so that a port in use fails at once; roots that connect while the kernels warm up wait
     # in the listen backlog
-    worker = Worker(args.host, args.port, warm=warm_kernels, nthreads=args.nthreads, key=key)
+    local = None
+    if getattr(args, "weights", None):
+        from dllama.net.slicefile import SliceFile
+
+        local = SliceFile(args.weights)   # a wrong or damaged file fails here, not when a root comes
+        h = local.header
+        log.info("local slice %s: node %d of %d, %.1f MB of weights", args.weights, h["node_index"],
+                 h["n_nodes"], local.payload_size / 1e6)
+    worker = Worker(args.host, args.port, warm=warm_kernels, nthreads=args.nthreads, key=key, local=local)
     warm_kernels(args.nthreads)
     worker.serve_forever()
     return 0
@@ -101,13 +109,16 @@ def _default_model(spec, node, seq_len, max_batch, coll, n_slots=1):
 
 
 class Worker:
-    """Listens on (host, port). `model_factory(spec, node, seq_len, max_batch, coll, n_slots)` builds the slice's
-    model (the real NodeModel by default; tests may pass a stand-in)."""
+    """Listens on (host, port). `model_factory(spec, node, seq_len, max_batch, coll, n_slots)` builds the
+    slice's model (the real NodeModel by default; tests may pass a stand-in). `local` is the worker's slice
+    file (slicefile.SliceFile), offered to every root at the handshake."""
 
     def __init__(self, host: str, port: int, model_factory=None, warm=None, nthreads: int = 1,
-                 key: bytes | None = None):
+                 key: bytes | None = None, local=None):
         self.model_factory = model_factory or _default_model
         self._key = key
+        self._local = local
+        self._announce = P.json_bytes(local.announcement()) if local else b""
         self._pending = threading.BoundedSemaphore(MAX_PENDING)
         self._warm, self._nthreads = warm, nthreads
         self._warmed = {"q40"} if warm else set()
@@ -201,9 +212,9 @@ class Worker:
             raise DllamaError(f"node index {msg.node_index} of {msg.n_nodes} nodes is not a worker's")
         self._check_idle()
         mine = auth.nonce()
-        conn.send(P.Challenge(mine, auth.worker_proof(self._key, msg, mine)))
+        conn.send(P.Challenge(mine, auth.worker_proof(self._key, msg, mine, self._announce), self._announce))
         reply = conn.expect(P.Auth)
-        if not auth.check(auth.root_proof(self._key, msg, mine), reply.proof):
+        if not auth.check(auth.root_proof(self._key, msg, mine, self._announce), reply.proof):
             raise DllamaError("authentication failed: the root does not hold this worker's cluster key")
         with self._lock:
             self._check_idle()
@@ -325,24 +336,33 @@ class Worker:
         coll = WorkerCollective(conn, node.index, node.n_nodes, spec.dim, max_batch, len(node.vocab), buffer_type,
                                 node.vocab.start)
         model = self.model_factory(spec, node, seq_len, max_batch, coll, n_slots)
-        # what the CONFIG was admitted for bounds what the WEIGHT frames may make this worker allocate
-        budget = weight_bytes(spec, node)
-        t0, total = time.perf_counter(), 0
-        while (head := conn.recv_header()) is not None:
-            t, meta, payload_len = head
-            if t == P.READY:
-                break
-            if t != P.WEIGHT:
-                raise P.ProtocolError(f"expected WEIGHT or READY, got {P.TYPE_NAMES[t]}")
-            total += self._receive_weight(conn, model, bytes(meta), payload_len, budget - total)
+        t0 = time.perf_counter()
+        if msg.config.get("weights") == "local":
+            if self._local is None:
+                raise P.ProtocolError(f"{conn.label}: asks for local weights, but this worker has none (--weights)")
+            total, source = self._local.load_into(model, spec, node), f"from {self._local.path}"
+            conn.expect(P.Ready)
         else:
-            raise conn.lost("closed the connection while sending weights")
+            total, source = self._receive_weights(conn, model, spec, node), "from the root"
         model.finish_loading()
         trim_heap()
         conn.send(P.Ready())
-        log.info("loaded node %d of %d: %.1f MB in %.1f s", node.index, node.n_nodes, total / 1e6,
+        log.info("loaded node %d of %d: %.1f MB %s in %.1f s", node.index, node.n_nodes, total / 1e6, source,
                  time.perf_counter() - t0)
         return model, coll
+
+    def _receive_weights(self, conn: Connection, model, spec, node) -> int:
+        """The WEIGHT frames up to the root's READY, each tensor loaded as it completes. Returns bytes."""
+        # what the CONFIG was admitted for bounds what the WEIGHT frames may make this worker allocate
+        budget, total = weight_bytes(spec, node), 0
+        while (head := conn.recv_header()) is not None:
+            t, meta, payload_len = head
+            if t == P.READY:
+                return total
+            if t != P.WEIGHT:
+                raise P.ProtocolError(f"expected WEIGHT or READY, got {P.TYPE_NAMES[t]}")
+            total += self._receive_weight(conn, model, bytes(meta), payload_len, budget - total)
+        raise conn.lost("closed the connection while sending weights")
 
     def _receive_weight(self, conn: Connection, model, meta: bytes, payload_len: int, room: int) -> int:
         # the header of the chunk is decoded with an empty payload, then the bytes land in the tensor itself

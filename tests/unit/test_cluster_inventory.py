@@ -175,3 +175,22 @@ def test_gather_reads_every_fact_where_systemd_is_not_running(tmp_path):
     assert facts.recorded == {"model": "/m.gguf", "threads": 4}
     (tmp_path / "api.env").unlink()
     assert not N.gather(remote.LocalRunner(node), node).api_key
+
+
+def test_local_weights_give_each_worker_its_slice_file(tmp_path):
+    """The path role dllama_worker copies the slice to (node<I>-of-<N>.dlslice, I the worker's place)."""
+    import yaml
+
+    p = tmp_path / "inv.yml"
+    p.write_text(yaml.safe_dump({"all": {"vars": {"dllama_worker_local_weights": True}, "children": {
+        "dllama_root": {"hosts": {"r": {"dllama_address": "10.0.0.1"}}},
+        "dllama_workers": {"hosts": {f"w{i}": {"dllama_address": f"10.0.0.{i}"} for i in (2, 3, 4)}}}}}))
+    c = I.read_inventory(str(p))
+    facts = N.Facts(True, python="/usr/bin/python3")
+    weights = []
+    for w in c.workers:
+        argv = N.worker_command(w, facts).split()
+        weights.append(argv[argv.index("--weights") + 1])
+    assert weights == [f"/opt/dllama/weights/node{i}-of-4.dlslice" for i in (1, 2, 3)]
+    p.write_text(p.read_text().replace("dllama_worker_local_weights: true", "dllama_worker_local_weights: false"))
+    assert all("--weights" not in N.worker_command(w, facts) for w in I.read_inventory(str(p)).workers)

@@ -34,6 +34,8 @@ GOLDEN = [
     (P.Probe(), "0a 00 0600 00000000" "444c4d41 0400"),
     (P.ProbeInfo({"state": "idle"}), "0b 00 0000 10000000" + b'{"state":"idle"}'.hex()),
     (P.Challenge(b"\x01" * 32, b"\xee" * 32), "0c 00 4000 00000000" + "01" * 32 + "ee" * 32),
+    (P.Challenge(b"\x01" * 32, b"\xee" * 32, b'{"n_nodes":2}'),
+     "0c 00 4d00 00000000" + "01" * 32 + "ee" * 32 + b'{"n_nodes":2}'.hex()),
     (P.Auth(b"\x5a" * 32), "0d 00 2000 00000000" + "5a" * 32),
     (P.Ping(), "0e 00 0000 00000000"),
     (P.Release(2, 17), "0f 00 0800 00000000" "02000000 11000000"),
@@ -134,7 +136,7 @@ def test_sizes_follow_the_block_formats():
 @pytest.mark.parametrize("version,frame", [
     (1, "01 00 0a00 00000000" "444c4d41 0100 0100 0200"),                        # 10-byte HELLO
     (2, "01 00 2a00 00000000" "444c4d41 0200 0100 0200" + "00" * 32),            # with a nonce
-    (3, "01 00 2a00 00000000" "444c4d41 0300 0100 0200" + "00" * 32),            # one slot per pass
+    (3, "01 00 2a00 00000000" "444c4d41 0300 0100 0200" + "00" * 32),            # one slot per pass, no local slices
 ])
 def test_older_hellos_are_read_for_their_version(version, frame):
     """A root of an older protocol: the worker must still read its version to say which."""
@@ -167,3 +169,21 @@ def test_proofs_are_hmac_sha256_of_the_documented_transcript():
     assert auth.report_mac(key, hello, wn, 3.0, 4096) != report
     # and so is what the root asked to be calibrated: another qtype is another transcript
     assert auth.worker_proof(key, P.Hello(4, 1, 4, rn, "q40", 64), wn) != auth.worker_proof(key, hello, wn)
+
+
+def test_proofs_cover_the_local_slice_announcement():
+    """A peer in between cannot add, drop or alter a worker's local slice announcement unnoticed."""
+    import hashlib
+    import hmac
+
+    from dllama.net import auth
+
+    key, rn, wn, local = b"k" * 16, bytes(range(32)), bytes(range(32, 64)), b'{"node_index":1}'
+    hello = P.Hello(4, 1, 2, rn)
+    transcript = b"DLMA" + bytes.fromhex("040001000200" "ff00000000") + rn + wn + local
+    assert auth.worker_proof(key, hello, wn, local) == hmac.new(key, b"dllama worker proof\0" + transcript,
+                                                                hashlib.sha256).digest()
+    assert auth.root_proof(key, hello, wn, local) == hmac.new(key, b"dllama root proof\0" + transcript,
+                                                              hashlib.sha256).digest()
+    assert auth.worker_proof(key, hello, wn, local) != auth.worker_proof(key, hello, wn)
+    assert auth.root_proof(key, hello, wn, local) != auth.root_proof(key, hello, wn, b'{"node_index":2}')
