@@ -181,7 +181,7 @@ def test_a_failed_cut_leaves_nothing_behind(model_path, tmp_path, monkeypatch, c
 
 @pytest.mark.parametrize("argv,match", [
     (["--nodes", "1"], "--nodes must be at least 2"),
-    (["--nodes", "3"], "cannot be split over 3 nodes"),
+    (["--nodes", "5"], "cannot be split over 5 nodes"),   # more nodes than its 4 query heads
     (["--nodes", "4", "--node", "4"], "--node 4: worker nodes of a 4-node cluster are 1..3"),
 ])
 def test_bad_arguments_are_one_line_errors(model_path, tmp_path, capsys, argv, match):
