@@ -12,7 +12,7 @@ comes in through. eth0's management address is then configured by the host's own
 /etc/network/interfaces and brought up with `ifup`, so ifupdown owns it as it would on a real host.
 
 Each host runs `sshd -D` inside `unshare --mount --uts --pid --fork --kill-child --mount-proc`, with
-per-host copies bind-mounted over /etc, /opt, /run and /var/log, so playbooks keep their real paths and
+per-host copies bind-mounted over /etc, /opt, /run, /var/log and /root, so playbooks keep their real paths and
 the hosts do not see each other's files or processes. Teardown is SIGKILL of the `unshare` process
 (`--kill-child` takes everything started on the host with it; `unshare --fork` ignores SIGTERM), then
 `ip netns del`.
@@ -34,8 +34,10 @@ from testlib import need
 MGMT_NET = "10.213.0"
 CLUSTER_NET = "10.213.1"
 REQUIRED_TOOLS = ("ip", "unshare", "sshd", "ssh", "ssh-keygen", "ifup", "systemd-analyze")
-# Bind-mounted per host; /etc is a full copy so users, units and interfaces stay apart.
-PER_HOST_DIRS = ("etc", "opt", "run", "var/log")
+# Bind-mounted per host; /etc is a full copy so users, units and interfaces stay apart. /root too: what
+# a tool keeps in the SSH user's home (`dllama cluster`'s pid files, Ansible's temporary files) must not
+# be shared with the other hosts or with another run on this machine.
+PER_HOST_DIRS = ("etc", "opt", "run", "var/log", "root")
 
 
 # Skip when a prerequisite is missing; under DLLAMA_REQUIRE_ALL_TESTS=1 (CI) fail instead.
@@ -272,6 +274,9 @@ class TestHosts:
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The roles' collection: playbooks name them dllama.cluster.ROLE.
+COLLECTION = "dllama.cluster"
+ROLES = os.path.join(REPO, "collections", "ansible_collections", *COLLECTION.split("."), "roles")
 
 
 def ansible_tool(name: str) -> str | None:
@@ -289,8 +294,24 @@ def run_playbook(hosts: TestHosts, playbook: str, inventory: str, *args: str, ti
                ANSIBLE_FORCE_COLOR="0", ANSIBLE_CALLBACKS_ENABLED="junit",
                JUNIT_OUTPUT_DIR=os.path.join(hosts.workdir, "junit"), JUNIT_TASK_CLASS="yes")
     cmd = [ansible_tool("ansible-playbook"), "-i", inventory, os.path.join(REPO, "playbooks", playbook), *args]
-    env["ANSIBLE_ROLES_PATH"] = os.path.join(REPO, "roles")
+    env["ANSIBLE_COLLECTIONS_PATH"] = os.path.join(REPO, "collections")
     return hosts.in_controller(cmd, check=False, timeout=timeout, env=env)
+
+
+def new_build(tmp_path, marker: str) -> dict:
+    """Extra vars for update.yml: a source tree that differs from the deployed one by a module
+    `dllama._deploy_marker` holding VALUE = marker, built offline with the first run's dependency wheels."""
+    src = tmp_path / "src"
+    shutil.copytree(os.path.join(REPO, "dllama"), src / "dllama",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
+    for name in ("pyproject.toml", "README.md"):
+        if os.path.exists(os.path.join(REPO, name)):
+            shutil.copy(os.path.join(REPO, name), src)
+    (src / "dllama" / "_deploy_marker.py").write_text(f"VALUE = {marker!r}\n")
+    wheelhouse = tmp_path / "wheelhouse"
+    shutil.copytree(os.path.join(REPO, "build", "wheelhouse"), wheelhouse,
+                    ignore=shutil.ignore_patterns("*.tar", "dllama-*.whl"))
+    return {"dllama_source_dir": str(src), "dllama_wheelhouse": str(wheelhouse), "dllama_warm_numba_cache": False}
 
 
 def recap(output: str) -> dict:
@@ -313,4 +334,5 @@ def roles_run(output: str) -> set[str]:
     """The roles whose tasks ran in a play's output (not their argument checks, which Ansible tags always)."""
     import re
 
-    return {m.group(1) for m in re.finditer(r"^TASK \[(\w+) : (?!Validating arguments)", output, re.M)}
+    return {m.group(1) for m in re.finditer(rf"^TASK \[{re.escape(COLLECTION)}\.(\w+) : (?!Validating arguments)",
+                                            output, re.M)}

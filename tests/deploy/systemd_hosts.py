@@ -52,6 +52,8 @@ class SystemdHosts(TestHosts):
     prefix: str = field(default_factory=lambda: f"dls{os.getpid() % 100000}")
     host_class = SystemdHost
     masked = MASKED  # not a field: units the hosts must not run
+    # Directories laid over this machine's / in every container (software this machine does not run).
+    layers: tuple[str, ...] = ()
 
     def _make_host_dirs(self, host: Host) -> None:
         upper_fs, merged = os.path.join(host.workdir, "rw"), host.path("")
@@ -62,7 +64,7 @@ class SystemdHosts(TestHosts):
         os.makedirs(os.path.join(upper_fs, "upper"))
         os.makedirs(os.path.join(upper_fs, "work"))
         _run(["mount", "-t", "overlay", "overlay", "-o",
-              f"lowerdir=/,upperdir={upper_fs}/upper,workdir={upper_fs}/work", merged])
+              f"lowerdir={':'.join((*self.layers, '/'))},upperdir={upper_fs}/upper,workdir={upper_fs}/work", merged])
 
         def write(inside: str, text: str, mode: int = 0o644) -> None:
             path = host.path(inside)
@@ -197,3 +199,85 @@ class NetworkdHosts(SystemdHosts):
             self.hosts.append(self.server)  # torn down as the hosts are
             self.server = None
         super().stop()
+
+
+NM_PACKAGE = "network-manager"
+APT_ARCHIVES = "/var/cache/apt/archives"
+
+
+def network_manager_debs() -> tuple[list[str], list[str]]:
+    """(the .deb files NetworkManager and the libraries this machine lacks come in, the packages whose
+    file is not in apt's cache). `apt-get install --download-only --no-install-recommends network-manager`
+    fetches them without installing anything: NetworkManager never runs on this machine, whose network it
+    would take over."""
+    if _run(["dpkg-query", "--show", "--showformat=${Status}", NM_PACKAGE], check=False).stdout == \
+            "install ok installed":
+        return [], []  # the containers have this machine's own
+    r = _run(["apt-get", "install", "--simulate", "--no-install-recommends", NM_PACKAGE], check=False)
+    packages = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("Inst ")]
+    if r.returncode != 0 or NM_PACKAGE not in packages:
+        return [], [NM_PACKAGE]
+    found, missing = [], []
+    for name in packages:
+        debs = sorted(f for f in os.listdir(APT_ARCHIVES) if f.startswith(name + "_") and f.endswith(".deb"))
+        if debs:
+            found.append(os.path.join(APT_ARCHIVES, debs[-1]))
+        else:
+            missing.append(name)
+    return found, missing
+
+
+def unpack_debs(debs: list[str], dest: str) -> None:
+    """The packages' files under dest (no maintainer scripts run). Where this machine's /lib is a link to
+    usr/lib, the packages' /lib goes there too: a /lib directory in an overlay layer would hide the link."""
+    for deb in debs:
+        _run(["dpkg-deb", "--extract", deb, dest])
+    for top in ("lib", "bin", "sbin", "lib64"):
+        inside = os.path.join(dest, top)
+        if os.path.islink("/" + top) and os.path.isdir(inside) and not os.path.islink(inside):
+            _run(["cp", "-a", inside + "/.", os.path.join(dest, "usr", top)])
+            shutil.rmtree(inside)
+
+
+@dataclass
+class NetworkManagerHosts(NetworkdHosts):
+    """Booted systemd containers whose single interface, eth0, a running NetworkManager configures by DHCP
+    (the lease from the "dhcpd" container's networkd, as NetworkdHosts), through the connection it makes
+    for a wired interface nothing else configures: Raspberry Pi OS Bookworm's "Wired connection 1".
+    NetworkManager comes from its .deb files (network_manager_debs), unpacked into a layer of the
+    containers' overlay only."""
+
+    dhcp: bool = True
+    debs: list[str] = field(default_factory=list)
+
+    def _make_controller(self) -> None:
+        # On a file system of its own, as the upper layer: overlayfs refuses a layer inside another (/).
+        layer = os.path.join(self.workdir, "network-manager")
+        os.makedirs(layer)
+        _run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", layer])
+        self.layers = (layer,)
+        unpack_debs(self.debs, layer)
+        super()._make_controller()
+
+    def stop(self) -> None:
+        super().stop()  # the containers and their overlays go first; rm stopped at the layer's mount
+        for layer in self.layers:
+            _run(["umount", "-l", layer], check=False)
+        if self.workdir:
+            _run(["rm", "-rf", "--one-file-system", self.workdir], check=False)
+
+    def _make_host_dirs(self, host: Host) -> None:
+        if host is self.server:
+            super()._make_host_dirs(host)
+            return
+        SystemdHosts._make_host_dirs(self, host)
+        _run(["ip", "-n", host.netns, "link", "set", "eth0", "address", self.mac(host)])
+        wants = host.path("/etc/systemd/system/multi-user.target.wants")
+        os.makedirs(wants, exist_ok=True)
+        # As `systemctl enable NetworkManager` links it (the D-Bus alias lets nmcli start it on demand).
+        unit = "/lib/systemd/system/NetworkManager.service"
+        os.symlink(unit, os.path.join(wants, "NetworkManager.service"))
+        os.symlink(unit, host.path("/etc/systemd/system/dbus-org.freedesktop.NetworkManager.service"))
+        # sshd may start before NetworkManager has the lease: listen on any address.
+        with open(host.path("/etc/ssh/sshd_config.d/dllama-test.conf"), "w") as f:
+            f.write("UseDNS no\nMaxSessions 50\nMaxStartups 50\n")

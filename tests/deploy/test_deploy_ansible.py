@@ -248,25 +248,11 @@ def test_networkmanager_never_gets_a_new_profile_for_the_management_interface(de
 
 def test_update_pushes_a_new_build(deployed, tmp_path):
     import json
-    import shutil
     import uuid
 
     hosts, inv = deployed
-    # A source tree that differs from the deployed one by a module holding a fresh value.
-    src = tmp_path / "src"
-    shutil.copytree(os.path.join(nshosts.REPO, "dllama"), src / "dllama",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
-    for name in ("pyproject.toml", "README.md"):
-        if os.path.exists(os.path.join(nshosts.REPO, name)):
-            shutil.copy(os.path.join(nshosts.REPO, name), src)
     marker = uuid.uuid4().hex
-    (src / "dllama" / "_deploy_marker.py").write_text(f"VALUE = {marker!r}\n")
-    # The dependency wheels of the first run, so the build stays offline.
-    wheelhouse = tmp_path / "wheelhouse"
-    shutil.copytree(os.path.join(nshosts.REPO, "build", "wheelhouse"), wheelhouse,
-                    ignore=shutil.ignore_patterns("*.tar", "dllama-*.whl"))
-    extra = {"dllama_source_dir": str(src), "dllama_wheelhouse": str(wheelhouse), "dllama_warm_numba_cache": False}
-    r = nshosts.run_playbook(hosts, "update.yml", inv, "-e", json.dumps(extra))
+    r = nshosts.run_playbook(hosts, "update.yml", inv, "-e", json.dumps(nshosts.new_build(tmp_path, marker)))
     assert r.returncode == 0, r.stdout[-4000:]
     assert all(c["changed"] > 0 for c in nshosts.recap(r.stdout).values())
     for host in hosts.hosts:
@@ -282,6 +268,8 @@ BAD_INVENTORIES = {
     "node count": ({"node3": {"dllama_address": "10.213.1.13"}}, "= 3 nodes, but the node count must be"),
     "port out of range": ({"node2": {"dllama_worker_port": 70000}}, "dllama_worker_port of node2 is 70000"),
     # Host checks: the hosts' real Python and memory, against a raised bar or an impossible model.
+    "threads beyond the CPUs": ({"node2": {"dllama_worker_threads": 4096}},
+                                "dllama_worker_threads of node2 is 4096, but it has"),
     "python too old": ({"node2": {"preflight_min_python": "3.99"}},
                        "dllama_python /usr/bin/python3 on node2 is Python 3."),
     "model larger than memory": ({"all": {"dllama_root_model_files": [HUGE]}},

@@ -16,6 +16,7 @@ import re
 import shlex
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -214,30 +215,13 @@ def test_update_restarts_what_runs(sd, tmp_path):
     hosts, inv, _ = sd
     root, worker = hosts.hosts
     before = {"api": show(hosts, root, "dllama-api")["MainPID"], "worker": show(hosts, worker, "dllama-worker")["MainPID"]}
-    r = nshosts.run_playbook(hosts, "update.yml", inv, "-e", json.dumps(new_build(tmp_path)))
+    build = nshosts.new_build(tmp_path, uuid.uuid4().hex)
+    r = nshosts.run_playbook(hosts, "update.yml", inv, "-e", json.dumps(build))
     assert r.returncode == 0, r.stdout[-4000:]
     after = {"api": show(hosts, root, "dllama-api"), "worker": show(hosts, worker, "dllama-worker")}
     for name, state in after.items():
         assert state["ActiveState"] == "active" and state["MainPID"] != before[name], (name, before, after)
     assert chat(hosts, api_key(hosts))[0] == 200
-
-
-def new_build(tmp_path) -> dict:
-    """Extra vars for update.yml: a source tree that differs from the deployed one (an added module)."""
-    import shutil
-    import uuid
-
-    src = tmp_path / "src"
-    shutil.copytree(os.path.join(nshosts.REPO, "dllama"), src / "dllama",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
-    for name in ("pyproject.toml", "README.md"):
-        if os.path.exists(os.path.join(nshosts.REPO, name)):
-            shutil.copy(os.path.join(nshosts.REPO, name), src)
-    (src / "dllama" / "_deploy_marker.py").write_text(f"VALUE = {uuid.uuid4().hex!r}\n")
-    wheelhouse = tmp_path / "wheelhouse"
-    shutil.copytree(os.path.join(nshosts.REPO, "build", "wheelhouse"), wheelhouse,
-                    ignore=shutil.ignore_patterns("*.tar", "dllama-*.whl"))
-    return {"dllama_source_dir": str(src), "dllama_wheelhouse": str(wheelhouse), "dllama_warm_numba_cache": False}
 
 
 def test_cluster_down_stops_the_units_and_up_starts_them(sd):

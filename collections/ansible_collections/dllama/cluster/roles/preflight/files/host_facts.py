@@ -53,6 +53,8 @@ print(json.dumps({
     # A 32-bit userland on a 64-bit kernel reports aarch64 as its machine: the pointer size tells.
     "bits": struct.calcsize("P") * 8,
     "python": "%d.%d" % sys.version_info[:2],
+    # numba's thread pool is at most this large (NUMBA_NUM_THREADS defaults to it).
+    "cpus": os.cpu_count() or 1,
     "mem_available": mem_available(),
     "disk_free": disk_free(sys.argv[1]),
     "present": sum(os.path.getsize(os.path.join(sys.argv[1], n)) for n in sys.argv[2:]
