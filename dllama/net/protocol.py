@@ -27,7 +27,8 @@ Every integer is little-endian. A connection carries a sequence of frames:
 | 14   | PING       | root -> worker | -                                           | -                           |
 
 A session: root HELLO; worker CHALLENGE (or REFUSE: wrong magic/version, busy); root AUTH; worker HELLO_ACK
-(or REFUSE: authentication failed, busy); root CONFIG, WEIGHT..., READY (all weights sent); worker READY
+(or REFUSE: authentication failed, busy); root CONFIG, WEIGHT... (none when the CONFIG says the worker
+loads its local slice), READY (all weights sent); worker READY
 (loaded, kernels warm) or REFUSE (could not load); then per forward pass root STEP and the BUFFER exchanges
 of the model, and PING while the root is idle; finally root BYE (or the connection closes) and the worker
 waits for the next root. A PROBE is the first and only frame of its own short connection: the worker
