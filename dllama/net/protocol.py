@@ -28,7 +28,8 @@ Every integer is little-endian. A connection carries a sequence of frames:
 | 15   | RELEASE    | root -> worker | "<II" slot, keep                            | -                           |
 
 A session: root HELLO; worker CHALLENGE (or REFUSE: wrong magic/version, busy); root AUTH; worker HELLO_ACK
-(or REFUSE: authentication failed, busy); root CONFIG, WEIGHT..., READY (all weights sent); worker READY
+(or REFUSE: authentication failed, busy); root CONFIG, WEIGHT... (none when the CONFIG says the worker
+loads its local slice), READY (all weights sent); worker READY
 (loaded, kernels warm) or REFUSE (could not load); then per forward pass root STEP and the BUFFER exchanges
 of the model, RELEASE when a conversation slot's positions are dropped, and PING while the root is
 idle; finally root BYE (or the connection closes) and the worker

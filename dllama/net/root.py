@@ -1,5 +1,6 @@
 """The root's side of a cluster: connect to the workers, hand each its configuration and weight slice
-(streamed from the memory-mapped model file), and return the collective the forward pass runs on."""
+(streamed from the memory-mapped model file, unless the worker holds that very slice in a local file), and
+return the collective the forward pass runs on."""
 
 from __future__ import annotations
 
