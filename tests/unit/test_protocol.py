@@ -7,8 +7,8 @@ from dllama.net import protocol as P
 
 # (message, its frame), each frame spelled out field by field: header "<BBHI" type, 0, meta_len, payload_len
 GOLDEN = [
-    (P.Hello(3, 1, 2, bytes(range(32))), "01 00 2a00 00000000" "444c4d41 0300 0100 0200" + bytes(range(32)).hex()),
-    (P.HelloAck(3), "02 00 0200 00000000" "0300"),
+    (P.Hello(4, 1, 2, bytes(range(32))), "01 00 2a00 00000000" "444c4d41 0400 0100 0200" + bytes(range(32)).hex()),
+    (P.HelloAck(4), "02 00 0200 00000000" "0400"),
     (P.Refuse("busy"), "03 00 0400 00000000" "62757379"),
     (P.Config({"b": [1, 2], "a": "x"}), "04 00 0000 13000000" + b'{"a":"x","b":[1,2]}'.hex()),
     (P.Weight("norm", "f32", (2,), 0, 8, np.array([1.0, -2.0], "<f4").tobytes()),
@@ -25,7 +25,7 @@ GOLDEN = [
     (P.Buffer(P.OP_REDUCE, "f32", 1, 2, np.array([1.0, -2.0], "<f4").tobytes()),
      "08 00 0a00 08000000" "02 00 01000000 02000000" "0000803f 000000c0"),
     (P.Bye(), "09 00 0000 00000000"),
-    (P.Probe(), "0a 00 0600 00000000" "444c4d41 0300"),
+    (P.Probe(), "0a 00 0600 00000000" "444c4d41 0400"),
     (P.ProbeInfo({"state": "idle"}), "0b 00 0000 10000000" + b'{"state":"idle"}'.hex()),
     (P.Challenge(b"\x01" * 32, b"\xee" * 32), "0c 00 4000 00000000" + "01" * 32 + "ee" * 32),
     (P.Auth(b"\x5a" * 32), "0d 00 2000 00000000" + "5a" * 32),
@@ -94,8 +94,8 @@ def test_frame_over_the_size_limit_refused_from_its_header():
 
 
 @pytest.mark.parametrize("frame,match", [
-    ("01 00 2a00 00000000" "58585858 0300 0100 0200" + "00" * 32, "magic"),           # HELLO, bad magic
-    ("01 00 0800 00000000" "444c4d41 0300 0100", "malformed"),                         # HELLO, short meta
+    ("01 00 2a00 00000000" "58585858 0400 0100 0200" + "00" * 32, "magic"),           # HELLO, bad magic
+    ("01 00 0800 00000000" "444c4d41 0400 0100", "malformed"),                         # HELLO, short meta
     ("0c 00 2000 00000000" + "00" * 32, "malformed"),                                  # CHALLENGE, no proof
     ("0e 00 0000 01000000" "00", "no data"),                                           # PING with a payload
     ("08 00 0a00 04000000" "02 00 01000000 02000000" "0000803f", "carries"),           # BUFFER 1x2 f32, 4 bytes
