@@ -27,7 +27,7 @@ SHAPES = {  # (dim, n_layers, vocab)
 MSS = 1448
 ETHERNET_OVERHEAD, VETH_OVERHEAD = 90, 66   # bytes per TCP segment on the wire
 FRAME = 18                                  # BUFFER header + meta
-STEP = 8 + 15 + 4                           # STEP header + meta + one position
+STEP = 8 + 19 + 4 + 4                       # STEP header + meta + one position and its slot
 TOP_K = 64
 ROOT_SHARE = 0.5
 

@@ -16,6 +16,7 @@ from dllama import schema
 from dllama.formats.spec import ModelSpec
 from dllama.model.collective import Collective
 from dllama.model.kvcache import KVCache
+from dllama.model.moe import MoeScratch, moe_ffn
 from dllama.model.partition import NodeSlice
 from dllama.quants import dequantize
 
@@ -71,9 +72,7 @@ class NodeModel:
         # a row of logits per sequence of a batch (np.zeros maps lazily: unused rows cost nothing)
         self.logits_part = np.zeros((b, len(self.node.vocab)), f32)
         self.logits = np.zeros((b, s.vocab_size), f32)
-        if s.n_experts:
-            self.router = np.zeros((1, s.n_experts), f32)
-            self.moe_acc = np.zeros((1, s.dim), f32)
+        self.moe = MoeScratch(s, b) if s.n_experts else None
 
     # ---- loading ---------------------------------------------------------------------------------
 
@@ -263,21 +262,7 @@ class NodeModel:
         K.matmul(layer.w2, hb, y)
 
     def _moe(self, layer: Layer, xb: np.ndarray, y: np.ndarray) -> None:
-        """Mixtral routing: each position's top-k experts, weighted by the softmax of their router logits
-        (equal to Qwen3-MoE's softmax over all experts, top-k, renormalised). Every node runs its rows of
-        the same experts, so the router (tiny) runs on every node."""
-        s = self.spec
-        y[:] = 0
-        for i in range(xb.shape[0]):
-            row = xb[i:i + 1]
-            K.matmul(layer.moe_gate, row, self.router)
-            logits = self.router[0]
-            top = np.argsort(logits)[::-1][: s.n_active_experts]
-            w = np.exp(logits[top] - logits[top[0]])
-            w /= w.sum()
-            for e, we in zip(top, w):
-                self._ffn(layer.experts[int(e)], row, self.moe_acc)
-                y[i] += we * self.moe_acc[0]
+        moe_ffn(self.moe, layer.moe_gate, layer.experts, self.spec.n_active_experts, xb, y, self._ffn)
 
 
 def _vector(qtype: str, shape: tuple, raw: np.ndarray) -> np.ndarray:
