@@ -274,6 +274,9 @@ class TestHosts:
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The roles' collection: playbooks name them dllama.cluster.ROLE.
+COLLECTION = "dllama.cluster"
+ROLES = os.path.join(REPO, "collections", "ansible_collections", *COLLECTION.split("."), "roles")
 
 
 def ansible_tool(name: str) -> str | None:
@@ -291,7 +294,7 @@ def run_playbook(hosts: TestHosts, playbook: str, inventory: str, *args: str, ti
                ANSIBLE_FORCE_COLOR="0", ANSIBLE_CALLBACKS_ENABLED="junit",
                JUNIT_OUTPUT_DIR=os.path.join(hosts.workdir, "junit"), JUNIT_TASK_CLASS="yes")
     cmd = [ansible_tool("ansible-playbook"), "-i", inventory, os.path.join(REPO, "playbooks", playbook), *args]
-    env["ANSIBLE_ROLES_PATH"] = os.path.join(REPO, "roles")
+    env["ANSIBLE_COLLECTIONS_PATH"] = os.path.join(REPO, "collections")
     return hosts.in_controller(cmd, check=False, timeout=timeout, env=env)
 
 
@@ -340,4 +343,5 @@ def roles_run(output: str) -> set[str]:
     """The roles whose tasks ran in a play's output (not their argument checks, which Ansible tags always)."""
     import re
 
-    return {m.group(1) for m in re.finditer(r"^TASK \[(\w+) : (?!Validating arguments)", output, re.M)}
+    return {m.group(1) for m in re.finditer(rf"^TASK \[{re.escape(COLLECTION)}\.(\w+) : (?!Validating arguments)",
+                                            output, re.M)}

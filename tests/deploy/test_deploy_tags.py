@@ -41,7 +41,8 @@ def listed(playbook: str, *args: str) -> list[tuple[str, str, set[str]]]:
 
 
 def roles(tasks) -> set[str]:
-    return {name.split(" : ")[0] for _, name, _ in tasks if " : " in name}
+    prefix = nshosts.COLLECTION + "."
+    return {name.split(" : ")[0].removeprefix(prefix) for _, name, _ in tasks if " : " in name}
 
 
 @pytest.mark.parametrize("playbook", ["deploy.yml", "network.yml", "update.yml"])

@@ -108,7 +108,8 @@ def test_status_table_aligns_columns():
 def _role_defaults(role: str) -> dict:
     import yaml
 
-    with open(os.path.join(REPO, "roles", role, "defaults", "main.yml")) as f:
+    with open(os.path.join(REPO, "collections", "ansible_collections", "dllama", "cluster", "roles", role, "defaults",
+                           "main.yml")) as f:
         return yaml.safe_load(f)
 
 

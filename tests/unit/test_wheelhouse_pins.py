@@ -8,7 +8,8 @@ import os
 import tarfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO, "roles", "dllama", "files", "build_wheelhouse.py")
+SCRIPT = os.path.join(REPO, "collections", "ansible_collections", "dllama", "cluster", "roles", "dllama", "files",
+                      "build_wheelhouse.py")
 
 
 def load():
