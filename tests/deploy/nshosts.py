@@ -12,8 +12,8 @@ comes in through. eth0's management address is then configured by the host's own
 /etc/network/interfaces and brought up with `ifup`, so ifupdown owns it as it would on a real host.
 
 Each host runs `sshd -D` inside `unshare --mount --uts --pid --fork --kill-child --mount-proc`, with
-per-host copies bind-mounted over /etc, /opt, /run, /var/log and /root, so playbooks keep their real paths and
-the hosts do not see each other's files or processes. Teardown is SIGKILL of the `unshare` process
+per-host copies bind-mounted over /etc, /opt, /run, /var/log and /root, so playbooks keep their real
+paths and the hosts do not see each other's files or processes. Teardown is SIGKILL of the `unshare` process
 (`--kill-child` takes everything started on the host with it; `unshare --fork` ignores SIGTERM), then
 `ip netns del`.
 """
@@ -328,6 +328,15 @@ def recap(output: str) -> dict:
         counters = dict(kv.split("=") for kv in rest.split())
         out[name.strip()] = {k: int(v) for k, v in counters.items()}
     return out
+
+
+def assert_network_part_changes_nothing(hosts: TestHosts, inventory: str) -> None:
+    """The whole deploy limited to its network part, after network.yml: the checks and static_ip run,
+    nothing else, and they find nothing to change."""
+    r = run_playbook(hosts, "deploy.yml", inventory, "--tags", "network", timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert roles_run(r.stdout) == {"preflight", "static_ip"}, r.stdout[-6000:]
+    assert all(c["changed"] == 0 for c in recap(r.stdout).values()), r.stdout[-4000:]
 
 
 def roles_run(output: str) -> set[str]:

@@ -40,7 +40,8 @@ def test_syntax_check(playbook):
 def test_ansible_lint_is_clean():
     tool = nshosts.ansible_tool("ansible-lint")
     require(tool is not None, "ansible-lint is not installed")
-    paths = ["playbooks", os.path.relpath(nshosts.ROLES, nshosts.REPO), "inventory", *(os.path.basename(p) for p in ROOT_PLAYBOOKS)]
+    paths = ["playbooks", os.path.relpath(nshosts.ROLES, nshosts.REPO), "inventory",
+             *(os.path.basename(p) for p in ROOT_PLAYBOOKS)]
     r = subprocess.run([tool, "--offline", "--nocolor", *paths],
                        capture_output=True, text=True, cwd=nshosts.REPO, env=ansible_env(), timeout=300)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
