@@ -181,8 +181,15 @@ def _reject_unsupported(body) -> None:
 
     if (body.n or 1) > 1:
         no("n above 1 (several choices)", "n")
-    if body.logprobs:
-        no("logprobs", "logprobs")
+    if isinstance(body, ChatCompletionRequest):
+        if isinstance(body.logprobs, int) and not isinstance(body.logprobs, bool):
+            raise ApiError(400, "logprobs: a boolean in chat completions (top_logprobs says how many)",
+                           param="logprobs", code="invalid_value")
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    elif body.logprobs is not None and (isinstance(body.logprobs, bool) or not 0 <= body.logprobs <= 5):
+        raise ApiError(400, "logprobs: an integer in [0, 5] in completions", param="logprobs",
+                       code="invalid_value")
     too_large = check_limits(body)
     if too_large:
         raise ApiError(400, too_large, param="stop", code="invalid_value")
@@ -254,11 +261,27 @@ def _make_job(service: Service, body, prompt_ids: list[int]) -> Job:
     temperature = d["temperature"] if body.temperature is None else body.temperature
     topp = d["topp"] if body.top_p is None else body.top_p
     seed = d["seed"] if body.seed is None else body.seed
-    sampler = Sampler(temperature, topp, None if seed is None else seed % 2**64)
+    sampler = _request_sampler(engine, body, Sampler(temperature, topp, None if seed is None else seed % 2**64))
     # A limit past the context or the server's --max-tokens is clipped, not refused: the reply then ends
     # with finish_reason "length".
     limit = min(x for x in (room, body.token_limit, d.get("max_tokens")) if x is not None)
     return Job(prompt_ids, limit, sampler, body.stop_strings(), asyncio.get_running_loop())
+
+
+def _request_sampler(engine, body, base):
+    from dllama.api.sampling import RequestSampler, parse_logit_bias
+
+    vocab = engine.spec.vocab_size
+    try:
+        bias = parse_logit_bias(body.logit_bias, vocab)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="logit_bias", code="invalid_value") from None
+    if isinstance(body, ChatCompletionRequest):
+        top = (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        top = body.logprobs
+    return RequestSampler(base, vocab, top, body.presence_penalty or 0.0, body.frequency_penalty or 0.0, bias,
+                          unreported=engine.tokenizer.eos_ids)
 
 
 # ---- replies ----------------------------------------------------------------------------------------
@@ -269,25 +292,33 @@ async def _complete(service: Service, request: Request, body, prompt_ids: list[i
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": service.model_id}
     if body.stream:
-        return StreamingResponse(_sse(job, request, meta, chat, body.include_usage),
+        return StreamingResponse(_sse(job, request, meta, chat, body.include_usage, service.engine),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    parts, done = [], None
+    parts, records, done = [], [], None
     async for event in _events(job, request):
         if isinstance(event, Delta):
             parts.append(event.text)
+            records += event.logprobs or ()
         elif isinstance(event, Done):
             done = event
     if done is None:   # the client left; nobody reads this
         return _json({}, 499)
     text = "".join(parts)
+    lp = _logprobs(service.engine, chat, records) if job.sampler.top_n is not None else None
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                   "finish_reason": done.finish_reason}
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": done.finish_reason}
     return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
             "usage": _usage(done)}
+
+
+def _logprobs(engine, chat: bool, records, offset: int = 0) -> dict:
+    from dllama.api.sampling import chat_logprobs, completion_logprobs
+
+    return chat_logprobs(engine.tokenizer, records) if chat else completion_logprobs(engine.tokenizer, records, offset)
 
 
 def _usage(done: Done) -> dict:
@@ -330,15 +361,19 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
             return
 
 
-async def _sse(job: Job, request: Request, meta: dict, chat: bool, include_usage: bool):
+async def _sse(job: Job, request: Request, meta: dict, chat: bool, include_usage: bool, engine):
     kind = "chat.completion.chunk" if chat else "text_completion"
+    offset = 0
 
-    def chunk(delta: str | None, finish: str | None, role: bool = False) -> str:
+    def chunk(delta: str | None, finish: str | None, role: bool = False, records=None) -> str:
+        nonlocal offset
+        lp = None if records is None else _logprobs(engine, chat, records, offset)
+        offset += len(delta or "")
         if chat:
             d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
-            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": d, "logprobs": lp, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": delta or "", "logprobs": lp, "finish_reason": finish}
         obj = {**meta, "object": kind, "choices": [choice]}
         if include_usage:
             obj["usage"] = None
@@ -349,7 +384,7 @@ async def _sse(job: Job, request: Request, meta: dict, chat: bool, include_usage
     try:
         async for event in _events(job, request):
             if isinstance(event, Delta):
-                yield chunk(event.text, None)
+                yield chunk(event.text, None, records=event.logprobs)
             elif isinstance(event, Done):
                 yield chunk(None, event.finish_reason)
                 if include_usage:

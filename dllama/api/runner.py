@@ -32,6 +32,7 @@ _HEAL = object()    # queued by wake(): a worker was lost while the engine was i
 @dataclass
 class Delta:
     text: str
+    logprobs: list | None = None   # the tokens' records (dllama.api.sampling) when logprobs were asked for
 
 
 @dataclass
@@ -60,6 +61,13 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def delta(self, text: str) -> None:
+        """Post `text` with the log-probabilities of the tokens since the last one (if asked for)."""
+        take = getattr(self.sampler, "take", None)
+        records = take() if take else None
+        if text or records:
+            self.post(Delta(text, records))
 
     def post(self, event) -> None:
         """Called from the engine thread: hand an event to the request's event loop."""
@@ -219,7 +227,7 @@ class EngineRunner:
                 n += 1
                 piece, ended = text.feed(token_id)
                 if piece:
-                    job.post(Delta(piece))
+                    job.delta(piece)
                 if ended:
                     finish = "stop"
                     break
@@ -232,9 +240,7 @@ class EngineRunner:
             if self.engine.stats is not before:   # the same object: generate() refused before it started
                 metrics.observe_generation(self.engine.stats)
         if finish == "length":
-            tail = text.flush()
-            if tail:
-                job.post(Delta(tail))
+            job.delta(text.flush())
         st = self.engine.stats
         timings = st.summary() if hasattr(st, "token_ms") else None
         job.post(Done(finish, len(job.prompt_ids), n, timings and {
@@ -303,15 +309,13 @@ class EngineRunner:
         job, text = seq.tag, self._streams[seq]
         piece, ended = text.feed(tok)
         if piece:
-            job.post(Delta(piece))
+            job.delta(piece)
         if ended and seq.finish is None:   # a stop string: the model itself would go on
             b.end(seq, "stop")
         if seq.finish is None:
             return
         if seq.finish == "length":
-            tail = text.flush()
-            if tail:
-                job.post(Delta(tail))
+            job.delta(text.flush())
         del self._streams[seq]
         self.served += 1
         metrics.observe_sequence(seq)

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models (they also make the OpenAPI spec).
 
 The models accept every field OpenAI clients commonly send (unknown ones are ignored, as OpenAI-compatible
-servers do), check types strictly, and leave "valid but unsupported" (n > 1, tools, images, logprobs) to the
+servers do), check types strictly, and leave "valid but unsupported" (n > 1, tools, images) to the
 routes, which answer those with a 400 that names the feature instead of a schema error.
 """
 
@@ -20,7 +20,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 class _Body(BaseModel):
     # strict: "5" is not a number and "true" not a boolean; extra="ignore": clients send fields
-    # (user, logit_bias, presence_penalty, ...) that do not change what this server does.
+    # (user, metadata, ...) that do not change what this server does.
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
@@ -55,7 +55,14 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, description="Only 1 is supported")
-    logprobs: bool | int | None = Field(None, description="Not supported")
+    logprobs: bool | int | None = Field(None, description="Chat: true for the chosen tokens' log-probabilities; "
+                                                        "completions: how many alternatives (0-5) with them")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Minus this from the logit of every "
+                                                                         "token already generated")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Minus this times the count of "
+                                                                          "each token already generated")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id -> bias in [-100, 100] added to "
+                                                                 "its logit")
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -69,6 +76,7 @@ class _Sampling(_Body):
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token, with logprobs")
     tools: list[dict] | None = Field(None, description="Not supported")
     functions: list[dict] | None = Field(None, description="Not supported")
     response_format: dict | None = Field(None, description="Only {'type': 'text'} is supported")

@@ -1,0 +1,125 @@
+"""logprobs, logit_bias and presence/frequency penalties through the official `openai` client against
+`dllama-api` with SmolLM2. The outside truth for log-probabilities is the engine itself, driven here in the
+test process through its Python API: the log-softmax (float64) of its logits at every step of the same
+greedy reply."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from test_api_openai import SERVED_ID, SEQ_LEN, _Client, running_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.network]
+
+HELLO = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path):
+    with running_server(smollm2_path, "--nthreads", "1", "--max-seq-len", str(SEQ_LEN), "--temperature", "0",
+                        "--parallel", "2") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return _Client(server, SERVED_ID)
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_path):
+    from dllama.engine import Engine
+
+    eng = Engine.open(smollm2_path, nthreads=1, max_seq_len=SEQ_LEN)
+    yield eng
+    eng.close()
+
+
+class _LogSoftmaxGreedy:
+    """Greedy, keeping the float64 log-softmax of every step's full logits."""
+
+    def __init__(self):
+        self.steps = []
+
+    def wants(self):
+        from dllama.model.collective import FULL_LOGITS
+        return FULL_LOGITS
+
+    def __call__(self, logits):
+        x = np.asarray(logits, np.float64)
+        self.steps.append(x - (x.max() + np.log(np.exp(x - x.max()).sum())))
+        return int(np.argmax(x))
+
+
+def _engine_steps(engine, prompt_ids, n):
+    rec = _LogSoftmaxGreedy()
+    ids = list(engine.generate(prompt_ids, n, rec))
+    return ids, rec.steps
+
+
+def test_chat_logprobs_are_the_engines_log_softmax(client, engine):
+    r = client.chat(messages=HELLO, temperature=0, max_tokens=12, logprobs=True, top_logprobs=5)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens - (r.choices[0].finish_reason == "stop")
+    prompt_ids = engine.chat.prompt_ids(engine.tokenizer, HELLO, add_generation_prompt=True)
+    ids, steps = _engine_steps(engine, prompt_ids, len(content))
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    for tok, c, lsm in zip(ids, content, steps):
+        assert bytes(c.bytes) == engine.tokenizer.token_bytes(tok)
+        assert c.logprob == pytest.approx(lsm[tok], abs=2e-3)
+        assert len(c.top_logprobs) == 5
+        assert c.top_logprobs[0].token == c.token and c.top_logprobs[0].logprob == c.logprob   # greedy
+        best = np.argsort(-lsm)[:5]
+        assert [bytes(t.bytes) for t in c.top_logprobs] == [engine.tokenizer.token_bytes(int(b)) for b in best]
+        assert [t.logprob for t in c.top_logprobs] == pytest.approx(lsm[best], abs=2e-3)
+
+
+def test_streamed_completion_logprobs_match_the_unstreamed(client):
+    args = dict(prompt="The capital of France is", temperature=0, max_tokens=8, logprobs=3)
+    whole = client.complete(**args).choices[0]
+    assert len(whole.logprobs.tokens) == 8 and "".join(whole.logprobs.tokens) == whole.text
+    assert whole.logprobs.text_offset[0] == 0
+    toks, lps, tops = [], [], []
+    for chunk in client.complete(stream=True, **args):
+        lp = chunk.choices[0].logprobs if chunk.choices else None
+        if lp:
+            toks += lp.tokens
+            lps += lp.token_logprobs
+            tops += lp.top_logprobs
+    assert toks == whole.logprobs.tokens and lps == whole.logprobs.token_logprobs
+    assert tops == whole.logprobs.top_logprobs
+    for t, lp, top in zip(toks, lps, tops):
+        assert len(top) == 3 and max(top.values()) == lp and top[t] == lp
+
+
+def test_logit_bias_forces_and_forbids(client, engine):
+    prompt = "The capital of France is"
+    plain = client.complete(prompt=prompt, temperature=0, max_tokens=1, logprobs=1).choices[0]
+    greedy_id = engine.tokenizer.token_id(engine.tokenizer.token_text(engine.tokenizer.encode(
+        prompt + plain.text, add_bos=False)[-1]))
+    forced_id = engine.tokenizer.encode(" banana", add_bos=False)[0]
+    forced = client.complete(prompt=prompt, temperature=0, max_tokens=3, logit_bias={str(forced_id): 100})
+    assert forced.choices[0].text == engine.tokenizer.token_bytes(forced_id).decode() * 3
+    banned = client.complete(prompt=prompt, temperature=0, max_tokens=1, logit_bias={str(greedy_id): -100},
+                             logprobs=1).choices[0]
+    assert banned.text != plain.text
+    # the log-probabilities stay those of the raw logits: the banned token is still the most likely there
+    assert list(banned.logprobs.top_logprobs[0]) == [plain.text]
+    with pytest.raises(Exception) as exc:   # openai.BadRequestError
+        client.complete(prompt=prompt, max_tokens=1, logit_bias={"49152": 5})
+    assert exc.value.status_code == 400 and "token id 49152" in exc.value.body["message"]
+
+
+def test_frequency_penalty_reduces_repetition(client):
+    prompt = "apple apple apple apple apple apple apple apple"
+
+    def most_repeated(**kw) -> int:
+        r = client.complete(prompt=prompt, temperature=0, max_tokens=24, logprobs=0, **kw).choices[0]
+        toks = r.logprobs.tokens
+        return max(toks.count(t) for t in toks)
+
+    plain = most_repeated()
+    assert plain >= 12, "the unpenalised reply should repeat itself"
+    assert most_repeated(frequency_penalty=2.0) < plain / 2
+    assert most_repeated(presence_penalty=2.0) < plain
