@@ -111,15 +111,17 @@ def test_logit_bias_forces_and_forbids(client, engine):
     assert exc.value.status_code == 400 and "token id 49152" in exc.value.body["message"]
 
 
-def test_frequency_penalty_reduces_repetition(client):
-    prompt = "apple apple apple apple apple apple apple apple"
+def test_penalties_reduce_repetition(client):
+    def reply(prompt: str, **kw):
+        return client.complete(prompt=prompt, temperature=0, max_tokens=24, logprobs=0, **kw).choices[0]
 
     def most_repeated(**kw) -> int:
-        r = client.complete(prompt=prompt, temperature=0, max_tokens=24, logprobs=0, **kw).choices[0]
-        toks = r.logprobs.tokens
+        toks = reply("1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3,", **kw).logprobs.tokens
         return max(toks.count(t) for t in toks)
 
     plain = most_repeated()
-    assert plain >= 12, "the unpenalised reply should repeat itself"
+    assert plain >= 6, "the unpenalised reply should repeat itself"
     assert most_repeated(frequency_penalty=2.0) < plain / 2
-    assert most_repeated(presence_penalty=2.0) < plain
+    # presence counts each token once, whatever its count: a reply that reuses its words changes
+    prose = "The cat sat on the mat. The cat sat on the mat. The cat sat on the mat."
+    assert reply(prose, presence_penalty=2.0).text != reply(prose).text
