@@ -175,12 +175,15 @@ def _model_card(service: Service) -> dict:
 
 # ---- request checks and prompts -----------------------------------------------------------------
 
+MAX_CHOICES = 8   # n: each choice is a job of its own in the queue
+
+
 def _reject_unsupported(body) -> None:
     def no(what: str, param: str):
         raise ApiError(400, f"{what} is not supported by this server", param=param, code="unsupported")
 
-    if (body.n or 1) > 1:
-        no("n above 1 (several choices)", "n")
+    if (body.n or 1) > MAX_CHOICES:
+        raise ApiError(400, f"n: at most {MAX_CHOICES} choices per request", param="n", code="invalid_value")
     if isinstance(body, ChatCompletionRequest):
         if isinstance(body.logprobs, int) and not isinstance(body.logprobs, bool):
             raise ApiError(400, "logprobs: a boolean in chat completions (top_logprobs says how many)",
@@ -245,7 +248,8 @@ def _encode_prompt(engine, prompt) -> list[int]:
     return list(prompt)
 
 
-def _make_job(service: Service, body, prompt_ids: list[int]) -> Job:
+def _make_jobs(service: Service, body, prompt_ids: list[int], events: asyncio.Queue) -> list[Job]:
+    """One job per choice (`n`), each posting its events tagged with its index into `events`."""
     from dllama.sampler import Sampler
 
     engine = service.engine
@@ -261,11 +265,15 @@ def _make_job(service: Service, body, prompt_ids: list[int]) -> Job:
     temperature = d["temperature"] if body.temperature is None else body.temperature
     topp = d["topp"] if body.top_p is None else body.top_p
     seed = d["seed"] if body.seed is None else body.seed
-    sampler = _request_sampler(engine, body, Sampler(temperature, topp, None if seed is None else seed % 2**64))
     # A limit past the context or the server's --max-tokens is clipped, not refused: the reply then ends
     # with finish_reason "length".
     limit = min(x for x in (room, body.token_limit, d.get("max_tokens")) if x is not None)
-    return Job(prompt_ids, limit, sampler, body.stop_strings(), asyncio.get_running_loop())
+    loop, jobs = asyncio.get_running_loop(), []
+    for i in range(body.n or 1):   # choice i samples with seed + i: n different replies, reproducibly
+        base = Sampler(temperature, topp, None if seed is None else (seed + i) % 2**64)
+        jobs.append(Job(prompt_ids, limit, _request_sampler(engine, body, base), body.stop_strings(), loop,
+                        events=_Tagged(events, i)))
+    return jobs
 
 
 def _request_sampler(engine, body, base):
@@ -287,31 +295,40 @@ def _request_sampler(engine, body, base):
 # ---- replies ----------------------------------------------------------------------------------------
 
 async def _complete(service: Service, request: Request, body, prompt_ids: list[int], chat: bool):
-    job = _make_job(service, body, prompt_ids)
-    service.runner.submit(job)
+    events: asyncio.Queue = asyncio.Queue()
+    jobs = _make_jobs(service, body, prompt_ids, events)
+    try:
+        for job in jobs:
+            service.runner.submit(job)
+    except ApiError:
+        for job in jobs:
+            job.cancel()
+        raise
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": service.model_id}
     if body.stream:
-        return StreamingResponse(_sse(job, request, meta, chat, body.include_usage, service.engine),
+        return StreamingResponse(_sse(jobs, events, request, meta, chat, body.include_usage, service.engine),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    parts, records, done = [], [], None
-    async for event in _events(job, request):
+    parts, records, done = [[] for _ in jobs], [[] for _ in jobs], [None] * len(jobs)
+    async for i, event in _events(jobs, events, request):
         if isinstance(event, Delta):
-            parts.append(event.text)
-            records += event.logprobs or ()
+            parts[i].append(event.text)
+            records[i] += event.logprobs or ()
         elif isinstance(event, Done):
-            done = event
-    if done is None:   # the client left; nobody reads this
+            done[i] = event
+    if None in done:   # the client left; nobody reads this
         return _json({}, 499)
-    text = "".join(parts)
-    lp = _logprobs(service.engine, chat, records) if job.sampler.top_n is not None else None
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                  "finish_reason": done.finish_reason}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": done.finish_reason}
-    return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+    choices = []
+    for i, job in enumerate(jobs):
+        text = "".join(parts[i])
+        lp = _logprobs(service.engine, chat, records[i]) if job.sampler.top_n is not None else None
+        if chat:
+            choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                            "finish_reason": done[i].finish_reason})
+        else:
+            choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": done[i].finish_reason})
+    return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
             "usage": _usage(done)}
 
 
@@ -321,74 +338,90 @@ def _logprobs(engine, chat: bool, records, offset: int = 0) -> dict:
     return chat_logprobs(engine.tokenizer, records) if chat else completion_logprobs(engine.tokenizer, records, offset)
 
 
-def _usage(done: Done) -> dict:
-    usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-             "total_tokens": done.prompt_tokens + done.completion_tokens}
-    if done.timings:
-        usage["timings"] = done.timings
+def _usage(done: list[Done]) -> dict:
+    """The prompt counts once however many choices; the choices' tokens add up (as OpenAI counts)."""
+    prompt, completion = done[0].prompt_tokens, sum(d.completion_tokens for d in done)
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if done[0].timings:
+        usage["timings"] = done[0].timings
     return usage
 
 
-_GONE = object()   # the client disconnected: stop reading the job's events
+_GONE = object()   # the client disconnected: stop reading the jobs' events
 
 
-async def _events(job: Job, request: Request):
-    """The job's events until Done or Failed (raised as ApiError); cancels the job if the caller stops early
-    or the client disconnects."""
-    watcher = asyncio.create_task(_watch_disconnect(request, job))
+class _Tagged:
+    """A job's event queue as the job sees it: the events go to the request's queue, tagged with the choice."""
+
+    def __init__(self, events: asyncio.Queue, index: int):
+        self.events, self.index = events, index
+
+    def put_nowait(self, event) -> None:
+        self.events.put_nowait((self.index, event))
+
+
+async def _events(jobs: list[Job], events: asyncio.Queue, request: Request):
+    """(choice, event) until every job is Done or one Failed (raised as ApiError); cancels the jobs if the
+    caller stops early or the client disconnects."""
+    watcher = asyncio.create_task(_watch_disconnect(request, jobs, events))
+    running = len(jobs)
     try:
-        while True:
-            event = await job.events.get()
+        while running:
+            i, event = await events.get()
             if event is _GONE:
                 return
             if isinstance(event, Failed):
                 raise ApiError(event.status, event.message, code="generation_failed")
-            yield event
-            if isinstance(event, Done):
-                return
+            yield i, event
+            running -= isinstance(event, Done)
     finally:
-        job.cancel()
+        for job in jobs:
+            job.cancel()
         watcher.cancel()
 
 
-async def _watch_disconnect(request: Request, job: Job) -> None:
+async def _watch_disconnect(request: Request, jobs: list[Job], events: asyncio.Queue) -> None:
     # The body was already read, so the next message the server has for us is the disconnect.
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            job.cancel()
-            job.events.put_nowait(_GONE)
+            for job in jobs:
+                job.cancel()
+            events.put_nowait((None, _GONE))
             return
 
 
-async def _sse(job: Job, request: Request, meta: dict, chat: bool, include_usage: bool, engine):
+async def _sse(jobs: list[Job], events: asyncio.Queue, request: Request, meta: dict, chat: bool,
+               include_usage: bool, engine):
     kind = "chat.completion.chunk" if chat else "text_completion"
-    offset = 0
+    offsets = [0] * len(jobs)
 
-    def chunk(delta: str | None, finish: str | None, role: bool = False, records=None) -> str:
-        nonlocal offset
-        lp = None if records is None else _logprobs(engine, chat, records, offset)
-        offset += len(delta or "")
+    def chunk(i: int, delta: str | None, finish: str | None, role: bool = False, records=None) -> str:
+        lp = None if records is None else _logprobs(engine, chat, records, offsets[i])
+        offsets[i] += len(delta or "")
         if chat:
             d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
-            choice = {"index": 0, "delta": d, "logprobs": lp, "finish_reason": finish}
+            choice = {"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": delta or "", "logprobs": lp, "finish_reason": finish}
+            choice = {"index": i, "text": delta or "", "logprobs": lp, "finish_reason": finish}
         obj = {**meta, "object": kind, "choices": [choice]}
         if include_usage:
             obj["usage"] = None
         return _data(obj)
 
     if chat:
-        yield chunk(None, None, role=True)
+        for i in range(len(jobs)):
+            yield chunk(i, None, None, role=True)
+    done = [None] * len(jobs)
     try:
-        async for event in _events(job, request):
+        async for i, event in _events(jobs, events, request):
             if isinstance(event, Delta):
-                yield chunk(event.text, None, records=event.logprobs)
+                yield chunk(i, event.text, None, records=event.logprobs)
             elif isinstance(event, Done):
-                yield chunk(None, event.finish_reason)
-                if include_usage:
-                    yield _data({**meta, "object": kind, "choices": [], "usage": _usage(event)})
+                done[i] = event
+                yield chunk(i, None, event.finish_reason)
+        if include_usage and None not in done:
+            yield _data({**meta, "object": kind, "choices": [], "usage": _usage(done)})
     except ApiError as exc:
         # The status line is already sent: report the failure in-band, as OpenAI does.
         from dllama.api.errors import error_body

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models (they also make the OpenAPI spec).
 
 The models accept every field OpenAI clients commonly send (unknown ones are ignored, as OpenAI-compatible
-servers do), check types strictly, and leave "valid but unsupported" (n > 1, tools, images) to the
+servers do), check types strictly, and leave "valid but unsupported" (tools, images) to the
 routes, which answer those with a 400 that names the feature instead of a schema error.
 """
 
@@ -54,7 +54,7 @@ class _Sampling(_Body):
     stop: str | list[str] | None = Field(None, description="Text that ends the reply; it is not part of it")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, description="Only 1 is supported")
+    n: int | None = Field(None, ge=1, description="Choices, each its own reply (at most 8); choice i uses seed + i")
     logprobs: bool | int | None = Field(None, description="Chat: true for the chosen tokens' log-probabilities; "
                                                         "completions: how many alternatives (0-5) with them")
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="Minus this from the logit of every "

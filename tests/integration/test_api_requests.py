@@ -120,7 +120,6 @@ def test_schema_violations_are_422_naming_the_field(client, body, param):
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"n": 2}, "n"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"stop": [str(i) for i in range(17)]}, "stop"),
@@ -138,6 +137,7 @@ def test_unsupported_features_are_400_saying_so(client, extra, param):
     (CHAT, {"top_logprobs": 2}, "top_logprobs", "needs logprobs"),
     (CHAT, {"logprobs": 3}, "logprobs", "a boolean"),
     ("/v1/completions", {"logprobs": 6}, "logprobs", "[0, 5]"),
+    (CHAT, {"n": 9}, "n", "at most 8 choices"),
     ("/v1/completions", {"logprobs": True}, "logprobs", "[0, 5]"),
 ])
 def test_bad_sampling_fields_are_400_naming_them(client, url, extra, param, says):

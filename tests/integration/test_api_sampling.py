@@ -125,3 +125,30 @@ def test_penalties_reduce_repetition(client):
     # presence counts each token once, whatever its count: a reply that reuses its words changes
     prose = "The cat sat on the mat. The cat sat on the mat. The cat sat on the mat."
     assert reply(prose, presence_penalty=2.0).text != reply(prose).text
+
+
+def test_n_choices_are_the_replies_of_seeds_seed_plus_i(client):
+    args = dict(messages=HELLO, temperature=1.0, top_p=0.95, max_tokens=16, seed=5)
+    r = client.chat(n=2, **args)
+    assert [c.index for c in r.choices] == [0, 1]
+    alone = [client.chat(**{**args, "seed": 5 + i}) for i in range(2)]
+    assert [c.message.content for c in r.choices] == [a.choices[0].message.content for a in alone]
+    assert r.choices[0].message.content != r.choices[1].message.content
+    assert r.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+
+
+def test_streamed_n_carries_each_choices_index(client):
+    # three choices on two slots: two run as one batch, the third takes the first free slot
+    args = dict(prompt="Once upon a time", temperature=1.0, max_tokens=12, seed=11, n=3)
+    whole = client.complete(**args)
+    texts, finished, usage = ["", "", ""], [None] * 3, None
+    for chunk in client.complete(stream=True, stream_options={"include_usage": True}, **args):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            finished[c.index] = c.finish_reason or finished[c.index]
+    assert texts == [c.text for c in whole.choices] and len(set(texts)) == 3
+    assert finished == [c.finish_reason for c in whole.choices]
+    assert usage.completion_tokens == whole.usage.completion_tokens == 36
