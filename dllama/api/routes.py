@@ -24,6 +24,7 @@ from dllama.api import metrics, web
 from dllama.api.errors import ApiError, GuardMiddleware, install_error_handlers
 from dllama.api.runner import RETRY_AFTER_S, Delta, Done, Failed, Job
 from dllama.api.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, check_limits
+from dllama.api.tools import parse_tool_calls, template_message
 from dllama.errors import DllamaError
 
 
@@ -150,9 +151,10 @@ def create_app(service: Service, max_body: int, api_key: str | None = None, docs
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine = service.require_engine()
         _reject_unsupported(body)
+        tools = _tools(engine, body)
         messages = [_template_message(j, m) for j, m in enumerate(body.messages)]
-        prompt_ids = await run_in_threadpool(_render_chat, engine, messages)
-        return await _complete(service, request, body, prompt_ids, chat=True)
+        prompt_ids = await run_in_threadpool(_render_chat, engine, messages, tools)
+        return await _complete(service, request, body, prompt_ids, chat=True, tools=tools is not None)
 
     @app.post("/v1/completions", responses=GENERATE_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
@@ -197,8 +199,8 @@ def _reject_unsupported(body) -> None:
     if too_large:
         raise ApiError(400, too_large, param="stop", code="invalid_value")
     if isinstance(body, ChatCompletionRequest):
-        if body.tools or body.functions:
-            no("tool calling", "tools")
+        if body.functions:
+            no("functions (the older form of tools)", "functions")
         if body.response_format and body.response_format.get("type", "text") != "text":
             no(f"response_format {body.response_format.get('type')!r}", "response_format")
     else:
@@ -224,12 +226,35 @@ def _template_message(j: int, m) -> dict:
     out = {"role": m.role, "content": content}
     if m.name:
         out["name"] = m.name
+    try:
+        out.update(template_message({"tool_calls": m.tool_calls, "tool_call_id": m.tool_call_id}, j))
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param=f"messages.{j}.tool_calls", code="invalid_value") from None
     return out
 
 
-def _render_chat(engine, messages: list[dict]) -> list[int]:
+def _tools(engine, body) -> list | None:
+    """The tools to render, None when there are none to offer; 400 when the model's template cannot."""
+    if body.tool_choice not in (None, "auto", "none"):
+        raise ApiError(400, "tool_choice: only 'auto' and 'none' are supported", param="tool_choice",
+                       code="unsupported")
+    if not body.tools or body.tool_choice == "none":
+        return None
+    for i, tool in enumerate(body.tools):
+        fn = tool.get("function")
+        if tool.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ApiError(400, f"tools.{i}: needs type 'function' and function.name", param=f"tools.{i}",
+                           code="invalid_value")
+    if not getattr(engine.chat, "supports_tools", False):
+        raise ApiError(400, "tools: this model's chat template does not render tools, so tool calling is "
+                       "not supported with this model", param="tools", code="unsupported")
+    return body.tools
+
+
+def _render_chat(engine, messages: list[dict], tools: list | None = None) -> list[int]:
+    extra = {} if tools is None else {"tools": tools}
     try:
-        return engine.chat.prompt_ids(engine.tokenizer, messages, add_generation_prompt=True)
+        return engine.chat.prompt_ids(engine.tokenizer, messages, add_generation_prompt=True, **extra)
     except DllamaError as exc:   # the model's own template refused the conversation
         raise ApiError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
 
@@ -294,7 +319,8 @@ def _request_sampler(engine, body, base):
 
 # ---- replies ----------------------------------------------------------------------------------------
 
-async def _complete(service: Service, request: Request, body, prompt_ids: list[int], chat: bool):
+async def _complete(service: Service, request: Request, body, prompt_ids: list[int], chat: bool,
+                    tools: bool = False):
     events: asyncio.Queue = asyncio.Queue()
     jobs = _make_jobs(service, body, prompt_ids, events)
     try:
@@ -307,7 +333,7 @@ async def _complete(service: Service, request: Request, body, prompt_ids: list[i
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": service.model_id}
     if body.stream:
-        return StreamingResponse(_sse(jobs, events, request, meta, chat, body.include_usage, service.engine),
+        return StreamingResponse(_sse(jobs, events, request, meta, chat, body.include_usage, service.engine, tools),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     parts, records, done = [[] for _ in jobs], [[] for _ in jobs], [None] * len(jobs)
@@ -324,12 +350,23 @@ async def _complete(service: Service, request: Request, body, prompt_ids: list[i
         text = "".join(parts[i])
         lp = _logprobs(service.engine, chat, records[i]) if job.sampler.top_n is not None else None
         if chat:
-            choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                            "finish_reason": done[i].finish_reason})
+            message, finish = _assistant(text, done[i].finish_reason, tools)
+            choices.append({"index": i, "message": {"role": "assistant", **message}, "logprobs": lp,
+                            "finish_reason": finish})
         else:
             choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": done[i].finish_reason})
     return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
             "usage": _usage(done)}
+
+
+def _assistant(text: str, finish: str, tools: bool) -> tuple[dict, str]:
+    """The reply as a message (content, or tool_calls when tools were offered and the model called one)."""
+    if not tools:
+        return {"content": text}, finish
+    content, calls = parse_tool_calls(text)
+    if not calls:
+        return {"content": text}, finish
+    return {"content": content, "tool_calls": calls}, "tool_calls"
 
 
 def _logprobs(engine, chat: bool, records, offset: int = 0) -> dict:
@@ -392,15 +429,19 @@ async def _watch_disconnect(request: Request, jobs: list[Job], events: asyncio.Q
 
 
 async def _sse(jobs: list[Job], events: asyncio.Queue, request: Request, meta: dict, chat: bool,
-               include_usage: bool, engine):
+               include_usage: bool, engine, tools: bool = False):
+    """With tools offered, a choice's reply is held until it ends (a call is only known then) and sent as
+    one delta: its content, or its tool_calls."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     offsets = [0] * len(jobs)
 
-    def chunk(i: int, delta: str | None, finish: str | None, role: bool = False, records=None) -> str:
+    def chunk(i: int, delta: str | None, finish: str | None, role: bool = False, records=None, calls=None) -> str:
         lp = None if records is None else _logprobs(engine, chat, records, offsets[i])
         offsets[i] += len(delta or "")
         if chat:
             d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
+            if calls:   # each call with its `index`, as OpenAI streams them
+                d["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
             choice = {"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}
         else:
             choice = {"index": i, "text": delta or "", "logprobs": lp, "finish_reason": finish}
@@ -412,14 +453,22 @@ async def _sse(jobs: list[Job], events: asyncio.Queue, request: Request, meta: d
     if chat:
         for i in range(len(jobs)):
             yield chunk(i, None, None, role=True)
-    done = [None] * len(jobs)
+    done, held = [None] * len(jobs), [[] for _ in jobs]
     try:
         async for i, event in _events(jobs, events, request):
-            if isinstance(event, Delta):
+            if isinstance(event, Delta) and tools:
+                held[i].append(event)
+            elif isinstance(event, Delta):
                 yield chunk(i, event.text, None, records=event.logprobs)
             elif isinstance(event, Done):
                 done[i] = event
-                yield chunk(i, None, event.finish_reason)
+                finish = event.finish_reason
+                if tools:
+                    records = ([r for d in held[i] for r in d.logprobs or ()]
+                               if jobs[i].sampler.top_n is not None else None)
+                    message, finish = _assistant("".join(d.text for d in held[i]), finish, True)
+                    yield chunk(i, message.get("content") or "", None, records=records, calls=message.get("tool_calls"))
+                yield chunk(i, None, finish)
         if include_usage and None not in done:
             yield _data({**meta, "object": kind, "choices": [], "usage": _usage(done)})
     except ApiError as exc:

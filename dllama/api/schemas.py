@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models (they also make the OpenAPI spec).
 
 The models accept every field OpenAI clients commonly send (unknown ones are ignored, as OpenAI-compatible
-servers do), check types strictly, and leave "valid but unsupported" (tools, images) to the
+servers do), check types strictly, and leave "valid but unsupported" (images, a tools list on a template without tools) to the
 routes, which answer those with a 400 that names the feature instead of a schema error.
 """
 
@@ -36,6 +36,8 @@ class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict] | None = Field(None, description="An assistant's calls, as this API returned them")
+    tool_call_id: str | None = Field(None, description="A tool message: the call it answers")
 
 
 class StreamOptions(_Body):
@@ -77,8 +79,10 @@ class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token, with logprobs")
-    tools: list[dict] | None = Field(None, description="Not supported")
-    functions: list[dict] | None = Field(None, description="Not supported")
+    tools: list[dict] | None = Field(None, description="Functions the model may call; needs a chat template "
+                                                       "that renders `tools`")
+    tool_choice: str | dict | None = Field(None, description="'auto' (default) or 'none'")
+    functions: list[dict] | None = Field(None, description="Not supported (the older name of tools)")
     response_format: dict | None = Field(None, description="Only {'type': 'text'} is supported")
 
     @property
