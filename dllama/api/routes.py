@@ -24,7 +24,7 @@ from dllama.api import metrics, web
 from dllama.api.errors import ApiError, GuardMiddleware, install_error_handlers
 from dllama.api.runner import RETRY_AFTER_S, Delta, Done, Failed, Job
 from dllama.api.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, check_limits
-from dllama.api.tools import parse_tool_calls, template_message
+from dllama.api.tools import name_tool_results, parse_tool_calls, template_message
 from dllama.errors import DllamaError
 
 
@@ -153,6 +153,7 @@ def create_app(service: Service, max_body: int, api_key: str | None = None, docs
         _reject_unsupported(body)
         tools = _tools(engine, body)
         messages = [_template_message(j, m) for j, m in enumerate(body.messages)]
+        name_tool_results(messages)
         prompt_ids = await run_in_threadpool(_render_chat, engine, messages, tools)
         return await _complete(service, request, body, prompt_ids, chat=True, tools=tools is not None)
 

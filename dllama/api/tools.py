@@ -43,6 +43,17 @@ def template_message(m: dict, j: int) -> dict:
     return out
 
 
+def name_tool_results(messages: list[dict]) -> None:
+    """Give each `tool` message without a `name` the name of the call it answers (OpenAI clients send only
+    `tool_call_id`; some templates, Hermes' among them, print the function's name with the result)."""
+    names = {}
+    for m in messages:
+        for call in m.get("tool_calls", ()):
+            names[call.get("id")] = call["function"]["name"]
+        if m["role"] == "tool" and "name" not in m and m.get("tool_call_id") in names:
+            m["name"] = names[m["tool_call_id"]]
+
+
 def _call(name, args) -> dict | None:
     if not isinstance(name, str) or not name or not isinstance(args, (dict, str)):
         return None
