@@ -77,6 +77,18 @@ class Job:
             self.cancel()
 
 
+@dataclass
+class EmbedJob(Job):
+    """/v1/embeddings: the token ids of each input, evaluated in turn (no sampling, no reply)."""
+
+    inputs: list = field(default_factory=list)
+
+
+@dataclass
+class Embedded:
+    vectors: list              # one float64 array per input (Engine.embed)
+
+
 class TextStream:
     """Token ids in, the reply's text out: partial UTF-8 is held until complete, stop strings never leak."""
 
@@ -186,7 +198,7 @@ class EngineRunner:
                 continue
             self._current = job
             try:
-                finished = self._run(job)
+                finished = self._embed(job, 0) if isinstance(job, EmbedJob) else self._run(job)
             except (ConnectionLost, ProtocolError) as exc:
                 if self.cluster is None:
                     job.post(Failed(str(exc)))
@@ -249,6 +261,15 @@ class EngineRunner:
             "generation_tokens_per_s": round(timings["generation_tokens_per_s"], 3)}))
         return True
 
+    def _embed(self, job: EmbedJob, slot: int) -> bool:
+        vectors = []
+        for ids in job.inputs:
+            if job.cancelled.is_set():
+                return False
+            vectors.append(self.engine.embed(ids, slot))
+        job.post(Embedded(vectors))
+        return True
+
     # ---- several conversations at once -------------------------------------------------------------
 
     def _serve_batched(self) -> None:
@@ -293,6 +314,9 @@ class EngineRunner:
             if job.cancelled.is_set():   # its client left while it waited
                 self.cancelled += 1
                 continue
+            if isinstance(job, EmbedJob):
+                self._embed_between_passes(b, job)
+                continue
             tokenizer = self.engine.tokenizer
             seq = Sequence(job.prompt_ids, job.max_tokens, job.sampler, tokenizer.eos_ids, tag=job)
             try:
@@ -304,6 +328,25 @@ class EngineRunner:
             log.info("slot %d: %d prompt tokens (%d from its cache), %d slots in use, %d waiting", seq.slot,
                      len(seq.prompt_ids), seq.reused, len(b.running), self.waiting)
         return True
+
+    def _embed_between_passes(self, b, job: EmbedJob) -> None:
+        """An embedding runs in a free slot between two passes (the running replies wait for it), and
+        gives the slot's memory back."""
+        slot = b.free[0]
+        try:
+            done = self._embed(job, slot)
+            self.engine.release(slot)
+        except DllamaError as exc:
+            job.post(Failed(str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 - as a failed pass: the running replies get the error too
+            job.post(Failed("the embedding failed (see the server's log)"))
+            self._pass_failed(b, exc)
+            return
+        if done:
+            self.served += 1
+        else:
+            self.cancelled += 1
 
     def _deliver(self, b, seq, tok: int) -> None:
         job, text = seq.tag, self._streams[seq]

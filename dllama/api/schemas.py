@@ -101,6 +101,14 @@ class CompletionRequest(_Sampling):
         return self.max_tokens
 
 
+class EmbeddingRequest(_Body):
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text, texts, token ids, or lists of token ids (at most 64 inputs)")
+    model: str | None = Field(None, description="Optional; the one served model answers")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, description="Not supported (the model's width is the length)")
+
+
 def check_limits(req: _Sampling) -> str | None:
     """A message naming what is too large in `req`, or None. (Pydantic's max_length on unions is clumsy.)"""
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
