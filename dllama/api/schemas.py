@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models (they also make the OpenAPI spec).
 
 The models accept every field OpenAI clients commonly send (unknown ones are ignored, as OpenAI-compatible
-servers do), check types strictly, and leave "valid but unsupported" (images, a tools list on a template without tools) to the
-routes, which answer those with a 400 that names the feature instead of a schema error.
+servers do), check types strictly, and leave "valid but unsupported" (images, tools on a template without
+them) to the routes, which answer those with a 400 that names the feature instead of a schema error.
 """
 
 from __future__ import annotations
