@@ -330,9 +330,10 @@ class EngineRunner:
         return True
 
     def _embed_between_passes(self, b, job: EmbedJob) -> None:
-        """An embedding runs in a free slot between two passes (the running replies wait for it), and
-        gives the slot's memory back."""
-        slot = b.free[0]
+        """An embedding runs in a free slot between two passes (the running replies wait for it), the one
+        with the shortest cache (the others keep their conversations for returning chats), and gives the
+        slot's memory back."""
+        slot = min(b.free, key=self.engine.cache_len)
         try:
             done = self._embed(job, slot)
             self.engine.release(slot)
