@@ -89,3 +89,14 @@ def test_completion_logprobs_shape():
     out = completion_logprobs(Tok(), [(0, -0.5, [(0, -0.5), (2, -1.5)]), (1, -0.1, [(1, -0.1), (0, -3.0)])])
     assert out == {"tokens": ["Hel", "lo"], "token_logprobs": [-0.5, -0.1],
                    "top_logprobs": [{"Hel": -0.5, "!": -1.5}, {"lo": -0.1, "Hel": -3.0}], "text_offset": [0, 3]}
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.01, 1.0, 30.0])
+def test_top_logprobs_are_the_best_tokens_whatever_the_spread(scale):
+    rng = np.random.default_rng(int(scale * 100))
+    logits = (rng.normal(size=5000) * scale).astype(np.float32)
+    logits[[7, 99]] = -np.inf
+    s = RequestSampler(Sampler(0.0), logits.size, top_logprobs=20)
+    s(logits)
+    ((_, _, top),) = s.take()
+    assert [t for t, _ in top] == list(np.argsort(-logits, kind="stable")[:20])
