@@ -157,9 +157,17 @@ class ChatTemplate:
         except TemplateError as e:
             raise DllamaError(f"chat template failed: {e}") from None
 
-    def prompt_ids(self, tokenizer, messages, add_generation_prompt=True) -> list:
-        """Render and tokenize (special-token text parsed); no second BOS when the template wrote one."""
-        text = self.render(messages, add_generation_prompt)
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the template reads a `tools` variable (Hugging Face's name for the function list)."""
+        from jinja2 import meta
+
+        return "tools" in meta.find_undeclared_variables(_environment().parse(self.source))
+
+    def prompt_ids(self, tokenizer, messages, add_generation_prompt=True, **extra) -> list:
+        """Render and tokenize (special-token text parsed); no second BOS when the template wrote one.
+        `extra`: more template variables (`tools`)."""
+        text = self.render(messages, add_generation_prompt, **extra)
         add_bos = tokenizer.add_bos and not (self.bos_token and text.startswith(self.bos_token))
         return tokenizer.encode(text, add_bos=add_bos, parse_special=True)
 

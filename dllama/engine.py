@@ -229,6 +229,24 @@ class Engine:
             out = out[None]
         return out
 
+    def embed(self, ids: list[int], slot: int = 0) -> np.ndarray:
+        """The mean over `ids` of the final hidden state after the final norm (float64, the model's width),
+        evaluated in `slot` from position 0, so that slot's cache then holds `ids`. On a cluster the root
+        holds that state: nothing more crosses the network than for a prompt."""
+        from dllama import kernels as K
+
+        if not ids or len(ids) > self.seq_len:
+            raise DllamaError(f"an input of {len(ids)} tokens; this context holds 1 to {self.seq_len}")
+        m, total = self.model, np.zeros(self.spec.dim, np.float64)
+        self.release(slot, 0)
+        for i in range(0, len(ids), MAX_BATCH):
+            chunk = ids[i:i + MAX_BATCH]
+            self.forward_rows([(slot, chunk, False)], NO_LOGITS)
+            n = len(chunk)
+            K.rmsnorm(m.x[:n], m.norm, self.spec.norm_eps, m.xb[:n])
+            total += m.xb[:n].sum(axis=0, dtype=np.float64)
+        return total / len(ids)
+
     def cache_len(self, slot: int) -> int:
         return len(self.slot_ids[slot])
 

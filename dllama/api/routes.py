@@ -1,5 +1,5 @@
 """The HTTP surface: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health` (the chat page,
-`/v1/cluster` and `/metrics` are in web.py and metrics.py).
+`/v1/cluster` and `/metrics` are in web.py and metrics.py, `/v1/embeddings` in embeddings.py).
 
 A route validates the request (schemas.py), renders and tokenizes the prompt off the event loop, checks it
 against the context, queues a job for the engine thread (runner.py), and turns the job's events into either
@@ -20,10 +20,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from dllama.api import metrics, web
+from dllama.api import embeddings, metrics, web
 from dllama.api.errors import ApiError, GuardMiddleware, install_error_handlers
-from dllama.api.runner import RETRY_AFTER_S, Delta, Done, Failed, Job
+from dllama.api.runner import RETRY_AFTER_S, Delta, Done, Embedded, Failed, Job
 from dllama.api.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, check_limits
+from dllama.api.tools import name_tool_results, parse_tool_calls, template_message
 from dllama.errors import DllamaError
 
 
@@ -150,9 +151,11 @@ def create_app(service: Service, max_body: int, api_key: str | None = None, docs
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine = service.require_engine()
         _reject_unsupported(body)
+        tools = _tools(engine, body)
         messages = [_template_message(j, m) for j, m in enumerate(body.messages)]
-        prompt_ids = await run_in_threadpool(_render_chat, engine, messages)
-        return await _complete(service, request, body, prompt_ids, chat=True)
+        name_tool_results(messages)
+        prompt_ids = await run_in_threadpool(_render_chat, engine, messages, tools)
+        return await _complete(service, request, body, prompt_ids, chat=True, tools=tools is not None)
 
     @app.post("/v1/completions", responses=GENERATE_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
@@ -161,6 +164,7 @@ def create_app(service: Service, max_body: int, api_key: str | None = None, docs
         prompt_ids = await run_in_threadpool(_encode_prompt, engine, body.prompt)
         return await _complete(service, request, body, prompt_ids, chat=False)
 
+    embeddings.install(app, service)
     return app
 
 
@@ -175,20 +179,30 @@ def _model_card(service: Service) -> dict:
 
 # ---- request checks and prompts -----------------------------------------------------------------
 
+MAX_CHOICES = 8   # n: each choice is a job of its own in the queue
+
+
 def _reject_unsupported(body) -> None:
     def no(what: str, param: str):
         raise ApiError(400, f"{what} is not supported by this server", param=param, code="unsupported")
 
-    if (body.n or 1) > 1:
-        no("n above 1 (several choices)", "n")
-    if body.logprobs:
-        no("logprobs", "logprobs")
+    if (body.n or 1) > MAX_CHOICES:
+        raise ApiError(400, f"n: at most {MAX_CHOICES} choices per request", param="n", code="invalid_value")
+    if isinstance(body, ChatCompletionRequest):
+        if isinstance(body.logprobs, int) and not isinstance(body.logprobs, bool):
+            raise ApiError(400, "logprobs: a boolean in chat completions (top_logprobs says how many)",
+                           param="logprobs", code="invalid_value")
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    elif body.logprobs is not None and (isinstance(body.logprobs, bool) or not 0 <= body.logprobs <= 5):
+        raise ApiError(400, "logprobs: an integer in [0, 5] in completions", param="logprobs",
+                       code="invalid_value")
     too_large = check_limits(body)
     if too_large:
         raise ApiError(400, too_large, param="stop", code="invalid_value")
     if isinstance(body, ChatCompletionRequest):
-        if body.tools or body.functions:
-            no("tool calling", "tools")
+        if body.functions:
+            no("functions (the older form of tools)", "functions")
         if body.response_format and body.response_format.get("type", "text") != "text":
             no(f"response_format {body.response_format.get('type')!r}", "response_format")
     else:
@@ -214,12 +228,35 @@ def _template_message(j: int, m) -> dict:
     out = {"role": m.role, "content": content}
     if m.name:
         out["name"] = m.name
+    try:
+        out.update(template_message({"tool_calls": m.tool_calls, "tool_call_id": m.tool_call_id}, j))
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param=f"messages.{j}.tool_calls", code="invalid_value") from None
     return out
 
 
-def _render_chat(engine, messages: list[dict]) -> list[int]:
+def _tools(engine, body) -> list | None:
+    """The tools to render, None when there are none to offer; 400 when the model's template cannot."""
+    if body.tool_choice not in (None, "auto", "none"):
+        raise ApiError(400, "tool_choice: only 'auto' and 'none' are supported", param="tool_choice",
+                       code="unsupported")
+    if not body.tools or body.tool_choice == "none":
+        return None
+    for i, tool in enumerate(body.tools):
+        fn = tool.get("function")
+        if tool.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ApiError(400, f"tools.{i}: needs type 'function' and function.name", param=f"tools.{i}",
+                           code="invalid_value")
+    if not getattr(engine.chat, "supports_tools", False):
+        raise ApiError(400, "tools: this model's chat template does not render tools, so tool calling is "
+                       "not supported with this model", param="tools", code="unsupported")
+    return body.tools
+
+
+def _render_chat(engine, messages: list[dict], tools: list | None = None) -> list[int]:
+    extra = {} if tools is None else {"tools": tools}
     try:
-        return engine.chat.prompt_ids(engine.tokenizer, messages, add_generation_prompt=True)
+        return engine.chat.prompt_ids(engine.tokenizer, messages, add_generation_prompt=True, **extra)
     except DllamaError as exc:   # the model's own template refused the conversation
         raise ApiError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
 
@@ -238,7 +275,8 @@ def _encode_prompt(engine, prompt) -> list[int]:
     return list(prompt)
 
 
-def _make_job(service: Service, body, prompt_ids: list[int]) -> Job:
+def _make_jobs(service: Service, body, prompt_ids: list[int], events: asyncio.Queue) -> list[Job]:
+    """One job per choice (`n`), each posting its events tagged with its index into `events`."""
     from dllama.sampler import Sampler
 
     engine = service.engine
@@ -254,106 +292,187 @@ def _make_job(service: Service, body, prompt_ids: list[int]) -> Job:
     temperature = d["temperature"] if body.temperature is None else body.temperature
     topp = d["topp"] if body.top_p is None else body.top_p
     seed = d["seed"] if body.seed is None else body.seed
-    sampler = Sampler(temperature, topp, None if seed is None else seed % 2**64)
     # A limit past the context or the server's --max-tokens is clipped, not refused: the reply then ends
     # with finish_reason "length".
     limit = min(x for x in (room, body.token_limit, d.get("max_tokens")) if x is not None)
-    return Job(prompt_ids, limit, sampler, body.stop_strings(), asyncio.get_running_loop())
+    loop, jobs = asyncio.get_running_loop(), []
+    for i in range(body.n or 1):   # choice i samples with seed + i: n different replies, reproducibly
+        base = Sampler(temperature, topp, None if seed is None else (seed + i) % 2**64)
+        jobs.append(Job(prompt_ids, limit, _request_sampler(engine, body, base), body.stop_strings(), loop,
+                        events=_Tagged(events, i)))
+    return jobs
+
+
+def _request_sampler(engine, body, base):
+    from dllama.api.sampling import RequestSampler, parse_logit_bias
+
+    vocab = engine.spec.vocab_size
+    try:
+        bias = parse_logit_bias(body.logit_bias, vocab)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="logit_bias", code="invalid_value") from None
+    if isinstance(body, ChatCompletionRequest):
+        top = (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        top = body.logprobs
+    return RequestSampler(base, vocab, top, body.presence_penalty or 0.0, body.frequency_penalty or 0.0, bias,
+                          unreported=engine.tokenizer.eos_ids)
 
 
 # ---- replies ----------------------------------------------------------------------------------------
 
-async def _complete(service: Service, request: Request, body, prompt_ids: list[int], chat: bool):
-    job = _make_job(service, body, prompt_ids)
-    service.runner.submit(job)
+async def _complete(service: Service, request: Request, body, prompt_ids: list[int], chat: bool,
+                    tools: bool = False):
+    events: asyncio.Queue = asyncio.Queue()
+    jobs = _make_jobs(service, body, prompt_ids, events)
+    try:
+        for job in jobs:
+            service.runner.submit(job)
+    except ApiError:
+        for job in jobs:
+            job.cancel()
+        raise
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": service.model_id}
     if body.stream:
-        return StreamingResponse(_sse(job, request, meta, chat, body.include_usage),
+        return StreamingResponse(_sse(jobs, events, request, meta, chat, body.include_usage, service.engine, tools),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    parts, done = [], None
-    async for event in _events(job, request):
+    parts, records, done = [[] for _ in jobs], [[] for _ in jobs], [None] * len(jobs)
+    async for i, event in _events(jobs, events, request):
         if isinstance(event, Delta):
-            parts.append(event.text)
+            parts[i].append(event.text)
+            records[i] += event.logprobs or ()
         elif isinstance(event, Done):
-            done = event
-    if done is None:   # the client left; nobody reads this
+            done[i] = event
+    if None in done:   # the client left; nobody reads this
         return _json({}, 499)
-    text = "".join(parts)
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": done.finish_reason}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
-    return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+    choices = []
+    for i, job in enumerate(jobs):
+        text = "".join(parts[i])
+        lp = _logprobs(service.engine, chat, records[i]) if job.sampler.top_n is not None else None
+        if chat:
+            message, finish = _assistant(text, done[i].finish_reason, tools)
+            choices.append({"index": i, "message": {"role": "assistant", **message}, "logprobs": lp,
+                            "finish_reason": finish})
+        else:
+            choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": done[i].finish_reason})
+    return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
             "usage": _usage(done)}
 
 
-def _usage(done: Done) -> dict:
-    usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-             "total_tokens": done.prompt_tokens + done.completion_tokens}
-    if done.timings:
-        usage["timings"] = done.timings
+def _assistant(text: str, finish: str, tools: bool) -> tuple[dict, str]:
+    """The reply as a message (content, or tool_calls when tools were offered and the model called one)."""
+    if not tools:
+        return {"content": text}, finish
+    content, calls = parse_tool_calls(text)
+    if not calls:
+        return {"content": text}, finish
+    return {"content": content, "tool_calls": calls}, "tool_calls"
+
+
+def _logprobs(engine, chat: bool, records, offset: int = 0) -> dict:
+    from dllama.api.sampling import chat_logprobs, completion_logprobs
+
+    return chat_logprobs(engine.tokenizer, records) if chat else completion_logprobs(engine.tokenizer, records, offset)
+
+
+def _usage(done: list[Done]) -> dict:
+    """The prompt counts once however many choices; the choices' tokens add up (as OpenAI counts)."""
+    prompt, completion = done[0].prompt_tokens, sum(d.completion_tokens for d in done)
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if done[0].timings:
+        usage["timings"] = done[0].timings
     return usage
 
 
-_GONE = object()   # the client disconnected: stop reading the job's events
+_GONE = object()   # the client disconnected: stop reading the jobs' events
 
 
-async def _events(job: Job, request: Request):
-    """The job's events until Done or Failed (raised as ApiError); cancels the job if the caller stops early
-    or the client disconnects."""
-    watcher = asyncio.create_task(_watch_disconnect(request, job))
+class _Tagged:
+    """A job's event queue as the job sees it: the events go to the request's queue, tagged with the choice."""
+
+    def __init__(self, events: asyncio.Queue, index: int):
+        self.events, self.index = events, index
+
+    def put_nowait(self, event) -> None:
+        self.events.put_nowait((self.index, event))
+
+
+async def _events(jobs: list[Job], events: asyncio.Queue, request: Request):
+    """(choice, event) until every job is Done or one Failed (raised as ApiError); cancels the jobs if the
+    caller stops early or the client disconnects."""
+    watcher = asyncio.create_task(_watch_disconnect(request, jobs, events))
+    running = len(jobs)
     try:
-        while True:
-            event = await job.events.get()
+        while running:
+            i, event = await events.get()
             if event is _GONE:
                 return
             if isinstance(event, Failed):
                 raise ApiError(event.status, event.message, code="generation_failed")
-            yield event
-            if isinstance(event, Done):
-                return
+            yield i, event
+            running -= isinstance(event, (Done, Embedded))
     finally:
-        job.cancel()
+        for job in jobs:
+            job.cancel()
         watcher.cancel()
 
 
-async def _watch_disconnect(request: Request, job: Job) -> None:
+async def _watch_disconnect(request: Request, jobs: list[Job], events: asyncio.Queue) -> None:
     # The body was already read, so the next message the server has for us is the disconnect.
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            job.cancel()
-            job.events.put_nowait(_GONE)
+            for job in jobs:
+                job.cancel()
+            events.put_nowait((None, _GONE))
             return
 
 
-async def _sse(job: Job, request: Request, meta: dict, chat: bool, include_usage: bool):
+async def _sse(jobs: list[Job], events: asyncio.Queue, request: Request, meta: dict, chat: bool,
+               include_usage: bool, engine, tools: bool = False):
+    """With tools offered, a choice's reply is held until it ends (a call is only known then) and sent as
+    one delta: its content, or its tool_calls."""
     kind = "chat.completion.chunk" if chat else "text_completion"
+    offsets = [0] * len(jobs)
 
-    def chunk(delta: str | None, finish: str | None, role: bool = False) -> str:
+    def chunk(i: int, delta: str | None, finish: str | None, role: bool = False, records=None, calls=None) -> str:
+        lp = None if records is None else _logprobs(engine, chat, records, offsets[i])
+        offsets[i] += len(delta or "")
         if chat:
             d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
-            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+            if calls:   # each call with its `index`, as OpenAI streams them
+                d["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+            choice = {"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": i, "text": delta or "", "logprobs": lp, "finish_reason": finish}
         obj = {**meta, "object": kind, "choices": [choice]}
         if include_usage:
             obj["usage"] = None
         return _data(obj)
 
     if chat:
-        yield chunk(None, None, role=True)
+        for i in range(len(jobs)):
+            yield chunk(i, None, None, role=True)
+    done, held = [None] * len(jobs), [[] for _ in jobs]
     try:
-        async for event in _events(job, request):
-            if isinstance(event, Delta):
-                yield chunk(event.text, None)
+        async for i, event in _events(jobs, events, request):
+            if isinstance(event, Delta) and tools:
+                held[i].append(event)
+            elif isinstance(event, Delta):
+                yield chunk(i, event.text, None, records=event.logprobs)
             elif isinstance(event, Done):
-                yield chunk(None, event.finish_reason)
-                if include_usage:
-                    yield _data({**meta, "object": kind, "choices": [], "usage": _usage(event)})
+                done[i] = event
+                finish = event.finish_reason
+                if tools:
+                    records = ([r for d in held[i] for r in d.logprobs or ()]
+                               if jobs[i].sampler.top_n is not None else None)
+                    message, finish = _assistant("".join(d.text for d in held[i]), finish, True)
+                    yield chunk(i, message.get("content") or "", None, records=records, calls=message.get("tool_calls"))
+                yield chunk(i, None, finish)
+        if include_usage and None not in done:
+            yield _data({**meta, "object": kind, "choices": [], "usage": _usage(done)})
     except ApiError as exc:
         # The status line is already sent: report the failure in-band, as OpenAI does.
         from dllama.api.errors import error_body

@@ -32,6 +32,7 @@ _HEAL = object()    # queued by wake(): a worker was lost while the engine was i
 @dataclass
 class Delta:
     text: str
+    logprobs: list | None = None   # the tokens' records (dllama.api.sampling) when logprobs were asked for
 
 
 @dataclass
@@ -61,12 +62,31 @@ class Job:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    def delta(self, text: str) -> None:
+        """Post `text` with the log-probabilities of the tokens since the last one (if asked for)."""
+        take = getattr(self.sampler, "take", None)
+        records = take() if take else None
+        if text or records:
+            self.post(Delta(text, records))
+
     def post(self, event) -> None:
         """Called from the engine thread: hand an event to the request's event loop."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:      # the loop is closed: the server is shutting down
             self.cancel()
+
+
+@dataclass
+class EmbedJob(Job):
+    """/v1/embeddings: the token ids of each input, evaluated in turn (no sampling, no reply)."""
+
+    inputs: list = field(default_factory=list)
+
+
+@dataclass
+class Embedded:
+    vectors: list              # one float64 array per input (Engine.embed)
 
 
 class TextStream:
@@ -178,7 +198,7 @@ class EngineRunner:
                 continue
             self._current = job
             try:
-                finished = self._run(job)
+                finished = self._embed(job, 0) if isinstance(job, EmbedJob) else self._run(job)
             except (ConnectionLost, ProtocolError) as exc:
                 if self.cluster is None:
                     job.post(Failed(str(exc)))
@@ -219,7 +239,7 @@ class EngineRunner:
                 n += 1
                 piece, ended = text.feed(token_id)
                 if piece:
-                    job.post(Delta(piece))
+                    job.delta(piece)
                 if ended:
                     finish = "stop"
                     break
@@ -232,15 +252,22 @@ class EngineRunner:
             if self.engine.stats is not before:   # the same object: generate() refused before it started
                 metrics.observe_generation(self.engine.stats)
         if finish == "length":
-            tail = text.flush()
-            if tail:
-                job.post(Delta(tail))
+            job.delta(text.flush())
         st = self.engine.stats
         timings = st.summary() if hasattr(st, "token_ms") else None
         job.post(Done(finish, len(job.prompt_ids), n, timings and {
             "prompt_tokens_evaluated": timings["prompt_tokens"], "reused_tokens": timings["reused_tokens"],
             "time_to_first_token_s": round(timings["time_to_first_token_s"], 6),
             "generation_tokens_per_s": round(timings["generation_tokens_per_s"], 3)}))
+        return True
+
+    def _embed(self, job: EmbedJob, slot: int) -> bool:
+        vectors = []
+        for ids in job.inputs:
+            if job.cancelled.is_set():
+                return False
+            vectors.append(self.engine.embed(ids, slot))
+        job.post(Embedded(vectors))
         return True
 
     # ---- several conversations at once -------------------------------------------------------------
@@ -287,6 +314,9 @@ class EngineRunner:
             if job.cancelled.is_set():   # its client left while it waited
                 self.cancelled += 1
                 continue
+            if isinstance(job, EmbedJob):
+                self._embed_between_passes(b, job)
+                continue
             tokenizer = self.engine.tokenizer
             seq = Sequence(job.prompt_ids, job.max_tokens, job.sampler, tokenizer.eos_ids, tag=job)
             try:
@@ -299,19 +329,37 @@ class EngineRunner:
                      len(seq.prompt_ids), seq.reused, len(b.running), self.waiting)
         return True
 
+    def _embed_between_passes(self, b, job: EmbedJob) -> None:
+        """An embedding runs in a free slot between two passes (the running replies wait for it), the one
+        with the shortest cache (the others keep their conversations for returning chats), and gives the
+        slot's memory back."""
+        slot = min(b.free, key=self.engine.cache_len)
+        try:
+            done = self._embed(job, slot)
+            self.engine.release(slot)
+        except DllamaError as exc:
+            job.post(Failed(str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 - as a failed pass: the running replies get the error too
+            job.post(Failed("the embedding failed (see the server's log)"))
+            self._pass_failed(b, exc)
+            return
+        if done:
+            self.served += 1
+        else:
+            self.cancelled += 1
+
     def _deliver(self, b, seq, tok: int) -> None:
         job, text = seq.tag, self._streams[seq]
         piece, ended = text.feed(tok)
         if piece:
-            job.post(Delta(piece))
+            job.delta(piece)
         if ended and seq.finish is None:   # a stop string: the model itself would go on
             b.end(seq, "stop")
         if seq.finish is None:
             return
         if seq.finish == "length":
-            tail = text.flush()
-            if tail:
-                job.post(Delta(tail))
+            job.delta(text.flush())
         del self._streams[seq]
         self.served += 1
         metrics.observe_sequence(seq)

@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models (they also make the OpenAPI spec).
 
 The models accept every field OpenAI clients commonly send (unknown ones are ignored, as OpenAI-compatible
-servers do), check types strictly, and leave "valid but unsupported" (n > 1, tools, images, logprobs) to the
-routes, which answer those with a 400 that names the feature instead of a schema error.
+servers do), check types strictly, and leave "valid but unsupported" (images, tools on a template without
+them) to the routes, which answer those with a 400 that names the feature instead of a schema error.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 class _Body(BaseModel):
     # strict: "5" is not a number and "true" not a boolean; extra="ignore": clients send fields
-    # (user, logit_bias, presence_penalty, ...) that do not change what this server does.
+    # (user, metadata, ...) that do not change what this server does.
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
@@ -36,6 +36,8 @@ class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict] | None = Field(None, description="An assistant's calls, as this API returned them")
+    tool_call_id: str | None = Field(None, description="A tool message: the call it answers")
 
 
 class StreamOptions(_Body):
@@ -54,8 +56,15 @@ class _Sampling(_Body):
     stop: str | list[str] | None = Field(None, description="Text that ends the reply; it is not part of it")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, description="Only 1 is supported")
-    logprobs: bool | int | None = Field(None, description="Not supported")
+    n: int | None = Field(None, ge=1, description="Choices, each its own reply (at most 8); choice i uses seed + i")
+    logprobs: bool | int | None = Field(None, description="Chat: true for the chosen tokens' log-probabilities; "
+                                                        "completions: how many alternatives (0-5) with them")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Minus this from the logit of every "
+                                                                         "token already generated")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Minus this times the count of "
+                                                                          "each token already generated")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id -> bias in [-100, 100] added to "
+                                                                 "its logit")
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -69,8 +78,11 @@ class _Sampling(_Body):
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens")
-    tools: list[dict] | None = Field(None, description="Not supported")
-    functions: list[dict] | None = Field(None, description="Not supported")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token, with logprobs")
+    tools: list[dict] | None = Field(None, description="Functions the model may call; needs a chat template "
+                                                       "that renders `tools`")
+    tool_choice: str | dict | None = Field(None, description="'auto' (default) or 'none'")
+    functions: list[dict] | None = Field(None, description="Not supported (the older name of tools)")
     response_format: dict | None = Field(None, description="Only {'type': 'text'} is supported")
 
     @property
@@ -87,6 +99,14 @@ class CompletionRequest(_Sampling):
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+
+class EmbeddingRequest(_Body):
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text, texts, token ids, or lists of token ids (at most 64 inputs)")
+    model: str | None = Field(None, description="Optional; the one served model answers")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, description="Not supported (the model's width is the length)")
 
 
 def check_limits(req: _Sampling) -> str | None:

@@ -120,9 +120,7 @@ def test_schema_violations_are_422_naming_the_field(client, body, param):
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"n": 2}, "n"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"logprobs": True}, "logprobs"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"stop": [str(i) for i in range(17)]}, "stop"),
 ])
@@ -130,6 +128,31 @@ def test_unsupported_features_are_400_saying_so(client, extra, param):
     err = _assert_error(client.post(CHAT, json={"messages": HELLO, **extra}), 400, param)
     if param != "stop":
         assert "not supported" in err["message"]
+
+
+@pytest.mark.parametrize("url, extra, param, says", [
+    (CHAT, {"logit_bias": {"257": 1}}, "logit_bias", "token id 257 is not in the vocabulary"),
+    (CHAT, {"logit_bias": {"ten": 1}}, "logit_bias", "'ten' is not a token id"),
+    (CHAT, {"logit_bias": {"5": -101}}, "logit_bias", "[-100, 100]"),
+    (CHAT, {"top_logprobs": 2}, "top_logprobs", "needs logprobs"),
+    (CHAT, {"logprobs": 3}, "logprobs", "a boolean"),
+    ("/v1/completions", {"logprobs": 6}, "logprobs", "[0, 5]"),
+    (CHAT, {"n": 9}, "n", "at most 8 choices"),
+    ("/v1/completions", {"logprobs": True}, "logprobs", "[0, 5]"),
+])
+def test_bad_sampling_fields_are_400_naming_them(client, url, extra, param, says):
+    body = {"messages": HELLO} if url == CHAT else {"prompt": "hi"}
+    err = _assert_error(client.post(url, json={**body, **extra}), 400, param)
+    assert says in err["message"]
+
+
+@pytest.mark.parametrize("extra, param", [({"top_logprobs": 21}, "top_logprobs"),
+                                          ({"presence_penalty": 2.5}, "presence_penalty"),
+                                          ({"frequency_penalty": -3}, "frequency_penalty"),
+                                          ({"logit_bias": {"5": "up"}}, "logit_bias")])
+def test_sampling_fields_out_of_range_are_422(client, extra, param):
+    err = _assert_error(client.post(CHAT, json={"messages": HELLO, **extra}), 422)
+    assert err["param"].startswith(param), err
 
 
 def test_image_parts_are_400(client):

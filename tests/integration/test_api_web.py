@@ -72,7 +72,7 @@ def test_metrics_counters_move_by_what_the_openai_client_was_told(server, client
                          stream_options={"include_usage": True})
     usages.append([c for c in stream if c.usage][-1].usage)
     with pytest.raises(openai.BadRequestError):
-        client.chat(messages=[{"role": "user", "content": "Hi"}], n=2)
+        client.chat(messages=[{"role": "user", "content": "Hi"}], n=9)   # over the 8 choices allowed
     after = _scrape(server)
 
     def delta(name, **labels):
