@@ -21,6 +21,7 @@ from dllama import quants
 from dllama.errors import FormatError
 from dllama.formats import dlm
 from dllama.formats.loader import load_model
+from dllama.schema import grok_dlm_scalings
 from unit.test_formats_dlm import REF_KEYS, TINY, source_tensors
 
 QWEN3 = dataclasses.replace(TINY, arch="qwen3", rope_type="falcon", norm_eps=1e-6, weight_type="f32")
@@ -29,7 +30,8 @@ QWEN3_MOE_PLAIN = dataclasses.replace(TINY, arch="qwen3_moe", rope_type="falcon"
                                       weight_type="f32")
 MIXTRAL = dataclasses.replace(TINY, arch="mixtral", rope_type="llama", n_experts=3, n_active_experts=2,
                               weight_type="f32")
-GROK = dataclasses.replace(MIXTRAL, arch="grok1", hidden_act="gelu")
+# a Grok-1 `.m` header has no keys for its scalings: the writer takes only those a `.m` file implies
+GROK = dataclasses.replace(MIXTRAL, arch="grok1", hidden_act="gelu", **grok_dlm_scalings(MIXTRAL.head_dim))
 
 
 def write(path, spec, drop_2025_keys=False):
