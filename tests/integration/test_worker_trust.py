@@ -212,8 +212,10 @@ def test_a_thousand_idle_connections_hold_no_thread_each(model_files, pool):
             socks.append(socket.create_connection(("127.0.0.1", w.port), timeout=5))
         time.sleep(0.5)
         most = _threads(w.proc.pid)
-        # beyond the greeters' bound a connection is refused at once, with the reason
-        refusals = [m for s in socks[-10:] for m in _read_nowait(s)]
+        # beyond the greeters' bound a connection is refused at once, with the reason (the ones just past
+        # it: on a loaded machine the thousand connects outlast the first greeters' handshake deadline,
+        # which frees their places for the last ones)
+        refusals = [m for s in socks[MAX_PENDING + 5:MAX_PENDING + 15] for m in _read_nowait(s)]
         assert any(isinstance(m, P.Refuse) and "connections are already being greeted" in m.reason
                    for m in refusals), refusals
     finally:
