@@ -143,14 +143,18 @@ class Checkpoint:
             mm = self._maps[e.shard] = np.memmap(e.shard, dtype=np.uint8, mode="r")
         return mm[e.start:e.end].view(DTYPES[e.dtype]).reshape(e.shape)
 
-    def done(self, name: str) -> None:
-        """Drops the pages of `name` from this process's memory (they stay in the page cache)."""
+    def done(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        """Drops bytes start..stop of tensor `name` (all of it by default) from this process's memory; the
+        pages stay in the page cache, and a later read maps them back."""
         e = self._entry(name)
         mm = self._maps.get(e.shard)
         if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        start = e.start - e.start % mmap.PAGESIZE
-        mm._mmap.madvise(mmap.MADV_DONTNEED, start, e.end - start)
+        begin = e.start + start
+        begin -= begin % mmap.PAGESIZE
+        end = e.end if stop is None else e.start + stop
+        if end > begin:
+            mm._mmap.madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
     def close(self) -> None:
         self._maps = {}
@@ -250,11 +254,12 @@ class Source:
         # permuted rows are gathered within a head: chunks of whole heads
         unit = x.shape[0] // self.heads if self.heads else 1
         step = max(1, ROW_CHUNK_VALUES // x.shape[1] // unit) * unit
+        row_bytes = x.shape[1] * x.itemsize
         for r in range(0, x.shape[0], step):
             chunk = to_f32(x[r:r + step])
             yield _permute_rows(chunk, chunk.shape[0] // unit) if self.heads else chunk
-        if self.index is None:
-            self.ckpt.done(self.hf_name)
+            if self.index is None:   # the rows just written: a tensor's pages never pile up
+                self.ckpt.done(self.hf_name, r * row_bytes, (r + len(chunk)) * row_bytes)
 
 
 def sources(ckpt: Checkpoint, spec: ModelSpec) -> dict:
