@@ -81,7 +81,7 @@ def peak_rss(cmd: list[str]) -> tuple[float, float]:
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - t0
+    return usage.ru_maxrss * 1024 / 1e6, time.perf_counter() - t0   # ru_maxrss is in KiB
 
 
 def main() -> None:
@@ -111,7 +111,7 @@ def main() -> None:
                            ("f.m", ["--weight-type", "f32"]), ("g.gguf", ["--weight-type", "f16"])):
             path = os.path.join(work, out)
             rss, secs = peak_rss([*dllama, "--output-model", path, *extra])
-            print(f"{out:7} {extra[1]:4}: peak RSS {rss:6.0f} MB = {rss / (size / 2**20):.2f} of the checkpoint; "
+            print(f"{out:7} {extra[1]:4}: peak RSS {rss:6.0f} MB = {rss / (size / 1e6):.2f} of the checkpoint; "
                   f"output {os.path.getsize(path) / 1e6:.0f} MB in {secs:.1f} s")
     finally:
         if not args.keep:
