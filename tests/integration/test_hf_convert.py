@@ -304,3 +304,38 @@ def test_qwen3_moe_m_file_without_2025_keys_runs_with_m_keys_2025(tmp_path):
     finally:
         eng.close()
     assert _rel(ours, _hf_logits(model, ids)) < TOL_F
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    from cluster_fixtures import WorkerProcess
+
+    w = WorkerProcess(tmp_path_factory.mktemp("worker"))
+    try:
+        yield w.wait_ready()
+    finally:
+        w.stop()
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("name", ["mixtral-llama31", "qwen3-moe"])
+def test_converted_m_on_a_root_and_a_worker_matches_transformers(tmp_path, worker, name):
+    """The `.m` + `.t` of `--hf`, split over a root and a `dllama worker` on loopback (F32 buffers)."""
+    from cluster_fixtures import KEY
+
+    args, dtype, _ = SPLIT_CASES[name]
+    args = dict(args)
+    model = C.save_checkpoint(H.build(args.pop("kind"), 6, intermediate_size=128, **args), tmp_path / "ckpt", dtype)
+    m, t = tmp_path / "model.m", tmp_path / "model.t"
+    convert_hf(str(tmp_path / "ckpt"), str(m), str(t), "f32")
+    assert worker.wait_idle()["state"] == "idle", worker.log()
+    ids = _prompt(4, model.config.vocab_size)
+    eng = Engine.open(str(m), str(t), nthreads=1, buffer_float_type="f32", workers=[worker.address], cluster_key=KEY)
+    try:
+        ours = eng.prefill(ids).copy()
+        tok = int(np.argmax(ours))
+        step = eng._forward([tok], len(ids)).copy()
+    finally:
+        eng.close()
+    assert _rel(ours, _hf_logits(model, ids)) < TOL_F, name
+    assert _rel(step, _hf_logits(model, ids + [tok])) < TOL_F, name
