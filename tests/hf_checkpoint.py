@@ -61,3 +61,29 @@ def load(folder):
     if model_type in ("mixtral", "qwen3_moe"):
         kw["experts_implementation"] = "eager"
     return AutoModelForCausalLM.from_pretrained(str(folder), **kw).eval()
+
+
+def save_spm_tokenizer(folder, vocab_size: int = 200):
+    """A SentencePiece-style BPE as Llama 2 and Mistral v0.1 ship it in tokenizer.json: `▁` for spaces
+    (normalizer), byte fallback to the 256 `<0xNN>` tokens after `<unk> <s> </s>`; saved into `folder`."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"]
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                        show_progress=False))
+    j = json.loads(tok.to_str())
+    learned = [t for t, _ in sorted(j["model"]["vocab"].items(), key=lambda x: x[1]) if t not in specials]
+    order = specials + [f"<0x{b:02X}>" for b in range(256)] + learned
+    j["model"]["vocab"] = {t: i for i, t in enumerate(order)}
+    j["added_tokens"] = [dict(a, id=order.index(a["content"])) for a in j["added_tokens"]]
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(j)), bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(str(folder))
+    return fast

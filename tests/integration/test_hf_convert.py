@@ -139,6 +139,25 @@ def test_tokenizer_reads_as_transformers_encodes(tmp_path):
     assert ours_g.eos_id == ref.eos_token_id and ours_g.bos_id == ref.bos_token_id
 
 
+def test_sentencepiece_style_tokenizer_json_encodes_as_transformers(tmp_path):
+    """Llama 2 / Mistral v0.1 vocabularies (byte fallback, `▁`): the `llama` kind, merges ranked by score."""
+    from dllama.formats.dlt import write_t
+    from dllama.formats.hf_tokenizer import read_tokenizer
+    from dllama.tokenizer import Tokenizer
+
+    ref = C.save_spm_tokenizer(tmp_path)
+    ours = read_tokenizer(str(tmp_path), 0, {})
+    write_t(tmp_path / "t.t", ours)
+    from_t = Tokenizer.from_t(tmp_path / "t.t")
+    assert (ours.kind, ours.bos_id, ours.eos_id, ours.add_bos) == ("llama", 1, 2, True)
+    for text in ["the quick brown fox", "hello world, 123 go!", "über naïve 🦙 fox", " two  spaces\n"]:
+        want = ref.encode(text, add_special_tokens=False)
+        assert ours.encode(text, add_bos=False) == want, text
+        assert ours.decode(want) == ref.decode(want), text
+        # a `.t` file has no add-space-prefix flag: the first token's `▁` comes back as a space
+        assert from_t.decode(want) == " " + ref.decode(want), text
+
+
 # ---- checkpoints saved here, at the parity tests' shapes, split over nodes
 
 SPLIT_CASES = {
