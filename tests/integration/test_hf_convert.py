@@ -93,6 +93,26 @@ def test_gguf_equals_llama_cpp_converter_tensor_by_tensor(tmp_path, case):
     assert our_kv["tokenizer.chat_template"] == their_kv["tokenizer.chat_template"]
 
 
+@pytest.mark.parametrize("weight_type, qtype", [("q80", "Q8_0"), ("q40", "Q4_0"), ("f16", "F16")])
+@pytest.mark.parametrize("case", ["llama", "mixtral", "qwen3_moe"])
+def test_quantized_gguf_is_the_gguf_packages_quantization_of_llama_cpps_tensors(tmp_path, case, weight_type, qtype):
+    """Vectors and the router stay F32, every other matrix is `gguf.quants.quantize` of llama.cpp's F32
+    tensor, bit for bit. (llama.cpp's converter itself, run with --outtype q8_0 and f16 on these folders,
+    wrote the same bytes when they were made; it has no q4_0 output.)"""
+    out = tmp_path / "q.gguf"
+    convert_hf(str(TINY / case), str(out), None, weight_type)
+    theirs, _ = _fields(TINY / f"{case}.llama_cpp.gguf")
+    ours, kv = _fields(out)
+    assert kv["general.file_type"] == {"q80": 7, "q40": 2, "f16": 1}[weight_type]
+    for name, t in theirs.items():
+        x = np.ascontiguousarray(t.data)
+        want_type = gguf.GGMLQuantizationType.F32 if x.ndim == 1 or "ffn_gate_inp" in name \
+            else gguf.GGMLQuantizationType[qtype]
+        want = gguf.quants.quantize(x, want_type)
+        assert ours[name].tensor_type == want_type, name
+        assert np.array_equal(np.asarray(ours[name].data).view(np.uint8).ravel(), want.view(np.uint8).ravel()), name
+
+
 @pytest.mark.parametrize("case", TINY_CASES)
 def test_every_conversion_of_a_checkpoint_gives_transformers_logits(tmp_path, case):
     """llama.cpp's GGUF, our GGUF and our `.m` + `.t` (F32 weights) all run to transformers' logits."""
