@@ -15,13 +15,14 @@ TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content']
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def save_tokenizer(folder, vocab_size: int):
-    """A byte-level BPE of at most `vocab_size` tokens (specials last) saved into `folder`; returns it."""
+def save_tokenizer(folder, vocab_size: int, pre_tokenizer=None):
+    """A byte-level BPE of at most `vocab_size` tokens (specials last) saved into `folder`; returns it.
+    pre_tokenizer: a `tokenizers` pre-tokenizer (default: ByteLevel alone, GPT-2's split)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIALS), show_progress=False)
     tok.train_from_iterator([TEXT], trainer)

@@ -159,6 +159,33 @@ def test_tokenizer_reads_as_transformers_encodes(tmp_path):
     assert ours_g.eos_id == ref.eos_token_id and ours_g.bos_id == ref.bos_token_id
 
 
+def _pre_tokenizers():
+    from tokenizers import Regex, pre_tokenizers as P
+
+    from dllama.formats.hf_tokenizer import _LLAMA3_RE, _QWEN2_RE
+
+    def split(regex):
+        return P.Sequence([P.Split(Regex(regex), behavior="isolated"),
+                           P.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+    return {"gpt-2": P.ByteLevel(add_prefix_space=False), "qwen2": split(_QWEN2_RE),
+            "llama-bpe": split(_LLAMA3_RE),
+            "smollm": P.Sequence([P.Digits(individual_digits=True), P.ByteLevel(add_prefix_space=False)])}
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "qwen2", "llama-bpe", "smollm"])
+def test_byte_level_pre_tokenizers_are_named_and_encode_as_transformers(tmp_path, pre):
+    """The pre-tokenizer of tokenizer.json (Qwen's and Llama 3's Split regexes, SmolLM's single digits,
+    GPT-2's) becomes the `tokenizer.ggml.pre` whose splitting gives transformers' ids."""
+    from dllama.formats.hf_tokenizer import read_tokenizer
+
+    ref = C.save_tokenizer(tmp_path, 300, _pre_tokenizers()[pre])
+    ours = read_tokenizer(str(tmp_path), 0, {})
+    assert ours.pre == pre
+    for text in ["the quick brown fox 12345 jumps!", "hello   world,\n\n123 go?  yes:they do.", "it's 4567'll"]:
+        assert ours.encode(text, add_bos=False) == ref.encode(text, add_special_tokens=False), text
+
+
 def test_sentencepiece_style_tokenizer_json_encodes_as_transformers(tmp_path):
     """Llama 2 / Mistral v0.1 vocabularies (byte fallback, `▁`): the `llama` kind, merges ranked by score."""
     from dllama.formats.dlt import write_t
