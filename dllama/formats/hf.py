@@ -121,7 +121,7 @@ class Checkpoint:
         self.entries: dict[str, _Entry] = {}
         for s in shards:
             self.entries.update(_shard_header(s))
-        self._maps: dict[str, np.memmap] = {}
+        self._maps: dict[str, mmap.mmap] = {}
 
     def has(self, name: str) -> bool:
         return name in self.entries
@@ -140,8 +140,12 @@ class Checkpoint:
         e = self._entry(name)
         mm = self._maps.get(e.shard)
         if mm is None:
-            mm = self._maps[e.shard] = np.memmap(e.shard, dtype=np.uint8, mode="r")
-        return mm[e.start:e.end].view(DTYPES[e.dtype]).reshape(e.shape)
+            try:
+                with open(e.shard, "rb") as f:
+                    mm = self._maps[e.shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as exc:
+                raise DllamaError(f"cannot read {e.shard}: {exc.strerror}") from None
+        return np.frombuffer(mm, DTYPES[e.dtype], math.prod(e.shape), e.start).reshape(e.shape)
 
     def done(self, name: str, start: int = 0, stop: int | None = None) -> None:
         """Drops bytes start..stop of tensor `name` (all of it by default) from this process's memory; the
@@ -154,9 +158,10 @@ class Checkpoint:
         begin -= begin % mmap.PAGESIZE
         end = e.end if stop is None else e.start + stop
         if end > begin:
-            mm._mmap.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+            mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
     def close(self) -> None:
+        """Drops the maps (each is unmapped once no array of it is left)."""
         self._maps = {}
 
 
