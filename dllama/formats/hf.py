@@ -40,8 +40,9 @@ _LAYER = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v
           "ffn_norm": "post_attention_layernorm", "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
 _MOE = {"mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts.{e}.", {"w1": "w1", "w2": "w2", "w3": "w3"}),
         "qwen3_moe": ("mlp.gate", "mlp.experts.{e}.", {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"})}
-# transformers >= 5 in memory (and checkpoints saved from it unconverted): experts fused per layer
-_FUSED = {"mixtral": "block_sparse_moe.experts.", "qwen3_moe": "mlp.experts."}
+# transformers >= 5 in memory (a state_dict saved as it is): the router under mlp., each layer's experts
+# fused into gate_up_proj (n_experts, 2 * ffn, dim), gate rows first, and down_proj (n_experts, dim, ffn)
+_FUSED_ROUTER, _FUSED = "mlp.gate", "mlp.experts."
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,8 @@ def sources(ckpt: Checkpoint, spec: ModelSpec) -> dict:
         else:
             p = f"model.layers.{layer}."
             hf = p + (_MOE[spec.arch][0] if row.leaf == "moe_gate" else _LAYER[row.leaf]) + ".weight"
+            if row.leaf == "moe_gate" and not ckpt.has(hf):
+                hf = p + _FUSED_ROUTER + ".weight"
             permute = row.leaf in ("wq", "wk") and spec.arch not in schema.NEOX_ROPE
             heads = (spec.n_heads if row.leaf == "wq" else spec.n_kv_heads) if permute else 0
             out[name] = Source(ckpt, hf, shape, heads=heads)
@@ -294,7 +297,7 @@ def _expert_source(ckpt: Checkpoint, spec: ModelSpec, layer: int, expert: int, l
     hf = p + per_expert.format(e=expert) + names[leaf] + ".weight"
     if ckpt.has(hf):
         return Source(ckpt, hf, shape)
-    fused = p + _FUSED[spec.arch]
+    fused = p + _FUSED
     if leaf == "w2":
         return Source(ckpt, fused + "down_proj", shape, index=expert)
     ff = spec.ffn_dim

@@ -139,6 +139,24 @@ def test_m_file_equals_the_one_converted_from_llama_cpps_gguf(tmp_path, case, we
     assert ours.read_bytes() == theirs.read_bytes()
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_experts_fused_as_transformers_5_holds_them_convert_the_same(tmp_path, kind):
+    """A state_dict saved as transformers 5 holds it in memory (router under mlp., experts fused into
+    gate_up_proj / down_proj per layer) gives the GGUF of the per-expert checkpoint, byte for byte."""
+    from safetensors.torch import save_file
+
+    plain, fused = tmp_path / "a" / "ckpt", tmp_path / "b" / "ckpt"   # one name: the GGUFs' general.name
+    C.save_checkpoint(H.build(kind, 4), plain, "float32")
+    shutil.copytree(plain, fused)
+    (fused / "model.safetensors").unlink()
+    state = {k: v.contiguous() for k, v in H.build(kind, 4).state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    save_file(state, str(fused / "model.safetensors"))
+    convert_hf(str(plain), str(tmp_path / "a.gguf"), None, "f32")
+    convert_hf(str(fused), str(tmp_path / "b.gguf"), None, "f32")
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
 def test_tokenizer_reads_as_transformers_encodes(tmp_path):
     from transformers import AutoTokenizer
 
