@@ -20,7 +20,8 @@ COMMANDS = {
     "inference": ("dllama.commands.inference", "generate text from a prompt and print timing figures (a benchmark)"),
     "chat": ("dllama.commands.chat", "chat with a model in the terminal"),
     "worker": ("dllama.commands.worker", "serve as a worker node for a root started with --workers"),
-    "convert": ("dllama.commands.convert", "convert a GGUF model to Distributed Llama .m + .t files"),
+    "convert": ("dllama.commands.convert", "convert a GGUF model or a Hugging Face checkpoint to .m + .t files "
+                                           "(a checkpoint also to GGUF)"),
     "slice": ("dllama.commands.slice", "cut a model into one weights file per worker, for `dllama worker --weights`"),
     "random-model": ("dllama.commands.random_model", "write a random-weight .m model of any shape (benchmarks)"),
     "cluster": ("dllama.commands.cluster", "start, stop and inspect a cluster described by an Ansible inventory"),

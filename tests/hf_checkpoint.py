@@ -15,13 +15,14 @@ TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content']
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def save_tokenizer(folder, vocab_size: int):
-    """A byte-level BPE of at most `vocab_size` tokens (specials last) saved into `folder`; returns it."""
+def save_tokenizer(folder, vocab_size: int, pre_tokenizer=None):
+    """A byte-level BPE of at most `vocab_size` tokens (specials last) saved into `folder`; returns it.
+    pre_tokenizer: a `tokenizers` pre-tokenizer (default: ByteLevel alone, GPT-2's split)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIALS), show_progress=False)
     tok.train_from_iterator([TEXT], trainer)
@@ -61,3 +62,29 @@ def load(folder):
     if model_type in ("mixtral", "qwen3_moe"):
         kw["experts_implementation"] = "eager"
     return AutoModelForCausalLM.from_pretrained(str(folder), **kw).eval()
+
+
+def save_spm_tokenizer(folder, vocab_size: int = 200):
+    """A SentencePiece-style BPE as Llama 2 and Mistral v0.1 ship it in tokenizer.json: `▁` for spaces
+    (normalizer), byte fallback to the 256 `<0xNN>` tokens after `<unk> <s> </s>`; saved into `folder`."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"]
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                        show_progress=False))
+    j = json.loads(tok.to_str())
+    learned = [t for t, _ in sorted(j["model"]["vocab"].items(), key=lambda x: x[1]) if t not in specials]
+    order = specials + [f"<0x{b:02X}>" for b in range(256)] + learned
+    j["model"]["vocab"] = {t: i for i, t in enumerate(order)}
+    j["added_tokens"] = [dict(a, id=order.index(a["content"])) for a in j["added_tokens"]]
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(j)), bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(str(folder))
+    return fast

@@ -40,8 +40,9 @@ _LAYER = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v
           "ffn_norm": "post_attention_layernorm", "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
 _MOE = {"mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts.{e}.", {"w1": "w1", "w2": "w2", "w3": "w3"}),
         "qwen3_moe": ("mlp.gate", "mlp.experts.{e}.", {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"})}
-# transformers >= 5 in memory (and checkpoints saved from it unconverted): experts fused per layer
-_FUSED = {"mixtral": "block_sparse_moe.experts.", "qwen3_moe": "mlp.experts."}
+# transformers >= 5 in memory (a state_dict saved as it is): the router under mlp., each layer's experts
+# fused into gate_up_proj (n_experts, 2 * ffn, dim), gate rows first, and down_proj (n_experts, dim, ffn)
+_FUSED_ROUTER, _FUSED = "mlp.gate", "mlp.experts."
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ class Checkpoint:
         self.entries: dict[str, _Entry] = {}
         for s in shards:
             self.entries.update(_shard_header(s))
-        self._maps: dict[str, np.memmap] = {}
+        self._maps: dict[str, mmap.mmap] = {}
 
     def has(self, name: str) -> bool:
         return name in self.entries
@@ -140,19 +141,28 @@ class Checkpoint:
         e = self._entry(name)
         mm = self._maps.get(e.shard)
         if mm is None:
-            mm = self._maps[e.shard] = np.memmap(e.shard, dtype=np.uint8, mode="r")
-        return mm[e.start:e.end].view(DTYPES[e.dtype]).reshape(e.shape)
+            try:
+                with open(e.shard, "rb") as f:
+                    mm = self._maps[e.shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as exc:
+                raise DllamaError(f"cannot read {e.shard}: {exc.strerror}") from None
+        return np.frombuffer(mm, DTYPES[e.dtype], math.prod(e.shape), e.start).reshape(e.shape)
 
-    def done(self, name: str) -> None:
-        """Drops the pages of `name` from this process's memory (they stay in the page cache)."""
+    def done(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        """Drops bytes start..stop of tensor `name` (all of it by default) from this process's memory; the
+        pages stay in the page cache, and a later read maps them back."""
         e = self._entry(name)
         mm = self._maps.get(e.shard)
         if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        start = e.start - e.start % mmap.PAGESIZE
-        mm._mmap.madvise(mmap.MADV_DONTNEED, start, e.end - start)
+        begin = e.start + start
+        begin -= begin % mmap.PAGESIZE
+        end = e.end if stop is None else e.start + stop
+        if end > begin:
+            mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
     def close(self) -> None:
+        """Drops the maps (each is unmapped once no array of it is left)."""
         self._maps = {}
 
 
@@ -250,11 +260,12 @@ class Source:
         # permuted rows are gathered within a head: chunks of whole heads
         unit = x.shape[0] // self.heads if self.heads else 1
         step = max(1, ROW_CHUNK_VALUES // x.shape[1] // unit) * unit
+        row_bytes = x.shape[1] * x.itemsize
         for r in range(0, x.shape[0], step):
             chunk = to_f32(x[r:r + step])
             yield _permute_rows(chunk, chunk.shape[0] // unit) if self.heads else chunk
-        if self.index is None:
-            self.ckpt.done(self.hf_name)
+            if self.index is None:   # the rows just written: a tensor's pages never pile up
+                self.ckpt.done(self.hf_name, r * row_bytes, (r + len(chunk)) * row_bytes)
 
 
 def sources(ckpt: Checkpoint, spec: ModelSpec) -> dict:
@@ -272,6 +283,8 @@ def sources(ckpt: Checkpoint, spec: ModelSpec) -> dict:
         else:
             p = f"model.layers.{layer}."
             hf = p + (_MOE[spec.arch][0] if row.leaf == "moe_gate" else _LAYER[row.leaf]) + ".weight"
+            if row.leaf == "moe_gate" and not ckpt.has(hf):
+                hf = p + _FUSED_ROUTER + ".weight"
             permute = row.leaf in ("wq", "wk") and spec.arch not in schema.NEOX_ROPE
             heads = (spec.n_heads if row.leaf == "wq" else spec.n_kv_heads) if permute else 0
             out[name] = Source(ckpt, hf, shape, heads=heads)
@@ -284,7 +297,7 @@ def _expert_source(ckpt: Checkpoint, spec: ModelSpec, layer: int, expert: int, l
     hf = p + per_expert.format(e=expert) + names[leaf] + ".weight"
     if ckpt.has(hf):
         return Source(ckpt, hf, shape)
-    fused = p + _FUSED[spec.arch]
+    fused = p + _FUSED
     if leaf == "w2":
         return Source(ckpt, fused + "down_proj", shape, index=expert)
     ff = spec.ffn_dim

@@ -48,7 +48,7 @@ def convert_hf(folder: str, output_model: str, output_tokenizer: str | None = No
         outputs = [output_model] + ([output_tokenizer] if output_tokenizer else [])
         with atomic_paths(outputs) as temps:
             if gguf_out:
-                write_gguf(temps[0], spec, hf.sources(ckpt, spec), vocab)
+                write_gguf(temps[0], spec, hf.sources(ckpt, spec), vocab, ckpt.config)
             else:
                 _write_m(temps[0], spec, hf.sources(ckpt, spec))
                 if output_tokenizer:
@@ -139,14 +139,15 @@ def _tokenizer_metadata(w, vocab: dict) -> None:
         w.add_chat_template(vocab["chat_template"])
 
 
-def write_gguf(path: str, spec: ModelSpec, sources: dict, vocab: dict, config: dict | None = None) -> None:
-    """Writes the GGUF at `path`, tensor data streamed chunk by chunk after the header."""
+def write_gguf(path: str, spec: ModelSpec, sources: dict, vocab: dict, config: dict) -> None:
+    """Writes the GGUF at `path`, tensor data streamed chunk by chunk after the header; `config` is the
+    checkpoint's config.json."""
     import gguf
 
     plan = gguf_plan(spec, sources)
     factors = hf.rope_factors(spec)
     w = gguf.GGUFWriter(path, GGUF_ARCH[spec.arch])
-    _metadata(w, spec, config if config is not None else sources["tok_embd"].ckpt.config)
+    _metadata(w, spec, config)
     _tokenizer_metadata(w, vocab)
     if factors is not None:
         w.add_tensor("rope_freqs.weight", factors)

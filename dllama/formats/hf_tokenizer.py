@@ -19,24 +19,28 @@ from dllama.tokenizer import BYTE, CONTROL, NORMAL, UNUSED, USER_DEFINED, Tokeni
 _QWEN2_RE = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
               r"\s*[\r\n]+|\s+(?!\S)|\s+")
-_PRE_BY_REGEX = {_QWEN2_RE: "qwen2", _LLAMA3_RE: "llama-bpe"}
+_GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_PRE_BY_REGEX = {_QWEN2_RE: "qwen2", _LLAMA3_RE: "llama-bpe", _GPT2_RE: "gpt-2"}
 
 
 def _pre_name(pre: dict | None) -> str:
-    """`tokenizer.ggml.pre` for a byte-level pre_tokenizer: by its Split regex, plain GPT-2 without one."""
-    regexes = []
+    """`tokenizer.ggml.pre` for a byte-level pre_tokenizer: by its Split regex; single digits then GPT-2's
+    regex (ByteLevel's own) is SmolLM's; ByteLevel alone is GPT-2's. Anything else: llama.cpp's default."""
+    regexes, digits = [], False
     stack = [pre] if pre else []
     while stack:
         p = stack.pop()
         stack.extend(reversed(p.get("pretokenizers") or []))
         if p.get("type") == "Split":
             regexes.append((p.get("pattern") or {}).get("Regex"))
-    for r in regexes:
-        if r in _PRE_BY_REGEX:
-            return _PRE_BY_REGEX[r]
-    if not regexes:
-        return "gpt-2"   # ByteLevel alone splits with GPT-2's regex
-    return "default"
+        elif p.get("type") == "Digits":
+            digits = digits or bool(p.get("individual_digits"))
+        elif p.get("type") == "ByteLevel" and p.get("use_regex", True):
+            regexes.append(_GPT2_RE)
+    names = [_PRE_BY_REGEX.get(r, "default") for r in regexes]
+    if digits:
+        return "smollm" if names == ["gpt-2"] else "default"
+    return names[0] if len(names) == 1 else "default"
 
 
 def _token_text(value) -> str | None:
