@@ -134,3 +134,33 @@ def auto_planner(spec: ModelSpec, seq_len: int, max_batch: int, names: list[str]
         return chosen
 
     return plan
+
+
+def check_model(argv: list[str]) -> int:
+    """`python -m dllama.model.split MODEL N_NODES [SPLIT]`: whether the model file splits over N_NODES
+    nodes with SPLIT (even, auto or weights), run where the model is (`dllama cluster up`, role
+    dllama_root). Prints the plan and returns 0, or prints why not and returns 3 (4: the model cannot
+    be read)."""
+    from dllama.formats.loader import load_model
+
+    model, n_nodes, text = argv[0], int(argv[1]), argv[2] if len(argv) > 2 else None
+    try:
+        spec = load_model(model).spec
+    except DllamaError as exc:   # not a plan's refusal: the caller says the model cannot be checked
+        print(exc)
+        return 4
+    try:
+        split = parse_split(text, n_nodes)
+        plan = partition(spec, n_nodes, None if split in (None, AUTO) else split)
+    except DllamaError as exc:
+        print(exc)
+        return 3
+    names = ["root"] + [f"worker {i}" for i in range(1, n_nodes)]
+    print("\n".join(describe(spec, plan, names, None)))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(check_model(sys.argv[1:]))

@@ -60,3 +60,18 @@ def test_calibration_is_a_positive_speed_and_refuses_odd_shapes():
     assert math.isfinite(speed) and speed > 0
     with pytest.raises(DllamaError, match="cannot calibrate"):
         calibrate("q40", 100)
+
+
+def test_check_model_is_what_cluster_and_roles_run_on_the_root(tmp_path, capsys):
+    from dllama.formats.random_model import preset_spec, write_random_model
+    from dllama.model.split import check_model
+
+    path = tmp_path / "m.m"
+    write_random_model(str(path), preset_spec("llama3_2_1b", "q40", dim=128, hidden_dim=256, n_layers=1,
+                                              n_heads=8, n_kv_heads=2, vocab_size=64, seq_len=16), seed=1)
+    assert check_model([str(path), "3", "2,1,1"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("node 0 root: heads 4/8, ffn 128/256")
+    assert check_model([str(path), "9"]) == 3
+    assert "cannot be split over 9 nodes" in capsys.readouterr().out
+    assert check_model([str(path), "3", "1,1"]) == 3
+    assert "2 weights for 3 nodes" in capsys.readouterr().out
