@@ -121,7 +121,7 @@ class Engine:
         if workers:
             from dllama.net.root import connect_workers
             names = ["root"] + [w if isinstance(w, str) else f"{w[0]}:{w[1]}" for w in workers]
-            planner = S.auto_planner(spec, seq_len, MAX_BATCH, names, log or (lambda msg: None)) if auto else None
+            planner = S.AutoPlanner(spec, seq_len, MAX_BATCH, names, log or (lambda msg: None)) if auto else None
             cluster = dict(addresses=list(workers), loaded=loaded, plan=planner or plan, seq_len=seq_len,
                            buffer_type=buffer_float_type, nthreads=nthreads, log=log, max_batch=MAX_BATCH,
                            key=cluster_key, on_lost=on_lost)

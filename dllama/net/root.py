@@ -58,14 +58,9 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
     conns: list[Connection] = []
     loaded_links = LoadedLinks()
     pinger = Pinger(loaded_links, on_lost)
-    reports = []
     try:
-        for i, address in enumerate(addresses, start=1):
-            host, port = parse_address(address)
-            conn, report = _connect_worker(host, port, i, n_nodes, timeout, key, calibration)
-            conns.append(conn)
-            reports.append(report)
-            say(f"connected to worker {host}:{port} (node {i} of {n_nodes})")
+        reports = _connect_all(addresses, n_nodes, timeout, key, calibration, conns, say,
+                               planner.measure if planner else None)
         if planner:
             plan = planner(reports)
         t0 = time.perf_counter()
@@ -94,6 +89,38 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
     pinger.hand_over(coll)
     coll.pinger = pinger
     return coll
+
+
+def _connect_all(addresses, n_nodes: int, timeout: float, key, calibration, conns: list, say, measure) -> list:
+    """Connect to every worker, appending to `conns`; their calibration reports. With calibration the
+    handshakes run at once, and `measure()` (the root's own calibration) meanwhile: every node is timed
+    while all compute, as in a forward pass, so nodes that share a core each measure their part of it."""
+    targets = [(i, *parse_address(a)) for i, a in enumerate(addresses, start=1)]
+
+    def one(target):
+        i, host, port = target
+        conn, report = _connect_worker(host, port, i, n_nodes, timeout, key, calibration)
+        say(f"connected to worker {host}:{port} (node {i} of {n_nodes})")
+        return conn, report
+
+    if calibration is None:
+        reports = []
+        for t in targets:
+            conn, report = one(t)
+            conns.append(conn)
+            reports.append(report)
+        return reports
+    with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+        jobs = [pool.submit(one, t) for t in targets]
+        try:
+            measure()
+        finally:
+            wait(jobs)
+            conns.extend(job.result()[0] for job in jobs if not job.exception())
+    for job in jobs:
+        if job.exception():
+            raise job.exception()
+    return [job.result()[1] for job in jobs]
 
 
 def _connect_worker(host: str, port: int, index: int, n_nodes: int, timeout: float,
