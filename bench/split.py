@@ -19,36 +19,17 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from cluster import PROMPT, ensure_model, free_port  # noqa: E402  (bench-local)
+from cluster import PROMPT, ensure_model, start_worker  # noqa: E402  (bench-local)
 
 BUSY = "while True: pass"
 
 
 def pinned(core: int, argv: list[str]) -> list[str]:
     return ["taskset", "-c", str(core), *argv]
-
-
-def start_worker(core: int) -> tuple[subprocess.Popen, str]:
-    from dllama.errors import DllamaError
-    from dllama.net import probe
-
-    port = free_port()
-    proc = subprocess.Popen(pinned(core, [sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1",
-                                          "--port", str(port), "--nthreads", "1"]),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(1200):
-        try:
-            probe("127.0.0.1", port, 1.0)
-            return proc, f"127.0.0.1:{port}"
-        except DllamaError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("worker did not start")
 
 
 def run_root(model: Path, tok: Path, steps: int, workers: list[str], split: str | None) -> tuple[dict, str]:
@@ -64,7 +45,7 @@ def run_root(model: Path, tok: Path, steps: int, workers: list[str], split: str 
 def scenario(name: str, model: Path, tok: Path, worker_cores: list[int], busy_cores: list[int], steps: int,
              repeats: int) -> dict:
     procs = [subprocess.Popen(pinned(c, [sys.executable, "-c", BUSY])) for c in busy_cores]
-    workers = [start_worker(c) for c in worker_cores]
+    workers = [start_worker(1, prefix=pinned(c, [])) for c in worker_cores]
     addresses = [a for _, a in workers]
     results: dict[str, list[float]] = {"even": [], "auto": []}
     plan = ""

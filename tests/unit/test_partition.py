@@ -93,7 +93,8 @@ def test_plan_properties(case):
     plan = partition(spec, len(weights), weights)
     group, total_w = spec.n_heads // spec.n_kv_heads, sum(weights)
     hu = align // math.gcd(align, spec.head_dim)
-    parts = (("heads", spec.n_heads, hu, spec.head_dim), ("ffn", spec.ffn_dim, align, 1), ("vocab", spec.vocab_size, 1, 1))
+    parts = (("heads", spec.n_heads, hu, spec.head_dim), ("ffn", spec.ffn_dim, align, 1),
+             ("vocab", spec.vocab_size, 1, 1))
     for key, total, unit, width in parts:
         ranges = [getattr(node, key) for node in plan]
         assert [i for r in ranges for i in r] == list(range(total)), key
