@@ -53,7 +53,7 @@ def test_counts_past_the_heads_and_bad_weights_are_refused_naming_what_works():
         partition(SMOLLM2, 0)
     with pytest.raises(DllamaError, match=r"2 split weights were given for 3 nodes"):
         partition(SMOLLM2, 3, [1, 2])
-    for bad in (0, -1, float("nan"), float("inf"), "2"):
+    for bad in (0, -1, float("nan"), float("inf"), "2", True, 10**400, None):
         with pytest.raises(DllamaError, match=r"split weight .* is not a positive number"):
             partition(SMOLLM2, 2, [1, bad])
     narrow = ModelSpec(dim=64, hidden_dim=96, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=10)
