@@ -110,7 +110,8 @@ class Engine:
         _check_flags(nthreads, buffer_float_type, max_seq_len)
         spec = loaded.spec
         auto = split == S.AUTO and bool(workers)
-        # refuses bad node counts (and, with auto, at least n nodes' worth of heads) before connecting
+        # refuses bad node counts and weights before connecting; with auto, the even plan stands in (for the
+        # memory check below) until the workers' speeds are in
         plan = partition(spec, 1 + len(workers), None if split == S.AUTO else split)
         seq_len = min(spec.seq_len, max_seq_len) if max_seq_len else spec.seq_len
         _check_memory(spec, plan[0], seq_len)
