@@ -52,8 +52,7 @@ def test_raspberrypi_example_is_a_four_node_cluster_in_order():
 
 
 def test_split_weights_become_the_roots_split_flag(tmp_path):
-    """Any node count (3 here, once refused as not a power of two); dllama_split_weight per host, 1 where
-    unset, or auto on every host."""
+    """Any node count (3 here); dllama_split_weight per host, 1 where unset, or auto on every host."""
     import yaml
 
     def argv(root: dict, a: dict, b: dict) -> list[str]:
