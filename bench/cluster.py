@@ -55,15 +55,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_worker(threads: int, link=None) -> tuple[subprocess.Popen, str]:
-    """A `dllama worker` on loopback, or inside the link's worker namespace (its readiness is read from
-    its log there: nothing in this namespace may connect to the namespaces' addresses)."""
+def start_worker(threads: int, link=None, prefix=()) -> tuple[subprocess.Popen, str]:
+    """A `dllama worker` on loopback (run under `prefix`, such as taskset), or inside the link's worker
+    namespace (its readiness is read from its log there: nothing in this namespace may connect to the
+    namespaces' addresses)."""
     if link is None:
         from dllama.errors import DllamaError
         from dllama.net import probe
 
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port",
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port",
                                  str(port), "--nthreads", str(threads)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         for _ in range(600):

@@ -128,7 +128,8 @@ class Engine:
         _check_flags(nthreads, buffer_float_type, max_seq_len, parallel)
         spec = loaded.spec
         auto = split == S.AUTO and bool(workers)
-        # refuses bad node counts (and, with auto, at least n nodes' worth of heads) before connecting
+        # refuses bad node counts and weights before connecting; with auto, the even plan stands in (for the
+        # memory check below) until the workers' speeds are in
         plan = partition(spec, 1 + len(workers), None if split == S.AUTO else split)
         check_blocks(loaded.tensors, spec, plan)
         seq_len = min(spec.seq_len, max_seq_len) if max_seq_len else spec.seq_len
@@ -140,9 +141,8 @@ class Engine:
         if workers:
             from dllama.net.root import connect_workers
             names = ["root"] + [w if isinstance(w, str) else f"{w[0]}:{w[1]}" for w in workers]
-            planner = S.auto_planner(spec, seq_len, MAX_BATCH, names, log or (lambda msg: None)) if auto else None
-            if planner:
-                planner = _checked(planner, loaded.tensors, spec)
+            planner = S.AutoPlanner(spec, seq_len, MAX_BATCH, names, log or (lambda msg: None),
+                                    lambda chosen: check_blocks(loaded.tensors, spec, chosen), parallel) if auto else None
             cluster = dict(addresses=list(workers), loaded=loaded, plan=planner or plan, seq_len=seq_len,
                            buffer_type=buffer_float_type, nthreads=nthreads, log=log, max_batch=MAX_BATCH,
                            key=cluster_key, on_lost=on_lost, n_slots=parallel)
@@ -316,17 +316,6 @@ class Engine:
     def close(self) -> None:
         self.coll.close()
         self.loaded.close()
-
-
-def _checked(planner, tensors, spec):
-    """`planner` whose plan is refused, like a fixed one, where it would cut a K-quant super-block."""
-    from dllama.model.partition import check_blocks
-
-    def plan(reports):
-        chosen = planner(reports)
-        check_blocks(tensors, spec, chosen)
-        return chosen
-    return plan
 
 
 def _check_flags(nthreads, buffer_float_type, max_seq_len, parallel=1) -> None:

@@ -39,13 +39,17 @@ def cluster_nodes(service) -> list[dict]:
 
 
 def _shares(engine, n_nodes: int) -> list[float] | None:
-    """Each node's fraction of the attention heads and FFN rows (the split gives both the same fraction)."""
+    """Each node's fraction of the FFN rows (its heads' fraction is the same within a block): the plan the
+    cluster runs, weighted by --split, or the even one."""
     spec = getattr(engine, "spec", None)
     if spec is None or not getattr(spec, "ffn_dim", None):
         return None
     from dllama.model.partition import partition
 
-    return [len(s.ffn) / spec.ffn_dim for s in partition(spec, n_nodes)]
+    plan = getattr(getattr(engine, "coll", None), "plan", None)
+    if not isinstance(plan, list) or len(plan) != n_nodes:
+        plan = partition(spec, n_nodes)
+    return [len(s.ffn) / spec.ffn_dim for s in plan]
 
 
 def install(app, service) -> None:

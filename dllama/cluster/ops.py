@@ -10,11 +10,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from dllama.cluster import nodes as N
-from dllama.cluster.inventory import ROOT_DEFAULTS, Cluster, Node, resolve
+from dllama.cluster.inventory import ROOT_DEFAULTS, Cluster, Node, literal, resolve
 from dllama.cluster.remote import Result, runner_for
 from dllama.errors import DllamaError
-
-POWERS = [2 ** i for i in range(11)]
 
 
 def say(msg: str) -> None:
@@ -57,12 +55,30 @@ class Session:
             r.close()
 
 
-def check_node_count(cluster: Cluster) -> None:
-    n = len(cluster.nodes)
-    if n not in POWERS:
-        low = max(p for p in POWERS if p < n)
-        raise DllamaError(f"1 root + {n - 1} workers = {n} nodes, but the node count must be a power of two: "
-                          f"use {low - 1} or {2 * low - 1} workers")
+def split_argument(cluster: Cluster) -> str | None:
+    """`--split` from the nodes' dllama_split_weight: None when no node sets one, "auto" when they all say
+    auto, else one weight per node (1 where unset). DllamaError naming the host of a bad value."""
+    given = {n.name: literal(n.vars, "dllama_split_weight") for n in cluster.nodes}
+    set_ = {k: v for k, v in given.items() if v not in (None, "")}
+    if not set_:
+        return None
+    autos = sorted(k for k, v in set_.items() if str(v) == "auto")
+    if autos:
+        if len(autos) != len(cluster.nodes):
+            other = next(n.name for n in cluster.nodes if n.name not in autos)
+            raise DllamaError(f"dllama_split_weight is auto for {autos[0]} but not for {other}: "
+                              "set auto on every node, or a number on each")
+        return "auto"
+    weights = []
+    for name, v in given.items():
+        try:
+            w = 1.0 if v in (None, "") else float(v)
+        except (TypeError, ValueError):
+            w = float("nan")
+        if not (w > 0 and w != float("inf")):
+            raise DllamaError(f"dllama_split_weight of {name} is {v!r}: expected a positive number or auto")
+        weights.append(f"{w:g}")
+    return ",".join(weights)
 
 
 def check_model(s: Session, n_nodes: int) -> None:
@@ -70,13 +86,12 @@ def check_model(s: Session, n_nodes: int) -> None:
     c = s.cluster
     if not c.model:
         raise DllamaError(f"no model for the root {c.root.name}: set dllama_root_model in the inventory (or dllama_root_model_files, then run playbooks/deploy.yml)")
-    code = ("import sys; from dllama.formats.loader import load_model; from dllama.model.partition import partition; "
-            "from dllama.errors import DllamaError\ntry:\n    partition(load_model(sys.argv[1]).spec, int(sys.argv[2]))\n"
-            "except DllamaError as e:\n    print(e); sys.exit(3)")
-    cmd = " ".join(shlex.quote(a) for a in [s.root_python(), "-c", code, c.model, str(n_nodes)])
+    split = split_argument(c)
+    cmd = " ".join(shlex.quote(a) for a in [s.root_python(), "-m", "dllama.model.split", c.model, str(n_nodes),
+                                            *([split] if split else [])])
     r = s.runners[c.root.name].run(cmd, timeout=120)
     if r.rc == 3:
-        raise DllamaError(f"{c.model} on {c.root.name}: {r.out.strip()}")
+        raise DllamaError(f"{c.model} on {c.root.name}: {r.out.strip().splitlines()[-1]}")
     if not r.ok:
         raise DllamaError(f"cannot check the model on {c.root.name}: {(r.err.strip().splitlines() or ['?'])[-1]}")
     if c.tokenizer and not s.runners[c.root.name].run(f"test -r {shlex.quote(c.tokenizer)}", timeout=20).ok:
@@ -151,15 +166,18 @@ def root_command(c: Cluster, python: str, run: str, extra: list[str], key_file: 
         args += ["--cluster-key-file", key_file]
     if c.workers:
         args += ["--workers", *(w.endpoint for w in c.workers)]
+        split = split_argument(c)
+        if split:
+            args += ["--split", split]
     return args + list(extra)
 
 
 def up(c: Cluster, run: str = "none", extra: list[str] = (), timeout: float = 120, connect_timeout: float = 10) -> int:
     """Validate, start the workers in parallel, wait for their handshakes, then run the root.
 
-    Raises DllamaError naming what is wrong before anything starts (node count, unreachable hosts, model,
-    busy ports); if a worker fails to come up, the workers started by this call are stopped again."""
-    check_node_count(c)
+    Raises DllamaError naming what is wrong before anything starts (split weights, unreachable hosts, the
+    model's plan over these nodes, busy ports); if a worker fails to come up, the workers started by this call are stopped again."""
+    split_argument(c)
     s = Session(c, connect_timeout)
     started: list[Node] = []
     try:

@@ -111,10 +111,19 @@ def _why_not(spec: ModelSpec, n: int, weights) -> str | None:
     if weights is not None:
         if len(weights) != n:
             return f"{len(weights)} split weights were given for {n} nodes"
-        bad = [w for w in weights if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0)]
+        bad = [w for w in weights if not _positive(w)]
         if bad:
             return f"split weight {bad[0]!r} is not a positive number"
     return None
+
+
+def _positive(w) -> bool:
+    if isinstance(w, bool) or not isinstance(w, (int, float)):
+        return False
+    try:
+        return math.isfinite(w) and w > 0
+    except OverflowError:   # an integer past any float: from a CONFIG, not a speed
+        return False
 
 
 def partition(spec: ModelSpec, n_nodes: int, weights=None) -> list[NodeSlice]:

@@ -21,8 +21,8 @@ from dllama.formats.spec import ModelSpec
 from dllama.model.partition import NodeSlice, partition
 
 AUTO = "auto"
-CALIBRATION_S = 0.15        # s of matmuls timed per calibration
-CALIBRATION_VALUES = 4 << 20   # weight values of the timed matrix: past the L2 cache, as a layer's are
+CALIBRATION_S = 0.5            # s of matmuls timed: long enough for a core's time-sharing to average out
+CALIBRATION_VALUES = 16 << 20  # weight values of the timed matrix: past the caches, as a layer's are
 
 
 def parse_split(text: str | None, n_nodes: int):
@@ -48,8 +48,10 @@ def _calibration_matrix(qtype: str, cols: int):
     from dllama import kernels as K
 
     rows = max(16, CALIBRATION_VALUES // cols)
-    w = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32)
-    return K.pack(qtype, quants.quantize(qtype, w).reshape(-1), rows, cols), rows
+    # 16 quantized rows repeated: as fast to multiply as any, and built in milliseconds, not seconds
+    w = np.random.default_rng(0).standard_normal((16, cols), dtype=np.float32)
+    raw = np.tile(quants.quantize(qtype, w).reshape(16, -1), (-(-rows // 16), 1))[:rows]
+    return K.pack(qtype, raw.reshape(-1), rows, cols), rows
 
 
 def calibrate(qtype: str, cols: int, seconds: float = CALIBRATION_S) -> float:
@@ -116,21 +118,65 @@ def describe(spec: ModelSpec, plan: list[NodeSlice], names: list[str], speeds: l
     return lines
 
 
-def auto_planner(spec: ModelSpec, seq_len: int, max_batch: int, names: list[str], say):
-    """The `--split auto` planner handed to `connect_workers`: this node calibrates now (after
-    set_threads), the workers at handshake; it prints the plan it makes and returns it."""
-    from dllama.net.limits import HEADROOM, available_memory, slice_bytes
+class AutoPlanner:
+    """The `--split auto` planner handed to `connect_workers`: `measure()` times this node while the
+    workers calibrate at handshake; called with their reports, it prints the plan it makes and returns it."""
 
-    own = calibrate(spec.weight_type, spec.dim), available_memory()
+    def __init__(self, spec: ModelSpec, seq_len: int, max_batch: int, names: list[str], say, check=None,
+                 n_slots: int = 1):
+        self.spec, self.seq_len, self.max_batch, self.names, self.say = spec, seq_len, max_batch, names, say
+        self.check, self.n_slots = check, n_slots   # check(plan) raises where the file's blocks forbid it
+        self.own = None
 
-    def plan(reports):
-        speeds, free = zip(*([own] + list(reports)))
+    def measure(self) -> None:
+        from dllama.net.limits import available_memory
+
+        self.own = calibrate(self.spec.weight_type, self.spec.dim), available_memory()
+
+    def __call__(self, reports) -> list[NodeSlice]:
+        from dllama.net.limits import HEADROOM, slice_bytes
+
+        if self.own is None:
+            self.measure()
+        speeds, free = (list(x) for x in zip(*([self.own] + list(reports))))
         limits = [None if f is None else int(HEADROOM * f) for f in free]
-        chosen = plan_by_speed(spec, list(speeds), limits, lambda node: slice_bytes(spec, node, seq_len, max_batch),
-                               names)
-        say("split by measured speed:")
-        for line in describe(spec, chosen, names, list(speeds)):
-            say("  " + line)
+        spec = self.spec
+        chosen = plan_by_speed(spec, speeds, limits,
+                               lambda node: slice_bytes(spec, node, self.seq_len, self.max_batch, self.n_slots),
+                               self.names)
+        if self.check:
+            self.check(chosen)
+        self.say("split by measured speed:")
+        for line in describe(spec, chosen, self.names, speeds):
+            self.say("  " + line)
         return chosen
 
-    return plan
+
+def check_model(argv: list[str]) -> int:
+    """`python -m dllama.model.split MODEL N_NODES [SPLIT]`: whether the model file splits over N_NODES
+    nodes with SPLIT (even, auto or weights), run where the model is (`dllama cluster up`, role
+    dllama_root). Prints the plan and returns 0, or prints why not and returns 3 (4: the model cannot
+    be read)."""
+    from dllama.formats.loader import load_model
+
+    model, n_nodes, text = argv[0], int(argv[1]), argv[2] if len(argv) > 2 else None
+    try:
+        spec = load_model(model).spec
+    except DllamaError as exc:   # not a plan's refusal: the caller says the model cannot be checked
+        print(exc)
+        return 4
+    try:
+        split = parse_split(text, n_nodes)
+        plan = partition(spec, n_nodes, None if split in (None, AUTO) else split)
+    except DllamaError as exc:
+        print(exc)
+        return 3
+    names = ["root"] + [f"worker {i}" for i in range(1, n_nodes)]
+    print("\n".join(describe(spec, plan, names, None)))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(check_model(sys.argv[1:]))

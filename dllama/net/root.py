@@ -62,15 +62,9 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
     conns: list[Connection] = []
     loaded_links = LoadedLinks()
     pinger = Pinger(loaded_links, on_lost)
-    reports, announced = [], []
     try:
-        for i, address in enumerate(addresses, start=1):
-            host, port = parse_address(address)
-            conn, report, local = _connect_worker(host, port, i, n_nodes, timeout, key, calibration)
-            conns.append(conn)
-            reports.append(report)
-            announced.append(local)
-            say(f"connected to worker {host}:{port} (node {i} of {n_nodes})")
+        reports, announced = _connect_all(addresses, n_nodes, timeout, key, calibration, conns, say,
+                                          planner.measure if planner else None)
         if planner:
             plan = planner(reports)
         # after planning: a local slice is used only where it was cut by the very plan in force
@@ -126,6 +120,41 @@ def _accept_local_slices(conns, announced, loaded, plan, say) -> list[bool]:
             say(f"{conn.label}: loads its local slice (node {i} of {len(plan)})")
         out.append(why is None)
     return out
+
+
+def _connect_all(addresses, n_nodes: int, timeout: float, key, calibration, conns: list, say,
+                 measure) -> tuple[list, list]:
+    """Connect to every worker, appending to `conns`; their calibration reports and local slice
+    announcements. With calibration the handshakes run at once, and `measure()` (the root's own
+    calibration) meanwhile: every node is timed while all compute, as in a forward pass, so nodes that
+    share a core each measure their part of it."""
+    targets = [(i, *parse_address(a)) for i, a in enumerate(addresses, start=1)]
+
+    def one(target):
+        i, host, port = target
+        conn, report, local = _connect_worker(host, port, i, n_nodes, timeout, key, calibration)
+        say(f"connected to worker {host}:{port} (node {i} of {n_nodes})")
+        return conn, report, local
+
+    if calibration is None:
+        reports, announced = [], []
+        for t in targets:
+            conn, report, local = one(t)
+            conns.append(conn)
+            reports.append(report)
+            announced.append(local)
+        return reports, announced
+    with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+        jobs = [pool.submit(one, t) for t in targets]
+        try:
+            measure()
+        finally:
+            wait(jobs)
+            conns.extend(job.result()[0] for job in jobs if not job.exception())
+    for job in jobs:
+        if job.exception():
+            raise job.exception()
+    return [job.result()[1] for job in jobs], [job.result()[2] for job in jobs]
 
 
 def _connect_worker(host: str, port: int, index: int, n_nodes: int, timeout: float,

@@ -265,7 +265,7 @@ BAD_INVENTORIES = {
     "worker without address": ({"node2": {"dllama_address": None}}, "dllama_address is not set for node2"),
     "duplicate addresses": ({"node2": {"dllama_address": "10.213.1.11"}},
                             "dllama_address 10.213.1.11 is set for more than one host: node1, node2"),
-    "node count": ({"node3": {"dllama_address": "10.213.1.13"}}, "= 3 nodes, but the node count must be"),
+    "split weight": ({"node2": {"dllama_split_weight": "fast"}}, "dllama_split_weight of node2 is fast"),
     "port out of range": ({"node2": {"dllama_worker_port": 70000}}, "dllama_worker_port of node2 is 70000"),
     # Host checks: the hosts' real Python and memory, against a raised bar or an impossible model.
     "threads beyond the CPUs": ({"node2": {"dllama_worker_threads": 4096}},

@@ -66,8 +66,8 @@ def test_cli_split_auto_prints_the_plan_and_generates_what_one_node_does(model_f
     common = ["inference", "--model", str(path), "--tokenizer", str(tok), "--prompt", "Hello world",
               "--steps", "6", "--temperature", "0", "--json", "--buffer-float-type", "f32"]
     res, errs = {}, {}
-    for name, extra in [("one", []), ("auto", ["--split", "auto", "--workers", *[w.address for w in workers], *KEY_ARGS]),
-                        ("3,1,2", ["--split", "3,1,2", "--workers", *[w.address for w in workers], *KEY_ARGS])]:
+    cluster = ["--workers", *[w.address for w in workers], *KEY_ARGS]
+    for name, extra in [("one", []), ("auto", ["--split", "auto", *cluster]), ("3,1,2", ["--split", "3,1,2", *cluster])]:
         proc = _dllama(*common, *extra)
         out, errs[name] = proc.communicate(timeout=180)
         assert proc.returncode == 0, errs[name]
@@ -93,5 +93,6 @@ def test_cli_split_of_the_wrong_length_is_refused_before_connecting(model_files)
                    "--split", "1,1", "--workers", "127.0.0.1:1", "127.0.0.1:2")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
-    assert err.strip().splitlines()[-1] == "dllama: error: --split '1,1': 2 weights for 3 nodes (the root and 2 workers)"
+    want = "dllama: error: --split '1,1': 2 weights for 3 nodes (the root and 2 workers)"
+    assert err.strip().splitlines()[-1] == want
     assert "Traceback" not in err

@@ -12,7 +12,7 @@ from testlib import need
 
 from dllama.cluster import inventory as I
 from dllama.cluster import nodes as N
-from dllama.cluster.ops import check_node_count, root_command
+from dllama.cluster.ops import root_command, split_argument
 from dllama.cluster.report import format_table
 from dllama.errors import DllamaError
 
@@ -45,11 +45,32 @@ def test_raspberrypi_example_is_a_four_node_cluster_in_order():
     c = I.read_inventory(os.path.join(REPO, "inventory", "example-raspberrypi.yml"))
     assert c.root.name == "raspberrypi1" and c.root.ssh_user == "pi"
     assert [w.endpoint for w in c.workers] == ["10.0.0.2:9998", "10.0.0.3:9998", "10.0.0.4:9998"]
-    check_node_count(c)
     argv = root_command(c, "/opt/dllama/venv/bin/python", "inference", ["--prompt", "hi"])
     i = argv.index("--workers")
     assert argv[i + 1:i + 4] == ["10.0.0.2:9998", "10.0.0.3:9998", "10.0.0.4:9998"]
     assert argv[-2:] == ["--prompt", "hi"]
+
+
+def test_split_weights_become_the_roots_split_flag(tmp_path):
+    """Any node count (3 here); dllama_split_weight per host, 1 where unset, or auto on every host."""
+    import yaml
+
+    def argv(root: dict, a: dict, b: dict) -> list[str]:
+        p = tmp_path / "inv.yml"
+        p.write_text(yaml.safe_dump({"all": {"children": {
+            "dllama_root": {"hosts": {"r": {"dllama_address": "10.0.0.1", **root}}},
+            "dllama_workers": {"hosts": {"a": {"dllama_address": "10.0.0.2", **a},
+                                         "b": {"dllama_address": "10.0.0.3", **b}}}}}}))
+        c = I.read_inventory(str(p))
+        c.model, c.root_threads, c.buffer_float_type = "m.m", 1, "q80"
+        return root_command(c, "python", "inference", [])
+
+    plain = argv({}, {}, {})
+    assert "--split" not in plain and plain[plain.index("--workers") + 1:] == ["10.0.0.2:9998", "10.0.0.3:9998"]
+    weighted = argv({"dllama_split_weight": 3}, {}, {"dllama_split_weight": "0.5"})
+    assert weighted[weighted.index("--split") + 1] == "3,1,0.5"
+    auto = {"dllama_split_weight": "auto"}
+    assert argv(auto, auto, auto)[-2:] == ["--split", "auto"]
 
 
 def test_local_demo_listens_on_loopback_only():
@@ -76,14 +97,17 @@ def test_bad_inventories_name_the_variable(tmp_path):
             "dllama_workers": {"hosts": workers}}}}))
         with pytest.raises(DllamaError) as e:
             c = I.read_inventory(str(p))
-            check_node_count(c)
+            split_argument(c)
         return str(e.value)
 
     assert "dllama_address is not set for w" in cluster({"w": {}})
     assert "dllama_worker_port of w is 70000" in cluster({"w": {"dllama_address": "10.0.0.2",
                                                                 "dllama_worker_port": 70000}})
-    msg = cluster({"a": {"dllama_address": "10.0.0.2"}, "b": {"dllama_address": "10.0.0.3"}})
-    assert "1 root + 2 workers = 3 nodes" in msg and "use 1 or 3 workers" in msg
+    assert "dllama_split_weight of b is 'fast'" in cluster({"a": {"dllama_address": "10.0.0.2"},
+                                                           "b": {"dllama_address": "10.0.0.3",
+                                                                 "dllama_split_weight": "fast"}})
+    assert "dllama_split_weight is auto for a but not for r" in cluster(
+        {"a": {"dllama_address": "10.0.0.2", "dllama_split_weight": "auto"}})
     assert "both a and b" in cluster({"a": {"dllama_address": "10.0.0.2"}, "b": {"dllama_address": "10.0.0.2"}})
 
 

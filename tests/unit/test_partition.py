@@ -53,7 +53,7 @@ def test_counts_past_the_heads_and_bad_weights_are_refused_naming_what_works():
         partition(SMOLLM2, 0)
     with pytest.raises(DllamaError, match=r"2 split weights were given for 3 nodes"):
         partition(SMOLLM2, 3, [1, 2])
-    for bad in (0, -1, float("nan"), float("inf"), "2"):
+    for bad in (0, -1, float("nan"), float("inf"), "2", True, 10**400, None):
         with pytest.raises(DllamaError, match=r"split weight .* is not a positive number"):
             partition(SMOLLM2, 2, [1, bad])
     narrow = ModelSpec(dim=64, hidden_dim=96, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=10)
@@ -93,7 +93,8 @@ def test_plan_properties(case):
     plan = partition(spec, len(weights), weights)
     group, total_w = spec.n_heads // spec.n_kv_heads, sum(weights)
     hu = align // math.gcd(align, spec.head_dim)
-    parts = (("heads", spec.n_heads, hu, spec.head_dim), ("ffn", spec.ffn_dim, align, 1), ("vocab", spec.vocab_size, 1, 1))
+    parts = (("heads", spec.n_heads, hu, spec.head_dim), ("ffn", spec.ffn_dim, align, 1),
+             ("vocab", spec.vocab_size, 1, 1))
     for key, total, unit, width in parts:
         ranges = [getattr(node, key) for node in plan]
         assert [i for r in ranges for i in r] == list(range(total)), key

@@ -60,3 +60,58 @@ def test_calibration_is_a_positive_speed_and_refuses_odd_shapes():
     assert math.isfinite(speed) and speed > 0
     with pytest.raises(DllamaError, match="cannot calibrate"):
         calibrate("q40", 100)
+
+
+def test_check_model_is_what_cluster_and_roles_run_on_the_root(tmp_path, capsys):
+    from dllama.formats.random_model import preset_spec, write_random_model
+    from dllama.model.split import check_model
+
+    path = tmp_path / "m.m"
+    write_random_model(str(path), preset_spec("llama3_2_1b", "q40", dim=128, hidden_dim=256, n_layers=1,
+                                              n_heads=8, n_kv_heads=2, vocab_size=64, seq_len=16), seed=1)
+    assert check_model([str(path), "3", "2,1,1"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("node 0 root: heads 4/8, ffn 128/256")
+    assert check_model([str(path), "9"]) == 3
+    assert "cannot be split over 9 nodes" in capsys.readouterr().out
+    assert check_model([str(path), "3", "1,1"]) == 3
+    assert "2 weights for 3 nodes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("forge", [None, "speed", "mac"])
+def test_root_takes_only_reports_the_worker_holding_the_key_made(forge):
+    """A calibration report is under the cluster key: a worker's figures changed on the way (or made up
+    without the key) are refused, not planned on."""
+    import socket
+    import threading
+
+    from dllama.net import auth
+    from dllama.net import protocol as P
+    from dllama.net.root import _handshake
+    from dllama.net.transport import Connection
+
+    key = b"k" * 32
+    a, b = socket.socketpair()
+    root, worker = Connection(a, "worker w", 5), Connection(b, "root r", 5)
+
+    def fake_worker():
+        hello = worker.expect(P.Hello)
+        assert (hello.calibrate, hello.calibrate_cols) == ("q40", 576)
+        mine = auth.nonce()
+        worker.send(P.Challenge(mine, auth.worker_proof(key, hello, mine)))
+        worker.expect(P.Auth)
+        speed, free = 2e9, 8 << 30
+        mac = auth.report_mac(key if forge != "mac" else b"guess", hello, mine, speed, free)
+        worker.send(P.HelloAck(P.PROTOCOL_VERSION, 20e9 if forge == "speed" else speed, free, mac))
+
+    t = threading.Thread(target=fake_worker, daemon=True)
+    t.start()
+    try:
+        if forge is None:
+            assert _handshake(root, 1, 2, key, ("q40", 576)) == (None, (2e9, 8 << 30))
+        else:
+            with pytest.raises(DllamaError, match="worker w: its calibration report fails authentication"):
+                _handshake(root, 1, 2, key, ("q40", 576))
+    finally:
+        t.join(5)
+        root.close()
+        worker.close()
