@@ -107,7 +107,7 @@ def test_root_takes_only_reports_the_worker_holding_the_key_made(forge):
     t.start()
     try:
         if forge is None:
-            assert _handshake(root, 1, 2, key, ("q40", 576)) == (None, (2e9, 8 << 30))
+            assert _handshake(root, 1, 2, key, ("q40", 576)) == (None, (2e9, 8 << 30), b"")   # no local slice
         else:
             with pytest.raises(DllamaError, match="worker w: its calibration report fails authentication"):
                 _handshake(root, 1, 2, key, ("q40", 576))
