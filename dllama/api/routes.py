@@ -152,7 +152,8 @@ def create_app(service: Service, max_body: int, api_key: str | None = None, docs
         _reject_unsupported(body)
         messages = [_template_message(j, m) for j, m in enumerate(body.messages)]
         prompt_ids = await run_in_threadpool(_render_chat, engine, messages)
-        return await _complete(service, request, body, prompt_ids, chat=True)
+        matcher = await run_in_threadpool(_grammar, engine, body.response_format) if body.response_format else None
+        return await _complete(service, request, body, prompt_ids, chat=True, matcher=matcher)
 
     @app.post("/v1/completions", responses=GENERATE_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
@@ -189,8 +190,6 @@ def _reject_unsupported(body) -> None:
     if isinstance(body, ChatCompletionRequest):
         if body.tools or body.functions:
             no("tool calling", "tools")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            no(f"response_format {body.response_format.get('type')!r}", "response_format")
     else:
         if body.echo:
             no("echo", "echo")
@@ -238,7 +237,23 @@ def _encode_prompt(engine, prompt) -> list[int]:
     return list(prompt)
 
 
-def _make_job(service: Service, body, prompt_ids: list[int]) -> Job:
+def _grammar(engine, response_format: dict):
+    """The llguidance matcher a chat's response_format asks for (None for text); a 400 naming what is wrong."""
+    from dllama import grammar
+
+    try:
+        schema = grammar.schema_of(response_format)
+        if schema is None:
+            return None
+        if not grammar.available():
+            raise ApiError(400, "response_format json needs the llguidance package on the server "
+                           "(pip install 'dllama[api]')", param="response_format", code="unsupported")
+        return grammar.matcher_for(engine.tokenizer, engine.spec.vocab_size, schema)
+    except DllamaError as exc:
+        raise ApiError(400, str(exc), param="response_format", code="invalid_value") from None
+
+
+def _make_job(service: Service, body, prompt_ids: list[int], matcher=None) -> Job:
     from dllama.sampler import Sampler
 
     engine = service.engine
@@ -255,6 +270,10 @@ def _make_job(service: Service, body, prompt_ids: list[int]) -> Job:
     topp = d["topp"] if body.top_p is None else body.top_p
     seed = d["seed"] if body.seed is None else body.seed
     sampler = Sampler(temperature, topp, None if seed is None else seed % 2**64)
+    if matcher is not None:
+        from dllama.grammar import GrammarSampler
+
+        sampler = GrammarSampler(sampler, matcher, engine.spec.vocab_size)
     # A limit past the context or the server's --max-tokens is clipped, not refused: the reply then ends
     # with finish_reason "length".
     limit = min(x for x in (room, body.token_limit, d.get("max_tokens")) if x is not None)
@@ -263,8 +282,8 @@ def _make_job(service: Service, body, prompt_ids: list[int]) -> Job:
 
 # ---- replies ----------------------------------------------------------------------------------------
 
-async def _complete(service: Service, request: Request, body, prompt_ids: list[int], chat: bool):
-    job = _make_job(service, body, prompt_ids)
+async def _complete(service: Service, request: Request, body, prompt_ids: list[int], chat: bool, matcher=None):
+    job = _make_job(service, body, prompt_ids, matcher)
     service.runner.submit(job)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": service.model_id}

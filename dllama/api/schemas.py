@@ -71,7 +71,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens")
     tools: list[dict] | None = Field(None, description="Not supported")
     functions: list[dict] | None = Field(None, description="Not supported")
-    response_format: dict | None = Field(None, description="Only {'type': 'text'} is supported")
+    response_format: dict | None = Field(None, description="{'type': 'text'}, {'type': 'json_object'} or "
+                                         "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}: "
+                                         "the reply is constrained to JSON (that schema)")
 
     @property
     def token_limit(self) -> int | None:

@@ -123,7 +123,7 @@ def test_schema_violations_are_422_naming_the_field(client, body, param):
     ({"n": 2}, "n"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"logprobs": True}, "logprobs"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
     ({"stop": [str(i) for i in range(17)]}, "stop"),
 ])
 def test_unsupported_features_are_400_saying_so(client, extra, param):
