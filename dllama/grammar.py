@@ -62,8 +62,19 @@ def _llg_tokenizer(tokenizer, n_vocab: int):
         if tok is None:
             tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocab(tokenizer, n_vocab)), n_vocab=n_vocab,
                                          eos_token=list(tokenizer.eos_ids))
+            _warm_up(llguidance.LLMatcher(tok, llguidance.LLMatcher.grammar_from_json_schema({}), log_level=0),
+                     n_vocab)
             _tokenizers[key] = tok
     return tok
+
+
+def _warm_up(matcher, n_vocab: int) -> None:
+    # The first mask of a vocabulary builds llguidance's token tables and the first _apply_mask compiles
+    # or loads the kernel: well over 0.5 s, spent here (off the event loop) rather than in the engine
+    # thread, where every running slot would wait for it.
+    mask = np.zeros((n_vocab + 31) // 32, np.int32)
+    matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
+    _apply_mask(np.zeros(n_vocab, np.float32), mask)
 
 
 class _Vocab:
