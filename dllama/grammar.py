@@ -99,8 +99,8 @@ def matcher_for(tokenizer, n_vocab: int, schema: dict):
 
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
-    except (ValueError, TypeError) as exc:
-        raise DllamaError(f"response_format.json_schema.schema: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the Rust side's errors surface as several Python types
+        raise DllamaError(f"response_format.json_schema.schema: {_one_line(str(exc))}") from None
     matcher = llguidance.LLMatcher(_llg_tokenizer(tokenizer, n_vocab), grammar, log_level=0)
     if matcher.is_error():
         raise DllamaError(f"response_format.json_schema.schema is not usable: {_one_line(matcher.get_error())}")
