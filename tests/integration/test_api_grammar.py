@@ -112,3 +112,19 @@ def test_bad_schema_is_400_naming_it(client, fmt, words):
         _ask(client, "hi", fmt)
     err = exc.value.body
     assert err["param"] == "response_format" and words in err["message"], err
+
+
+def test_one_slot_server_streams_the_same_constrained_replies(client, smollm2_path):
+    # the unbatched path (Engine.generate) and streaming: the same greedy JSON as the batched one gave
+    cases = CASES[:3]
+    fmts = [{"type": "json_schema", "json_schema": {"name": "reply", "schema": s}} for _, s in cases]
+    batched = [_ask(client, p, f).choices[0].message.content for (p, _), f in zip(cases, fmts)]
+    with running_server(smollm2_path, "--nthreads", "1", "--max-seq-len", str(SEQ_LEN), "--temperature", "0") as base:
+        with openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300) as one:
+            for (prompt, schema), fmt, want in zip(cases, fmts, batched):
+                stream = one.chat.completions.create(model="any", messages=[{"role": "user", "content": prompt}],
+                                                     temperature=0, max_tokens=MAX_TOKENS, response_format=fmt,
+                                                     stream=True)
+                text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+                assert text == want
+                jsonschema.validate(json.loads(text), schema)
