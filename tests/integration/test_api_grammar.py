@@ -128,3 +128,22 @@ def test_one_slot_server_streams_the_same_constrained_replies(client, smollm2_pa
                 text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
                 assert text == want
                 jsonschema.validate(json.loads(text), schema)
+
+
+def test_without_llguidance_a_json_format_is_400_saying_what_to_install(monkeypatch):
+    from test_api_requests import CHAT, HELLO, TestClient, _app, _assert_error
+
+    from dllama import grammar
+
+    monkeypatch.setattr(grammar, "available", lambda: False)
+    app, engine, runner = _app()
+    engine.release.set()
+    try:
+        with TestClient(app) as c:
+            err = _assert_error(c.post(CHAT, json={"messages": HELLO, "response_format": {"type": "json_object"}}),
+                                400, "response_format")
+            assert "llguidance" in err["message"] and err["code"] == "unsupported"
+            # plain text needs no grammar library
+            assert c.post(CHAT, json={"messages": HELLO, "response_format": {"type": "text"}}).status_code == 200
+    finally:
+        runner.stop()
