@@ -12,6 +12,7 @@ own matcher; the tokenizer side is built once per vocabulary and shared.
 from __future__ import annotations
 
 import threading
+import weakref
 
 import numba
 import numpy as np
@@ -23,7 +24,7 @@ from dllama.model.collective import FULL_LOGITS
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 _lock = threading.Lock()
-_tokenizers: dict = {}   # (id of a dllama Tokenizer, vocabulary size) -> llguidance.LLTokenizer
+_tokenizers = weakref.WeakKeyDictionary()   # dllama Tokenizer -> {vocabulary size: llguidance.LLTokenizer}
 
 
 def available() -> bool:
@@ -56,15 +57,15 @@ def schema_of(response_format: dict) -> dict | None:
 def _llg_tokenizer(tokenizer, n_vocab: int):
     import llguidance
 
-    key = (id(tokenizer), n_vocab)
     with _lock:
-        tok = _tokenizers.get(key)
+        known = _tokenizers.setdefault(tokenizer, {})
+        tok = known.get(n_vocab)
         if tok is None:
             tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocab(tokenizer, n_vocab)), n_vocab=n_vocab,
                                          eos_token=list(tokenizer.eos_ids))
             _warm_up(llguidance.LLMatcher(tok, llguidance.LLMatcher.grammar_from_json_schema({}), log_level=0),
                      n_vocab)
-            _tokenizers[key] = tok
+            known[n_vocab] = tok
     return tok
 
 
