@@ -61,8 +61,10 @@ def _llg_tokenizer(tokenizer, n_vocab: int):
         known = _tokenizers.setdefault(tokenizer, {})
         tok = known.get(n_vocab)
         if tok is None:
+            # one end token (the model's own; llguidance before 1.7, the newest with aarch64 wheels here,
+            # takes no list): what the grammar allows once the JSON is complete
             tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocab(tokenizer, n_vocab)), n_vocab=n_vocab,
-                                         eos_token=list(tokenizer.eos_ids))
+                                         eos_token=_end_token(tokenizer))
             _warm_up(llguidance.LLMatcher(tok, llguidance.LLMatcher.grammar_from_json_schema({}), log_level=0),
                      n_vocab)
             known[n_vocab] = tok
@@ -78,13 +80,17 @@ def _warm_up(matcher, n_vocab: int) -> None:
     _apply_mask(np.zeros(n_vocab, np.float32), mask)
 
 
+def _end_token(tokenizer) -> int:
+    return tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.eos_ids[0]
+
+
 class _Vocab:
     """dllama's tokenizer in the shape llguidance.TokenizerWrapper reads: each id's bytes, special tokens
     marked with a leading 0xFF (llguidance's convention, so that their text never matches JSON)."""
 
     def __init__(self, tokenizer, n_vocab: int):
         self._tokenizer = tokenizer
-        self.eos_token_id = tokenizer.eos_ids[0] if tokenizer.eos_ids else tokenizer.eos_id
+        self.eos_token_id = _end_token(tokenizer)
         self.bos_token_id = tokenizer.bos_id
         self.special_token_ids = sorted(tokenizer.special_ids)
         self.tokens = [(b"\xff" + tokenizer.token_bytes(i)) if tokenizer.is_special(i) else tokenizer.token_bytes(i)
