@@ -61,8 +61,8 @@ def _llg_tokenizer(tokenizer, n_vocab: int):
         known = _tokenizers.setdefault(tokenizer, {})
         tok = known.get(n_vocab)
         if tok is None:
-            # one end token (the model's own; llguidance before 1.7, the newest with aarch64 wheels here,
-            # takes no list): what the grammar allows once the JSON is complete
+            # one end token, the model's own (llguidance before 1.7, the newest with wheels for a glibc
+            # older than 2.31, takes no list): what the grammar allows once the JSON is complete
             tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocab(tokenizer, n_vocab)), n_vocab=n_vocab,
                                          eos_token=_end_token(tokenizer))
             _warm_up(llguidance.LLMatcher(tok, llguidance.LLMatcher.grammar_from_json_schema({}), log_level=0),
