@@ -91,11 +91,13 @@ class Engine:
     def open(cls, model_path: str, tokenizer_path: str | None = None, nthreads: int = 1,
              max_seq_len: int | None = None, buffer_float_type: str = "q80", workers=(),
              log=None, cluster_key: bytes | None = None, on_lost=None, parallel: int = 1,
-             split=None, m_keys: str = "auto") -> "Engine":
+             split=None, m_keys: str = "auto", progress=None) -> "Engine":
         """Load a model file (and tokenizer), connecting to and loading the workers if any. `m_keys`: the
         key set of a `.m` file (see `dlm.key_set`), "auto" to detect it.
 
-        Raises DllamaError for bad files, bad flags, and workers that cannot be reached.
+        `progress(label, total_bytes)`, e.g. `dllama.progress.Board().add`, gives a bar for the root's own
+        slice and one per worker streamed its weights. Raises DllamaError for bad files, bad flags, and
+        workers that cannot be reached.
         """
         from dllama.formats.loader import load_model
 
@@ -109,12 +111,12 @@ class Engine:
             raise DllamaError(f"the tokenizer {tokenizer_path or loaded.path} has {tokenizer.vocab_size} tokens, "
                               f"the model {loaded.path} {loaded.spec.vocab_size}: not this model's tokenizer")
         return cls.from_loaded(loaded, tokenizer, nthreads, max_seq_len, buffer_float_type, workers, log,
-                               cluster_key, on_lost, parallel, split)
+                               cluster_key, on_lost, parallel, split, progress)
 
     @classmethod
     def from_loaded(cls, loaded, tokenizer, nthreads: int = 1, max_seq_len: int | None = None,
                     buffer_float_type: str = "q80", workers=(), log=None, cluster_key: bytes | None = None,
-                    on_lost=None, parallel: int = 1, split=None) -> "Engine":
+                    on_lost=None, parallel: int = 1, split=None, progress=None) -> "Engine":
         """An engine over an already loaded model (a file's, or tensors built in memory). `cluster_key`
         authenticates the workers; `on_lost(exc)` hears of a worker lost while idle (see `reconnect`);
         `parallel` conversation slots get a KV cache of the context each. `split`: None (even shares), a
@@ -146,7 +148,7 @@ class Engine:
             cluster = dict(addresses=list(workers), loaded=loaded, plan=planner or plan, seq_len=seq_len,
                            buffer_type=buffer_float_type, nthreads=nthreads, log=log, max_batch=MAX_BATCH,
                            key=cluster_key, on_lost=on_lost, n_slots=parallel)
-            coll = connect_workers(**cluster)
+            coll = connect_workers(**cluster, progress=progress)
             # a reconnect streams the plan the root's own slice is loaded for
             plan = cluster["plan"] = coll.plan
             if split is not None and not auto and log:
@@ -155,7 +157,7 @@ class Engine:
         else:
             coll = LocalCollective()
         model = NodeModel(spec, plan[0], seq_len, MAX_BATCH, coll, parallel)
-        _load_slice(model, loaded, spec, plan[0])
+        _load_slice(model, loaded, spec, plan[0], progress)
         _release_pages(loaded)
         return cls(loaded, tokenizer, model, coll, seq_len, cluster)
 
@@ -394,9 +396,11 @@ def _open_tokenizer(loaded, tokenizer_path: str | None):
     raise DllamaError(f"{loaded.path} is a Distributed Llama .m file: pass its tokenizer with --tokenizer")
 
 
-def _load_slice(model, loaded, spec, node) -> None:
-    from dllama.model.partition import layer_of, node_tensor_names, slice_tensor
+def _load_slice(model, loaded, spec, node, progress=None) -> None:
+    from dllama.model.partition import layer_of, node_tensor_names, slice_nbytes, slice_tensor
 
+    # reading the memory map happens here, as the pages are packed: one bar covers both
+    bar = progress("root: reading and packing weights", slice_nbytes(loaded.tensors, spec, node)) if progress else None
     done_layer = None
     for name in node_tensor_names(spec, node):
         layer = layer_of(name)
@@ -407,4 +411,8 @@ def _load_slice(model, loaded, spec, node) -> None:
         part = slice_tensor(loaded.tensors[name], name, spec, node)
         if part is not None:
             model.load(name, *part)
+            if bar:
+                bar.update(part[2].nbytes)
     model.finish_loading()
+    if bar:
+        bar.finish()

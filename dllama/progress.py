@@ -1,4 +1,5 @@
-"""Download progress: bytes, speed and ETA, redrawn in place on a terminal or as plain lines in a log.
+"""Progress of downloads and model loading: bytes, speed and ETA, redrawn in place on a terminal or as
+plain lines in a log.
 
 Stdlib only: `launch.py` imports it (through the downloader) before any dependency is installed.
 """
@@ -6,6 +7,7 @@ Stdlib only: `launch.py` imports it (through the downloader) before any dependen
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 
@@ -72,3 +74,51 @@ class Progress:
 
     def finish(self) -> None:
         self._emit(self.line(), final=True)
+
+
+class Board:
+    """Several bars at once (the root packing its slice while a thread per worker streams that worker's):
+    on a terminal they are redrawn together in place, one line each; in a log each prints its own plain
+    line every `interval` s and when it ends. `add` is the factory the loaders take; any thread may update."""
+
+    def __init__(self, out=None, tty: bool | None = None, interval: float = 5.0):
+        self.out = out if out is not None else sys.stderr
+        if tty is None:
+            try:
+                tty = self.out.isatty()
+            except (AttributeError, ValueError):
+                tty = False
+        self.tty, self.interval = tty, interval
+        self.rows: list[Progress] = []
+        self._lock = threading.Lock()
+        self._drawn = 0   # terminal lines the last redraw wrote (the cursor is below them)
+
+    def add(self, label: str, total: int | None) -> "Progress":
+        row = _Row(self, label, total)
+        with self._lock:
+            self.rows.append(row)
+        return row
+
+    def _show(self, row: "Progress", text: str, final: bool) -> None:
+        with self._lock:
+            if not self.tty:
+                self.out.write(text + "\n")
+            else:
+                up = f"\x1b[{self._drawn}F" if self._drawn else ""   # to the start of the first line drawn
+                lines = [r.line() if r is not row else text for r in self.rows]
+                self.out.write(up + "".join(f"\x1b[2K{t}\n" for t in lines))
+                self._drawn = len(lines)
+            row.ended = row.ended or final
+            if all(r.ended for r in self.rows):
+                # all shown in full: whatever is printed next stays, and later bars start below it
+                self.rows, self._drawn = [], 0
+            self.out.flush()
+
+
+class _Row(Progress):
+    def __init__(self, board: Board, label: str, total: int | None):
+        super().__init__(label, total, out=board.out, tty=board.tty, interval=board.interval)
+        self.board, self.ended = board, False
+
+    def _emit(self, text: str, final: bool = False) -> None:
+        self.board._show(self, text, final)

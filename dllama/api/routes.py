@@ -155,7 +155,10 @@ def create_app(service: Service, max_body: int, api_key: str | None = None, docs
         messages = [_template_message(j, m) for j, m in enumerate(body.messages)]
         name_tool_results(messages)
         prompt_ids = await run_in_threadpool(_render_chat, engine, messages, tools)
-        return await _complete(service, request, body, prompt_ids, chat=True, tools=tools is not None)
+        matchers = (await run_in_threadpool(_grammar, engine, body.response_format, body.n or 1)
+                    if body.response_format else None)
+        return await _complete(service, request, body, prompt_ids, chat=True, tools=tools is not None,
+                               matchers=matchers)
 
     @app.post("/v1/completions", responses=GENERATE_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
@@ -203,8 +206,6 @@ def _reject_unsupported(body) -> None:
     if isinstance(body, ChatCompletionRequest):
         if body.functions:
             no("functions (the older form of tools)", "functions")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            no(f"response_format {body.response_format.get('type')!r}", "response_format")
     else:
         if body.echo:
             no("echo", "echo")
@@ -275,7 +276,24 @@ def _encode_prompt(engine, prompt) -> list[int]:
     return list(prompt)
 
 
-def _make_jobs(service: Service, body, prompt_ids: list[int], events: asyncio.Queue) -> list[Job]:
+def _grammar(engine, response_format: dict, n: int):
+    """The llguidance matchers (one per choice: each follows its own reply) a chat's response_format asks
+    for (None for text); a 400 naming what is wrong."""
+    from dllama import grammar
+
+    try:
+        schema = grammar.schema_of(response_format)
+        if schema is None:
+            return None
+        if not grammar.available():
+            raise ApiError(400, "response_format json needs the llguidance package on the server "
+                           "(pip install 'dllama[api]')", param="response_format", code="unsupported")
+        return [grammar.matcher_for(engine.tokenizer, engine.spec.vocab_size, schema) for _ in range(n)]
+    except DllamaError as exc:
+        raise ApiError(400, str(exc), param="response_format", code="invalid_value") from None
+
+
+def _make_jobs(service: Service, body, prompt_ids: list[int], events: asyncio.Queue, matchers=None) -> list[Job]:
     """One job per choice (`n`), each posting its events tagged with its index into `events`."""
     from dllama.sampler import Sampler
 
@@ -298,6 +316,10 @@ def _make_jobs(service: Service, body, prompt_ids: list[int], events: asyncio.Qu
     loop, jobs = asyncio.get_running_loop(), []
     for i in range(body.n or 1):   # choice i samples with seed + i: n different replies, reproducibly
         base = Sampler(temperature, topp, None if seed is None else (seed + i) % 2**64)
+        if matchers is not None:   # inside the request's sampler: bias and penalties first, then the mask
+            from dllama.grammar import GrammarSampler
+
+            base = GrammarSampler(base, matchers[i], engine.spec.vocab_size)
         jobs.append(Job(prompt_ids, limit, _request_sampler(engine, body, base), body.stop_strings(), loop,
                         events=_Tagged(events, i)))
     return jobs
@@ -322,9 +344,9 @@ def _request_sampler(engine, body, base):
 # ---- replies ----------------------------------------------------------------------------------------
 
 async def _complete(service: Service, request: Request, body, prompt_ids: list[int], chat: bool,
-                    tools: bool = False):
+                    tools: bool = False, matchers=None):
     events: asyncio.Queue = asyncio.Queue()
-    jobs = _make_jobs(service, body, prompt_ids, events)
+    jobs = _make_jobs(service, body, prompt_ids, events, matchers)
     try:
         for job in jobs:
             service.runner.submit(job)

@@ -47,22 +47,26 @@ class RequestSampler:
         x = logits
         if self._offset is not None:
             x = np.add(logits, self._offset, out=self._x)
+        # read before the base sampler: a grammar's mask (dllama.grammar) rules tokens out in place
+        summary = self._summary(logits) if self.top_n is not None else None
         tok = int(self.base(x))
-        if self.top_n is not None and tok not in self.unreported:
-            self.records.append(self._logprobs(logits, tok))
+        if summary is not None and tok not in self.unreported:
+            lse, top = summary
+            self.records.append((tok, float(logits[tok]) - lse, top))
         if self._counts is not None:
             c = self._counts[tok] = self._counts[tok] + 1
             # OpenAI: logit -= count * frequency_penalty + (count > 0) * presence_penalty
             self._offset[tok] -= self.frequency + (self.presence if c == 1 else 0.0)
         return tok
 
-    def _logprobs(self, logits: np.ndarray, tok: int) -> tuple:
+    def _summary(self, logits: np.ndarray) -> tuple:
+        """The log-sum-exp of the raw logits and the top_n alternatives' (id, logprob)."""
         m = float(logits.max())
         np.subtract(logits, np.float32(m), out=self._tmp)
         np.exp(self._tmp, out=self._tmp)
         lse = m + float(np.log(self._tmp.sum(dtype=np.float64)))
         top = [(int(t), float(logits[t]) - lse) for t in self._best(logits, m)] if self.top_n else []
-        return tok, float(logits[tok]) - lse, top
+        return lse, top
 
     def _best(self, logits: np.ndarray, m: float) -> np.ndarray:
         """The top_n token ids, best first. Only the logits within a widening margin of the maximum are

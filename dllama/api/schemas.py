@@ -83,7 +83,9 @@ class ChatCompletionRequest(_Sampling):
                                                        "that renders `tools`")
     tool_choice: str | dict | None = Field(None, description="'auto' (default) or 'none'")
     functions: list[dict] | None = Field(None, description="Not supported (the older name of tools)")
-    response_format: dict | None = Field(None, description="Only {'type': 'text'} is supported")
+    response_format: dict | None = Field(None, description="{'type': 'text'}, {'type': 'json_object'} or "
+                                         "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}: "
+                                         "the reply is constrained to JSON (that schema)")
 
     @property
     def token_limit(self) -> int | None:

@@ -75,6 +75,7 @@ def open_engine(args, log=None, on_lost=None):
     from dllama.engine import Engine
     from dllama.model.split import parse_split
     from dllama.net.auth import key_from_args
+    from dllama.progress import Board
 
     if not kernels_cached():
         print("compiling kernels (first run only; later runs start in seconds)...", file=sys.stderr, flush=True)
@@ -87,7 +88,8 @@ def open_engine(args, log=None, on_lost=None):
     return Engine.open(resolve_model(args.model), args.tokenizer, nthreads=args.nthreads, max_seq_len=args.max_seq_len,
                        buffer_float_type=args.buffer_float_type, workers=parse_workers(args.workers), log=log,
                        cluster_key=key_from_args(args) if args.workers else None, on_lost=on_lost,
-                       parallel=getattr(args, "parallel", 1), split=split, m_keys=getattr(args, "m_keys", "auto"))
+                       parallel=getattr(args, "parallel", 1), split=split, m_keys=getattr(args, "m_keys", "auto"),
+                       progress=Board().add)
 
 
 def kernels_cached() -> bool:

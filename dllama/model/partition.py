@@ -171,12 +171,7 @@ def slice_tensor(tensor, name: str, spec: ModelSpec, node: NodeSlice):
     if kind == schema.WHOLE:
         return tensor.qtype, tensor.shape, tensor.data
     rows, cols = tensor.shape
-    hd = spec.head_dim
-    r = {schema.ROWS_HEADS: range(node.heads.start * hd, node.heads.stop * hd),
-         schema.ROWS_KV: range(node.kv_heads.start * hd, node.kv_heads.stop * hd),
-         schema.ROWS_FFN: node.ffn, schema.ROWS_VOCAB: node.vocab,
-         schema.COLS_HEADS: range(node.heads.start * hd, node.heads.stop * hd),
-         schema.COLS_FFN: node.ffn}[kind]
+    r = _cut(kind, spec, node)
     matrix = tensor.data.reshape(rows, quants.row_bytes(tensor.qtype, cols))
     if kind.startswith("rows"):
         return tensor.qtype, (len(r), cols), matrix[r.start:r.stop].reshape(-1)
@@ -185,6 +180,33 @@ def slice_tensor(tensor, name: str, spec: ModelSpec, node: NodeSlice):
         raise DllamaError(why)
     a, b = quants.row_bytes(tensor.qtype, r.start), quants.row_bytes(tensor.qtype, r.stop)
     return tensor.qtype, (rows, len(r)), np.ascontiguousarray(matrix[:, a:b]).reshape(-1)
+
+
+def _cut(kind: str, spec: ModelSpec, node: NodeSlice) -> range:
+    """The rows (or columns) of a split tensor that `node` holds."""
+    hd = spec.head_dim
+    return {schema.ROWS_HEADS: range(node.heads.start * hd, node.heads.stop * hd),
+            schema.ROWS_KV: range(node.kv_heads.start * hd, node.kv_heads.stop * hd),
+            schema.ROWS_FFN: node.ffn, schema.ROWS_VOCAB: node.vocab,
+            schema.COLS_HEADS: range(node.heads.start * hd, node.heads.stop * hd),
+            schema.COLS_FFN: node.ffn}[kind]
+
+
+def slice_nbytes(tensors: dict, spec: ModelSpec, node: NodeSlice) -> int:
+    """Bytes of `node`'s parts of `tensors` (what `slice_tensor` gives it, summed) without cutting any."""
+    total = 0
+    for name in node_tensor_names(spec, node):
+        tensor, kind = tensors[name], split_kind(name)
+        if kind in (schema.ROOT_ONLY, schema.WHOLE):
+            total += tensor.data.nbytes if kind == schema.WHOLE or node.index == 0 else 0
+            continue
+        r, cols = _cut(kind, spec, node), tensor.shape[1]
+        if kind.startswith("rows"):
+            total += len(r) * quants.row_bytes(tensor.qtype, cols)
+        else:
+            row = quants.row_bytes(tensor.qtype, r.stop) - quants.row_bytes(tensor.qtype, r.start)
+            total += tensor.shape[0] * row
+    return total
 
 
 def _cut_inside_block(name: str, qtype: str, cols: range, n_nodes: int) -> str | None:

@@ -41,7 +41,7 @@ def parse_address(address) -> tuple[str, int]:
 
 def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q80", nthreads: int = 1,
                     log=None, max_batch: int = 32, timeout: float = DEFAULT_TIMEOUT, key: bytes | None = None,
-                    on_lost=None, n_slots: int = 1) -> RootCollective:
+                    on_lost=None, n_slots: int = 1, progress=None) -> RootCollective:
     """Connect to `addresses` (node i + 1 is addresses[i]), load each with its slice of `loaded` (a worker
     that announces a local slice file of this model and plan loads that instead), and return the root's
     collective. `plan` is the partition, or a function of the workers' calibration reports ([(values/s,
@@ -49,7 +49,8 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
     is sent. `nthreads` is the root's own; each worker has its --nthreads. `key` is the cluster key (None:
     none); each worker keeps `n_slots` conversations' KV caches. The collective pings the workers while
     idle; `on_lost(exc)` is called
-    (from the ping thread) if one goes away meanwhile.
+    (from the ping thread) if one goes away meanwhile. `progress(label, total_bytes)` gives each streamed
+    worker a bar (see dllama.progress.Board).
 
     Raises DllamaError naming the worker that could not be reached, refused, or failed while loading.
     """
@@ -75,7 +76,7 @@ def connect_workers(addresses, loaded, plan, seq_len: int, buffer_type: str = "q
         for conn in conns:
             conn.set_timeout(timeout * IO_TIMEOUT_FACTOR)
         with ThreadPoolExecutor(max_workers=len(conns)) as pool:
-            jobs = [pool.submit(_load_worker, conn, loaded, node, config, loaded_links, own)
+            jobs = [pool.submit(_load_worker, conn, loaded, node, config, loaded_links, own, progress)
                     for conn, node, own in zip(conns, plan[1:], local)]
             wait(jobs, return_when=FIRST_EXCEPTION)
             failed = [job for job in jobs if job.done() and job.exception()]
@@ -219,7 +220,8 @@ def _handshake(conn: Connection, index: int, n_nodes: int, key: bytes | None,
     return None, (ack.speed, ack.free or None), local
 
 
-def _load_worker(conn: Connection, loaded, node, config: dict, loaded_links: LoadedLinks, local: bool) -> int:
+def _load_worker(conn: Connection, loaded, node, config: dict, loaded_links: LoadedLinks, local: bool,
+                 progress=None) -> int:
     """Stream one worker its CONFIG and tensors (only the CONFIG to one that loads its `local` slice), then
     wait until it has packed them; from then on the pinger keeps it. Returns bytes of weights sent."""
     try:
@@ -228,7 +230,7 @@ def _load_worker(conn: Connection, loaded, node, config: dict, loaded_links: Loa
             conn.send(P.Config({**config, "node": node.to_dict(), "weights": "local"}))
             sent = 0
         else:
-            sent = _stream_slice(conn, loaded, node, config)
+            sent = _stream_slice(conn, loaded, node, config, progress)
     except ConnectionLost:
         # a worker that gives up (out of memory, bad tensor) says why before closing: find its reason
         conn.set_timeout(1.0)
@@ -249,10 +251,11 @@ def _load_worker(conn: Connection, loaded, node, config: dict, loaded_links: Loa
     return sent
 
 
-def _stream_slice(conn: Connection, loaded, node, config: dict) -> int:
-    from dllama.model.partition import node_tensor_names, slice_tensor
+def _stream_slice(conn: Connection, loaded, node, config: dict, progress=None) -> int:
+    from dllama.model.partition import node_tensor_names, slice_nbytes, slice_tensor
 
     spec = loaded.spec
+    bar = progress(f"weights to {conn.label}", slice_nbytes(loaded.tensors, spec, node)) if progress else None
     conn.send(P.Config({**config, "node": node.to_dict()}))
     sent = 0
     for name in node_tensor_names(spec, node):
@@ -264,11 +267,15 @@ def _stream_slice(conn: Connection, loaded, node, config: dict) -> int:
         raw = np.ascontiguousarray(raw).reshape(-1)
         for offset in range(0, max(raw.size, 1), CHUNK):
             conn.send(P.Weight(name, qtype, tuple(shape), offset, raw.size, raw[offset:offset + CHUNK]))
+            if bar:
+                bar.update(min(CHUNK, raw.size - offset))
         sent += raw.size
         # a column slice was read from every row of the tensor: drop all of it (the root re-reads its own
         # part from the page cache when it loads); the copy itself is freed before the next tensor is cut
         release_pages(tensor.data)
         del raw, part
+    if bar:
+        bar.finish()
     return sent
 
 

@@ -22,6 +22,8 @@ from test_api_openai import httpx, running_server
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
 PROMPT = "Once upon a time"
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+          "required": ["ok", "n"], "additionalProperties": False}
 
 
 @contextlib.contextmanager
@@ -76,6 +78,13 @@ def test_the_server_serves_a_cluster_as_the_cli_runs_it(split_model, smollm2_pat
                            json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0}).json()
             last = httpx.get(f"{base}/health").json()["last"]
             cluster = httpx.get(f"{base}/v1/cluster").json()
+            # constrained decoding over the cluster (the nodes' full logits): a random model writes this JSON
+            constrained = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+                "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 40, "temperature": 0,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA}}})
+    assert constrained.status_code == 200, constrained.text
+    reply = json.loads(constrained.json()["choices"][0]["message"]["content"])
+    assert set(reply) == {"ok", "n"} and isinstance(reply["ok"], bool) and reply["n"] in (1, 2, 3), reply
     assert r["usage"].pop("timings")["time_to_first_token_s"] > 0
     assert r["usage"] == {"prompt_tokens": len(expected["prompt_ids"]), "completion_tokens": 8, "total_tokens":
                           len(expected["prompt_ids"]) + 8}

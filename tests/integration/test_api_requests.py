@@ -121,7 +121,7 @@ def test_schema_violations_are_422_naming_the_field(client, body, param):
 
 @pytest.mark.parametrize("extra, param", [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
     ({"stop": [str(i) for i in range(17)]}, "stop"),
 ])
 def test_unsupported_features_are_400_saying_so(client, extra, param):

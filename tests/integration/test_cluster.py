@@ -3,6 +3,7 @@ nodes (F32 buffers), Q80 buffers within a stated tolerance, memory split, and th
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -413,6 +414,11 @@ def test_cli_inference_on_two_nodes_reports_transfer(model_files, pool):
         out, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
         res[name] = json.loads(out)
+        # loading progress, as plain lines (stderr is a pipe): the root's own slice, and the worker's stream
+        for label in ["root: reading and packing weights"] + ([f"weights to worker {w.address}"] if extra else []):
+            last = [ln for ln in err.splitlines() if ln.startswith(label + ": ")][-1]
+            done, total = re.match(re.escape(label) + r": (\S+ \w?B) / (\S+ \w?B) \(100%\)", last).groups()
+            assert done == total, last
     assert res["one"]["sent_bytes_per_token"] == 0
     assert res["q80"]["generated_ids"] == res["f32"]["generated_ids"] == res["one"]["generated_ids"]
     # per generated token, to the worker: STEP (35 B: its position and slot) + 2 broadcasts per layer + the
