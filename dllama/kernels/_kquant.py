@@ -47,7 +47,6 @@ def _mm_q4k(qs, d, m, x, xq, xd, xs, out, fs, ist):
     # W q4k or q5k (rows, cols) @ x (n, cols) -> out (n, rows); fs (threads, 8, 64) f32, ist (threads, 4, 64) i32
     quantize_act(x, xq, xd, xs)
     ntiles, nb = qs.shape[0], qs.shape[1]
-    T = 64
     n = x.shape[0]
     for t in prange(ntiles):
         tid = get_thread_id()
@@ -56,10 +55,7 @@ def _mm_q4k(qs, d, m, x, xq, xd, xs, out, fs, ist):
         isum = ist[tid]
         for i0 in range(0, n, 4):
             k = min(4, n - i0)
-            acc0[:] = 0
-            acc1[:] = 0
-            acc2[:] = 0
-            acc3[:] = 0
+            _zero(acc0, acc1, acc2, acc3)
             for b in range(nb):
                 if b % 8 == 0:
                     _scales(d, t, b // 4, dsup)
@@ -75,13 +71,7 @@ def _mm_q4k(qs, d, m, x, xq, xd, xs, out, fs, ist):
                     mm._scale_add(acc2, isum[2], dw, mw, xd[i0 + 2, b], xs[i0 + 2, b], True)
                 if k > 3:
                     mm._scale_add(acc3, isum[3], dw, mw, xd[i0 + 3, b], xs[i0 + 3, b], True)
-            mm._store_row(acc0, out[i0], t * T)
-            if k > 1:
-                mm._store_row(acc1, out[i0 + 1], t * T)
-            if k > 2:
-                mm._store_row(acc2, out[i0 + 2], t * T)
-            if k > 3:
-                mm._store_row(acc3, out[i0 + 3], t * T)
+            _store(acc0, acc1, acc2, acc3, out, i0, k, t * 64)
 
 
 def _mm_q6k(qs, d, xh, x, xq, xd, xs, out, fs, ist):
@@ -93,7 +83,6 @@ def _mm_q6k(qs, d, xh, x, xq, xd, xs, out, fs, ist):
         for c in range(x.shape[1]):
             xh[i, c] = xq[i, c] if c % 32 >= 16 else 0
     ntiles, nb = qs.shape[0], qs.shape[1]
-    T = 64
     for t in prange(ntiles):
         tid = get_thread_id()
         acc0, acc1, acc2, acc3, dlo, dhi = fs[tid, 0], fs[tid, 1], fs[tid, 2], fs[tid, 3], fs[tid, 4], fs[tid, 5]
@@ -101,10 +90,7 @@ def _mm_q6k(qs, d, xh, x, xq, xd, xs, out, fs, ist):
         full, high = ist[tid, 0:4], ist[tid, 4:8]
         for i0 in range(0, n, 4):
             k = min(4, n - i0)
-            acc0[:] = 0
-            acc1[:] = 0
-            acc2[:] = 0
-            acc3[:] = 0
+            _zero(acc0, acc1, acc2, acc3)
             for b in range(nb):
                 base = b // 8 * 17
                 if b % 8 == 0:
@@ -122,13 +108,27 @@ def _mm_q6k(qs, d, xh, x, xq, xd, xs, out, fs, ist):
                     _halves_add(acc2, full[2], high[2], dlo, dhi, xd[i0 + 2, b])
                 if k > 3:
                     _halves_add(acc3, full[3], high[3], dlo, dhi, xd[i0 + 3, b])
-            mm._store_row(acc0, out[i0], t * T)
-            if k > 1:
-                mm._store_row(acc1, out[i0 + 1], t * T)
-            if k > 2:
-                mm._store_row(acc2, out[i0 + 2], t * T)
-            if k > 3:
-                mm._store_row(acc3, out[i0 + 3], t * T)
+            _store(acc0, acc1, acc2, acc3, out, i0, k, t * 64)
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def _zero(acc0, acc1, acc2, acc3):
+    acc0[:] = 0
+    acc1[:] = 0
+    acc2[:] = 0
+    acc3[:] = 0
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def _store(acc0, acc1, acc2, acc3, out, i0, k, r0):
+    # the k (1..4) activation rows of a group, from the tile's accumulators
+    mm._store_row(acc0, out[i0], r0)
+    if k > 1:
+        mm._store_row(acc1, out[i0 + 1], r0)
+    if k > 2:
+        mm._store_row(acc2, out[i0 + 2], r0)
+    if k > 3:
+        mm._store_row(acc3, out[i0 + 3], r0)
 
 
 @numba.njit(inline="always", nogil=True, cache=True)

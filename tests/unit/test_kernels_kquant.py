@@ -4,7 +4,6 @@ batches of 1, 3, 32 (the 4-row groups and their remainder), serial and parallel.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 from gguf.quants import dequantize as gguf_dequantize
@@ -13,18 +12,9 @@ import dllama.kernels as K
 from dllama import quants
 from dllama.errors import DllamaError
 import naive  # tests/naive.py: tests/ is on sys.path (pytest rootdir conftest)
-from testlib import need
+from test_kernels import threads  # noqa: F401  (fixture: the serial and the parallel variants)
 
 READ_ONLY = [q for q in quants.QTYPES if quants.QUANTS[q].read_only]
-
-
-@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}thr")
-def threads(request):
-    need(request.param <= numba.config.NUMBA_NUM_THREADS,
-         f"NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS} leaves no room for {request.param} threads")
-    K.set_threads(request.param)
-    yield request.param
-    K.set_threads(1)
 
 
 def weights(qtype, rows, cols, seed):
