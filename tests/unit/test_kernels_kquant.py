@@ -106,3 +106,25 @@ def test_pack_rejects_bad_kquant_input():
 
 def test_warmup_compiles_kquant_types():
     K.warmup(("q4k", "q5k", "q6k", "q2k"))
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES)
+@pytest.mark.parametrize("flavour", [("avx2", 32), ("generic", 16)], ids=["avx2", "portable"])
+def test_other_multiply_add_flavours(qtype, flavour):
+    # this CPU runs one flavour (see _simd.simd_isa); AVX2 and the portable sums (ARM without dotprod runs
+    # them) are checked here too, serially (the parallel variant is the same body)
+    from dllama.kernels import _kquant
+
+    rows, cols = 70, 512
+    raw = weights(qtype, rows, cols, 9)
+    W = K.pack(qtype, raw, rows, cols)
+    serial = _kquant.kernels_for(qtype, *flavour)[0]
+    W.kernels = ((serial, serial), (serial, serial))
+    w = gguf_f64(qtype, raw, rows, cols)
+    for n in (1, 5):
+        x = activations(n, cols, seed=n)
+        out = np.empty((n, rows), np.float32)
+        K.set_threads(1)
+        K.matmul(W, x, out)
+        scale = np.abs(x).astype(np.float64) @ np.abs(w).T
+        assert np.all(np.abs(out - naive.quantize_act(x) @ w.T) <= 1e-4 * scale), n
