@@ -21,7 +21,7 @@ Quants less 32 as int8 in Q80's quad layout, and
     d   (tiles, 17 * super-blocks, 64) uint16: f16 d at [t, 17s, r], the 16 int8 scales (as int16 bits) at
         [t, 17s + 1 + j, r]
 
-8.53 bits per weight (the file: 6.56). Every other read-only type (Q2_K, Q3_K, Q5_0, Q5_1, BF16) is
+9.06 bits per weight (the file: 6.56). Every other read-only type (Q2_K, Q3_K, Q5_0, Q5_1, BF16) is
 dequantized at load and re-quantized to Q80, a row chunk at a time: correct, at Q80's speed and 8.5 bits
 per weight, one more rounding of each weight (at most half a Q80 step, max|w|/254).
 """
