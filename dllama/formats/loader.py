@@ -18,7 +18,7 @@ GGUF_MAGIC = b"GGUF"
 @dataclass(eq=False)
 class Tensor:
     name: str            # internal name (docs/architecture.md)
-    qtype: str           # "f32" | "f16" | "q40" | "q41" | "q80"
+    qtype: str           # a `quants.QUANTS` name: "f32", "f16", "q40", "q41", "q80", or a GGUF-only one ("q4k", ...)
     shape: tuple         # (rows, cols) for matrices (rows = output features), (n,) for vectors
     data: np.ndarray     # raw bytes, uint8, 1-D, read-only, usually a view of a memory map
 

@@ -14,14 +14,14 @@ the scales differ, and they are formed per block from the super-block's halves (
 
 4.625 bits per weight (the file: 4.5). Q5_K is the same with 5-bit quants, which the Q4 nibble sums cannot
 hold: one int8 per value (0..31) in Q80's quad layout, summed by the signed (Q80) sums; 8.625 bits per weight
-(the file: 5.5). Q6_K scales every 16 values (int8), so each 32-value block needs two sums: the block's and
-that of its upper half, the activations with each block's first 16 zeroed (a second activation buffer,
-held in `m`; the lower half's sum is the difference). Quants less 32 as int8 in Q80's quad layout, and
+(the file: 5.5). Q6_K scales every 16 values (int8), so each 32-value block needs two sums, one per half: the signed
+sums' multiply-adds (dllama.kernels._simd), accumulated apart for the two halves (`_halves_intrinsic`).
+Quants less 32 as int8 in Q80's quad layout, and
 
     d   (tiles, 17 * super-blocks, 64) uint16: f16 d at [t, 17s, r], the 16 int8 scales (as int16 bits) at
         [t, 17s + 1 + j, r]
 
-8.53 bits per weight (the file: 6.56). Every other read-only type (Q2_K, Q3_K, Q5_0, Q5_1, BF16) is
+9.06 bits per weight (the file: 6.56). Every other read-only type (Q2_K, Q3_K, Q5_0, Q5_1, BF16) is
 dequantized at load and re-quantized to Q80, a row chunk at a time: correct, at Q80's speed and 8.5 bits
 per weight, one more rounding of each weight (at most half a Q80 step, max|w|/254).
 """
@@ -32,11 +32,14 @@ import platform
 
 import numba
 import numpy as np
-from numba import get_thread_id, prange
+from llvmlite import ir
+from numba import get_thread_id, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from dllama import quants
 from dllama.kernels import _matmul as mm
-from dllama.kernels._simd import halves_to_f32
+from dllama.kernels._simd import _MultiplyAdd, halves_to_f32
 from dllama.kernels.quant import quantize_act
 from dllama.kquants import k4_scales, q5k_values, q6k_values
 
@@ -47,7 +50,6 @@ def _mm_q4k(qs, d, m, x, xq, xd, xs, out, fs, ist):
     # W q4k or q5k (rows, cols) @ x (n, cols) -> out (n, rows); fs (threads, 8, 64) f32, ist (threads, 4, 64) i32
     quantize_act(x, xq, xd, xs)
     ntiles, nb = qs.shape[0], qs.shape[1]
-    T = 64
     n = x.shape[0]
     for t in prange(ntiles):
         tid = get_thread_id()
@@ -56,10 +58,7 @@ def _mm_q4k(qs, d, m, x, xq, xd, xs, out, fs, ist):
         isum = ist[tid]
         for i0 in range(0, n, 4):
             k = min(4, n - i0)
-            acc0[:] = 0
-            acc1[:] = 0
-            acc2[:] = 0
-            acc3[:] = 0
+            _zero(acc0, acc1, acc2, acc3)
             for b in range(nb):
                 if b % 8 == 0:
                     _scales(d, t, b // 4, dsup)
@@ -75,36 +74,23 @@ def _mm_q4k(qs, d, m, x, xq, xd, xs, out, fs, ist):
                     mm._scale_add(acc2, isum[2], dw, mw, xd[i0 + 2, b], xs[i0 + 2, b], True)
                 if k > 3:
                     mm._scale_add(acc3, isum[3], dw, mw, xd[i0 + 3, b], xs[i0 + 3, b], True)
-            mm._store_row(acc0, out[i0], t * T)
-            if k > 1:
-                mm._store_row(acc1, out[i0 + 1], t * T)
-            if k > 2:
-                mm._store_row(acc2, out[i0 + 2], t * T)
-            if k > 3:
-                mm._store_row(acc3, out[i0 + 3], t * T)
+            _store(acc0, acc1, acc2, acc3, out, i0, k, t * 64)
 
 
-def _mm_q6k(qs, d, xh, x, xq, xd, xs, out, fs, ist):
-    # W q6k (rows, cols) @ x (n, cols) -> out (n, rows); xh (>= n, cols) int8: xq with each block's first 16
-    # values zeroed; fs (threads, 8, 64) f32, ist (threads, 8, 64) i32
+def _mm_q6k(qs, d, m, x, xq, xd, xs, out, fs, ist):
+    # W q6k (rows, cols) @ x (n, cols) -> out (n, rows); m unused; fs (threads, 8, 64) f32, ist (threads, 8, 64)
+    # i32: each block's sums over its lower 16 values (rows 0-3) and its upper 16 (rows 4-7)
     quantize_act(x, xq, xd, xs)
     n = x.shape[0]
-    for i in range(n):
-        for c in range(x.shape[1]):
-            xh[i, c] = xq[i, c] if c % 32 >= 16 else 0
     ntiles, nb = qs.shape[0], qs.shape[1]
-    T = 64
     for t in prange(ntiles):
         tid = get_thread_id()
         acc0, acc1, acc2, acc3, dlo, dhi = fs[tid, 0], fs[tid, 1], fs[tid, 2], fs[tid, 3], fs[tid, 4], fs[tid, 5]
         dsup = fs[tid, 6]
-        full, high = ist[tid, 0:4], ist[tid, 4:8]
+        isum = ist[tid]
         for i0 in range(0, n, 4):
             k = min(4, n - i0)
-            acc0[:] = 0
-            acc1[:] = 0
-            acc2[:] = 0
-            acc3[:] = 0
+            _zero(acc0, acc1, acc2, acc3)
             for b in range(nb):
                 base = b // 8 * 17
                 if b % 8 == 0:
@@ -113,54 +99,121 @@ def _mm_q6k(qs, d, xh, x, xq, xd, xs, out, fs, ist):
                 for r in range(64):
                     dlo[r] = dsup[r] * np.float32(np.int16(d[t, j, r]))
                     dhi[r] = dsup[r] * np.float32(np.int16(d[t, j + 1, r]))
-                _isums(qs, t, b, xq, i0, k, full)
-                _isums(qs, t, b, xh, i0, k, high)
-                _halves_add(acc0, full[0], high[0], dlo, dhi, xd[i0, b])
+                _halves(qs, t, b, xq, i0, k, isum)
+                _halves_add(acc0, isum[0], isum[4], dlo, dhi, xd[i0, b])
                 if k > 1:
-                    _halves_add(acc1, full[1], high[1], dlo, dhi, xd[i0 + 1, b])
+                    _halves_add(acc1, isum[1], isum[5], dlo, dhi, xd[i0 + 1, b])
                 if k > 2:
-                    _halves_add(acc2, full[2], high[2], dlo, dhi, xd[i0 + 2, b])
+                    _halves_add(acc2, isum[2], isum[6], dlo, dhi, xd[i0 + 2, b])
                 if k > 3:
-                    _halves_add(acc3, full[3], high[3], dlo, dhi, xd[i0 + 3, b])
-            mm._store_row(acc0, out[i0], t * T)
-            if k > 1:
-                mm._store_row(acc1, out[i0 + 1], t * T)
-            if k > 2:
-                mm._store_row(acc2, out[i0 + 2], t * T)
-            if k > 3:
-                mm._store_row(acc3, out[i0 + 3], t * T)
+                    _halves_add(acc3, isum[3], isum[7], dlo, dhi, xd[i0 + 3, b])
+            _store(acc0, acc1, acc2, acc3, out, i0, k, t * 64)
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
-def _halves_add(acc, full, high, dlo, dhi, dx):
-    # one activation row's block: the lower 16 values' sum (full - high) at their scale, the upper at theirs
+def _zero(acc0, acc1, acc2, acc3):
+    acc0[:] = 0
+    acc1[:] = 0
+    acc2[:] = 0
+    acc3[:] = 0
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def _store(acc0, acc1, acc2, acc3, out, i0, k, r0):
+    # the k (1..4) activation rows of a group, from the tile's accumulators
+    mm._store_row(acc0, out[i0], r0)
+    if k > 1:
+        mm._store_row(acc1, out[i0 + 1], r0)
+    if k > 2:
+        mm._store_row(acc2, out[i0 + 2], r0)
+    if k > 3:
+        mm._store_row(acc3, out[i0 + 3], r0)
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def _halves_add(acc, lo, hi, dlo, dhi, dx):
+    # one activation row's block: each half's sum at its own scale
     for r in range(64):
-        acc[r] += dx * (dlo[r] * np.float32(full[r] - high[r]) + dhi[r] * np.float32(high[r]))
+        acc[r] += dx * (dlo[r] * np.float32(lo[r]) + dhi[r] * np.float32(hi[r]))
+
+
+def _halves_intrinsic(ni, kind, nbytes):
+    """An intrinsic halves(qs, t, b, xq, i0, isum): the signed (Q80 layout) sums of `isums_intrinsic`, kept
+    apart for each block's lower 16 values (isum[i]) and upper 16 (isum[4 + i]), i < ni: Q6_K scales per 16."""
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+
+    def c64(v):
+        return ir.Constant(i64, v)
+
+    def codegen(context, builder, sig, args):
+        qs = context.make_array(sig.args[0])(context, builder, args[0])
+        xq = context.make_array(sig.args[3])(context, builder, args[3])
+        isum = context.make_array(sig.args[5])(context, builder, args[5])
+        t, b, i0 = (context.cast(builder, args[k], sig.args[k], types.int64) for k in (1, 2, 4))
+        nb = cgutils.unpack_tuple(builder, qs.shape)[1]
+        cols = cgutils.unpack_tuple(builder, xq.shape)[1]
+        qbase = builder.gep(qs.data, [builder.mul(builder.add(builder.mul(t, nb), b), c64(8 * 256))])
+        ma = _MultiplyAdd(builder, kind, nbytes, True)
+        xs = []
+        for i in range(ni):
+            row = builder.gep(xq.data, [builder.add(builder.mul(builder.add(i0, c64(i)), cols), builder.mul(b, c64(32)))])
+            xs.append([ma.broadcast(builder.load(builder.bitcast(builder.gep(row, [c64(4 * q)]), i32.as_pointer()),
+                                                 align=1)) for q in range(8)])
+        out = builder.bitcast(isum.data, i32.as_pointer())
+        for g in range(64 // ma.lanes):
+            acc = [[ma.zero() for _ in range(ni)] for _ in range(2)]
+            for q in range(8):
+                w = builder.load(builder.bitcast(builder.gep(qbase, [c64(q * 256 + g * nbytes)]), ma.vi8.as_pointer()),
+                                 align=1)
+                for i in range(ni):
+                    acc[q // 4][i] = ma.madd(acc[q // 4][i], w, xs[i][q])
+            for h in range(2):
+                for i in range(ni):
+                    ptr = builder.gep(out, [c64((4 * h + i) * 64 + g * ma.lanes)])
+                    builder.store(ma.isum(acc[h][i]), builder.bitcast(ptr, ma.vi32.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    @intrinsic
+    def halves(typingctx, qs, t, b, xq, i0, isum):
+        return types.none(qs, t, b, xq, i0, isum), codegen
+
+    return halves
+
+
+def _halves_sums(kind, nbytes):
+    """halves(qs, t, b, xq, i0, k, isum) for k <= 4 activation rows (as _matmul._isums)."""
+    four, one = _halves_intrinsic(4, kind, nbytes), _halves_intrinsic(1, kind, nbytes)
+
+    @numba.njit(inline="always", nogil=True, cache=True)
+    def halves(qs, t, b, xq, i0, k, isum):
+        if k == 4:
+            four(qs, t, b, xq, i0, isum)
+        else:
+            for i in range(k):
+                one(qs, t, b, xq, i0 + i, isum[i:])
+
+    return halves
 
 
 def _kernels(body, name, kind, nbytes, signed):
     """(serial, parallel) variants of one K-quant body on one multiply-add flavour (see _simd.simd_isa)."""
     scales = mm._scales_bits if (kind, platform.machine().lower()) == ("generic", "x86_64") else halves_to_f32
     return mm._variants(body, f"_{name}_{kind}{nbytes}_{_TAG}", _isums=mm._isums(kind, nbytes, signed),
-                        _scales=scales)
+                        _halves=_halves_sums(kind, nbytes), _scales=scales)
 
 
 # the helpers inlined from _matmul and _simd: their sources' hashes in the kernels' names (see _matmul._source_tag)
 _TAG = mm._SIMD_TAG + mm._source_tag(mm)
-_Q4K = _kernels(_mm_q4k, "q4k", *mm._ISA, signed=False)
-_Q5K = _kernels(_mm_q4k, "q5k", *mm._ISA, signed=True)
-_Q6K = _kernels(_mm_q6k, "q6k", *mm._ISA, signed=True)
-KERNELS = {"q4k": (_Q4K, _Q4K), "q5k": (_Q5K, _Q5K), "q6k": (_Q6K, _Q6K)}
+_BODIES = {"q4k": (_mm_q4k, False), "q5k": (_mm_q4k, True), "q6k": (_mm_q6k, True)}
 
 
-class _Q6Packed(mm.Packed):
-    """Q6_K's matrix: its second activation buffer (`m`) grows with the first."""
+def kernels_for(qtype, kind, nbytes):
+    """(serial, parallel) kernel of a K-quant type on a multiply-add flavour; tests compile the others."""
+    body, signed = _BODIES[qtype]
+    return _kernels(body, qtype, kind, nbytes, signed)
 
-    __slots__ = ()
 
-    def _grow(self, n):
-        super()._grow(n)
-        self.m = np.empty((n, self.cols), np.int8)
+KERNELS = {q: (k, k) for q in _BODIES for k in [kernels_for(q, *mm._ISA)]}
 
 
 def _packed(cls, qtype, rows, cols, ist_rows):
@@ -181,11 +234,12 @@ def _quads(values, rows, nblocks, dtype):
 def _pack_q6k(raw, rows, cols):
     nsb = cols // 256
     blocks = raw.reshape(rows * nsb, 210)
-    W = _packed(_Q6Packed, "q6k", rows, cols, 8)
+    W = _packed(mm.Packed, "q6k", rows, cols, 8)
     head = np.empty((rows * nsb, 17), np.uint16)
     head[:, 0] = np.ascontiguousarray(blocks[:, 208:210]).view(np.uint16)[:, 0]
     head[:, 1:] = blocks[:, 192:208].view(np.int8).astype(np.int16).view(np.uint16)
     W.d = mm._tiles(head.reshape(rows, nsb * 17), rows, mm.TILE)
+    W.m = mm._NO_M
     W.qs = _quads(q6k_values(blocks).reshape(-1, 32), rows, nsb * 8, np.int8)
     W.nbytes = W.qs.nbytes + W.d.nbytes
     return W

@@ -4,7 +4,6 @@ batches of 1, 3, 32 (the 4-row groups and their remainder), serial and parallel.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 from gguf.quants import dequantize as gguf_dequantize
@@ -13,18 +12,9 @@ import dllama.kernels as K
 from dllama import quants
 from dllama.errors import DllamaError
 import naive  # tests/naive.py: tests/ is on sys.path (pytest rootdir conftest)
-from testlib import need
+from test_kernels import threads  # noqa: F401  (fixture: the serial and the parallel variants)
 
 READ_ONLY = [q for q in quants.QTYPES if quants.QUANTS[q].read_only]
-
-
-@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}thr")
-def threads(request):
-    need(request.param <= numba.config.NUMBA_NUM_THREADS,
-         f"NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS} leaves no room for {request.param} threads")
-    K.set_threads(request.param)
-    yield request.param
-    K.set_threads(1)
 
 
 def weights(qtype, rows, cols, seed):
@@ -116,3 +106,25 @@ def test_pack_rejects_bad_kquant_input():
 
 def test_warmup_compiles_kquant_types():
     K.warmup(("q4k", "q5k", "q6k", "q2k"))
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES)
+@pytest.mark.parametrize("flavour", [("avx2", 32), ("generic", 16)], ids=["avx2", "portable"])
+def test_other_multiply_add_flavours(qtype, flavour):
+    # this CPU runs one flavour (see _simd.simd_isa); AVX2 and the portable sums (ARM without dotprod runs
+    # them) are checked here too, serially (the parallel variant is the same body)
+    from dllama.kernels import _kquant
+
+    rows, cols = 70, 512
+    raw = weights(qtype, rows, cols, 9)
+    W = K.pack(qtype, raw, rows, cols)
+    serial = _kquant.kernels_for(qtype, *flavour)[0]
+    W.kernels = ((serial, serial), (serial, serial))
+    w = gguf_f64(qtype, raw, rows, cols)
+    for n in (1, 5):
+        x = activations(n, cols, seed=n)
+        out = np.empty((n, rows), np.float32)
+        K.set_threads(1)
+        K.matmul(W, x, out)
+        scale = np.abs(x).astype(np.float64) @ np.abs(w).T
+        assert np.all(np.abs(out - naive.quantize_act(x) @ w.T) <= 1e-4 * scale), n

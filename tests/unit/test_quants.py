@@ -115,4 +115,4 @@ def test_bad_widths_and_sizes_raise():
     with pytest.raises(DllamaError, match="needs 36 bytes, got 35"):
         quants.dequantize("q40", np.zeros(35, np.uint8), 2, 32)
     with pytest.raises(DllamaError, match="unknown weight type"):
-        quants.row_bytes("q5k", 32)
+        quants.row_bytes("iq4", 32)
