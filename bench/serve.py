@@ -24,8 +24,8 @@ def _greedy(logits) -> int:
     return int(np.argmax(logits))
 
 
-def _prompts(engine, n: int, length: int) -> list[list[int]]:
-    rng = np.random.default_rng(0)
+def _prompts(engine, n: int, length: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
     vocab = engine.spec.vocab_size
     return [rng.integers(100, min(vocab, 30000), length).tolist() for _ in range(n)]
 
@@ -52,23 +52,26 @@ def aggregate(engine, streams: int, tokens: int, prompt_tokens: int) -> dict:
             "cpu_tok_s": round(n / cpu, 2)}
 
 
-def ttft(engine, busy: int, tokens: int, prompt_tokens: int) -> float:
-    """Seconds from a short request's arrival to its first token while `busy` long ones decode."""
+def ttft(engine, busy: int, tokens: int, prompt_tokens: int, seed: int) -> float:
+    """Seconds from a short request's arrival to its first token while `busy` long ones decode. Prompts
+    are new for every `seed`: no slot's cache holds any of them."""
     from dllama.batcher import Batcher, Sequence
 
     b = Batcher(engine)
-    long = [Sequence(p, 10 ** 6, _greedy) for p in _prompts(engine, busy, prompt_tokens)]
+    prompts = _prompts(engine, busy + 1, prompt_tokens, seed)
+    long = [Sequence(p, 10 ** 6, _greedy) for p in prompts[:busy]]
     for s in long:
         b.admit(s)
     for _ in range(prompt_tokens // 8 + 3):   # the long ones are past their prompts, decoding
         b.step()
-    short = Sequence(_prompts(engine, busy + 1, prompt_tokens)[-1], 1, _greedy)
+    short = Sequence(prompts[-1], 1, _greedy)
     short.t_submit = time.perf_counter()
     b.admit(short)
     while short.finish is None:
         b.step()
     for s in list(b.running):
         b.cancel(s)
+    engine.release(short.slot)
     return short.t_first - short.t_submit
 
 
@@ -93,13 +96,13 @@ def main() -> None:
             aggregate(engine, 1, 4, args.prompt_tokens)   # warm up
             tok_s, cpu_tok_s = {s: [] for s in streams}, {s: [] for s in streams}
             idle, busy = [], []
-            for _ in range(args.repeats):
+            for r in range(args.repeats):
                 for s in streams:
                     r = aggregate(engine, s, args.tokens, args.prompt_tokens)
                     tok_s[s].append(r["tok_s"])
                     cpu_tok_s[s].append(r["cpu_tok_s"])
-                idle.append(ttft(engine, 0, args.tokens, args.prompt_tokens))
-                busy.append(ttft(engine, max(streams), args.tokens, args.prompt_tokens))
+                idle.append(ttft(engine, 0, args.tokens, args.prompt_tokens, seed=1000 + 2 * r))
+                busy.append(ttft(engine, max(streams), args.tokens, args.prompt_tokens, seed=1001 + 2 * r))
             med = {s: statistics.median(v) for s, v in tok_s.items()}
             cpu_med = {s: statistics.median(v) for s, v in cpu_tok_s.items()}
             idle, busy = statistics.median(idle), statistics.median(busy)
