@@ -96,13 +96,13 @@ def main() -> None:
             aggregate(engine, 1, 4, args.prompt_tokens)   # warm up
             tok_s, cpu_tok_s = {s: [] for s in streams}, {s: [] for s in streams}
             idle, busy = [], []
-            for r in range(args.repeats):
+            for rnd in range(args.repeats):
                 for s in streams:
                     r = aggregate(engine, s, args.tokens, args.prompt_tokens)
                     tok_s[s].append(r["tok_s"])
                     cpu_tok_s[s].append(r["cpu_tok_s"])
-                idle.append(ttft(engine, 0, args.tokens, args.prompt_tokens, seed=1000 + 2 * r))
-                busy.append(ttft(engine, max(streams), args.tokens, args.prompt_tokens, seed=1001 + 2 * r))
+                idle.append(ttft(engine, 0, args.tokens, args.prompt_tokens, seed=1000 + 2 * rnd))
+                busy.append(ttft(engine, max(streams), args.tokens, args.prompt_tokens, seed=1001 + 2 * rnd))
             med = {s: statistics.median(v) for s, v in tok_s.items()}
             cpu_med = {s: statistics.median(v) for s, v in cpu_tok_s.items()}
             idle, busy = statistics.median(idle), statistics.median(busy)
