@@ -295,6 +295,9 @@ class Worker:
             steps, t0 = 0, time.perf_counter()
             coll.on_release = model.kv.release
             while (positions := coll.step()) is not None:
+                if coll.slots.max() >= model.kv.n_slots or coll.slots.min() < 0:
+                    raise P.ProtocolError(f"{conn.label}: STEP for slot {int(coll.slots.max())}, the CONFIG set up "
+                                          f"{model.kv.n_slots}")
                 model.forward(None, positions, logits=coll.wants_logits, slots=coll.slots, out_rows=coll.out_rows)
                 steps += 1
             busy = time.perf_counter() - t0

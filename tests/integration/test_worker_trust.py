@@ -239,7 +239,9 @@ def _read_nowait(s: socket.socket) -> list:
     ({"seq_len": 1 << 20, "spec": {"n_layers": 4096, "dim": 8192}}, "MB available"),
     ({"spec": {"weight_type": "q99"}}, "weight_type must be one of"),
     ({"node": {"heads": [0, 4096]}}, "is not node 1's of this model"),
-], ids=["seq-len", "max-batch", "memory", "weight-type", "slice"])
+    ({"n_slots": 10 ** 6}, "n_slots must be an integer"),
+    ({"seq_len": 1 << 20, "n_slots": 1024, "spec": {"n_layers": 64}}, "x 1024 slots"),
+], ids=["seq-len", "max-batch", "memory", "weight-type", "slice", "slots", "slots-memory"])
 def test_hostile_config_refused_before_allocating(model_files, pool, change, reason):
     from dataclasses import asdict
 
@@ -252,7 +254,7 @@ def test_hostile_config_refused_before_allocating(model_files, pool, change, rea
     node = {**partition(ModelSpec(**{**asdict(spec), "n_layers": 1, "dim": 64}), 2)[1].to_dict(),
             **change.get("node", {})}
     config = {"spec": asdict(spec), "node": node, "seq_len": change.get("seq_len", 8),
-              "max_batch": change.get("max_batch", 1), "buffer_type": "f32"}
+              "max_batch": change.get("max_batch", 1), "buffer_type": "f32", "n_slots": change.get("n_slots", 1)}
     rss = w.rss_bytes()
     with authenticated(w.port) as s:
         s.sendall(P.encode_bytes(P.Config(config)))
