@@ -104,6 +104,6 @@ def quantize_act(x, xq, xd, xs):
             for j in range(32):
                 q = np.int32(_roundf(x[i, b * 32 + j] * inv))
                 xq[i, b * 32 + j] = np.int8(q)
-                s += q
+                s = np.int32(s + q)   # |s| <= 32 x 127: 32-bit lanes, not numba's 64-bit sum
             xd[i, b] = d
             xs[i, b] = d * np.float32(s)
