@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from dllama.kernels._bits import f16_to_f32, f32_to_f16
+from dllama.kernels._bits import _as_f32, _as_u32, f16_to_f32, f32_to_f16
 from dllama.quants import QUANTS
 
 # the numba bodies below spell it as the literal 34 (numba freezes globals); this checks their callers
@@ -92,15 +92,18 @@ def quantize_act(x, xq, xd, xs):
     n, cols = x.shape
     for i in range(n):
         for b in range(cols // 32):
-            amax = np.float32(0.0)
+            # max |x| on the bits: a non-negative float orders as its bits do, and an integer maximum
+            # vectorises where a float one (NaN rules) does not
+            abits = np.uint32(0)
             for j in range(32):
-                amax = max(amax, abs(x[i, b * 32 + j]))
+                abits = max(abits, _as_u32(x[i, b * 32 + j]) & np.uint32(0x7FFFFFFF))
+            amax = _as_f32(abits)
             d = amax / np.float32(127.0)
             inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
             s = np.int32(0)
             for j in range(32):
                 q = np.int32(_roundf(x[i, b * 32 + j] * inv))
                 xq[i, b * 32 + j] = np.int8(q)
-                s += q
+                s = np.int32(s + q)   # |s| <= 32 x 127: 32-bit lanes, not numba's 64-bit sum
             xd[i, b] = d
             xs[i, b] = d * np.float32(s)
