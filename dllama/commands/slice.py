@@ -17,6 +17,9 @@ def add_arguments(parser) -> None:
                         help="nodes of the cluster, the root included (the root's --workers count + 1)")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="directory to write node<I>-of-<N>.dlslice into (created if missing)")
+    parser.add_argument("--split", default=None, metavar="W0,W1,...",
+                        help="each node's share, root first, as the root's --split will give it (default: even); "
+                             "'auto' is measured at every start, so a slice cannot be cut for it")
     parser.add_argument("--node", type=int, action="append", default=None, metavar="I",
                         help="write only worker node I (repeatable; default every worker, 1..N-1)")
 
@@ -31,10 +34,14 @@ def run(args) -> int:
     from dllama.formats.convert import sigterm_as_exit
     from dllama.formats.loader import load_model
     from dllama.model.partition import partition
+    from dllama.model.split import AUTO, parse_split
     from dllama.net.slicefile import model_fingerprint, slice_name, write_slice
 
+    weights = parse_split(args.split, args.nodes)
+    if weights == AUTO:
+        raise DllamaError("--split auto: the shares are measured at every start; cut slices for fixed weights")
     loaded = load_model(resolve_model(args.model))
-    plan = partition(loaded.spec, args.nodes)   # refuses a node count the model cannot be split over
+    plan = partition(loaded.spec, args.nodes, weights)   # refuses a node count the model cannot be split over
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as exc:

@@ -142,7 +142,7 @@ def partition(spec: ModelSpec, n_nodes: int, weights=None) -> list[NodeSlice]:
     heads = _ranges(spec.n_heads, w, head_unit(spec))
     ffn = _ranges(spec.ffn_dim, w, column_align(spec))
     vocab = _ranges(spec.vocab_size, w, 1)
-    kept = () if weights is None else tuple(weights)
+    kept = () if weights is None else tuple(w)   # floats: 2 and 2.0 are one plan, on the wire and in its digest
     return [
         NodeSlice(index=i, n_nodes=n_nodes, heads=heads[i],
                   kv_heads=range(heads[i].start // group, -(-heads[i].stop // group)),

@@ -183,9 +183,24 @@ def test_a_failed_cut_leaves_nothing_behind(model_path, tmp_path, monkeypatch, c
     (["--nodes", "1"], "--nodes must be at least 2"),
     (["--nodes", "5"], "cannot be split over 5 nodes"),   # more nodes than its 4 query heads
     (["--nodes", "4", "--node", "4"], "--node 4: worker nodes of a 4-node cluster are 1..3"),
+    (["--nodes", "3", "--split", "auto"], "--split auto: the shares are measured at every start"),
+    (["--nodes", "3", "--split", "2,1"], "2 weights for 3 nodes"),
 ])
 def test_bad_arguments_are_one_line_errors(model_path, tmp_path, capsys, argv, match):
     assert main(["slice", "--model", model_path, "--out", str(tmp_path / "o"), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dllama: error: ") and match in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists() or os.listdir(tmp_path / "o") == []
+
+
+def test_slices_cut_for_split_weights_carry_that_plan(model_path, tmp_path):
+    """A root started with --split 2,1,1 accepts only slices cut for those weights."""
+    from dllama.formats.loader import load_model
+    from dllama.model.partition import partition
+    from dllama.net.slicefile import SliceFile, plan_sha256
+
+    assert main(["slice", "--model", model_path, "--nodes", "3", "--split", "2,1,1", "--out", str(tmp_path)]) == 0
+    with load_model(model_path) as m:
+        weighted, even = plan_sha256(m.spec, partition(m.spec, 3, [2, 1, 1])), plan_sha256(m.spec, partition(m.spec, 3))
+    got = SliceFile(str(tmp_path / "node1-of-3.dlslice")).announcement()["plan_sha256"]
+    assert got == weighted != even
