@@ -92,6 +92,13 @@ def warm_kernels(nthreads: int, weight_type: str = "q40") -> None:
     model.finish_loading()
     model.forward(np.array([1, 2]), np.array([0, 1]))   # the prompt-batch path
     model.forward(np.array([3]), np.array([2]))         # the one-token path
+    # The candidates kernel too, the one cached kernel outside the forward pass: numba keeps one cache folder
+    # per source folder, made by the first process that needs it. Made here (the roles run this as the
+    # service user), it is the service's; a root run as root that made it first would leave it unwritable to
+    # the workers, which then cannot even import the module ("no locator available").
+    from dllama.net.exchange import _warm_top_k
+
+    _warm_top_k()
     log.info("%s kernels ready in %.1f s (%d threads)", weight_type, time.perf_counter() - t0, nthreads)
 
 
