@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 SOURCE_FILES = ("pyproject.toml", "setup.cfg", "setup.py", "README.md", "LICENSE", "launch.py")
 EPOCH_1980 = "315532800"  # zip timestamps cannot go earlier
@@ -120,10 +121,15 @@ def download_dependencies(wheel: str, out: str, python_version: str, platforms: 
     offline = subprocess.run(cmd + ["--no-index", "--find-links", out, wheel], capture_output=True, text=True)
     if offline.returncode == 0:
         return
-    online = subprocess.run(cmd + [wheel], capture_output=True, text=True)
-    if online.returncode != 0:
-        last = (online.stderr.strip().splitlines() or ["?"])[-1]
-        raise SystemExit(f"downloading dependency wheels for Python {python_version} {platforms} failed: {last}")
+    # An index page that fails to load reads to pip as "no matching distribution": a passing network
+    # fault must not fail the deployment, so the download is tried three times.
+    for attempt in range(3):
+        online = subprocess.run(cmd + [wheel], capture_output=True, text=True)
+        if online.returncode == 0:
+            return
+        time.sleep(5 * (attempt + 1))
+    last = (online.stderr.strip().splitlines() or ["?"])[-1]
+    raise SystemExit(f"downloading dependency wheels for Python {python_version} {platforms} failed: {last}")
 
 
 def pack(out: str, pins: dict[str, str] | None = None) -> bool:
