@@ -287,7 +287,7 @@ def _grammar(engine, response_format: dict, n: int):
             return None
         if not grammar.available():
             raise ApiError(400, "response_format json needs the llguidance package on the server "
-                           "(pip install 'dllama[api]')", param="response_format", code="unsupported")
+                           "(pip install 'dllama[grammar]')", param="response_format", code="unsupported")
         return [grammar.matcher_for(engine.tokenizer, engine.spec.vocab_size, schema) for _ in range(n)]
     except DllamaError as exc:
         raise ApiError(400, str(exc), param="response_format", code="invalid_value") from None

@@ -13,7 +13,7 @@ import pytest
 from testlib import need_module
 from test_api_openai import SEQ_LEN, openai, running_server
 
-need_module("llguidance", "pip install 'dllama[api]'", module=True)
+need_module("llguidance", "pip install 'dllama[grammar]'", module=True)
 jsonschema = need_module("jsonschema", "pip install 'dllama[test]'", module=True)
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]

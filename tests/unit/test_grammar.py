@@ -11,7 +11,7 @@ import pytest
 
 from testlib import need_module
 
-need_module("llguidance", "pip install 'dllama[api]'", module=True)
+need_module("llguidance", "pip install 'dllama[grammar]'", module=True)
 jsonschema = need_module("jsonschema", "pip install 'dllama[test]'", module=True)
 
 from dllama import grammar  # noqa: E402
