@@ -13,6 +13,7 @@ from dataclasses import fields
 from dllama import schema
 from dllama.errors import DllamaError
 from dllama.net import protocol as P
+from dllama.net.memory import available_bytes as available_memory  # noqa: F401  (callers' name)
 
 MAX_SEQ_LEN = 1 << 20     # positions; past every model we know, and the RoPE tables alone would be GBs
 MAX_BATCH = 1024
@@ -59,7 +60,9 @@ def check_config(cfg: dict, hello: P.Hello, available: int | None = None):
     if available is not None and need > HEADROOM * available:
         raise DllamaError(f"the slice needs {need / 1e6:.0f} MB (weights, KV cache for {seq_len} positions "
                           f"x {config_slots(cfg)} slots, "
-                          f"scratch); this worker has {available / 1e6:.0f} MB available")
+                          f"scratch); this worker has {available / 1e6:.0f} MB available (a slice may "
+                          f"take {HEADROOM:.0%}): short by "
+                          f"{(need - HEADROOM * available) / 1e6:.0f} MB")
     return spec, node, seq_len, max_batch, buffer_type
 
 
@@ -100,30 +103,3 @@ def weight_bytes(spec, node, bits: float = 32) -> int:
     norms = sum(math.prod(r.shape(spec)) * (spec.n_layers if r.scope == schema.LAYER else 1)
                 for r in schema.rows_for(spec) if r.take == schema.VECTOR)
     return int((spec.n_layers * per_layer + len(node.vocab) * dim) * bits / 8 + norms * 4)
-
-
-def available_memory() -> int | None:
-    """Bytes this process may still allocate: MemAvailable, lowered by a cgroup v2 memory.max (systemd's
-    MemoryMax) where one is set. None where neither can be read."""
-    avail = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        with open("/proc/self/cgroup") as f:
-            path = f.read().strip().rpartition(":")[2]
-        base = f"/sys/fs/cgroup{path}"
-        with open(f"{base}/memory.max") as f:
-            limit = f.read().strip()
-        with open(f"{base}/memory.current") as f:
-            used = int(f.read())
-        if limit != "max":
-            room = max(int(limit) - used, 0)
-            avail = room if avail is None else min(avail, room)
-    except (OSError, ValueError):
-        pass
-    return avail

@@ -43,8 +43,18 @@ def trim_heap() -> None:
 
 
 def available_bytes() -> int | None:
-    """Memory this machine can give a process now without swapping (Linux MemAvailable, which counts
-    reclaimable page cache; else the free pages), or None where neither is known."""
+    """Memory this process can still take without swapping or being killed: Linux MemAvailable (which
+    counts reclaimable page cache), lowered to the room left under any cgroup memory limit on this
+    process's cgroup or its ancestors (a systemd unit's MemoryMax=, a container's --memory: the machine's
+    free memory is not this process's to take). Else the free pages; None where nothing is known."""
+    avail = _meminfo_available()
+    room = cgroup_room()
+    if room is not None:
+        avail = room if avail is None else min(avail, room)
+    return avail
+
+
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -56,3 +66,63 @@ def available_bytes() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         return None
+
+
+# (limit file, usage file) of the cgroup v2 and v1 memory controllers
+_V2, _V1 = ("memory.max", "memory.current"), ("memory.limit_in_bytes", "memory.usage_in_bytes")
+_UNLIMITED = 1 << 62      # v1 writes "no limit" as the largest page-aligned 64-bit value
+
+
+def cgroup_room(proc: str = "/proc/self") -> int | None:
+    """Bytes left under the tightest memory limit of the cgroup of process `proc` and its ancestors (limit
+    minus usage, each level counting its whole subtree), v2 or v1; None where no limit is set or readable."""
+    rooms = [_room(d, files) for d, files in _memory_cgroup_dirs(proc)]
+    rooms = [r for r in rooms if r is not None]
+    return min(rooms) if rooms else None
+
+
+def _room(directory: str, files) -> int | None:
+    try:
+        with open(os.path.join(directory, files[0])) as f:
+            limit = f.read().strip()
+        if limit == "max" or int(limit) >= _UNLIMITED:
+            return None
+        with open(os.path.join(directory, files[1])) as f:
+            return max(int(limit) - int(f.read()), 0)
+    except (OSError, ValueError):
+        return None
+
+
+def _memory_cgroup_dirs(proc: str):
+    """(directory, files) of the process's memory cgroup and each ancestor up to its mount's root."""
+    try:
+        with open(f"{proc}/cgroup") as f:
+            memberships = [line.rstrip("\n").split(":", 2) for line in f]
+        with open(f"{proc}/mountinfo") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return []
+    out = []
+    for fields in mounts:
+        # mountinfo: id parent dev root mountpoint options [optional...] - fstype source superoptions
+        try:
+            sep = fields.index("-")
+            fstype, root, point, opts = fields[sep + 1], fields[3], fields[4], fields[sep + 3].split(",")
+        except (ValueError, IndexError):
+            continue
+        if fstype == "cgroup2":
+            paths, files = [p for h, c, p in _wellformed(memberships) if h == "0" and c == ""], _V2
+        elif fstype == "cgroup" and "memory" in opts:
+            paths, files = [p for h, c, p in _wellformed(memberships) if "memory" in c.split(",")], _V1
+        else:
+            continue
+        for path in paths:
+            # a mount of a subtree (a container's view) has that subtree's root as its own
+            rel = path[len(root):] if root != "/" and path.startswith(root) else path
+            parts = [p for p in rel.split("/") if p and p != ".."]
+            out += [(os.path.join(point, *parts[:n]), files) for n in range(len(parts), -1, -1)]
+    return out
+
+
+def _wellformed(memberships):
+    return [m for m in memberships if len(m) == 3]

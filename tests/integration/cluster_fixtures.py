@@ -46,15 +46,17 @@ def free_port() -> int:
 
 
 class WorkerProcess:
-    """`dllama worker` on 127.0.0.1:port; its log (stderr) goes to a file the test can read."""
+    """`dllama worker` on 127.0.0.1:port; its log (stderr) goes to a file the test can read. `prefix`: a
+    command the worker is started through (which must exec it)."""
 
-    def __init__(self, tmp: Path, nthreads: int = 1, key_args=KEY_ARGS, port: int | None = None, args=()):
+    def __init__(self, tmp: Path, nthreads: int = 1, key_args=KEY_ARGS, port: int | None = None, args=(),
+                 prefix=()):
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = tmp / f"worker-{self.port}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port", str(self.port),
+            [*prefix, sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port", str(self.port),
              "--nthreads", str(nthreads), *key_args, *args],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -143,7 +145,7 @@ def start_workers(tmp_path):
         w.stop()
 
 
-def random_cluster_model(d: Path) -> tuple[Path, Path]:
+def random_cluster_model(d: Path, seq_len: int = 256) -> tuple[Path, Path]:
     """Write into `d` a random Llama-3-shaped Q40 model with 8 heads / 4 KV heads (splits over 1, 2, 4
     nodes) and a byte-level tokenizer for it (256 byte tokens, <s>, </s>, filler pairs): (m.m, t.t)."""
     import numpy as np
@@ -153,7 +155,7 @@ def random_cluster_model(d: Path) -> tuple[Path, Path]:
     from dllama.formats.random_model import preset_spec, random_tensors
 
     spec = preset_spec("llama3_2_1b", "q40", dim=256, hidden_dim=512, n_layers=3, n_heads=8, n_kv_heads=4,
-                       vocab_size=512, seq_len=256)
+                       vocab_size=512, seq_len=seq_len)
 
     def tensors():
         # weights 10x the preset's N(0, 0.02): with tiny weights the stream is the embedding and greedy
