@@ -149,8 +149,9 @@ class Engine:
                            buffer_type=buffer_float_type, nthreads=nthreads, log=log, max_batch=MAX_BATCH,
                            key=cluster_key, on_lost=on_lost, n_slots=parallel)
             coll = connect_workers(**cluster, progress=progress)
-            # a reconnect streams the plan the root's own slice is loaded for
-            plan = cluster["plan"] = coll.plan
+            plan = coll.plan
+            if planner:   # a reconnect measures again, and keeps this plan unless a new one is clearly better
+                planner.current = plan
             if split is not None and not auto and log:
                 for line in S.describe(spec, plan, names, None):
                     log("  " + line)
@@ -164,7 +165,9 @@ class Engine:
     def reconnect(self) -> None:
         """Join the workers again after one was lost: say goodbye to the old session, connect, authenticate
         and stream every worker its slice anew. The KV cache is forgotten (the workers' went with them).
-        Raises DllamaError (naming the worker) if the cluster cannot be formed yet."""
+        With `--split auto` every node is measured again (shares are relative: all of them), and where that
+        changes the plan the root loads its own new slice too. Raises DllamaError (naming the worker) if the
+        cluster cannot be formed yet."""
         from dllama.net.root import connect_workers
 
         if self._cluster is None:
@@ -172,7 +175,22 @@ class Engine:
         self.coll.close()
         self.slot_ids = [[] for _ in self.slot_ids]
         coll = connect_workers(**self._cluster)
+        planner = self._cluster["plan"]
+        if callable(planner):
+            planner.current = coll.plan
+        if coll.plan[0] != self.model.node:
+            self._load_own(coll)
         self.coll = self.model.coll = coll
+
+    def _load_own(self, coll) -> None:
+        from dllama.model.llama import NodeModel
+
+        node = coll.plan[0]
+        self.model = None   # its buffers go before the new slice's are made
+        model = NodeModel(self.spec, node, self.seq_len, MAX_BATCH, coll, len(self.slot_ids))
+        _load_slice(model, self.loaded, self.spec, node)
+        _release_pages(self.loaded)
+        self.model = model
 
     # ---- generation ------------------------------------------------------------------------------
 

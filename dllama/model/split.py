@@ -23,6 +23,9 @@ from dllama.model.partition import NodeSlice, partition
 AUTO = "auto"
 CALIBRATION_S = 0.5            # s of matmuls timed: long enough for a core's time-sharing to average out
 CALIBRATION_VALUES = 16 << 20  # weight values of the timed matrix: past the caches, as a layer's are
+# a reconnect re-measures every node; the plan in force (the root's own slice loaded for it) is kept unless
+# it would be this much slower than a new one by the new figures: re-streaming every slice is not free
+REPLAN_TOLERANCE = 0.10
 
 
 def parse_split(text: str | None, n_nodes: int):
@@ -118,15 +121,23 @@ def describe(spec: ModelSpec, plan: list[NodeSlice], names: list[str], speeds: l
     return lines
 
 
+def expected_s(spec: ModelSpec, plan: list[NodeSlice], speeds: list[float]) -> float:
+    """Seconds of matmuls per token of the slowest node (a tensor-parallel step waits for it)."""
+    return max(values_per_token(spec, node) / speed for node, speed in zip(plan, speeds))
+
+
 class AutoPlanner:
     """The `--split auto` planner handed to `connect_workers`: `measure()` times this node while the
-    workers calibrate at handshake; called with their reports, it prints the plan it makes and returns it."""
+    workers calibrate at handshake; called with their reports, it prints the plan it makes and returns it.
+    Once `current` is set (the plan in force), a later call (a reconnect) keeps that plan while it fits every
+    node's memory and is within REPLAN_TOLERANCE of the new plan's expected time per token."""
 
     def __init__(self, spec: ModelSpec, seq_len: int, max_batch: int, names: list[str], say, check=None,
                  n_slots: int = 1):
         self.spec, self.seq_len, self.max_batch, self.names, self.say = spec, seq_len, max_batch, names, say
         self.check, self.n_slots = check, n_slots   # check(plan) raises where the file's blocks forbid it
         self.own = None
+        self.current: list[NodeSlice] | None = None
 
     def measure(self) -> None:
         from dllama.net.limits import available_memory
@@ -141,15 +152,36 @@ class AutoPlanner:
         speeds, free = (list(x) for x in zip(*([self.own] + list(reports))))
         limits = [None if f is None else int(HEADROOM * f) for f in free]
         spec = self.spec
-        chosen = plan_by_speed(spec, speeds, limits,
-                               lambda node: slice_bytes(spec, node, self.seq_len, self.max_batch, self.n_slots),
-                               self.names)
+
+        def need(node):
+            return slice_bytes(spec, node, self.seq_len, self.max_batch, self.n_slots)
+
+        chosen = plan_by_speed(spec, speeds, limits, need, self.names)
         if self.check:
             self.check(chosen)
+        if self._keeps_current(chosen, speeds, limits, need):
+            return self.current
         self.say("split by measured speed:")
         for line in describe(spec, chosen, self.names, speeds):
             self.say("  " + line)
         return chosen
+
+    def _keeps_current(self, chosen, speeds, limits, need) -> bool:
+        current = self.current
+        if current is None:
+            return False
+        # a node that came back with less memory than its slice in force needs decides it
+        if any(have is not None and need(node) > have for node, have in zip(current, limits)):
+            self.say("re-measured: the plan in force no longer fits every node's memory; re-planning")
+            return False
+        old, new = expected_s(self.spec, current, speeds), expected_s(self.spec, chosen, speeds)
+        if chosen != current and old > (1 + REPLAN_TOLERANCE) * new:
+            self.say(f"re-measured: the plan in force would take {1e3 * old:.1f} ms/token, a new one "
+                     f"{1e3 * new:.1f}; re-planning")
+            return False
+        self.say(f"re-measured: keeping the plan in force ({1e3 * old:.1f} ms/token expected, a new one "
+                 f"{1e3 * new:.1f}: within {REPLAN_TOLERANCE:.0%})")
+        return True
 
 
 def check_model(argv: list[str]) -> int:

@@ -11,8 +11,9 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
-from cluster_fixtures import KEY_ARGS, WorkerProcess, random_cluster_model
+from cluster_fixtures import KEY, KEY_ARGS, WorkerProcess, random_cluster_model
 from testlib import need
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -55,9 +56,9 @@ def memory_cgroup(limit: int):
                 time.sleep(0.1)
 
 
-def _worker_in(cg: Path, tmp: Path) -> WorkerProcess:
-    enter = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"]
-    return WorkerProcess(tmp, prefix=enter).wait_ready()
+def _enter(cg: Path) -> list[str]:
+    """A command prefix that moves the process into `cg` before it starts."""
+    return ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_a_worker_limited_by_its_cgroup_is_refused_before_any_weight(long_contex
 
     path, tok = long_context_model
     with memory_cgroup(LIMIT) as cg:
-        w = _worker_in(cg, tmp_path)
+        w = WorkerProcess(tmp_path, prefix=_enter(cg)).wait_ready()
         try:
             common = ["inference", "--model", str(path), "--tokenizer", str(tok), "--prompt", "Hi", "--steps", "2",
                       "--buffer-float-type", "f32", "--workers", w.address, *KEY_ARGS]
@@ -101,3 +102,62 @@ def test_a_worker_limited_by_its_cgroup_is_refused_before_any_weight(long_contex
             assert w.proc.poll() is None, w.log()   # refused, not killed by the kernel
         finally:
             w.stop()
+
+
+RECONNECT_SEQ_LEN = 1 << 18   # K/V of an even share (2 of 4 KV heads): 400 MB; of one KV head: 200 MB
+RECONNECT_LIMIT = 500 << 20   # room for one KV head's share, not for an even one
+
+
+def test_a_reconnect_measures_again_and_replans_when_the_returning_worker_has_less_memory(long_context_model,
+                                                                                           tmp_path):
+    """`--split auto`: the worker that comes back after a loss (the API's healing path, Engine.reconnect)
+    is limited by its cgroup to less than its share in force: every node is measured again, the plan
+    changes (the worker's share shrinks, the root's grows and the root loads its new slice), and the
+    tokens are still one node's."""
+    import signal
+
+    from test_batching import Recorder
+
+    from dllama.engine import Engine
+
+    path, tok = long_context_model
+    prompt = [256, 72, 101, 108, 108, 111]
+
+    def greedy(engine):
+        engine.cache_ids = []
+        rec = Recorder()
+        return list(engine.generate(prompt, 6, rec, stop_ids=())), np.array(rec.rows)
+
+    alone = Engine.open(str(path), str(tok), buffer_float_type="f32", max_seq_len=RECONNECT_SEQ_LEN)
+    try:
+        ids1, logits1 = greedy(alone)
+    finally:
+        alone.close()
+    w = WorkerProcess(tmp_path).wait_ready()
+    said: list[str] = []
+    engine = Engine.open(str(path), str(tok), buffer_float_type="f32", max_seq_len=RECONNECT_SEQ_LEN,
+                         workers=[w.address], split="auto", cluster_key=KEY, log=said.append)
+    try:
+        first = engine.coll.plan
+        assert greedy(engine)[0] == ids1
+        w.proc.send_signal(signal.SIGKILL)
+        w.stop()
+        with memory_cgroup(RECONNECT_LIMIT) as cg:
+            back = WorkerProcess(tmp_path, port=w.port, prefix=_enter(cg)).wait_ready()
+            try:
+                said.clear()
+                engine.reconnect()
+                plan = engine.coll.plan
+                assert "re-measured: the plan in force no longer fits every node's memory; re-planning" in said, said
+                assert len(plan[1].kv_heads) < len(first[1].kv_heads), (first, plan)
+                assert engine.model.node == plan[0] != first[0]
+                ids, logits = greedy(engine)
+                assert ids == ids1
+                np.testing.assert_allclose(logits, logits1, atol=0.03 * np.abs(logits1).max())
+                assert back.proc.poll() is None, back.log()
+            finally:
+                engine.close()
+                back.stop()
+    finally:
+        engine.close()
+        w.stop()

@@ -55,6 +55,34 @@ def test_describe_names_each_share_and_expected_time():
     assert "measured 3.00 Gvalues/s" in lines[0] and "ms/token" in lines[2]
 
 
+def test_a_reconnect_keeps_the_plan_in_force_within_the_tolerance():
+    """Re-measured speeds: the plan in force stands while it is within 10% of the best expected time per
+    token and fits; a node that slowed down a lot, or came back with less memory, gets a new plan."""
+    from dllama.model.split import AutoPlanner, expected_s
+
+    said = []
+    planner = AutoPlanner(SMOLLM2, 1024, 32, NAMES, said.append)
+    planner.own = (3e9, None)
+    first = planner([(1e9, None), (1e9, None)])
+    planner.current = first
+    # a few percent slower worker: the same plan, said so
+    assert planner([(0.95e9, None), (1e9, None)]) is first
+    assert said[-1].startswith("re-measured: keeping the plan in force (")
+    # node 1 at a third of its speed: the old plan would be far slower than a new one
+    said.clear()
+    slow = [(1 / 3 * 1e9, None), (1e9, None)]
+    new = planner(slow)
+    assert new != first and len(new[1].ffn) < len(first[1].ffn)
+    speeds = [3e9, 1 / 3 * 1e9, 1e9]
+    assert expected_s(SMOLLM2, first, speeds) > 1.1 * expected_s(SMOLLM2, new, speeds)
+    assert said[0].startswith("re-measured: the plan in force would take ") and "split by measured speed:" in said
+    # same speeds, but node 2 returns with less memory than its slice in force needs
+    said.clear()
+    new = planner([(1e9, None), (1e9, int(0.8 * _need(first[2])) * 10 // 9)])
+    assert _need(new[2]) < _need(first[2])
+    assert said[0] == "re-measured: the plan in force no longer fits every node's memory; re-planning"
+
+
 def test_calibration_is_a_positive_speed_and_refuses_odd_shapes():
     speed = calibrate("q40", 576, seconds=0.01)
     assert math.isfinite(speed) and speed > 0
