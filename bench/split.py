@@ -8,12 +8,16 @@ Two scenarios, each node pinned with `taskset`:
   3 nodes: the root alone on core 0; both workers on core 1.
 For each, even and auto run in rotation (medians and best of the repeats; the machine is shared, so noise
 only slows a run down), and the plan auto chose is printed with the speeds the nodes measured.
-Loopback only. The model is bench/engine.py's b1 (or --model); the machine's load average is printed.
+`--cpu-shares N` (root): run in a cpu cgroup of that weight (v1 cpu.shares; default groups weigh 1024).
+With autogroup scheduling on (Linux's default for sessions), `nice` only ranks processes within their
+session: another session's nice-19 test run still takes an equal share of each core, and "the root alone
+on core 0" is not. Loopback only. The model is bench/engine.py's b1 (or --model); the machine's load average is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -43,18 +47,21 @@ def run_root(model: Path, tok: Path, steps: int, workers: list[str], split: str 
 
 
 def scenario(name: str, model: Path, tok: Path, worker_cores: list[int], busy_cores: list[int], steps: int,
-             repeats: int) -> dict:
+             repeats: int, also=()) -> dict:
     procs = [subprocess.Popen(pinned(c, [sys.executable, "-c", BUSY])) for c in busy_cores]
     workers = [start_worker(1, prefix=pinned(c, [])) for c in worker_cores]
     addresses = [a for _, a in workers]
-    results: dict[str, list[float]] = {"even": [], "auto": []}
+    splits = ["even", "auto", *also]
+    results: dict[str, list[float]] = {k: [] for k in splits}
+    waits: dict[str, list[float]] = {k: [] for k in splits}
     plan = ""
     try:
         run_root(model, tok, 2, addresses, None)   # page cache and kernels warm for both
         for _ in range(repeats):
-            for split in ("even", "auto"):
-                summary, err = run_root(model, tok, steps, addresses, None if split == "even" else "auto")
+            for split in splits:
+                summary, err = run_root(model, tok, steps, addresses, None if split == "even" else split)
                 results[split].append(summary["generation_tokens_per_s"])
+                waits[split].append(summary["avg_transfer_ms"])
                 if split == "auto":
                     plan = "\n".join(line for line in err.splitlines() if line.startswith(("split by", "  node")))
     finally:
@@ -68,11 +75,29 @@ def scenario(name: str, model: Path, tok: Path, worker_cores: list[int], busy_co
     best = {k: max(v) for k, v in results.items()}
     print(f"\n== {name}")
     print(plan)
-    for k in ("even", "auto"):
-        print(f"  {k:5s}: {med[k]:.2f} tokens/s median, {best[k]:.2f} best  (runs: "
-              f"{', '.join(f'{x:.2f}' for x in results[k])})")
+    for k in splits:
+        # the root's wait on the network per token: where the split is off, the wait for the slowest worker
+        print(f"  {k:5s}: {med[k]:.2f} tokens/s median, {best[k]:.2f} best, root waits "
+              f"{statistics.median(waits[k]):.1f} ms/token  (runs: {', '.join(f'{x:.2f}' for x in results[k])})")
     print(f"  auto / even: {med['auto'] / med['even']:.2f}x median, {best['auto'] / best['even']:.2f}x best")
     return {"name": name, "runs": results, "plan": plan}
+
+
+@contextlib.contextmanager
+def cpu_group(shares: int | None):
+    """This process (and what it starts) in a cpu cgroup weighing `shares`, removed afterwards."""
+    if not shares:
+        yield
+        return
+    group = Path(f"/sys/fs/cgroup/cpu/dllama-bench-{os.getpid()}")
+    group.mkdir()
+    try:
+        (group / "cpu.shares").write_text(str(shares))
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+        yield
+    finally:
+        (group.parent / "cgroup.procs").write_text(str(os.getpid()))
+        group.rmdir()
 
 
 def main() -> int:
@@ -82,7 +107,16 @@ def main() -> int:
     p.add_argument("--model")
     p.add_argument("--tokenizer")
     p.add_argument("--only", choices=("2", "3"))
+    p.add_argument("--also2", nargs="*", default=[], metavar="W0,W1", help="hand splits to run beside even and auto "
+                   "in the 2-node scenario (where the best split lies)")
+    p.add_argument("--also3", nargs="*", default=[], metavar="W0,W1,W2", help="the same for 3 nodes")
+    p.add_argument("--cpu-shares", type=int, default=None, help="run in a cpu cgroup (v1) of this weight")
     args = p.parse_args()
+    with cpu_group(args.cpu_shares):
+        return run(args)
+
+
+def run(args) -> int:
     model, tok = (Path(args.model), Path(args.tokenizer)) if args.model else ensure_model()
     if os.cpu_count() < 2:
         print("needs 2 cores", file=sys.stderr)
@@ -90,10 +124,10 @@ def main() -> int:
     print(f"load average before: {open('/proc/loadavg').read().split()[:3]}")
     if args.only != "3":
         scenario("2 nodes: root alone on core 0; worker on core 1 with a busy loop", model, tok, [1], [1],
-                 args.steps, args.repeats)
+                 args.steps, args.repeats, args.also2)
     if args.only != "2":
         scenario("3 nodes: root alone on core 0; both workers on core 1", model, tok, [1, 1], [], args.steps,
-                 args.repeats)
+                 args.repeats, args.also3)
     print(f"load average after: {open('/proc/loadavg').read().split()[:3]}")
     return 0
 
