@@ -66,8 +66,7 @@ def calibrate(qtype: str, cols: int, seconds: float = CALIBRATION_S) -> float:
     cluster starts its part at once. So does this: bursts of at most a quarter of a period, each started
     on a multiple of the period on the machine's monotonic clock, timed from that moment to the burst's
     end. Nodes that share a machine (and its cores) burst together and each sees the others, as in a
-    pass; a node beside a CPU-bound process of another kind gets what a scheduler gives a task that sleeps
-    as often, not the half of a core that a continuous loop would be left."""
+    pass, wherever their timed half-seconds overlap; the wake-up after each wait is timed too."""
     from dllama import kernels as K
 
     if qtype not in quants.QUANTS or cols < 32 or cols % quants.quant(qtype).block_size or cols > 1 << 17:
