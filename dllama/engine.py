@@ -178,7 +178,7 @@ class Engine:
         planner = self._cluster["plan"]
         if callable(planner):
             planner.current = coll.plan
-        if coll.plan[0] != self.model.node:
+        if self.model is None or coll.plan[0] != self.model.node:   # None: an earlier reload failed
             self._load_own(coll)
         self.coll = self.model.coll = coll
 
