@@ -1,17 +1,20 @@
 """Uneven machines: `--split auto` against the even split, on the 1B-shaped model, 1 thread per node.
 
     flock /work/bench.lock python bench/split.py [--steps 16] [--repeats 2] [--model M --tokenizer T]
+        [--also2 2,1 ...] [--also3 2,1,1 ...] [--cpu-shares 16384]
 
 Two scenarios, each node pinned with `taskset`:
   2 nodes: the root alone on core 0; the worker on core 1, sharing it with a CPU-bound process (a busy
            loop), so the worker runs at about half speed;
   3 nodes: the root alone on core 0; both workers on core 1.
-For each, even and auto run in rotation (medians and best of the repeats; the machine is shared, so noise
-only slows a run down), and the plan auto chose is printed with the speeds the nodes measured.
+For each, even, auto and any hand splits run in rotation (medians and best of the repeats; the machine is
+shared, so noise only slows a run down), with the root's wait on the network per token, and the plan auto
+chose is printed with the speeds the nodes measured.
 `--cpu-shares N` (root): run in a cpu cgroup of that weight (v1 cpu.shares; default groups weigh 1024).
 With autogroup scheduling on (Linux's default for sessions), `nice` only ranks processes within their
 session: another session's nice-19 test run still takes an equal share of each core, and "the root alone
-on core 0" is not. Loopback only. The model is bench/engine.py's b1 (or --model); the machine's load average is printed.
+on core 0" is not. Loopback only. The model is bench/engine.py's b1 (or --model); the machine's load
+average is printed.
 """
 
 from __future__ import annotations
