@@ -1,6 +1,7 @@
 """A worker whose memory is limited by its cgroup (a systemd unit's MemoryMax=, a container's limit), as a
-real process on loopback: it reports the room under that limit, not the machine's free memory, and the
-root refuses a plan that does not fit before sending a single weight, naming the node and the shortfall."""
+real process on loopback: it reports the room under that limit, not the machine's free memory; the root
+refuses a plan that does not fit before sending a single weight, naming the node and the shortfall; and a
+`--split auto` root whose lost worker returns with less room re-plans when it reconnects."""
 
 from __future__ import annotations
 
