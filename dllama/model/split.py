@@ -21,8 +21,7 @@ from dllama.formats.spec import ModelSpec
 from dllama.model.partition import NodeSlice, partition
 
 AUTO = "auto"
-CALIBRATION_S = 0.5            # s of bursts timed: long enough for a core's time-sharing to average out
-BURST_PERIOD_S = 0.04          # the calibration's bursts start this far apart (see calibrate)
+CALIBRATION_S = 0.5            # s of matmuls timed: long enough for a core's time-sharing to average out
 CALIBRATION_VALUES = 16 << 20  # weight values of the timed matrix: past the caches, as a layer's are
 # a reconnect re-measures every node; the plan in force (the root's own slice loaded for it) is kept unless
 # it would be this much slower than a new one by the new figures: re-streaming every slice is not free
@@ -60,13 +59,7 @@ def _calibration_matrix(qtype: str, cols: int):
 
 def calibrate(qtype: str, cols: int, seconds: float = CALIBRATION_S) -> float:
     """Weight values this process multiplies per second with the matmul kernel (at its set_threads),
-    one token at a time, on a `qtype` matrix of `cols` columns, as it would in forward passes.
-
-    A node in a pass computes in bursts and waits for the others between them, and every node of a
-    cluster starts its part at once. So does this: bursts of at most a quarter of a period, each started
-    on a multiple of the period on the machine's monotonic clock, timed from that moment to the burst's
-    end. Nodes that share a machine (and its cores) burst together and each sees the others, as in a
-    pass, wherever their timed half-seconds overlap; the wake-up after each wait is timed too."""
+    one token at a time, on a `qtype` matrix of `cols` columns."""
     from dllama import kernels as K
 
     if qtype not in quants.QUANTS or cols < 32 or cols % quants.quant(qtype).block_size or cols > 1 << 17:
@@ -74,26 +67,13 @@ def calibrate(qtype: str, cols: int, seconds: float = CALIBRATION_S) -> float:
     w, rows = _calibration_matrix(qtype, cols)
     x, out = np.ones((1, cols), np.float32), np.empty((1, rows), np.float32)
     K.matmul(w, x, out)
-    call_s = min(_timed(K.matmul, w, x, out) for _ in range(3))   # the least disturbed of three
-    period = BURST_PERIOD_S   # one for all: the bursts of nodes on one machine start together
-    per_burst = max(1, int(period / 4 / call_s))
-    calls, busy, end = 0, 0.0, time.monotonic() + seconds
+    calls, t0 = 0, time.perf_counter()
     while True:
-        now = time.monotonic()
-        start = (now // period + 1) * period
-        time.sleep(start - now)
-        for _ in range(per_burst):
-            K.matmul(w, x, out)
-        busy += time.monotonic() - start
-        calls += per_burst
-        if start >= end and calls >= 3:
-            return rows * cols * calls / busy
-
-
-def _timed(f, *args) -> float:
-    t0 = time.perf_counter()
-    f(*args)
-    return time.perf_counter() - t0
+        K.matmul(w, x, out)
+        calls += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds and calls >= 3:
+            return rows * cols * calls / elapsed
 
 
 def values_per_token(spec: ModelSpec, node: NodeSlice) -> int:
