@@ -57,7 +57,6 @@ class _Exchange(Collective):
         self._rx_mv = [memoryview(rx) for rx in self._rx]
         self._rx_head = [memoryview(bytearray(_HEAD.size)) for _ in vocab_cols]
         self._expect = bytearray(_HEAD.size)
-        self.transfer_s = 0.0
         self.pacer = Pacer()
         _warm_top_k()
 
@@ -137,6 +136,7 @@ class RootCollective(_Exchange):
     def __init__(self, conns: list[Connection], plan, dim: int, max_batch: int, buffer_type: str):
         super().__init__(0, len(plan), dim, max_batch, [len(s.vocab) for s in plan[1:]], buffer_type)
         self.conns, self.plan = conns, plan
+        self.transfer_s = 0.0
         self._step_frame = bytearray(P.HEADER.size + P.STEP_META.size)
         self._step_pos = np.zeros(2 * max_batch, np.int32)   # positions, then slots
         self._pending_step = None
@@ -153,6 +153,12 @@ class RootCollective(_Exchange):
         self.last_io = time.monotonic()
         self.lost: ConnectionLost | None = None
         self.pinger = None
+        # each worker's own cumulative (compute, network) ns, from the TIMES frame before its gather or top:
+        # received straight into these rows
+        self.worker_ns = np.zeros((len(conns), 2), np.uint64)
+        self._times_rx = [memoryview(row).cast("B") for row in self.worker_ns]
+        self._times_head = memoryview(bytearray(P.HEADER.size))
+        self._times_expect = P.HEADER.pack(P.TIMES, 0, P.TIMES_META.size, 0)
 
     @property
     def sent_bytes(self) -> int:
@@ -261,7 +267,23 @@ class RootCollective(_Exchange):
             else:
                 nbytes = 4 * n * cols
         payload = self._rx_mv[i][:nbytes] if into is None else into[i]
+        if op == P.OP_GATHER or op == P.OP_TOP:
+            self._recv_times(i, (op, ftype, n, cols), nbytes)
         self._recv(self.conns[i], i, op, ftype, n, cols, payload)
+
+    def _recv_times(self, i: int, want: tuple, nbytes: int) -> None:
+        """The TIMES frame that comes before a worker's gather or top, its counters into worker_ns[i]."""
+        conn, head, counters = self.conns[i], self._times_head, self._times_rx[i]
+        got = conn.recv_frame_into(head, counters, self._times_expect)
+        if got == P.HEADER.size + P.TIMES_META.size and head == self._times_expect:
+            return
+        raw = bytes(head[:got]) + bytes(counters[:max(got - P.HEADER.size, 0)])
+        if got >= P.HEADER.size:   # something else came: read the rest of its meta, for its reason
+            meta_len = P.HEADER.unpack_from(raw)[2]
+            rest = bytearray(max(P.HEADER.size + meta_len - len(raw), 0))
+            conn.recv_into(rest)
+            raw += rest
+        _unexpected(conn, raw, want, nbytes)
 
     def gather(self, part: np.ndarray, out: np.ndarray):
         """out (n, vocab) <- the root's part and every worker's (n, len(vocab slice)) f32 logits; or, when
@@ -369,6 +391,25 @@ class WorkerCollective(_Exchange):
         self._top_logits = np.empty(max(vocab_cols, 1), np.float32)
         self._top_stats = bytearray(_HEAD.size + P.TOP_STATS.size)
         self._scratch = np.empty(vocab_cols, np.float64)
+        # this worker's own clock, reported in TIMES (protocol.py): integers only, taken where the exchanges
+        # already time themselves, plus once at each pass's start
+        self.network_ns = 0    # inside the exchanges
+        self._busy_ns = 0      # inside the passes before the current one, from STEP to their last exchange
+        self._pass_t0 = 0      # when the current pass's STEP arrived (0: none yet)
+        self._io_end = 0       # when the latest exchange ended
+        self._times = bytearray(P.HEADER.size + P.TIMES_META.size)
+        P.HEADER.pack_into(self._times, 0, P.TIMES, 0, P.TIMES_META.size, 0)
+
+    @property
+    def compute_ns(self) -> int:
+        """Time inside forward passes outside the exchanges, up to the latest exchange."""
+        return self._busy_ns + (self._io_end - self._pass_t0 if self._pass_t0 else 0) - self.network_ns
+
+    def _stamp(self, now: int) -> bytearray:
+        """The TIMES frame for a report at `now` (within the current pass, before its gather)."""
+        compute = self._busy_ns + (now - self._pass_t0 if self._pass_t0 else 0) - self.network_ns
+        P.TIMES_META.pack_into(self._times, P.HEADER.size, max(compute, 0), self.network_ns)
+        return self._times
 
     @property
     def sent_bytes(self) -> int:
@@ -388,6 +429,9 @@ class WorkerCollective(_Exchange):
         step), or None when the root said BYE or closed between frames. A root silent for ROOT_SILENCE_S
         (no STEP, no PING) is taken for dead: ConnectionLost. A root that could not sample from the
         candidates of the last pass is sent that pass's full slice of logits meanwhile."""
+        if self._pass_t0:   # the last pass ended with its last exchange
+            self._busy_ns += self._io_end - self._pass_t0
+            self._pass_t0 = 0
         while True:
             self.conn.set_timeout(ROOT_SILENCE_S)
             head = self.conn.recv_header()
@@ -421,10 +465,11 @@ class WorkerCollective(_Exchange):
             rows = self._positions[:2 * n]
             self.conn.recv_into(rows)
             self.slots = rows[n:]
+            self._pass_t0 = self._io_end = time.perf_counter_ns()
             return rows[:n]
 
     def broadcast(self, x: np.ndarray) -> None:
-        t0 = time.perf_counter()
+        t0 = time.perf_counter_ns()
         n = x.shape[0]
         nbytes = self._nbytes(n)
         self.conn.set_timeout(self.pacer.timeout(n))
@@ -432,37 +477,47 @@ class WorkerCollective(_Exchange):
             self._recv(self.conn, 0, P.OP_BROADCAST, self._ftype, n, self.dim, memoryview(x).cast("B"))
         else:
             self._recv(self.conn, 0, P.OP_BROADCAST, self._ftype, n, self.dim, self._rx_mv[0][:nbytes])
-            self.pacer.observe(time.perf_counter() - t0, n)
+            self.pacer.observe((time.perf_counter_ns() - t0) * 1e-9, n)
             self._decode_into(self._rx[0], x, add=False)
-            self.transfer_s += time.perf_counter() - t0
+            self._io_end = t1 = time.perf_counter_ns()
+            self.network_ns += t1 - t0
             return
-        self.pacer.observe(time.perf_counter() - t0, n)
-        self.transfer_s += time.perf_counter() - t0
+        self._io_end = t1 = time.perf_counter_ns()
+        self.pacer.observe((t1 - t0) * 1e-9, n)
+        self.network_ns += t1 - t0
 
     def reduce_sum(self, y: np.ndarray) -> None:
-        t0 = time.perf_counter()
+        t0 = time.perf_counter_ns()
         self._send(self._conns, P.OP_REDUCE, y)
-        self.transfer_s += time.perf_counter() - t0
+        self._io_end = t1 = time.perf_counter_ns()
+        self.network_ns += t1 - t0
 
     def gather(self, part: np.ndarray, out=None) -> None:
-        t0 = time.perf_counter()
+        t0 = time.perf_counter_ns()
         self._last_part = part
+        times = self._stamp(t0)
         if self._logits[0] == P.LOGITS_TOP:
-            self._send_top(part[0])
+            self._send_top(part[0], times)
         else:
-            self._send_full()
-        self.transfer_s += time.perf_counter() - t0
+            self._send_full(times)
+        self._io_end = t1 = time.perf_counter_ns()
+        self.network_ns += t1 - t0
 
-    def _send_full(self) -> None:
+    @property
+    def transfer_s(self) -> float:
+        return self.network_ns * 1e-9
+
+    def _send_full(self, times=None) -> None:
         part = self._last_part
         if part is None:
             raise P.ProtocolError(f"{self.conn.label}: asked for logits before any forward pass")
         payload = memoryview(np.ascontiguousarray(part, dtype=np.float32)).cast("B")
         _HEAD.pack_into(self._tx, 0, P.BUFFER, 0, P.BUFFER_META.size, len(payload), P.OP_GATHER, 0,
                         part.shape[0], part.shape[1])
-        self.conn.send_buffers([self._tx_mv[:_HEAD.size], payload])
+        # every gather has its TIMES ahead of it: between passes (after a top), the counters as they stand
+        self.conn.send_buffers([self._stamp(self._io_end) if times is None else times, self._tx_mv[:_HEAD.size], payload])
 
-    def _send_top(self, logits: np.ndarray) -> None:
+    def _send_top(self, logits: np.ndarray, times) -> None:
         from dllama.candidates import node_candidates
 
         _, temperature, k = self._logits
@@ -471,4 +526,4 @@ class WorkerCollective(_Exchange):
         _HEAD.pack_into(self._top_stats, 0, P.BUFFER, 0, P.BUFFER_META.size, P.TOP_STATS.size + 8 * n, P.OP_TOP,
                         0, n, logits.size)
         P.TOP_STATS.pack_into(self._top_stats, _HEAD.size, m, s)
-        self.conn.send_buffers([self._top_stats, self._top_ids[:n], self._top_logits[:n]])
+        self.conn.send_buffers([times, self._top_stats, self._top_ids[:n], self._top_logits[:n]])
