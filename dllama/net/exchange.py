@@ -392,18 +392,17 @@ class WorkerCollective(_Exchange):
         self._top_stats = bytearray(_HEAD.size + P.TOP_STATS.size)
         self._scratch = np.empty(vocab_cols, np.float64)
         # this worker's own clock, reported in TIMES (protocol.py): integers only, taken where the exchanges
-        # already time themselves, plus once at each pass's start
+        # already time themselves, plus once as each pass starts and ends
         self.network_ns = 0    # inside the exchanges
-        self._busy_ns = 0      # inside the passes before the current one, from STEP to their last exchange
-        self._pass_t0 = 0      # when the current pass's STEP arrived (0: none yet)
-        self._io_end = 0       # when the latest exchange ended
+        self._busy_ns = 0      # inside the passes before the current one, from STEP to the next step()
+        self._pass_t0 = 0      # when the current pass's STEP arrived (0: none open)
         self._times = bytearray(P.HEADER.size + P.TIMES_META.size)
         P.HEADER.pack_into(self._times, 0, P.TIMES, 0, P.TIMES_META.size, 0)
 
     @property
     def compute_ns(self) -> int:
-        """Time inside forward passes outside the exchanges, up to the latest exchange."""
-        return self._busy_ns + (self._io_end - self._pass_t0 if self._pass_t0 else 0) - self.network_ns
+        """Time inside the finished forward passes outside the exchanges."""
+        return self._busy_ns - self.network_ns
 
     def _stamp(self, now: int) -> bytearray:
         """The TIMES frame for a report at `now` (within the current pass, before its gather)."""
@@ -429,8 +428,8 @@ class WorkerCollective(_Exchange):
         step), or None when the root said BYE or closed between frames. A root silent for ROOT_SILENCE_S
         (no STEP, no PING) is taken for dead: ConnectionLost. A root that could not sample from the
         candidates of the last pass is sent that pass's full slice of logits meanwhile."""
-        if self._pass_t0:   # the last pass ended with its last exchange
-            self._busy_ns += self._io_end - self._pass_t0
+        if self._pass_t0:   # the pass before ends here
+            self._busy_ns += time.perf_counter_ns() - self._pass_t0
             self._pass_t0 = 0
         while True:
             self.conn.set_timeout(ROOT_SILENCE_S)
@@ -465,7 +464,7 @@ class WorkerCollective(_Exchange):
             rows = self._positions[:2 * n]
             self.conn.recv_into(rows)
             self.slots = rows[n:]
-            self._pass_t0 = self._io_end = time.perf_counter_ns()
+            self._pass_t0 = time.perf_counter_ns()
             return rows[:n]
 
     def broadcast(self, x: np.ndarray) -> None:
@@ -479,18 +478,16 @@ class WorkerCollective(_Exchange):
             self._recv(self.conn, 0, P.OP_BROADCAST, self._ftype, n, self.dim, self._rx_mv[0][:nbytes])
             self.pacer.observe((time.perf_counter_ns() - t0) * 1e-9, n)
             self._decode_into(self._rx[0], x, add=False)
-            self._io_end = t1 = time.perf_counter_ns()
-            self.network_ns += t1 - t0
+            self.network_ns += time.perf_counter_ns() - t0
             return
-        self._io_end = t1 = time.perf_counter_ns()
+        t1 = time.perf_counter_ns()
         self.pacer.observe((t1 - t0) * 1e-9, n)
         self.network_ns += t1 - t0
 
     def reduce_sum(self, y: np.ndarray) -> None:
         t0 = time.perf_counter_ns()
         self._send(self._conns, P.OP_REDUCE, y)
-        self._io_end = t1 = time.perf_counter_ns()
-        self.network_ns += t1 - t0
+        self.network_ns += time.perf_counter_ns() - t0
 
     def gather(self, part: np.ndarray, out=None) -> None:
         t0 = time.perf_counter_ns()
@@ -500,8 +497,7 @@ class WorkerCollective(_Exchange):
             self._send_top(part[0], times)
         else:
             self._send_full(times)
-        self._io_end = t1 = time.perf_counter_ns()
-        self.network_ns += t1 - t0
+        self.network_ns += time.perf_counter_ns() - t0
 
     @property
     def transfer_s(self) -> float:
@@ -514,8 +510,9 @@ class WorkerCollective(_Exchange):
         payload = memoryview(np.ascontiguousarray(part, dtype=np.float32)).cast("B")
         _HEAD.pack_into(self._tx, 0, P.BUFFER, 0, P.BUFFER_META.size, len(payload), P.OP_GATHER, 0,
                         part.shape[0], part.shape[1])
-        # every gather has its TIMES ahead of it: between passes (after a top), the counters as they stand
-        self.conn.send_buffers([self._stamp(self._io_end) if times is None else times, self._tx_mv[:_HEAD.size], payload])
+        if times is None:   # every gather has its TIMES ahead: between passes (after a top), as they stand
+            times = self._stamp(time.perf_counter_ns())
+        self.conn.send_buffers([times, self._tx_mv[:_HEAD.size], payload])
 
     def _send_top(self, logits: np.ndarray, times) -> None:
         from dllama.candidates import node_candidates

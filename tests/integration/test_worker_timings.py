@@ -5,7 +5,7 @@ passes took, and follow the share of the model the worker computes."""
 from __future__ import annotations
 
 import pytest
-from cluster_fixtures import KEY, start_workers  # noqa: F401  (fixture)
+from cluster_fixtures import KEY, random_cluster_model, start_workers  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -17,19 +17,8 @@ TOKENS = 16
 def ffn_model(tmp_path_factory):
     """A random Q40 model whose decode pass is mostly FFN matmuls (hidden 16384 on dim 2048): a node's compute
     follows its share of the FFN rows, well above the per-layer overhead of the forward pass."""
-    from dllama.formats.dlm import write_dlm
-    from dllama.formats.dlt import TokenizerData, write_t
-    from dllama.formats.random_model import preset_spec, random_tensors
-
-    d = tmp_path_factory.mktemp("timings")
-    spec = preset_spec("llama3_2_1b", "q40", dim=2048, hidden_dim=16384, n_layers=1, n_heads=8, n_kv_heads=4,
-                       vocab_size=512, seq_len=64)
-    write_dlm(str(d / "m.m"), spec, random_tensors(spec, seed=3))
-    tokens = [bytes([i]) for i in range(256)] + [b"<s>", b"</s>"]
-    tokens += [bytes([97 + i // 26, 97 + i % 26]) for i in range(512 - len(tokens))]
-    write_t(str(d / "t.t"), TokenizerData(tokens, [0.0] * 512, bos_id=256, eos_ids=[257],
-                                          special_ids=frozenset({256, 257})))
-    return str(d / "m.m"), str(d / "t.t")
+    path, tok = random_cluster_model(tmp_path_factory.mktemp("timings"), dim=2048, hidden_dim=16384, n_layers=1)
+    return str(path), str(tok)
 
 
 def _generate(model, worker, split):
@@ -53,7 +42,7 @@ def test_a_workers_own_times_add_up_and_follow_its_share(ffn_model, start_worker
     _generate(ffn_model, worker, [1, 1])   # whatever the first passes load or compile is not measured
     runs = {"small": [], "large": []}
     for _ in range(2):   # alternated, so a load that comes and goes weighs on both shares alike
-        for name, split in (("small", [3, 1]), ("large", [1, 3])):
+        for name, split in (("small", [7, 1]), ("large", [1, 7])):
             runs[name].append(_generate(ffn_model, worker, split))
     for st in runs["small"] + runs["large"]:
         root, node = st["nodes"]
@@ -63,11 +52,11 @@ def test_a_workers_own_times_add_up_and_follow_its_share(ffn_model, start_worker
         # gather send, well under a millisecond on loopback)
         assert node["inference_ms"] > 0 and node["transfer_ms"] > 0
         assert node["inference_ms"] + node["transfer_ms"] <= st["avg_token_ms"] + 1.0 / (TOKENS - 1)
-    # three times the FFN rows: more of the worker's time computing, and the root's less
+    # seven times the FFN rows: more of the worker's time computing, and the root's less
     small = sum(r["nodes"][1]["inference_ms"] for r in runs["small"])
     large = sum(r["nodes"][1]["inference_ms"] for r in runs["large"])
     root_small = sum(r["nodes"][0]["inference_ms"] for r in runs["small"])
     root_large = sum(r["nodes"][0]["inference_ms"] for r in runs["large"])
-    print(f"worker compute ms/token: {small / 2:.2f} at 1/4 of the FFN, {large / 2:.2f} at 3/4; "
+    print(f"worker compute ms/token: {small / 2:.2f} at 1/8 of the FFN, {large / 2:.2f} at 7/8; "
           f"root: {root_small / 2:.2f}, {root_large / 2:.2f}")
     assert large > 1.5 * small and root_small > root_large
