@@ -24,7 +24,7 @@ from dllama.api import embeddings, metrics, web
 from dllama.api.errors import ApiError, GuardMiddleware, install_error_handlers
 from dllama.api.runner import RETRY_AFTER_S, Delta, Done, Embedded, Failed, Job
 from dllama.api.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, check_limits
-from dllama.api.tools import name_tool_results, parse_tool_calls, template_message
+from dllama.api.tools import ToolStream, name_tool_results, parse_tool_calls, template_message
 from dllama.errors import DllamaError
 
 
@@ -454,18 +454,19 @@ async def _watch_disconnect(request: Request, jobs: list[Job], events: asyncio.Q
 
 async def _sse(jobs: list[Job], events: asyncio.Queue, request: Request, meta: dict, chat: bool,
                include_usage: bool, engine, tools: bool = False):
-    """With tools offered, a choice's reply is held until it ends (a call is only known then) and sent as
-    one delta: its content, or its tool_calls."""
+    """With tools offered, a choice's content streams as it comes, and what may be a tool call is held until
+    it is whole and sent as one `tool_calls` delta (tools.ToolStream)."""
     kind = "chat.completion.chunk" if chat else "text_completion"
-    offsets = [0] * len(jobs)
+    offsets, n_calls = [0] * len(jobs), [0] * len(jobs)
 
-    def chunk(i: int, delta: str | None, finish: str | None, role: bool = False, records=None, calls=None) -> str:
+    def chunk(i: int, delta: str | None, finish: str | None, role: bool = False, records=None, call=None) -> str:
         lp = None if records is None else _logprobs(engine, chat, records, offsets[i])
         offsets[i] += len(delta or "")
         if chat:
             d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
-            if calls:   # each call with its `index`, as OpenAI streams them
-                d["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+            if call:   # with its `index` among the choice's calls, as OpenAI streams them
+                d["tool_calls"] = [{"index": n_calls[i], **call}]
+                n_calls[i] += 1
             choice = {"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}
         else:
             choice = {"index": i, "text": delta or "", "logprobs": lp, "finish_reason": finish}
@@ -477,22 +478,33 @@ async def _sse(jobs: list[Job], events: asyncio.Queue, request: Request, meta: d
     if chat:
         for i in range(len(jobs)):
             yield chunk(i, None, None, role=True)
-    done, held = [None] * len(jobs), [[] for _ in jobs]
+    done, streams = [None] * len(jobs), [ToolStream() if tools else None for _ in jobs]
+    held = [None if job.sampler.top_n is None else [] for job in jobs]   # logprobs not yet sent
+
+    def pieces(i: int, out: list):
+        for content, call in out:
+            records = held[i]
+            if records is not None:
+                held[i] = []
+            yield chunk(i, content, None, records=records, call=call)
+
     try:
         async for i, event in _events(jobs, events, request):
             if isinstance(event, Delta) and tools:
-                held[i].append(event)
+                if held[i] is not None:
+                    held[i] += event.logprobs or ()
+                for text in pieces(i, streams[i].feed(event.text)):
+                    yield text
             elif isinstance(event, Delta):
                 yield chunk(i, event.text, None, records=event.logprobs)
             elif isinstance(event, Done):
                 done[i] = event
                 finish = event.finish_reason
                 if tools:
-                    records = ([r for d in held[i] for r in d.logprobs or ()]
-                               if jobs[i].sampler.top_n is not None else None)
-                    message, finish = _assistant("".join(d.text for d in held[i]), finish, True)
-                    yield chunk(i, message.get("content") or "", None, records=records, calls=message.get("tool_calls"))
-                yield chunk(i, None, finish)
+                    for text in pieces(i, streams[i].end()):
+                        yield text
+                    finish = "tool_calls" if streams[i].calls else finish
+                yield chunk(i, None, finish, records=held[i] or None)
         if include_usage and None not in done:
             yield _data({**meta, "object": kind, "choices": [], "usage": _usage(done)})
     except ApiError as exc:
