@@ -20,7 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from dllama.api import embeddings, metrics, web
+from dllama.api import embeddings, metrics, shaping, web
 from dllama.api.errors import ApiError, GuardMiddleware, install_error_handlers
 from dllama.api.runner import RETRY_AFTER_S, Delta, Done, Embedded, Failed, Job
 from dllama.api.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, check_limits
@@ -151,12 +151,13 @@ def create_app(service: Service, max_body: int, api_key: str | None = None, docs
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine = service.require_engine()
         _reject_unsupported(body)
-        tools = _tools(engine, body)
+        tools = shaping.offered_tools(engine, body)
         messages = [_template_message(j, m) for j, m in enumerate(body.messages)]
         name_tool_results(messages)
         prompt_ids = await run_in_threadpool(_render_chat, engine, messages, tools)
-        matchers = (await run_in_threadpool(_grammar, engine, body.response_format, body.n or 1)
-                    if body.response_format else None)
+        forced = shaping.forced_tool(body) if tools else None
+        matchers = (await run_in_threadpool(shaping.matchers, engine, body.response_format, body.n or 1, tools,
+                                            forced) if body.response_format or forced else None)
         return await _complete(service, request, body, prompt_ids, chat=True, tools=tools is not None,
                                matchers=matchers)
 
@@ -236,24 +237,6 @@ def _template_message(j: int, m) -> dict:
     return out
 
 
-def _tools(engine, body) -> list | None:
-    """The tools to render, None when there are none to offer; 400 when the model's template cannot."""
-    if body.tool_choice not in (None, "auto", "none"):
-        raise ApiError(400, "tool_choice: only 'auto' and 'none' are supported", param="tool_choice",
-                       code="unsupported")
-    if not body.tools or body.tool_choice == "none":
-        return None
-    for i, tool in enumerate(body.tools):
-        fn = tool.get("function")
-        if tool.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise ApiError(400, f"tools.{i}: needs type 'function' and function.name", param=f"tools.{i}",
-                           code="invalid_value")
-    if not getattr(engine.chat, "supports_tools", False):
-        raise ApiError(400, "tools: this model's chat template does not render tools, so tool calling is "
-                       "not supported with this model", param="tools", code="unsupported")
-    return body.tools
-
-
 def _render_chat(engine, messages: list[dict], tools: list | None = None) -> list[int]:
     extra = {} if tools is None else {"tools": tools}
     try:
@@ -274,23 +257,6 @@ def _encode_prompt(engine, prompt) -> list[int]:
     if any(not 0 <= t < vocab for t in prompt):
         raise ApiError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
     return list(prompt)
-
-
-def _grammar(engine, response_format: dict, n: int):
-    """The llguidance matchers (one per choice: each follows its own reply) a chat's response_format asks
-    for (None for text); a 400 naming what is wrong."""
-    from dllama import grammar
-
-    try:
-        schema = grammar.schema_of(response_format)
-        if schema is None:
-            return None
-        if not grammar.available():
-            raise ApiError(400, "response_format json needs the llguidance package on the server "
-                           "(pip install 'dllama[grammar]')", param="response_format", code="unsupported")
-        return [grammar.matcher_for(engine.tokenizer, engine.spec.vocab_size, schema) for _ in range(n)]
-    except DllamaError as exc:
-        raise ApiError(400, str(exc), param="response_format", code="invalid_value") from None
 
 
 def _make_jobs(service: Service, body, prompt_ids: list[int], events: asyncio.Queue, matchers=None) -> list[Job]:

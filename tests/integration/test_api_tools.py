@@ -159,9 +159,13 @@ def test_tools_on_a_template_without_them_are_a_400():
         with pytest.raises(openai.BadRequestError) as exc:
             client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], tools=[WEATHER])
         assert exc.value.body["param"] == "tools" and "does not render tools" in exc.value.body["message"]
-        with pytest.raises(openai.BadRequestError) as exc:
+        with pytest.raises(openai.BadRequestError) as exc:   # a call required, and no way to offer one
             client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], tools=[WEATHER],
                                            tool_choice="required")
-        assert exc.value.body["param"] == "tool_choice"
+        assert exc.value.body["param"] == "tools"
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                           tool_choice="required")
+        assert exc.value.body["param"] == "tool_choice" and "offers no tools" in exc.value.body["message"]
     finally:
         runner.stop()
