@@ -155,7 +155,7 @@ class RootCollective(_Exchange):
         self.pinger = None
         # each worker's own cumulative (compute, network) ns, from the TIMES frame before its gather or top:
         # received straight into these rows
-        self.worker_ns = np.zeros((len(conns), 2), np.uint64)
+        self.worker_ns = np.zeros((len(conns), 2), "<u8")
         self._times_rx = [memoryview(row).cast("B") for row in self.worker_ns]
         self._times_head = memoryview(bytearray(P.HEADER.size))
         self._times_expect = P.HEADER.pack(P.TIMES, 0, P.TIMES_META.size, 0)
@@ -278,9 +278,11 @@ class RootCollective(_Exchange):
         if got == P.HEADER.size + P.TIMES_META.size and head == self._times_expect:
             return
         raw = bytes(head[:got]) + bytes(counters[:max(got - P.HEADER.size, 0)])
-        if got >= P.HEADER.size:   # something else came: read the rest of its meta, for its reason
-            meta_len = P.HEADER.unpack_from(raw)[2]
-            rest = bytearray(max(P.HEADER.size + meta_len - len(raw), 0))
+        if got >= P.HEADER.size and raw[0] == P.BUFFER:
+            kind = "top" if want[0] == P.OP_TOP else "gather"
+            raise P.ProtocolError(f"{conn.label}: a {kind} BUFFER without the TIMES that comes before it")
+        if got >= P.HEADER.size and raw[0] == P.REFUSE:   # the worker's reason, whole
+            rest = bytearray(max(P.HEADER.size + P.HEADER.unpack_from(raw)[2] - len(raw), 0))
             conn.recv_into(rest)
             raw += rest
         _unexpected(conn, raw, want, nbytes)

@@ -227,13 +227,18 @@ def test_a_silent_worker_times_out_naming_it(n_workers):
     assert all(a.timeout == 0.3 for a, _ in pairs)   # the deadline is the sockets' kernel timeout
 
 
-def test_root_names_a_refusal_that_came_instead_of_a_workers_times():
-    """A worker that fails at the end of a pass refuses where the root reads its TIMES: the whole reason
-    (longer than the TIMES frame) is named, not a protocol error about the bytes."""
+@pytest.mark.parametrize("frame,error,match", [
+    # a worker that fails at the end of a pass: its whole reason (longer than a TIMES frame) is named
+    (P.Refuse("worker 127.0.0.1:7: out of memory in the output layer"), ConnectionLost,
+     "w a: worker 127.0.0.1:7: out of memory in the output layer$"),
+    # the logits without the worker's TIMES ahead of them (a protocol 4 worker's gather)
+    (P.Buffer(P.OP_GATHER, "f32", 1, 32, bytes(128)), P.ProtocolError, "gather BUFFER without the TIMES"),
+])
+def test_root_names_what_came_instead_of_a_workers_times(frame, error, match):
     plan = _plan(2, 64, 64)
     a, b = _pair("w")
     root = RootCollective([a], plan, 64, 1, "f32")
     root.step(1, np.array([0]))
-    b.send(P.Refuse("worker 127.0.0.1:7: out of memory in the output layer"))
-    with pytest.raises(ConnectionLost, match="w a: worker 127.0.0.1:7: out of memory in the output layer$"):
+    b.send(frame)
+    with pytest.raises(error, match=match):
         root.gather(np.zeros((1, 32), np.float32), np.zeros((1, 64), np.float32))
