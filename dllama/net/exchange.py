@@ -57,6 +57,7 @@ class _Exchange(Collective):
         self._rx_mv = [memoryview(rx) for rx in self._rx]
         self._rx_head = [memoryview(bytearray(_HEAD.size)) for _ in vocab_cols]
         self._expect = bytearray(_HEAD.size)
+        self.transfer_s = 0.0
         self.pacer = Pacer()
         _warm_top_k()
 
@@ -136,7 +137,6 @@ class RootCollective(_Exchange):
     def __init__(self, conns: list[Connection], plan, dim: int, max_batch: int, buffer_type: str):
         super().__init__(0, len(plan), dim, max_batch, [len(s.vocab) for s in plan[1:]], buffer_type)
         self.conns, self.plan = conns, plan
-        self.transfer_s = 0.0
         self._step_frame = bytearray(P.HEADER.size + P.STEP_META.size)
         self._step_pos = np.zeros(2 * max_batch, np.int32)   # positions, then slots
         self._pending_step = None
@@ -393,23 +393,23 @@ class WorkerCollective(_Exchange):
         self._top_logits = np.empty(max(vocab_cols, 1), np.float32)
         self._top_stats = bytearray(_HEAD.size + P.TOP_STATS.size)
         self._scratch = np.empty(vocab_cols, np.float64)
-        # this worker's own clock, reported in TIMES (protocol.py): integers only, taken where the exchanges
-        # already time themselves, plus once as each pass starts and ends
-        self.network_ns = 0    # inside the exchanges
-        self._busy_ns = 0      # inside the passes before the current one, from STEP to the next step()
-        self._pass_t0 = 0      # when the current pass's STEP arrived (0: none open)
+        # this worker's own clock, reported in TIMES (protocol.py): the exchanges' time is transfer_s, which
+        # they already keep; the passes' is taken once as each starts and ends. Kept in float seconds as the
+        # exchanges' is (an int of nanoseconds costs ~45 ns more per exchange), turned into ns per report.
+        self._busy_s = 0.0     # inside the passes before the current one, from STEP to the next step()
+        self._pass_t0 = 0.0    # when the current pass's STEP arrived (0: none open)
         self._times = bytearray(P.HEADER.size + P.TIMES_META.size)
         P.HEADER.pack_into(self._times, 0, P.TIMES, 0, P.TIMES_META.size, 0)
 
     @property
-    def compute_ns(self) -> int:
+    def compute_s(self) -> float:
         """Time inside the finished forward passes outside the exchanges."""
-        return self._busy_ns - self.network_ns
+        return self._busy_s - self.transfer_s
 
-    def _stamp(self, now: int) -> bytearray:
+    def _stamp(self, now: float) -> bytearray:
         """The TIMES frame for a report at `now` (within the current pass, before its gather)."""
-        compute = self._busy_ns + (now - self._pass_t0 if self._pass_t0 else 0) - self.network_ns
-        P.TIMES_META.pack_into(self._times, P.HEADER.size, max(compute, 0), self.network_ns)
+        compute = self._busy_s + (now - self._pass_t0 if self._pass_t0 else 0.0) - self.transfer_s
+        P.TIMES_META.pack_into(self._times, P.HEADER.size, int(max(compute, 0.0) * 1e9), int(self.transfer_s * 1e9))
         return self._times
 
     @property
@@ -431,8 +431,8 @@ class WorkerCollective(_Exchange):
         (no STEP, no PING) is taken for dead: ConnectionLost. A root that could not sample from the
         candidates of the last pass is sent that pass's full slice of logits meanwhile."""
         if self._pass_t0:   # the pass before ends here
-            self._busy_ns += time.perf_counter_ns() - self._pass_t0
-            self._pass_t0 = 0
+            self._busy_s += time.perf_counter() - self._pass_t0
+            self._pass_t0 = 0.0
         while True:
             self.conn.set_timeout(ROOT_SILENCE_S)
             head = self.conn.recv_header()
@@ -466,11 +466,11 @@ class WorkerCollective(_Exchange):
             rows = self._positions[:2 * n]
             self.conn.recv_into(rows)
             self.slots = rows[n:]
-            self._pass_t0 = time.perf_counter_ns()
+            self._pass_t0 = time.perf_counter()
             return rows[:n]
 
     def broadcast(self, x: np.ndarray) -> None:
-        t0 = time.perf_counter_ns()
+        t0 = time.perf_counter()
         n = x.shape[0]
         nbytes = self._nbytes(n)
         self.conn.set_timeout(self.pacer.timeout(n))
@@ -478,32 +478,27 @@ class WorkerCollective(_Exchange):
             self._recv(self.conn, 0, P.OP_BROADCAST, self._ftype, n, self.dim, memoryview(x).cast("B"))
         else:
             self._recv(self.conn, 0, P.OP_BROADCAST, self._ftype, n, self.dim, self._rx_mv[0][:nbytes])
-            self.pacer.observe((time.perf_counter_ns() - t0) * 1e-9, n)
+            self.pacer.observe(time.perf_counter() - t0, n)
             self._decode_into(self._rx[0], x, add=False)
-            self.network_ns += time.perf_counter_ns() - t0
+            self.transfer_s += time.perf_counter() - t0
             return
-        t1 = time.perf_counter_ns()
-        self.pacer.observe((t1 - t0) * 1e-9, n)
-        self.network_ns += t1 - t0
+        self.pacer.observe(time.perf_counter() - t0, n)
+        self.transfer_s += time.perf_counter() - t0
 
     def reduce_sum(self, y: np.ndarray) -> None:
-        t0 = time.perf_counter_ns()
+        t0 = time.perf_counter()
         self._send(self._conns, P.OP_REDUCE, y)
-        self.network_ns += time.perf_counter_ns() - t0
+        self.transfer_s += time.perf_counter() - t0
 
     def gather(self, part: np.ndarray, out=None) -> None:
-        t0 = time.perf_counter_ns()
+        t0 = time.perf_counter()
         self._last_part = part
         times = self._stamp(t0)
         if self._logits[0] == P.LOGITS_TOP:
             self._send_top(part[0], times)
         else:
             self._send_full(times)
-        self.network_ns += time.perf_counter_ns() - t0
-
-    @property
-    def transfer_s(self) -> float:
-        return self.network_ns * 1e-9
+        self.transfer_s += time.perf_counter() - t0
 
     def _send_full(self, times=None) -> None:
         part = self._last_part
@@ -513,7 +508,7 @@ class WorkerCollective(_Exchange):
         _HEAD.pack_into(self._tx, 0, P.BUFFER, 0, P.BUFFER_META.size, len(payload), P.OP_GATHER, 0,
                         part.shape[0], part.shape[1])
         if times is None:   # every gather has its TIMES ahead: between passes (after a top), as they stand
-            times = self._stamp(time.perf_counter_ns())
+            times = self._stamp(time.perf_counter())
         self.conn.send_buffers([times, self._tx_mv[:_HEAD.size], payload])
 
     def _send_top(self, logits: np.ndarray, times) -> None:
