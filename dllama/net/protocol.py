@@ -77,8 +77,8 @@ one pass can carry the next token of several conversations and prompt chunks of 
 RELEASE: the worker forgets slot `slot`'s positions from `keep` on and gives their memory back.
 
 TIMES: sent in the same write as, and just before, every gather and top BUFFER: the worker's own clock since
-it was loaded, in nanoseconds: compute is its time inside forward passes (from their STEP to the end of their
-last exchange) outside the exchanges, network its time in them (waiting for and receiving broadcasts, sending
+it was loaded, in nanoseconds: compute is its time inside forward passes (from their STEP until it waits for
+the next, or up to this gather for the current one) outside the exchanges, network its time in them (waiting for and receiving broadcasts, sending
 partial sums and logits). Cumulative, so the root takes differences and a pass without logits is counted
 with the next report.
 """
