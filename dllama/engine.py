@@ -27,13 +27,22 @@ class Stats:
     recv_bytes: int = 0
     first_token_s: float = 0.0      # from generate() to the first generated token
     token_ms: list = field(default_factory=list)
+    worker_ns: list = field(default_factory=list)   # per worker: its own (compute, network) ns in the decode passes
+
+    def nodes(self) -> list[dict]:
+        """Per node, ms per decode pass: the root's own split (as avg_inference_ms/avg_transfer_ms), then each
+        worker's as it measured it (protocol TIMES): its compute, and its time in the exchanges."""
+        n = max(len(self.token_ms), 1)
+        avg_ms = sum(self.token_ms) / n
+        root = {"inference_ms": avg_ms - 1000 * self.transfer_s / n, "transfer_ms": 1000 * self.transfer_s / n}
+        return [root] + [{"inference_ms": c / 1e6 / n, "transfer_ms": t / 1e6 / n} for c, t in self.worker_ns]
 
     def summary(self) -> dict:
         # per-token figures are over the decode forward passes (the first token comes from the prompt's
         # pass, the last is not run), so they are what one more token costs
         n = max(len(self.token_ms), 1)
         avg_ms = sum(self.token_ms) / n
-        avg_t = 1000 * self.transfer_s / n
+        nodes = self.nodes()
         return {
             "prompt_tokens": self.prompt_tokens,
             "reused_tokens": self.reused_tokens,
@@ -41,11 +50,12 @@ class Stats:
             "prompt_tokens_per_s": self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0,
             "generation_tokens_per_s": 1000 / avg_ms if avg_ms else 0.0,
             "avg_token_ms": avg_ms,
-            "avg_inference_ms": avg_ms - avg_t,
-            "avg_transfer_ms": avg_t,
+            "avg_inference_ms": nodes[0]["inference_ms"],
+            "avg_transfer_ms": nodes[0]["transfer_ms"],
             "sent_bytes_per_token": self.sent_bytes / n,
             "recv_bytes_per_token": self.recv_bytes / n,
             "time_to_first_token_s": self.first_token_s,
+            "nodes": nodes,
         }
 
 
@@ -307,6 +317,9 @@ class Engine:
         wants = sampler.wants() if hasattr(sampler, "wants") else FULL_LOGITS
         logits = self.prefill(prompt_ids, wants)
         c0 = (self.coll.transfer_s, self.coll.sent_bytes, self.coll.recv_bytes)
+        # the workers' counters as of the prompt's last pass (which ends in logits, so with their TIMES)
+        w0 = getattr(self.coll, "worker_ns", None)
+        w0 = None if w0 is None else w0.astype(np.int64)
         t0 = time.perf_counter()
         try:
             for _ in range(max_tokens):
@@ -328,6 +341,8 @@ class Engine:
             st.transfer_s = self.coll.transfer_s - c0[0]
             st.sent_bytes = self.coll.sent_bytes - c0[1]
             st.recv_bytes = self.coll.recv_bytes - c0[2]
+            if w0 is not None:   # every decode pass ends in logits: the last one's TIMES cover them all
+                st.worker_ns = (self.coll.worker_ns.astype(np.int64) - w0).tolist()
 
     @property
     def context_left(self) -> int:

@@ -1,4 +1,5 @@
-"""Constrained decoding: OpenAI's `response_format` (JSON object, JSON schema) through llguidance.
+"""Constrained decoding: OpenAI's `response_format` (JSON object, JSON schema) and a `tool_choice` that
+requires a call, through llguidance.
 
 llguidance (Microsoft; Rust core, used by llama.cpp and vLLM) compiles a JSON schema into a grammar and,
 each step, computes which tokens of the vocabulary may come next (a bitmask, one bit per token id). The
@@ -112,6 +113,34 @@ def matcher_for(tokenizer, n_vocab: int, schema: dict):
     if matcher.is_error():
         raise DllamaError(f"response_format.json_schema.schema is not usable: {_one_line(matcher.get_error())}")
     return matcher
+
+
+def tool_call_matcher(tokenizer, n_vocab: int, tools: list, hermes: bool, name: str | None = None):
+    """A fresh matcher for one call to one of `tools` (OpenAI's list), or to the one `name`d, its arguments
+    valid for the function's `parameters` schema, in the form the chat template's models write: a Hermes
+    `<tool_call>` block, or the Llama 3.1 JSON call. DllamaError naming what is wrong with a schema."""
+    import json
+
+    import llguidance
+
+    key = "arguments" if hermes else "parameters"
+    calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                                key: t["function"].get("parameters") or {"type": "object"}},
+              "required": ["name", key], "additionalProperties": False}
+             for t in tools if name is None or t["function"]["name"] == name]
+    schema = {"anyOf": calls}
+    try:
+        if hermes:
+            grammar = llguidance.LLMatcher.grammar_from_lark(
+                'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json ' + json.dumps(schema))
+        else:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        problem = llguidance.LLMatcher.validate_grammar(grammar)
+    except Exception as exc:  # noqa: BLE001 - the Rust side's errors surface as several Python types
+        problem = str(exc)
+    if problem:
+        raise DllamaError(f"tools: a function's parameters are not a usable JSON schema: {_one_line(problem)}")
+    return llguidance.LLMatcher(_llg_tokenizer(tokenizer, n_vocab), grammar, log_level=0)
 
 
 def _one_line(text: str) -> str:

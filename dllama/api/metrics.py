@@ -132,8 +132,9 @@ class _ServiceCollector:
 def _node_gauges(service):
     from dllama.api.web import cluster_nodes
 
-    docs = {"inference_ms": "Latest generation: compute ms per token on the node",
-            "transfer_ms": "Latest generation: ms per token the node waited on the network"}
+    docs = {"inference_ms": "Latest generation: ms per token the node computed, as the node measured it",
+            "transfer_ms": "Latest generation: ms per token the node spent in network exchanges (waiting, "
+                           "receiving, sending), as the node measured it"}
     families = {k: GaugeMetricFamily(f"dllama_node_{k}", doc, labels=["node", "address"]) for k, doc in docs.items()}
     for node in cluster_nodes(service):
         for key, family in families.items():

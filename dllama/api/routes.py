@@ -20,11 +20,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from dllama.api import embeddings, metrics, web
+from dllama.api import embeddings, metrics, shaping, web
 from dllama.api.errors import ApiError, GuardMiddleware, install_error_handlers
 from dllama.api.runner import RETRY_AFTER_S, Delta, Done, Embedded, Failed, Job
 from dllama.api.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, check_limits
-from dllama.api.tools import name_tool_results, parse_tool_calls, template_message
+from dllama.api.tools import ToolStream, name_tool_results, parse_tool_calls, template_message
 from dllama.errors import DllamaError
 
 
@@ -151,12 +151,13 @@ def create_app(service: Service, max_body: int, api_key: str | None = None, docs
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine = service.require_engine()
         _reject_unsupported(body)
-        tools = _tools(engine, body)
+        tools = shaping.offered_tools(engine, body)
         messages = [_template_message(j, m) for j, m in enumerate(body.messages)]
         name_tool_results(messages)
         prompt_ids = await run_in_threadpool(_render_chat, engine, messages, tools)
-        matchers = (await run_in_threadpool(_grammar, engine, body.response_format, body.n or 1)
-                    if body.response_format else None)
+        forced = shaping.forced_tool(body) if tools else None
+        matchers = (await run_in_threadpool(shaping.matchers, engine, body.response_format, body.n or 1, tools,
+                                            forced) if body.response_format or forced else None)
         return await _complete(service, request, body, prompt_ids, chat=True, tools=tools is not None,
                                matchers=matchers)
 
@@ -236,24 +237,6 @@ def _template_message(j: int, m) -> dict:
     return out
 
 
-def _tools(engine, body) -> list | None:
-    """The tools to render, None when there are none to offer; 400 when the model's template cannot."""
-    if body.tool_choice not in (None, "auto", "none"):
-        raise ApiError(400, "tool_choice: only 'auto' and 'none' are supported", param="tool_choice",
-                       code="unsupported")
-    if not body.tools or body.tool_choice == "none":
-        return None
-    for i, tool in enumerate(body.tools):
-        fn = tool.get("function")
-        if tool.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise ApiError(400, f"tools.{i}: needs type 'function' and function.name", param=f"tools.{i}",
-                           code="invalid_value")
-    if not getattr(engine.chat, "supports_tools", False):
-        raise ApiError(400, "tools: this model's chat template does not render tools, so tool calling is "
-                       "not supported with this model", param="tools", code="unsupported")
-    return body.tools
-
-
 def _render_chat(engine, messages: list[dict], tools: list | None = None) -> list[int]:
     extra = {} if tools is None else {"tools": tools}
     try:
@@ -274,23 +257,6 @@ def _encode_prompt(engine, prompt) -> list[int]:
     if any(not 0 <= t < vocab for t in prompt):
         raise ApiError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
     return list(prompt)
-
-
-def _grammar(engine, response_format: dict, n: int):
-    """The llguidance matchers (one per choice: each follows its own reply) a chat's response_format asks
-    for (None for text); a 400 naming what is wrong."""
-    from dllama import grammar
-
-    try:
-        schema = grammar.schema_of(response_format)
-        if schema is None:
-            return None
-        if not grammar.available():
-            raise ApiError(400, "response_format json needs the llguidance package on the server "
-                           "(pip install 'dllama[grammar]')", param="response_format", code="unsupported")
-        return [grammar.matcher_for(engine.tokenizer, engine.spec.vocab_size, schema) for _ in range(n)]
-    except DllamaError as exc:
-        raise ApiError(400, str(exc), param="response_format", code="invalid_value") from None
 
 
 def _make_jobs(service: Service, body, prompt_ids: list[int], events: asyncio.Queue, matchers=None) -> list[Job]:
@@ -454,18 +420,19 @@ async def _watch_disconnect(request: Request, jobs: list[Job], events: asyncio.Q
 
 async def _sse(jobs: list[Job], events: asyncio.Queue, request: Request, meta: dict, chat: bool,
                include_usage: bool, engine, tools: bool = False):
-    """With tools offered, a choice's reply is held until it ends (a call is only known then) and sent as
-    one delta: its content, or its tool_calls."""
+    """With tools offered, a choice's content streams as it comes, and what may be a tool call is held until
+    it is whole and sent as one `tool_calls` delta (tools.ToolStream)."""
     kind = "chat.completion.chunk" if chat else "text_completion"
-    offsets = [0] * len(jobs)
+    offsets, n_calls = [0] * len(jobs), [0] * len(jobs)
 
-    def chunk(i: int, delta: str | None, finish: str | None, role: bool = False, records=None, calls=None) -> str:
+    def chunk(i: int, delta: str | None, finish: str | None, role: bool = False, records=None, call=None) -> str:
         lp = None if records is None else _logprobs(engine, chat, records, offsets[i])
         offsets[i] += len(delta or "")
         if chat:
             d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
-            if calls:   # each call with its `index`, as OpenAI streams them
-                d["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+            if call:   # with its `index` among the choice's calls, as OpenAI streams them
+                d["tool_calls"] = [{"index": n_calls[i], **call}]
+                n_calls[i] += 1
             choice = {"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}
         else:
             choice = {"index": i, "text": delta or "", "logprobs": lp, "finish_reason": finish}
@@ -477,22 +444,33 @@ async def _sse(jobs: list[Job], events: asyncio.Queue, request: Request, meta: d
     if chat:
         for i in range(len(jobs)):
             yield chunk(i, None, None, role=True)
-    done, held = [None] * len(jobs), [[] for _ in jobs]
+    done, streams = [None] * len(jobs), [ToolStream() if tools else None for _ in jobs]
+    held = [None if job.sampler.top_n is None else [] for job in jobs]   # logprobs not yet sent
+
+    def pieces(i: int, out: list):
+        for content, call in out:
+            records = held[i]
+            if records is not None:
+                held[i] = []
+            yield chunk(i, content, None, records=records, call=call)
+
     try:
         async for i, event in _events(jobs, events, request):
             if isinstance(event, Delta) and tools:
-                held[i].append(event)
+                if held[i] is not None:
+                    held[i] += event.logprobs or ()
+                for text in pieces(i, streams[i].feed(event.text)):
+                    yield text
             elif isinstance(event, Delta):
                 yield chunk(i, event.text, None, records=event.logprobs)
             elif isinstance(event, Done):
                 done[i] = event
                 finish = event.finish_reason
                 if tools:
-                    records = ([r for d in held[i] for r in d.logprobs or ()]
-                               if jobs[i].sampler.top_n is not None else None)
-                    message, finish = _assistant("".join(d.text for d in held[i]), finish, True)
-                    yield chunk(i, message.get("content") or "", None, records=records, calls=message.get("tool_calls"))
-                yield chunk(i, None, finish)
+                    for text in pieces(i, streams[i].end()):
+                        yield text
+                    finish = "tool_calls" if streams[i].calls else finish
+                yield chunk(i, None, finish, records=held[i] or None)
         if include_usage and None not in done:
             yield _data({**meta, "object": kind, "choices": [], "usage": _usage(done)})
     except ApiError as exc:

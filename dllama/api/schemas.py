@@ -81,7 +81,8 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token, with logprobs")
     tools: list[dict] | None = Field(None, description="Functions the model may call; needs a chat template "
                                                        "that renders `tools`")
-    tool_choice: str | dict | None = Field(None, description="'auto' (default) or 'none'")
+    tool_choice: str | dict | None = Field(None, description="'auto' (default), 'none', 'required' or "
+                                                 "{'type': 'function', 'function': {'name': ...}}")
     functions: list[dict] | None = Field(None, description="Not supported (the older name of tools)")
     response_format: dict | None = Field(None, description="{'type': 'text'}, {'type': 'json_object'} or "
                                          "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}: "

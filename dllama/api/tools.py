@@ -88,3 +88,76 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
         if call is not None:
             return None, [call]
     return text, []
+
+
+_OPEN, _CLOSE, _PYTHON_TAG = "<tool_call>", "</tool_call>", "<|python_tag|>"
+
+
+class ToolStream:
+    """A reply's text as it streams with tools offered: the content goes out as it comes, what may be a tool
+    call is held until it is complete and goes out as one call (OpenAI's streamed `tool_calls` deltas).
+
+    `feed(text)` and, at the end, `end()` return [(content or None, call or None)]. A Hermes block is given
+    when its `</tool_call>` arrives; a reply that starts as a Llama 3.1 JSON call (`{` or `<|python_tag|>`)
+    is held to the end, as only the whole reply can say whether it is one. The content is what
+    parse_tool_calls() would give, whitespace at the calls aside."""
+
+    def __init__(self):
+        self._held = ""
+        self._json = None     # None: undecided until the reply's first visible characters
+        self.calls = 0        # calls given so far
+
+    def feed(self, text: str) -> list[tuple]:
+        self._held += text
+        return self._drain(final=False)
+
+    def end(self) -> list[tuple]:
+        return self._drain(final=True)
+
+    def _drain(self, final: bool) -> list[tuple]:
+        if self._json is None:
+            start = self._held.lstrip()
+            if not final and (not start or _PYTHON_TAG.startswith(start)):
+                return []
+            self._json = start.startswith(("{", _PYTHON_TAG))
+        if self._json:
+            if not final:
+                return []
+            content, calls = parse_tool_calls(self._held)
+            self.calls += len(calls)
+            return [(content, None)] * (content is not None) + [(None, c) for c in calls]
+        out = []
+        while True:
+            i = self._held.find(_OPEN)
+            j = self._held.find(_CLOSE, i) if i >= 0 else -1
+            if i >= 0 and (j >= 0 or final):   # a whole block, or one the reply ended in
+                end = j + len(_CLOSE) if j >= 0 else len(self._held)
+                if self._held[:i].strip():
+                    out.append((self._held[:i].rstrip(), None))
+                obj = _object(self._held[i + len(_OPEN):end - len(_CLOSE) if j >= 0 else end].strip())
+                call = obj and _call(obj.get("name"), obj.get("arguments", {}))
+                if call is None:   # a malformed block: given as the model wrote it
+                    out.append((self._held[i:end], None))
+                else:
+                    out.append((None, call))
+                    self.calls += 1
+                self._held = self._held[end:]
+                continue
+            # no whole block: the text before what may become one goes out up to its last visible character
+            # (whitespace beside a call is not content)
+            stop = i if i >= 0 else len(self._held) - (0 if final else _partial_suffix(self._held, _OPEN))
+            text = self._held[:stop] if final else self._held[:stop].rstrip()
+            if text.strip():
+                out.append((text, None))
+                self._held = self._held[len(text):]
+            if final:
+                self._held = ""
+            return out
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of `text` that is a start of `marker` (0 when none)."""
+    for n in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0

@@ -17,23 +17,21 @@ _CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'
 
 
 def cluster_nodes(service) -> list[dict]:
-    """Each node: address, share of the model, and the latest generation's compute/transfer ms per token.
-
-    The root measures only its own split (time in kernels vs. time waiting on sockets, which includes
-    waiting for the workers' compute); the protocol carries no figures back from the workers, so theirs
-    are None."""
+    """Each node: address, share of the model, and the latest generation's compute/transfer ms per token
+    (over its decode passes), each node's own: the root's time in its kernels and waiting on the sockets
+    (which includes waiting for the workers), each worker's as it reported it (protocol TIMES). None until
+    a generation has run a decode pass."""
     engine = service.engine
     addresses = ["root"] + list(service.workers)
     shares = _shares(engine, len(addresses))
     last = engine.stats.summary() if engine is not None else {}
-    measured = bool(last.get("avg_token_ms"))
+    measured = last.get("nodes", []) if last.get("avg_token_ms") else []
     nodes = []
     for i, address in enumerate(addresses):
         node = {"index": i, "address": address, "role": "root" if i == 0 else "worker",
                 "share": shares[i] if shares else None, "inference_ms": None, "transfer_ms": None}
-        if i == 0 and measured:
-            node["inference_ms"] = last["avg_inference_ms"]
-            node["transfer_ms"] = last["avg_transfer_ms"]
+        if i < len(measured):
+            node.update(measured[i])
         nodes.append(node)
     return nodes
 

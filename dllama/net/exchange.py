@@ -153,6 +153,12 @@ class RootCollective(_Exchange):
         self.last_io = time.monotonic()
         self.lost: ConnectionLost | None = None
         self.pinger = None
+        # each worker's own cumulative (compute, network) ns, from the TIMES frame before its gather or top:
+        # received straight into these rows
+        self.worker_ns = np.zeros((len(conns), 2), "<u8")
+        self._times_rx = [memoryview(row).cast("B") for row in self.worker_ns]
+        self._times_head = memoryview(bytearray(P.HEADER.size))
+        self._times_expect = P.HEADER.pack(P.TIMES, 0, P.TIMES_META.size, 0)
 
     @property
     def sent_bytes(self) -> int:
@@ -261,7 +267,25 @@ class RootCollective(_Exchange):
             else:
                 nbytes = 4 * n * cols
         payload = self._rx_mv[i][:nbytes] if into is None else into[i]
+        if op == P.OP_GATHER or op == P.OP_TOP:
+            self._recv_times(i, (op, ftype, n, cols), nbytes)
         self._recv(self.conns[i], i, op, ftype, n, cols, payload)
+
+    def _recv_times(self, i: int, want: tuple, nbytes: int) -> None:
+        """The TIMES frame that comes before a worker's gather or top, its counters into worker_ns[i]."""
+        conn, head, counters = self.conns[i], self._times_head, self._times_rx[i]
+        got = conn.recv_frame_into(head, counters, self._times_expect)
+        if got == P.HEADER.size + P.TIMES_META.size and head == self._times_expect:
+            return
+        raw = bytes(head[:got]) + bytes(counters[:max(got - P.HEADER.size, 0)])
+        if got >= P.HEADER.size and raw[0] == P.BUFFER:
+            kind = "top" if want[0] == P.OP_TOP else "gather"
+            raise P.ProtocolError(f"{conn.label}: a {kind} BUFFER without the TIMES that comes before it")
+        if got >= P.HEADER.size and raw[0] == P.REFUSE:   # the worker's reason, whole
+            rest = bytearray(max(P.HEADER.size + P.HEADER.unpack_from(raw)[2] - len(raw), 0))
+            conn.recv_into(rest)
+            raw += rest
+        _unexpected(conn, raw, want, nbytes)
 
     def gather(self, part: np.ndarray, out: np.ndarray):
         """out (n, vocab) <- the root's part and every worker's (n, len(vocab slice)) f32 logits; or, when
@@ -369,6 +393,24 @@ class WorkerCollective(_Exchange):
         self._top_logits = np.empty(max(vocab_cols, 1), np.float32)
         self._top_stats = bytearray(_HEAD.size + P.TOP_STATS.size)
         self._scratch = np.empty(vocab_cols, np.float64)
+        # this worker's own clock, reported in TIMES (protocol.py): the exchanges' time is transfer_s, which
+        # they already keep; the passes' is taken once as each starts and ends. Kept in float seconds as the
+        # exchanges' is (an int of nanoseconds costs ~45 ns more per exchange), turned into ns per report.
+        self._busy_s = 0.0     # inside the passes before the current one, from STEP to the next step()
+        self._pass_t0 = 0.0    # when the current pass's STEP arrived (0: none open)
+        self._times = bytearray(P.HEADER.size + P.TIMES_META.size)
+        P.HEADER.pack_into(self._times, 0, P.TIMES, 0, P.TIMES_META.size, 0)
+
+    @property
+    def compute_s(self) -> float:
+        """Time inside the finished forward passes outside the exchanges."""
+        return self._busy_s - self.transfer_s
+
+    def _stamp(self, now: float) -> bytearray:
+        """The TIMES frame for a report at `now` (within the current pass, before its gather)."""
+        compute = self._busy_s + (now - self._pass_t0 if self._pass_t0 else 0.0) - self.transfer_s
+        P.TIMES_META.pack_into(self._times, P.HEADER.size, int(max(compute, 0.0) * 1e9), int(self.transfer_s * 1e9))
+        return self._times
 
     @property
     def sent_bytes(self) -> int:
@@ -388,6 +430,9 @@ class WorkerCollective(_Exchange):
         step), or None when the root said BYE or closed between frames. A root silent for ROOT_SILENCE_S
         (no STEP, no PING) is taken for dead: ConnectionLost. A root that could not sample from the
         candidates of the last pass is sent that pass's full slice of logits meanwhile."""
+        if self._pass_t0:   # the pass before ends here
+            self._busy_s += time.perf_counter() - self._pass_t0
+            self._pass_t0 = 0.0
         while True:
             self.conn.set_timeout(ROOT_SILENCE_S)
             head = self.conn.recv_header()
@@ -421,6 +466,7 @@ class WorkerCollective(_Exchange):
             rows = self._positions[:2 * n]
             self.conn.recv_into(rows)
             self.slots = rows[n:]
+            self._pass_t0 = time.perf_counter()
             return rows[:n]
 
     def broadcast(self, x: np.ndarray) -> None:
@@ -447,22 +493,25 @@ class WorkerCollective(_Exchange):
     def gather(self, part: np.ndarray, out=None) -> None:
         t0 = time.perf_counter()
         self._last_part = part
+        times = self._stamp(t0)
         if self._logits[0] == P.LOGITS_TOP:
-            self._send_top(part[0])
+            self._send_top(part[0], times)
         else:
-            self._send_full()
+            self._send_full(times)
         self.transfer_s += time.perf_counter() - t0
 
-    def _send_full(self) -> None:
+    def _send_full(self, times=None) -> None:
         part = self._last_part
         if part is None:
             raise P.ProtocolError(f"{self.conn.label}: asked for logits before any forward pass")
         payload = memoryview(np.ascontiguousarray(part, dtype=np.float32)).cast("B")
         _HEAD.pack_into(self._tx, 0, P.BUFFER, 0, P.BUFFER_META.size, len(payload), P.OP_GATHER, 0,
                         part.shape[0], part.shape[1])
-        self.conn.send_buffers([self._tx_mv[:_HEAD.size], payload])
+        if times is None:   # every gather has its TIMES ahead: between passes (after a top), as they stand
+            times = self._stamp(time.perf_counter())
+        self.conn.send_buffers([times, self._tx_mv[:_HEAD.size], payload])
 
-    def _send_top(self, logits: np.ndarray) -> None:
+    def _send_top(self, logits: np.ndarray, times) -> None:
         from dllama.candidates import node_candidates
 
         _, temperature, k = self._logits
@@ -471,4 +520,4 @@ class WorkerCollective(_Exchange):
         _HEAD.pack_into(self._top_stats, 0, P.BUFFER, 0, P.BUFFER_META.size, P.TOP_STATS.size + 8 * n, P.OP_TOP,
                         0, n, logits.size)
         P.TOP_STATS.pack_into(self._top_stats, _HEAD.size, m, s)
-        self.conn.send_buffers([self._top_stats, self._top_ids[:n], self._top_logits[:n]])
+        self.conn.send_buffers([times, self._top_stats, self._top_ids[:n], self._top_logits[:n]])

@@ -26,6 +26,7 @@ Every integer is little-endian. A connection carries a sequence of frames:
 | 13   | AUTH       | root -> worker | "<32s" root proof                           | -                           |
 | 14   | PING       | root -> worker | -                                           | -                           |
 | 15   | RELEASE    | root -> worker | "<II" slot, keep                            | -                           |
+| 16   | TIMES      | worker -> root | "<QQ" compute ns, network ns                | -                           |
 
 A session: root HELLO; worker CHALLENGE (or REFUSE: wrong magic/version, busy); root AUTH; worker HELLO_ACK
 (or REFUSE: authentication failed, busy); root CONFIG, WEIGHT... (none when the CONFIG says the worker
@@ -74,6 +75,12 @@ STEP rows: row t is at position positions[t] of slot slots[t]'s cache and attend
 one pass can carry the next token of several conversations and prompt chunks of others.
 
 RELEASE: the worker forgets slot `slot`'s positions from `keep` on and gives their memory back.
+
+TIMES: sent in the same write as, and just before, every gather and top BUFFER: the worker's own clock since
+it was loaded, in nanoseconds: compute is its time inside forward passes (from their STEP until it waits for
+the next, or up to this gather for the current one) outside the exchanges, network its time in them (waiting for and receiving broadcasts, sending
+partial sums and logits). Cumulative, so the root takes differences and a pass without logits is counted
+with the next report.
 """
 
 from __future__ import annotations
@@ -87,17 +94,17 @@ import numpy as np
 from dllama import quants
 from dllama.errors import DllamaError
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAGIC = b"DLMA"
 HEADER = struct.Struct("<BBHI")
 MAX_META = 0xFFFF
 MAX_PAYLOAD = 64 << 20
 
 (HELLO, HELLO_ACK, REFUSE, CONFIG, WEIGHT, READY, STEP, BUFFER, BYE, PROBE, PROBE_INFO, CHALLENGE, AUTH,
- PING, RELEASE) = range(1, 16)
+ PING, RELEASE, TIMES) = range(1, 17)
 TYPE_NAMES = {1: "HELLO", 2: "HELLO_ACK", 3: "REFUSE", 4: "CONFIG", 5: "WEIGHT", 6: "READY", 7: "STEP",
               8: "BUFFER", 9: "BYE", 10: "PROBE", 11: "PROBE_INFO", 12: "CHALLENGE", 13: "AUTH", 14: "PING",
-              15: "RELEASE"}
+              15: "RELEASE", 16: "TIMES"}
 
 QTYPES = quants.QTYPES
 
@@ -117,6 +124,7 @@ _WEIGHT = struct.Struct("<QQBB")
 STEP_META = struct.Struct("<IBHdI")
 RELEASE_META = struct.Struct("<II")
 BUFFER_META = struct.Struct("<BBII")
+TIMES_META = struct.Struct("<QQ")
 _PROBE = struct.Struct("<4sH")
 
 
@@ -231,6 +239,12 @@ class Buffer:
 
 
 @dataclass
+class Times:
+    compute_ns: int
+    network_ns: int
+
+
+@dataclass
 class Bye:
     pass
 
@@ -287,6 +301,8 @@ def encode(msg) -> list:
         t, meta = RELEASE, RELEASE_META.pack(msg.slot, msg.keep)
     elif isinstance(msg, Buffer):
         t, meta, payload = BUFFER, BUFFER_META.pack(msg.op, FTYPES.index(msg.ftype), msg.n, msg.cols), msg.payload
+    elif isinstance(msg, Times):
+        t, meta = TIMES, TIMES_META.pack(msg.compute_ns, msg.network_ns)
     elif isinstance(msg, Bye):
         t = BYE
     elif isinstance(msg, Probe):
@@ -404,6 +420,12 @@ def _dec_buffer(meta, payload):
     return Buffer(op, ftype, n, cols, payload)
 
 
+def _dec_times(meta, payload):
+    if len(payload):
+        raise ProtocolError(f"TIMES carries no payload, got {len(payload)} bytes")
+    return Times(*TIMES_META.unpack(meta))
+
+
 def _dec_probe(meta, payload):
     magic, version = _PROBE.unpack(meta)
     if magic != MAGIC:
@@ -427,6 +449,7 @@ _DECODERS = {
     AUTH: lambda meta, payload: Auth(*_AUTH.unpack(meta)),
     PING: _empty(Ping),
     RELEASE: lambda meta, payload: Release(*RELEASE_META.unpack(meta)),
+    TIMES: _dec_times,
 }
 
 

@@ -308,8 +308,9 @@ class Worker:
                 model.forward(None, positions, logits=coll.wants_logits, slots=coll.slots, out_rows=coll.out_rows)
                 steps += 1
             busy = time.perf_counter() - t0
-            log.info("%s %s after %d forward passes (%.1f s: %.1f s waiting on the network)", conn.label,
-                     "said goodbye" if coll.said_bye else "closed the connection", steps, busy, coll.transfer_s)
+            log.info("%s %s after %d forward passes (%.1f s: %.1f s computing, %.1f s on the network)", conn.label,
+                     "said goodbye" if coll.said_bye else "closed the connection", steps, busy,
+                     coll.compute_s, coll.transfer_s)
         except ConnectionLost as exc:
             log.warning("%s went away: %s", conn.label, exc)
         except Exception as exc:  # noqa: BLE001 (any failure ends this root's session, never the worker)

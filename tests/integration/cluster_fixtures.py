@@ -46,17 +46,15 @@ def free_port() -> int:
 
 
 class WorkerProcess:
-    """`dllama worker` on 127.0.0.1:port; its log (stderr) goes to a file the test can read. `prefix`: a
-    command the worker is started through (which must exec it)."""
+    """`dllama worker` on 127.0.0.1:port; its log (stderr) goes to a file the test can read."""
 
-    def __init__(self, tmp: Path, nthreads: int = 1, key_args=KEY_ARGS, port: int | None = None, args=(),
-                 prefix=()):
+    def __init__(self, tmp: Path, nthreads: int = 1, key_args=KEY_ARGS, port: int | None = None, args=()):
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = tmp / f"worker-{self.port}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port", str(self.port),
              "--nthreads", str(nthreads), *key_args, *args],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -145,17 +143,18 @@ def start_workers(tmp_path):
         w.stop()
 
 
-def random_cluster_model(d: Path, seq_len: int = 256) -> tuple[Path, Path]:
+def random_cluster_model(d: Path, **shape) -> tuple[Path, Path]:
     """Write into `d` a random Llama-3-shaped Q40 model with 8 heads / 4 KV heads (splits over 1, 2, 4
-    nodes) and a byte-level tokenizer for it (256 byte tokens, <s>, </s>, filler pairs): (m.m, t.t)."""
+    nodes) and a byte-level tokenizer for it (256 byte tokens, <s>, </s>, filler pairs): (m.m, t.t).
+    `shape`: other ModelSpec sizes (dim, hidden_dim, n_layers, seq_len) than the default small ones."""
     import numpy as np
 
     from dllama.formats.dlm import write_dlm
     from dllama.formats.dlt import TokenizerData, write_t
     from dllama.formats.random_model import preset_spec, random_tensors
 
-    spec = preset_spec("llama3_2_1b", "q40", dim=256, hidden_dim=512, n_layers=3, n_heads=8, n_kv_heads=4,
-                       vocab_size=512, seq_len=seq_len)
+    spec = preset_spec("llama3_2_1b", "q40", **{**dict(dim=256, hidden_dim=512, n_layers=3, n_heads=8, n_kv_heads=4,
+                                                     vocab_size=512, seq_len=256), **shape})
 
     def tensors():
         # weights 10x the preset's N(0, 0.02): with tiny weights the stream is the embedding and greedy

@@ -51,11 +51,12 @@ class _ToolModel:
         self.chat = ChatTemplate((TEMPLATES / template).read_text()) if template else _NoTools()
         self.stats = SimpleNamespace(summary=dict)
         self.prompts = []
+        self.reply = CALL   # the answer to a prompt that offers tools
 
     def generate(self, prompt_ids, max_tokens, sampler, stop_ids=None):
         prompt = bytes(prompt_ids).decode()
         self.prompts.append(prompt)
-        reply = ANSWER if "<tool_response>" in prompt else CALL if "<tools>" in prompt else "Hello."
+        reply = ANSWER if "<tool_response>" in prompt else self.reply if "<tools>" in prompt else "Hello."
         yield from reply.encode()
         yield EOS
 
@@ -119,6 +120,31 @@ def test_a_streamed_tool_call(hermes):
     assert calls[0].function.name == "get_weather" and json.loads(calls[0].function.arguments) == {"city": "Oslo"}
 
 
+def test_streamed_content_comes_before_the_call_is_complete(hermes):
+    """A reply that says something and then calls: the words stream as they come, ahead of the call, which
+    is sent once, whole, when its block closes; the reply without streaming is the same message."""
+    client, engine = hermes
+    engine.reply = "Let me look that up.\n" + CALL
+    ask = dict(model="m", tools=[WEATHER], messages=[{"role": "user", "content": "Oslo?"}])
+    deltas = []
+    for chunk in client.chat.completions.create(stream=True, **ask):
+        for c in chunk.choices:
+            if c.delta.content:
+                deltas.append(("content", c.delta.content))
+            deltas += [("call", call) for call in c.delta.tool_calls or []]
+            if c.finish_reason:
+                deltas.append(("finish", c.finish_reason))
+    # one token per byte: the content arrives in pieces, all before the call
+    kinds = [k for k, _ in deltas]
+    assert kinds.count("content") > 1 and kinds[-2:] == ["call", "finish"] and kinds.count("call") == 1
+    assert "".join(v for k, v in deltas if k == "content") == "Let me look that up."
+    call = deltas[-2][1]
+    assert call.index == 0 and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Oslo"} and deltas[-1][1] == "tool_calls"
+    message = client.chat.completions.create(**ask).choices[0].message
+    assert message.content == "Let me look that up." and message.tool_calls[0].function.name == "get_weather"
+
+
 def test_without_tools_or_with_tool_choice_none_the_reply_is_text(hermes):
     client, engine = hermes
     ask = [{"role": "user", "content": "Oslo?"}]
@@ -133,9 +159,13 @@ def test_tools_on_a_template_without_them_are_a_400():
         with pytest.raises(openai.BadRequestError) as exc:
             client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], tools=[WEATHER])
         assert exc.value.body["param"] == "tools" and "does not render tools" in exc.value.body["message"]
-        with pytest.raises(openai.BadRequestError) as exc:
+        with pytest.raises(openai.BadRequestError) as exc:   # a call required, and no way to offer one
             client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], tools=[WEATHER],
                                            tool_choice="required")
-        assert exc.value.body["param"] == "tool_choice"
+        assert exc.value.body["param"] == "tools"
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                           tool_choice="required")
+        assert exc.value.body["param"] == "tool_choice" and "offers no tools" in exc.value.body["message"]
     finally:
         runner.stop()

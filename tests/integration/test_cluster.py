@@ -423,14 +423,15 @@ def test_cli_inference_on_two_nodes_reports_transfer(model_files, pool):
     assert res["q80"]["generated_ids"] == res["f32"]["generated_ids"] == res["one"]["generated_ids"]
     # per generated token, to the worker: STEP (35 B: its position and slot) + 2 broadcasts per layer + the
     # last x; back: 2 reduces per layer + its best token (greedy: 16 B of normaliser, 8 B of candidate),
-    # 18 bytes of framing per buffer
+    # 18 bytes of framing per buffer, and the worker's TIMES before its best token
     dim, n_layers = 256, 3
     step = P.HEADER.size + P.STEP_META.size + 8
+    step_times = P.HEADER.size + P.TIMES_META.size
     for ftype, x_bytes in (("q80", dim // 32 * 34), ("f32", dim * 4)):
         r = res[ftype]
         assert r["avg_transfer_ms"] > 0
         assert r["sent_bytes_per_token"] == step + (2 * n_layers + 1) * (x_bytes + 18)
-        assert r["recv_bytes_per_token"] == 2 * n_layers * (x_bytes + 18) + 18 + 16 + 8
+        assert r["recv_bytes_per_token"] == 2 * n_layers * (x_bytes + 18) + 18 + 16 + 8 + step_times
     # activations: Q80 is 34/128 of F32, about a quarter
     assert abs((res["q80"]["sent_bytes_per_token"] - step) / (res["f32"]["sent_bytes_per_token"] - step) - 0.27) < 0.02
 

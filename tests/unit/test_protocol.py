@@ -7,13 +7,13 @@ from dllama.net import protocol as P
 
 # (message, its frame), each frame spelled out field by field: header "<BBHI" type, 0, meta_len, payload_len
 GOLDEN = [
-    (P.Hello(4, 1, 2, bytes(range(32))),
-     "01 00 2f00 00000000" "444c4d41 0400 0100 0200" + bytes(range(32)).hex() + "ff 00000000"),
-    (P.Hello(4, 1, 2, bytes(range(32)), "q40", 576),
-     "01 00 2f00 00000000" "444c4d41 0400 0100 0200" + bytes(range(32)).hex() + "02 40020000"),
-    (P.HelloAck(4), "02 00 3200 00000000" "0400" + "00" * 48),
-    (P.HelloAck(4, 1.5, 4096, b"\xab" * 32),
-     "02 00 3200 00000000" "0400 000000000000f83f 0010000000000000" + "ab" * 32),
+    (P.Hello(5, 1, 2, bytes(range(32))),
+     "01 00 2f00 00000000" "444c4d41 0500 0100 0200" + bytes(range(32)).hex() + "ff 00000000"),
+    (P.Hello(5, 1, 2, bytes(range(32)), "q40", 576),
+     "01 00 2f00 00000000" "444c4d41 0500 0100 0200" + bytes(range(32)).hex() + "02 40020000"),
+    (P.HelloAck(5), "02 00 3200 00000000" "0500" + "00" * 48),
+    (P.HelloAck(5, 1.5, 4096, b"\xab" * 32),
+     "02 00 3200 00000000" "0500 000000000000f83f 0010000000000000" + "ab" * 32),
     (P.Refuse("busy"), "03 00 0400 00000000" "62757379"),
     (P.Config({"b": [1, 2], "a": "x"}), "04 00 0000 13000000" + b'{"a":"x","b":[1,2]}'.hex()),
     (P.Weight("norm", "f32", (2,), 0, 8, np.array([1.0, -2.0], "<f4").tobytes()),
@@ -31,7 +31,7 @@ GOLDEN = [
     (P.Buffer(P.OP_REDUCE, "f32", 1, 2, np.array([1.0, -2.0], "<f4").tobytes()),
      "08 00 0a00 08000000" "02 00 01000000 02000000" "0000803f 000000c0"),
     (P.Bye(), "09 00 0000 00000000"),
-    (P.Probe(), "0a 00 0600 00000000" "444c4d41 0400"),
+    (P.Probe(), "0a 00 0600 00000000" "444c4d41 0500"),
     (P.ProbeInfo({"state": "idle"}), "0b 00 0000 10000000" + b'{"state":"idle"}'.hex()),
     (P.Challenge(b"\x01" * 32, b"\xee" * 32), "0c 00 4000 00000000" + "01" * 32 + "ee" * 32),
     (P.Challenge(b"\x01" * 32, b"\xee" * 32, b'{"n_nodes":2}'),
@@ -39,6 +39,7 @@ GOLDEN = [
     (P.Auth(b"\x5a" * 32), "0d 00 2000 00000000" + "5a" * 32),
     (P.Ping(), "0e 00 0000 00000000"),
     (P.Release(2, 17), "0f 00 0800 00000000" "02000000 11000000"),
+    (P.Times(3_000_000_000, 5), "10 00 1000 00000000" "005ed0b200000000 0500000000000000"),
 ]
 
 
@@ -104,7 +105,7 @@ def test_frame_over_the_size_limit_refused_from_its_header():
 
 @pytest.mark.parametrize("frame,match", [
     ("01 00 2a00 00000000" "58585858 0300 0100 0200" + "00" * 32, "magic"),           # HELLO, bad magic
-    ("01 00 0800 00000000" "444c4d41 0400 0100", "malformed"),                         # HELLO, short meta
+    ("01 00 0800 00000000" "444c4d41 0500 0100", "malformed"),                         # HELLO, short meta
     ("0c 00 2000 00000000" + "00" * 32, "malformed"),                                  # CHALLENGE, no proof
     ("0e 00 0000 01000000" "00", "no data"),                                           # PING with a payload
     ("08 00 0a00 04000000" "02 00 01000000 02000000" "0000803f", "carries"),           # BUFFER 1x2 f32, 4 bytes
@@ -115,6 +116,8 @@ def test_frame_over_the_size_limit_refused_from_its_header():
     ("07 00 1300 08000000" "01000000 01 0000 0000000000000000 02000000" "05000000 00000000", "2 rows"),  # logits of 2 of 1
     ("07 00 1300 10000000" "02000000 02 0100 0000000000000000 02000000" + "00" * 16, "2 rows"),  # top of 2 rows
     ("0f 00 0400 00000000" "02000000", "malformed"),                                   # RELEASE, short meta
+    ("10 00 0800 00000000" "0500000000000000", "malformed"),                           # TIMES, one counter
+    ("10 00 1000 01000000" + "00" * 17, "no payload"),                                 # TIMES with a payload
     ("05 00 1a00 08000000" "0000000000000000 0400000000000000 00 01 02000000 6e6f726d" + "00" * 8, "fit"),
     ("06 00 0000 01000000" "00", "no data"),                                           # READY with a payload
 ])

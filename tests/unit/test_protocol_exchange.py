@@ -84,8 +84,10 @@ def test_collectives_star(ftype):
         xw = np.zeros((len(pos), dim), np.float32)
         coll.broadcast(xw)
         seen[i] = (pos.copy(), xw.copy())
+        time.sleep(0.02 * i)   # the worker's own computation, as its TIMES must report it
         coll.reduce_sum((i + 1) * xw)
         coll.gather(logits_parts[i], None)
+        seen[i] += (coll.transfer_s,)
         assert coll.step() is None   # BYE
 
     threads = [threading.Thread(target=worker, args=(i, p[1])) for i, p in enumerate(pairs, start=1)]
@@ -111,10 +113,14 @@ def test_collectives_star(ftype):
         err = np.abs(y - 6 * x).reshape(n, -1, 32)
         assert np.all(err <= (0.5 * (1 + 2 + 3) + 0.5 * (2 + 3)) * step * 1.01 + 1e-6)
     assert np.array_equal(logits, np.concatenate(logits_parts, axis=1))
-    # bytes on the wire: what the spec says (8-byte header + 10-byte meta per buffer)
+    # each worker's own figures, as of its gather: its sleep is compute, its waits and sends network
+    for i in (1, 2):
+        compute, network = (int(v) for v in root.worker_ns[i - 1])
+        assert 0.02 * i * 1e9 <= compute < 10e9 and 0 < network <= seen[i][2] * 1e9
+    # bytes on the wire: what the spec says (8-byte header + 10-byte meta per buffer, TIMES before a gather)
     xbytes = P.buffer_nbytes(ftype, n, dim)
     assert sent == 2 * ((8 + P.STEP_META.size + 8 * n) + (8 + 10 + xbytes))   # positions and slots
-    assert recv == 2 * ((8 + 10 + xbytes) + (8 + 10 + 32 * 4))
+    assert recv == 2 * ((8 + 10 + xbytes) + (8 + P.TIMES_META.size) + (8 + 10 + 32 * 4))
 
 
 def test_root_names_the_worker_that_went_away():
@@ -219,3 +225,20 @@ def test_a_silent_worker_times_out_naming_it(n_workers):
         root.reduce_sum(np.zeros((1, 32), np.float32))
     assert lost.value.peer == silent
     assert all(a.timeout == 0.3 for a, _ in pairs)   # the deadline is the sockets' kernel timeout
+
+
+@pytest.mark.parametrize("frame,error,match", [
+    # a worker that fails at the end of a pass: its whole reason (longer than a TIMES frame) is named
+    (P.Refuse("worker 127.0.0.1:7: out of memory in the output layer"), ConnectionLost,
+     "w a: worker 127.0.0.1:7: out of memory in the output layer$"),
+    # the logits without the worker's TIMES ahead of them (a protocol 4 worker's gather)
+    (P.Buffer(P.OP_GATHER, "f32", 1, 32, bytes(128)), P.ProtocolError, "gather BUFFER without the TIMES"),
+])
+def test_root_names_what_came_instead_of_a_workers_times(frame, error, match):
+    plan = _plan(2, 64, 64)
+    a, b = _pair("w")
+    root = RootCollective([a], plan, 64, 1, "f32")
+    root.step(1, np.array([0]))
+    b.send(frame)
+    with pytest.raises(error, match=match):
+        root.gather(np.zeros((1, 32), np.float32), np.zeros((1, 64), np.float32))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dllama.api.tools import parse_tool_calls, template_message
+from dllama.api.tools import ToolStream, parse_tool_calls, template_message
 from dllama.chat import BUILTIN_TEMPLATES, ChatTemplate
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "data" / "templates"
@@ -90,3 +90,30 @@ def test_parse_llama31_json_call():
                                   '<tool_call>{"arguments": {}}</tool_call>', "{'name': 'f'}"])
 def test_other_replies_stay_content(text):
     assert parse_tool_calls(text) == (text, [])
+
+
+@pytest.mark.parametrize("text", [
+    "Hello there.", "a < b <tool", "  \n spaced reply", "{not json",
+    '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>',
+    'Let me check.\n<tool_call>{"name": "f", "arguments": {}}</tool_call>\n'
+    '<tool_call>{"name": "g", "arguments": {"x": "y"}}</tool_call>',
+    '<tool_call>{"name": "f", "arguments": {"a": 1}}',                 # the reply ended inside the block
+    '{"name": "f", "parameters": {"a": 2}}', '<|python_tag|>{"name": "f", "parameters": {"a": 2}}',
+])
+@pytest.mark.parametrize("piece", [1, 3, 1000])
+def test_a_streamed_reply_gives_what_the_whole_reply_parses_to(text, piece):
+    """Fed in pieces of any size, ToolStream gives the calls parse_tool_calls finds in the whole reply, and
+    the same content up to whitespace; a call goes out only once its block is complete."""
+    ts, out = ToolStream(), []
+    for k in range(0, len(text), piece):
+        given = ts.feed(text[k:k + piece])
+        if any(call for _, call in given):   # never before the block's end (or a JSON reply's end)
+            assert "</tool_call>" in text[:k + piece]
+        out += given
+    out += ts.end()
+    content, calls = parse_tool_calls(text)
+    got = "".join(c for c, _ in out if c)
+    assert got.split() == (content or "").split()
+    assert [(c["function"]["name"], c["function"]["arguments"]) for _, c in out if c] == \
+        [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+    assert ts.calls == len(calls)

@@ -163,7 +163,7 @@ async function refreshCluster() {
     return tr;
   }));
   $("cluster-note").textContent = info.nodes.length > 1
-    ? "per token, latest reply; the root's transfer includes waiting for the workers, which report no split"
+    ? "per token, latest reply, as each node measured it; transfer includes waiting for the other nodes"
     : "per token, latest reply";
 }
 
