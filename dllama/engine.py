@@ -142,6 +142,9 @@ class Engine:
         cluster = None
         if workers:
             from dllama.net.root import connect_workers
+            from dllama.net.transport import spin_seconds
+
+            spin_seconds()   # a bad $DLLAMA_SPIN_US fails before any worker is connected and loaded
             names = ["root"] + [w if isinstance(w, str) else f"{w[0]}:{w[1]}" for w in workers]
             planner = S.AutoPlanner(spec, seq_len, MAX_BATCH, names, log or (lambda msg: None),
                                     lambda chosen: check_blocks(loaded.tensors, spec, chosen), parallel) if auto else None

@@ -29,7 +29,7 @@ from dllama.net.exchange import WorkerCollective
 from dllama.net.limits import check_config, config_slots, weight_bytes
 from dllama.net.liveness import FIRST_WAIT_S, ROOT_SILENCE_S
 from dllama.net.memory import trim_heap
-from dllama.net.transport import Connection, ConnectionLost, configure
+from dllama.net.transport import Connection, ConnectionLost, configure, spin_seconds
 
 log = logging.getLogger("dllama.worker")
 
@@ -42,6 +42,7 @@ def serve(args) -> int:
     """`dllama worker` once its flags are checked: serve roots until killed. Raises DllamaError."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s dllama worker: %(message)s")
     key = auth.key_from_args(args)
+    spin_seconds()   # a bad $DLLAMA_SPIN_US fails at the start, not when a root comes
     if key is None and not args.insecure and not auth.is_loopback(args.host):
         raise DllamaError(f"refusing to listen on {args.host} without a cluster key: anyone who can reach the "
                           f"port could use this worker; give --cluster-key-file (or ${auth.KEY_ENV}), "
