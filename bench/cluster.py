@@ -1,6 +1,7 @@
 """Tensor parallelism between processes: ms per generated token with its inference / transfer split.
 
     python bench/cluster.py [--repeats 3] [--steps 32] [--link loopback|shaped|both] [--cpp-dllama BIN]
+                            [--pin] [--compare-spin US]
     python bench/cluster.py --exchanges-only [--nodes 2,4] [--link loopback|shaped|both]
 
 Configurations, run in rotation so that the shared machine's noise hits all of them, medians reported
@@ -10,6 +11,9 @@ link shaped like a home gigabit switch, bench/netns.py, which needs root), 1 nod
 decoding, Q80 buffers. Model: bench/engine.py's b1, random weights in the shape of Llama 3.2 1B (dim 2048,
 16 layers, 32/8 heads, FFN 8192, vocab 49152; Q40): model B of ../shared/ANCHORS.md, whose figures for the
 C++ reference are printed beside ours (or measured in the same run with --cpp-dllama, a binary you built).
+--pin runs the root on core 0 and the worker on core 1 (`taskset`); --compare-spin US adds 2 nodes whose
+receives ask without blocking for US microseconds only (DLLAMA_SPIN_US, a worker of its own), the
+exchange's wait against the default's in the same run.
 
 "Exchanges alone": a root and workers that compute nothing run a token's exchanges (2 per layer and the
 output layer's), so the time is the wire's and the Python around it; the per-exchange overhead is that
@@ -55,7 +59,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_worker(threads: int, link=None, prefix=()) -> tuple[subprocess.Popen, str]:
+def start_worker(threads: int, link=None, prefix=(), env=None) -> tuple[subprocess.Popen, str]:
     """A `dllama worker` on loopback (run under `prefix`, such as taskset), or inside the link's worker
     namespace (its readiness is read from its log there: nothing in this namespace may connect to the
     namespaces' addresses)."""
@@ -66,7 +70,7 @@ def start_worker(threads: int, link=None, prefix=()) -> tuple[subprocess.Popen, 
         port = free_port()
         proc = subprocess.Popen([*prefix, sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port",
                                  str(port), "--nthreads", str(threads)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+                                stderr=subprocess.DEVNULL, env=env)
         for _ in range(600):
             try:
                 probe("127.0.0.1", port, 1.0)
@@ -89,15 +93,16 @@ def start_worker(threads: int, link=None, prefix=()) -> tuple[subprocess.Popen, 
     raise RuntimeError("worker in the namespace did not start")
 
 
-def dllama_run(model: Path, tok: Path, threads: int, steps: int, workers: list[str], link=None) -> dict:
-    cmd = [sys.executable, "-m", "dllama", "inference", "--model", str(model), "--tokenizer", str(tok),
+def dllama_run(model: Path, tok: Path, threads: int, steps: int, workers: list[str], link=None, prefix=(),
+               env=None) -> dict:
+    cmd = [*prefix, sys.executable, "-m", "dllama", "inference", "--model", str(model), "--tokenizer", str(tok),
            "--prompt", PROMPT, "--steps", str(steps), "--nthreads", str(threads), "--temperature", "0",
            "--buffer-float-type", "q80", "--max-seq-len", "256", "--json"]
     if workers:
         cmd += ["--workers", *workers]
     if link is not None:
         cmd = link.root(cmd)
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -270,6 +275,9 @@ def main() -> int:
     ap.add_argument("--nodes", default="2", help="exchanges alone: node counts, comma-separated (default 2)")
     ap.add_argument("--tokens", type=int, default=200, help="exchanges alone: tokens per measurement")
     ap.add_argument("--cpp-dllama", default=None, help="the C++ reference's dllama binary, to run beside ours")
+    ap.add_argument("--pin", action="store_true", help="root on core 0, worker on core 1 (taskset)")
+    ap.add_argument("--compare-spin", type=int, default=None, metavar="US",
+                    help="also 2 nodes x 1 thread with DLLAMA_SPIN_US=US on both sides")
     args = ap.parse_args()
     args.nodes = [int(n) for n in args.nodes.split(",")]
     sys.path.insert(0, str(HERE))
@@ -283,24 +291,35 @@ def main() -> int:
     model, tok = ensure_model()
     configs = [c for c in CONFIGS if args.link != "shaped" or c[1] == 1] if args.link != "loopback" else CONFIGS
     configs = configs + ([(SHAPED, 2, 1)] if args.link != "loopback" else [])
+    spin_env = None
+    if args.compare_spin is not None and args.link != "shaped":
+        spin_name = f"2 nodes x 1 thread, spin {args.compare_spin} us"
+        configs = configs[:2] + [(spin_name, 2, 1)] + configs[2:]
+        ANCHOR_MS[spin_name] = "-"
+        spin_env = dict(os.environ, DLLAMA_SPIN_US=str(args.compare_spin))
+    root_pin, worker_pin = (("taskset", "-c", "0"), ("taskset", "-c", "1")) if args.pin else ((), ())
     runs = {name: [] for name, _, _ in configs}
     cpp = {name: [] for name, _, _ in configs}
     link = Link().__enter__() if args.link != "loopback" else None
     workers = {}
     try:
         if args.link != "shaped":
-            workers["loopback"] = start_worker(1)
+            workers["loopback"] = start_worker(1, prefix=worker_pin)
+        if spin_env is not None:
+            workers["spin"] = start_worker(1, prefix=worker_pin, env=spin_env)
         if link is not None:
             workers["shaped"] = start_worker(1, link)
         for r in range(args.repeats):
             for name, nodes, threads in configs:
-                shaped = name == SHAPED
-                address = [workers["shaped" if shaped else "loopback"][1]] if nodes == 2 else []
-                res = dllama_run(model, tok, threads, args.steps, address, link if shaped else None)
+                shaped, spin = name == SHAPED, name.endswith(" us")
+                which = "shaped" if shaped else "spin" if spin else "loopback"
+                address = [workers[which][1]] if nodes == 2 else []
+                res = dllama_run(model, tok, threads, args.steps, address, link if shaped else None,
+                                 root_pin if threads == 1 and not shaped else (), spin_env if spin else None)
                 runs[name].append(res)
                 print(f"run {r + 1} {name}: {res['avg_token_ms']:.1f} ms/token "
                       f"(I {res['avg_inference_ms']:.1f} T {res['avg_transfer_ms']:.1f})", file=sys.stderr)
-                if args.cpp_dllama and not shaped:
+                if args.cpp_dllama and not shaped and not spin:
                     cpp[name].append(cpp_run(args.cpp_dllama, model, tok, threads, args.steps, nodes))
     finally:
         for proc, _ in workers.values():
