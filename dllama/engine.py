@@ -11,6 +11,7 @@ import numpy as np
 
 from dllama.errors import DllamaError
 from dllama.model.collective import FULL_LOGITS, LOGITS_NONE, NO_LOGITS
+from dllama.net.memory import freeze_survivors, thaw
 
 MAX_BATCH = 32  # prompt positions per forward pass, as the reference
 
@@ -162,6 +163,7 @@ class Engine:
         model = NodeModel(spec, plan[0], seq_len, MAX_BATCH, coll, parallel)
         _load_slice(model, loaded, spec, plan[0], progress)
         _release_pages(loaded)
+        freeze_survivors()
         return cls(loaded, tokenizer, model, coll, seq_len, cluster)
 
     def reconnect(self) -> None:
@@ -321,6 +323,7 @@ class Engine:
     def close(self) -> None:
         self.coll.close()
         self.loaded.close()
+        thaw()
 
 
 def _check_flags(nthreads, buffer_float_type, max_seq_len, parallel=1) -> None:

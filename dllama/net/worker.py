@@ -28,7 +28,7 @@ from dllama.net import protocol as P
 from dllama.net.exchange import WorkerCollective
 from dllama.net.limits import check_config, config_slots, weight_bytes
 from dllama.net.liveness import FIRST_WAIT_S, ROOT_SILENCE_S
-from dllama.net.memory import trim_heap
+from dllama.net.memory import freeze_survivors, thaw, trim_heap
 from dllama.net.transport import Connection, ConnectionLost, configure, spin_seconds
 
 log = logging.getLogger("dllama.worker")
@@ -322,6 +322,7 @@ class Worker:
         finally:
             conn.close()
             model = coll = self._tensor = None
+            thaw()
             gc.collect()
             trim_heap()
             with self._lock:
@@ -357,6 +358,7 @@ class Worker:
             total, source = self._receive_weights(conn, model, spec, node), "from the root"
         model.finish_loading()
         trim_heap()
+        freeze_survivors()
         conn.send(P.Ready())
         log.info("loaded node %d of %d: %.1f MB %s in %.1f s", node.index, node.n_nodes, total / 1e6, source,
                  time.perf_counter() - t0)
