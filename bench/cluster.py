@@ -1,6 +1,7 @@
 """Tensor parallelism between processes: ms per generated token with its inference / transfer split.
 
     python bench/cluster.py [--repeats 3] [--steps 32] [--link loopback|shaped|both] [--cpp-dllama BIN]
+                            [--pin] [--compare-env KEY=VALUE ...]
     python bench/cluster.py --exchanges-only [--nodes 2,4] [--link loopback|shaped|both]
 
 Configurations, run in rotation so that the shared machine's noise hits all of them, medians reported
@@ -10,6 +11,9 @@ link shaped like a home gigabit switch, bench/netns.py, which needs root), 1 nod
 decoding, Q80 buffers. Model: bench/engine.py's b1, random weights in the shape of Llama 3.2 1B (dim 2048,
 16 layers, 32/8 heads, FFN 8192, vocab 49152; Q40): model B of ../shared/ANCHORS.md, whose figures for the
 C++ reference are printed beside ours (or measured in the same run with --cpp-dllama, a binary you built).
+--pin runs the root on core 0 and the worker on core 1 (`taskset`); --compare-env adds 2 nodes whose root
+and worker (one of its own) run with those variables set: `DLLAMA_SPIN_US=100` (receives that sleep
+sooner), or `PYTHONPATH=<another checkout>` (its code), against the default in the same run.
 
 "Exchanges alone": a root and workers that compute nothing run a token's exchanges (2 per layer and the
 output layer's), so the time is the wire's and the Python around it; the per-exchange overhead is that
@@ -55,7 +59,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_worker(threads: int, link=None, prefix=()) -> tuple[subprocess.Popen, str]:
+def start_worker(threads: int, link=None, prefix=(), env=None) -> tuple[subprocess.Popen, str]:
     """A `dllama worker` on loopback (run under `prefix`, such as taskset), or inside the link's worker
     namespace (its readiness is read from its log there: nothing in this namespace may connect to the
     namespaces' addresses)."""
@@ -66,7 +70,7 @@ def start_worker(threads: int, link=None, prefix=()) -> tuple[subprocess.Popen, 
         port = free_port()
         proc = subprocess.Popen([*prefix, sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port",
                                  str(port), "--nthreads", str(threads)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+                                stderr=subprocess.DEVNULL, env=env)
         for _ in range(600):
             try:
                 probe("127.0.0.1", port, 1.0)
@@ -89,15 +93,16 @@ def start_worker(threads: int, link=None, prefix=()) -> tuple[subprocess.Popen, 
     raise RuntimeError("worker in the namespace did not start")
 
 
-def dllama_run(model: Path, tok: Path, threads: int, steps: int, workers: list[str], link=None) -> dict:
-    cmd = [sys.executable, "-m", "dllama", "inference", "--model", str(model), "--tokenizer", str(tok),
+def dllama_run(model: Path, tok: Path, threads: int, steps: int, workers: list[str], link=None, prefix=(),
+               env=None) -> dict:
+    cmd = [*prefix, sys.executable, "-m", "dllama", "inference", "--model", str(model), "--tokenizer", str(tok),
            "--prompt", PROMPT, "--steps", str(steps), "--nthreads", str(threads), "--temperature", "0",
            "--buffer-float-type", "q80", "--max-seq-len", "256", "--json"]
     if workers:
         cmd += ["--workers", *workers]
     if link is not None:
         cmd = link.root(cmd)
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -270,8 +275,13 @@ def main() -> int:
     ap.add_argument("--nodes", default="2", help="exchanges alone: node counts, comma-separated (default 2)")
     ap.add_argument("--tokens", type=int, default=200, help="exchanges alone: tokens per measurement")
     ap.add_argument("--cpp-dllama", default=None, help="the C++ reference's dllama binary, to run beside ours")
+    ap.add_argument("--pin", action="store_true", help="root on core 0, worker on core 1 (taskset)")
+    ap.add_argument("--compare-env", nargs="+", default=None, metavar="KEY=VALUE",
+                    help="also 2 nodes x 1 thread with these variables set in the root and its worker")
     args = ap.parse_args()
     args.nodes = [int(n) for n in args.nodes.split(",")]
+    if args.compare_env and not all(re.fullmatch(r"[A-Za-z_]\w*=.*", kv) for kv in args.compare_env):
+        ap.error("--compare-env: each must be KEY=VALUE")
     sys.path.insert(0, str(HERE))
     print(f"load average at the start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
     if args.exchanges_only:
@@ -283,24 +293,35 @@ def main() -> int:
     model, tok = ensure_model()
     configs = [c for c in CONFIGS if args.link != "shaped" or c[1] == 1] if args.link != "loopback" else CONFIGS
     configs = configs + ([(SHAPED, 2, 1)] if args.link != "loopback" else [])
+    other_env, other = None, None
+    if args.compare_env and args.link != "shaped":
+        other = "2 nodes x 1 thread, " + " ".join(args.compare_env)
+        configs = configs[:2] + [(other, 2, 1)] + configs[2:]
+        ANCHOR_MS[other] = "-"
+        other_env = dict(os.environ, **dict(kv.split("=", 1) for kv in args.compare_env))
+    root_pin, worker_pin = (("taskset", "-c", "0"), ("taskset", "-c", "1")) if args.pin else ((), ())
     runs = {name: [] for name, _, _ in configs}
     cpp = {name: [] for name, _, _ in configs}
     link = Link().__enter__() if args.link != "loopback" else None
     workers = {}
     try:
         if args.link != "shaped":
-            workers["loopback"] = start_worker(1)
+            workers["loopback"] = start_worker(1, prefix=worker_pin)
+        if other_env is not None:
+            workers[other] = start_worker(1, prefix=worker_pin, env=other_env)
         if link is not None:
             workers["shaped"] = start_worker(1, link)
         for r in range(args.repeats):
             for name, nodes, threads in configs:
                 shaped = name == SHAPED
-                address = [workers["shaped" if shaped else "loopback"][1]] if nodes == 2 else []
-                res = dllama_run(model, tok, threads, args.steps, address, link if shaped else None)
+                which = "shaped" if shaped else other if name == other else "loopback"
+                address = [workers[which][1]] if nodes == 2 else []
+                res = dllama_run(model, tok, threads, args.steps, address, link if shaped else None,
+                                 root_pin if threads == 1 and not shaped else (), other_env if name == other else None)
                 runs[name].append(res)
                 print(f"run {r + 1} {name}: {res['avg_token_ms']:.1f} ms/token "
                       f"(I {res['avg_inference_ms']:.1f} T {res['avg_transfer_ms']:.1f})", file=sys.stderr)
-                if args.cpp_dllama and not shaped:
+                if args.cpp_dllama and not shaped and name != other:
                     cpp[name].append(cpp_run(args.cpp_dllama, model, tok, threads, args.steps, nodes))
     finally:
         for proc, _ in workers.values():
@@ -319,14 +340,15 @@ def print_table(runs: dict, cpp: dict, configs: list, args) -> None:
     med = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
            for name, rs in runs.items()}
     print(f"\nrandom Llama-3.2-1B-shaped Q40, Q80 buffers, greedy, {args.steps} tokens, median of {args.repeats}")
-    print(f"{'config':<34}{'ms/token':>10}{'I ms':>8}{'T ms':>8}{'T share':>9}{'sent kB':>9}{'recv kB':>9}"
+    width = max(34, *(len(name) + 2 for name, _, _ in configs))
+    print(f"{'config':<{width}}{'ms/token':>10}{'I ms':>8}{'T ms':>8}{'T share':>9}{'sent kB':>9}{'recv kB':>9}"
           f"{'speedup':>9}{'best':>8}   C++ reference ms/token")
     base = med[configs[0][0]]["avg_token_ms"]
     for name, _, _ in configs:
         m = med[name]
         ref = (f"{statistics.median(x['avg_token_ms'] for x in cpp[name]):.1f} (same run)" if cpp[name]
                else f"{ANCHOR_MS[name]} (ANCHORS.md)")
-        print(f"{name:<34}{m['avg_token_ms']:>10.1f}{m['avg_inference_ms']:>8.1f}{m['avg_transfer_ms']:>8.1f}"
+        print(f"{name:<{width}}{m['avg_token_ms']:>10.1f}{m['avg_inference_ms']:>8.1f}{m['avg_transfer_ms']:>8.1f}"
               f"{m['avg_transfer_ms'] / m['avg_token_ms']:>9.0%}{m['sent_bytes_per_token'] / 1024:>9.1f}"
               f"{m['recv_bytes_per_token'] / 1024:>9.1f}{base / m['avg_token_ms']:>8.2f}x"
               f"{min(x['avg_token_ms'] for x in runs[name]):>8.1f}   {ref}")

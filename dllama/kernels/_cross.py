@@ -35,7 +35,9 @@ def _kernel_ir(name, kind, nbytes):
     elif name == "attention":
         q, cache = np.ones((1, 64), f32), np.ones((4, 64), f32)
         fn = at._attention
-        args = (q, cache, cache, np.zeros(1, np.int64), 1, 1, 64, np.empty((1, 4), f32), np.empty_like(q))
+        # one head, group 1, first 0, 64 values; scale 0 (1/sqrt(64)), no soft cap
+        args = (q, cache, cache, np.zeros(1, np.int64), np.zeros(1, np.int64), 1, 1, 0, 64, np.empty((1, 4), f32),
+                np.empty_like(q), 0.0, 0.0)
     elif name in ("rmsnorm", "swiglu"):
         x = np.ones((1, 64), f32)
         fn = {"rmsnorm": ops.rmsnorm, "swiglu": ops.swiglu}[name].py_func

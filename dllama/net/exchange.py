@@ -24,7 +24,7 @@ from dllama.model.collective import FULL_LOGITS, Collective
 from dllama.net import protocol as P
 from dllama.net.codec import Q80Codec
 from dllama.net.liveness import ROOT_SILENCE_S, Pacer
-from dllama.net.transport import Connection, ConnectionLost
+from dllama.net.transport import Connection, ConnectionLost, spin_seconds
 
 # header and BUFFER meta as one struct: the per-exchange path packs and compares them in one go
 _HEAD = struct.Struct("<" + P.HEADER.format.lstrip("<") + P.BUFFER_META.format.lstrip("<"))
@@ -59,6 +59,9 @@ class _Exchange(Collective):
         self._expect = bytearray(_HEAD.size)
         self.transfer_s = 0.0
         self.pacer = Pacer()
+        # every receive of a pass first asks without blocking (transport.spin_seconds): the answer usually
+        # comes within the spin, and a process that slept must be woken on both sides of every exchange
+        self._spin = spin_seconds()
         _warm_top_k()
 
     def _nbytes(self, n: int) -> int:
@@ -137,6 +140,8 @@ class RootCollective(_Exchange):
     def __init__(self, conns: list[Connection], plan, dim: int, max_batch: int, buffer_type: str):
         super().__init__(0, len(plan), dim, max_batch, [len(s.vocab) for s in plan[1:]], buffer_type)
         self.conns, self.plan = conns, plan
+        for conn in conns:
+            conn.spin = self._spin
         self._step_frame = bytearray(P.HEADER.size + P.STEP_META.size)
         self._step_pos = np.zeros(2 * max_batch, np.int32)   # positions, then slots
         self._pending_step = None
@@ -242,9 +247,13 @@ class RootCollective(_Exchange):
         for fd in waiting:
             self._poller.register(fd, select.POLLIN)
         try:
-            deadline = time.monotonic() + timeout
+            deadline, spin_until = time.monotonic() + timeout, time.perf_counter() + self._spin
             while waiting:
-                ready = self._poller.poll(max(deadline - time.monotonic(), 0.0) * 1000)
+                ready = self._poller.poll(0)
+                if not ready and time.perf_counter() < spin_until:
+                    continue
+                if not ready:
+                    ready = self._poller.poll(max(deadline - time.monotonic(), 0.0) * 1000)
                 if not ready:
                     late = [self.conns[i].label for i in waiting.values()]
                     raise ConnectionLost(f"{', '.join(late)}: no data within {timeout:g} s (frozen or gone?)",
@@ -380,6 +389,7 @@ class WorkerCollective(_Exchange):
                  vocab_cols: int, buffer_type: str, vocab_start: int = 0):
         super().__init__(index, n_nodes, dim, max_batch, [0], buffer_type)
         self.conn = conn
+        conn.spin = self._spin
         self._conns = [conn]
         self._positions = np.empty(2 * max_batch, np.int32)   # positions, then slots
         self.slots = self._positions[:0]   # the slot of each row of the pass step() announced
@@ -435,6 +445,7 @@ class WorkerCollective(_Exchange):
             self._pass_t0 = 0.0
         while True:
             self.conn.set_timeout(ROOT_SILENCE_S)
+            self.conn.spin_readable()   # within a generation the next STEP follows at once
             head = self.conn.recv_header()
             if head is None:
                 return None

@@ -7,6 +7,7 @@ exchange. Every failure is a `ConnectionLost` naming the peer, so the root can s
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import struct
@@ -22,7 +23,27 @@ if sys.byteorder != "little":  # payloads are numpy arrays sent as they sit in m
     raise ImportError("dllama's wire format is little-endian; this machine is not")
 
 
-SPIN = 100   # non-blocking tries (about 1 us each) before a per-exchange receive blocks
+SPIN_ENV = "DLLAMA_SPIN_US"
+SPIN_S = 0.002   # seconds a per-exchange receive keeps asking without blocking (see spin_seconds)
+
+
+def spin_seconds() -> float:
+    """How long a per-exchange receive asks again before it sleeps: SPIN_S, or $DLLAMA_SPIN_US
+    microseconds (0: sleep at once). The peer answers when its share of the layer is done, often hundreds of
+    microseconds later; a process that slept meanwhile is woken by the kernel (a virtual machine's idle
+    CPU by its host, tens of microseconds) on every exchange of both sides. On a host whose cores are shared
+    with other work, a smaller value gives them back sooner. Raises DllamaError for a value that is not a
+    number of microseconds."""
+    raw = os.environ.get(SPIN_ENV)
+    if raw is None:
+        return SPIN_S
+    try:
+        us = int(raw)
+    except ValueError:
+        us = -1
+    if not 0 <= us <= 10_000_000:
+        raise DllamaError(f"{SPIN_ENV}={raw!r}: must be a whole number of microseconds, 0 to 10000000")
+    return us * 1e-6
 
 
 class ConnectionLost(DllamaError):
@@ -68,6 +89,8 @@ class Connection:
         self.deadline: float | None = None   # time.monotonic() by which every read must be done, if set
         self.timeout = -1.0   # not set yet
         self.set_timeout(timeout)
+        self.spin = 0.0   # seconds a per-exchange receive asks before it blocks: the collectives set it
+        self._poller = None
 
     def set_timeout(self, timeout: float | None) -> None:
         """Seconds any one send or receive may wait for the peer (None: no limit). Free when unchanged: the
@@ -185,14 +208,7 @@ class Connection:
         total, got = len(head) + len(payload), 0
         bufs = [head, payload]
         try:
-            for _ in range(SPIN):
-                # a reply usually comes within tens of microseconds: asking again keeps this CPU awake,
-                # where blocking lets it idle and the wake-up (a VM exit on a virtual machine) costs more
-                try:
-                    got = self.sock.recvmsg_into(bufs, 0, socket.MSG_DONTWAIT)[0]
-                    break
-                except BlockingIOError:
-                    continue
+            got = self._spin(bufs)
             if got:
                 self.recv_bytes += got
                 if got < total:
@@ -212,6 +228,29 @@ class Connection:
         except OSError as exc:
             raise self.lost(f"connection lost ({exc.strerror or exc})") from None
         return got
+
+    def _spin(self, bufs) -> int:
+        """Bytes received into `bufs` by asking without blocking for up to `self.spin` seconds; 0 if none."""
+        deadline = None
+        while True:
+            try:
+                return self.sock.recvmsg_into(bufs, 0, socket.MSG_DONTWAIT)[0]
+            except BlockingIOError:
+                now = time.perf_counter()
+                if deadline is None:
+                    deadline = now + self.spin
+                elif now >= deadline:
+                    return 0
+
+    def spin_readable(self) -> None:
+        """Wait for the peer's next bytes without blocking for up to `self.spin` seconds: the wait before a
+        receive that does not go through recv_frame_into (a worker's next STEP, several workers' answers)."""
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self.sock, select.POLLIN)
+        deadline = time.perf_counter() + self.spin
+        while not self._poller.poll(0) and time.perf_counter() < deadline:
+            pass
 
     def drain(self, seconds: float, limit: int) -> None:
         """Read and drop what the peer still sends, for up to `seconds` or `limit` bytes, or until it closes."""

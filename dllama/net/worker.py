@@ -28,8 +28,8 @@ from dllama.net import protocol as P
 from dllama.net.exchange import WorkerCollective
 from dllama.net.limits import check_config, config_slots, weight_bytes
 from dllama.net.liveness import FIRST_WAIT_S, ROOT_SILENCE_S
-from dllama.net.memory import trim_heap
-from dllama.net.transport import Connection, ConnectionLost, configure
+from dllama.net.memory import freeze_survivors, thaw, trim_heap
+from dllama.net.transport import Connection, ConnectionLost, configure, spin_seconds
 
 log = logging.getLogger("dllama.worker")
 
@@ -42,6 +42,7 @@ def serve(args) -> int:
     """`dllama worker` once its flags are checked: serve roots until killed. Raises DllamaError."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s dllama worker: %(message)s")
     key = auth.key_from_args(args)
+    spin_seconds()   # a bad $DLLAMA_SPIN_US fails at the start, not when a root comes
     if key is None and not args.insecure and not auth.is_loopback(args.host):
         raise DllamaError(f"refusing to listen on {args.host} without a cluster key: anyone who can reach the "
                           f"port could use this worker; give --cluster-key-file (or ${auth.KEY_ENV}), "
@@ -322,6 +323,7 @@ class Worker:
         finally:
             conn.close()
             model = coll = self._tensor = None
+            thaw()
             gc.collect()
             trim_heap()
             with self._lock:
@@ -357,6 +359,7 @@ class Worker:
             total, source = self._receive_weights(conn, model, spec, node), "from the root"
         model.finish_loading()
         trim_heap()
+        freeze_survivors()
         conn.send(P.Ready())
         log.info("loaded node %d of %d: %.1f MB %s in %.1f s", node.index, node.n_nodes, total / 1e6, source,
                  time.perf_counter() - t0)

@@ -207,3 +207,24 @@ def test_sampler_top_p_keeps_the_nucleus_only():
     assert set(np.flatnonzero(draws)) == set(nucleus)
     assert np.all(np.abs(draws - want) <= 4 * np.sqrt(want * (1 - want) / 20000) + 1e-9)
     assert Sampler(temperature=0)(logits) == 4
+
+
+def test_attention_on_cortex_a76_runs_its_loops_in_vector_lanes(aarch64):
+    """The three loops of a head (q.k four keys at a time, exp of the scores, the weighted sum of values
+    four rows at a time) are NEON loops with no scalar float arithmetic; scalar code is left to remainders."""
+    X = aarch64
+    asm, symbol = X.target_asm("attention", "aarch64-unknown-linux-gnu", "cortex-a76", "+neon,+dotprod")
+    fp = ("fmul", "fadd", "fsub", "fmla", "fmadd", "fdiv")
+    loops = X.loops(X.function_body(asm, symbol))
+    vector_loops = []
+    for loop in loops:
+        if any(other != loop and other in loop for other in loops):   # not innermost
+            continue
+        mix = X.instruction_mix(loop)
+        vec = {op: n for (cls, op), n in mix.items() if cls == "vector" and op in fp}
+        if vec.get("fmla", 0) + vec.get("fmul", 0) >= 2:
+            vector_loops.append((vec, sum(n for (cls, op), n in mix.items() if cls == "fp-scalar" and op in fp)))
+    assert all(scalar == 0 for _, scalar in vector_loops)
+    assert any(vec.get("fmla", 0) >= 8 and not vec.get("fsub") for vec, _ in vector_loops)   # q.k, 4 keys
+    assert any(vec.get("fsub") and vec.get("fmla", 0) >= 8 for vec, _ in vector_loops)       # exp(s - max)
+    assert any(vec.get("fmul") and vec.get("fmla") and vec.get("fadd") for vec, _ in vector_loops)  # a.v, 4 rows

@@ -242,3 +242,85 @@ def test_root_names_what_came_instead_of_a_workers_times(frame, error, match):
     b.send(frame)
     with pytest.raises(error, match=match):
         root.gather(np.zeros((1, 32), np.float32), np.zeros((1, 64), np.float32))
+
+
+class _Recording:
+    """A socket that records the flags of every receive it is asked for."""
+
+    def __init__(self, sock):
+        self._sock, self.flags = sock, []
+
+    def recvmsg_into(self, bufs, ancbufsize=0, flags=0):
+        self.flags.append(flags)
+        return self._sock.recvmsg_into(bufs, ancbufsize, flags)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+@pytest.mark.parametrize("spin_s,blocks", [(0.0, True), (5.0, False)])
+def test_an_exchange_receive_asks_without_blocking_for_the_spin_then_blocks(spin_s, blocks):
+    """A frame that comes 20 ms after the receive began: within a long spin every read is a non-blocking
+    one (the process never sleeps), with no spin the read blocks; the frame arrives whole either way."""
+    a, b = _pair("worker 1")
+    b.sock = rec = _Recording(b.sock)
+    b.spin = spin_s
+    frame = np.arange(40, dtype=np.uint8)
+    threading.Timer(0.02, lambda: a.send_all(memoryview(frame))).start()
+    head, payload = memoryview(bytearray(8)), memoryview(bytearray(32))
+    assert b.recv_frame_into(head, payload, bytes(frame[:8])) == 40
+    assert bytes(head) + bytes(payload) == frame.tobytes()
+    assert (0 in rec.flags) == blocks
+    assert all(f == socket.MSG_DONTWAIT for f in rec.flags[:-1])
+
+
+@pytest.mark.parametrize("spin_s,polls_blocking", [(0.0, True), (5.0, False)])
+def test_the_root_waits_on_several_workers_by_polling_within_the_spin(spin_s, polls_blocking, monkeypatch):
+    monkeypatch.setenv("DLLAMA_SPIN_US", str(int(spin_s * 1e6)))
+    plan = _plan(3, 32, 96)
+    pairs = [_pair(f"worker {i}") for i in (1, 2)]
+    root = RootCollective([p[0] for p in pairs], plan, 32, 1, "f32")
+    assert all(p[0].spin == spin_s for p in pairs)
+    timeouts = []
+
+    class Poller:   # select.poll's interface, recording each poll's timeout
+        def __init__(self, real):
+            self._real = real
+
+        def poll(self, timeout=None):
+            timeouts.append(timeout)
+            return self._real.poll(timeout)
+
+        def __getattr__(self, name):
+            return getattr(self._real, name)
+
+    root._poller = Poller(root._poller)
+    workers = [WorkerCollective(p[1], i, 3, 32, 1, 32, "f32") for i, p in zip((1, 2), pairs)]
+    for i, w in enumerate(workers, start=1):
+        threading.Timer(0.02 * i, w.reduce_sum, args=(np.full((1, 32), i, np.float32),)).start()
+    y = np.zeros((1, 32), np.float32)
+    root.reduce_sum(y)
+    assert np.array_equal(y, np.full((1, 32), 3, np.float32))
+    assert any(t for t in timeouts) == polls_blocking
+
+
+@pytest.mark.parametrize("value", ["fast", "-1", "1.5", "99999999999"])
+def test_a_bad_spin_setting_is_named(value, monkeypatch):
+    from dllama.errors import DllamaError
+    from dllama.net.transport import spin_seconds
+
+    monkeypatch.setenv("DLLAMA_SPIN_US", value)
+    with pytest.raises(DllamaError, match=f"^DLLAMA_SPIN_US={value!r}: must be a whole number of microseconds"):
+        spin_seconds()
+
+
+def test_a_worker_with_a_bad_spin_setting_stops_at_once_with_one_line():
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port", "0"],
+                         env=dict(os.environ, DLLAMA_SPIN_US="soon"), capture_output=True, text=True,
+                         timeout=60, stdin=subprocess.DEVNULL)
+    assert res.returncode == 2
+    assert res.stderr == "dllama: error: DLLAMA_SPIN_US='soon': must be a whole number of microseconds, 0 to 10000000\n"
