@@ -46,15 +46,17 @@ def free_port() -> int:
 
 
 class WorkerProcess:
-    """`dllama worker` on 127.0.0.1:port; its log (stderr) goes to a file the test can read."""
+    """`dllama worker` on 127.0.0.1:port; its log (stderr) goes to a file the test can read. `prefix`: a
+    command the worker is started through (which must exec it)."""
 
-    def __init__(self, tmp: Path, nthreads: int = 1, key_args=KEY_ARGS, port: int | None = None, args=()):
+    def __init__(self, tmp: Path, nthreads: int = 1, key_args=KEY_ARGS, port: int | None = None, args=(),
+                 prefix=()):
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = tmp / f"worker-{self.port}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port", str(self.port),
+            [*prefix, sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port", str(self.port),
              "--nthreads", str(nthreads), *key_args, *args],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
