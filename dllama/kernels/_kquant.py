@@ -14,14 +14,16 @@ the scales differ, and they are formed per block from the super-block's halves (
 
 4.625 bits per weight (the file: 4.5). Q5_K is the same with 5-bit quants, which the Q4 nibble sums cannot
 hold: one int8 per value (0..31) in Q80's quad layout, summed by the signed (Q80) sums; 8.625 bits per weight
-(the file: 5.5). Q6_K scales every 16 values (int8), so each 32-value block needs two sums, one per half: the signed
-sums' multiply-adds (dllama.kernels._simd), accumulated apart for the two halves (`_halves_intrinsic`).
-Quants less 32 as int8 in Q80's quad layout, and
+(the file: 5.5). Q6_K scales every 16 values (int8), so each 32-value block needs two sums, one per half
+(`_halves_intrinsic`, which keeps them apart). Its quants multiply as they are stored, 0..63 (unsigned, as
+the Q4 sums take nibbles), and the offset 32 leaves the inner loop as -32 x each half's activation sum. They
+travel as the file has them, 6 bits each, and are unpacked in registers:
 
-    d   (tiles, 17 * super-blocks, 64) uint16: f16 d at [t, 17s, r], the 16 int8 scales (as int16 bits) at
-        [t, 17s + 1 + j, r]
+    qs  (tiles, blocks, 6, 64, 4) uint8: quads 0-3 the low 4 bits in Q4_0's nibble order (see _simd); quads
+        4 + h the high 2 bits of values 16h + 4k + c at bits 2k, 2k + 1 of byte c (k = 0..3)
+    d   (tiles, super-blocks, 64) uint16: f16 d;   m (tiles, 16 * super-blocks, 64) int8: the 16 scales
 
-9.06 bits per weight (the file: 6.56). Every other read-only type (Q2_K, Q3_K, Q5_0, Q5_1, BF16) is
+6.5625 bits per weight, the file's. Every other read-only type (Q2_K, Q3_K, Q5_0, Q5_1, BF16) is
 dequantized at load and re-quantized to Q80, a row chunk at a time: correct, at Q80's speed and 8.5 bits
 per weight, one more rounding of each weight (at most half a Q80 step, max|w|/254).
 """
@@ -39,7 +41,7 @@ from numba.extending import intrinsic
 
 from dllama import quants
 from dllama.kernels import _matmul as mm
-from dllama.kernels._simd import _MultiplyAdd, halves_to_f32
+from dllama.kernels._simd import _MultiplyAdd, block_args, broadcast_quads, halves_to_f32
 from dllama.kernels.quant import quantize_act
 from dllama.kquants import k4_scales, q5k_values, q6k_values
 
@@ -78,11 +80,21 @@ def _mm_q4k(qs, d, m, x, xq, xd, xs, out, fs, ist):
 
 
 def _mm_q6k(qs, d, m, x, xq, xd, xs, out, fs, ist):
-    # W q6k (rows, cols) @ x (n, cols) -> out (n, rows); m unused; fs (threads, 8, 64) f32, ist (threads, 8, 64)
-    # i32: each block's sums over its lower 16 values (rows 0-3) and its upper 16 (rows 4-7)
+    # W q6k (rows, cols) @ x (n, cols) -> out (n, rows); fs (threads, 8, 64) f32, ist (threads, 8, 64) i32:
+    # each block's sums over its lower 16 values (rows 0-3) and its upper 16 (rows 4-7). xs (n, 2 blocks):
+    # -32 x each half's sum of xq, the quants' offset taken out of the inner loop (they multiply as 0..63)
     quantize_act(x, xq, xd, xs)
     n = x.shape[0]
     ntiles, nb = qs.shape[0], qs.shape[1]
+    for i in range(n):
+        for b in range(nb):
+            lo = np.int32(0)
+            hi = np.int32(0)
+            for j in range(16):
+                lo += np.int32(xq[i, 32 * b + j])
+                hi += np.int32(xq[i, 32 * b + 16 + j])
+            xs[i, 2 * b] = np.float32(-32 * lo)
+            xs[i, 2 * b + 1] = np.float32(-32 * hi)
     for t in prange(ntiles):
         tid = get_thread_id()
         acc0, acc1, acc2, acc3, dlo, dhi = fs[tid, 0], fs[tid, 1], fs[tid, 2], fs[tid, 3], fs[tid, 4], fs[tid, 5]
@@ -92,21 +104,22 @@ def _mm_q6k(qs, d, m, x, xq, xd, xs, out, fs, ist):
             k = min(4, n - i0)
             _zero(acc0, acc1, acc2, acc3)
             for b in range(nb):
-                base = b // 8 * 17
                 if b % 8 == 0:
-                    _scales(d, t, base, dsup)
-                j = base + 1 + 2 * (b % 8)
-                for r in range(64):
-                    dlo[r] = dsup[r] * np.float32(np.int16(d[t, j, r]))
-                    dhi[r] = dsup[r] * np.float32(np.int16(d[t, j + 1, r]))
+                    _scales(d, t, b // 8, dsup)
+                for r in range(64):   # the scales of the block's halves: 16 per super-block, 2 per block
+                    dlo[r] = dsup[r] * np.float32(m[t, 2 * b, r])
+                    dhi[r] = dsup[r] * np.float32(m[t, 2 * b + 1, r])
                 _halves(qs, t, b, xq, i0, k, isum)
-                _halves_add(acc0, isum[0], isum[4], dlo, dhi, xd[i0, b])
+                _halves_add(acc0, isum[0], isum[4], dlo, dhi, xd[i0, b], xs[i0, 2 * b], xs[i0, 2 * b + 1])
                 if k > 1:
-                    _halves_add(acc1, isum[1], isum[5], dlo, dhi, xd[i0 + 1, b])
+                    _halves_add(acc1, isum[1], isum[5], dlo, dhi, xd[i0 + 1, b], xs[i0 + 1, 2 * b],
+                                xs[i0 + 1, 2 * b + 1])
                 if k > 2:
-                    _halves_add(acc2, isum[2], isum[6], dlo, dhi, xd[i0 + 2, b])
+                    _halves_add(acc2, isum[2], isum[6], dlo, dhi, xd[i0 + 2, b], xs[i0 + 2, 2 * b],
+                                xs[i0 + 2, 2 * b + 1])
                 if k > 3:
-                    _halves_add(acc3, isum[3], isum[7], dlo, dhi, xd[i0 + 3, b])
+                    _halves_add(acc3, isum[3], isum[7], dlo, dhi, xd[i0 + 3, b], xs[i0 + 3, 2 * b],
+                                xs[i0 + 3, 2 * b + 1])
             _store(acc0, acc1, acc2, acc3, out, i0, k, t * 64)
 
 
@@ -131,46 +144,55 @@ def _store(acc0, acc1, acc2, acc3, out, i0, k, r0):
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
-def _halves_add(acc, lo, hi, dlo, dhi, dx):
-    # one activation row's block: each half's sum at its own scale
+def _halves_add(acc, lo, hi, dlo, dhi, dx, clo, chi):
+    # one activation row's block: each half's sum, less its offset (clo, chi: exact integers), at its own scale
     for r in range(64):
-        acc[r] += dx * (dlo[r] * np.float32(lo[r]) + dhi[r] * np.float32(hi[r]))
+        acc[r] += dx * (dlo[r] * (np.float32(lo[r]) + clo) + dhi[r] * (np.float32(hi[r]) + chi))
 
 
 def _halves_intrinsic(ni, kind, nbytes):
-    """An intrinsic halves(qs, t, b, xq, i0, isum): the signed (Q80 layout) sums of `isums_intrinsic`, kept
-    apart for each block's lower 16 values (isum[i]) and upper 16 (isum[4 + i]), i < ni: Q6_K scales per 16."""
+    """An intrinsic halves(qs, t, b, xq, i0, isum): the sums of Q6_K's unsigned 6-bit quants (0..63) with
+    the activations, kept apart for each block's lower 16 values (isum[i]) and upper 16 (isum[4 + i]), i < ni:
+    Q6_K scales per 16. The quants are unpacked in registers from the nibble quads (as the Q4 sums read them)
+    and the 2-bit plane of _pack_q6k. AVX2's 16-bit pair sums hold two multiply-adds of 6-bit quants
+    (2 x 2 x 63 x 127 < 2**15), so each half's four are summed two by two."""
     i32, i64 = ir.IntType(32), ir.IntType(64)
 
     def c64(v):
         return ir.Constant(i64, v)
 
     def codegen(context, builder, sig, args):
-        qs = context.make_array(sig.args[0])(context, builder, args[0])
-        xq = context.make_array(sig.args[3])(context, builder, args[3])
-        isum = context.make_array(sig.args[5])(context, builder, args[5])
-        t, b, i0 = (context.cast(builder, args[k], sig.args[k], types.int64) for k in (1, 2, 4))
+        qs, xq, isum, t, b, i0 = block_args(context, builder, sig, args)
         nb = cgutils.unpack_tuple(builder, qs.shape)[1]
-        cols = cgutils.unpack_tuple(builder, xq.shape)[1]
-        qbase = builder.gep(qs.data, [builder.mul(builder.add(builder.mul(t, nb), b), c64(8 * 256))])
-        ma = _MultiplyAdd(builder, kind, nbytes, True)
-        xs = []
-        for i in range(ni):
-            row = builder.gep(xq.data, [builder.add(builder.mul(builder.add(i0, c64(i)), cols), builder.mul(b, c64(32)))])
-            xs.append([ma.broadcast(builder.load(builder.bitcast(builder.gep(row, [c64(4 * q)]), i32.as_pointer()),
-                                                 align=1)) for q in range(8)])
+        qbase = builder.gep(qs.data, [builder.mul(builder.add(builder.mul(t, nb), b), c64(6 * 256))])
+        ma = _MultiplyAdd(builder, kind, nbytes, False)
+        xs = broadcast_quads(builder, ma, xq, i0, b, ni, [4 * q for q in range(8)])   # value 16h + 4q + c: 4h + q
         out = builder.bitcast(isum.data, i32.as_pointer())
+
+        def load(k, g):
+            ptr = builder.gep(qbase, [c64(k * 256 + g * nbytes)])
+            return builder.load(builder.bitcast(ptr, ma.vi8.as_pointer()), align=1)
+
         for g in range(64 // ma.lanes):
-            acc = [[ma.zero() for _ in range(ni)] for _ in range(2)]
-            for q in range(8):
-                w = builder.load(builder.bitcast(builder.gep(qbase, [c64(q * 256 + g * nbytes)]), ma.vi8.as_pointer()),
-                                 align=1)
-                for i in range(ni):
-                    acc[q // 4][i] = ma.madd(acc[q // 4][i], w, xs[i][q])
+            nib, plane = [load(q, g) for q in range(4)], [load(4 + h, g) for h in range(2)]
             for h in range(2):
+                acc = [None] * ni
+                for pair in (0, 2):
+                    part = [ma.zero() for _ in range(ni)]
+                    for q in (pair, pair + 1):
+                        low = builder.and_(nib[q], ma.splat(ma.vi8, 15)) if h == 0 else \
+                            builder.lshr(nib[q], ma.splat(ma.vi8, 4))
+                        shift = 4 - 2 * q    # bits 2q, 2q + 1 of the plane to bits 4, 5
+                        top = plane[h] if shift == 0 else (builder.shl(plane[h], ma.splat(ma.vi8, shift)) if shift > 0
+                                                           else builder.lshr(plane[h], ma.splat(ma.vi8, -shift)))
+                        w = builder.or_(low, builder.and_(top, ma.splat(ma.vi8, 0x30)))
+                        for i in range(ni):
+                            part[i] = ma.madd(part[i], w, xs[i][4 * h + q])
+                    for i in range(ni):
+                        acc[i] = ma.isum(part[i]) if acc[i] is None else builder.add(acc[i], ma.isum(part[i]))
                 for i in range(ni):
                     ptr = builder.gep(out, [c64((4 * h + i) * 64 + g * ma.lanes)])
-                    builder.store(ma.isum(acc[h][i]), builder.bitcast(ptr, ma.vi32.as_pointer()), align=4)
+                    builder.store(acc[i], builder.bitcast(ptr, ma.vi32.as_pointer()), align=4)
         return context.get_dummy_value()
 
     @intrinsic
@@ -231,17 +253,30 @@ def _quads(values, rows, nblocks, dtype):
     return quads.view(dtype).reshape(quads.shape[:3] + (mm.TILE, 4))
 
 
+class _Q6Packed(mm.Packed):
+    """A Q6_K matrix: its activation scratch holds two offset terms per block (see _mm_q6k)."""
+
+    __slots__ = ()
+
+    def _grow(self, n):
+        super()._grow(n)
+        self.xs = np.empty((n, 2 * (self.cols // 32)), np.float32)
+
+
 def _pack_q6k(raw, rows, cols):
     nsb = cols // 256
     blocks = raw.reshape(rows * nsb, 210)
-    W = _packed(mm.Packed, "q6k", rows, cols, 8)
-    head = np.empty((rows * nsb, 17), np.uint16)
-    head[:, 0] = np.ascontiguousarray(blocks[:, 208:210]).view(np.uint16)[:, 0]
-    head[:, 1:] = blocks[:, 192:208].view(np.int8).astype(np.int16).view(np.uint16)
-    W.d = mm._tiles(head.reshape(rows, nsb * 17), rows, mm.TILE)
-    W.m = mm._NO_M
-    W.qs = _quads(q6k_values(blocks).reshape(-1, 32), rows, nsb * 8, np.int8)
-    W.nbytes = W.qs.nbytes + W.d.nbytes
+    W = _packed(_Q6Packed, "q6k", rows, cols, 8)
+    W.d = mm._tiles(np.ascontiguousarray(blocks[:, 208:210]).view(np.uint16).reshape(rows, nsb), rows, mm.TILE)
+    W.m = mm._tiles(np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).reshape(rows, nsb * 16), rows, mm.TILE)
+    u = (q6k_values(blocks) + np.int8(32)).view(np.uint8).reshape(-1, 32)     # 0..63, per 32-value block
+    nibbles = (u[:, :16] & np.uint8(15)) | (u[:, 16:] << np.uint8(4))         # Q4's order (see _simd)
+    top = (u >> np.uint8(4)).reshape(-1, 2, 4, 4)                             # [block, h, k, c]: 16h + 4k + c
+    plane = top[:, :, 0] | (top[:, :, 1] << np.uint8(2)) | (top[:, :, 2] << np.uint8(4)) | (top[:, :, 3] << np.uint8(6))
+    quads = np.concatenate([nibbles.reshape(-1, 4, 4), plane], axis=1)       # (blocks, 6, 4)
+    tiles = mm._tiles(quads.reshape(rows, nsb * 8, 24).view(np.uint32), rows, mm.TILE)
+    W.qs = tiles.view(np.uint8).reshape(tiles.shape[:3] + (mm.TILE, 4))
+    W.nbytes = W.qs.nbytes + W.d.nbytes + W.m.nbytes
     return W
 
 
