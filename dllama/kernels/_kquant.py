@@ -12,20 +12,19 @@ the scales differ, and they are formed per block from the super-block's halves (
     d   (tiles, 2 * super-blocks, 64) uint16: f16 d at [t, 2s, r], dmin at [t, 2s + 1, r]
     m   (tiles, blocks, 2, 64) uint8: the sub-block's 6-bit scale at [t, b, 0, r], its min at [t, b, 1, r]
 
-4.625 bits per weight (the file: 4.5). Q5_K is the same with 5-bit quants, which the Q4 nibble sums cannot
-hold: one int8 per value (0..31) in Q80's quad layout, summed by the signed (Q80) sums; 8.625 bits per weight
-(the file: 5.5). Q6_K scales every 16 values (int8), so each 32-value block needs two sums, one per half
-(`_halves_intrinsic`, which keeps them apart). Its quants multiply as they are stored, 0..63 (unsigned, as
-the Q4 sums take nibbles), and the offset 32 leaves the inner loop as -32 x each half's activation sum. They
-travel as the file has them, 6 bits each, and are unpacked in registers:
+4.625 bits per weight (the file: 4.5). Q5_K is the same with 5-bit quants (0..31), Q6_K has 6-bit ones
+scaled every 16 values (int8), so each 32-value block needs two sums, one per half. Both travel at the
+file's 5 or 6 bits: the low 4 as Q4_K's nibbles, the high ones in a plane after them (`_pack_planes`),
+joined in registers and multiplied unsigned, as the Q4 sums take nibbles (`_unpacked_intrinsic`). Q6_K's
+offset 32 leaves the inner loop as -32 x each half's activation sum (exact integers).
 
-    qs  (tiles, blocks, 6, 64, 4) uint8: quads 0-3 the low 4 bits in Q4_0's nibble order (see _simd); quads
-        4 + h the high 2 bits of values 16h + 4k + c at bits 2k, 2k + 1 of byte c (k = 0..3)
-    d   (tiles, super-blocks, 64) uint16: f16 d;   m (tiles, 16 * super-blocks, 64) int8: the 16 scales
+    Q5_K  qs (tiles, blocks, 5, 64, 4) uint8; d and m as Q4_K: 5.625 bits per weight (the file: 5.5)
+    Q6_K  qs (tiles, blocks, 6, 64, 4) uint8; d (tiles, super-blocks, 64) uint16: f16 d;
+          m (tiles, 16 * super-blocks, 64) int8: the 16 scales. 6.5625 bits per weight, the file's.
 
-6.5625 bits per weight, the file's. Every other read-only type (Q2_K, Q3_K, Q5_0, Q5_1, BF16) is
-dequantized at load and re-quantized to Q80, a row chunk at a time: correct, at Q80's speed and 8.5 bits
-per weight, one more rounding of each weight (at most half a Q80 step, max|w|/254).
+Every other read-only type (Q2_K, Q3_K, Q5_0, Q5_1, BF16) is dequantized at load and re-quantized to Q80, a
+row chunk at a time: correct, at Q80's speed and 8.5 bits per weight, one more rounding of each weight (at
+most half a Q80 step, max|w|/254).
 """
 
 from __future__ import annotations
@@ -150,13 +149,14 @@ def _halves_add(acc, lo, hi, dlo, dhi, dx, clo, chi):
         acc[r] += dx * (dlo[r] * (np.float32(lo[r]) + clo) + dhi[r] * (np.float32(hi[r]) + chi))
 
 
-def _halves_intrinsic(ni, kind, nbytes):
-    """An intrinsic halves(qs, t, b, xq, i0, isum): the sums of Q6_K's unsigned 6-bit quants (0..63) with
-    the activations, kept apart for each block's lower 16 values (isum[i]) and upper 16 (isum[4 + i]), i < ni:
-    Q6_K scales per 16. The quants are unpacked in registers from the nibble quads (as the Q4 sums read them)
-    and the 2-bit plane of _pack_q6k. AVX2's 16-bit pair sums hold two multiply-adds of 6-bit quants
-    (2 x 2 x 63 x 127 < 2**15), so each half's four are summed two by two."""
+def _unpacked_intrinsic(ni, kind, nbytes, bits):
+    """An intrinsic sums(qs, t, b, xq, i0, isum) over unsigned 5- or 6-bit quants (Q5_K 0..31, Q6_K 0..63),
+    unpacked in registers from the nibble quads (as the Q4 sums read them) and the high-bit plane after them
+    (see _pack_planes). Q6_K (bits 6) scales per 16 values: its sums stay apart for each block's lower 16
+    values (isum[i]) and upper 16 (isum[4 + i]), i < ni; Q5_K's are whole blocks (isum[i]). AVX2's 16-bit
+    pair sums hold four multiply-adds of 5-bit quants (4 x 2 x 31 x 127 < 2**15) and two of 6-bit ones."""
     i32, i64 = ir.IntType(32), ir.IntType(64)
+    width, chain, nquads = bits - 4, 4 if bits == 5 else 2, 4 + bits - 4
 
     def c64(v):
         return ir.Constant(i64, v)
@@ -164,7 +164,7 @@ def _halves_intrinsic(ni, kind, nbytes):
     def codegen(context, builder, sig, args):
         qs, xq, isum, t, b, i0 = block_args(context, builder, sig, args)
         nb = cgutils.unpack_tuple(builder, qs.shape)[1]
-        qbase = builder.gep(qs.data, [builder.mul(builder.add(builder.mul(t, nb), b), c64(6 * 256))])
+        qbase = builder.gep(qs.data, [builder.mul(builder.add(builder.mul(t, nb), b), c64(nquads * 256))])
         ma = _MultiplyAdd(builder, kind, nbytes, False)
         xs = broadcast_quads(builder, ma, xq, i0, b, ni, [4 * q for q in range(8)])   # value 16h + 4q + c: 4h + q
         out = builder.bitcast(isum.data, i32.as_pointer())
@@ -173,66 +173,73 @@ def _halves_intrinsic(ni, kind, nbytes):
             ptr = builder.gep(qbase, [c64(k * 256 + g * nbytes)])
             return builder.load(builder.bitcast(ptr, ma.vi8.as_pointer()), align=1)
 
+        def operand(nib, plane, h, q):
+            # value 16h + 4q + c: its nibble, and its high bits moved from the plane to bit 4 on
+            low = builder.and_(nib[q], ma.splat(ma.vi8, 15)) if h == 0 else builder.lshr(nib[q], ma.splat(ma.vi8, 4))
+            src, at = (plane[h], 2 * q) if bits == 6 else (plane[0], 4 * h + q)
+            top = src if at == 4 else (builder.shl(src, ma.splat(ma.vi8, 4 - at)) if at < 4
+                                       else builder.lshr(src, ma.splat(ma.vi8, at - 4)))
+            return builder.or_(low, builder.and_(top, ma.splat(ma.vi8, ((1 << width) - 1) << 4)))
+
         for g in range(64 // ma.lanes):
-            nib, plane = [load(q, g) for q in range(4)], [load(4 + h, g) for h in range(2)]
+            nib, plane = [load(q, g) for q in range(4)], [load(4 + k, g) for k in range(nquads - 4)]
+            sums = [[None] * ni for _ in range(2)]
             for h in range(2):
-                acc = [None] * ni
-                for pair in (0, 2):
+                for q0 in range(0, 4, chain):
                     part = [ma.zero() for _ in range(ni)]
-                    for q in (pair, pair + 1):
-                        low = builder.and_(nib[q], ma.splat(ma.vi8, 15)) if h == 0 else \
-                            builder.lshr(nib[q], ma.splat(ma.vi8, 4))
-                        shift = 4 - 2 * q    # bits 2q, 2q + 1 of the plane to bits 4, 5
-                        top = plane[h] if shift == 0 else (builder.shl(plane[h], ma.splat(ma.vi8, shift)) if shift > 0
-                                                           else builder.lshr(plane[h], ma.splat(ma.vi8, -shift)))
-                        w = builder.or_(low, builder.and_(top, ma.splat(ma.vi8, 0x30)))
+                    for q in range(q0, q0 + chain):
+                        w = operand(nib, plane, h, q)
                         for i in range(ni):
                             part[i] = ma.madd(part[i], w, xs[i][4 * h + q])
                     for i in range(ni):
-                        acc[i] = ma.isum(part[i]) if acc[i] is None else builder.add(acc[i], ma.isum(part[i]))
+                        s = sums[h][i]
+                        sums[h][i] = ma.isum(part[i]) if s is None else builder.add(s, ma.isum(part[i]))
+            if bits == 5:
+                sums = [[builder.add(sums[0][i], sums[1][i]) for i in range(ni)]]
+            for h, row in enumerate(sums):
                 for i in range(ni):
                     ptr = builder.gep(out, [c64((4 * h + i) * 64 + g * ma.lanes)])
-                    builder.store(acc[i], builder.bitcast(ptr, ma.vi32.as_pointer()), align=4)
+                    builder.store(row[i], builder.bitcast(ptr, ma.vi32.as_pointer()), align=4)
         return context.get_dummy_value()
 
     @intrinsic
-    def halves(typingctx, qs, t, b, xq, i0, isum):
+    def sums(typingctx, qs, t, b, xq, i0, isum):
         return types.none(qs, t, b, xq, i0, isum), codegen
 
-    return halves
+    return sums
 
 
-def _halves_sums(kind, nbytes):
-    """halves(qs, t, b, xq, i0, k, isum) for k <= 4 activation rows (as _matmul._isums)."""
-    four, one = _halves_intrinsic(4, kind, nbytes), _halves_intrinsic(1, kind, nbytes)
+def _unpacked_sums(kind, nbytes, bits):
+    """sums(qs, t, b, xq, i0, k, isum) for k <= 4 activation rows (as _matmul._isums)."""
+    four, one = _unpacked_intrinsic(4, kind, nbytes, bits), _unpacked_intrinsic(1, kind, nbytes, bits)
 
     @numba.njit(inline="always", nogil=True, cache=True)
-    def halves(qs, t, b, xq, i0, k, isum):
+    def sums(qs, t, b, xq, i0, k, isum):
         if k == 4:
             four(qs, t, b, xq, i0, isum)
         else:
             for i in range(k):
                 one(qs, t, b, xq, i0 + i, isum[i:])
 
-    return halves
+    return sums
 
 
-def _kernels(body, name, kind, nbytes, signed):
+def _kernels(body, name, kind, nbytes, bits):
     """(serial, parallel) variants of one K-quant body on one multiply-add flavour (see _simd.simd_isa)."""
     scales = mm._scales_bits if (kind, platform.machine().lower()) == ("generic", "x86_64") else halves_to_f32
-    return mm._variants(body, f"_{name}_{kind}{nbytes}_{_TAG}", _isums=mm._isums(kind, nbytes, signed),
-                        _halves=_halves_sums(kind, nbytes), _scales=scales)
+    sums = mm._isums(kind, nbytes) if bits == 4 else _unpacked_sums(kind, nbytes, bits)
+    return mm._variants(body, f"_{name}_{kind}{nbytes}_{_TAG}", _isums=sums, _halves=sums, _scales=scales)
 
 
 # the helpers inlined from _matmul and _simd: their sources' hashes in the kernels' names (see _matmul._source_tag)
 _TAG = mm._SIMD_TAG + mm._source_tag(mm)
-_BODIES = {"q4k": (_mm_q4k, False), "q5k": (_mm_q4k, True), "q6k": (_mm_q6k, True)}
+_BODIES = {"q4k": (_mm_q4k, 4), "q5k": (_mm_q4k, 5), "q6k": (_mm_q6k, 6)}   # body, bits per quant
 
 
 def kernels_for(qtype, kind, nbytes):
     """(serial, parallel) kernel of a K-quant type on a multiply-add flavour; tests compile the others."""
-    body, signed = _BODIES[qtype]
-    return _kernels(body, qtype, kind, nbytes, signed)
+    body, bits = _BODIES[qtype]
+    return _kernels(body, qtype, kind, nbytes, bits)
 
 
 KERNELS = {q: (k, k) for q in _BODIES for k in [kernels_for(q, *mm._ISA)]}
@@ -247,10 +254,20 @@ def _packed(cls, qtype, rows, cols, ist_rows):
     return W
 
 
-def _quads(values, rows, nblocks, dtype):
-    # (rows * nblocks, 32) bytes of each 32-value block -> (tiles, nblocks, 8, TILE, 4): quads of rows side by side
-    quads = mm._tiles(np.ascontiguousarray(values).reshape(rows, nblocks, 32).view(np.uint32), rows, mm.TILE)
-    return quads.view(dtype).reshape(quads.shape[:3] + (mm.TILE, 4))
+def _pack_planes(u, rows, nblocks, bits):
+    """Unsigned quants of `bits` (5 or 6) bits, (rows * nblocks, 32) uint8 per 32-value block -> qs tiles
+    (tiles, nblocks, bits, 64, 4) uint8: quads 0-3 the low 4 bits in Q4_0's nibble order (see _simd), then
+    `bits - 4` planes of the high bits: the high bits of value 16h + 4q + c sit in byte c of plane h at bits
+    2q, 2q + 1 (6-bit), or of the one plane at bit 4h + q (5-bit), where _unpacked_intrinsic takes them."""
+    width = bits - 4
+    nibbles = (u[:, :16] & np.uint8(15)) | (u[:, 16:] << np.uint8(4))
+    top = (u >> np.uint8(4)).reshape(-1, width, 8 // width, 4)              # [block, plane, field, c]
+    plane = np.zeros((len(u), width, 4), np.uint8)
+    for k in range(8 // width):
+        plane |= top[:, :, k] << np.uint8(width * k)
+    quads = np.concatenate([nibbles.reshape(-1, 4, 4), plane], axis=1)      # (blocks, bits, 4)
+    tiles = mm._tiles(quads.reshape(rows, nblocks, 4 * bits).view(np.uint32), rows, mm.TILE)
+    return tiles.view(np.uint8).reshape(tiles.shape[:3] + (mm.TILE, 4))
 
 
 class _Q6Packed(mm.Packed):
@@ -269,13 +286,7 @@ def _pack_q6k(raw, rows, cols):
     W = _packed(_Q6Packed, "q6k", rows, cols, 8)
     W.d = mm._tiles(np.ascontiguousarray(blocks[:, 208:210]).view(np.uint16).reshape(rows, nsb), rows, mm.TILE)
     W.m = mm._tiles(np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).reshape(rows, nsb * 16), rows, mm.TILE)
-    u = (q6k_values(blocks) + np.int8(32)).view(np.uint8).reshape(-1, 32)     # 0..63, per 32-value block
-    nibbles = (u[:, :16] & np.uint8(15)) | (u[:, 16:] << np.uint8(4))         # Q4's order (see _simd)
-    top = (u >> np.uint8(4)).reshape(-1, 2, 4, 4)                             # [block, h, k, c]: 16h + 4k + c
-    plane = top[:, :, 0] | (top[:, :, 1] << np.uint8(2)) | (top[:, :, 2] << np.uint8(4)) | (top[:, :, 3] << np.uint8(6))
-    quads = np.concatenate([nibbles.reshape(-1, 4, 4), plane], axis=1)       # (blocks, 6, 4)
-    tiles = mm._tiles(quads.reshape(rows, nsb * 8, 24).view(np.uint32), rows, mm.TILE)
-    W.qs = tiles.view(np.uint8).reshape(tiles.shape[:3] + (mm.TILE, 4))
+    W.qs = _pack_planes((q6k_values(blocks) + np.int8(32)).view(np.uint8).reshape(-1, 32), rows, nsb * 8, 6)
     W.nbytes = W.qs.nbytes + W.d.nbytes + W.m.nbytes
     return W
 
@@ -294,7 +305,7 @@ def _pack_k4(qtype, raw, rows, cols):
         quads = mm._tiles(q.reshape(rows, nsb * 8, 16).view(np.uint32), rows, mm.TILE)
         W.qs = quads.view(np.uint8).reshape(quads.shape[:3] + (mm.TILE, 4))
     else:
-        W.qs = _quads(q5k_values(blocks.reshape(rows * nsb, -1)).reshape(-1, 32), rows, nsb * 8, np.int8)
+        W.qs = _pack_planes(q5k_values(blocks.reshape(rows * nsb, -1)).reshape(-1, 32), rows, nsb * 8, 5)
     W.nbytes = W.qs.nbytes + W.d.nbytes + W.m.nbytes
     return W
 
