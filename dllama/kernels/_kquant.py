@@ -224,11 +224,14 @@ def _unpacked_sums(kind, nbytes, bits):
     return sums
 
 
-def _kernels(body, name, kind, nbytes, bits):
-    """(serial, parallel) variants of one K-quant body on one multiply-add flavour (see _simd.simd_isa)."""
-    scales = mm._scales_bits if (kind, platform.machine().lower()) == ("generic", "x86_64") else halves_to_f32
+def bindings(qtype, kind, nbytes, scales=None):
+    """(body, globals to bind) of a K-quant type's kernel on one multiply-add flavour (see _simd.simd_isa);
+    `scales`: the f16 conversion (default: this host's choice for that flavour)."""
+    body, bits = _BODIES[qtype]
+    if scales is None:
+        scales = mm._scales_bits if (kind, platform.machine().lower()) == ("generic", "x86_64") else halves_to_f32
     sums = mm._isums(kind, nbytes) if bits == 4 else _unpacked_sums(kind, nbytes, bits)
-    return mm._variants(body, f"_{name}_{kind}{nbytes}_{_TAG}", _isums=sums, _halves=sums, _scales=scales)
+    return body, {"_isums": sums, "_halves": sums, "_scales": scales}
 
 
 # the helpers inlined from _matmul and _simd: their sources' hashes in the kernels' names (see _matmul._source_tag)
@@ -238,8 +241,8 @@ _BODIES = {"q4k": (_mm_q4k, 4), "q5k": (_mm_q4k, 5), "q6k": (_mm_q6k, 6)}   # bo
 
 def kernels_for(qtype, kind, nbytes):
     """(serial, parallel) kernel of a K-quant type on a multiply-add flavour; tests compile the others."""
-    body, bits = _BODIES[qtype]
-    return _kernels(body, qtype, kind, nbytes, bits)
+    body, bind = bindings(qtype, kind, nbytes)
+    return mm._variants(body, f"_{qtype}_{kind}{nbytes}_{_TAG}", **bind)
 
 
 KERNELS = {q: (k, k) for q in _BODIES for k in [kernels_for(q, *mm._ISA)]}
