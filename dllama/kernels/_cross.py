@@ -2,7 +2,7 @@
 for this host), llvmlite optimises and emits it for another target. Used by `bench/kernels.py --arm` and
 the ARM assembly test.
 
-    asm = target_asm("q4", "aarch64-unknown-linux-gnu", "cortex-a76", "+neon,+dotprod")
+    asm = target_asm("q4", "aarch64-unknown-linux-gnu", "cortex-a76", "+neon,+dotprod")   # or q4k, q5k, q6k
 
 The IR is numba's own, lowered for the flavour that target would pick (`_simd.simd_isa`), then optimised
 at O3 with the target's cost model (so vector widths and unrolling are the target's, not this host's).
@@ -31,6 +31,15 @@ def _kernel_ir(name, kind, nbytes):
         x, out = np.ones((1, 64), f32), np.empty((1, 64), f32)
         fn = mm._bound(mm._mm_blocks, "_cross", get_thread_id=mm._thread_zero, _isums=mm._isums(kind, nbytes),
                        _OFFSET=-8.0, _scales=mm.halves_to_f32)
+        args = (W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out, W.fs, W.ist)
+    elif name in ("q4k", "q5k", "q6k"):
+        from dllama import quants
+        from dllama.kernels import _kquant as kq
+
+        W = kq.pack(name, np.zeros(64 * quants.row_bytes(name, 256), np.uint8), 64, 256)
+        x, out = np.ones((1, 256), f32), np.empty((1, 64), f32)
+        body, bind = kq.bindings(name, kind, nbytes, mm.halves_to_f32)
+        fn = mm._bound(body, "_cross", get_thread_id=mm._thread_zero, **bind)
         args = (W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out, W.fs, W.ist)
     elif name == "attention":
         q, cache = np.ones((1, 64), f32), np.ones((4, 64), f32)

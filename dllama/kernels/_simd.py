@@ -149,6 +149,28 @@ class _MultiplyAdd:
         return acc
 
 
+def block_args(context, builder, sig, args):
+    """The operands of a block-sums intrinsic f(qs, t, b, xq, i0, isum) in its codegen: (qs, xq, isum) as
+    numba array structs, (t, b, i0) as int64."""
+    qs, xq, isum = (context.make_array(sig.args[k])(context, builder, args[k]) for k in (0, 3, 5))
+    t, b, i0 = (context.cast(builder, args[k], sig.args[k], types.int64) for k in (1, 2, 4))
+    return qs, xq, isum, t, b, i0
+
+
+def broadcast_quads(builder, ma, xq, i0, b, ni, offsets):
+    """xs[i][k]: the 4 activations at `offsets[k]` of block b of row i0 + i of xq (i < ni), broadcast by
+    `ma` (a _MultiplyAdd) to the operand every weight row's quad multiplies."""
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    cols = cgutils.unpack_tuple(builder, xq.shape)[1]
+    xs = []
+    for i in range(ni):
+        row = builder.gep(xq.data, [builder.add(builder.mul(builder.add(i0, ir.Constant(i64, i)), cols),
+                                                builder.mul(b, ir.Constant(i64, 32)))])
+        xs.append([ma.broadcast(builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, off)]),
+                                                             i32.as_pointer()), align=1)) for off in offsets])
+    return xs
+
+
 def isums_intrinsic(ni, kind, nbytes, signed=False):
     """An intrinsic isums(qs, t, b, xq, i0, isum): isum[i, r] = sum_j w(r, j) * xq[i0 + i, 32 b + j] for
     the `ni` rows i and the 64 rows r of tile t, block b, on `nbytes`-byte vectors of one `kind` (see
@@ -161,22 +183,12 @@ def isums_intrinsic(ni, kind, nbytes, signed=False):
         return ir.Constant(i64, v)
 
     def codegen(context, builder, sig, args):
-        qs = context.make_array(sig.args[0])(context, builder, args[0])
-        xq = context.make_array(sig.args[3])(context, builder, args[3])
-        isum = context.make_array(sig.args[5])(context, builder, args[5])
-        t, b, i0 = (context.cast(builder, args[k], sig.args[k], types.int64) for k in (1, 2, 4))
+        qs, xq, isum, t, b, i0 = block_args(context, builder, sig, args)
         nb = cgutils.unpack_tuple(builder, qs.shape)[1]
-        cols = cgutils.unpack_tuple(builder, xq.shape)[1]
         qbase = builder.gep(qs.data, [builder.mul(builder.add(builder.mul(t, nb), b), c64(nquads * 256))])
         ma = _MultiplyAdd(builder, kind, nbytes, signed)
-        # activations: 4 values broadcast to every row's quad, per (row i, weight operand k)
         offsets = [4 * q for q in range(8)] if signed else [off for q in range(4) for off in (4 * q, 16 + 4 * q)]
-        xs = []
-        for i in range(ni):
-            row = builder.gep(xq.data, [builder.add(builder.mul(builder.add(i0, c64(i)), cols),
-                                                    builder.mul(b, c64(32)))])
-            xs.append([ma.broadcast(builder.load(builder.bitcast(builder.gep(row, [c64(off)]), i32.as_pointer()),
-                                                 align=1)) for off in offsets])
+        xs = broadcast_quads(builder, ma, xq, i0, b, ni, offsets)
         out = builder.bitcast(isum.data, i32.as_pointer())
         for g in range(64 // ma.lanes):
             acc = [ma.zero() for _ in range(ni)]

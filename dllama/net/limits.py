@@ -82,8 +82,8 @@ def slice_bytes(spec, node, seq_len: int, max_batch: int, n_slots: int = 1) -> i
     """An estimate of what a node holding `node` of `spec` allocates: packed weights of the model's weight
     type, a full KV cache per slot, RoPE tables, attention scores and activation buffers (f32)."""
     # packed sizes (dllama.kernels): the GGUF-only types without a kernel of their own are held as Q80
-    bits = {"f32": 32, "f16": 16, "q40": 4.5, "q41": 5, "q80": 8.5, "q4k": 4.625, "q5k": 8.625,
-            "q6k": 9.06}.get(spec.weight_type, 8.5)
+    bits = {"f32": 32, "f16": 16, "q40": 4.5, "q41": 5, "q80": 8.5, "q4k": 4.625, "q5k": 5.625,
+            "q6k": 6.5625}.get(spec.weight_type, 8.5)
     hd, dim = spec.head_dim, spec.dim
     q, kv, ffn = len(node.heads) * hd, len(node.kv_heads) * hd, len(node.ffn)
     kv_cache = spec.n_layers * seq_len * kv * 2 * 4 * n_slots

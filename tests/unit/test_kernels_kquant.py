@@ -128,3 +128,27 @@ def test_other_multiply_add_flavours(qtype, flavour):
         K.matmul(W, x, out)
         scale = np.abs(x).astype(np.float64) @ np.abs(w).T
         assert np.all(np.abs(out - naive.quantize_act(x) @ w.T) <= 1e-4 * scale), n
+
+
+@pytest.mark.parametrize("qtype,quant_bytes", [("q5k", slice(16, 176)), ("q6k", slice(0, 192))])
+@pytest.mark.parametrize("flavour", [None, ("avx2", 32)], ids=["host", "avx2"])
+def test_largest_quants_do_not_overflow_the_sums(qtype, quant_bytes, flavour):
+    # every quant at its largest (31, 63) against activations at +-127: the largest 16-bit pair sums the AVX2
+    # multiply-adds form before they widen; one more product in a lane would saturate it
+    from dllama.kernels import _kquant
+
+    rows, cols = 70, 512
+    raw = weights(qtype, rows, cols, 5).reshape(rows * cols // 256, -1).copy()
+    raw[:, quant_bytes] = 0xFF
+    raw = raw.reshape(-1)
+    W = K.pack(qtype, raw, rows, cols)
+    if flavour:
+        serial = _kquant.kernels_for(qtype, *flavour)[0]
+        W.kernels = ((serial, serial), (serial, serial))
+        K.set_threads(1)
+    w = gguf_f64(qtype, raw, rows, cols)
+    x = np.ones((5, cols), np.float32)
+    x[1::2] = -1
+    out = np.empty((5, rows), np.float32)
+    K.matmul(W, x, out)
+    assert np.all(np.abs(out - naive.quantize_act(x) @ w.T) <= 1e-4 * (np.abs(x).astype(np.float64) @ np.abs(w).T))
