@@ -176,17 +176,14 @@ def _bound(fn, name, **bind):
     return types.FunctionType(code, dict(fn.__globals__, **bind), fn.__name__ + name)
 
 
-def _variants(fn, suffix="", fastmath=False, **bind):
+def _variants(fn, suffix="", **bind):
     """(serial, parallel) compiled variants of one kernel body: a parallel call wakes threads
     (~1-25 us depending on numba's threading layer), so with one thread the serial one runs.
-    `bind` replaces globals of the body (a flavour, named by `suffix`, with its own cache entries);
-    `fastmath` as numba's."""
+    `bind` replaces globals of the body (a flavour, named by `suffix`, with its own cache entries)."""
     # The serial variant is thread 0: numba's get_thread_id, loaded from the cache before any
     # parallel call has started the thread pool, would read an unset pointer.
-    return (njit(nogil=True, cache=True, fastmath=fastmath)(
-                _bound(fn, suffix + "_serial", get_thread_id=_thread_zero, **bind)),
-            njit(nogil=True, cache=True, parallel=True, fastmath=fastmath)(
-                _bound(fn, suffix, **bind) if suffix or bind else fn))
+    return (njit(nogil=True, cache=True)(_bound(fn, suffix + "_serial", get_thread_id=_thread_zero, **bind)),
+            njit(nogil=True, cache=True, parallel=True)(_bound(fn, suffix, **bind) if suffix or bind else fn))
 
 
 def _isums(kind, nbytes, signed=False):
@@ -220,10 +217,7 @@ def _blocks(qtype, kind, nbytes):
     signed = qtype == "q80"
     # x86 with AVX2 has F16C and every ARMv8 converts halves; the portable flavour may run on neither on x86
     scales = _scales_bits if (kind, platform.machine().lower()) == ("generic", "x86_64") else halves_to_f32
-    # contract: the per-block scaling, a multiply-add per step, takes a third of a 4-row pass; as fused
-    # multiply-adds it rounds once instead of twice, the same for every row count and flavour
-    return _variants(_mm_blocks, f"_{qtype}_{kind}{nbytes}_{_SIMD_TAG}", fastmath={"contract"},
-                     _isums=_isums(kind, nbytes, signed),
+    return _variants(_mm_blocks, f"_{qtype}_{kind}{nbytes}_{_SIMD_TAG}", _isums=_isums(kind, nbytes, signed),
                      _OFFSET=0.0 if signed else -8.0, _scales=scales)
 
 
