@@ -39,10 +39,10 @@ def default_model() -> str:
     return resolve_model("smollm2_135m_instruct")
 
 
-def start_server(model: str, nthreads: int, seq_len: int):
+def start_server(model: str, nthreads: int, seq_len: int, extra: tuple = ()):
     log = tempfile.NamedTemporaryFile("w+", prefix="dllama-api-bench-", suffix=".log")
     proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "--model", model, "--host", "127.0.0.1", "--port", "0",
-                             "--nthreads", str(nthreads), "--max-seq-len", str(seq_len), "--log-level", "warning"],
+                             "--nthreads", str(nthreads), "--max-seq-len", str(seq_len), "--log-level", "warning", *extra],
                             stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

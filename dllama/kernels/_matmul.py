@@ -187,16 +187,20 @@ def _variants(fn, suffix="", **bind):
 
 
 def _isums(kind, nbytes, signed=False):
-    """isums(qs, t, b, xq, i0, k, isum) for k <= 4 activation rows on one multiply-add flavour (see _simd)."""
-    four, one = isums_intrinsic(4, kind, nbytes, signed), isums_intrinsic(1, kind, nbytes, signed)
+    """isums(qs, t, b, xq, i0, k, isum) for k <= 4 activation rows on one multiply-add flavour (see _simd).
+    One intrinsic per row count: a batch of 2 or 3 reads and unpacks each weight vector once too."""
+    one, two, three, four = (isums_intrinsic(k, kind, nbytes, signed) for k in (1, 2, 3, 4))
 
     @njit(inline="always", nogil=True, cache=True)
     def isums(qs, t, b, xq, i0, k, isum):
         if k == 4:
             four(qs, t, b, xq, i0, isum)
+        elif k == 1:
+            one(qs, t, b, xq, i0, isum)
+        elif k == 2:
+            two(qs, t, b, xq, i0, isum)
         else:
-            for i in range(k):
-                one(qs, t, b, xq, i0 + i, isum[i:])
+            three(qs, t, b, xq, i0, isum)
 
     return isums
 

@@ -171,6 +171,11 @@ def broadcast_quads(builder, ma, xq, i0, b, ni, offsets):
     return xs
 
 
+def _registers(nbytes):
+    """Vector registers of a flavour: 32 with AVX-512 and on ARM (16-byte vectors), 16 with AVX2."""
+    return 16 if nbytes == 32 else 32
+
+
 def isums_intrinsic(ni, kind, nbytes, signed=False):
     """An intrinsic isums(qs, t, b, xq, i0, isum): isum[i, r] = sum_j w(r, j) * xq[i0 + i, 32 b + j] for
     the `ni` rows i and the 64 rows r of tile t, block b, on `nbytes`-byte vectors of one `kind` (see
@@ -190,21 +195,30 @@ def isums_intrinsic(ni, kind, nbytes, signed=False):
         offsets = [4 * q for q in range(8)] if signed else [off for q in range(4) for off in (4 * q, 16 + 4 * q)]
         xs = broadcast_quads(builder, ma, xq, i0, b, ni, offsets)
         out = builder.bitcast(isum.data, i32.as_pointer())
-        for g in range(64 // ma.lanes):
-            acc = [ma.zero() for _ in range(ni)]
+        # Several vectors of rows at once, each weight vector unpacked once and multiplied into every
+        # activation row: as many accumulators as the registers hold beside one quad's broadcast activations
+        # (2 x ni) and the weights. Per vector of rows alone, the ni x 8 broadcasts outlive the registers
+        # of a 4-row batch and spill, once per vector of rows.
+        groups = 64 // ma.lanes
+        span = max(1, (_registers(nbytes) - 2 * ni - 4) // ni)
+        span = min(groups, 1 << (span.bit_length() - 1))
+        for g0 in range(0, groups, span):
+            acc = [[ma.zero() for _ in range(ni)] for _ in range(span)]
             for q in range(nquads):
-                ptr = builder.bitcast(builder.gep(qbase, [c64(q * 256 + g * nbytes)]), ma.vi8.as_pointer())
-                w = builder.load(ptr, align=1)
-                if signed:
-                    operands = (w,)
-                else:  # low nibbles: values 4q + c; high: 16 + 4q + c
-                    operands = (builder.and_(w, ma.splat(ma.vi8, 15)), builder.lshr(w, ma.splat(ma.vi8, 4)))
-                for h, wk in enumerate(operands):
-                    for i in range(ni):
-                        acc[i] = ma.madd(acc[i], wk, xs[i][len(operands) * q + h])
-            for i in range(ni):
-                ptr = builder.bitcast(builder.gep(out, [c64(i * 64 + g * ma.lanes)]), ma.vi32.as_pointer())
-                builder.store(ma.isum(acc[i]), ptr, align=4)
+                for g in range(span):
+                    ptr = builder.gep(qbase, [c64(q * 256 + (g0 + g) * nbytes)])
+                    w = builder.load(builder.bitcast(ptr, ma.vi8.as_pointer()), align=1)
+                    if signed:
+                        operands = (w,)
+                    else:  # low nibbles: values 4q + c; high: 16 + 4q + c
+                        operands = (builder.and_(w, ma.splat(ma.vi8, 15)), builder.lshr(w, ma.splat(ma.vi8, 4)))
+                    for h, wk in enumerate(operands):
+                        for i in range(ni):
+                            acc[g][i] = ma.madd(acc[g][i], wk, xs[i][len(operands) * q + h])
+            for g in range(span):
+                for i in range(ni):
+                    ptr = builder.gep(out, [c64(i * 64 + (g0 + g) * ma.lanes)])
+                    builder.store(ma.isum(acc[g][i]), builder.bitcast(ptr, ma.vi32.as_pointer()), align=4)
         return context.get_dummy_value()
 
     @intrinsic

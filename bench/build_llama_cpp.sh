@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Build llama.cpp's llama-server and llama-bench natively (-march=native) from the
+# llama-cpp-python source distribution, for same-machine comparisons in bench/.
+#
+#   bench/build_llama_cpp.sh [SDIST.tar.gz] [BUILD_DIR]
+#
+# SDIST defaults to downloading llama-cpp-python==0.3.36 with pip; BUILD_DIR defaults
+# to bench/llama-native (gitignored). The shared libraries (libllama.so, libggml*.so)
+# are built too, so LLAMA_CPP_LIB_PATH=BUILD_DIR/bin can point llama-cpp-python at them.
+#
+# Nothing is fetched while configuring or building: the web UI's assets would be
+# downloaded from Hugging Face at build time unless LLAMA_USE_PREBUILT_UI is off
+# (HF_ENABLED alone does not reach the script that downloads), and where the kernel
+# allows it both steps run in a network namespace of their own with no interfaces.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+version=0.3.36
+sdist="${1:-}"
+build="${2:-$here/llama-native}"
+
+die() { echo "build_llama_cpp: error: $*" >&2; exit 2; }
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+if [[ -z "$sdist" ]]; then
+    python3 -m pip download --no-binary :all: --no-deps -d "$work" "llama-cpp-python==$version"
+    sdist="$(ls "$work"/llama_cpp_python-*.tar.gz)"
+fi
+[[ -f "$sdist" ]] || die "no such source distribution: $sdist"
+
+tar -xzf "$sdist" -C "$work"
+src="$(ls -d "$work"/llama_cpp_python-*/vendor/llama.cpp)"
+[[ -f "$src/CMakeLists.txt" ]] || die "$sdist holds no vendor/llama.cpp"
+
+offline=()
+if unshare -n true 2>/dev/null; then
+    offline=(unshare -n)
+fi
+
+mkdir -p "$build"
+"${offline[@]}" cmake -S "$src" -B "$build" -G Ninja \
+    -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=ON \
+    -DBUILD_SHARED_LIBS=ON \
+    -DLLAMA_CURL=OFF \
+    -DHF_ENABLED=OFF \
+    -DLLAMA_USE_PREBUILT_UI=OFF \
+    -DLLAMA_BUILD_UI=OFF \
+    -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF
+"${offline[@]}" cmake --build "$build" --target llama-server llama-bench \
+    -j "${JOBS:-$(nproc)}"
+
+# The sources live in a temporary folder; the binaries find their libraries by
+# RUNPATH in the build dir's bin/, which stays.
+ls -l "$build"/bin/llama-server "$build"/bin/llama-bench "$build"/bin/libllama.so* "$build"/bin/libggml*.so*
