@@ -4,7 +4,7 @@
 
 One token is 2 * n_layers + 1 round trips on the star (docs/protocol.md): the root broadcasts x to the
 N - 1 workers, each answers its partial sum (the last round: its best token, its top candidates or its
-logits). A round trip costs, on the critical path,
+logits, after its TIMES frame). A round trip costs, on the critical path,
 
     overhead(N) + RTT + (N - 1) * wire(x) / bandwidth     (the root's link sends N - 1 copies of x)
                       + (N - 1) * wire(reply) / bandwidth  (and takes N - 1 replies, queued at the switch)
@@ -28,6 +28,7 @@ MSS = 1448
 ETHERNET_OVERHEAD, VETH_OVERHEAD = 90, 66   # bytes per TCP segment on the wire
 FRAME = 18                                  # BUFFER header + meta
 STEP = 8 + 19 + 4 + 4                       # STEP header + meta + one position and its slot
+TIMES = 8 + 16                              # the worker's timings ahead of its last answer of a pass
 TOP_K = 64
 ROOT_SHARE = 0.5
 
@@ -41,7 +42,7 @@ def per_token(dim: int, n_layers: int, vocab: int, n_nodes: int, buffer: str = "
     """Round trips and the bytes the root sends and receives per generated token. sampling: "greedy",
     "top-p" (top candidates decide) or "full" (f32 logits gathered)."""
     x = FRAME + (dim // 32 * 34 if buffer == "q80" else 4 * dim)
-    reply = FRAME + {"greedy": 16 + 8, "top-p": 16 + 8 * TOP_K, "full": 4 * vocab // n_nodes}[sampling]
+    reply = TIMES + FRAME + {"greedy": 16 + 8, "top-p": 16 + 8 * TOP_K, "full": 4 * vocab // n_nodes}[sampling]
     rounds = 2 * n_layers + 1
     workers = n_nodes - 1
     return {"round_trips": rounds, "x_bytes": x, "reply_bytes": reply,
