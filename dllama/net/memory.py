@@ -69,8 +69,10 @@ def _meminfo_available() -> int | None:
         return None
 
 
-# (limit file, usage file) of the cgroup v2 and v1 memory controllers
-_V2, _V1 = ("memory.max", "memory.current"), ("memory.limit_in_bytes", "memory.usage_in_bytes")
+# (limit file, usage file, the memory.stat key of its reclaimable file cache) of the cgroup v2 and v1
+# memory controllers
+_V2 = ("memory.max", "memory.current", "inactive_file")
+_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
 _UNLIMITED = 1 << 62      # v1 writes "no limit" as the largest page-aligned 64-bit value
 
 
@@ -89,9 +91,24 @@ def _room(directory: str, files) -> int | None:
         if limit == "max" or int(limit) >= _UNLIMITED:
             return None
         with open(os.path.join(directory, files[1])) as f:
-            return max(int(limit) - int(f.read()), 0)
+            usage = int(f.read())
     except (OSError, ValueError):
         return None
+    # usage counts the page cache of every file read in the group (a model file, logs); its inactive part
+    # is given back under pressure, as MemAvailable counts it, so it is room
+    return max(int(limit) - usage + _stat(directory, files[2]), 0)
+
+
+def _stat(directory: str, key: str) -> int:
+    try:
+        with open(os.path.join(directory, "memory.stat")) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _memory_cgroup_dirs(proc: str):

@@ -236,6 +236,7 @@ def test_cluster_down_stops_the_units_and_up_starts_them(sd):
     r = nshosts.run_playbook(hosts, "update.yml", inv, "-e", '{"dllama_wheelhouse_build": false}')
     assert r.returncode == 0, r.stdout[-4000:]
     assert show(hosts, worker, "dllama-worker")["ActiveState"] == "inactive"
+    assert show(hosts, root, "dllama-api")["ActiveState"] == "inactive"
     r = cluster(hosts, "up", inv, "--run", "api")
     assert r.returncode == 0, r.stdout + r.stderr
     assert show(hosts, worker, "dllama-worker")["ActiveState"] == "active"

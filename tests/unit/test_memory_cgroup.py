@@ -51,3 +51,18 @@ def test_usage_over_the_limit_leaves_no_room(tmp_path):
     proc = _tree(tmp_path, "0::/", f"41 31 0:38 / {tmp_path}/cg rw - cgroup2 cgroup2 rw",
                  {"cg/memory.max": "1000", "cg/memory.current": "5000"})
     assert cgroup_room(proc) == 0
+
+
+def test_reclaimable_file_cache_counts_as_room(tmp_path):
+    # a group that read a big model file: its usage is mostly inactive page cache, which the kernel gives
+    # back under pressure (as MemAvailable counts it); only the rest is taken
+    proc = _tree(tmp_path, "0::/w", f"41 31 0:38 / {tmp_path}/cg rw - cgroup2 cgroup2 rw", {
+        "cg/w/memory.max": "1000000", "cg/w/memory.current": "900000",
+        "cg/w/memory.stat": "anon 100000\nfile 800000\nactive_file 50000\ninactive_file 750000\n"})
+    assert cgroup_room(proc) == 850000
+    proc1 = tmp_path / "v1"
+    proc1.mkdir()
+    proc1 = _tree(proc1, "4:memory:/w", f"35 31 0:32 / {proc1}/mem rw - cgroup cgroup rw,memory", {
+        "mem/w/memory.limit_in_bytes": "1000000", "mem/w/memory.usage_in_bytes": "900000",
+        "mem/w/memory.stat": "cache 800000\ninactive_file 1\ntotal_inactive_file 700000\n"})
+    assert cgroup_room(proc1) == 800000
