@@ -24,15 +24,19 @@ if sys.byteorder != "little":  # payloads are numpy arrays sent as they sit in m
 
 
 SPIN_ENV = "DLLAMA_SPIN_US"
-SPIN_S = 0.002   # seconds a per-exchange receive keeps asking without blocking (see spin_seconds)
+# seconds a per-exchange receive keeps asking without blocking (see spin_seconds): none by default, since
+# a node that spins takes the core from a node or process sharing it (measured with bench/split.py on an
+# idle 2-core machine, two workers on one core: 11.0 tokens/s with a 2 ms spin, 35.4 without)
+SPIN_S = 0.0
 
 
 def spin_seconds() -> float:
     """How long a per-exchange receive asks again before it sleeps: SPIN_S, or $DLLAMA_SPIN_US
     microseconds (0: sleep at once). The peer answers when its share of the layer is done, often hundreds of
     microseconds later; a process that slept meanwhile is woken by the kernel (a virtual machine's idle
-    CPU by its host, tens of microseconds) on every exchange of both sides. On a host whose cores are shared
-    with other work, a smaller value gives them back sooner. Raises DllamaError for a value that is not a
+    CPU by its host, tens of microseconds) on every exchange of both sides: on nodes that each have a core
+    to themselves, a spin of about 2000 saves that. On a host whose cores are shared, any spin takes the
+    core from whoever would produce the answer. Raises DllamaError for a value that is not a
     number of microseconds."""
     raw = os.environ.get(SPIN_ENV)
     if raw is None:
