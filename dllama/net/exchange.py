@@ -249,7 +249,7 @@ class RootCollective(_Exchange):
         try:
             deadline, spin_until = time.monotonic() + timeout, time.perf_counter() + self._spin
             while waiting:
-                ready = self._poller.poll(0)
+                ready = self._poller.poll(0) if self._spin else None   # no spin: straight to the blocking poll
                 if not ready and time.perf_counter() < spin_until:
                     continue
                 if not ready:

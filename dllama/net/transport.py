@@ -243,12 +243,14 @@ class Connection:
                 now = time.perf_counter()
                 if deadline is None:
                     deadline = now + self.spin
-                elif now >= deadline:
+                if now >= deadline:   # without a spin: one try
                     return 0
 
     def spin_readable(self) -> None:
         """Wait for the peer's next bytes without blocking for up to `self.spin` seconds: the wait before a
         receive that does not go through recv_frame_into (a worker's next STEP, several workers' answers)."""
+        if not self.spin:
+            return
         if self._poller is None:
             self._poller = select.poll()
             self._poller.register(self.sock, select.POLLIN)
