@@ -140,9 +140,9 @@ class AutoPlanner:
         self.current: list[NodeSlice] | None = None
 
     def measure(self) -> None:
-        from dllama.net.limits import available_memory
+        from dllama.net.memory import available_bytes
 
-        self.own = calibrate(self.spec.weight_type, self.spec.dim), available_memory()
+        self.own = calibrate(self.spec.weight_type, self.spec.dim), available_bytes()
 
     def __call__(self, reports) -> list[NodeSlice]:
         from dllama.net.limits import HEADROOM, slice_bytes

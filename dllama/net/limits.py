@@ -13,7 +13,7 @@ from dataclasses import fields
 from dllama import schema
 from dllama.errors import DllamaError
 from dllama.net import protocol as P
-from dllama.net.memory import available_bytes as available_memory  # noqa: F401  (callers' name)
+from dllama.net.memory import available_bytes
 
 MAX_SEQ_LEN = 1 << 20     # positions; past every model we know, and the RoPE tables alone would be GBs
 MAX_BATCH = 1024
@@ -56,7 +56,7 @@ def check_config(cfg: dict, hello: P.Hello, available: int | None = None):
         raise DllamaError(f"CONFIG node slice {cfg['node']} is not node {node.index}'s of this model")
     need = slice_bytes(spec, node, seq_len, max_batch, config_slots(cfg))
     if available is None:
-        available = available_memory()
+        available = available_bytes()
     if available is not None and need > HEADROOM * available:
         raise DllamaError(f"the slice needs {need / 1e6:.0f} MB (weights, KV cache for {seq_len} positions "
                           f"x {config_slots(cfg)} slots, "

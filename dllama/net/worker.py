@@ -243,9 +243,9 @@ class Worker:
         if hello.calibrate is None:
             return P.HelloAck(P.PROTOCOL_VERSION)
         from dllama.model.split import calibrate
-        from dllama.net.limits import available_memory
+        from dllama.net.memory import available_bytes
 
-        speed, free = calibrate(hello.calibrate, hello.calibrate_cols), available_memory() or 0
+        speed, free = calibrate(hello.calibrate, hello.calibrate_cols), available_bytes() or 0
         log.info("calibrated: %.2f G %s values/s, %.0f MB free", speed / 1e9, hello.calibrate, free / 1e6)
         return P.HelloAck(P.PROTOCOL_VERSION, speed, free, auth.report_mac(self._key, hello, mine, speed, free))
 
