@@ -74,6 +74,7 @@ class Engine:
         # generate use slot 0, a scheduler (dllama.api.batcher) all of them through forward_rows
         self.slot_ids: list[list[int]] = [[] for _ in range(model.kv.n_slots)]
         self._rows = np.zeros((3, model.max_batch), np.int64)   # a batched pass's slots, positions, tokens
+        self._steps = np.arange(model.max_batch, dtype=np.int64)
         self.stats = Stats()
 
     @property
@@ -210,9 +211,13 @@ class Engine:
     # ---- generation ------------------------------------------------------------------------------
 
     def _forward(self, tokens: list[int], start: int, logits: tuple = FULL_LOGITS):
-        positions = np.arange(start, start + len(tokens), dtype=np.int64)
-        self.coll.step(len(tokens), positions, logits)
-        return self.model.forward(np.asarray(tokens, dtype=np.int64), positions, logits=logits[0] != LOGITS_NONE)
+        # one sequence (slot 0) in the batched pass's buffers: a decode step allocates no arrays
+        n = len(tokens)
+        positions, ids = self._rows[1, :n], self._rows[2, :n]
+        np.add(self._steps[:n], start, out=positions)
+        ids[:] = tokens
+        self.coll.step(n, positions, logits)
+        return self.model.forward(ids, positions, logits=logits[0] != LOGITS_NONE)
 
     def best_slot(self, prompt_ids: list[int], free) -> int:
         """Of the slots `free`, the one whose cached tokens share the longest prefix with `prompt_ids`
