@@ -257,30 +257,61 @@ def start_api_unit(s: Session, timeout: float = 300) -> int:
     r = s.systemctl(c.root, "start", c.api_service)
     if not r.ok:
         raise DllamaError(f"{c.root.name}: systemctl start {c.api_service} failed: {r.err.strip()}")
-    deadline = time.monotonic() + timeout
-    while not port_in_use(s, c.root, c.api_port):
-        if not s.systemctl(c.root, "is-active --quiet", c.api_service).ok or time.monotonic() > deadline:
-            s.systemctl(c.root, "stop", c.api_service)
-            journal = s.runners[c.root.name].run(
-                f"{N.sudo(s.facts[c.root.name])}journalctl --no-pager -n 5 -u {shlex.quote(c.api_service)}").out
-            last = (journal.strip().splitlines() or ["no journal"])[-1]
-            raise DllamaError(f"{c.api_service} on {c.root.name} did not come up: {last}")
-        time.sleep(1.0)
+    def gone() -> str | None:
+        if s.systemctl(c.root, "is-active --quiet", c.api_service).ok:
+            return None
+        journal = s.runners[c.root.name].run(
+            f"{N.sudo(s.facts[c.root.name])}journalctl --no-pager -n 5 -u {shlex.quote(c.api_service)}").out
+        return (journal.strip().splitlines() or ["no journal"])[-1]
+
+    try:
+        _wait_ready(s, gone, timeout)
+    except DllamaError as exc:
+        s.systemctl(c.root, "stop", c.api_service)
+        raise DllamaError(f"{c.api_service} on {c.root.name} did not come up: {exc}") from None
     say(f"{c.root.name}: API ready ({c.api_service}, systemd) on port {c.api_port}; its log: dllama cluster logs")
     return 0
 
 
 def wait_api(s: Session, pid: int, timeout: float) -> None:
-    """Until the API listens on its port (it loads the model and sends the workers their slices first)."""
+    """Until the API started as `pid` has loaded the model and joined its workers (its /health says ready)."""
     c = s.cluster
     runner = s.runners[c.root.name]
+
+    def gone() -> str | None:
+        if N.alive(runner, pid):
+            return None
+        tail = runner.run(f"tail -n 5 {N.state_path(c.root, 'root-api.log')}").out.strip()
+        return tail.splitlines()[-1] if tail else "no log"
+
+    try:
+        _wait_ready(s, gone, timeout)
+    except DllamaError as exc:
+        raise DllamaError(f"the API on {c.root.name}: {exc}") from None
+
+
+def _wait_ready(s: Session, gone, timeout: float) -> None:
+    """Until the API listens and its /health has left "loading" (it listens while it loads the model and
+    streams the workers their slices). `gone()` says why the API is no longer running, or None. A cluster
+    that comes up degraded is still up: `cluster status` names what is missing."""
+    c = s.cluster
     deadline = time.monotonic() + timeout
-    while not port_in_use(s, c.root, c.api_port):
-        if not N.alive(runner, pid):
-            tail = runner.run(f"tail -n 5 {N.state_path(c.root, 'root-api.log')}").out.strip()
-            raise DllamaError(f"the API on {c.root.name} exited: {tail.splitlines()[-1] if tail else 'no log'}")
+    status, listening = "not listening", False
+    while True:
+        why = gone()
+        if why is not None:
+            raise DllamaError(f"exited: {why}")
+        listening = listening or port_in_use(s, c.root, c.api_port)
+        if listening:
+            health = N.api_health(s.runners[c.root.name], c.root, s.root_python(), c.api_host, c.api_port)
+            status = health.get("status", "not answering")
+            if status in ("ready", "degraded"):
+                return
+            if status == "failed":
+                raise DllamaError(f"failed: {health.get('error') or health}")
         if time.monotonic() > deadline:
-            raise DllamaError(f"the API on {c.root.name} is not listening on port {c.api_port} after {timeout:.0f} s")
+            where = f"port {c.api_port}: {status}" if listening else f"not listening on port {c.api_port}"
+            raise DllamaError(f"{where} after {timeout:.0f} s")
         time.sleep(1.0)
 
 
