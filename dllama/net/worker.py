@@ -319,7 +319,7 @@ class Worker:
                 log.warning("dropped %s: %s", conn.label, exc)
             else:
                 log.exception("dropped %s after an internal error", conn.label)
-            self._refuse(conn, f"worker {self.address}: {exc}")
+            self._refuse(conn, str(exc))   # the root names this worker as it reached it
         finally:
             conn.close()
             model = coll = self._tensor = None
