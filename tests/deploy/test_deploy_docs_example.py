@@ -3,8 +3,8 @@ tells you to copy, and the model files its step 4 lists), unmodified but for the
 connection and where the model files are on the controller; `ansible-playbook deploy.yml`, then
 `dllama cluster up` generating text over 1 root + 3 workers, then `dllama cluster down`.
 
-The model is SmolLM2-135M with its 3 KV heads padded to 4 (as the README's cluster demo converts it), so
-it splits over 4 nodes; its greedy continuation must be llama.cpp's (tests/data/smollm2_greedy.json).
+The model is SmolLM2-135M converted as it is: its 3 KV heads split over 4 nodes, some nodes sharing a head;
+its greedy continuation must be llama.cpp's (tests/data/smollm2_greedy.json).
 Parsing the doc (not a copy of its inventory) makes the test fail when the doc drifts from what works.
 """
 
@@ -73,8 +73,9 @@ def docs_cluster(tmp_path_factory):
     from dllama.formats.convert import convert
 
     tmp = tmp_path_factory.mktemp("docs-example")
-    padded = str(tmp / "smollm2_135m_4kv.m")
-    convert(model_file(), padded, pad_kv_heads=4)
+    # as the doc's user has it: 3 KV heads on 4 nodes, the nodes sharing heads
+    converted = str(tmp / "smollm2_135m.m")
+    convert(model_file(), converted)
     example, inventory, model_vars = docs_inventory()
     # Another prefix than the session's hosts (tests/deploy/conftest.py), which may still be up.
     hosts = nshosts.TestHosts(n_hosts=4, single_interface=True, prefix=f"dld{os.getpid() % 100000}")
@@ -86,7 +87,7 @@ def docs_cluster(tmp_path_factory):
                         os.path.join(invdir, "group_vars"))
         inv = os.path.join(invdir, "hosts.yml")
         with open(inv, "w") as f:
-            yaml.safe_dump(localize(inventory, model_vars, hosts, {".m": padded, ".t": model_file()}), f)
+            yaml.safe_dump(localize(inventory, model_vars, hosts, {".m": converted, ".t": model_file()}), f)
         r = nshosts.run_playbook(hosts, "deploy.yml", inv)
         assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
         yield hosts, inv
