@@ -376,12 +376,14 @@ def _check_flags(nthreads, buffer_float_type, max_seq_len, parallel=1) -> None:
         raise DllamaError(f"--max-seq-len must be at least 1, got {max_seq_len}")
 
 
-def _context_bytes(spec, node, seq_len: int) -> int:
-    """Memory the context takes on `node` (see NodeModel): a full K and V cache per layer, the rope tables
-    (float64 while they are computed), one row of attention scores per head."""
+def _context_bytes(spec, node, seq_len: int, n_slots: int = 1) -> int:
+    """Memory the context takes on `node` (see NodeModel): a K and V cache per layer for each of `n_slots`
+    slots, and once for all of them the rope tables (float64 while they are computed) and one row of
+    attention scores per head."""
     kv_dim, half = len(node.kv_heads) * spec.head_dim, spec.head_dim // 2
-    per_position = spec.n_layers * 2 * kv_dim * 4 + half * (2 * 4 + 3 * 8) + len(node.heads) * 4
-    return seq_len * per_position
+    per_slot = spec.n_layers * 2 * kv_dim * 4
+    shared = half * (2 * 4 + 3 * 8) + len(node.heads) * 4
+    return seq_len * (n_slots * per_slot + shared)
 
 
 def _check_memory(spec, node, seq_len: int, n_slots: int = 1) -> None:
@@ -390,11 +392,11 @@ def _check_memory(spec, node, seq_len: int, n_slots: int = 1) -> None:
     Raises DllamaError suggesting a limit."""
     from dllama.net.memory import available_bytes
 
-    need, have = n_slots * _context_bytes(spec, node, seq_len), available_bytes()
+    need, have = _context_bytes(spec, node, seq_len, n_slots), available_bytes()
     if have is None or need <= have:
         return
     # leave half for the weights
-    fits = max(1, have // max(1, n_slots * _context_bytes(spec, node, 1))) // 2
+    fits = max(1, have // max(1, _context_bytes(spec, node, 1, n_slots))) // 2
     fits = fits // 1024 * 1024 or fits
     slots = f" in each of {n_slots} slots (--parallel)" if n_slots > 1 else ""
     raise DllamaError(f"a context of {seq_len} tokens{slots} needs {need / 2**30:.1f} GiB for its KV cache and "

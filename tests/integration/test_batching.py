@@ -201,3 +201,19 @@ def test_memory_for_every_slot_is_checked_up_front():
     _check_memory(spec, node, seq_len, 1)
     with pytest.raises(DllamaError, match="--parallel"):
         _check_memory(spec, node, seq_len, 8)
+
+
+def test_the_memory_estimate_grows_per_slot_by_what_a_slot_maps():
+    """Each slot adds its K and V cache (what KVCache maps for it); rope tables and score rows are shared."""
+    from dllama.engine import _context_bytes
+    from dllama.formats.random_model import preset_spec
+    from dllama.model.kvcache import KVCache
+    from dllama.model.partition import partition
+
+    spec = preset_spec("llama3_2_1b", "q40")
+    node = partition(spec, 2)[1]
+    seq_len, kv_dim = 256, len(node.kv_heads) * spec.head_dim
+    maps = [len(KVCache(spec.n_layers, n, seq_len, kv_dim)._map) for n in (1, 4)]
+    estimates = [_context_bytes(spec, node, seq_len, n) for n in (1, 4)]
+    assert estimates[1] - estimates[0] == maps[1] - maps[0]
+    assert estimates[0] > maps[0]   # and the shared scratch once
