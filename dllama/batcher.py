@@ -43,6 +43,10 @@ class Sequence:
                 "generation_tokens_per_s": round((self.generated - 1) / gen_s, 3) if gen_s > 0 else 0.0}
 
 
+def _wants(sampler) -> tuple:
+    return sampler.wants() if hasattr(sampler, "wants") else FULL_LOGITS
+
+
 class Batcher:
     def __init__(self, engine, max_rows: int | None = None):
         from dllama.engine import MAX_BATCH
@@ -99,7 +103,8 @@ class Batcher:
                     owners.append(seq)
         if not parts:
             return []
-        logits = self.engine.forward_rows(parts, FULL_LOGITS)
+        # each row's own sampler says what it needs: over a cluster, the nodes' top candidates where they do
+        logits = self.engine.forward_rows(parts, [_wants(seq.sampler) for seq in owners])
         self.passes += 1
         self.last_rows = sum(len(p[1]) for p in parts)
         self.rows += self.last_rows
