@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 from dllama.errors import DllamaError
-from dllama.model.collective import FULL_LOGITS
+from dllama.model.collective import wants_of
 
 
 class Sequence:
@@ -41,10 +41,6 @@ class Sequence:
                 "prompt_tokens_evaluated": len(self.prompt_ids) - self.reused, "reused_tokens": self.reused,
                 "time_to_first_token_s": round(self.t_first - self.t_submit, 6) if self.t_first else 0.0,
                 "generation_tokens_per_s": round((self.generated - 1) / gen_s, 3) if gen_s > 0 else 0.0}
-
-
-def _wants(sampler) -> tuple:
-    return sampler.wants() if hasattr(sampler, "wants") else FULL_LOGITS
 
 
 class Batcher:
@@ -104,7 +100,7 @@ class Batcher:
         if not parts:
             return []
         # each row's own sampler says what it needs: over a cluster, the nodes' top candidates where they do
-        logits = self.engine.forward_rows(parts, [_wants(seq.sampler) for seq in owners])
+        logits = self.engine.forward_rows(parts, [wants_of(seq.sampler) for seq in owners])
         self.passes += 1
         self.last_rows = sum(len(p[1]) for p in parts)
         self.rows += self.last_rows

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dllama.errors import DllamaError
-from dllama.model.collective import FULL_LOGITS, LOGITS_NONE, NO_LOGITS, per_row
+from dllama.model.collective import FULL_LOGITS, LOGITS_NONE, NO_LOGITS, per_row, wants_of
 from dllama.net.memory import freeze_survivors, thaw
 
 MAX_BATCH = 32  # prompt positions per forward pass, as the reference
@@ -323,7 +323,7 @@ class Engine:
         stops = set(self.tokenizer.eos_ids if stop_ids is None else stop_ids)
         self.stats = st = Stats()
         t_start = time.perf_counter()
-        wants = sampler.wants() if hasattr(sampler, "wants") else FULL_LOGITS
+        wants = wants_of(sampler)
         logits = self.prefill(prompt_ids, wants)
         c0 = (self.coll.transfer_s, self.coll.sent_bytes, self.coll.recv_bytes)
         # the workers' counters as of the prompt's last pass (which ends in logits, so with their TIMES)

@@ -17,6 +17,11 @@ NO_LOGITS = (LOGITS_NONE, 0.0, 0)
 FULL_LOGITS = (LOGITS_FULL, 0.0, 0)
 
 
+def wants_of(sampler) -> tuple:
+    """What `sampler` needs from the output layer: its own `wants()`, else the full logits."""
+    return sampler.wants() if hasattr(sampler, "wants") else FULL_LOGITS
+
+
 def per_row(wants: list):
     """What a pass whose output rows' samplers want `wants` (one tuple a row) asks of the output layer: the
     one row's own tuple, the full logits when every row wants them, else the list."""
