@@ -10,9 +10,10 @@ counts alternate, `--repeats` rounds, and the medians are printed (noise on a sh
 one JSON line per thread count.
 
 `--workers N` runs the root with N `dllama worker`s on 127.0.0.1, each with the root's thread count, and
-`--logits` says how each batched pass ends there, alternating in the same rounds: "top" (each row's top
-candidates, dllama.candidates) and "full" (every row's logits gathered, what a sampler that needs them
-costs); the bytes the root receives per decode pass are printed beside the tokens/s.
+`--logits` says how each batched pass ends there, alternating in the same rounds (in reverse order every
+other round): "top" (each row's top candidates, dllama.candidates) and "full" (every row's logits
+gathered, what a sampler that needs them costs); the bytes the root receives per decode pass are printed
+beside the tokens/s.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def main() -> None:
             tok_s, cpu_tok_s, nbytes = ({key: [] for _, _, key in runs} for _ in range(3))
             idle, busy = [], []
             for rnd in range(args.repeats):
-                for mode, s, key in runs:
+                for mode, s, key in (runs if rnd % 2 == 0 else runs[::-1]):   # A/B, then B/A
                     r = aggregate(engine, s, args.tokens, args.prompt_tokens, mode)
                     tok_s[key].append(r["tok_s"])
                     cpu_tok_s[key].append(r["cpu_tok_s"])

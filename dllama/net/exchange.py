@@ -319,7 +319,8 @@ class RootCollective(_Exchange):
 
     def gather(self, part: np.ndarray, out: np.ndarray):
         """out (n, vocab) <- the root's part and every worker's (n, len(vocab slice)) f32 logits; or, when
-        the step asked for the top candidates, those of every node (dllama.candidates.Candidates)."""
+        the step asked for the top candidates, those of every node (dllama.candidates.Candidates); or, for
+        a step of rows, a list: each row's candidates, or its row of out where it asked for the logits."""
         self._flush_step()
         if isinstance(self._logits, list):
             top = self._gather_rows(part, out)
