@@ -355,12 +355,13 @@ class RootCollective(_Exchange):
     def _gather_top(self, part: np.ndarray, out: np.ndarray):
         t0 = time.perf_counter()
         _, temperature, k = self._logits
+        own = self._own_candidates(part, 0, k, temperature)   # while the workers pick theirs
         self._collect(P.OP_TOP, 0, k, 0, 0)
         peers = []
         for rx, node in zip(self._rx, self.plan[1:]):
             got = min(k, len(node.vocab))
             peers.append((*P.TOP_STATS.unpack_from(rx), *_candidates_in(rx, P.TOP_STATS.size, got)))
-        top = self._merge(part, out, 0, k, temperature, peers)
+        top = self._merge(part, out, 0, k, temperature, own, peers)
         self.transfer_s += time.perf_counter() - t0
         return top
 
@@ -370,6 +371,8 @@ class RootCollective(_Exchange):
         t0 = time.perf_counter()
         rows = out.shape[0]
         temps, ks = self._row_temps[:rows], self._row_k[:rows]
+        # the root's own candidates while the workers pick theirs
+        mine = [self._own_candidates(part, r, int(ks[r]), float(temps[r])) if ks[r] else None for r in range(rows)]
         self._collect(P.OP_ROWS, 0, rows, 0, 0)
         own = self.plan[0].vocab
         at = [P.ROW_STATS.size * rows] * len(self._rx)   # each worker's next row in its frame
@@ -390,21 +393,28 @@ class RootCollective(_Exchange):
                 else:
                     out[r, node.vocab.start:node.vocab.stop] = rx[a:a + 4 * cols].view(np.float32)
                     at[i] = a + 4 * cols
-            result.append(self._merge(part, out, r, k, float(temps[r]), peers) if k else out[r])
+            result.append(self._merge(part, out, r, k, float(temps[r]), mine[r], peers) if k else out[r])
         self.transfer_s += time.perf_counter() - t0
         return result
 
-    def _merge(self, part: np.ndarray, out: np.ndarray, r: int, k: int, temperature: float, peers: list):
-        """Row r's candidates: the root's own k best of part[r], then each worker's (m, s, ids, logits) in
-        node order (dllama.candidates.Candidates)."""
-        from dllama.candidates import Candidates, node_candidates
+    def _own_candidates(self, part: np.ndarray, r: int, k: int, temperature: float) -> tuple:
+        """The root's k best of part[r], at the start of row r's candidates: (how many, m, s)."""
+        from dllama.candidates import node_candidates
+
+        return node_candidates(part[r], self.plan[0].vocab.start, k, temperature, self._top_ids[r],
+                               self._top_logits[r], self._own_scratch)
+
+    def _merge(self, part: np.ndarray, out: np.ndarray, r: int, k: int, temperature: float, own: tuple,
+               peers: list):
+        """Row r's candidates: the root's own (`_own_candidates`), then each worker's (m, s, ids, logits)
+        in node order (dllama.candidates.Candidates)."""
+        from dllama.candidates import Candidates
 
         ids, vals = self._top_ids[r], self._top_logits[r]
-        own = self.plan[0].vocab
         m, s = np.zeros(self.n_nodes), np.zeros(self.n_nodes)
-        at, m[0], s[0] = node_candidates(part[r], own.start, k, temperature, ids, vals, self._own_scratch)
+        at, m[0], s[0] = own
         # every token a node did not send is at most its last one sent
-        floor = vals[at - 1] if len(own) > k else -np.inf
+        floor = vals[at - 1] if len(self.plan[0].vocab) > k else -np.inf
         for i, (peer, node) in enumerate(zip(peers, self.plan[1:]), start=1):
             m[i], s[i], got_ids, got_vals = peer
             got = got_ids.size
