@@ -13,6 +13,12 @@ many; every reply's usage.completion_tokens is checked. Aggregate tok/s = all st
 wall time from the first request sent to the last reply (prompt evaluation included, for both alike). Both
 servers run at once and take turns, stream count by stream count, so load on a shared host falls on both;
 medians are printed, one JSON line per thread count, with the load average beside them.
+
+Time to first token (issue 15's goal: busy <= 2x idle): the wall time of a short request for one token
+(`--prompt-tokens` new ids), on the idle server and while `--ttft-busy` long streamed requests are
+generating (each has sent its first token; they are cancelled after), alternating, `--repeats` times each.
+The servers get one slot more than --parallel when the busy ones would otherwise fill every slot, so that
+the short request is served beside them, not queued behind them.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import threading
 
 import httpx
 import numpy as np
@@ -81,6 +89,43 @@ def aggregate(client: httpx.Client, base: str, prompts: list[list[int]], tokens:
         return n / (time.perf_counter() - t0)
 
 
+def _long_stream(base: str, prompt: list[int], tokens: int, stops: list[int], started: threading.Event,
+                 done: threading.Event) -> None:
+    """A streamed request generating until `done` (closing it cancels it on the server); `started` is set at
+    its first token."""
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0.0, "ignore_eos": True, "stream": True,
+            "logit_bias": {str(t): -100.0 for t in stops}}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"text"' in line:
+                started.set()
+            if done.is_set():
+                return
+
+
+def ttft(client: httpx.Client, base: str, prompt: list[int], busy: list[list[int]], tokens: int,
+         stops: list[int]) -> float:
+    """Seconds a one-token request for `prompt` takes while len(busy) long streams generate."""
+    done = threading.Event()
+    events = [threading.Event() for _ in busy]
+    threads = [threading.Thread(target=_long_stream, args=(base, p, tokens, stops, e, done), daemon=True)
+               for p, e in zip(busy, events)]
+    for t in threads:
+        t.start()
+    try:
+        for e in events:
+            if not e.wait(300):
+                sys.exit(f"{base}: a long request sent no token within 300 s")
+        time.sleep(0.2)   # the long ones are decoding, several tokens past their prompts
+        t0 = time.perf_counter()
+        _complete(client, base, prompt, 1, stops)
+        return time.perf_counter() - t0
+    finally:
+        done.set()
+        for t in threads:
+            t.join(60)
+
+
 def _control_tokens(model: str) -> list[int]:
     """Ids of the GGUF vocabulary's control tokens (EOS, end of turn, ...): any may end a reply."""
     from gguf import GGUFReader
@@ -88,6 +133,31 @@ def _control_tokens(model: str) -> list[int]:
     field = GGUFReader(model).fields["tokenizer.ggml.token_type"]
     types = np.array([field.parts[i][0] for i in field.data])
     return np.flatnonzero(types == 3).tolist()   # gguf's TokenType.CONTROL
+
+
+def _ttfts(client: httpx.Client, servers: dict, args, rng, stops: list[int]) -> dict:
+    """{server: {"idle": [s], "busy": [s]}}: idle and busy alternating, new prompts every time."""
+    times = {name: {"idle": [], "busy": []} for name in servers}
+    if not args.ttft_busy:
+        return times
+    long_tokens = args.max_seq_len - args.prompt_tokens - 1
+    for rnd in range(args.repeats + 1):   # round 0 warms up
+        for name, (_, _, base) in servers.items():
+            for kind in ("idle", "busy"):
+                prompts = rng.integers(300, 30000, (args.ttft_busy + 1, args.prompt_tokens)).tolist()
+                busy = prompts[1:] if kind == "busy" else []
+                t = ttft(client, base, prompts[0], busy, long_tokens, stops)
+                if rnd:
+                    times[name][kind].append(round(t, 4))
+    return times
+
+
+def _ttft_summary(times: dict, busy: int) -> dict:
+    if not busy:
+        return {}
+    med = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+    return {"ttft_s": med, "all_ttft_s": times,
+            f"ttft_{busy}_busy_over_idle": {name: round(m["busy"] / m["idle"], 2) for name, m in med.items()}}
 
 
 def main() -> int:
@@ -101,18 +171,20 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--max-seq-len", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ttft-busy", type=int, default=4, help="long requests generating during the busy TTFT "
+                    "(0: no TTFT figures)")
     args = ap.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
     if max(streams) > args.parallel or args.prompt_tokens + args.tokens > args.max_seq_len:
         sys.exit("serve_http: error: streams must fit --parallel and prompt + tokens --max-seq-len")
     stops = _control_tokens(args.model)
     rng = np.random.default_rng(0)
+    parallel = max(args.parallel, args.ttft_busy + 1 if args.ttft_busy else 0)
     for nt in (int(t) for t in args.threads.split(",")):
         servers = {}
         try:
-            servers["dllama"] = start_server(args.model, nt, args.max_seq_len, ("--parallel", str(args.parallel)))
-            servers["llama.cpp"] = start_llama_server(args.llama_server, args.model, nt, args.parallel,
-                                                      args.max_seq_len)
+            servers["dllama"] = start_server(args.model, nt, args.max_seq_len, ("--parallel", str(parallel)))
+            servers["llama.cpp"] = start_llama_server(args.llama_server, args.model, nt, parallel, args.max_seq_len)
             tok_s = {name: {s: [] for s in streams} for name in servers}
             with httpx.Client(limits=httpx.Limits(max_connections=2 * args.parallel)) as client:
                 for rnd in range(args.repeats + 1):   # round 0 warms up (compiles, first allocations)
@@ -123,12 +195,14 @@ def main() -> int:
                             v = aggregate(client, base, prompts, args.tokens, stops)
                             if rnd:
                                 tok_s[name][s].append(round(v, 2))
+                times = _ttfts(client, servers, args, rng, stops)
             med = {name: {s: statistics.median(v) for s, v in per.items()} for name, per in tok_s.items()}
             print(json.dumps({
                 "threads": nt, "parallel": args.parallel, "tokens": args.tokens, "prompt_tokens": args.prompt_tokens,
                 "tok_s": med, "all_tok_s": tok_s,
                 "speedup": {name: {s: round(v / m[streams[0]], 2) for s, v in m.items()} for name, m in med.items()},
                 "dllama_over_llama_cpp": {s: round(med["dllama"][s] / med["llama.cpp"][s], 2) for s in streams},
+                "slots": parallel, **_ttft_summary(times, args.ttft_busy),
                 "loadavg": [round(x, 2) for x in os.getloadavg()]}), flush=True)
         finally:
             for name, (proc, log, _) in servers.items():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 from dllama.errors import DllamaError
-from dllama.model.collective import FULL_LOGITS
+from dllama.model.collective import wants_of
 
 
 class Sequence:
@@ -99,7 +99,8 @@ class Batcher:
                     owners.append(seq)
         if not parts:
             return []
-        logits = self.engine.forward_rows(parts, FULL_LOGITS)
+        # each row's own sampler says what it needs: over a cluster, the nodes' top candidates where they do
+        logits = self.engine.forward_rows(parts, [wants_of(seq.sampler) for seq in owners])
         self.passes += 1
         self.last_rows = sum(len(p[1]) for p in parts)
         self.rows += self.last_rows

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dllama.errors import DllamaError
-from dllama.model.collective import FULL_LOGITS, LOGITS_NONE, NO_LOGITS
+from dllama.model.collective import FULL_LOGITS, LOGITS_NONE, NO_LOGITS, per_row, wants_of
 from dllama.net.memory import freeze_survivors, thaw
 
 MAX_BATCH = 32  # prompt positions per forward pass, as the reference
@@ -241,7 +241,9 @@ class Engine:
     def forward_rows(self, parts, logits: tuple = FULL_LOGITS):
         """One forward pass over several slots' tokens: `parts` is [(slot, tokens, wants_logits)], each
         slot's tokens following its cache. Returns the logits (m, vocab) of the last token of each part
-        that wants them, in order (m <= number of parts), or None when none does."""
+        that wants them, in order (m <= number of parts), or None when none does. `logits` is what every
+        such row needs (dllama.model.collective), or a list of one a row; over a cluster the answer may then
+        hold a row's top candidates in place of its logits (dllama.candidates)."""
         # rows needing logits go last: the pass computes the output layer for its last m rows only (the
         # order of rows inside a pass is free: every row's K/V is written before any attention reads)
         n, m = sum(len(p[1]) for p in parts), sum(1 for p in parts if p[2])
@@ -258,7 +260,7 @@ class Engine:
                     tail += 1
                 else:
                     head += 1
-        what = logits if m else NO_LOGITS
+        what = (per_row(logits) if isinstance(logits, list) else logits) if m else NO_LOGITS
         self.coll.step(n, positions, what, slots, max(m, 1))
         out = self.model.forward(tokens, positions, logits=m > 0, slots=slots, out_rows=max(m, 1))
         if m == 0 and hasattr(self.coll, "end_pass"):
@@ -267,6 +269,8 @@ class Engine:
             self.slot_ids[s].extend(toks)
         if out is not None and m == 1 and getattr(out, "ndim", 2) == 1:
             out = out[None]
+        elif out is not None and m == 1 and not isinstance(out, (list, np.ndarray)):
+            out = [out]   # the one row's top candidates
         return out
 
     def embed(self, ids: list[int], slot: int = 0) -> np.ndarray:
@@ -324,7 +328,7 @@ class Engine:
         stops = set(self.tokenizer.eos_ids if stop_ids is None else stop_ids)
         self.stats = st = Stats()
         t_start = time.perf_counter()
-        wants = sampler.wants() if hasattr(sampler, "wants") else FULL_LOGITS
+        wants = wants_of(sampler)
         logits = self.prefill(prompt_ids, wants)
         c0 = (self.coll.transfer_s, self.coll.sent_bytes, self.coll.recv_bytes)
         # the workers' counters as of the prompt's last pass (which ends in logits, so with their TIMES)

@@ -10,10 +10,26 @@ import numpy as np
 
 # What the root's sampler needs from the output layer, told to every node with the forward pass:
 # (what, temperature, k). Nothing (a prompt batch before its last), the full logits, or each node's k best
-# tokens and partial normaliser at that temperature (dllama/candidates.py).
-LOGITS_NONE, LOGITS_FULL, LOGITS_TOP = 0, 1, 2
+# tokens and partial normaliser at that temperature (dllama/candidates.py). A pass with several output rows
+# may instead carry a list of such tuples, one a row (LOGITS_ROWS on the wire): each row as its sampler needs.
+LOGITS_NONE, LOGITS_FULL, LOGITS_TOP, LOGITS_ROWS = 0, 1, 2, 3
 NO_LOGITS = (LOGITS_NONE, 0.0, 0)
 FULL_LOGITS = (LOGITS_FULL, 0.0, 0)
+
+
+def wants_of(sampler) -> tuple:
+    """What `sampler` needs from the output layer: its own `wants()`, else the full logits."""
+    return sampler.wants() if hasattr(sampler, "wants") else FULL_LOGITS
+
+
+def per_row(wants: list):
+    """What a pass whose output rows' samplers want `wants` (one tuple a row) asks of the output layer: the
+    one row's own tuple, the full logits when every row wants them, else the list."""
+    if len(wants) == 1:
+        return wants[0]
+    if all(w[0] == LOGITS_FULL for w in wants):
+        return FULL_LOGITS
+    return list(wants)
 
 
 class Collective:
@@ -50,7 +66,8 @@ class Collective:
     def gather(self, part: np.ndarray, out: np.ndarray):
         """Root: fill out (n, vocab) with every node's slice of columns (`part` is the root's own) and return
         None, or return the merged top candidates (dllama.candidates.Candidates) when the step asked for
-        them. Worker: send its slice or its candidates."""
+        them, or for a step of rows a list: each row's candidates or its full logits (a row of out).
+        Worker: send its slice or its candidates."""
         out[:, : part.shape[1]] = part
 
     def close(self) -> None:

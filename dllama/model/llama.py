@@ -148,7 +148,8 @@ class NodeModel:
 
         Root: `tokens` (n,) ids -> logits (vocab,) of the last row, or (out_rows, vocab) of the last
         `out_rows` rows when more than one (None if `logits` is False), or the nodes' top candidates when
-        the collective's step asked for them (dllama.candidates; one row only).
+        the collective's step asked for them (dllama.candidates; a list of one entry a row for a step of
+        rows).
         Workers: `tokens` is None; they follow the root's exchanges and return None.
         """
         s, coll = self.spec, self.coll

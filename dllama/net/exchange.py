@@ -50,10 +50,13 @@ class _Exchange(Collective):
         self._tx_mv = memoryview(self._tx)
         self._tx_payload = self._tx[_HEAD.size:]
         # one receive buffer per peer: the root takes the workers' frames in whatever order they come
-        # (a node's top candidates take at most 8 bytes a vocabulary entry, and 16 more)
-        # (or a batch's rows of logits: np.empty maps lazily, rows never received cost nothing)
-        self._rx = [np.empty(max(nbytes, P.TOP_STATS.size + 8 * cols, 4 * max_batch * cols), np.uint8)
+        # (a row's top candidates take at most 8 bytes a vocabulary entry, and 20 more; or a batch's rows
+        # of logits: np.empty maps lazily, rows never received cost nothing)
+        self._rx = [np.empty(max(nbytes, max_batch * (P.ROW_STATS.size + 8 * cols)), np.uint8)
                     for cols in vocab_cols]
+        # a step of rows: each output row's temperature and k (0: its full slice), as on the wire
+        self._row_temps = np.zeros(max_batch, "<f8")
+        self._row_k = np.zeros(max_batch, "<i4")
         self._rx_mv = [memoryview(rx) for rx in self._rx]
         self._rx_head = [memoryview(bytearray(_HEAD.size)) for _ in vocab_cols]
         self._expect = bytearray(_HEAD.size)
@@ -110,6 +113,11 @@ class _Exchange(Collective):
             self._codec.decode(raw, out)
 
 
+def _candidates_in(rx: np.ndarray, at: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Views of a worker's n candidates received at byte `at`: their ids (u32) and logits (f32)."""
+    return rx[at:at + 4 * n].view(np.uint32), rx[at + 4 * n:at + 8 * n].view(np.float32)
+
+
 def _unexpected(conn: Connection, raw: bytes, want: tuple, nbytes: int) -> None:
     """Raise what a frame other than the expected BUFFER means: the peer's reason, its goodbye, a close,
     or a protocol error naming both frames."""
@@ -147,8 +155,10 @@ class RootCollective(_Exchange):
         self._pending_step = None
         self._logits = FULL_LOGITS
         vocab = plan[-1].vocab.stop
-        self._top_ids = np.empty(vocab, np.int32)        # every node's candidates, node after node
-        self._top_logits = np.empty(vocab, np.float32)
+        # every node's candidates, node after node, a row each (mapped lazily: a row uses k per node)
+        self._top_ids = np.empty((max_batch, vocab), np.int32)
+        self._top_logits = np.empty((max_batch, vocab), np.float32)
+        self._fetched = False   # the full logits of this pass's rows are in (a fall-back was taken)
         self._own_scratch = np.empty(len(plan[0].vocab), np.float64)
         self.top_fallbacks = 0   # tokens whose candidates did not decide: the full logits were fetched
         self._poller = select.poll()
@@ -188,11 +198,20 @@ class RootCollective(_Exchange):
         pos[:n] = positions[:n]
         pos[n:] = 0 if slots is None else slots[:n]
         self._logits = logits
-        P.HEADER.pack_into(self._step_frame, 0, P.STEP, 0, P.STEP_META.size, 8 * n)
-        what, temperature, k = logits
+        self._fetched = False
+        if isinstance(logits, list):   # a row each: LOGITS_ROWS, their temperatures and k after the slots
+            for r, (what, temperature, k) in enumerate(logits):
+                top = what == P.LOGITS_TOP
+                self._row_temps[r], self._row_k[r] = (temperature, k) if top else (0.0, 0)
+            what, temperature, k = P.LOGITS_ROWS, 0.0, 0
+            tail = [self._row_temps[:out_rows], self._row_k[:out_rows]]
+        else:
+            what, temperature, k = logits
+            tail = []
+        P.HEADER.pack_into(self._step_frame, 0, P.STEP, 0, P.STEP_META.size, P.step_nbytes(n, what, out_rows))
         P.STEP_META.pack_into(self._step_frame, P.HEADER.size, n, what, k, temperature, out_rows)
         # sent with the pass's first broadcast: one wake-up of each worker instead of two
-        self._pending_step = [self._step_frame, pos]
+        self._pending_step = [self._step_frame, pos] + tail
         self.transfer_s += time.perf_counter() - t0
 
     def _flush_step(self) -> None:
@@ -273,10 +292,12 @@ class RootCollective(_Exchange):
             if op == P.OP_TOP:
                 n = min(n, cols)
                 nbytes = P.TOP_STATS.size + 8 * n
+            elif op == P.OP_ROWS:
+                nbytes = P.rows_nbytes(self._row_k[:n], cols)
             else:
                 nbytes = 4 * n * cols
         payload = self._rx_mv[i][:nbytes] if into is None else into[i]
-        if op == P.OP_GATHER or op == P.OP_TOP:
+        if op == P.OP_GATHER or op == P.OP_TOP or op == P.OP_ROWS:
             self._recv_times(i, (op, ftype, n, cols), nbytes)
         self._recv(self.conns[i], i, op, ftype, n, cols, payload)
 
@@ -288,7 +309,7 @@ class RootCollective(_Exchange):
             return
         raw = bytes(head[:got]) + bytes(counters[:max(got - P.HEADER.size, 0)])
         if got >= P.HEADER.size and raw[0] == P.BUFFER:
-            kind = "top" if want[0] == P.OP_TOP else "gather"
+            kind = {P.OP_TOP: "top", P.OP_ROWS: "rows"}.get(want[0], "gather")
             raise P.ProtocolError(f"{conn.label}: a {kind} BUFFER without the TIMES that comes before it")
         if got >= P.HEADER.size and raw[0] == P.REFUSE:   # the worker's reason, whole
             rest = bytearray(max(P.HEADER.size + P.HEADER.unpack_from(raw)[2] - len(raw), 0))
@@ -298,9 +319,15 @@ class RootCollective(_Exchange):
 
     def gather(self, part: np.ndarray, out: np.ndarray):
         """out (n, vocab) <- the root's part and every worker's (n, len(vocab slice)) f32 logits; or, when
-        the step asked for the top candidates, those of every node (dllama.candidates.Candidates)."""
+        the step asked for the top candidates, those of every node (dllama.candidates.Candidates); or, for
+        a step of rows, a list: each row's candidates, or its row of out where it asked for the logits."""
         self._flush_step()
-        top = self._gather_top(part, out) if self._logits[0] == P.LOGITS_TOP else self._gather_full(part, out)
+        if isinstance(self._logits, list):
+            top = self._gather_rows(part, out)
+        elif self._logits[0] == P.LOGITS_TOP:
+            top = self._gather_top(part, out)
+        else:
+            top = self._gather_full(part, out)
         self.end_pass()
         return top
 
@@ -326,32 +353,85 @@ class RootCollective(_Exchange):
         self.in_pass = False
 
     def _gather_top(self, part: np.ndarray, out: np.ndarray):
-        from dllama.candidates import Candidates, node_candidates
-
         t0 = time.perf_counter()
         _, temperature, k = self._logits
-        ids, vals = self._top_ids, self._top_logits
-        own = self.plan[0].vocab
-        m, s = np.zeros(self.n_nodes), np.zeros(self.n_nodes)
-        at, m[0], s[0] = node_candidates(part[0], own.start, k, temperature, ids, vals, self._own_scratch)
-        # every token a node did not send is at most its last one sent
-        floor = vals[at - 1] if len(own) > k else -np.inf
+        own = self._own_candidates(part, 0, k, temperature)   # while the workers pick theirs
         self._collect(P.OP_TOP, 0, k, 0, 0)
-        for i, (rx, node) in enumerate(zip(self._rx, self.plan[1:]), start=1):
+        peers = []
+        for rx, node in zip(self._rx, self.plan[1:]):
             got = min(k, len(node.vocab))
-            m[i], s[i] = P.TOP_STATS.unpack_from(rx)
-            ids[at:at + got] = rx[P.TOP_STATS.size:P.TOP_STATS.size + 4 * got].view(np.uint32)
-            vals[at:at + got] = rx[P.TOP_STATS.size + 4 * got:P.TOP_STATS.size + 8 * got].view(np.float32)
+            peers.append((*P.TOP_STATS.unpack_from(rx), *_candidates_in(rx, P.TOP_STATS.size, got)))
+        top = self._merge(part, out, 0, k, temperature, own, peers)
+        self.transfer_s += time.perf_counter() - t0
+        return top
+
+    def _gather_rows(self, part: np.ndarray, out: np.ndarray) -> list:
+        """A step of rows: every worker's one OP_ROWS frame, parsed row after row into each row's candidates
+        (a top row) or its full logits in out (a row that asked for them)."""
+        t0 = time.perf_counter()
+        rows = out.shape[0]
+        temps, ks = self._row_temps[:rows], self._row_k[:rows]
+        # the root's own candidates while the workers pick theirs
+        mine = [self._own_candidates(part, r, int(ks[r]), float(temps[r])) if ks[r] else None for r in range(rows)]
+        self._collect(P.OP_ROWS, 0, rows, 0, 0)
+        own = self.plan[0].vocab
+        at = [P.ROW_STATS.size * rows] * len(self._rx)   # each worker's next row in its frame
+        result = []
+        for r in range(rows):
+            k = int(ks[r])
+            if not k:
+                out[r, own.start:own.stop] = part[r]
+            peers = []
+            for i, (rx, node) in enumerate(zip(self._rx, self.plan[1:])):
+                m, s, got = P.ROW_STATS.unpack_from(rx, P.ROW_STATS.size * r)
+                cols, a = len(node.vocab), at[i]
+                if got != (min(k, cols) if k else 0):
+                    raise P.ProtocolError(f"{self.conns[i].label}: row {r} carries {got} candidates, asked {k}")
+                if k:
+                    peers.append((m, s, *_candidates_in(rx, a, got)))
+                    at[i] = a + 8 * got
+                else:
+                    out[r, node.vocab.start:node.vocab.stop] = rx[a:a + 4 * cols].view(np.float32)
+                    at[i] = a + 4 * cols
+            result.append(self._merge(part, out, r, k, float(temps[r]), mine[r], peers) if k else out[r])
+        self.transfer_s += time.perf_counter() - t0
+        return result
+
+    def _own_candidates(self, part: np.ndarray, r: int, k: int, temperature: float) -> tuple:
+        """The root's k best of part[r], at the start of row r's candidates: (how many, m, s)."""
+        from dllama.candidates import node_candidates
+
+        return node_candidates(part[r], self.plan[0].vocab.start, k, temperature, self._top_ids[r],
+                               self._top_logits[r], self._own_scratch)
+
+    def _merge(self, part: np.ndarray, out: np.ndarray, r: int, k: int, temperature: float, own: tuple,
+               peers: list):
+        """Row r's candidates: the root's own (`_own_candidates`), then each worker's (m, s, ids, logits)
+        in node order (dllama.candidates.Candidates)."""
+        from dllama.candidates import Candidates
+
+        ids, vals = self._top_ids[r], self._top_logits[r]
+        m, s = np.zeros(self.n_nodes), np.zeros(self.n_nodes)
+        at, m[0], s[0] = own
+        # every token a node did not send is at most its last one sent
+        floor = vals[at - 1] if len(self.plan[0].vocab) > k else -np.inf
+        for i, (peer, node) in enumerate(zip(peers, self.plan[1:]), start=1):
+            m[i], s[i], got_ids, got_vals = peer
+            got = got_ids.size
+            ids[at:at + got] = got_ids
+            vals[at:at + got] = got_vals
             if len(node.vocab) > k:
                 floor = max(floor, vals[at + got - 1])
             at += got
-        self.transfer_s += time.perf_counter() - t0
         return Candidates(ids[:at], vals[:at], m, s, float(floor), temperature, out.shape[1],
-                          lambda: self._fetch_full(part, out))
+                          lambda: self._fetch_full(part, out)[r])
 
     def _fetch_full(self, part: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """The fall-back of a top step: every worker sends the slice of the logits it has just computed.
-        It runs after the pass ended, so the pinger is kept off the sockets as during a pass."""
+        """The fall-back of a top step: every worker sends the slice of the logits it has just computed, of
+        every output row (one round trip serves every row of the pass that needs it). It runs after the
+        pass ended, so the pinger is kept off the sockets as during a pass."""
+        if self._fetched:
+            return out
         if self.lost is not None:
             raise self.lost
         with self.io_lock:   # a ping being written finishes first: no frame lands inside it
@@ -364,8 +444,9 @@ class RootCollective(_Exchange):
             conn.send_all(request)
         self.transfer_s += time.perf_counter() - t0
         self._gather_full(part, out)
+        self._fetched = True
         self.end_pass()
-        return out[0]
+        return out
 
     def close(self) -> None:
         """Say goodbye to every worker (each then frees its slice) and close the sockets."""
@@ -399,9 +480,11 @@ class WorkerCollective(_Exchange):
         self._logits = FULL_LOGITS
         self._vocab_start = vocab_start
         self._last_part = None  # the logits of the last pass, until a top step's root has decided
-        self._top_ids = np.empty(max(vocab_cols, 1), np.int32)
-        self._top_logits = np.empty(max(vocab_cols, 1), np.float32)
-        self._top_stats = bytearray(_HEAD.size + P.TOP_STATS.size)
+        # a row each for a step of rows (mapped lazily: a row uses its k entries)
+        self._top_ids = np.empty((max_batch, max(vocab_cols, 1)), np.int32)
+        self._top_logits = np.empty((max_batch, max(vocab_cols, 1)), np.float32)
+        self._top_stats = bytearray(_HEAD.size + max(P.TOP_STATS.size, max_batch * P.ROW_STATS.size))
+        self._top_stats_mv = memoryview(self._top_stats)
         self._scratch = np.empty(vocab_cols, np.float64)
         # this worker's own clock, reported in TIMES (protocol.py): the exchanges' time is transfer_s, which
         # they already keep; the passes' is taken once as each starts and ends. Kept in float seconds as the
@@ -468,14 +551,21 @@ class WorkerCollective(_Exchange):
             if t != P.STEP or len(meta) != P.STEP_META.size:
                 raise P.ProtocolError(f"{self.conn.label}: expected STEP or BYE, got {P.TYPE_NAMES[t]}")
             n, what, k, temperature, out_rows = P.STEP_META.unpack_from(meta)
-            if not 0 < n <= self.max_batch or payload_len != 8 * n:
+            if not 0 < n <= self.max_batch or payload_len < 8 * n:
                 raise P.ProtocolError(f"{self.conn.label}: STEP of {n} positions ({payload_len} bytes), "
                                       f"at most {self.max_batch}")
             P.check_step(n, what, k, temperature, out_rows)
+            if payload_len != P.step_nbytes(n, what, out_rows):
+                raise P.ProtocolError(f"{self.conn.label}: STEP of {n} positions ({payload_len} bytes), "
+                                      f"{out_rows} rows of logits {what}")
             self._logits = (what, temperature, k)
             self.out_rows = out_rows
             rows = self._positions[:2 * n]
             self.conn.recv_into(rows)
+            if what == P.LOGITS_ROWS:
+                self.conn.recv_into(self._row_temps[:out_rows])
+                self.conn.recv_into(self._row_k[:out_rows])
+                P.check_rows(self._row_temps[:out_rows], self._row_k[:out_rows])
             self.slots = rows[n:]
             self._pass_t0 = time.perf_counter()
             return rows[:n]
@@ -507,6 +597,8 @@ class WorkerCollective(_Exchange):
         times = self._stamp(t0)
         if self._logits[0] == P.LOGITS_TOP:
             self._send_top(part[0], times)
+        elif self._logits[0] == P.LOGITS_ROWS:
+            self._send_rows(part, times)
         else:
             self._send_full(times)
         self.transfer_s += time.perf_counter() - t0
@@ -526,9 +618,32 @@ class WorkerCollective(_Exchange):
         from dllama.candidates import node_candidates
 
         _, temperature, k = self._logits
-        n, m, s = node_candidates(logits, self._vocab_start, k, temperature, self._top_ids, self._top_logits,
-                                  self._scratch)
+        ids, vals = self._top_ids[0], self._top_logits[0]
+        n, m, s = node_candidates(logits, self._vocab_start, k, temperature, ids, vals, self._scratch)
         _HEAD.pack_into(self._top_stats, 0, P.BUFFER, 0, P.BUFFER_META.size, P.TOP_STATS.size + 8 * n, P.OP_TOP,
                         0, n, logits.size)
         P.TOP_STATS.pack_into(self._top_stats, _HEAD.size, m, s)
-        self.conn.send_buffers([times, self._top_stats, self._top_ids[:n], self._top_logits[:n]])
+        self.conn.send_buffers([times, self._top_stats_mv[:_HEAD.size + P.TOP_STATS.size], ids[:n], vals[:n]])
+
+    def _send_rows(self, part: np.ndarray, times) -> None:
+        """A step of rows: one OP_ROWS frame, each row's stats first, then row after row its candidates or
+        its slice of the logits (sent from where they lie, no copy)."""
+        from dllama.candidates import node_candidates
+
+        rows, cols = part.shape
+        bufs, size = [times, self._top_stats_mv[:_HEAD.size + rows * P.ROW_STATS.size]], rows * P.ROW_STATS.size
+        for r in range(rows):
+            k = int(self._row_k[r])
+            if k:
+                ids, vals = self._top_ids[r], self._top_logits[r]
+                n, m, s = node_candidates(part[r], self._vocab_start, k, float(self._row_temps[r]), ids, vals,
+                                          self._scratch)
+                bufs += [ids[:n], vals[:n]]
+                size += 8 * n
+            else:
+                n, m, s = 0, 0.0, 0.0
+                bufs.append(part[r])
+                size += 4 * cols
+            P.ROW_STATS.pack_into(self._top_stats, _HEAD.size + r * P.ROW_STATS.size, m, s, n)
+        _HEAD.pack_into(self._top_stats, 0, P.BUFFER, 0, P.BUFFER_META.size, size, P.OP_ROWS, 0, rows, cols)
+        self.conn.send_buffers(bufs)

@@ -17,7 +17,7 @@ Every integer is little-endian. A connection carries a sequence of frames:
 | 4    | CONFIG     | root -> worker | -                                           | JSON object, UTF-8 (below)  |
 | 5    | WEIGHT     | root -> worker | "<QQBB" offset, total, qtype, ndim; ndim x "<I" shape; name UTF-8 | bytes [offset, offset+len) of the tensor |
 | 6    | READY      | either         | -                                           | -                           |
-| 7    | STEP       | root -> worker | "<IBHdI" n, logits, k, temperature, out_rows | n x int32 positions, n x int32 slots |
+| 7    | STEP       | root -> worker | "<IBHdI" n, logits, k, temperature, out_rows | n x int32 positions, n x int32 slots (logits 3: then out_rows x f64 temperature, out_rows x int32 k) |
 | 8    | BUFFER     | either         | "<BBII" op, ftype, n, cols                  | n x cols activations        |
 | 9    | BYE        | root -> worker | -                                           | -                           |
 | 10   | PROBE      | anyone -> worker | "<4sH" magic, version                     | -                           |
@@ -65,12 +65,17 @@ qtype codes: 0 f32, 1 f16, 2 q40, 3 q41, 4 q80. BUFFER op: 1 broadcast (root -> 
 (worker -> root, partial sums), 3 gather (worker -> root, its slice of the logits), 4 top (worker -> root,
 its top candidates: n = how many, cols = its vocabulary slice's size; payload "<dd" m, s, then n x u32
 token ids, then n x f32 logits, best first), 5 full (root -> worker, n = cols = 0, no payload: send the
-slice of the last logits, as a gather, after a top). BUFFER ftype: 0 f32 (n*cols float32), 1 q80 (n*cols/32
+slice of the last logits, as a gather, after a top), 6 rows (worker -> root, the answer to a STEP of logits 3: n =
+out_rows, cols = its vocabulary slice's size; payload n x "<ddI" m, s, c, then row after row either its c
+candidates (c x u32 ids, then c x f32 logits, best first) or, when c is 0, its cols f32 logits). BUFFER ftype: 0 f32 (n*cols float32), 1 q80 (n*cols/32
 blocks of f16 scale + 32 int8; cols a multiple of 32).
 
 STEP logits: what the worker sends at the end of the forward pass: 0 nothing (the output layer is skipped),
 1 its slice of the logits (gather) of the pass's last out_rows rows, 2 its k best tokens and partial
-normaliser at `temperature` (top, out_rows 1; temperature 0: greedy, k = 1); see dllama/candidates.py.
+normaliser at `temperature` (top, out_rows 1; temperature 0: greedy, k = 1); see dllama/candidates.py;
+3 each of the last out_rows rows as its own sampler needs (rows: meta k and temperature 0, the rows' own
+after the slots: k 0 asks for that row's slice of the logits, k >= 1 for its k best at its temperature), answered
+by one BUFFER op 6; a root that cannot sample a row from its candidates asks for the slices of every row (op 5).
 STEP rows: row t is at position positions[t] of slot slots[t]'s cache and attends over that slot only, so
 one pass can carry the next token of several conversations and prompt chunks of others.
 
@@ -94,7 +99,7 @@ import numpy as np
 from dllama import quants
 from dllama.errors import DllamaError
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAGIC = b"DLMA"
 HEADER = struct.Struct("<BBHI")
 MAX_META = 0xFFFF
@@ -108,9 +113,10 @@ TYPE_NAMES = {1: "HELLO", 2: "HELLO_ACK", 3: "REFUSE", 4: "CONFIG", 5: "WEIGHT",
 
 QTYPES = quants.QTYPES
 
-OP_BROADCAST, OP_REDUCE, OP_GATHER, OP_TOP, OP_FULL = 1, 2, 3, 4, 5
-LOGITS_NONE, LOGITS_FULL, LOGITS_TOP = 0, 1, 2
+OP_BROADCAST, OP_REDUCE, OP_GATHER, OP_TOP, OP_FULL, OP_ROWS = 1, 2, 3, 4, 5, 6
+LOGITS_NONE, LOGITS_FULL, LOGITS_TOP, LOGITS_ROWS = 0, 1, 2, 3
 TOP_STATS = struct.Struct("<dd")
+ROW_STATS = struct.Struct("<ddI")   # a row of an OP_ROWS answer: m, s, how many candidates (0: its full slice)
 FTYPES = ("f32", "q80")
 
 NONCE_SIZE = PROOF_SIZE = 32
@@ -221,6 +227,8 @@ class Step:
     temperature: float = 0.0
     slots: np.ndarray | None = None   # int32 (n,); None: all in slot 0
     out_rows: int = 1
+    row_temperatures: np.ndarray | None = None   # f64 (out_rows,), logits LOGITS_ROWS only
+    row_k: np.ndarray | None = None              # int32 (out_rows,): 0 the row's full slice, else its top k
 
 
 @dataclass
@@ -297,6 +305,9 @@ def encode(msg) -> list:
         rows = np.concatenate([positions, np.ascontiguousarray(slots, dtype="<i4")])
         meta = STEP_META.pack(len(positions), msg.logits, msg.k, msg.temperature, msg.out_rows)
         t, payload = STEP, memoryview(rows).cast("B")
+        if msg.logits == LOGITS_ROWS:
+            payload = (rows.tobytes() + np.ascontiguousarray(msg.row_temperatures, "<f8").tobytes()
+                       + np.ascontiguousarray(msg.row_k, "<i4").tobytes())
     elif isinstance(msg, Release):
         t, meta = RELEASE, RELEASE_META.pack(msg.slot, msg.keep)
     elif isinstance(msg, Buffer):
@@ -393,20 +404,43 @@ def _dec_weight(meta, payload):
 
 def _dec_step(meta, payload):
     n, logits, k, temperature, out_rows = STEP_META.unpack(meta)
-    if len(payload) != 8 * n:
+    if len(payload) != step_nbytes(n, logits, out_rows):
         raise ProtocolError(f"STEP of {n} positions carries {len(payload)} bytes")
     check_step(n, logits, k, temperature, out_rows)
-    rows = np.frombuffer(payload, dtype="<i4")
-    return Step(rows[:n].copy(), logits, k, temperature, rows[n:].copy(), out_rows)
+    rows = np.frombuffer(payload, dtype="<i4", count=2 * n)
+    if logits != LOGITS_ROWS:
+        return Step(rows[:n].copy(), logits, k, temperature, rows[n:].copy(), out_rows)
+    temps = np.frombuffer(payload, "<f8", out_rows, 8 * n).copy()
+    ks = np.frombuffer(payload, "<i4", out_rows, 8 * n + 8 * out_rows).copy()
+    check_rows(temps, ks)
+    return Step(rows[:n].copy(), logits, k, temperature, rows[n:].copy(), out_rows, temps, ks)
+
+
+def step_nbytes(n: int, logits: int, out_rows: int) -> int:
+    """A STEP's payload size: positions and slots, and each output row's temperature and k for LOGITS_ROWS."""
+    return 8 * n + (12 * out_rows if logits == LOGITS_ROWS else 0)
+
+
+def check_rows(temperatures: np.ndarray, ks: np.ndarray) -> None:
+    """ProtocolError unless a LOGITS_ROWS STEP's rows ask for something a worker can send."""
+    if not (np.all(temperatures >= 0) and np.all(np.isfinite(temperatures)) and np.all(ks >= 0)):
+        raise ProtocolError(f"STEP rows ask for k {ks.tolist()} at temperatures {temperatures.tolist()}")
+
+
+def rows_nbytes(ks, cols: int) -> int:
+    """The payload of an OP_ROWS BUFFER answering rows that ask for `ks` from a slice of `cols` logits."""
+    return sum(ROW_STATS.size + (8 * min(int(k), cols) if k else 4 * cols) for k in ks)
 
 
 def check_step(n: int, logits: int, k: int, temperature: float, out_rows: int = 1) -> None:
     """ProtocolError unless a STEP's fields are consistent (positions and slots are checked against
     max_batch and n_slots by the worker)."""
-    if logits not in (LOGITS_NONE, LOGITS_FULL, LOGITS_TOP) or not temperature >= 0 or temperature == float("inf"):
+    if logits not in (LOGITS_NONE, LOGITS_FULL, LOGITS_TOP, LOGITS_ROWS) or not temperature >= 0 or temperature == float("inf"):
         raise ProtocolError(f"STEP asks for logits {logits} at temperature {temperature}")
     if logits == LOGITS_TOP and k < 1:
         raise ProtocolError("STEP asks for the top 0 candidates")
+    if logits == LOGITS_ROWS and (k or temperature):
+        raise ProtocolError("STEP of rows carries its k and temperatures per row, not in its meta")
     if not 1 <= out_rows <= n or (logits == LOGITS_TOP and out_rows != 1):
         raise ProtocolError(f"STEP of {n} rows asks for the logits of {out_rows} rows ({logits})")
 
@@ -414,8 +448,13 @@ def check_step(n: int, logits: int, k: int, temperature: float, out_rows: int = 
 def _dec_buffer(meta, payload):
     op, fcode, n, cols = parse_buffer_meta(meta)
     ftype = FTYPES[fcode]
-    size = (TOP_STATS.size + 8 * n if op == OP_TOP else 0 if op == OP_FULL else buffer_nbytes(ftype, n, cols))
-    if op not in (OP_BROADCAST, OP_REDUCE, OP_GATHER, OP_TOP, OP_FULL) or len(payload) != size:
+    if op == OP_ROWS:
+        counts = [ROW_STATS.unpack_from(payload, ROW_STATS.size * r)[2] for r in range(n)
+                  if ROW_STATS.size * (r + 1) <= len(payload)]
+        size = rows_nbytes(counts, cols) if len(counts) == n and max(counts, default=0) <= cols else -1
+    else:
+        size = (TOP_STATS.size + 8 * n if op == OP_TOP else 0 if op == OP_FULL else buffer_nbytes(ftype, n, cols))
+    if op not in (OP_BROADCAST, OP_REDUCE, OP_GATHER, OP_TOP, OP_FULL, OP_ROWS) or len(payload) != size:
         raise ProtocolError(f"BUFFER op {op} of {n}x{cols} {ftype} carries {len(payload)} bytes")
     return Buffer(op, ftype, n, cols, payload)
 

@@ -87,10 +87,11 @@ def test_probe_answers_and_reports_idle(pool):
     (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "not a dllama frame"),
     (bytes(range(200, 256)) * 4, "not a dllama frame"),
     (_hello(version=P.PROTOCOL_VERSION + 41), f"root speaks {P.PROTOCOL_VERSION + 41}, worker speaks {P.PROTOCOL_VERSION}"),
+    (_hello(version=5), f"root speaks 5, worker speaks {P.PROTOCOL_VERSION}"),   # its batches gather full logits
     (P.HEADER.pack(P.BUFFER, 0, P.BUFFER_META.size, P.MAX_PAYLOAD + 1), "over the"),
     (P.HEADER.pack(P.HELLO, 0, 10, 0) + b"XXXX" + bytes(6), "magic"),
     (P.encode_bytes(P.Ready()), "expected HELLO or PROBE"),
-], ids=["http", "garbage", "version", "oversized", "magic", "no-hello"])
+], ids=["http", "garbage", "version", "version5", "oversized", "magic", "no-hello"])
 def test_refused_logged_and_still_serving(pool, data, reason):
     w = pool[0]
     assert reason in _refusal(_exchange(w.port, data))

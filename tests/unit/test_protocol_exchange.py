@@ -324,3 +324,50 @@ def test_a_worker_with_a_bad_spin_setting_stops_at_once_with_one_line():
                          timeout=60, stdin=subprocess.DEVNULL)
     assert res.returncode == 2
     assert res.stderr == "dllama: error: DLLAMA_SPIN_US='soon': must be a whole number of microseconds, 0 to 10000000\n"
+
+
+def test_a_step_of_rows_returns_each_rows_candidates_or_logits():
+    """Three output rows over 2 workers: row 0 asks for its logits, row 1 greedy, row 2 top 4 at T 0.7. The
+    root gets row 0's logits, rows 1 and 2's merged candidates (the vocabulary's best token; the full rows
+    on the fall-back, fetched once for both), in one rows frame per worker of the size the spec gives."""
+    from dllama.model.collective import FULL_LOGITS
+
+    dim, vocab, n_nodes, rows, k = 32, 96, 3, 3, 4
+    cols = vocab // n_nodes
+    plan = _plan(n_nodes, dim, vocab)
+    pairs = [_pair(f"worker {i}") for i in range(1, n_nodes)]
+    root = RootCollective([p[0] for p in pairs], plan, dim, 8, "f32")
+    rng = np.random.default_rng(3)
+    parts = [rng.normal(size=(rows, cols)).astype(np.float32) for _ in range(n_nodes)]
+    full = np.concatenate(parts, axis=1)
+
+    def worker(i, conn):
+        coll = WorkerCollective(conn, i, n_nodes, dim, 8, cols, "f32", vocab_start=i * cols)
+        coll.step()
+        coll.gather(parts[i], None)
+        assert coll.step() is None   # answers the full request on its way to BYE
+
+    threads = [threading.Thread(target=worker, args=(i, p[1])) for i, p in enumerate(pairs, start=1)]
+    for t in threads:
+        t.start()
+    root.step(rows, np.arange(rows), [FULL_LOGITS, (P.LOGITS_TOP, 0.0, 1), (P.LOGITS_TOP, 0.7, k)],
+              np.arange(rows), rows)
+    out = np.zeros((rows, vocab), np.float32)
+    got = root.gather(parts[0], out)
+    recv = root.recv_bytes
+    assert np.array_equal(got[0], full[0])
+    assert got[1].greedy() == int(np.argmax(full[1])) and got[1].ids.size == n_nodes
+    assert got[2].ids.size == n_nodes * k
+    best = {int(j) for i in range(n_nodes) for j in i * cols + np.argsort(-parts[i][2])[:k]}
+    assert set(got[2].ids.tolist()) == best
+    assert np.array_equal(got[2].full(), full[2]) and np.array_equal(got[1].full(), full[1])
+    assert root.top_fallbacks == 1
+    fetched = root.recv_bytes - recv
+    root.close()
+    for t in threads:
+        t.join(5)
+    rows_frame = 8 + 10 + P.rows_nbytes([0, 1, k], cols)
+    assert rows_frame == 8 + 10 + 3 * 20 + 4 * cols + 8 + 8 * k
+    times = 8 + P.TIMES_META.size
+    assert recv == 2 * (times + rows_frame)
+    assert fetched == 2 * (times + 8 + 10 + 4 * rows * cols)   # the one fetch of every row
