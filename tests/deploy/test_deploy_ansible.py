@@ -69,7 +69,7 @@ def test_worker_unit_is_valid_hardened_and_enabled(deployed):
     assert svc["CapabilityBoundingSet"] == "" and svc["SystemCallFilter"] == "@system-service"
     assert svc["Environment"] == "NUMBA_CACHE_DIR=/opt/dllama/numba-cache"
     key = " --cluster-key-file /etc/dllama/cluster.key" if nshosts.supports_cluster_key() else ""
-    assert svc["ExecStart"] == f"{VENV}/bin/dllama worker --host 0.0.0.0 --port {PORT} --nthreads 1{key}"
+    assert svc["ExecStart"] == f"{VENV}/bin/dllama worker --host 0.0.0.0 --port {PORT} --nthreads 1 --spin-us 0{key}"
     assert os.path.islink(worker.path("/etc/systemd/system/multi-user.target.wants/dllama-worker.service"))
     # The root gets no worker service.
     assert not os.path.exists(hosts.hosts[0].path(UNIT))
