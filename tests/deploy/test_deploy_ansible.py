@@ -267,6 +267,8 @@ BAD_INVENTORIES = {
                             "dllama_address 10.213.1.11 is set for more than one host: node1, node2"),
     "split weight": ({"node2": {"dllama_split_weight": "fast"}}, "dllama_split_weight of node2 is fast"),
     "port out of range": ({"node2": {"dllama_worker_port": 70000}}, "dllama_worker_port of node2 is 70000"),
+    "spin not microseconds": ({"node2": {"dllama_worker_spin_us": "2ms"}},
+                              "dllama_worker_spin_us of node2 is 2ms, not microseconds"),
     # Host checks: the hosts' real Python and memory, against a raised bar or an impossible model.
     "threads beyond the CPUs": ({"node2": {"dllama_worker_threads": 4096}},
                                 "dllama_worker_threads of node2 is 4096, but it has"),
