@@ -8,12 +8,14 @@ Configurations, run in rotation so that the shared machine's noise hits all of t
 (and the best run: on a shared machine noise only ever slows a run down): 1 node x 1 thread, 2 nodes x 1
 thread each (a `dllama worker` on 127.0.0.1; with --link shaped also one in a network namespace behind a
 link shaped like a home gigabit switch, bench/netns.py, which needs root), 1 node x 2 threads. Greedy
-decoding, Q80 buffers. Model: bench/engine.py's b1, random weights in the shape of Llama 3.2 1B (dim 2048,
+decoding, Q80 buffers. Beside the root's compute (I) and exchange time (T), wI / wT are the worker's own,
+from its TIMES frame. Model: bench/engine.py's b1, random weights in the shape of Llama 3.2 1B (dim 2048,
 16 layers, 32/8 heads, FFN 8192, vocab 49152; Q40): model B of ../shared/ANCHORS.md, whose figures for the
 C++ reference are printed beside ours (or measured in the same run with --cpp-dllama, a binary you built).
---pin runs the root on core 0 and the worker on core 1 (`taskset`); --compare-env adds 2 nodes whose root
-and worker (one of its own) run with those variables set: `DLLAMA_SPIN_US=100` (receives that sleep
-sooner), or `PYTHONPATH=<another checkout>` (its code), against the default in the same run.
+--pin runs the root on core 0 and the worker on core 1 (`taskset`; also through the shaped link); --compare-env
+adds 2 nodes whose root and worker (one of its own) run with those variables set, on loopback and, with
+--link shaped/both, through the link: `DLLAMA_SPIN_US=2000` (receives that spin before they sleep), or
+`PYTHONPATH=<another checkout>` (its code), against the default in the same run.
 
 "Exchanges alone": a root and workers that compute nothing run a token's exchanges (2 per layer and the
 output layer's), so the time is the wire's and the Python around it; the per-exchange overhead is that
@@ -59,7 +61,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_worker(threads: int, link=None, prefix=(), env=None) -> tuple[subprocess.Popen, str]:
+def start_worker(threads: int, link=None, prefix=(), env=None, port=9998) -> tuple[subprocess.Popen, str]:
     """A `dllama worker` on loopback (run under `prefix`, such as taskset), or inside the link's worker
     namespace (its readiness is read from its log there: nothing in this namespace may connect to the
     namespaces' addresses)."""
@@ -81,15 +83,16 @@ def start_worker(threads: int, link=None, prefix=(), env=None) -> tuple[subproce
         raise RuntimeError("worker did not start")
     from netns import WORKER_ADDR
 
-    proc = subprocess.Popen(link.worker([sys.executable, "-m", "dllama", "worker", "--host", WORKER_ADDR,
-                                         "--port", "9998", "--nthreads", str(threads)]),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(link.worker([*prefix, sys.executable, "-m", "dllama", "worker", "--host", WORKER_ADDR,
+                                         "--port", str(port), "--nthreads", str(threads),
+                                         "--insecure"]),   # the link's namespaces are the bench's own
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stderr:
         if "listening on" in line:
             # keep reading its log, or a full pipe would stall the worker
             import threading
             threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, f"{WORKER_ADDR}:9998"
+            return proc, f"{WORKER_ADDR}:{port}"
     raise RuntimeError("worker in the namespace did not start")
 
 
@@ -293,12 +296,16 @@ def main() -> int:
     model, tok = ensure_model()
     configs = [c for c in CONFIGS if args.link != "shaped" or c[1] == 1] if args.link != "loopback" else CONFIGS
     configs = configs + ([(SHAPED, 2, 1)] if args.link != "loopback" else [])
-    other_env, other = None, None
-    if args.compare_env and args.link != "shaped":
-        other = "2 nodes x 1 thread, " + " ".join(args.compare_env)
-        configs = configs[:2] + [(other, 2, 1)] + configs[2:]
-        ANCHOR_MS[other] = "-"
+    other_env, other, shaped_other = None, None, None
+    if args.compare_env:
         other_env = dict(os.environ, **dict(kv.split("=", 1) for kv in args.compare_env))
+        if args.link != "shaped":
+            other = "2 nodes x 1 thread, " + " ".join(args.compare_env)
+            configs = configs[:2] + [(other, 2, 1)] + configs[2:]
+        if args.link != "loopback":
+            shaped_other = SHAPED + ", " + " ".join(args.compare_env)
+            configs.append((shaped_other, 2, 1))
+        ANCHOR_MS.update({name: "-" for name in (other, shaped_other) if name})
     root_pin, worker_pin = (("taskset", "-c", "0"), ("taskset", "-c", "1")) if args.pin else ((), ())
     runs = {name: [] for name, _, _ in configs}
     cpp = {name: [] for name, _, _ in configs}
@@ -310,14 +317,16 @@ def main() -> int:
         if other_env is not None:
             workers[other] = start_worker(1, prefix=worker_pin, env=other_env)
         if link is not None:
-            workers["shaped"] = start_worker(1, link)
+            workers[SHAPED] = start_worker(1, link, prefix=worker_pin)
+        if link is not None and shaped_other is not None:
+            workers[shaped_other] = start_worker(1, link, prefix=worker_pin, env=other_env, port=9997)
         for r in range(args.repeats):
             for name, nodes, threads in configs:
-                shaped = name == SHAPED
-                which = "shaped" if shaped else other if name == other else "loopback"
+                shaped = name in (SHAPED, shaped_other)
+                which = name if shaped or name == other else "loopback"
                 address = [workers[which][1]] if nodes == 2 else []
                 res = dllama_run(model, tok, threads, args.steps, address, link if shaped else None,
-                                 root_pin if threads == 1 and not shaped else (), other_env if name == other else None)
+                                 root_pin if threads == 1 else (), other_env if name in (other, shaped_other) else None)
                 runs[name].append(res)
                 print(f"run {r + 1} {name}: {res['avg_token_ms']:.1f} ms/token "
                       f"(I {res['avg_inference_ms']:.1f} T {res['avg_transfer_ms']:.1f})", file=sys.stderr)
@@ -341,15 +350,19 @@ def print_table(runs: dict, cpp: dict, configs: list, args) -> None:
            for name, rs in runs.items()}
     print(f"\nrandom Llama-3.2-1B-shaped Q40, Q80 buffers, greedy, {args.steps} tokens, median of {args.repeats}")
     width = max(34, *(len(name) + 2 for name, _, _ in configs))
-    print(f"{'config':<{width}}{'ms/token':>10}{'I ms':>8}{'T ms':>8}{'T share':>9}{'sent kB':>9}{'recv kB':>9}"
-          f"{'speedup':>9}{'best':>8}   C++ reference ms/token")
+    print(f"{'config':<{width}}{'ms/token':>10}{'I ms':>8}{'T ms':>8}{'T share':>9}{'wI ms':>7}{'wT ms':>7}"
+          f"{'sent kB':>9}{'recv kB':>9}{'speedup':>9}{'best':>8}   C++ reference ms/token")
     base = med[configs[0][0]]["avg_token_ms"]
     for name, _, _ in configs:
         m = med[name]
         ref = (f"{statistics.median(x['avg_token_ms'] for x in cpp[name]):.1f} (same run)" if cpp[name]
                else f"{ANCHOR_MS[name]} (ANCHORS.md)")
+        # the worker's own compute and exchange time per token (its TIMES frame), medians over the runs
+        worker = [x["nodes"][1] for x in runs[name] if len(x.get("nodes", ())) > 1]
+        w = "".join(f"{statistics.median(n[k] for n in worker):>7.1f}" if worker else f"{'-':>7}"
+                    for k in ("inference_ms", "transfer_ms"))
         print(f"{name:<{width}}{m['avg_token_ms']:>10.1f}{m['avg_inference_ms']:>8.1f}{m['avg_transfer_ms']:>8.1f}"
-              f"{m['avg_transfer_ms'] / m['avg_token_ms']:>9.0%}{m['sent_bytes_per_token'] / 1024:>9.1f}"
+              f"{m['avg_transfer_ms'] / m['avg_token_ms']:>9.0%}{w}{m['sent_bytes_per_token'] / 1024:>9.1f}"
               f"{m['recv_bytes_per_token'] / 1024:>9.1f}{base / m['avg_token_ms']:>8.2f}x"
               f"{min(x['avg_token_ms'] for x in runs[name]):>8.1f}   {ref}")
     print(json.dumps({"medians": med}), file=sys.stderr)

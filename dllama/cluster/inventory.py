@@ -35,6 +35,7 @@ class Node:
     port: int = DEFAULT_WORKER_PORT
     bind: str = "0.0.0.0"        # the address the worker listens on (dllama_worker_host)
     threads: int | None = None   # None: the node's CPU count
+    spin_us: int | None = None   # dllama_worker_spin_us (the root: dllama_root_spin_us); None: nodes.spin_us
     install_dir: str = "/opt/dllama"
     venv: str = ""
     numba_cache_dir: str = ""
@@ -102,6 +103,7 @@ def make_node(name: str, v: dict) -> Node:
         ssh_key=v.get("ansible_ssh_private_key_file") or v.get("ansible_private_key_file"), local=local,
         port=port, bind=str(v.get("dllama_worker_host", "0.0.0.0")),
         threads=_opt_int(v, "dllama_worker_threads", name),
+        spin_us=_opt_int(v, "dllama_worker_spin_us", name),
         install_dir=install_dir, venv=v.get("dllama_venv", f"{install_dir}/venv"),
         numba_cache_dir=v.get("dllama_numba_cache_dir", f"{install_dir}/numba-cache"),
         service=v.get("dllama_worker_service", "dllama-worker"),
@@ -130,6 +132,7 @@ def make_cluster(groups: dict[str, list[str]], hostvars: dict[str, dict], source
             w.weights = (literal(w.vars, "dllama_worker_weights_file")
                          or f"{folder}/node{i}-of-{len(workers) + 1}.dlslice")
     rv = hostvars.get(roots[0], {})
+    root.spin_us = _opt_int(rv, "dllama_root_spin_us", root.name)
     return Cluster(
         root=root, workers=workers, model=literal(rv, "dllama_root_model"),
         tokenizer=literal(rv, "dllama_root_tokenizer"),

@@ -126,9 +126,22 @@ def listen_address(node: Node) -> str:
     return node.address if is_loopback_address(node.address) else node.bind
 
 
+# the roles' dllama_worker_spin_us / dllama_root_spin_us: a host that runs only dllama spins
+DEDICATED_SPIN_US = 2000
+
+
+def spin_us(node: Node) -> int:
+    """The node's --spin-us: the inventory's, else the roles' default, but 0 for a node on this machine (the
+    local demo), whose cores the other nodes share."""
+    if node.spin_us is not None:
+        return node.spin_us
+    return 0 if node.local or is_loopback_address(node.address) else DEDICATED_SPIN_US
+
+
 def worker_command(node: Node, facts: Facts) -> str:
     args = [facts.python, "-m", "dllama", "worker", "--host", listen_address(node), "--port", str(node.port),
-            "--nthreads", str(node.threads or facts.cpus or 1), *key_args(node, facts),
+            "--nthreads", str(node.threads or facts.cpus or 1), "--spin-us", str(spin_us(node)),
+            *key_args(node, facts),
             *(["--weights", node.weights] if node.weights else [])]
     return " ".join(shlex.quote(a) for a in env_prefix(node, facts) + args)
 

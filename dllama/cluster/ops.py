@@ -157,7 +157,8 @@ def root_command(c: Cluster, python: str, run: str, extra: list[str], key_file: 
     args = [python, "-m", "dllama", run] if run != "api" else [
         python, "-c", "import sys; from dllama.cli import main_api; sys.exit(main_api())",
         "--host", _api_host(c), "--port", str(c.api_port)]
-    args += ["--model", c.model, "--nthreads", str(c.root_threads), "--buffer-float-type", c.buffer_float_type]
+    args += ["--model", c.model, "--nthreads", str(c.root_threads), "--buffer-float-type", c.buffer_float_type,
+             "--spin-us", str(N.spin_us(c.root))]
     if c.tokenizer:
         args += ["--tokenizer", c.tokenizer]
     if c.max_seq_len:

@@ -28,6 +28,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "'auto': by each node's measured speed, within its free memory (default: even)")
     add_m_keys_argument(g)
     add_key_argument(g)
+    add_spin_argument(g)
     s = p.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
     s.add_argument("--topp", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
@@ -45,6 +46,21 @@ def add_key_argument(parser) -> None:
     parser.add_argument("--cluster-key-file", metavar="PATH", default=None,
                         help="file holding the cluster's shared secret (default: env DLLAMA_CLUSTER_KEY_FILE); "
                              "roots and workers must hold the same one")
+
+
+def add_spin_argument(parser) -> None:
+    parser.add_argument("--spin-us", metavar="US", default=None,
+                        help="microseconds a node waiting for another node's answer keeps asking before it "
+                             "sleeps (default: env DLLAMA_SPIN_US, else 0). About 2000 saves a wake-up per "
+                             "exchange where every node has a core to itself; where nodes share cores, a spin "
+                             "takes the core from the node that would answer: leave it 0")
+
+
+def apply_spin(args) -> None:
+    """--spin-us for every exchange this process makes; DllamaError for a malformed value."""
+    from dllama.net.transport import set_spin
+
+    set_spin(args.spin_us)
 
 
 def check_port(flag: str, port: int, *, listen: bool = False) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dllama.commands.common import add_key_argument, check_at_least, check_port
+from dllama.commands.common import add_key_argument, add_spin_argument, apply_spin, check_at_least, check_port
 
 
 def add_arguments(parser) -> None:
@@ -14,6 +14,7 @@ def add_arguments(parser) -> None:
                         help="this worker's slice file (from `dllama slice`): a root of the same model file and "
                              "plan lets the worker load it from here instead of streaming it the weights")
     add_key_argument(parser)
+    add_spin_argument(parser)
     parser.add_argument("--insecure", action="store_true",
                         help="without a cluster key, listen on a non-loopback address anyway: anyone who can "
                              "reach the port can then use this worker")
@@ -22,6 +23,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     check_port("--port", args.port, listen=True)
     check_at_least("--nthreads", args.nthreads, 1)
+    apply_spin(args)
     from dllama.net.worker import serve
 
     return serve(args)

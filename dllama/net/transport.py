@@ -30,24 +30,38 @@ SPIN_ENV = "DLLAMA_SPIN_US"
 SPIN_S = 0.0
 
 
+_spin_flag: float | None = None   # --spin-us, when given: it wins over the environment
+
+
 def spin_seconds() -> float:
-    """How long a per-exchange receive asks again before it sleeps: SPIN_S, or $DLLAMA_SPIN_US
-    microseconds (0: sleep at once). The peer answers when its share of the layer is done, often hundreds of
-    microseconds later; a process that slept meanwhile is woken by the kernel (a virtual machine's idle
-    CPU by its host, tens of microseconds) on every exchange of both sides: on nodes that each have a core
-    to themselves, a spin of about 2000 saves that. On a host whose cores are shared, any spin takes the
-    core from whoever would produce the answer. Raises DllamaError for a value that is not a
-    number of microseconds."""
+    """How long a per-exchange receive asks again before it sleeps: --spin-us (set_spin), else
+    $DLLAMA_SPIN_US microseconds, else SPIN_S (0: sleep at once). The peer answers when its share of the
+    layer is done, often hundreds of microseconds later; a process that slept meanwhile is woken by the
+    kernel (a virtual machine's idle CPU by its host, tens of microseconds) on every exchange of both
+    sides: on nodes that each have a core to themselves, a spin of about 2000 saves that. On a host whose
+    cores are shared, any spin takes the core from whoever would produce the answer. Raises DllamaError
+    for a value that is not a number of microseconds."""
+    if _spin_flag is not None:
+        return _spin_flag
     raw = os.environ.get(SPIN_ENV)
-    if raw is None:
-        return SPIN_S
+    return SPIN_S if raw is None else parse_spin_us(raw, SPIN_ENV)
+
+
+def parse_spin_us(raw: str, name: str) -> float:
+    """Seconds from a whole number of microseconds, 0 to 10 s; DllamaError naming `name` otherwise."""
     try:
         us = int(raw)
     except ValueError:
         us = -1
     if not 0 <= us <= 10_000_000:
-        raise DllamaError(f"{SPIN_ENV}={raw!r}: must be a whole number of microseconds, 0 to 10000000")
+        raise DllamaError(f"{name}={raw!r}: must be a whole number of microseconds, 0 to 10000000")
     return us * 1e-6
+
+
+def set_spin(raw: str | None) -> None:
+    """The --spin-us flag's value (None: not given, the environment decides); DllamaError if malformed."""
+    global _spin_flag
+    _spin_flag = None if raw is None else parse_spin_us(raw, "--spin-us")
 
 
 class ConnectionLost(DllamaError):

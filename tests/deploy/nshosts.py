@@ -262,6 +262,8 @@ class TestHosts:
                      "ansible_ssh_private_key_file": self.key,
                      "static_ip_interface": self.cluster_interface, "static_ip_prefix": 24,
                      "dllama_worker_threads": 1, "dllama_root_threads": 1,
+                     # the test hosts share this machine's cores: a spinning node would hold the core its peer needs
+                     "dllama_worker_spin_us": 0, "dllama_root_spin_us": 0,
                      **(extra_vars or {})},
             "children": {
                 "dllama_root": {"hosts": {root_host.name: entry(root_host)}},

@@ -69,7 +69,7 @@ def test_worker_unit_is_valid_hardened_and_enabled(deployed):
     assert svc["CapabilityBoundingSet"] == "" and svc["SystemCallFilter"] == "@system-service"
     assert svc["Environment"] == "NUMBA_CACHE_DIR=/opt/dllama/numba-cache"
     key = " --cluster-key-file /etc/dllama/cluster.key" if nshosts.supports_cluster_key() else ""
-    assert svc["ExecStart"] == f"{VENV}/bin/dllama worker --host 0.0.0.0 --port {PORT} --nthreads 1{key}"
+    assert svc["ExecStart"] == f"{VENV}/bin/dllama worker --host 0.0.0.0 --port {PORT} --nthreads 1 --spin-us 0{key}"
     assert os.path.islink(worker.path("/etc/systemd/system/multi-user.target.wants/dllama-worker.service"))
     # The root gets no worker service.
     assert not os.path.exists(hosts.hosts[0].path(UNIT))
@@ -267,6 +267,8 @@ BAD_INVENTORIES = {
                             "dllama_address 10.213.1.11 is set for more than one host: node1, node2"),
     "split weight": ({"node2": {"dllama_split_weight": "fast"}}, "dllama_split_weight of node2 is fast"),
     "port out of range": ({"node2": {"dllama_worker_port": 70000}}, "dllama_worker_port of node2 is 70000"),
+    "spin not microseconds": ({"node2": {"dllama_worker_spin_us": "2ms"}},
+                              "dllama_worker_spin_us of node2 is 2ms, not microseconds"),
     # Host checks: the hosts' real Python and memory, against a raised bar or an impossible model.
     "threads beyond the CPUs": ({"node2": {"dllama_worker_threads": 4096}},
                                 "dllama_worker_threads of node2 is 4096, but it has"),

@@ -4,6 +4,7 @@ shell quoting of state paths, the status table."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 
@@ -149,6 +150,29 @@ def test_cluster_fallbacks_are_the_roles_defaults():
     assert node.cluster_key_file == shared["dllama_cluster_key_file"] and node.cluster_key is shared["dllama_cluster_key"]
     # The roles' thread default is the host's CPU count: `dllama cluster` leaves it to the node too.
     assert "processor_vcpus" in worker["dllama_worker_threads"] and node.threads is None
+    # A host away from this machine spins as the roles' services do.
+    assert worker["dllama_worker_spin_us"] == root["dllama_root_spin_us"] == N.spin_us(node) == N.DEDICATED_SPIN_US
+
+
+def test_nodes_on_this_machine_do_not_spin_unless_the_inventory_says():
+    """The local demo's root and worker share this machine's cores: neither spins. Elsewhere the inventory's
+    value, or the roles' default; the flag's value is what dllama's own parser takes."""
+    from dllama import cli
+
+    c = I.read_inventory(os.path.join(REPO, "inventory", "local.yml"))
+    I.resolve(c, {}, {})
+    facts = N.Facts(True, python="/usr/bin/python3")
+    worker = cli.build_parser().parse_args(shlex.split(N.worker_command(c.workers[0], facts))[3:])
+    root = cli.build_parser().parse_args(root_command(c, "py", "inference", ["--prompt", "hi"])[3:])
+    assert worker.spin_us == root.spin_us == "0"
+    c = I.make_cluster({I.ROOT_GROUP: ["r"], I.WORKER_GROUP: ["w", "v"]},
+                       {"r": {"dllama_address": "10.0.0.1", "dllama_root_spin_us": 500},
+                        "w": {"dllama_address": "10.0.0.2"}, "v": {"dllama_address": "10.0.0.3",
+                                                                  "dllama_worker_spin_us": 0}}, "inv")
+    I.resolve(c, {}, {})
+    argv = root_command(c, "py", "inference", [])
+    assert argv[argv.index("--spin-us") + 1] == "500"
+    assert [N.spin_us(w) for w in c.workers] == [N.DEDICATED_SPIN_US, 0]
 
 
 def test_unset_and_templated_values_come_from_the_root_then_the_defaults():

@@ -371,3 +371,30 @@ def test_a_step_of_rows_returns_each_rows_candidates_or_logits():
     times = 8 + P.TIMES_META.size
     assert recv == 2 * (times + rows_frame)
     assert fetched == 2 * (times + 8 + 10 + 4 * rows * cols)   # the one fetch of every row
+
+
+def test_the_spin_flag_wins_over_the_environment(monkeypatch):
+    from dllama.net import transport
+
+    monkeypatch.setenv("DLLAMA_SPIN_US", "5")
+    monkeypatch.setattr(transport, "_spin_flag", None)
+    transport.set_spin("2000")
+    assert transport.spin_seconds() == pytest.approx(2000e-6)
+    transport.set_spin("0")   # 0 given on the command line: no spin, whatever the environment says
+    assert transport.spin_seconds() == 0.0
+    transport.set_spin(None)
+    assert transport.spin_seconds() == pytest.approx(5e-6)
+
+
+@pytest.mark.parametrize("command", [["worker", "--host", "127.0.0.1", "--port", "0"],
+                                     ["inference", "--model", "absent.m", "--prompt", "hi"]])
+def test_a_bad_spin_flag_stops_the_command_at_once_with_one_line(command):
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "dllama", *command, "--spin-us", "2ms"],
+                         env=dict(os.environ, DLLAMA_SPIN_US="2000"), capture_output=True, text=True, timeout=60,
+                         stdin=subprocess.DEVNULL)
+    assert res.returncode == 2
+    assert res.stderr == "dllama: error: --spin-us='2ms': must be a whole number of microseconds, 0 to 10000000\n"
