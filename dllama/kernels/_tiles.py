@@ -1,0 +1,140 @@
+"""A whole tile of a block-quantized matrix (Q40, Q41, Q80 weights x Q80 activations) in one intrinsic:
+the integer block sums (dllama.kernels._simd), their conversion to float, the scales and the accumulation,
+for 1 to 4 activation rows.
+
+Why one intrinsic per tile and not per block: per block, the 64 rows' int32 sums go to memory, come back to
+be converted and scaled, and the float accumulators go through memory too; in a 4-row pass those loads,
+stores and per-block calls cost twice the integer multiply-adds. Here a run of row vectors keeps its float
+accumulators in registers across all blocks of the tile and stores them once. The run is sized to the
+register file (an integer and a float accumulator per row vector and activation row, beside the weights,
+one quad's activations and the scales); the tile's other runs walk the blocks again (the activations are
+in L1, each weight byte is still read once).
+
+The float arithmetic is the numba code's it replaces, operation for operation and in the same order (no
+fused multiply-add: LLVM contracts nothing without fast-math flags), so every flavour gives the same bits:
+    q40, q80   acc_r += d_r (dx isum_r + c),  c = offset x xs   (offset -8 for q40; q80 has none)
+    q41        acc_r += d_r dx isum_r + m_r xs
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from dllama.kernels._simd import _MultiplyAdd, _registers, broadcast_quads
+
+
+def _halves(builder, ptr, lanes, bits):
+    """`lanes` IEEE halves at ptr (an i16*) as a float vector: the CPU's conversion, or (`bits`: x86 without
+    F16C) the bit arithmetic of _bits.f16_to_f32 (exponent moved into place, one multiply by 2**112)."""
+    i16, i32 = ir.IntType(16), ir.IntType(32)
+    vec = builder.load(builder.bitcast(ptr, ir.VectorType(i16, lanes).as_pointer()), align=2)
+    fty = ir.VectorType(ir.FloatType(), lanes)
+    if not bits:
+        return builder.fpext(builder.bitcast(vec, ir.VectorType(ir.HalfType(), lanes)), fty)
+    vty = ir.VectorType(i32, lanes)
+
+    def splat(v):
+        return ir.Constant(vty, [v] * lanes)
+
+    h = builder.zext(vec, vty)
+    u = builder.or_(builder.shl(builder.and_(h, splat(0x8000)), splat(16)),
+                    builder.shl(builder.and_(h, splat(0x7FFF)), splat(13)))
+    return builder.fmul(builder.bitcast(u, fty), ir.Constant(fty, [5.192296858534828e33] * lanes))
+
+
+def _run(ni, nbytes, q41):
+    """Row vectors per run: an int and a float accumulator per vector and activation row, beside the weight
+    vector and its two nibble halves, a quad's activations, the scales (and Q41's m), as a power of two."""
+    spare = _registers(nbytes) - 6 - (1 if q41 else 0)
+    run = max(1, spare // (2 * ni))
+    return 1 << (run.bit_length() - 1)
+
+
+def tile_intrinsic(ni, kind, nbytes, signed=False, q41=False, offset=-8.0, bits=False):
+    """An intrinsic tile(qs, d, m, t, xq, xd, xs, i0, acc): acc[i, r] = row r of tile t times activation row
+    i0 + i, for i < ni, all blocks; weights and activations as _matmul packs and quantize_act writes them
+    (qs, d (tiles, blocks, 64) f16 bits, m the same for Q41), acc C-contiguous with rows of 64 float32.
+    `kind`, `nbytes`: the multiply-add flavour (_simd.simd_isa); `signed`: Q80 weights; `q41`: m is used;
+    `offset`: the value every Q4 weight is shifted by (-8 for Q40); `bits`: convert halves without F16C."""
+    i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
+    nquads = 8 if signed else 4
+    c_off = None if signed or q41 else offset
+
+    def c64(v):
+        return ir.Constant(i64, v)
+
+    def codegen(context, builder, sig, args):
+        qs, d, m, xq, xd, xs, acc_out = (context.make_array(sig.args[k])(context, builder, args[k])
+                                         for k in (0, 1, 2, 4, 5, 6, 8))
+        t, i0 = (context.cast(builder, args[k], sig.args[k], types.int64) for k in (3, 7))
+        nb = cgutils.unpack_tuple(builder, qs.shape)[1]
+        xcols = cgutils.unpack_tuple(builder, xd.shape)[1]
+        ma = _MultiplyAdd(builder, kind, nbytes, signed)
+        lanes = ma.lanes
+        fty = ir.VectorType(f32, lanes)
+        groups = 64 // lanes
+        run = min(groups, _run(ni, nbytes, q41))
+        out = builder.bitcast(acc_out.data, fty.as_pointer())
+        tile0 = builder.mul(t, nb)
+        for g0 in range(0, groups, run):
+            # accumulators as stack slots: LLVM's mem2reg makes them loop-carried registers
+            acc = [[cgutils.alloca_once_value(builder, ir.Constant(fty, [0.0] * lanes)) for _ in range(ni)]
+                   for _ in range(run)]
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                tb = builder.add(tile0, b)
+                qbase = builder.gep(qs.data, [builder.mul(tb, c64(nquads * 256))])
+                sums = [[ma.zero() for _ in range(ni)] for _ in range(run)]
+                for q in range(nquads):
+                    # this quad's activations only, so that they die before the next quad's
+                    offs = [4 * q] if signed else [4 * q, 16 + 4 * q]
+                    xs_q = broadcast_quads(builder, ma, xq, i0, b, ni, offs)
+                    for g in range(run):
+                        ptr = builder.gep(qbase, [c64(q * 256 + (g0 + g) * nbytes)])
+                        w = builder.load(builder.bitcast(ptr, ma.vi8.as_pointer()), align=1)
+                        if signed:
+                            operands = (w,)
+                        else:  # low nibbles: values 4q + c; high: 16 + 4q + c
+                            operands = (builder.and_(w, ma.splat(ma.vi8, 15)), builder.lshr(w, ma.splat(ma.vi8, 4)))
+                        for h, wk in enumerate(operands):
+                            for i in range(ni):
+                                sums[g][i] = ma.madd(sums[g][i], wk, xs_q[i][h])
+                scale = [[builder.load(builder.gep(arr.data, [builder.add(builder.mul(builder.add(i0, c64(i)), xcols), b)]))
+                          for i in range(ni)] for arr in (xd, xs)]
+                for g in range(run):
+                    row0 = builder.add(builder.mul(tb, c64(64)), c64((g0 + g) * lanes))
+                    dw = _halves(builder, builder.gep(d.data, [row0]), lanes, bits)
+                    mw = _halves(builder, builder.gep(m.data, [row0]), lanes, bits) if q41 else None
+                    for i in range(ni):
+                        isum = builder.sitofp(ma.isum(sums[g][i]), fty)
+                        dx = _splat(builder, scale[0][i], lanes)
+                        if q41:
+                            term = builder.fadd(builder.fmul(builder.fmul(dw, dx), isum),
+                                                builder.fmul(mw, _splat(builder, scale[1][i], lanes)))
+                        else:
+                            inner = builder.fmul(dx, isum)
+                            if c_off is not None:
+                                c = builder.fmul(ir.Constant(f32, c_off), scale[1][i])
+                                inner = builder.fadd(inner, _splat(builder, c, lanes))
+                            term = builder.fmul(dw, inner)
+                        builder.store(builder.fadd(builder.load(acc[g][i]), term), acc[g][i])
+            for g in range(run):
+                for i in range(ni):
+                    ptr = builder.gep(out, [c64(i * groups + g0 + g)])
+                    builder.store(builder.load(acc[g][i]), ptr, align=4)
+        return context.get_dummy_value()
+
+    @intrinsic
+    def tile(typingctx, qs, d, m, t, xq, xd, xs, i0, acc):
+        return types.none(qs, d, m, t, xq, xd, xs, i0, acc), codegen
+
+    return tile
+
+
+def _splat(builder, value, lanes):
+    vty = ir.VectorType(value.type, lanes)
+    vec = builder.insert_element(ir.Constant(vty, None), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(vec, ir.Constant(vty, None), ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
