@@ -2,13 +2,15 @@
 the integer block sums (dllama.kernels._simd), their conversion to float, the scales and the accumulation,
 for 1 to 4 activation rows.
 
-Why one intrinsic per tile and not per block: per block, the 64 rows' int32 sums go to memory, come back to
-be converted and scaled, and the float accumulators go through memory too; in a 4-row pass those loads,
-stores and per-block calls cost twice the integer multiply-adds. Here a run of row vectors keeps its float
-accumulators in registers across all blocks of the tile and stores them once. The run is sized to the
-register file (an integer and a float accumulator per row vector and activation row, beside the weights,
-one quad's activations and the scales); the tile's other runs walk the blocks again (the activations are
-in L1, each weight byte is still read once).
+Why one intrinsic per tile and not per block: per block, the 64 rows' int32 sums went to memory and came
+back to be converted and scaled by a numba loop, a call per block and activation row; in a 4-row pass that
+cost twice the integer multiply-adds. Here the sums go from the multiply-adds' registers straight into the
+conversion, the scales and the accumulators, a run of row vectors at a time, sized to the register file (an
+integer accumulator per row vector and activation row, beside the weights, one quad's activations and the
+scales). The float accumulators themselves stay in L1 (one load and one store per block and run): kept in
+registers across the tile's blocks, each run would walk the whole tile, reading a tile streamed from memory
+in strides, a cache line in four at a time (the output layer at 4 rows ran 2x slower; at chunks of 8
+blocks, with or without software prefetch, 1.3-1.7x).
 
 The float arithmetic is the numba code's it replaces, operation for operation and in the same order (no
 fused multiply-add: LLVM contracts nothing without fast-math flags), so every flavour gives the same bits:
@@ -59,7 +61,7 @@ def tile_intrinsic(ni, kind, nbytes, signed=False, q41=False, offset=-8.0, bits=
     (qs, d (tiles, blocks, 64) f16 bits, m the same for Q41), acc C-contiguous with rows of 64 float32.
     `kind`, `nbytes`: the multiply-add flavour (_simd.simd_isa); `signed`: Q80 weights; `q41`: m is used;
     `offset`: the value every Q4 weight is shifted by (-8 for Q40); `bits`: convert halves without F16C."""
-    i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
+    i64, f32 = ir.IntType(64), ir.FloatType()
     nquads = 8 if signed else 4
     c_off = None if signed or q41 else offset
 
@@ -79,52 +81,14 @@ def tile_intrinsic(ni, kind, nbytes, signed=False, q41=False, offset=-8.0, bits=
         run = min(groups, _run(ni, nbytes, q41))
         out = builder.bitcast(acc_out.data, fty.as_pointer())
         tile0 = builder.mul(t, nb)
-        for g0 in range(0, groups, run):
-            # accumulators as stack slots: LLVM's mem2reg makes them loop-carried registers
-            acc = [[cgutils.alloca_once_value(builder, ir.Constant(fty, [0.0] * lanes)) for _ in range(ni)]
-                   for _ in range(run)]
-            with cgutils.for_range(builder, nb) as loop:
-                b = loop.index
-                tb = builder.add(tile0, b)
-                qbase = builder.gep(qs.data, [builder.mul(tb, c64(nquads * 256))])
-                sums = [[ma.zero() for _ in range(ni)] for _ in range(run)]
-                for q in range(nquads):
-                    # this quad's activations only, so that they die before the next quad's
-                    offs = [4 * q] if signed else [4 * q, 16 + 4 * q]
-                    xs_q = broadcast_quads(builder, ma, xq, i0, b, ni, offs)
-                    for g in range(run):
-                        ptr = builder.gep(qbase, [c64(q * 256 + (g0 + g) * nbytes)])
-                        w = builder.load(builder.bitcast(ptr, ma.vi8.as_pointer()), align=1)
-                        if signed:
-                            operands = (w,)
-                        else:  # low nibbles: values 4q + c; high: 16 + 4q + c
-                            operands = (builder.and_(w, ma.splat(ma.vi8, 15)), builder.lshr(w, ma.splat(ma.vi8, 4)))
-                        for h, wk in enumerate(operands):
-                            for i in range(ni):
-                                sums[g][i] = ma.madd(sums[g][i], wk, xs_q[i][h])
-                scale = [[builder.load(builder.gep(arr.data, [builder.add(builder.mul(builder.add(i0, c64(i)), xcols), b)]))
-                          for i in range(ni)] for arr in (xd, xs)]
-                for g in range(run):
-                    row0 = builder.add(builder.mul(tb, c64(64)), c64((g0 + g) * lanes))
-                    dw = _halves(builder, builder.gep(d.data, [row0]), lanes, bits)
-                    mw = _halves(builder, builder.gep(m.data, [row0]), lanes, bits) if q41 else None
-                    for i in range(ni):
-                        isum = builder.sitofp(ma.isum(sums[g][i]), fty)
-                        dx = _splat(builder, scale[0][i], lanes)
-                        if q41:
-                            term = builder.fadd(builder.fmul(builder.fmul(dw, dx), isum),
-                                                builder.fmul(mw, _splat(builder, scale[1][i], lanes)))
-                        else:
-                            inner = builder.fmul(dx, isum)
-                            if c_off is not None:
-                                c = builder.fmul(ir.Constant(f32, c_off), scale[1][i])
-                                inner = builder.fadd(inner, _splat(builder, c, lanes))
-                            term = builder.fmul(dw, inner)
-                        builder.store(builder.fadd(builder.load(acc[g][i]), term), acc[g][i])
-            for g in range(run):
-                for i in range(ni):
-                    ptr = builder.gep(out, [c64(i * groups + g0 + g)])
-                    builder.store(builder.load(acc[g][i]), ptr, align=4)
+        for k in range(ni * groups):
+            builder.store(ir.Constant(fty, [0.0] * lanes), builder.gep(out, [c64(k)]), align=4)
+        with cgutils.for_range(builder, nb) as loop:
+            tb = builder.add(tile0, loop.index)
+            for g0 in range(0, groups, run):
+                accs = [[builder.gep(out, [c64(i * groups + g0 + g)]) for i in range(ni)] for g in range(run)]
+                _block(builder, ma, loop.index, g0, run, nquads, signed, q41, c_off, bits, accs,
+                       (qs, d, m, xq, xd, xs), tb, i0, xcols, fty)
         return context.get_dummy_value()
 
     @intrinsic
@@ -132,6 +96,53 @@ def tile_intrinsic(ni, kind, nbytes, signed=False, q41=False, offset=-8.0, bits=
         return types.none(qs, d, m, t, xq, xd, xs, i0, acc), codegen
 
     return tile
+
+
+def _block(builder, ma, b, g0, run, nquads, signed, q41, c_off, bits, accs, arrays, tb, i0, xcols, fty):
+    """Block b of rows g0 * lanes .. (g0 + run) * lanes, for the activation rows whose float accumulators
+    accs[g][i] points to: integer sums, converted, scaled and added."""
+    qs, d, m, xq, xd, xs = arrays
+    i64, f32 = ir.IntType(64), ir.FloatType()
+    ni, lanes, nbytes = len(accs[0]), ma.lanes, ma.vi8.count
+
+    def c64(v):
+        return ir.Constant(i64, v)
+
+    qbase = builder.gep(qs.data, [builder.mul(tb, c64(nquads * 256))])
+    sums = [[ma.zero() for _ in range(ni)] for _ in range(run)]
+    for q in range(nquads):
+        # this quad's activations only, so that they die before the next quad's
+        offs = [4 * q] if signed else [4 * q, 16 + 4 * q]
+        xs_q = broadcast_quads(builder, ma, xq, i0, b, ni, offs)
+        for g in range(run):
+            ptr = builder.gep(qbase, [c64(q * 256 + (g0 + g) * nbytes)])
+            w = builder.load(builder.bitcast(ptr, ma.vi8.as_pointer()), align=1)
+            if signed:
+                operands = (w,)
+            else:  # low nibbles: values 4q + c; high: 16 + 4q + c
+                operands = (builder.and_(w, ma.splat(ma.vi8, 15)), builder.lshr(w, ma.splat(ma.vi8, 4)))
+            for h, wk in enumerate(operands):
+                for i in range(ni):
+                    sums[g][i] = ma.madd(sums[g][i], wk, xs_q[i][h])
+    scale = [[builder.load(builder.gep(arr.data, [builder.add(builder.mul(builder.add(i0, c64(i)), xcols), b)]))
+              for i in range(ni)] for arr in (xd, xs)]
+    for g in range(run):
+        row0 = builder.add(builder.mul(tb, c64(64)), c64((g0 + g) * lanes))
+        dw = _halves(builder, builder.gep(d.data, [row0]), lanes, bits)
+        mw = _halves(builder, builder.gep(m.data, [row0]), lanes, bits) if q41 else None
+        for i in range(ni):
+            isum = builder.sitofp(ma.isum(sums[g][i]), fty)
+            dx = _splat(builder, scale[0][i], lanes)
+            if q41:
+                term = builder.fadd(builder.fmul(builder.fmul(dw, dx), isum),
+                                    builder.fmul(mw, _splat(builder, scale[1][i], lanes)))
+            else:
+                inner = builder.fmul(dx, isum)
+                if c_off is not None:
+                    c = builder.fmul(ir.Constant(f32, c_off), scale[1][i])
+                    inner = builder.fadd(inner, _splat(builder, c, lanes))
+                term = builder.fmul(dw, inner)
+            builder.store(builder.fadd(builder.load(accs[g][i], align=4), term), accs[g][i], align=4)
 
 
 def _splat(builder, value, lanes):
