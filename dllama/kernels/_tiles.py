@@ -63,7 +63,7 @@ def tile_intrinsic(ni, kind, nbytes, signed=False, q41=False, offset=-8.0, bits=
     `offset`: the value every Q4 weight is shifted by (-8 for Q40); `bits`: convert halves without F16C."""
     i64, f32 = ir.IntType(64), ir.FloatType()
     nquads = 8 if signed else 4
-    c_off = None if signed or q41 else offset
+    c_off = None if signed else "m" if q41 else offset
 
     def c64(v):
         return ir.Constant(i64, v)
@@ -85,10 +85,11 @@ def tile_intrinsic(ni, kind, nbytes, signed=False, q41=False, offset=-8.0, bits=
             builder.store(ir.Constant(fty, [0.0] * lanes), builder.gep(out, [c64(k)]), align=4)
         with cgutils.for_range(builder, nb) as loop:
             tb = builder.add(tile0, loop.index)
+            scales = _scales(builder, xd, xs, loop.index, i0, ni, xcols, lanes, c_off)
             for g0 in range(0, groups, run):
                 accs = [[builder.gep(out, [c64(i * groups + g0 + g)]) for i in range(ni)] for g in range(run)]
-                _block(builder, ma, loop.index, g0, run, nquads, signed, q41, c_off, bits, accs,
-                       (qs, d, m, xq, xd, xs), tb, i0, xcols, fty)
+                _block(builder, ma, loop.index, g0, run, nquads, signed, q41, bits, accs,
+                       (qs, d, m, xq), scales, tb, i0, fty)
         return context.get_dummy_value()
 
     @intrinsic
@@ -98,11 +99,11 @@ def tile_intrinsic(ni, kind, nbytes, signed=False, q41=False, offset=-8.0, bits=
     return tile
 
 
-def _block(builder, ma, b, g0, run, nquads, signed, q41, c_off, bits, accs, arrays, tb, i0, xcols, fty):
+def _block(builder, ma, b, g0, run, nquads, signed, q41, bits, accs, arrays, scales, tb, i0, fty):
     """Block b of rows g0 * lanes .. (g0 + run) * lanes, for the activation rows whose float accumulators
-    accs[g][i] points to: integer sums, converted, scaled and added."""
-    qs, d, m, xq, xd, xs = arrays
-    i64, f32 = ir.IntType(64), ir.FloatType()
+    accs[g][i] points to: integer sums, converted, scaled (`scales`: see _scales) and added."""
+    qs, d, m, xq = arrays
+    i64 = ir.IntType(64)
     ni, lanes, nbytes = len(accs[0]), ma.lanes, ma.vi8.count
 
     def c64(v):
@@ -124,25 +125,35 @@ def _block(builder, ma, b, g0, run, nquads, signed, q41, c_off, bits, accs, arra
             for h, wk in enumerate(operands):
                 for i in range(ni):
                     sums[g][i] = ma.madd(sums[g][i], wk, xs_q[i][h])
-    scale = [[builder.load(builder.gep(arr.data, [builder.add(builder.mul(builder.add(i0, c64(i)), xcols), b)]))
-              for i in range(ni)] for arr in (xd, xs)]
     for g in range(run):
         row0 = builder.add(builder.mul(tb, c64(64)), c64((g0 + g) * lanes))
         dw = _halves(builder, builder.gep(d.data, [row0]), lanes, bits)
         mw = _halves(builder, builder.gep(m.data, [row0]), lanes, bits) if q41 else None
         for i in range(ni):
             isum = builder.sitofp(ma.isum(sums[g][i]), fty)
-            dx = _splat(builder, scale[0][i], lanes)
+            dx, c = scales[i]
             if q41:
-                term = builder.fadd(builder.fmul(builder.fmul(dw, dx), isum),
-                                    builder.fmul(mw, _splat(builder, scale[1][i], lanes)))
+                term = builder.fadd(builder.fmul(builder.fmul(dw, dx), isum), builder.fmul(mw, c))
             else:
                 inner = builder.fmul(dx, isum)
-                if c_off is not None:
-                    c = builder.fmul(ir.Constant(f32, c_off), scale[1][i])
-                    inner = builder.fadd(inner, _splat(builder, c, lanes))
+                if c is not None:
+                    inner = builder.fadd(inner, c)
                 term = builder.fmul(dw, inner)
             builder.store(builder.fadd(builder.load(accs[g][i], align=4), term), accs[g][i], align=4)
+
+
+def _scales(builder, xd, xs, b, i0, ni, xcols, lanes, c_off):
+    """Per activation row i of block b: (dx, c) splat to vectors, c = xs (c_off "m": Q41), c_off x xs (Q40)
+    or None (c_off None: Q80). Once per block for all runs: the runs' stores to the accumulators might alias
+    xd and xs for all LLVM knows, so it would load them again in every run."""
+    i64, f32 = ir.IntType(64), ir.FloatType()
+    out = []
+    for i in range(ni):
+        at = builder.add(builder.mul(builder.add(i0, ir.Constant(i64, i)), xcols), b)
+        dx, sx = (builder.load(builder.gep(arr.data, [at])) for arr in (xd, xs))
+        c = sx if c_off == "m" else None if c_off is None else builder.fmul(ir.Constant(f32, c_off), sx)
+        out.append((_splat(builder, dx, lanes), None if c is None else _splat(builder, c, lanes)))
+    return out
 
 
 def _splat(builder, value, lanes):
