@@ -185,30 +185,32 @@ def _isums(kind, nbytes, signed=False):
 def _tile_fn(kind, nbytes, signed, bits):
     """tile(qs, d, m, t, xq, xd, xs, i0, k, q41, acc) for k <= 4 activation rows (see _tiles), Q40 and Q41
     (`q41`) or Q80 (`signed`) weights: one intrinsic per row count and weight type."""
-    q40 = [tile_intrinsic(k, kind, nbytes, signed, bits=bits) for k in (1, 2, 3, 4)]
-    q41 = q40 if signed else [tile_intrinsic(k, kind, nbytes, q41=True, bits=bits) for k in (1, 2, 3, 4)]
-    a1, a2, a3, a4 = q40
-    m1, m2, m3, m4 = q41
+    q40 = _by_rows(*(tile_intrinsic(k, kind, nbytes, signed, bits=bits) for k in (1, 2, 3, 4)))
+    q41 = q40 if signed else _by_rows(*(tile_intrinsic(k, kind, nbytes, q41=True, bits=bits) for k in (1, 2, 3, 4)))
 
     @njit(inline="always", nogil=True, cache=True)
     def tile(qs, d, m, t, xq, xd, xs, i0, k, is41, acc):
         if is41:
-            if k == 4:
-                m4(qs, d, m, t, xq, xd, xs, i0, acc)
-            elif k == 1:
-                m1(qs, d, m, t, xq, xd, xs, i0, acc)
-            elif k == 2:
-                m2(qs, d, m, t, xq, xd, xs, i0, acc)
-            else:
-                m3(qs, d, m, t, xq, xd, xs, i0, acc)
-        elif k == 4:
-            a4(qs, d, m, t, xq, xd, xs, i0, acc)
-        elif k == 1:
-            a1(qs, d, m, t, xq, xd, xs, i0, acc)
-        elif k == 2:
-            a2(qs, d, m, t, xq, xd, xs, i0, acc)
+            q41(qs, d, m, t, xq, xd, xs, i0, k, acc)
         else:
-            a3(qs, d, m, t, xq, xd, xs, i0, acc)
+            q40(qs, d, m, t, xq, xd, xs, i0, k, acc)
+
+    return tile
+
+
+def _by_rows(one, two, three, four):
+    """One tile intrinsic per activation row count (1 to 4) behind one call taking the count k."""
+
+    @njit(inline="always", nogil=True, cache=True)
+    def tile(qs, d, m, t, xq, xd, xs, i0, k, acc):
+        if k == 4:
+            four(qs, d, m, t, xq, xd, xs, i0, acc)
+        elif k == 1:
+            one(qs, d, m, t, xq, xd, xs, i0, acc)
+        elif k == 2:
+            two(qs, d, m, t, xq, xd, xs, i0, acc)
+        else:
+            three(qs, d, m, t, xq, xd, xs, i0, acc)
 
     return tile
 

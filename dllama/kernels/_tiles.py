@@ -25,7 +25,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from dllama.kernels._simd import _MultiplyAdd, _registers, broadcast_quads
+from dllama.kernels._simd import _MultiplyAdd, _registers, broadcast_quads, weight_operands
 
 
 def _halves(builder, ptr, lanes, bits):
@@ -116,13 +116,7 @@ def _block(builder, ma, b, g0, run, nquads, signed, q41, bits, accs, arrays, sca
         offs = [4 * q] if signed else [4 * q, 16 + 4 * q]
         xs_q = broadcast_quads(builder, ma, xq, i0, b, ni, offs)
         for g in range(run):
-            ptr = builder.gep(qbase, [c64(q * 256 + (g0 + g) * nbytes)])
-            w = builder.load(builder.bitcast(ptr, ma.vi8.as_pointer()), align=1)
-            if signed:
-                operands = (w,)
-            else:  # low nibbles: values 4q + c; high: 16 + 4q + c
-                operands = (builder.and_(w, ma.splat(ma.vi8, 15)), builder.lshr(w, ma.splat(ma.vi8, 4)))
-            for h, wk in enumerate(operands):
+            for h, wk in enumerate(weight_operands(builder, ma, qbase, q * 256 + (g0 + g) * nbytes, signed)):
                 for i in range(ni):
                     sums[g][i] = ma.madd(sums[g][i], wk, xs_q[i][h])
     for g in range(run):
