@@ -29,8 +29,8 @@ def _kernel_ir(name, kind, nbytes):
     if name == "q4":
         W = mm.pack("q40", np.zeros(64 * 2 * 18, np.uint8), 64, 64)
         x, out = np.ones((1, 64), f32), np.empty((1, 64), f32)
-        fn = mm._bound(mm._mm_blocks, "_cross", get_thread_id=mm._thread_zero, _isums=mm._isums(kind, nbytes),
-                       _OFFSET=-8.0, _scales=mm.halves_to_f32)
+        fn = mm._bound(mm._mm_blocks, "_cross", get_thread_id=mm._thread_zero,
+                       _tile=mm._tile_fn(kind, nbytes, False, False))
         args = (W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out, W.fs, W.ist)
     elif name in ("q4k", "q5k", "q6k"):
         from dllama import quants

@@ -34,8 +34,9 @@ from numba import get_thread_id, njit, prange
 from dllama import quants
 from dllama.kernels import _threads
 from dllama.kernels._bits import f16_to_f32
-from dllama.kernels import _simd
+from dllama.kernels import _simd, _tiles
 from dllama.kernels._simd import PORTABLE, halves_to_f32, isums_intrinsic, simd_isa
+from dllama.kernels._tiles import tile_intrinsic
 from dllama.kernels.quant import quantize_act
 
 TILE = 64  # rows per tile; the kernels spell it as the literal 64 (numba freezes globals)
@@ -47,47 +48,23 @@ BLOCK_BYTES = quants.BLOCK_BYTES
 
 def _mm_blocks(qs, d, m, x, xq, xd, xs, out, fs, ist):
     # W q40, q41 or q80 (rows, cols) @ x (n, cols) -> out (n, rows). A q41 matrix brings its m
-    # (value = q * d + m); q40 and q80 an empty m (value = (q + _OFFSET) * d: -8 for q40, 0 for q80).
-    # _isums and _OFFSET are bound per weight type and CPU flavour. fs (threads, 6, 64) f32 and
-    # ist (threads, 4, 64) i32: each thread's scratch, allocated with the matrix.
+    # (value = q * d + m); q40 and q80 an empty m (value = (q - 8) * d for q40, q * d for q80).
+    # _tile (one tile for up to 4 activation rows, see _tiles) is bound per weight type and CPU flavour.
+    # fs (threads, >= 4, 64) f32: each thread's tile results, allocated with the matrix; ist unused here.
     quantize_act(x, xq, xd, xs)
-    ntiles, nb = qs.shape[0], qs.shape[1]
+    ntiles = qs.shape[0]
     T = 64
     n = x.shape[0]
     q41 = m.shape[0] == ntiles
-    off = np.float32(1.0) if q41 else np.float32(_OFFSET)
     for t in prange(ntiles):
-        tid = get_thread_id()
-        # whole-row views (integer indices only): numba then knows them contiguous, and vectorises
-        acc0, acc1, acc2, acc3, dw, mw = fs[tid, 0], fs[tid, 1], fs[tid, 2], fs[tid, 3], fs[tid, 4], fs[tid, 5]
-        isum = ist[tid]
+        acc = fs[get_thread_id()]
         # up to 4 activation rows share each load of the weights (prompt batches); the tile's weights
         # stay in L2 between the groups of 4
         for i0 in range(0, n, 4):
             k = min(4, n - i0)
-            acc0[:] = 0
-            acc1[:] = 0
-            acc2[:] = 0
-            acc3[:] = 0
-            for b in range(nb):
-                _scales(d, t, b, dw)
-                if q41:
-                    _scales(m, t, b, mw)
-                _isums(qs, t, b, xq, i0, k, isum)
-                _scale_add(acc0, isum[0], dw, mw, xd[i0, b], off * xs[i0, b], q41)
-                if k > 1:
-                    _scale_add(acc1, isum[1], dw, mw, xd[i0 + 1, b], off * xs[i0 + 1, b], q41)
-                if k > 2:
-                    _scale_add(acc2, isum[2], dw, mw, xd[i0 + 2, b], off * xs[i0 + 2, b], q41)
-                if k > 3:
-                    _scale_add(acc3, isum[3], dw, mw, xd[i0 + 3, b], off * xs[i0 + 3, b], q41)
-            _store_row(acc0, out[i0], t * T)
-            if k > 1:
-                _store_row(acc1, out[i0 + 1], t * T)
-            if k > 2:
-                _store_row(acc2, out[i0 + 2], t * T)
-            if k > 3:
-                _store_row(acc3, out[i0 + 3], t * T)
+            _tile(qs, d, m, t, xq, xd, xs, i0, k, q41, acc)
+            for i in range(k):
+                _store_row(acc[i], out[i0 + i], t * T)
 
 
 @njit(inline="always", nogil=True, cache=True)
@@ -205,6 +182,39 @@ def _isums(kind, nbytes, signed=False):
     return isums
 
 
+def _tile_fn(kind, nbytes, signed, bits):
+    """tile(qs, d, m, t, xq, xd, xs, i0, k, q41, acc) for k <= 4 activation rows (see _tiles), Q40 and Q41
+    (`q41`) or Q80 (`signed`) weights: one intrinsic per row count and weight type."""
+    q40 = _by_rows(*(tile_intrinsic(k, kind, nbytes, signed, bits=bits) for k in (1, 2, 3, 4)))
+    q41 = q40 if signed else _by_rows(*(tile_intrinsic(k, kind, nbytes, q41=True, bits=bits) for k in (1, 2, 3, 4)))
+
+    @njit(inline="always", nogil=True, cache=True)
+    def tile(qs, d, m, t, xq, xd, xs, i0, k, is41, acc):
+        if is41:
+            q41(qs, d, m, t, xq, xd, xs, i0, k, acc)
+        else:
+            q40(qs, d, m, t, xq, xd, xs, i0, k, acc)
+
+    return tile
+
+
+def _by_rows(one, two, three, four):
+    """One tile intrinsic per activation row count (1 to 4) behind one call taking the count k."""
+
+    @njit(inline="always", nogil=True, cache=True)
+    def tile(qs, d, m, t, xq, xd, xs, i0, k, acc):
+        if k == 4:
+            four(qs, d, m, t, xq, xd, xs, i0, acc)
+        elif k == 1:
+            one(qs, d, m, t, xq, xd, xs, i0, acc)
+        elif k == 2:
+            two(qs, d, m, t, xq, xd, xs, i0, acc)
+        else:
+            three(qs, d, m, t, xq, xd, xs, i0, acc)
+
+    return tile
+
+
 @njit(inline="always", nogil=True, cache=True)
 def _scales_bits(d, t, b, out):
     # the 64 f16 scales d[t, b] -> out, by bit arithmetic: for CPUs without a half conversion
@@ -216,9 +226,8 @@ def _blocks(qtype, kind, nbytes):
     """(serial, parallel) block kernel for one weight type ('q4': q40 and q41, or 'q80') and flavour."""
     signed = qtype == "q80"
     # x86 with AVX2 has F16C and every ARMv8 converts halves; the portable flavour may run on neither on x86
-    scales = _scales_bits if (kind, platform.machine().lower()) == ("generic", "x86_64") else halves_to_f32
-    return _variants(_mm_blocks, f"_{qtype}_{kind}{nbytes}_{_SIMD_TAG}", _isums=_isums(kind, nbytes, signed),
-                     _OFFSET=0.0 if signed else -8.0, _scales=scales)
+    bits = (kind, platform.machine().lower()) == ("generic", "x86_64")
+    return _variants(_mm_blocks, f"_{qtype}_{kind}{nbytes}_{_SIMD_TAG}", _tile=_tile_fn(kind, nbytes, signed, bits))
 
 
 def _source_tag(module):
@@ -230,7 +239,7 @@ def _source_tag(module):
         return hashlib.sha1(f.read()).hexdigest()[:8]
 
 
-_SIMD_TAG = _source_tag(_simd)
+_SIMD_TAG = _source_tag(_simd) + _source_tag(_tiles)
 
 
 _ISA = simd_isa()

@@ -176,6 +176,16 @@ def _registers(nbytes):
     return 16 if nbytes == 32 else 32
 
 
+def weight_operands(builder, ma, qbase, offset, signed):
+    """The weight vector at byte `offset` of qbase (an i8*) as what it multiplies: itself (`signed`: Q80
+    int8), or its low nibbles (values 4q + c of each row's quad q) and its high ones (16 + 4q + c)."""
+    ptr = builder.gep(qbase, [ir.Constant(ir.IntType(64), offset)])
+    w = builder.load(builder.bitcast(ptr, ma.vi8.as_pointer()), align=1)
+    if signed:
+        return (w,)
+    return builder.and_(w, ma.splat(ma.vi8, 15)), builder.lshr(w, ma.splat(ma.vi8, 4))
+
+
 def isums_intrinsic(ni, kind, nbytes, signed=False):
     """An intrinsic isums(qs, t, b, xq, i0, isum): isum[i, r] = sum_j w(r, j) * xq[i0 + i, 32 b + j] for
     the `ni` rows i and the 64 rows r of tile t, block b, on `nbytes`-byte vectors of one `kind` (see
@@ -206,12 +216,7 @@ def isums_intrinsic(ni, kind, nbytes, signed=False):
             acc = [[ma.zero() for _ in range(ni)] for _ in range(span)]
             for q in range(nquads):
                 for g in range(span):
-                    ptr = builder.gep(qbase, [c64(q * 256 + (g0 + g) * nbytes)])
-                    w = builder.load(builder.bitcast(ptr, ma.vi8.as_pointer()), align=1)
-                    if signed:
-                        operands = (w,)
-                    else:  # low nibbles: values 4q + c; high: 16 + 4q + c
-                        operands = (builder.and_(w, ma.splat(ma.vi8, 15)), builder.lshr(w, ma.splat(ma.vi8, 4)))
+                    operands = weight_operands(builder, ma, qbase, q * 256 + (g0 + g) * nbytes, signed)
                     for h, wk in enumerate(operands):
                         for i in range(ni):
                             acc[g][i] = ma.madd(acc[g][i], wk, xs[i][len(operands) * q + h])

@@ -140,10 +140,13 @@ def test_block_kernels_on_cortex_a76_are_sdot_without_scalar_fallback(aarch64, k
     for block in dot_blocks:
         inner = X.instruction_mix(block)
         scalar_arith = sum(n for (cls, op), n in inner.items()
-                           if cls == "fp-scalar" and op in ("fmul", "fadd", "fmadd", "scvtf", "fcvt"))
+                           if cls == "fp-scalar" and op in ("fadd", "fmadd", "scvtf", "fcvt"))
         scalar_mul = sum(n for (cls, op), n in inner.items()
                          if cls == "scalar" and op in ("mul", "madd", "smull", "smaddl", "umull"))
         assert scalar_arith == 0
+        # a scalar multiply per activation row and block at most (Q40's offset times the row's block sum,
+        # then splat to the rows), against at least 16 sdots per activation row and block
+        assert inner["fp-scalar", "fmul"] * 16 <= inner["vector", "sdot"]
         assert scalar_mul * 100 <= inner["vector", "sdot"]   # address arithmetic only
     # the float part (scales, accumulation) runs in vector lanes too; scalar only in loop remainders
     vec_fp = sum(n for (cls, op), n in mix.items() if cls == "vector" and op in ("fmul", "fadd", "fmla", "scvtf"))
