@@ -31,10 +31,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-
-import threading
 
 import httpx
 import numpy as np

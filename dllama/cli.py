@@ -41,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_guarded(prog: str, fn, args) -> int:
-    from dllama.commands.common import end_open_line
+    from dllama.commands.common import apply_spin, end_open_line
 
     try:
+        apply_spin(args)
         return int(fn(args) or 0)
     except DllamaError as exc:
         end_open_line()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from dllama.commands.common import add_model_arguments, apply_spin, check_port, open_engine, parse_workers
+from dllama.commands.common import add_model_arguments, check_port, open_engine, parse_workers
 
 DEFAULT_PORT = 9990               # the reference's
 DEFAULT_MAX_BODY = 4 * 1024 * 1024  # bytes: a full 128k-token context is ~0.5 MB of text, JSON-escaped
@@ -49,7 +49,6 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     check_port("--port", args.port, listen=True)
-    apply_spin(args)
     workers = [f"{h}:{p}" for h, p in parse_workers(args.workers)]
     from dllama.api.server import serve
 

@@ -11,8 +11,7 @@ import contextlib
 import signal
 import sys
 
-from dllama.commands.common import (add_model_arguments, apply_spin, check_at_least, isatty, make_sampler,
-                                    open_engine, write_out)
+from dllama.commands.common import add_model_arguments, check_at_least, isatty, make_sampler, open_engine, write_out
 
 REPLY_RESERVE = 16  # a turn starts only if at least this many positions are left for the reply
 
@@ -35,7 +34,6 @@ def _read(prompt: str) -> str | None:
 
 def run(args) -> int:
     check_at_least("--max-tokens", args.max_tokens, 1)
-    apply_spin(args)
     sampler = make_sampler(args)
     engine = open_engine(args)
     try:

@@ -57,7 +57,10 @@ def add_spin_argument(parser) -> None:
 
 
 def apply_spin(args) -> None:
-    """--spin-us for every exchange this process makes; DllamaError for a malformed value."""
+    """--spin-us, for the commands that take it, for every exchange this process makes; DllamaError for a
+    malformed value. Called for every command before it runs (dllama.cli)."""
+    if getattr(args, "spin_us", None) is None:
+        return
     from dllama.net.transport import set_spin
 
     set_spin(args.spin_us)

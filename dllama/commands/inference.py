@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from dllama.commands.common import add_model_arguments, apply_spin, check_at_least, make_sampler, open_engine, write_out
+from dllama.commands.common import add_model_arguments, check_at_least, make_sampler, open_engine, write_out
 from dllama.errors import DllamaError
 
 DEFAULT_STEPS = 64
@@ -27,7 +27,6 @@ def run(args) -> int:
     check_at_least("--steps", args.steps, 1)
     check_at_least("--max-seq-len", args.max_seq_len, 1)
     check_at_least("--nthreads", args.nthreads, 1)
-    apply_spin(args)
     if None not in (args.steps, args.max_seq_len) and args.steps > args.max_seq_len:
         raise DllamaError(f"--steps {args.steps} is past --max-seq-len {args.max_seq_len}")
     sampler = make_sampler(args)

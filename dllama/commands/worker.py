@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dllama.commands.common import add_key_argument, add_spin_argument, apply_spin, check_at_least, check_port
+from dllama.commands.common import add_key_argument, add_spin_argument, check_at_least, check_port
 
 
 def add_arguments(parser) -> None:
@@ -23,7 +23,6 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     check_port("--port", args.port, listen=True)
     check_at_least("--nthreads", args.nthreads, 1)
-    apply_spin(args)
     from dllama.net.worker import serve
 
     return serve(args)

@@ -29,8 +29,6 @@ most half a Q80 step, max|w|/254).
 
 from __future__ import annotations
 
-import platform
-
 import numba
 import numpy as np
 from llvmlite import ir
@@ -229,7 +227,7 @@ def bindings(qtype, kind, nbytes, scales=None):
     `scales`: the f16 conversion (default: this host's choice for that flavour)."""
     body, bits = _BODIES[qtype]
     if scales is None:
-        scales = mm._scales_bits if (kind, platform.machine().lower()) == ("generic", "x86_64") else halves_to_f32
+        scales = mm._scales_bits if mm.halves_by_bits(kind) else halves_to_f32
     sums = mm._isums(kind, nbytes) if bits == 4 else _unpacked_sums(kind, nbytes, bits)
     return body, {"_isums": sums, "_halves": sums, "_scales": scales}
 

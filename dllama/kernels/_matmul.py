@@ -225,9 +225,14 @@ def _scales_bits(d, t, b, out):
 def _blocks(qtype, kind, nbytes):
     """(serial, parallel) block kernel for one weight type ('q4': q40 and q41, or 'q80') and flavour."""
     signed = qtype == "q80"
-    # x86 with AVX2 has F16C and every ARMv8 converts halves; the portable flavour may run on neither on x86
-    bits = (kind, platform.machine().lower()) == ("generic", "x86_64")
-    return _variants(_mm_blocks, f"_{qtype}_{kind}{nbytes}_{_SIMD_TAG}", _tile=_tile_fn(kind, nbytes, signed, bits))
+    return _variants(_mm_blocks, f"_{qtype}_{kind}{nbytes}_{_SIMD_TAG}",
+                     _tile=_tile_fn(kind, nbytes, signed, halves_by_bits(kind)))
+
+
+def halves_by_bits(kind) -> bool:
+    """Whether a flavour's kernels convert f16 scales by bit arithmetic: x86 with AVX2 has F16C and every
+    ARMv8 converts halves; the portable flavour may run on neither on x86."""
+    return (kind, platform.machine().lower()) == ("generic", "x86_64")
 
 
 def _source_tag(module):

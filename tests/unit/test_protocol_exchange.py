@@ -387,7 +387,8 @@ def test_the_spin_flag_wins_over_the_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("command", [["worker", "--host", "127.0.0.1", "--port", "0"],
-                                     ["inference", "--model", "absent.m", "--prompt", "hi"]])
+                                     ["inference", "--model", "absent.m", "--prompt", "hi"],
+                                     ["chat", "--model", "absent.m"]])
 def test_a_bad_spin_flag_stops_the_command_at_once_with_one_line(command):
     import os
     import subprocess
