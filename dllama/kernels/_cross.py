@@ -38,7 +38,7 @@ def _kernel_ir(name, kind, nbytes):
 
         W = kq.pack(name, np.zeros(64 * quants.row_bytes(name, 256), np.uint8), 64, 256)
         x, out = np.ones((1, 256), f32), np.empty((1, 64), f32)
-        body, bind = kq.bindings(name, kind, nbytes, mm.halves_to_f32)
+        body, bind = kq.bindings(name, kind, nbytes, False)
         fn = mm._bound(body, "_cross", get_thread_id=mm._thread_zero, **bind)
         args = (W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out, W.fs, W.ist)
     elif name == "attention":

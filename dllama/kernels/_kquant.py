@@ -15,12 +15,17 @@ the scales differ, and they are formed per block from the super-block's halves (
 4.625 bits per weight (the file: 4.5). Q5_K is the same with 5-bit quants (0..31), Q6_K has 6-bit ones
 scaled every 16 values (int8), so each 32-value block needs two sums, one per half. Both travel at the
 file's 5 or 6 bits: the low 4 as Q4_K's nibbles, the high ones in a plane after them (`_pack_planes`),
-joined in registers and multiplied unsigned, as the Q4 sums take nibbles (`_unpacked_intrinsic`). Q6_K's
+joined in registers and multiplied unsigned, as the Q4 sums take nibbles (`_block_sums`). Q6_K's
 offset 32 leaves the inner loop as -32 x each half's activation sum (exact integers).
 
     Q5_K  qs (tiles, blocks, 5, 64, 4) uint8; d and m as Q4_K: 5.625 bits per weight (the file: 5.5)
     Q6_K  qs (tiles, blocks, 6, 64, 4) uint8; d (tiles, super-blocks, 64) uint16: f16 d;
           m (tiles, 16 * super-blocks, 64) int8: the 16 scales. 6.5625 bits per weight, the file's.
+
+Each is multiplied by one intrinsic per tile for 1 to 4 activation rows (`_tile_intrinsic`, on the
+machinery of dllama.kernels._tiles): integer sums, each block's scales formed in registers from the
+super-block's halves and 6-bit ints, conversion and accumulation, bit for bit what a numba loop over the
+per-block sums gives (see `_scale_add`).
 
 Every other read-only type (Q2_K, Q3_K, Q5_0, Q5_1, BF16) is dequantized at load and re-quantized to Q80, a
 row chunk at a time: correct, at Q80's speed and 8.5 bits per weight, one more rounding of each weight (at
@@ -28,6 +33,8 @@ most half a Q80 step, max|w|/254).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numba
 import numpy as np
@@ -38,53 +45,42 @@ from numba.extending import intrinsic
 
 from dllama import quants
 from dllama.kernels import _matmul as mm
-from dllama.kernels._simd import _MultiplyAdd, block_args, broadcast_quads, halves_to_f32
+from dllama.kernels._simd import _MultiplyAdd, _registers, broadcast_quads
+from dllama.kernels._tiles import _halves, _splat
 from dllama.kernels.quant import quantize_act
 from dllama.kquants import k4_scales, q5k_values, q6k_values
 
 _CHUNK_VALUES = 1 << 20   # values re-quantized per pass at load: bounds the float32 temporary (4 MB)
+_NO_IST = np.zeros((1, 0, 64), np.int32)   # the block kernels' signature; the tiles keep their sums in registers
 
 
-def _mm_q4k(qs, d, m, x, xq, xd, xs, out, fs, ist):
-    # W q4k or q5k (rows, cols) @ x (n, cols) -> out (n, rows); fs (threads, 8, 64) f32, ist (threads, 4, 64) i32
+def _mm_kquant(qs, d, m, x, xq, xd, xs, out, fs, ist):
+    # W q4k, q5k or q6k (rows, cols) @ x (n, cols) -> out (n, rows); _offsets and _tile (one tile for up to 4
+    # activation rows, see _tile_intrinsic) are bound per type and flavour. fs (threads, 4, 64) f32: each
+    # thread's tile results; ist unused
     quantize_act(x, xq, xd, xs)
-    ntiles, nb = qs.shape[0], qs.shape[1]
     n = x.shape[0]
-    for t in prange(ntiles):
-        tid = get_thread_id()
-        acc0, acc1, acc2, acc3, dw, mw = fs[tid, 0], fs[tid, 1], fs[tid, 2], fs[tid, 3], fs[tid, 4], fs[tid, 5]
-        dsup, msup = fs[tid, 6], fs[tid, 7]
-        isum = ist[tid]
+    _offsets(xq, xs, n)
+    for t in prange(qs.shape[0]):
+        acc = fs[get_thread_id()]
         for i0 in range(0, n, 4):
             k = min(4, n - i0)
-            _zero(acc0, acc1, acc2, acc3)
-            for b in range(nb):
-                if b % 8 == 0:
-                    _scales(d, t, b // 4, dsup)
-                    _scales(d, t, b // 4 + 1, msup)
-                for r in range(64):
-                    dw[r] = dsup[r] * np.float32(m[t, b, 0, r])
-                    mw[r] = -(msup[r] * np.float32(m[t, b, 1, r]))
-                _isums(qs, t, b, xq, i0, k, isum)
-                mm._scale_add(acc0, isum[0], dw, mw, xd[i0, b], xs[i0, b], True)
-                if k > 1:
-                    mm._scale_add(acc1, isum[1], dw, mw, xd[i0 + 1, b], xs[i0 + 1, b], True)
-                if k > 2:
-                    mm._scale_add(acc2, isum[2], dw, mw, xd[i0 + 2, b], xs[i0 + 2, b], True)
-                if k > 3:
-                    mm._scale_add(acc3, isum[3], dw, mw, xd[i0 + 3, b], xs[i0 + 3, b], True)
-            _store(acc0, acc1, acc2, acc3, out, i0, k, t * 64)
+            _tile(qs, d, m, t, xq, xd, xs, i0, k, acc)
+            for i in range(k):
+                mm._store_row(acc[i], out[i0 + i], t * 64)
 
 
-def _mm_q6k(qs, d, m, x, xq, xd, xs, out, fs, ist):
-    # W q6k (rows, cols) @ x (n, cols) -> out (n, rows); fs (threads, 8, 64) f32, ist (threads, 8, 64) i32:
-    # each block's sums over its lower 16 values (rows 0-3) and its upper 16 (rows 4-7). xs (n, 2 blocks):
-    # -32 x each half's sum of xq, the quants' offset taken out of the inner loop (they multiply as 0..63)
-    quantize_act(x, xq, xd, xs)
-    n = x.shape[0]
-    ntiles, nb = qs.shape[0], qs.shape[1]
+@numba.njit(inline="always", nogil=True, cache=True)
+def _no_offsets(xq, xs, n):
+    pass
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def _q6_offsets(xq, xs, n):
+    # Q6_K's xs (n, 2 blocks): -32 x each half's sum of xq, the quants' offset taken out of the inner loop
+    # (they multiply as 0..63)
     for i in range(n):
-        for b in range(nb):
+        for b in range(xq.shape[1] // 32):
             lo = np.int32(0)
             hi = np.int32(0)
             for j in range(16):
@@ -92,149 +88,183 @@ def _mm_q6k(qs, d, m, x, xq, xd, xs, out, fs, ist):
                 hi += np.int32(xq[i, 32 * b + 16 + j])
             xs[i, 2 * b] = np.float32(-32 * lo)
             xs[i, 2 * b + 1] = np.float32(-32 * hi)
-    for t in prange(ntiles):
-        tid = get_thread_id()
-        acc0, acc1, acc2, acc3, dlo, dhi = fs[tid, 0], fs[tid, 1], fs[tid, 2], fs[tid, 3], fs[tid, 4], fs[tid, 5]
-        dsup = fs[tid, 6]
-        isum = ist[tid]
-        for i0 in range(0, n, 4):
-            k = min(4, n - i0)
-            _zero(acc0, acc1, acc2, acc3)
-            for b in range(nb):
-                if b % 8 == 0:
-                    _scales(d, t, b // 8, dsup)
-                for r in range(64):   # the scales of the block's halves: 16 per super-block, 2 per block
-                    dlo[r] = dsup[r] * np.float32(m[t, 2 * b, r])
-                    dhi[r] = dsup[r] * np.float32(m[t, 2 * b + 1, r])
-                _halves(qs, t, b, xq, i0, k, isum)
-                _halves_add(acc0, isum[0], isum[4], dlo, dhi, xd[i0, b], xs[i0, 2 * b], xs[i0, 2 * b + 1])
-                if k > 1:
-                    _halves_add(acc1, isum[1], isum[5], dlo, dhi, xd[i0 + 1, b], xs[i0 + 1, 2 * b],
-                                xs[i0 + 1, 2 * b + 1])
-                if k > 2:
-                    _halves_add(acc2, isum[2], isum[6], dlo, dhi, xd[i0 + 2, b], xs[i0 + 2, 2 * b],
-                                xs[i0 + 2, 2 * b + 1])
-                if k > 3:
-                    _halves_add(acc3, isum[3], isum[7], dlo, dhi, xd[i0 + 3, b], xs[i0 + 3, 2 * b],
-                                xs[i0 + 3, 2 * b + 1])
-            _store(acc0, acc1, acc2, acc3, out, i0, k, t * 64)
 
 
-@numba.njit(inline="always", nogil=True, cache=True)
-def _zero(acc0, acc1, acc2, acc3):
-    acc0[:] = 0
-    acc1[:] = 0
-    acc2[:] = 0
-    acc3[:] = 0
-
-
-@numba.njit(inline="always", nogil=True, cache=True)
-def _store(acc0, acc1, acc2, acc3, out, i0, k, r0):
-    # the k (1..4) activation rows of a group, from the tile's accumulators
-    mm._store_row(acc0, out[i0], r0)
-    if k > 1:
-        mm._store_row(acc1, out[i0 + 1], r0)
-    if k > 2:
-        mm._store_row(acc2, out[i0 + 2], r0)
-    if k > 3:
-        mm._store_row(acc3, out[i0 + 3], r0)
-
-
-@numba.njit(inline="always", nogil=True, cache=True)
-def _halves_add(acc, lo, hi, dlo, dhi, dx, clo, chi):
-    # one activation row's block: each half's sum, less its offset (clo, chi: exact integers), at its own scale
-    for r in range(64):
-        acc[r] += dx * (dlo[r] * (np.float32(lo[r]) + clo) + dhi[r] * (np.float32(hi[r]) + chi))
-
-
-def _unpacked_intrinsic(ni, kind, nbytes, bits):
-    """An intrinsic sums(qs, t, b, xq, i0, isum) over unsigned 5- or 6-bit quants (Q5_K 0..31, Q6_K 0..63),
-    unpacked in registers from the nibble quads (as the Q4 sums read them) and the high-bit plane after them
-    (see _pack_planes). Q6_K (bits 6) scales per 16 values: its sums stay apart for each block's lower 16
-    values (isum[i]) and upper 16 (isum[4 + i]), i < ni; Q5_K's are whole blocks (isum[i]). AVX2's 16-bit
-    pair sums hold four multiply-adds of 5-bit quants (4 x 2 x 31 x 127 < 2**15) and two of 6-bit ones."""
-    i32, i64 = ir.IntType(32), ir.IntType(64)
-    width, chain, nquads = bits - 4, 4 if bits == 5 else 2, 4 + bits - 4
+def _tile_intrinsic(ni, kind, nbytes, bits, by_bits=False):
+    """An intrinsic tile(qs, d, m, t, xq, xd, xs, i0, acc): acc[i, r] = row r of tile t of a Q4_K (`bits` 4),
+    Q5_K (5) or Q6_K (6) matrix packed as above, times activation row i0 + i, for i < ni, all blocks; acc
+    C-contiguous with rows of 64 float32. `kind`, `nbytes`: the multiply-add flavour (_simd.simd_isa);
+    `by_bits`: convert halves without F16C. The machinery of dllama.kernels._tiles (why one intrinsic per
+    tile, the runs of row vectors, accumulators in L1), with each block's scales formed in registers from
+    the super-block's halves and the 6-bit ints."""
+    i64 = ir.IntType(64)
 
     def c64(v):
         return ir.Constant(i64, v)
 
     def codegen(context, builder, sig, args):
-        qs, xq, isum, t, b, i0 = block_args(context, builder, sig, args)
+        qs, d, m, xq, xd, xs, acc_out = (context.make_array(sig.args[k])(context, builder, args[k])
+                                         for k in (0, 1, 2, 4, 5, 6, 8))
+        t, i0 = (context.cast(builder, args[k], sig.args[k], types.int64) for k in (3, 7))
         nb = cgutils.unpack_tuple(builder, qs.shape)[1]
-        qbase = builder.gep(qs.data, [builder.mul(builder.add(builder.mul(t, nb), b), c64(nquads * 256))])
         ma = _MultiplyAdd(builder, kind, nbytes, False)
-        xs = broadcast_quads(builder, ma, xq, i0, b, ni, [4 * q for q in range(8)])   # value 16h + 4q + c: 4h + q
-        out = builder.bitcast(isum.data, i32.as_pointer())
-
-        def load(k, g):
-            ptr = builder.gep(qbase, [c64(k * 256 + g * nbytes)])
-            return builder.load(builder.bitcast(ptr, ma.vi8.as_pointer()), align=1)
-
-        def operand(nib, plane, h, q):
-            # value 16h + 4q + c: its nibble, and its high bits moved from the plane to bit 4 on
-            low = builder.and_(nib[q], ma.splat(ma.vi8, 15)) if h == 0 else builder.lshr(nib[q], ma.splat(ma.vi8, 4))
-            src, at = (plane[h], 2 * q) if bits == 6 else (plane[0], 4 * h + q)
-            top = src if at == 4 else (builder.shl(src, ma.splat(ma.vi8, 4 - at)) if at < 4
-                                       else builder.lshr(src, ma.splat(ma.vi8, at - 4)))
-            return builder.or_(low, builder.and_(top, ma.splat(ma.vi8, ((1 << width) - 1) << 4)))
-
-        for g in range(64 // ma.lanes):
-            nib, plane = [load(q, g) for q in range(4)], [load(4 + k, g) for k in range(nquads - 4)]
-            sums = [[None] * ni for _ in range(2)]
-            for h in range(2):
-                for q0 in range(0, 4, chain):
-                    part = [ma.zero() for _ in range(ni)]
-                    for q in range(q0, q0 + chain):
-                        w = operand(nib, plane, h, q)
-                        for i in range(ni):
-                            part[i] = ma.madd(part[i], w, xs[i][4 * h + q])
-                    for i in range(ni):
-                        s = sums[h][i]
-                        sums[h][i] = ma.isum(part[i]) if s is None else builder.add(s, ma.isum(part[i]))
-            if bits == 5:
-                sums = [[builder.add(sums[0][i], sums[1][i]) for i in range(ni)]]
-            for h, row in enumerate(sums):
-                for i in range(ni):
-                    ptr = builder.gep(out, [c64((4 * h + i) * 64 + g * ma.lanes)])
-                    builder.store(row[i], builder.bitcast(ptr, ma.vi32.as_pointer()), align=4)
+        fty = ir.VectorType(ir.FloatType(), ma.lanes)
+        groups = 64 // ma.lanes
+        run = min(groups, _run(ni, nbytes, bits, kind))
+        out = builder.bitcast(acc_out.data, fty.as_pointer())
+        for k in range(ni * groups):
+            builder.store(ir.Constant(fty, [0.0] * ma.lanes), builder.gep(out, [c64(k)]), align=4)
+        with cgutils.for_range(builder, nb) as loop:
+            b = loop.index
+            scales = _act_scales(builder, xd, xs, b, i0, ni, ma.lanes, 2 if bits == 6 else 1)
+            for g0 in range(0, groups, run):
+                accs = [[builder.gep(out, [c64(i * groups + g0 + g)]) for i in range(ni)] for g in range(run)]
+                isums = _block_sums(builder, ma, qs, xq, t, b, nb, i0, ni, g0, run, bits)
+                for g in range(run):
+                    _scale_add(builder, (d, m), t, b, nb, (g0 + g) * ma.lanes, bits, by_bits, fty,
+                               isums[g], scales, accs[g])
         return context.get_dummy_value()
 
     @intrinsic
-    def sums(typingctx, qs, t, b, xq, i0, isum):
-        return types.none(qs, t, b, xq, i0, isum), codegen
+    def tile(typingctx, qs, d, m, t, xq, xd, xs, i0, acc):
+        return types.none(qs, d, m, t, xq, xd, xs, i0, acc), codegen
 
+    return tile
+
+
+def _run(ni, nbytes, bits, kind):
+    """Row vectors per run (see _tiles._run): an integer accumulator per vector, activation row and sum (Q6_K:
+    two, one per half), two where AVX2's 16-bit sums widen on the way (Q5_K, Q6_K), and a float one, beside
+    the weight vector and its planes, a quad's activations and the scales, as a power of two."""
+    nsums = 2 if bits == 6 else 1
+    widen = 2 if kind == "avx2" and bits > 4 else 1
+    spare = _registers(nbytes) - 6 - (bits - 4)
+    run = max(1, spare // (ni * (nsums * widen + 1)))
+    return 1 << (run.bit_length() - 1)
+
+
+def _block_sums(builder, ma, qs, xq, t, b, nb, i0, ni, g0, run, bits):
+    """Block b's integer sums for the row vectors g0 .. g0 + run of tile t: sums[g][i][h] (int32 vectors),
+    h the block's half (Q6_K: values 0-15, 16-31) or h 0 the whole block (Q4_K, Q5_K). The quants are
+    nibbles (Q4_K) or joined in registers from the nibble quads and the high-bit planes after them (see
+    _pack_planes): unsigned either way, as the Q4 sums take them. AVX2's 16-bit pair sums hold eight
+    multiply-adds of nibbles, four of 5-bit quants (4 x 2 x 31 x 127 < 2**15) and two of 6-bit ones: they
+    widen to 32 bits that often."""
+    i64 = ir.IntType(64)
+    width, nsums = bits - 4, 2 if bits == 6 else 1
+    chain = {4: 8, 5: 4, 6: 2}[bits] if ma.kind == "avx2" else 8
+    qbase = builder.gep(qs.data, [builder.mul(builder.add(builder.mul(t, nb), b), ir.Constant(i64, bits * 256))])
+
+    def load(k, g):
+        ptr = builder.gep(qbase, [ir.Constant(i64, k * 256 + (g0 + g) * ma.vi8.count)])
+        return builder.load(builder.bitcast(ptr, ma.vi8.as_pointer()), align=1)
+
+    def operand(nib, plane, h, q):
+        # value 16h + 4q + c: its nibble, and its high bits moved from the plane to bit 4 on
+        low = builder.and_(nib, ma.splat(ma.vi8, 15)) if h == 0 else builder.lshr(nib, ma.splat(ma.vi8, 4))
+        if not width:
+            return low
+        src, at = (plane[h], 2 * q) if bits == 6 else (plane[0], 4 * h + q)
+        top = src if at == 4 else (builder.shl(src, ma.splat(ma.vi8, 4 - at)) if at < 4
+                                   else builder.lshr(src, ma.splat(ma.vi8, at - 4)))
+        return builder.or_(low, builder.and_(top, ma.splat(ma.vi8, ((1 << width) - 1) << 4)))
+
+    sums = [[[None] * nsums for _ in range(ni)] for _ in range(run)]
+    part = [[[ma.zero()] * nsums for _ in range(ni)] for _ in range(run)]
+    count = 0
+    for q in range(4):
+        # this quad's activations only, so that they die before the next quad's
+        xs_q = broadcast_quads(builder, ma, xq, i0, b, ni, [4 * q, 16 + 4 * q])
+        for g in range(run):
+            nib, plane = load(q, g), [load(4 + k, g) for k in range(width)]
+            for h in range(2):
+                w = operand(nib, plane, h, q)
+                for i in range(ni):
+                    part[g][i][h % nsums] = ma.madd(part[g][i][h % nsums], w, xs_q[i][h])
+        count += 2 // nsums
+        if count == chain or q == 3:
+            for g, i, s in itertools.product(range(run), range(ni), range(nsums)):
+                wide, prev = ma.isum(part[g][i][s]), sums[g][i][s]
+                sums[g][i][s] = wide if prev is None else builder.add(prev, wide)
+                part[g][i][s] = ma.zero()
+            count = 0
     return sums
 
 
-def _unpacked_sums(kind, nbytes, bits):
-    """sums(qs, t, b, xq, i0, k, isum) for k <= 4 activation rows (as _matmul._isums)."""
-    four, one = _unpacked_intrinsic(4, kind, nbytes, bits), _unpacked_intrinsic(1, kind, nbytes, bits)
+def _act_scales(builder, xd, xs, b, i0, ni, lanes, nsums):
+    """Per activation row i of block b: (dx, [c]) splat to vectors: c = xs (Q4_K, Q5_K: the row's block sum
+    times dx), or Q6_K's two offset terms (see _q6_offsets). Once per block for all runs (as _tiles._scales)."""
+    i64 = ir.IntType(64)
+    xcols, scols = cgutils.unpack_tuple(builder, xd.shape)[1], cgutils.unpack_tuple(builder, xs.shape)[1]
+    out = []
+    for i in range(ni):
+        row = builder.add(i0, ir.Constant(i64, i))
+        dx = builder.load(builder.gep(xd.data, [builder.add(builder.mul(row, xcols), b)]))
+        at = builder.add(builder.mul(row, scols), builder.mul(b, ir.Constant(i64, nsums)))
+        cs = [builder.load(builder.gep(xs.data, [builder.add(at, ir.Constant(i64, s))])) for s in range(nsums)]
+        out.append((_splat(builder, dx, lanes), [_splat(builder, c, lanes) for c in cs]))
+    return out
 
-    @numba.njit(inline="always", nogil=True, cache=True)
-    def sums(qs, t, b, xq, i0, k, isum):
-        if k == 4:
-            four(qs, t, b, xq, i0, isum)
+
+def _scale_add(builder, dm, t, b, nb, r0, bits, by_bits, fty, isums, scales, accs):
+    """The float part of block b for the row vector r0 .. r0 + lanes of tile t, in this order (no fused
+    multiply-add: LLVM contracts nothing without fast-math flags), so that every flavour gives the same bits:
+        Q4_K, Q5_K  dw = d sc, mw = -(dmin m),  acc += dw dx isum + mw xs
+        Q6_K        dlo, dhi = d sc[2b], d sc[2b + 1],  acc += dx (dlo (isum_lo + clo) + dhi (isum_hi + chi))
+    d sc is exact in float32 (an f16 times a 6-bit or int8 integer), as in ggml."""
+    d, m = dm
+    i64, lanes = ir.IntType(64), fty.count
+    sup = builder.lshr(b, ir.Constant(i64, 3))
+    vi8 = ir.VectorType(ir.IntType(8), lanes)
+
+    def ints(at, signed):
+        # the 6-bit ints (Q6_K: int8) of `lanes` rows at row-vector index `at` of m, as floats
+        vec = builder.load(builder.bitcast(builder.gep(m.data, [at]), vi8.as_pointer()), align=1)
+        return builder.sitofp(vec, fty) if signed else builder.uitofp(vec, fty)
+
+    def at(base, k):
+        # element r0 of row vector base + k of a (..., 64) array
+        return builder.add(builder.mul(builder.add(base, ir.Constant(i64, k)), ir.Constant(i64, 64)),
+                           ir.Constant(i64, r0))
+
+    if bits == 6:
+        nsb = builder.lshr(nb, ir.Constant(i64, 3))
+        dsup = _halves(builder, builder.gep(d.data, [at(builder.add(builder.mul(t, nsb), sup), 0)]), lanes,
+                       by_bits)
+        mbase = builder.mul(builder.add(builder.mul(t, nb), b), ir.Constant(i64, 2))   # = t 2nb + 2b
+        dlo, dhi = (builder.fmul(dsup, ints(at(mbase, h), True)) for h in (0, 1))
+    else:
+        dbase = builder.add(builder.mul(t, builder.lshr(nb, ir.Constant(i64, 2))),   # t 2nsb + 2s
+                            builder.shl(sup, ir.Constant(i64, 1)))
+        dsup, msup = (_halves(builder, builder.gep(d.data, [at(dbase, k)]), lanes, by_bits) for k in (0, 1))
+        mbase = builder.mul(builder.add(builder.mul(t, nb), b), ir.Constant(i64, 2))
+        dw = builder.fmul(dsup, ints(at(mbase, 0), False))
+        mw = builder.fneg(builder.fmul(msup, ints(at(mbase, 1), False)))
+    for i, acc in enumerate(accs):
+        dx, cs = scales[i]
+        if bits == 6:
+            lo, hi = (builder.fadd(builder.sitofp(isums[i][h], fty), cs[h]) for h in (0, 1))
+            term = builder.fmul(dx, builder.fadd(builder.fmul(dlo, lo), builder.fmul(dhi, hi)))
         else:
-            for i in range(k):
-                one(qs, t, b, xq, i0 + i, isum[i:])
+            isum = builder.sitofp(isums[i][0], fty)
+            term = builder.fadd(builder.fmul(builder.fmul(dw, dx), isum), builder.fmul(mw, cs[0]))
+        builder.store(builder.fadd(builder.load(acc, align=4), term), acc, align=4)
 
-    return sums
 
-
-def bindings(qtype, kind, nbytes, scales=None):
+def bindings(qtype, kind, nbytes, by_bits=None):
     """(body, globals to bind) of a K-quant type's kernel on one multiply-add flavour (see _simd.simd_isa);
-    `scales`: the f16 conversion (default: this host's choice for that flavour)."""
-    body, bits = _BODIES[qtype]
-    if scales is None:
-        scales = mm._scales_bits if mm.halves_by_bits(kind) else halves_to_f32
-    sums = mm._isums(kind, nbytes) if bits == 4 else _unpacked_sums(kind, nbytes, bits)
-    return body, {"_isums": sums, "_halves": sums, "_scales": scales}
+    `by_bits`: convert f16 scales by bit arithmetic (default: this host's choice for that flavour)."""
+    bits = _BITS[qtype]
+    if by_bits is None:
+        by_bits = mm.halves_by_bits(kind)
+    tile = mm._by_rows(*(_tile_intrinsic(k, kind, nbytes, bits, by_bits) for k in (1, 2, 3, 4)))
+    return _mm_kquant, {"_tile": tile, "_offsets": _q6_offsets if bits == 6 else _no_offsets}
 
 
-# the helpers inlined from _matmul and _simd: their sources' hashes in the kernels' names (see _matmul._source_tag)
+# the helpers inlined from _matmul, _simd and _tiles: their sources' hashes in the kernels' names (see
+# _matmul._source_tag)
 _TAG = mm._SIMD_TAG + mm._source_tag(mm)
-_BODIES = {"q4k": (_mm_q4k, 4), "q5k": (_mm_q4k, 5), "q6k": (_mm_q6k, 6)}   # body, bits per quant
+_BITS = {"q4k": 4, "q5k": 5, "q6k": 6}   # bits per quant
 
 
 def kernels_for(qtype, kind, nbytes):
@@ -243,15 +273,15 @@ def kernels_for(qtype, kind, nbytes):
     return mm._variants(body, f"_{qtype}_{kind}{nbytes}_{_TAG}", **bind)
 
 
-KERNELS = {q: (k, k) for q in _BODIES for k in [kernels_for(q, *mm._ISA)]}
+KERNELS = {q: (k, k) for q in _BITS for k in [kernels_for(q, *mm._ISA)]}
 
 
-def _packed(cls, qtype, rows, cols, ist_rows):
+def _packed(cls, qtype, rows, cols):
     W = cls(qtype, rows, cols)
     W.kernels = KERNELS[qtype]
     W._grow(1)
     threads = numba.config.NUMBA_NUM_THREADS
-    W.fs, W.ist = np.empty((threads, 8, mm.TILE), np.float32), np.empty((threads, ist_rows, mm.TILE), np.int32)
+    W.fs, W.ist = np.empty((threads, 4, mm.TILE), np.float32), _NO_IST
     return W
 
 
@@ -259,7 +289,7 @@ def _pack_planes(u, rows, nblocks, bits):
     """Unsigned quants of `bits` (5 or 6) bits, (rows * nblocks, 32) uint8 per 32-value block -> qs tiles
     (tiles, nblocks, bits, 64, 4) uint8: quads 0-3 the low 4 bits in Q4_0's nibble order (see _simd), then
     `bits - 4` planes of the high bits: the high bits of value 16h + 4q + c sit in byte c of plane h at bits
-    2q, 2q + 1 (6-bit), or of the one plane at bit 4h + q (5-bit), where _unpacked_intrinsic takes them."""
+    2q, 2q + 1 (6-bit), or of the one plane at bit 4h + q (5-bit), where _block_sums takes them."""
     width = bits - 4
     nibbles = (u[:, :16] & np.uint8(15)) | (u[:, 16:] << np.uint8(4))
     top = (u >> np.uint8(4)).reshape(-1, width, 8 // width, 4)              # [block, plane, field, c]
@@ -272,7 +302,7 @@ def _pack_planes(u, rows, nblocks, bits):
 
 
 class _Q6Packed(mm.Packed):
-    """A Q6_K matrix: its activation scratch holds two offset terms per block (see _mm_q6k)."""
+    """A Q6_K matrix: its activation scratch holds two offset terms per block (see _q6_offsets)."""
 
     __slots__ = ()
 
@@ -284,7 +314,7 @@ class _Q6Packed(mm.Packed):
 def _pack_q6k(raw, rows, cols):
     nsb = cols // 256
     blocks = raw.reshape(rows * nsb, 210)
-    W = _packed(_Q6Packed, "q6k", rows, cols, 8)
+    W = _packed(_Q6Packed, "q6k", rows, cols)
     W.d = mm._tiles(np.ascontiguousarray(blocks[:, 208:210]).view(np.uint16).reshape(rows, nsb), rows, mm.TILE)
     W.m = mm._tiles(np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).reshape(rows, nsb * 16), rows, mm.TILE)
     W.qs = _pack_planes((q6k_values(blocks) + np.int8(32)).view(np.uint8).reshape(-1, 32), rows, nsb * 8, 6)
@@ -296,7 +326,7 @@ def _pack_k4(qtype, raw, rows, cols):
     # Q4_K and Q5_K: the same super-block head (d, dmin, 12 bytes of scales and mins), then the quants
     nsb = cols // 256
     blocks = raw.reshape(rows, nsb, -1)
-    W = _packed(mm.Packed, qtype, rows, cols, 4)
+    W = _packed(mm.Packed, qtype, rows, cols)
     halves = np.ascontiguousarray(blocks[:, :, 0:4]).view(np.uint16)          # (rows, nsb, 2): d, dmin
     W.d = mm._tiles(halves.reshape(rows, 2 * nsb), rows, mm.TILE)
     sc, mins = k4_scales(blocks[:, :, 4:16].reshape(-1, 12))

@@ -121,9 +121,7 @@ def aarch64():
     return _cross
 
 
-# q6k's sums are sdot as well; its float loops (two scales per block) stay loops, vectorised beside scalar
-# copies that LLVM keeps for when its arrays might overlap, which this static count cannot tell apart
-@pytest.mark.parametrize("kernel", ["q4", "q4k", "q5k"])
+@pytest.mark.parametrize("kernel", ["q4", "q4k", "q5k", "q6k"])
 def test_block_kernels_on_cortex_a76_are_sdot_without_scalar_fallback(aarch64, kernel):
     X = aarch64
     asm, symbol = X.target_asm(kernel, "aarch64-unknown-linux-gnu", "cortex-a76", "+neon,+dotprod")
