@@ -152,3 +152,39 @@ def test_largest_quants_do_not_overflow_the_sums(qtype, quant_bytes, flavour):
     out = np.empty((5, rows), np.float32)
     K.matmul(W, x, out)
     assert np.all(np.abs(out - naive.quantize_act(x) @ w.T) <= 1e-4 * (np.abs(x).astype(np.float64) @ np.abs(w).T))
+
+
+def _flavours():
+    """Every multiply-add flavour this host runs: test_kernels_simd's, and AVX2 on 512-bit vectors and VNNI on
+    256-bit ones where the host has them (simd_isa gives them to AVX-512 CPUs without VNNI, and to AVX-VNNI)."""
+    from test_kernels_simd import _flavours as simd_flavours, _host_flags
+
+    flags = _host_flags()
+    extra = {("avx2", 64): "+avx512bw" in flags, ("vnni", 32): "+avxvnni" in flags}
+    return sorted(set(simd_flavours()) | {f for f, ok in extra.items() if ok})
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES)
+def test_kquant_flavours_give_identical_bits(qtype):
+    # the tile for 1, 2, 3 and 4 activation rows (7: a group of 4 and one of 3) and a partial last tile, on
+    # every flavour: the integer sums are exact and the float part one order of operations, so the bits agree
+    from dllama.kernels import _kquant
+
+    rows, cols = 77, 512
+    raw = weights(qtype, rows, cols, 13)
+    w = gguf_f64(qtype, raw, rows, cols)
+    K.set_threads(1)
+    for n in (1, 2, 3, 4, 7):
+        x = activations(n, cols, seed=n)
+        x[0, :32] = np.linspace(-1, 1, 32)   # activations quantized to +-127
+        outs = []
+        for flavour in _flavours():
+            W = K.pack(qtype, raw, rows, cols)
+            serial = _kquant.kernels_for(qtype, *flavour)[0]
+            W.kernels = ((serial, serial), (serial, serial))
+            outs.append(np.full((n, rows), np.nan, np.float32))
+            K.matmul(W, x, outs[-1])
+        for out, flavour in zip(outs[1:], _flavours()[1:]):
+            np.testing.assert_array_equal(out, outs[0], err_msg=f"{flavour}, {n} rows")
+        scale = np.abs(x).astype(np.float64) @ np.abs(w).T
+        assert np.all(np.abs(outs[0] - naive.quantize_act(x) @ w.T) <= 1e-4 * scale), n
