@@ -35,7 +35,7 @@ from dllama import quants
 from dllama.kernels import _threads
 from dllama.kernels._bits import f16_to_f32
 from dllama.kernels import _simd, _tiles
-from dllama.kernels._simd import PORTABLE, halves_to_f32, isums_intrinsic, simd_isa
+from dllama.kernels._simd import PORTABLE, simd_isa
 from dllama.kernels._tiles import tile_intrinsic
 from dllama.kernels.quant import quantize_act
 
@@ -65,18 +65,6 @@ def _mm_blocks(qs, d, m, x, xq, xd, xs, out, fs, ist):
             _tile(qs, d, m, t, xq, xd, xs, i0, k, q41, acc)
             for i in range(k):
                 _store_row(acc[i], out[i0 + i], t * T)
-
-
-@njit(inline="always", nogil=True, cache=True)
-def _scale_add(acc, isum, dw, mw, dx, c, q41):
-    # one activation row's block: acc[r] += d_r dx isum_r + m_r c (Q41: c = sx), else d_r (dx isum_r + c)
-    # (c = offset x sx: the -8 of Q40)
-    if q41:
-        for r in range(64):
-            acc[r] += dw[r] * dx * np.float32(isum[r]) + mw[r] * c
-    else:
-        for r in range(64):
-            acc[r] += dw[r] * (dx * np.float32(isum[r]) + c)
 
 
 @njit(inline="always", nogil=True, cache=True)
@@ -163,25 +151,6 @@ def _variants(fn, suffix="", **bind):
             njit(nogil=True, cache=True, parallel=True)(_bound(fn, suffix, **bind) if suffix or bind else fn))
 
 
-def _isums(kind, nbytes, signed=False):
-    """isums(qs, t, b, xq, i0, k, isum) for k <= 4 activation rows on one multiply-add flavour (see _simd).
-    One intrinsic per row count: a batch of 2 or 3 reads and unpacks each weight vector once too."""
-    one, two, three, four = (isums_intrinsic(k, kind, nbytes, signed) for k in (1, 2, 3, 4))
-
-    @njit(inline="always", nogil=True, cache=True)
-    def isums(qs, t, b, xq, i0, k, isum):
-        if k == 4:
-            four(qs, t, b, xq, i0, isum)
-        elif k == 1:
-            one(qs, t, b, xq, i0, isum)
-        elif k == 2:
-            two(qs, t, b, xq, i0, isum)
-        else:
-            three(qs, t, b, xq, i0, isum)
-
-    return isums
-
-
 def _tile_fn(kind, nbytes, signed, bits):
     """tile(qs, d, m, t, xq, xd, xs, i0, k, q41, acc) for k <= 4 activation rows (see _tiles), Q40 and Q41
     (`q41`) or Q80 (`signed`) weights: one intrinsic per row count and weight type."""
@@ -213,13 +182,6 @@ def _by_rows(one, two, three, four):
             three(qs, d, m, t, xq, xd, xs, i0, acc)
 
     return tile
-
-
-@njit(inline="always", nogil=True, cache=True)
-def _scales_bits(d, t, b, out):
-    # the 64 f16 scales d[t, b] -> out, by bit arithmetic: for CPUs without a half conversion
-    for r in range(64):
-        out[r] = f16_to_f32(d[t, b, r])
 
 
 def _blocks(qtype, kind, nbytes):

@@ -24,9 +24,7 @@ from __future__ import annotations
 import platform
 
 from llvmlite import ir
-from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
 
 PORTABLE = ("generic", 16)
 
@@ -149,14 +147,6 @@ class _MultiplyAdd:
         return acc
 
 
-def block_args(context, builder, sig, args):
-    """The operands of a block-sums intrinsic f(qs, t, b, xq, i0, isum) in its codegen: (qs, xq, isum) as
-    numba array structs, (t, b, i0) as int64."""
-    qs, xq, isum = (context.make_array(sig.args[k])(context, builder, args[k]) for k in (0, 3, 5))
-    t, b, i0 = (context.cast(builder, args[k], sig.args[k], types.int64) for k in (1, 2, 4))
-    return qs, xq, isum, t, b, i0
-
-
 def broadcast_quads(builder, ma, xq, i0, b, ni, offsets):
     """xs[i][k]: the 4 activations at `offsets[k]` of block b of row i0 + i of xq (i < ni), broadcast by
     `ma` (a _MultiplyAdd) to the operand every weight row's quad multiplies."""
@@ -184,71 +174,3 @@ def weight_operands(builder, ma, qbase, offset, signed):
     if signed:
         return (w,)
     return builder.and_(w, ma.splat(ma.vi8, 15)), builder.lshr(w, ma.splat(ma.vi8, 4))
-
-
-def isums_intrinsic(ni, kind, nbytes, signed=False):
-    """An intrinsic isums(qs, t, b, xq, i0, isum): isum[i, r] = sum_j w(r, j) * xq[i0 + i, 32 b + j] for
-    the `ni` rows i and the 64 rows r of tile t, block b, on `nbytes`-byte vectors of one `kind` (see
-    simd_isa). Weights w: Q4 nibbles in the quad layout above, or (`signed`) Q80 int8 in quads
-    qs[t, b, q, r, c] = value 4q + c, q = 0..7. isum is C-contiguous with rows of 64."""
-    i32, i64 = ir.IntType(32), ir.IntType(64)
-    nquads = 8 if signed else 4
-
-    def c64(v):
-        return ir.Constant(i64, v)
-
-    def codegen(context, builder, sig, args):
-        qs, xq, isum, t, b, i0 = block_args(context, builder, sig, args)
-        nb = cgutils.unpack_tuple(builder, qs.shape)[1]
-        qbase = builder.gep(qs.data, [builder.mul(builder.add(builder.mul(t, nb), b), c64(nquads * 256))])
-        ma = _MultiplyAdd(builder, kind, nbytes, signed)
-        offsets = [4 * q for q in range(8)] if signed else [off for q in range(4) for off in (4 * q, 16 + 4 * q)]
-        xs = broadcast_quads(builder, ma, xq, i0, b, ni, offsets)
-        out = builder.bitcast(isum.data, i32.as_pointer())
-        # Several vectors of rows at once, each weight vector unpacked once and multiplied into every
-        # activation row: as many accumulators as the registers hold beside one quad's broadcast activations
-        # (2 x ni) and the weights. Per vector of rows alone, the ni x 8 broadcasts outlive the registers
-        # of a 4-row batch and spill, once per vector of rows.
-        groups = 64 // ma.lanes
-        span = max(1, (_registers(nbytes) - 2 * ni - 4) // ni)
-        span = min(groups, 1 << (span.bit_length() - 1))
-        for g0 in range(0, groups, span):
-            acc = [[ma.zero() for _ in range(ni)] for _ in range(span)]
-            for q in range(nquads):
-                for g in range(span):
-                    operands = weight_operands(builder, ma, qbase, q * 256 + (g0 + g) * nbytes, signed)
-                    for h, wk in enumerate(operands):
-                        for i in range(ni):
-                            acc[g][i] = ma.madd(acc[g][i], wk, xs[i][len(operands) * q + h])
-            for g in range(span):
-                for i in range(ni):
-                    ptr = builder.gep(out, [c64(i * 64 + (g0 + g) * ma.lanes)])
-                    builder.store(ma.isum(acc[g][i]), builder.bitcast(ptr, ma.vi32.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    @intrinsic
-    def isums(typingctx, qs, t, b, xq, i0, isum):
-        return types.none(qs, t, b, xq, i0, isum), codegen
-
-    return isums
-
-
-@intrinsic
-def halves_to_f32(typingctx, src, t, b, dst):
-    """dst[:64] = src[t, b, :64] converted from IEEE half bits (uint16) to float32: one `vcvtph2ps` per 8
-    values on x86 (F16C), `fcvtl` on ARM. For targets with these conversions only (see kernels' use)."""
-    i16, i64 = ir.IntType(16), ir.IntType(64)
-
-    def codegen(context, builder, sig, args):
-        s_arr = context.make_array(sig.args[0])(context, builder, args[0])
-        d_arr = context.make_array(sig.args[3])(context, builder, args[3])
-        tt, bb = (context.cast(builder, args[k], sig.args[k], types.int64) for k in (1, 2))
-        nb = cgutils.unpack_tuple(builder, s_arr.shape)[1]
-        off = builder.mul(builder.add(builder.mul(tt, nb), bb), ir.Constant(i64, 64))
-        src_ptr = builder.bitcast(builder.gep(s_arr.data, [off]), ir.VectorType(i16, 64).as_pointer())
-        halves = builder.bitcast(builder.load(src_ptr, align=2), ir.VectorType(ir.HalfType(), 64))
-        floats = builder.fpext(halves, ir.VectorType(ir.FloatType(), 64))
-        builder.store(floats, builder.bitcast(d_arr.data, floats.type.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return types.none(src, t, b, dst), codegen
