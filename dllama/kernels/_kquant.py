@@ -171,23 +171,26 @@ def _block_sums(builder, ma, qs, xq, t, b, nb, i0, ni, g0, run, bits):
 
     sums = [[[None] * nsums for _ in range(ni)] for _ in range(run)]
     part = [[[ma.zero()] * nsums for _ in range(ni)] for _ in range(run)]
-    count = 0
-    for q in range(4):
-        # this quad's activations only, so that they die before the next quad's
-        xs_q = broadcast_quads(builder, ma, xq, i0, b, ni, [4 * q, 16 + 4 * q])
-        for g in range(run):
-            nib, plane = load(q, g), [load(4 + k, g) for k in range(width)]
-            for h in range(2):
-                w = operand(nib, plane, h, q)
-                for i in range(ni):
-                    part[g][i][h % nsums] = ma.madd(part[g][i][h % nsums], w, xs_q[i][h])
-        count += 2 // nsums
-        if count == chain or q == 3:
-            for g, i, s in itertools.product(range(run), range(ni), range(nsums)):
-                wide, prev = ma.isum(part[g][i][s]), sums[g][i][s]
-                sums[g][i][s] = wide if prev is None else builder.add(prev, wide)
-                part[g][i][s] = ma.zero()
-            count = 0
+    # Q6_K one half after the other: its sums for both halves, their partial sums and both halves' activations
+    # would outlive the registers of a 4-row batch
+    for halves in ([0], [1]) if nsums == 2 else ([0, 1],):
+        count = 0
+        for q in range(4):
+            # this quad's activations only, so that they die before the next quad's
+            xs_q = broadcast_quads(builder, ma, xq, i0, b, ni, [16 * h + 4 * q for h in halves])
+            for g in range(run):
+                nib, plane = load(q, g), [load(4 + k, g) for k in range(width)]
+                for k, h in enumerate(halves):
+                    w = operand(nib, plane, h, q)
+                    for i in range(ni):
+                        part[g][i][h % nsums] = ma.madd(part[g][i][h % nsums], w, xs_q[i][k])
+            count += len(halves)
+            if count == chain or q == 3:
+                for g, i, s in itertools.product(range(run), range(ni), {h % nsums for h in halves}):
+                    wide, prev = ma.isum(part[g][i][s]), sums[g][i][s]
+                    sums[g][i][s] = wide if prev is None else builder.add(prev, wide)
+                    part[g][i][s] = ma.zero()
+                count = 0
     return sums
 
 
