@@ -24,8 +24,8 @@ offset 32 leaves the inner loop as -32 x each half's activation sum (exact integ
 
 Each is multiplied by one intrinsic per tile for 1 to 4 activation rows (`_tile_intrinsic`, on the
 machinery of dllama.kernels._tiles): integer sums, each block's scales formed in registers from the
-super-block's halves and 6-bit ints, conversion and accumulation, bit for bit what a numba loop over the
-per-block sums gives (see `_scale_add`).
+super-block's halves and 6-bit ints, conversion and accumulation. The float arithmetic has one fixed
+order (see `_scale_add`), so every flavour gives the same bits.
 
 Every other read-only type (Q2_K, Q3_K, Q5_0, Q5_1, BF16) is dequantized at load and re-quantized to Q80, a
 row chunk at a time: correct, at Q80's speed and 8.5 bits per weight, one more rounding of each weight (at
@@ -51,7 +51,7 @@ from dllama.kernels.quant import quantize_act
 from dllama.kquants import k4_scales, q5k_values, q6k_values
 
 _CHUNK_VALUES = 1 << 20   # values re-quantized per pass at load: bounds the float32 temporary (4 MB)
-_NO_IST = np.zeros((1, 0, 64), np.int32)   # the block kernels' signature; the tiles keep their sums in registers
+_NO_IST = np.zeros((1, 0, 64), np.int32)   # the kernels' `ist`: unused, the tiles keep their sums in registers
 
 
 def _mm_kquant(qs, d, m, x, xq, xd, xs, out, fs, ist):
