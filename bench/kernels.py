@@ -25,6 +25,16 @@ import numpy as np
 SHAPES = ((2048, 8192), (8192, 2048))
 ROTATE_BYTES = 64 << 20
 BYTES_PER_32 = {"q40": 18, "q41": 20, "q80": 34, "f16": 64, "f32": 128}
+# K-quants (super-blocks of 256 values): their bytes each, and where their f16 scales sit
+K_BLOCKS = {"q4k": (144, (0, 2)), "q6k": (210, (208,))}
+QTYPES = ("q40", "q41", "q80", "q4k", "q6k", "f16", "f32")
+
+
+def ggml_bytes(qtype, rows, cols):
+    """Bytes of a matrix as ggml stores it (what the file holds)."""
+    if qtype in K_BLOCKS:
+        return rows * cols // 256 * K_BLOCKS[qtype][0]
+    return rows * cols // 32 * BYTES_PER_32[qtype]
 
 
 def random_raw(qtype, rows, cols, rng):
@@ -33,6 +43,12 @@ def random_raw(qtype, rows, cols, rng):
         return (rng.standard_normal((rows, cols), np.float32) * 0.02).view(np.uint8).reshape(-1)
     if qtype == "f16":
         return (rng.standard_normal((rows, cols), np.float32) * 0.02).astype(np.float16).view(np.uint8).reshape(-1)
+    if qtype in K_BLOCKS:
+        size, halves = K_BLOCKS[qtype]
+        raw = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
+        for off in halves:
+            raw[:, :, off:off + 2] = np.full((rows, cols // 256), 0.01, np.float16).view(np.uint8).reshape(rows, -1, 2)
+        return raw.reshape(-1)
     nb = BYTES_PER_32[qtype]
     raw = rng.integers(0, 256, (rows, cols // 32, nb), dtype=np.uint8)
     scale = np.full((rows, cols // 32), 0.01, np.float16).view(np.uint8).reshape(rows, cols // 32, 2)
@@ -64,8 +80,8 @@ def child(threads, repeat, batch):
         x = rng.standard_normal((n, cols), np.float32)
         out = np.empty((n, rows), np.float32)
         q40_bytes = rows * cols // 32 * 18
-        for qtype in ("q40", "q41", "q80", "f16", "f32"):
-            nbytes = rows * cols // 32 * BYTES_PER_32[qtype]
+        for qtype in QTYPES:
+            nbytes = ggml_bytes(qtype, rows, cols)
             ncopies = max(2, -(-ROTATE_BYTES // nbytes) + 1)
             raw = random_raw(qtype, rows, cols, rng)
             copies = [K.pack(qtype, raw.copy(), rows, cols) for _ in range(ncopies)]
