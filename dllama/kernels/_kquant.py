@@ -133,13 +133,14 @@ def _tile_intrinsic(ni, kind, nbytes, bits, by_bits=False):
 
 
 def _run(ni, nbytes, bits, kind):
-    """Row vectors per run (see _tiles._run): an integer accumulator per vector, activation row and sum (Q6_K:
-    two, one per half), two where AVX2's 16-bit sums widen on the way (Q5_K, Q6_K), and a float one, beside
-    the weight vector and its planes, a quad's activations and the scales, as a power of two."""
+    """Row vectors per run (see _tiles._run): per vector and activation row an integer accumulator per sum
+    (Q6_K: two, one per half), one more where AVX2's 16-bit sums widen on the way (Q5_K, Q6_K: one half at a
+    time) and a float one, beside the weight vector and its planes, a quad's activations and the scales, as
+    a power of two."""
     nsums = 2 if bits == 6 else 1
-    widen = 2 if kind == "avx2" and bits > 4 else 1
+    widen = 1 if kind == "avx2" and bits > 4 else 0
     spare = _registers(nbytes) - 6 - (bits - 4)
-    run = max(1, spare // (ni * (nsums * widen + 1)))
+    run = max(1, spare // (ni * (nsums + widen + 1)))
     return 1 << (run.bit_length() - 1)
 
 
