@@ -16,6 +16,11 @@ The float arithmetic is the numba code's it replaces, operation for operation an
 fused multiply-add: LLVM contracts nothing without fast-math flags), so every flavour gives the same bits:
     q40, q80   acc_r += d_r (dx isum_r + c),  c = offset x xs   (offset -8 for q40; q80 has none)
     q41        acc_r += d_r dx isum_r + m_r xs
+
+The weights are prefetched PREFETCH bytes ahead of the block being summed (the tiles lie one after another,
+so past a tile's end that is the next tile's start): with the hardware prefetchers alone a 4-row matmul
+streamed from memory ran 35% slower than in cache, the arithmetic waiting on the reads; the prefetches
+took 6-16% off it, and 2-11% off a 1-row one (AVX2 and AVX-512 alike).
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from dllama.kernels._simd import _MultiplyAdd, _registers, broadcast_quads, weight_operands
+
+# bytes of packed weights prefetched ahead: 2 Q4 blocks of a tile, 1 Q80 one (of 1 to 8 KB, 2 KB did best)
+PREFETCH = 2048
 
 
 def _halves(builder, ptr, lanes, bits):
@@ -85,6 +93,7 @@ def tile_intrinsic(ni, kind, nbytes, signed=False, q41=False, offset=-8.0, bits=
             builder.store(ir.Constant(fty, [0.0] * lanes), builder.gep(out, [c64(k)]), align=4)
         with cgutils.for_range(builder, nb) as loop:
             tb = builder.add(tile0, loop.index)
+            _prefetch(builder, qs, d, m if q41 else None, tb, nquads)
             scales = _scales(builder, xd, xs, loop.index, i0, ni, xcols, lanes, c_off)
             for g0 in range(0, groups, run):
                 accs = [[builder.gep(out, [c64(i * groups + g0 + g)]) for i in range(ni)] for g in range(run)]
@@ -134,6 +143,22 @@ def _block(builder, ma, b, g0, run, nquads, signed, q41, bits, accs, arrays, sca
                     inner = builder.fadd(inner, c)
                 term = builder.fmul(dw, inner)
             builder.store(builder.fadd(builder.load(accs[g][i], align=4), term), accs[g][i], align=4)
+
+
+def _prefetch(builder, qs, d, m, tb, nquads):
+    """Prefetch the packed weights PREFETCH bytes past block tb's (tb: the block's index over all tiles), and
+    its scales (d, and m unless None) as many blocks ahead. A prefetch past the arrays' end does not fault."""
+    i8p, i32, i64 = ir.IntType(8).as_pointer(), ir.IntType(32), ir.IntType(64)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                        "llvm.prefetch.p0i8")
+    ahead = max(1, PREFETCH // (nquads * 256))
+    nxt = builder.add(tb, ir.Constant(i64, ahead))
+    lines = [(qs, nquads * 256, off) for off in range(0, nquads * 256, 64)]
+    lines += [(arr, 128, off) for arr in (d, m) if arr is not None for off in (0, 64)]
+    for arr, size, off in lines:
+        base = builder.bitcast(arr.data, i8p)
+        at = builder.add(builder.mul(nxt, ir.Constant(i64, size)), ir.Constant(i64, off))
+        builder.call(fn, [builder.gep(base, [at]), i32(0), i32(3), i32(1)])   # read, keep in all levels, data
 
 
 def _scales(builder, xd, xs, b, i0, ni, xcols, lanes, c_off):
