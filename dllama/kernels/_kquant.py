@@ -46,7 +46,7 @@ from numba.extending import intrinsic
 from dllama import quants
 from dllama.kernels import _matmul as mm
 from dllama.kernels._simd import _MultiplyAdd, _registers, broadcast_quads
-from dllama.kernels._tiles import _halves, _splat
+from dllama.kernels._tiles import _halves, _prefetch, _splat
 from dllama.kernels.quant import quantize_act
 from dllama.kquants import k4_scales, q5k_values, q6k_values
 
@@ -116,6 +116,9 @@ def _tile_intrinsic(ni, kind, nbytes, bits, by_bits=False):
             builder.store(ir.Constant(fty, [0.0] * ma.lanes), builder.gep(out, [c64(k)]), align=4)
         with cgutils.for_range(builder, nb) as loop:
             b = loop.index
+            # quants and per-block ints ahead as _tiles does, and the super-block's halves (shared by 8 blocks)
+            _prefetch(builder, builder.add(builder.mul(t, nb), b), bits * 256,
+                      [(qs, bits * 256, 1), (m, 128, 1), (d, 128 if bits == 6 else 256, 8)])
             scales = _act_scales(builder, xd, xs, b, i0, ni, ma.lanes, 2 if bits == 6 else 1)
             for g0 in range(0, groups, run):
                 accs = [[builder.gep(out, [c64(i * groups + g0 + g)]) for i in range(ni)] for g in range(run)]

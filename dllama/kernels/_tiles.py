@@ -93,7 +93,7 @@ def tile_intrinsic(ni, kind, nbytes, signed=False, q41=False, offset=-8.0, bits=
             builder.store(ir.Constant(fty, [0.0] * lanes), builder.gep(out, [c64(k)]), align=4)
         with cgutils.for_range(builder, nb) as loop:
             tb = builder.add(tile0, loop.index)
-            _prefetch(builder, qs, d, m if q41 else None, tb, nquads)
+            _prefetch(builder, tb, nquads * 256, [(qs, nquads * 256, 1), (d, 128, 1)] + [(m, 128, 1)] * q41)
             scales = _scales(builder, xd, xs, loop.index, i0, ni, xcols, lanes, c_off)
             for g0 in range(0, groups, run):
                 accs = [[builder.gep(out, [c64(i * groups + g0 + g)]) for i in range(ni)] for g in range(run)]
@@ -145,20 +145,20 @@ def _block(builder, ma, b, g0, run, nquads, signed, q41, bits, accs, arrays, sca
             builder.store(builder.fadd(builder.load(accs[g][i], align=4), term), accs[g][i], align=4)
 
 
-def _prefetch(builder, qs, d, m, tb, nquads):
-    """Prefetch the packed weights PREFETCH bytes past block tb's (tb: the block's index over all tiles), and
-    its scales (d, and m unless None) as many blocks ahead. A prefetch past the arrays' end does not fault."""
+def _prefetch(builder, tb, qbytes, arrays):
+    """Prefetch block tb + k's lines (tb: the block's index over all tiles), k the blocks PREFETCH bytes of
+    quants (`qbytes` per block) span: of each (array, bytes, blocks) in `arrays`, the `bytes` that `blocks`
+    consecutive blocks share (1: the block's own; 8: a K-quant super-block's scales). A prefetch past the
+    arrays' end does not fault."""
     i8p, i32, i64 = ir.IntType(8).as_pointer(), ir.IntType(32), ir.IntType(64)
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
                                         "llvm.prefetch.p0i8")
-    ahead = max(1, PREFETCH // (nquads * 256))
-    nxt = builder.add(tb, ir.Constant(i64, ahead))
-    lines = [(qs, nquads * 256, off) for off in range(0, nquads * 256, 64)]
-    lines += [(arr, 128, off) for arr in (d, m) if arr is not None for off in (0, 64)]
-    for arr, size, off in lines:
-        base = builder.bitcast(arr.data, i8p)
-        at = builder.add(builder.mul(nxt, ir.Constant(i64, size)), ir.Constant(i64, off))
-        builder.call(fn, [builder.gep(base, [at]), i32(0), i32(3), i32(1)])   # read, keep in all levels, data
+    nxt = builder.add(tb, ir.Constant(i64, max(1, PREFETCH // qbytes)))
+    for arr, size, blocks in arrays:
+        unit = builder.udiv(nxt, ir.Constant(i64, blocks)) if blocks > 1 else nxt
+        base = builder.gep(builder.bitcast(arr.data, i8p), [builder.mul(unit, ir.Constant(i64, size))])
+        for off in range(0, size, 64):   # read, keep in all cache levels, data
+            builder.call(fn, [builder.gep(base, [ir.Constant(i64, off)]), i32(0), i32(3), i32(1)])
 
 
 def _scales(builder, xd, xs, b, i0, ni, xcols, lanes, c_off):

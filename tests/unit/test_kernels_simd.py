@@ -152,6 +152,18 @@ def test_block_kernels_on_cortex_a76_are_sdot_without_scalar_fallback(aarch64, k
     assert vec_fp >= 4 * scalar_fp
 
 
+@pytest.mark.parametrize("kernel,lines", [("q4", 16 + 2), ("q4k", 16 + 2 + 4), ("q6k", 24 + 2 + 2)])
+@pytest.mark.parametrize("target", [("aarch64-unknown-linux-gnu", "cortex-a76", "+neon,+dotprod", r"prfm\s+pldl1keep"),
+                                    ("x86_64-unknown-linux-gnu", "znver3", "", r"prefetcht0\s")],
+                         ids=["cortex-a76", "znver3"])
+def test_block_kernels_prefetch_every_line_of_a_block_ahead(aarch64, target, kernel, lines):
+    # One thread streams a matrix at read-then-compute speed unless it asks for the lines ahead (see _tiles):
+    # each block's quants, its scales' lines, in each of the 4 activation-row counts' tiles
+    triple, cpu, features, pattern = target
+    asm, symbol = aarch64.target_asm(kernel, triple, cpu, features)
+    assert len(re.findall(pattern, aarch64.function_body(asm, symbol))) >= lines * 4
+
+
 def test_swiglu_on_cortex_a76_is_vectorised(aarch64):
     X = aarch64
     asm, symbol = X.target_asm("swiglu", "aarch64-unknown-linux-gnu", "cortex-a76", "+neon,+dotprod")
