@@ -31,7 +31,7 @@ def _kernel_ir(name, kind, nbytes):
         x, out = np.ones((1, 64), f32), np.empty((1, 64), f32)
         fn = mm._bound(mm._mm_blocks, "_cross", get_thread_id=mm._thread_zero,
                        _tile=mm._tile_fn(kind, nbytes, False, False))
-        args = (W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out, W.fs, W.ist)
+        args = (W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out, W.fs)
     elif name in ("q4k", "q5k", "q6k"):
         from dllama import quants
         from dllama.kernels import _kquant as kq
@@ -40,7 +40,7 @@ def _kernel_ir(name, kind, nbytes):
         x, out = np.ones((1, 256), f32), np.empty((1, 64), f32)
         body, bind = kq.bindings(name, kind, nbytes, False)
         fn = mm._bound(body, "_cross", get_thread_id=mm._thread_zero, **bind)
-        args = (W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out, W.fs, W.ist)
+        args = (W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out, W.fs)
     elif name == "attention":
         q, cache = np.ones((1, 64), f32), np.ones((4, 64), f32)
         fn = at._attention

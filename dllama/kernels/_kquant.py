@@ -51,13 +51,12 @@ from dllama.kernels.quant import quantize_act
 from dllama.kquants import k4_scales, q5k_values, q6k_values
 
 _CHUNK_VALUES = 1 << 20   # values re-quantized per pass at load: bounds the float32 temporary (4 MB)
-_NO_IST = np.zeros((1, 0, 64), np.int32)   # the kernels' `ist`: unused, the tiles keep their sums in registers
 
 
-def _mm_kquant(qs, d, m, x, xq, xd, xs, out, fs, ist):
+def _mm_kquant(qs, d, m, x, xq, xd, xs, out, fs):
     # W q4k, q5k or q6k (rows, cols) @ x (n, cols) -> out (n, rows); _offsets and _tile (one tile for up to 4
     # activation rows, see _tile_intrinsic) are bound per type and flavour. fs (threads, 4, 64) f32: each
-    # thread's tile results; ist unused
+    # thread's tile results
     quantize_act(x, xq, xd, xs)
     n = x.shape[0]
     _offsets(xq, xs, n)
@@ -288,7 +287,7 @@ def _packed(cls, qtype, rows, cols):
     W.kernels = KERNELS[qtype]
     W._grow(1)
     threads = numba.config.NUMBA_NUM_THREADS
-    W.fs, W.ist = np.empty((threads, 4, mm.TILE), np.float32), _NO_IST
+    W.fs = np.empty((threads, 4, mm.TILE), np.float32)
     return W
 
 

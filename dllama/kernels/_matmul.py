@@ -46,11 +46,11 @@ BLOCK_BYTES = quants.BLOCK_BYTES
 # --- the kernels: one body each, compiled serial and parallel --------------------------------
 
 
-def _mm_blocks(qs, d, m, x, xq, xd, xs, out, fs, ist):
+def _mm_blocks(qs, d, m, x, xq, xd, xs, out, fs):
     # W q40, q41 or q80 (rows, cols) @ x (n, cols) -> out (n, rows). A q41 matrix brings its m
     # (value = q * d + m); q40 and q80 an empty m (value = (q - 8) * d for q40, q * d for q80).
     # _tile (one tile for up to 4 activation rows, see _tiles) is bound per weight type and CPU flavour.
-    # fs (threads, >= 4, 64) f32: each thread's tile results, allocated with the matrix; ist unused here.
+    # fs (threads, >= 4, 64) f32: each thread's tile results, allocated with the matrix.
     quantize_act(x, xq, xd, xs)
     ntiles = qs.shape[0]
     T = 64
@@ -229,7 +229,7 @@ class Packed:
     rows, cols, qtype; nbytes = bytes of packed weights (equal to the ggml bytes plus tile padding).
     """
 
-    __slots__ = ("qtype", "rows", "cols", "nbytes", "qs", "d", "m", "w", "kernels", "xq", "xd", "xs", "fs", "ist")
+    __slots__ = ("qtype", "rows", "cols", "nbytes", "qs", "d", "m", "w", "kernels", "xq", "xd", "xs", "fs")
 
     def __init__(self, qtype, rows, cols):
         self.qtype, self.rows, self.cols = qtype, rows, cols
@@ -241,7 +241,6 @@ class Packed:
         # each thread's tile accumulators (Q4 kernels): prepared here, not per tile per call
         threads = numba.config.NUMBA_NUM_THREADS
         self.fs = np.empty((threads, 6, TILE), np.float32) if qtype in BLOCK_BYTES else None
-        self.ist = np.empty((threads, 4, TILE), np.int32) if qtype in BLOCK_BYTES else None
 
     def _grow(self, n):
         # Scratch for the Q80 activations, sized for the largest batch seen: no allocation per call.
@@ -326,7 +325,7 @@ def matmul(W, x, out, act="q80"):
         if act == "q80":
             if n > W.xq.shape[0]:
                 W._grow(n)
-            W.kernels[n > 1][par](W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out, W.fs, W.ist)
+            W.kernels[n > 1][par](W.qs, W.d, W.m, x, W.xq, W.xd, W.xs, out, W.fs)
         elif act == "f32" and W.qtype == "q40":
             _KERNELS["q40_f32"][par](W.qs, W.d, x, out)
         else:
