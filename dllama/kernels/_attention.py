@@ -20,7 +20,6 @@ import numpy as np
 from numba import njit, prange
 
 from dllama.kernels import _threads
-from dllama.kernels._matmul import _bound
 from dllama.kernels.ops import expf, zero_bases
 
 
@@ -102,15 +101,19 @@ def _attention(q, k_cache, v_cache, positions, bases, n_heads, group, first, hea
 
 
 # reassoc lets the q.k dot product use vector lanes (a float sum is otherwise strictly ordered);
-# tests hold the result to 1e-5 of float64.
+# tests hold the result to 1e-5 of float64. One compiled variant, the parallel one, at every thread count:
+# reassociated sums are free to take another order in each compilation, and a serial twin did (Sapphire
+# Rapids AVX-512 build: last bits apart), which the 8-bit activations of the next matmuls turned into a
+# 0.13 -> 0.45 mean logit change on SmolLM2 between --nthreads 1 and 2. Each head runs whole on one
+# thread, so the result is the same at any count; at one thread the parallel launch costs ~1.6 us a call.
 _FLAGS = dict(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-_VARIANTS = (njit(**_FLAGS)(_bound(_attention, "_serial")), njit(parallel=True, **_FLAGS)(_attention))
+_KERNEL = njit(parallel=True, **_FLAGS)(_attention)
 
 
 def attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out, bases=None, group=None,
               first=0, scale=0.0, softcap=0.0):
     """Attention of every query row over the cache (see the module docstring); heads in parallel
-    when set_threads(n > 1). `bases` None: every row's sequence starts at cache row 0. Raises ValueError
+    on set_threads' threads, the same result at any count. `bases` None: every row's sequence starts at cache row 0. Raises ValueError
     on shapes that do not fit."""
     if group is None:
         group = n_heads // n_kv_heads if n_heads % n_kv_heads == 0 else 0
@@ -122,5 +125,6 @@ def attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att
         raise ValueError(f"attention: att {att.shape} or out {out.shape} too small")
     if bases is None:
         bases = zero_bases(q.shape[0])
-    _VARIANTS[_threads.use_parallel()](q, k_cache, v_cache, positions, bases, n_heads, group, first, head_dim, att,
-                                       out, float(scale), float(softcap))
+    _threads.apply()
+    _KERNEL(q, k_cache, v_cache, positions, bases, n_heads, group, first, head_dim, att, out, float(scale),
+            float(softcap))

@@ -23,6 +23,14 @@ def use_parallel():
     return PARALLEL
 
 
+def apply():
+    """Give the calling thread the count set_threads chose, whatever it is (for a kernel whose parallel
+    variant runs at every count, see _attention): numba keeps one per thread, NUMBA_NUM_THREADS by default."""
+    if getattr(_applied, "n", 0) != N:
+        numba.set_num_threads(N)
+        _applied.n = N
+
+
 def set_threads(n):
     """Use `n` threads in every parallel kernel (1 = the serial variants, no thread wake-ups).
 

@@ -96,7 +96,7 @@ def test_json_schema_replies_validate(client):
 
 
 def test_json_object_replies_parse(client):
-    for prompt in ("Describe a house in JSON.", "Tell me about the moon."):
+    for prompt in ("Describe a house in JSON with its color and number of rooms.", "Tell me about the moon."):
         choice = _ask(client, prompt, {"type": "json_object"}).choices[0]
         assert choice.finish_reason == "stop", choice.message.content
         assert isinstance(json.loads(choice.message.content), dict)
