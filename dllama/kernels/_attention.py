@@ -112,9 +112,9 @@ _KERNEL = njit(parallel=True, **_FLAGS)(_attention)
 
 def attention(q, k_cache, v_cache, positions, n_heads, n_kv_heads, head_dim, att, out, bases=None, group=None,
               first=0, scale=0.0, softcap=0.0):
-    """Attention of every query row over the cache (see the module docstring); heads in parallel
-    on set_threads' threads, the same result at any count. `bases` None: every row's sequence starts at cache row 0. Raises ValueError
-    on shapes that do not fit."""
+    """Attention of every query row over the cache (see the module docstring); heads in parallel on
+    set_threads' threads, the same result at any count. `bases` None: every row's sequence starts at cache
+    row 0. Raises ValueError on shapes that do not fit."""
     if group is None:
         group = n_heads // n_kv_heads if n_heads % n_kv_heads == 0 else 0
     if (group < 1 or not 0 <= first < group or n_kv_heads != -(-(first + n_heads) // group)

@@ -17,9 +17,8 @@ _applied = threading.local()
 def use_parallel():
     """True when the parallel variant should run; also applies the thread count to the calling
     thread, because numba keeps it per thread (an engine may run in a server's worker thread)."""
-    if PARALLEL and getattr(_applied, "n", 0) != N:
-        numba.set_num_threads(N)
-        _applied.n = N
+    if PARALLEL:
+        apply()
     return PARALLEL
 
 
@@ -32,7 +31,8 @@ def apply():
 
 
 def set_threads(n):
-    """Use `n` threads in every parallel kernel (1 = the serial variants, no thread wake-ups).
+    """Use `n` threads in every parallel kernel (1 = the serial variants, no thread wake-ups; attention
+    runs its one parallel variant on one thread).
 
     Raises DllamaError when n is below 1 or above what numba was started with (NUMBA_NUM_THREADS).
     """
