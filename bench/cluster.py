@@ -19,7 +19,7 @@ adds 2 nodes whose root and worker (one of its own) run with those variables set
 
 "Exchanges alone": a root and workers that compute nothing run a token's exchanges (2 per layer and the
 output layer's), so the time is the wire's and the Python around it; the per-exchange overhead is that
-time over the round trips. Through the shaped link, bench/cost_model.py's prediction is printed beside
+time over the exchanges. Through the shaped link, bench/cost_model.py's prediction is printed beside
 what was measured.
 """
 
@@ -124,9 +124,10 @@ cpu = None
 while coll.step() is not None:
     if cpu is None:   # from the first token on: imports and compilation are not the exchange's
         cpu = sum(os.times()[:2])
+    coll.broadcast(x)
     for _ in range(2 * n_layers):
-        coll.broadcast(x); coll.reduce_sum(x)
-    coll.broadcast(x); coll.gather(part, None)
+        coll.all_reduce(x)
+    coll.gather(part, None)
 print(sum(os.times()[:2]) - cpu, flush=True)
 """
 
@@ -136,8 +137,8 @@ def exchange_only(ftype: str, n_nodes=2, dim=2048, n_layers=16, vocab=49152, tok
     """The wire's share alone: a token's exchanges (2 per layer, then the output layer's, greedy as the
     engine at temperature 0: each worker's best token) between a root and n_nodes - 1 processes that
     compute nothing. Returns ms per token (median, 10th percentile), the per-exchange overhead that
-    implies (the median over 2 * n_layers + 1 round trips), CPU us per exchange summed over all processes
-    (what a loaded machine cannot hide), and the root's bytes per token."""
+    implies (the median over 2 * n_layers + 1 exchanges: the all-reduces and the last answer), CPU us per
+    exchange summed over all processes (what a loaded machine cannot hide), and the root's bytes per token."""
     import numpy as np
 
     from dllama.model.collective import LOGITS_TOP
@@ -170,10 +171,9 @@ def exchange_only(ftype: str, n_nodes=2, dim=2048, n_layers=16, vocab=49152, tok
         t0 = time.perf_counter()
         positions[0] = i
         root.step(1, positions, greedy)
-        for _ in range(2 * n_layers):
-            root.broadcast(x)
-            root.reduce_sum(y)
         root.broadcast(x)
+        for _ in range(2 * n_layers):
+            root.all_reduce(y)
         root.gather(part, logits).greedy()
         times.append(time.perf_counter() - t0)
     cpu = time.process_time() - cpu

@@ -58,10 +58,11 @@ class Collective:
         """Root: tell every worker to drop `slot`'s positions from `keep` on (see KVCache.release)."""
 
     def broadcast(self, x: np.ndarray) -> None:
-        """Root: send x (n, dim) to every worker. Worker: receive the root's x into x."""
+        """Root: send x (n, dim) to every worker, and keep in x what they receive (its Q80 round trip, say).
+        Worker: receive the root's x into x. Once a pass, before the first layer."""
 
-    def reduce_sum(self, y: np.ndarray) -> None:
-        """Worker: send its partial y (n, dim). Root: add every worker's partial into y."""
+    def all_reduce(self, y: np.ndarray) -> None:
+        """Every node: replace its partial y (n, dim) by the sum of every node's, the same bits on all."""
 
     def gather(self, part: np.ndarray, out: np.ndarray):
         """Root: fill out (n, vocab) with every node's slice of columns (`part` is the root's own) and return

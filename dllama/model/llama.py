@@ -167,25 +167,25 @@ class NodeModel:
             self.embed(tokens, x)
             if s.embedding_scale:
                 x *= np.float32(s.embedding_scale)
+        # the only broadcast of a pass: from here every node holds the same residual stream, and each sync
+        # point is one all-reduce of the partial sums, whose result every node adds itself
+        coll.broadcast(x)
         for li, layer in enumerate(self.layers):
-            coll.broadcast(x)
             K.rmsnorm(x, layer.attn_norm, s.norm_eps, xb)
             self._attention(layer, self.kv.k[li], self.kv.v[li], xb, positions, bases, y)
-            coll.reduce_sum(y)
+            coll.all_reduce(y)
             self._residual(x, y, layer.attn_post_norm)
-            coll.broadcast(x)
             K.rmsnorm(x, layer.ffn_norm, s.norm_eps, xb)
             if s.n_experts:
                 self._moe(layer, xb, y)
             else:
                 self._ffn(layer, xb, y)
-            coll.reduce_sum(y)
+            coll.all_reduce(y)
             self._residual(x, y, layer.ffn_post_norm)
         if not logits:
             return None
         m = out_rows
         last = x[n - m:n]
-        coll.broadcast(last)
         K.rmsnorm(last, self.norm, s.norm_eps, xb[:m])
         part = self.logits_part[:m]
         K.matmul(self.wcls, xb[:m], part)
@@ -200,10 +200,8 @@ class NodeModel:
         return self.logits[0] if m == 1 else self.logits[:m]
 
     def _residual(self, x: np.ndarray, y: np.ndarray, post_norm: np.ndarray | None) -> None:
-        """x += y on the root, y (the nodes' summed block output) RMS-normed first where the
-        architecture norms a block's output (Grok-1)."""
-        if not self.coll.is_root:
-            return
+        """x += y on every node (y: the nodes' summed block output, the same on all), RMS-normed first
+        where the architecture norms a block's output (Grok-1)."""
         if post_norm is not None:
             K.rmsnorm(y, post_norm, self.spec.norm_eps, y)
         x += y

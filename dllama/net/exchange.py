@@ -1,5 +1,11 @@
-"""The collectives over sockets, star topology: the root broadcasts x to every worker and sums their
-partial outputs (DESIGN.md, "Data flow of one token"). Buffers are allocated once, for max_batch rows.
+"""The collectives over sockets, star topology (DESIGN.md, "Data flow of one token"). The root broadcasts x
+to every worker once a pass; then every sync point is an all-reduce of the nodes' partial outputs, after
+which every node holds the same sum and adds it to its own copy of the residual stream:
+- two nodes swap their partials at once, each sending before it waits, and each adds both: one one-way trip
+  per sync point, where a gather and a broadcast back would cost a round trip plus the root's work between;
+- three or more send theirs to the root, which adds them in node order and sends the sum back.
+With Q80 buffers every node sums (or keeps) the partials as decoded from their Q80 bytes, its own included,
+so the nodes' residual streams stay bit for bit the same. Buffers are allocated once, for max_batch rows.
 
 Root and workers call the same methods in the same order (the forward pass is written once), so each
 BUFFER frame is checked against what the receiver expects: a mismatch is a protocol error, not garbage.
@@ -98,6 +104,11 @@ class _Exchange(Collective):
         if got != _HEAD.size + nbytes or head != self._expect:
             _unexpected(conn, bytes(head[:got]) + bytes(payload[:max(got - _HEAD.size, 0)]),
                         (op, ftype, n, cols), nbytes)
+
+    def _as_sent(self, y: np.ndarray) -> None:
+        """y becomes what its receivers decode from the frame just sent from it (a no-op for F32)."""
+        if self._codec is not None:
+            self._codec.decode(self._tx_payload, y)
 
     def _decode_into(self, raw: np.ndarray, out: np.ndarray, add: bool) -> None:
         n = out.shape[0]
@@ -233,16 +244,31 @@ class RootCollective(_Exchange):
         t0 = time.perf_counter()
         self._send(self.conns, P.OP_BROADCAST, x, self._pending_step)
         self._pending_step = None
+        self._as_sent(x)
         self.transfer_s += time.perf_counter() - t0
 
-    def reduce_sum(self, y: np.ndarray) -> None:
+    def all_reduce(self, y: np.ndarray) -> None:
         self._flush_step()
         t0 = time.perf_counter()
         n = y.shape[0]
         nbytes = self._nbytes(n)
-        self._collect(P.OP_REDUCE, self._ftype, n, self.dim, nbytes)
-        for rx in self._rx:   # in node order: the sum is the same whoever answered first
-            self._decode_into(rx, y, add=True)
+        if self.n_nodes == 2:
+            # sent before the wait: the worker has it when it finishes, whoever finished first. A sum of two
+            # floats does not depend on their order, so both nodes get the same bits.
+            try:
+                self._send(self.conns, P.OP_REDUCE, y)
+            except ConnectionLost:   # a worker that failed said why before it closed: that, not the pipe
+                self._collect(P.OP_REDUCE, self._ftype, n, self.dim, nbytes)
+                raise
+            self._as_sent(y)
+            self._collect(P.OP_REDUCE, self._ftype, n, self.dim, nbytes)
+            self._decode_into(self._rx[0], y, add=True)
+        else:
+            self._collect(P.OP_REDUCE, self._ftype, n, self.dim, nbytes)
+            for rx in self._rx:   # in node order: the sum is the same whoever answered first
+                self._decode_into(rx, y, add=True)
+            self._send(self.conns, P.OP_SUM, y)
+            self._as_sent(y)
         self.transfer_s += time.perf_counter() - t0
 
     def _collect(self, op: int, ftype: int, n: int, cols: int, nbytes: int, into=None) -> None:
@@ -586,9 +612,25 @@ class WorkerCollective(_Exchange):
         self.pacer.observe(time.perf_counter() - t0, n)
         self.transfer_s += time.perf_counter() - t0
 
-    def reduce_sum(self, y: np.ndarray) -> None:
+    def all_reduce(self, y: np.ndarray) -> None:
         t0 = time.perf_counter()
+        n = y.shape[0]
+        nbytes = self._nbytes(n)
         self._send(self._conns, P.OP_REDUCE, y)
+        self.conn.set_timeout(self.pacer.timeout(n))
+        t1 = time.perf_counter()
+        if self.n_nodes == 2:   # the root's partial, sent as ours was (RootCollective.all_reduce)
+            self._as_sent(y)
+            self._recv(self.conn, 0, P.OP_REDUCE, self._ftype, n, self.dim, self._rx_mv[0][:nbytes])
+            self.pacer.observe(time.perf_counter() - t1, n)
+            self._decode_into(self._rx[0], y, add=True)
+        elif self._codec is None and y.flags.c_contiguous and y.dtype == np.float32:
+            self._recv(self.conn, 0, P.OP_SUM, self._ftype, n, self.dim, memoryview(y).cast("B"))
+            self.pacer.observe(time.perf_counter() - t1, n)
+        else:
+            self._recv(self.conn, 0, P.OP_SUM, self._ftype, n, self.dim, self._rx_mv[0][:nbytes])
+            self.pacer.observe(time.perf_counter() - t1, n)
+            self._decode_into(self._rx[0], y, add=False)
         self.transfer_s += time.perf_counter() - t0
 
     def gather(self, part: np.ndarray, out=None) -> None:

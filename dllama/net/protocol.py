@@ -61,8 +61,10 @@ Calibration (for `--split auto`): a HELLO naming a qtype asks the worker to time
 thread count, on a matrix of that type with `cols` columns; HELLO_ACK speed is the weight values it
 multiplied per second (0: not asked), free memory the bytes it may still allocate (0: unknown).
 
-qtype codes: 0 f32, 1 f16, 2 q40, 3 q41, 4 q80. BUFFER op: 1 broadcast (root -> workers), 2 reduce
-(worker -> root, partial sums), 3 gather (worker -> root, its slice of the logits), 4 top (worker -> root,
+qtype codes: 0 f32, 1 f16, 2 q40, 3 q41, 4 q80. BUFFER op: 1 broadcast (root -> workers: x, once a pass,
+with its STEP), 2 reduce (worker -> root, its partial sums; with two nodes also root -> worker, and each adds
+the two), 7 sum (root -> workers, three nodes or more: every node's partial sums added in node order),
+3 gather (worker -> root, its slice of the logits), 4 top (worker -> root,
 its top candidates: n = how many, cols = its vocabulary slice's size; payload "<dd" m, s, then n x u32
 token ids, then n x f32 logits, best first), 5 full (root -> worker, n = cols = 0, no payload: send the
 slice of the last logits, as a gather, after a top), 6 rows (worker -> root, the answer to a STEP of logits 3: n =
@@ -83,8 +85,8 @@ RELEASE: the worker forgets slot `slot`'s positions from `keep` on and gives the
 
 TIMES: sent in the same write as, and just before, every gather and top BUFFER: the worker's own clock since
 it was loaded, in nanoseconds: compute is its time inside forward passes (from their STEP until it waits for
-the next, or up to this gather for the current one) outside the exchanges, network its time in them (waiting for and receiving broadcasts, sending
-partial sums and logits). Cumulative, so the root takes differences and a pass without logits is counted
+the next, or up to this gather for the current one) outside the exchanges, network its time in them (waiting for and receiving the broadcast and the
+other nodes' sums, sending partial sums and logits). Cumulative, so the root takes differences and a pass without logits is counted
 with the next report.
 """
 
@@ -99,7 +101,7 @@ import numpy as np
 from dllama import quants
 from dllama.errors import DllamaError
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 MAGIC = b"DLMA"
 HEADER = struct.Struct("<BBHI")
 MAX_META = 0xFFFF
@@ -113,7 +115,7 @@ TYPE_NAMES = {1: "HELLO", 2: "HELLO_ACK", 3: "REFUSE", 4: "CONFIG", 5: "WEIGHT",
 
 QTYPES = quants.QTYPES
 
-OP_BROADCAST, OP_REDUCE, OP_GATHER, OP_TOP, OP_FULL, OP_ROWS = 1, 2, 3, 4, 5, 6
+OP_BROADCAST, OP_REDUCE, OP_GATHER, OP_TOP, OP_FULL, OP_ROWS, OP_SUM = 1, 2, 3, 4, 5, 6, 7
 LOGITS_NONE, LOGITS_FULL, LOGITS_TOP, LOGITS_ROWS = 0, 1, 2, 3
 TOP_STATS = struct.Struct("<dd")
 ROW_STATS = struct.Struct("<ddI")   # a row of an OP_ROWS answer: m, s, how many candidates (0: its full slice)
@@ -454,7 +456,7 @@ def _dec_buffer(meta, payload):
         size = rows_nbytes(counts, cols) if len(counts) == n and max(counts, default=0) <= cols else -1
     else:
         size = (TOP_STATS.size + 8 * n if op == OP_TOP else 0 if op == OP_FULL else buffer_nbytes(ftype, n, cols))
-    if op not in (OP_BROADCAST, OP_REDUCE, OP_GATHER, OP_TOP, OP_FULL, OP_ROWS) or len(payload) != size:
+    if op not in (OP_BROADCAST, OP_REDUCE, OP_GATHER, OP_TOP, OP_FULL, OP_ROWS, OP_SUM) or len(payload) != size:
         raise ProtocolError(f"BUFFER op {op} of {n}x{cols} {ftype} carries {len(payload)} bytes")
     return Buffer(op, ftype, n, cols, payload)
 

@@ -76,7 +76,8 @@ class Root:
 
 
 class QueueCollective:
-    """The star exchanges between threads of this process: the socket collectives' arithmetic, no wire."""
+    """The star exchanges between threads of this process: the socket collectives' arithmetic, no wire
+    (docs/protocol.md: a broadcast once a pass, then an all-reduce at every sync)."""
 
     def __init__(self, index, plan, down, up, q80=False):
         self.index, self.n_nodes, self.plan, self.down, self.up = index, len(plan), plan, down, up
@@ -92,18 +93,27 @@ class QueueCollective:
         return self.down[self.index - 1].get()
 
     def broadcast(self, x):
-        if self.is_root:
+        if self.is_root:   # the root goes on from what the workers received
+            x[...] = sent = self.wire(x)
             for q in self.down:
-                q.put(self.wire(x))
+                q.put(sent)
         else:
             x[...] = self.down[self.index - 1].get()
 
-    def reduce_sum(self, y):
-        if self.is_root:
+    def all_reduce(self, y):
+        if self.n_nodes == 2:   # a swap: each adds its own partial as sent and the other's as received
+            own = self.wire(y)
+            (self.down[0] if self.is_root else self.up[0]).put(own)
+            y[...] = own + (self.up[0] if self.is_root else self.down[0]).get()
+        elif self.is_root:      # the workers' partials added in node order, the sum sent back as the root keeps it
             for q in self.up:
                 y += q.get()
+            y[...] = total = self.wire(y)
+            for q in self.down:
+                q.put(total)
         else:
             self.up[self.index - 1].put(self.wire(y))
+            y[...] = self.down[self.index - 1].get()
 
     def gather(self, part, out):
         if not self.is_root:

@@ -34,10 +34,9 @@ def test_bytes_per_token_are_what_the_collectives_move(n_nodes, buffer, sampling
         coll = WorkerCollective(conn, i, n_nodes, dim, 1, cols, buffer, i * cols)
         x = np.zeros((1, dim), np.float32)
         while coll.step() is not None:
-            for j in range(2 * n_layers + 1):   # the last broadcast is the output layer's
-                coll.broadcast(x)
-                if j < 2 * n_layers:
-                    coll.reduce_sum(x)
+            coll.broadcast(x)
+            for _ in range(2 * n_layers):
+                coll.all_reduce(x)
             coll.gather(rng.standard_normal((1, cols)).astype(np.float32))
 
     threads = [threading.Thread(target=worker, args=(i, Connection(b, "root", 5.0))) for i, (_, b) in
@@ -46,10 +45,9 @@ def test_bytes_per_token_are_what_the_collectives_move(n_nodes, buffer, sampling
         t.start()
     x = np.ones((1, dim), np.float32)
     root.step(1, np.zeros(1, np.int64), want[sampling])
-    for _ in range(2 * n_layers):
-        root.broadcast(x)
-        root.reduce_sum(x)
     root.broadcast(x)
+    for _ in range(2 * n_layers):
+        root.all_reduce(x)
     root.gather(np.zeros((1, cols), np.float32), np.zeros((1, vocab), np.float32))
     sent, recv = root.sent_bytes, root.recv_bytes
     root.close()
@@ -57,4 +55,6 @@ def test_bytes_per_token_are_what_the_collectives_move(n_nodes, buffer, sampling
         t.join(5)
     model = cost_model.per_token(dim, n_layers, vocab, n_nodes, buffer, sampling)
     assert (sent, recv) == (model["sent_bytes"], model["recv_bytes"])
-    assert model["round_trips"] == 2 * n_layers + 1
+    assert model["exchanges"] == 2 * n_layers + 1
+    # two nodes swap partials (one way each), more send theirs to the root and wait for the sum
+    assert model["trips"] == 2 + 2 * n_layers * (1 if n_nodes == 2 else 2)

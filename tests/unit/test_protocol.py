@@ -7,13 +7,13 @@ from dllama.net import protocol as P
 
 # (message, its frame), each frame spelled out field by field: header "<BBHI" type, 0, meta_len, payload_len
 GOLDEN = [
-    (P.Hello(6, 1, 2, bytes(range(32))),
-     "01 00 2f00 00000000" "444c4d41 0600 0100 0200" + bytes(range(32)).hex() + "ff 00000000"),
-    (P.Hello(6, 1, 2, bytes(range(32)), "q40", 576),
-     "01 00 2f00 00000000" "444c4d41 0600 0100 0200" + bytes(range(32)).hex() + "02 40020000"),
-    (P.HelloAck(6), "02 00 3200 00000000" "0600" + "00" * 48),
-    (P.HelloAck(6, 1.5, 4096, b"\xab" * 32),
-     "02 00 3200 00000000" "0600 000000000000f83f 0010000000000000" + "ab" * 32),
+    (P.Hello(7, 1, 2, bytes(range(32))),
+     "01 00 2f00 00000000" "444c4d41 0700 0100 0200" + bytes(range(32)).hex() + "ff 00000000"),
+    (P.Hello(7, 1, 2, bytes(range(32)), "q40", 576),
+     "01 00 2f00 00000000" "444c4d41 0700 0100 0200" + bytes(range(32)).hex() + "02 40020000"),
+    (P.HelloAck(7), "02 00 3200 00000000" "0700" + "00" * 48),
+    (P.HelloAck(7, 1.5, 4096, b"\xab" * 32),
+     "02 00 3200 00000000" "0700 000000000000f83f 0010000000000000" + "ab" * 32),
     (P.Refuse("busy"), "03 00 0400 00000000" "62757379"),
     (P.Config({"b": [1, 2], "a": "x"}), "04 00 0000 13000000" + b'{"a":"x","b":[1,2]}'.hex()),
     (P.Weight("norm", "f32", (2,), 0, 8, np.array([1.0, -2.0], "<f4").tobytes()),
@@ -43,7 +43,7 @@ GOLDEN = [
     (P.Buffer(P.OP_REDUCE, "f32", 1, 2, np.array([1.0, -2.0], "<f4").tobytes()),
      "08 00 0a00 08000000" "02 00 01000000 02000000" "0000803f 000000c0"),
     (P.Bye(), "09 00 0000 00000000"),
-    (P.Probe(), "0a 00 0600 00000000" "444c4d41 0600"),
+    (P.Probe(), "0a 00 0600 00000000" "444c4d41 0700"),
     (P.ProbeInfo({"state": "idle"}), "0b 00 0000 10000000" + b'{"state":"idle"}'.hex()),
     (P.Challenge(b"\x01" * 32, b"\xee" * 32), "0c 00 4000 00000000" + "01" * 32 + "ee" * 32),
     (P.Challenge(b"\x01" * 32, b"\xee" * 32, b'{"n_nodes":2}'),
@@ -117,7 +117,7 @@ def test_frame_over_the_size_limit_refused_from_its_header():
 
 @pytest.mark.parametrize("frame,match", [
     ("01 00 2a00 00000000" "58585858 0300 0100 0200" + "00" * 32, "magic"),           # HELLO, bad magic
-    ("01 00 0800 00000000" "444c4d41 0600 0100", "malformed"),                         # HELLO, short meta
+    ("01 00 0800 00000000" "444c4d41 0700 0100", "malformed"),                         # HELLO, short meta
     ("0c 00 2000 00000000" + "00" * 32, "malformed"),                                  # CHALLENGE, no proof
     ("0e 00 0000 01000000" "00", "no data"),                                           # PING with a payload
     ("08 00 0a00 04000000" "02 00 01000000 02000000" "0000803f", "carries"),           # BUFFER 1x2 f32, 4 bytes
@@ -160,6 +160,7 @@ def test_sizes_follow_the_block_formats():
     (2, "01 00 2a00 00000000" "444c4d41 0200 0100 0200" + "00" * 32),            # with a nonce
     (3, "01 00 2a00 00000000" "444c4d41 0300 0100 0200" + "00" * 32),            # one slot per pass, no local slices
     (5, "01 00 2f00 00000000" "444c4d41 0500 0100 0200" + "00" * 32 + "ff 00000000"),  # batches gather full logits
+    (6, "01 00 2f00 00000000" "444c4d41 0600 0100 0200" + "00" * 32 + "ff 00000000"),  # x broadcast at every sync
 ])
 def test_older_hellos_are_read_for_their_version(version, frame):
     """A root of an older protocol: the worker must still read its version to say which."""

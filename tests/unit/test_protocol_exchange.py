@@ -68,7 +68,8 @@ def _plan(n_nodes, dim, vocab):
 
 @pytest.mark.parametrize("ftype", ["f32", "q80"])
 def test_collectives_star(ftype):
-    """Root broadcasts x, every worker returns (index + 1) * x; the root's y (start 0) becomes the sum."""
+    """Root broadcasts x, every worker's partial is (index + 1) * x: after the all-reduce every node holds
+    their sum (the root's partial is x), the same bits on all three."""
     dim, vocab, n_nodes, n = 64, 96, 3, 4
     plan = _plan(n_nodes, dim, vocab)
     pairs = [_pair(f"worker {i}") for i in range(1, n_nodes)]
@@ -85,18 +86,20 @@ def test_collectives_star(ftype):
         coll.broadcast(xw)
         seen[i] = (pos.copy(), xw.copy())
         time.sleep(0.02 * i)   # the worker's own computation, as its TIMES must report it
-        coll.reduce_sum((i + 1) * xw)
+        yw = (i + 1) * xw
+        coll.all_reduce(yw)
         coll.gather(logits_parts[i], None)
-        seen[i] += (coll.transfer_s,)
+        seen[i] += (coll.transfer_s, yw)
         assert coll.step() is None   # BYE
 
     threads = [threading.Thread(target=worker, args=(i, p[1])) for i, p in enumerate(pairs, start=1)]
     for t in threads:
         t.start()
     root.step(n, np.arange(10, 10 + n))
-    root.broadcast(x)
-    y = x.copy()
-    root.reduce_sum(y)
+    x_root = x.copy()
+    root.broadcast(x_root)
+    y = x_root.copy()
+    root.all_reduce(y)
     logits = np.zeros((1, vocab), np.float32)
     root.gather(logits_parts[0], logits)
     sent, recv = root.sent_bytes, root.recv_bytes
@@ -104,14 +107,16 @@ def test_collectives_star(ftype):
     for t in threads:
         t.join(5)
     xq = x if ftype == "f32" else dequantize(quantize(x, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(x_root, xq)   # the root goes on from what its workers received
     for i in (1, 2):
         assert np.array_equal(seen[i][0], np.arange(10, 10 + n)) and np.array_equal(seen[i][1], xq)
+        assert np.array_equal(seen[i][3], y)
     if ftype == "f32":
-        np.testing.assert_allclose(y, x + 2 * x + 3 * x, rtol=1e-6)
-    else:   # a Q80 block is within half a step (amax/254) of each value, per hop
-        step = np.abs(x).reshape(n, -1, 32).max(axis=2, keepdims=True) / 127
-        err = np.abs(y - 6 * x).reshape(n, -1, 32)
-        assert np.all(err <= (0.5 * (1 + 2 + 3) + 0.5 * (2 + 3)) * step * 1.01 + 1e-6)
+        np.testing.assert_allclose(y, xq + 2 * xq + 3 * xq, rtol=1e-6)
+    else:   # a Q80 block is within half a step (amax/254) of each value, per hop: the partials', the sum's
+        step = np.abs(xq).reshape(n, -1, 32).max(axis=2, keepdims=True) / 127
+        err = np.abs(y - 6 * xq).reshape(n, -1, 32)
+        assert np.all(err <= (0.5 * (2 + 3) + 0.5 * 6) * step * 1.01 + 1e-6)
     assert np.array_equal(logits, np.concatenate(logits_parts, axis=1))
     # each worker's own figures, as of its gather: its sleep is compute, its waits and sends network
     for i in (1, 2):
@@ -119,8 +124,50 @@ def test_collectives_star(ftype):
         assert 0.02 * i * 1e9 <= compute < 10e9 and 0 < network <= seen[i][2] * 1e9
     # bytes on the wire: what the spec says (8-byte header + 10-byte meta per buffer, TIMES before a gather)
     xbytes = P.buffer_nbytes(ftype, n, dim)
-    assert sent == 2 * ((8 + P.STEP_META.size + 8 * n) + (8 + 10 + xbytes))   # positions and slots
+    assert sent == 2 * ((8 + P.STEP_META.size + 8 * n) + 2 * (8 + 10 + xbytes))   # positions and slots
     assert recv == 2 * ((8 + 10 + xbytes) + (8 + P.TIMES_META.size) + (8 + 10 + 32 * 4))
+
+
+@pytest.mark.parametrize("ftype", ["f32", "q80"])
+def test_two_nodes_swap_partials_and_both_hold_the_same_sum(ftype):
+    """With two nodes each sends its partial before it waits: the worker answers a root whose partial came
+    first, and the root one whose partial is already there; both end with the same bits, the sum of the
+    partials as decoded from the wire (Q80: each within half a step of its value)."""
+    dim, n = 64, 3
+    a, b = _pair("worker 1")
+    root = RootCollective([a], _plan(2, dim, 64), dim, 4, ftype)
+    rng = np.random.default_rng(1)
+    parts = [rng.normal(size=(n, dim)).astype(np.float32) for _ in range(2)]
+    got, errors = {}, []
+
+    def worker(delay):
+        try:
+            coll = WorkerCollective(b, 1, 2, dim, 4, 32, ftype)
+            for _ in range(2):
+                time.sleep(delay)
+                y = parts[1].copy()
+                coll.all_reduce(y)
+                got.setdefault(delay, []).append(y)
+        except Exception as exc:  # noqa: BLE001 (reported by the main thread)
+            errors.append(exc)
+
+    for delay in (0.0, 0.03):   # the worker first, then the root first
+        t = threading.Thread(target=worker, args=(delay,))
+        t.start()
+        for _ in range(2):
+            y = parts[0].copy()
+            root.all_reduce(y)
+        t.join(5)
+        assert not errors
+        assert all(np.array_equal(w, y) for w in got[delay])
+    qt = gguf.GGMLQuantizationType.Q8_0
+    sent = parts if ftype == "f32" else [dequantize(quantize(p, qt), qt) for p in parts]
+    assert np.array_equal(y, sent[0] + sent[1])
+    if ftype == "q80":
+        step = np.abs(parts[0]).reshape(n, -1, 32).max(axis=2) / 127 + np.abs(parts[1]).reshape(n, -1, 32).max(axis=2) / 127
+        err = np.abs(y - parts[0] - parts[1]).reshape(n, -1, 32).max(axis=2)
+        assert np.all(err <= 0.5 * step * 1.01 + 1e-6)
+    root.close()
 
 
 def test_root_names_the_worker_that_went_away():
@@ -129,7 +176,7 @@ def test_root_names_the_worker_that_went_away():
     root = RootCollective([a], plan, 32, 1, "f32")
     b.close()
     with pytest.raises(ConnectionLost, match="worker 127.0.0.1:9 a"):
-        root.reduce_sum(np.zeros((1, 32), np.float32))
+        root.all_reduce(np.zeros((1, 32), np.float32))
 
 
 @pytest.mark.parametrize("given,want", [
@@ -166,16 +213,18 @@ def test_root_takes_whichever_worker_answers_first_and_sums_in_node_order():
     root = RootCollective([p[0] for p in pairs], plan, dim, n, "f32")
     rng = np.random.default_rng(5)
     parts = {i: rng.normal(size=(n, dim)).astype(np.float32) for i in (1, 2)}
-    second_sent, errors = threading.Event(), []
+    errors, sums = [], {}
 
     def worker(i, conn):
         try:
             coll = WorkerCollective(conn, i, 3, dim, n, 32, "f32")
-            if i == 1:
-                assert second_sent.wait(3.0), "worker 2's frame was never taken"
-            coll.reduce_sum(parts[i])
-            if i == 2:
-                second_sent.set()
+            if i == 1:   # only once worker 2's whole frame went through (it then waits for the sum)
+                deadline = time.monotonic() + 3.0
+                while pairs[1][1].sent_bytes < 18 + parts[2].nbytes:
+                    assert time.monotonic() < deadline, "worker 2's frame was never taken"
+                    time.sleep(0.001)
+            coll.all_reduce(parts[i])
+            sums[i] = parts[i]
         except Exception as exc:  # noqa: BLE001 (reported by the main thread)
             errors.append(exc)
 
@@ -184,11 +233,12 @@ def test_root_takes_whichever_worker_answers_first_and_sums_in_node_order():
         t.start()
     y = rng.normal(size=(n, dim)).astype(np.float32)
     want = (y + parts[1]) + parts[2]
-    root.reduce_sum(y)
+    root.all_reduce(y)
     for t in threads:
         t.join(5)
     assert not errors
     assert np.array_equal(y, want)   # the same float sum as node order, not arrival order
+    assert all(np.array_equal(sums[i], want) for i in (1, 2))
 
 
 @pytest.mark.parametrize("frame,error,match", [
@@ -206,8 +256,8 @@ def test_root_names_what_came_instead_of_a_partial_sum(frame, error, match):
         frame.payload = bytes(68)
     b.send(frame)
     b.close()
-    with pytest.raises(error, match=match):
-        root.reduce_sum(np.zeros((1, 64), np.float32))
+    with pytest.raises(error, match=match):   # the root's own partial cannot go out: what came is named
+        root.all_reduce(np.zeros((1, 64), np.float32))
 
 
 @pytest.mark.parametrize("n_workers", [1, 2])
@@ -219,10 +269,10 @@ def test_a_silent_worker_times_out_naming_it(n_workers):
     root = RootCollective([p[0] for p in pairs], plan, 32, 1, "f32")
     root.pacer = Pacer(first=0.3)   # nothing measured yet: the first deadline
     if n_workers == 2:
-        WorkerCollective(pairs[0][1], 1, 3, 32, 1, 32, "f32").reduce_sum(np.ones((1, 32), np.float32))
+        pairs[0][1].send(P.Buffer(P.OP_REDUCE, "f32", 1, 32, np.ones(32, "<f4").tobytes()))
     silent = pairs[-1][0].label
     with pytest.raises(ConnectionLost, match=f"^{silent}: no data within 0.3 s \\(frozen or gone\\?\\)") as lost:
-        root.reduce_sum(np.zeros((1, 32), np.float32))
+        root.all_reduce(np.zeros((1, 32), np.float32))
     assert lost.value.peer == silent
     assert all(a.timeout == 0.3 for a, _ in pairs)   # the deadline is the sockets' kernel timeout
 
@@ -297,9 +347,9 @@ def test_the_root_waits_on_several_workers_by_polling_within_the_spin(spin_s, po
     root._poller = Poller(root._poller)
     workers = [WorkerCollective(p[1], i, 3, 32, 1, 32, "f32") for i, p in zip((1, 2), pairs)]
     for i, w in enumerate(workers, start=1):
-        threading.Timer(0.02 * i, w.reduce_sum, args=(np.full((1, 32), i, np.float32),)).start()
+        threading.Timer(0.02 * i, w.all_reduce, args=(np.full((1, 32), i, np.float32),)).start()
     y = np.zeros((1, 32), np.float32)
-    root.reduce_sum(y)
+    root.all_reduce(y)
     assert np.array_equal(y, np.full((1, 32), 3, np.float32))
     assert any(t for t in timeouts) == polls_blocking
 

@@ -56,12 +56,15 @@ class ThreadCollective(Collective):
         else:
             x[:] = self.down[self.index - 1].get()
 
-    def reduce_sum(self, y):
-        if self.is_root:
+    def all_reduce(self, y):
+        if self.is_root:   # the workers' partials in node order, the sum back to every worker
             for q in self.up:
                 y += q.get()
+            for q in self.down:
+                q.put(y.copy())
         else:
             self.up[self.index - 1].put(y.copy())
+            y[:] = self.down[self.index - 1].get()
 
     def gather(self, part, out):
         if self.is_root:
