@@ -118,7 +118,7 @@ index, n_nodes, dim, n_layers, vocab_part, port = map(int, sys.argv[1:7])
 s = socket.create_connection((sys.argv[8], port)); configure(s)
 coll = WorkerCollective(Connection(s, "root", None), index, n_nodes, dim, 1, vocab_part, sys.argv[7],
                         index * vocab_part)
-x = np.zeros((1, dim), np.float32)
+x, y = np.zeros((2, 1, dim), np.float32)   # y stays 0: a sum of partials that grew would overflow
 part = np.random.default_rng(index).standard_normal((1, vocab_part), dtype=np.float32)
 cpu = None
 while coll.step() is not None:
@@ -126,7 +126,7 @@ while coll.step() is not None:
         cpu = sum(os.times()[:2])
     coll.broadcast(x)
     for _ in range(2 * n_layers):
-        coll.all_reduce(x)
+        coll.all_reduce(y)
     coll.gather(part, None)
 print(sum(os.times()[:2]) - cpu, flush=True)
 """
@@ -160,7 +160,7 @@ def exchange_only(ftype: str, n_nodes=2, dim=2048, n_layers=16, vocab=49152, tok
             configure(sock)
             conns.append(Connection(sock, f"echo worker {i}", 30))
     root = RootCollective(conns, plan, dim, 1, ftype)
-    x, y = np.random.default_rng(0).standard_normal((2, 1, dim), dtype=np.float32)
+    x, y = np.random.default_rng(0).standard_normal((1, dim), dtype=np.float32), np.zeros((1, dim), np.float32)
     logits, part = np.zeros((1, vocab), np.float32), np.zeros((1, part_cols), np.float32)
     positions = np.zeros(1, np.int64)
     greedy = (LOGITS_TOP, 0.0, 1)
