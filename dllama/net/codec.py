@@ -11,7 +11,7 @@ import numpy as np
 from numba import njit
 
 from dllama.kernels._bits import f16_to_f32
-from dllama.kernels.quant import Q80_BLOCK_BYTES, _dequantize_q80, _quantize_q80
+from dllama.kernels.quant import Q80_BLOCK_BYTES, _dequantize_q80, _quantize_q80, _quantize_q80_keep
 
 # the codec calls the kernels behind the checking wrappers: its arrays are right by construction, and the
 # checks cost half of a 2048-value exchange's encoding
@@ -45,15 +45,19 @@ class Q80Codec:
     def nbytes(self, n: int) -> int:
         return n * self.cols // 32 * Q80_BLOCK_BYTES
 
-    def encode(self, x: np.ndarray, out: np.ndarray) -> memoryview:
-        """x (n, cols) f32 -> out[:nbytes(n)] (uint8) as Q80 blocks; returns that part as a memoryview."""
+    def encode(self, x: np.ndarray, out: np.ndarray, keep: bool = False) -> memoryview:
+        """x (n, cols) f32 -> out[:nbytes(n)] (uint8) as Q80 blocks; returns that part as a memoryview.
+        keep: x also becomes what a receiver decodes, in the same pass (a sender that goes on with it)."""
         n = x.shape[0]
-        if not _flat(x):
+        dst = out[:self.nbytes(n)]
+        if _flat(x):
+            (_quantize_q80_keep if keep else _quantize_q80)(x.reshape(-1), dst)
+        else:
             staged = self._scratch[:n]
             staged[...] = x
-            x = staged
-        dst = out[:self.nbytes(n)]
-        _quantize_q80(x.reshape(-1), dst)
+            (_quantize_q80_keep if keep else _quantize_q80)(staged.reshape(-1), dst)
+            if keep:
+                x[...] = staged
         return memoryview(dst)
 
     def decode(self, raw: np.ndarray, out: np.ndarray) -> None:

@@ -76,16 +76,17 @@ class _Exchange(Collective):
     def _nbytes(self, n: int) -> int:
         return n * self.dim * 4 if self._codec is None else self._codec.nbytes(n)
 
-    def _send(self, conns, op: int, x: np.ndarray, lead=None) -> None:
+    def _send(self, conns, op: int, x: np.ndarray, lead=None, keep: bool = False) -> None:
         """x (n, dim) f32 to every connection in `conns`, in the buffer type: Q80 is encoded once, behind
-        the header in _tx, and sent as one contiguous frame (after the buffers `lead`, if any)."""
+        the header in _tx, and sent as one contiguous frame (after the buffers `lead`, if any). keep: x
+        becomes what the receivers decode (Q80's round trip, made in the encoding pass; F32 is as sent)."""
         n = x.shape[0]
         nbytes = self._nbytes(n)
         _HEAD.pack_into(self._tx, 0, P.BUFFER, 0, P.BUFFER_META.size, nbytes, op, self._ftype, n, self.dim)
         if self._codec is None:
             parts = [self._tx_mv[:_HEAD.size], memoryview(np.ascontiguousarray(x, dtype=np.float32)).cast("B")]
         else:
-            self._codec.encode(x, self._tx_payload)
+            self._codec.encode(x, self._tx_payload, keep)
             parts = [self._tx_mv[:_HEAD.size + nbytes]]
         if lead:
             parts = lead + parts
@@ -104,11 +105,6 @@ class _Exchange(Collective):
         if got != _HEAD.size + nbytes or head != self._expect:
             _unexpected(conn, bytes(head[:got]) + bytes(payload[:max(got - _HEAD.size, 0)]),
                         (op, ftype, n, cols), nbytes)
-
-    def _as_sent(self, y: np.ndarray) -> None:
-        """y becomes what its receivers decode from the frame just sent from it (a no-op for F32)."""
-        if self._codec is not None:
-            self._codec.decode(self._tx_payload, y)
 
     def _decode_into(self, raw: np.ndarray, out: np.ndarray, add: bool) -> None:
         n = out.shape[0]
@@ -242,9 +238,8 @@ class RootCollective(_Exchange):
 
     def broadcast(self, x: np.ndarray) -> None:
         t0 = time.perf_counter()
-        self._send(self.conns, P.OP_BROADCAST, x, self._pending_step)
+        self._send(self.conns, P.OP_BROADCAST, x, self._pending_step, keep=True)
         self._pending_step = None
-        self._as_sent(x)
         self.transfer_s += time.perf_counter() - t0
 
     def all_reduce(self, y: np.ndarray) -> None:
@@ -256,19 +251,17 @@ class RootCollective(_Exchange):
             # sent before the wait: the worker has it when it finishes, whoever finished first. A sum of two
             # floats does not depend on their order, so both nodes get the same bits.
             try:
-                self._send(self.conns, P.OP_REDUCE, y)
+                self._send(self.conns, P.OP_REDUCE, y, keep=True)
             except ConnectionLost:   # a worker that failed said why before it closed: that, not the pipe
                 self._collect(P.OP_REDUCE, self._ftype, n, self.dim, nbytes)
                 raise
-            self._as_sent(y)
             self._collect(P.OP_REDUCE, self._ftype, n, self.dim, nbytes)
             self._decode_into(self._rx[0], y, add=True)
         else:
             self._collect(P.OP_REDUCE, self._ftype, n, self.dim, nbytes)
             for rx in self._rx:   # in node order: the sum is the same whoever answered first
                 self._decode_into(rx, y, add=True)
-            self._send(self.conns, P.OP_SUM, y)
-            self._as_sent(y)
+            self._send(self.conns, P.OP_SUM, y, keep=True)
         self.transfer_s += time.perf_counter() - t0
 
     def _collect(self, op: int, ftype: int, n: int, cols: int, nbytes: int, into=None) -> None:
@@ -616,11 +609,10 @@ class WorkerCollective(_Exchange):
         t0 = time.perf_counter()
         n = y.shape[0]
         nbytes = self._nbytes(n)
-        self._send(self._conns, P.OP_REDUCE, y)
+        self._send(self._conns, P.OP_REDUCE, y, keep=self.n_nodes == 2)
         self.conn.set_timeout(self.pacer.timeout(n))
         t1 = time.perf_counter()
         if self.n_nodes == 2:   # the root's partial, sent as ours was (RootCollective.all_reduce)
-            self._as_sent(y)
             self._recv(self.conn, 0, P.OP_REDUCE, self._ftype, n, self.dim, self._rx_mv[0][:nbytes])
             self.pacer.observe(time.perf_counter() - t1, n)
             self._decode_into(self._rx[0], y, add=True)

@@ -62,3 +62,21 @@ def test_q80_buffers_are_the_bytes_of_dllama_quants_and_gguf(strided):
     acc = np.ones_like(y)
     codec.decode_add(out, acc)
     assert np.array_equal(acc, y + 1)
+
+
+@STRIDED
+def test_encode_keep_leaves_what_a_receiver_decodes(strided):
+    """A sender that goes on with its own buffer (an all-reduce's partial, the root's broadcast x) gets the
+    values gguf's Q8_0 round trip gives, in the same pass that wrote the same bytes as a plain encode."""
+    x = _rows()
+    kept = _strided(x) if strided else x.copy()
+    codec = Q80Codec(6, 96)
+    plain, fused = np.empty(codec.nbytes(6), np.uint8), np.empty(codec.nbytes(6), np.uint8)
+    codec.encode(x, plain)
+    codec.encode(kept, fused, keep=True)
+    assert np.array_equal(fused, plain)
+    want = dequantize(quantize(x, Q8_0), Q8_0).reshape(x.shape)
+    assert np.array_equal(np.asarray(kept), want)
+    back = np.empty_like(x)
+    codec.decode(fused, back)
+    assert np.array_equal(back, np.asarray(kept))
