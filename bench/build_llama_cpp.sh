@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-server and llama-bench natively (-march=native; CPU=avx2: for AVX2, see below)
+# Build llama.cpp's llama-server and llama-bench natively (-march=native; CPU=avx2 or avx512: see below)
 # from the llama-cpp-python source distribution, for same-machine comparisons in bench/.
 #
-#   [CPU=avx2] bench/build_llama_cpp.sh [SDIST.tar.gz] [BUILD_DIR]
+#   [CPU=avx2|avx512] bench/build_llama_cpp.sh [SDIST.tar.gz] [BUILD_DIR]
 #
 # SDIST defaults to downloading llama-cpp-python==0.3.36 with pip; BUILD_DIR defaults
 # to bench/llama-native (gitignored). The shared libraries (libllama.so, libggml*.so)
@@ -42,12 +42,16 @@ fi
 # CPU=avx2: the instructions of the AVX2 wheel (Zen 3) instead of -march=native, for the users' case beside
 # dllama's NUMBA_CPU_NAME=znver3 build; also where a native build dies of an illegal instruction (a VM whose
 # CPUID lists AMX that its hypervisor does not enable: seen on a Sapphire Rapids VM).
-cpu=(-DGGML_NATIVE=ON)
-if [[ "${CPU:-native}" == avx2 ]]; then
-    cpu=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
-elif [[ "${CPU:-native}" != native ]]; then
-    die "CPU must be native or avx2, not ${CPU}"
-fi
+# CPU=avx512: such a Sapphire Rapids VM's own instructions less AMX (-march=native would add -mamx-*), so
+# llama.cpp runs native against native beside dllama's own native (AVX-512 VNNI) build.
+x86=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+case "${CPU:-native}" in
+    native) cpu=(-DGGML_NATIVE=ON) ;;
+    avx2) cpu=("${x86[@]}") ;;
+    avx512) cpu=("${x86[@]}" -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON
+                 -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON) ;;
+    *) die "CPU must be native, avx2 or avx512, not ${CPU}" ;;
+esac
 
 mkdir -p "$build"
 "${offline[@]}" cmake -S "$src" -B "$build" -G Ninja \
