@@ -16,8 +16,9 @@ engines so that noise on the shared machine hits both; figures are medians.
 Like for like: the llama.cpp wheel is built for AVX2 (Zen 3), so case `avx2` compiles dllama's kernels
 for the same CPU (NUMBA_CPU_NAME=znver3: 256-bit vectors, no AVX-512) against that wheel; case `native`
 runs dllama for this CPU, against `--native-peer-python` (llama.cpp built with GGML_NATIVE) or
-`--native-llama-lib` (a folder holding a GGML_NATIVE build's shared libraries, libllama.so and its libggml*,
-which `--peer-python`'s llama-cpp-python loads instead of its own through LLAMA_CPP_LIB_PATH) if given,
+`--native-llama-lib` (a folder holding the shared libraries, libllama.so and its libggml*, of a build for
+this CPU: bench/build_llama_cpp.sh, or CPU=avx512 where the native build dies of AMX the hypervisor does not
+enable; `--peer-python`'s llama-cpp-python loads them instead of its own through LLAMA_CPP_LIB_PATH) if given,
 else dllama alone. The CPU, the vector width each case compiled for and llama.cpp's own system info are
 printed. DLLAMA_BENCH_OUT puts the written models elsewhere than bench/out/ (checkouts can share them).
 `--startup` times two fresh starts of `dllama inference --steps 1` on SmolLM2 (the second on a warm numba
