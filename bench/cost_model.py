@@ -1,6 +1,6 @@
 """The exchange's cost model: bytes and round trips per generated token, and the time they take on a link.
 
-    python bench/cost_model.py [--overhead-us 40] [--rtt-ms 0.2] [--gbits 1]
+    python bench/cost_model.py [--overhead-us 15] [--rtt-ms 0.2] [--gbits 1]
 
 One token is, on the star (docs/protocol.md): the root's STEP with x, to the N - 1 workers; then
 2 * n_layers all-reduces of the partial sums; then each worker's last answer (its best token, its top
@@ -89,8 +89,8 @@ def table(overhead_s: float, rtt_s: float, bits_per_s: float) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--overhead-us", type=float, default=40.0,
-                    help="per-exchange overhead measured by bench/cluster.py --exchanges-only (default 40)")
+    ap.add_argument("--overhead-us", type=float, default=15.0,
+                    help="per-exchange overhead measured by bench/cluster.py --exchanges-only (default 15: 2 cores, with the spin)")
     ap.add_argument("--rtt-ms", type=float, default=0.2, help="round-trip time of the link (default 0.2)")
     ap.add_argument("--gbits", type=float, default=1.0, help="link speed, Gbit/s (default 1)")
     args = ap.parse_args()
