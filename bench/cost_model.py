@@ -90,7 +90,8 @@ def table(overhead_s: float, rtt_s: float, bits_per_s: float) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--overhead-us", type=float, default=15.0,
-                    help="per-exchange overhead measured by bench/cluster.py --exchanges-only (default 15: 2 cores, with the spin)")
+                    help="per-exchange overhead measured by bench/cluster.py --exchanges-only "
+                         "(default 15: 2 cores, with the spin)")
     ap.add_argument("--rtt-ms", type=float, default=0.2, help="round-trip time of the link (default 0.2)")
     ap.add_argument("--gbits", type=float, default=1.0, help="link speed, Gbit/s (default 1)")
     args = ap.parse_args()
