@@ -30,28 +30,10 @@ def _roundf(v):
     return r if v >= np.float32(0.0) else -r
 
 
-@njit(nogil=True, cache=True)
-def _quantize_q80(x, out):
-    # x (n_blocks * 32,) f32 -> out (n_blocks * 34,) uint8
-    for b in range(x.size // 32):
-        amax = np.float32(0.0)
-        for j in range(32):
-            amax = max(amax, abs(x[b * 32 + j]))
-        d = amax / np.float32(127.0)
-        inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
-        h = f32_to_f16(d)
-        o = b * 34
-        out[o] = np.uint8(h & np.uint16(0xFF))
-        out[o + 1] = np.uint8(h >> np.uint16(8))
-        for j in range(32):
-            q = np.int32(_roundf(x[b * 32 + j] * inv))
-            out[o + 2 + j] = np.uint8(q & 0xFF)
-
-
-@njit(nogil=True, cache=True)
-def _quantize_q80_keep(x, out):
-    # _quantize_q80, and x becomes what _dequantize_q80 makes of out (the same operations, so the same
-    # bits): a sender that must go on with the values its receivers get, in one pass instead of two
+@njit(inline="always", nogil=True, cache=True)
+def _q80_blocks(x, out, keep):
+    # x (n_blocks * 32,) f32 -> out (n_blocks * 34,) uint8; keep (a constant at each caller): x also
+    # becomes what _dequantize_q80 makes of out (the same operations, so the same bits)
     for b in range(x.size // 32):
         amax = np.float32(0.0)
         for j in range(32):
@@ -66,7 +48,19 @@ def _quantize_q80_keep(x, out):
         for j in range(32):
             q = np.int32(_roundf(x[b * 32 + j] * inv))
             out[o + 2 + j] = np.uint8(q & 0xFF)
-            x[b * 32 + j] = np.float32(np.int8(q)) * d16
+            if keep:
+                x[b * 32 + j] = np.float32(np.int8(q)) * d16
+
+
+@njit(nogil=True, cache=True)
+def _quantize_q80(x, out):
+    _q80_blocks(x, out, False)
+
+
+@njit(nogil=True, cache=True)
+def _quantize_q80_keep(x, out):
+    # a sender that must go on with the values its receivers get, in one pass instead of two
+    _q80_blocks(x, out, True)
 
 
 @njit(nogil=True, cache=True)
