@@ -26,6 +26,7 @@ what was measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -247,25 +248,32 @@ def exchanges_only(args) -> None:
             print_exchange_only("f32", n, args.tokens)
     if args.link == "loopback":
         return
-    from netns import VETH_NOTE, Link
+    from netns import Link
 
-    with Link() as link:
+    with Link() as link, contextlib.ExitStack() as stack:
+        # what the delay line costs by itself (its wake-ups and copies, which a wire has not)
+        bare = stack.enter_context(Link(delay_line=True, delay_s=0.0, tag="z")) if link.is_delay_line else None
         rtt = 2 * link.delay_s
         for n in args.nodes:
             if n != 2:
                 continue   # the namespaces hold one worker
             got = print_exchange_only("q80", n, args.tokens, link)
+            if bare is not None:
+                print_exchange_only("q80", n, args.tokens, bare)
             dim, n_layers, vocab = cost_model.SHAPES["1B shape (b1)"]
             overhead = loop[n]["us_per_exchange"] * 1e-6
-            c = cost_model.components(dim, n_layers, vocab, n, overhead, rtt, 1e9, cost_model.VETH_OVERHEAD)
+            c = cost_model.components(dim, n_layers, vocab, n, overhead, rtt, 1e9, link.per_segment)
             print(f"  cost model, ms/token: overhead {1e3 * c['overhead']:.2f} (the loopback's {overhead * 1e6:.0f} us "
                   f"per exchange) + latency {1e3 * c['latency']:.2f} (RTT {rtt * 1e3:.2f} ms) + wire "
-                  f"{1e3 * c['wire']:.2f} (1 Gbit/s{VETH_NOTE}) = {1e3 * sum(c.values()):.2f} predicted; "
-                  f"{got['ms_per_token']:.2f} measured")
+                  f"{1e3 * c['wire']:.2f} (1 Gbit/s, {link.per_segment} B of headers a segment) = "
+                  f"{1e3 * sum(c.values()):.2f} predicted; {got['ms_per_token']:.2f} measured")
             if not link.delay_s:
                 print("  (a token bucket delays no packet while its average stays under the rate, so without "
                       "netem the wire term is not expected in the measurement either: it and the latency are "
                       "the model's alone)")
+    for each in (link, bare):
+        if each is not None and each.lateness():
+            print(f"  {each.lateness()}")
 
 
 def main() -> int:
@@ -341,7 +349,7 @@ def main() -> int:
     print_table(runs, cpp, configs, args)
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     if link is not None:
-        print(f"shaped link: {link.qdisc}")
+        print(f"shaped link: {link.qdisc}" + (f"\n  {link.lateness()}" if link.lateness() else ""))
     return 0
 
 

@@ -2,30 +2,44 @@
 
 Needs root (ip netns, tc). Each side's egress is shaped with `tc qdisc ... netem delay 0.1ms rate 1gbit`
 (0.2 ms round trip, 1 Gbit/s each way). A kernel without netem (CONFIG_NET_SCH_NETEM unset, as in some
-containers) gets `tbf rate 1gbit` only: the bandwidth is real, the delay is not, and `Link.delay_s` says
+containers) gets the same link from bench/delayline.py instead: two TUN devices, one in each namespace,
+and a real-time process between them that holds each packet for the delay and paces it at the rate.
+Without TUN either, `tbf rate 1gbit` only: the bandwidth is real, the delay is not, and `Link.delay_s` says
 so (0), so that a caller can add round trips x RTT itself and say it did. Addresses are private ones that
-exist only inside the two namespaces, which are deleted on exit (with their veth pair).
+exist only inside the two namespaces, which are deleted on exit (with their devices).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 ROOT_ADDR, WORKER_ADDR = "10.213.0.1", "10.213.0.2"   # only ever inside the two namespaces below
 DELAY_S, RATE_BITS = 100e-6, 1e9
-VETH_NOTE = ", 66 B of headers a segment"
 
 
 class Link:
     """`with Link() as link:` run commands on either side with link.root(cmd) / link.worker(cmd) prefixes."""
 
-    def __init__(self):
-        tag = f"{os.getpid() % 100000}"
+    def __init__(self, delay_line: bool = False, delay_s: float = DELAY_S, rate_bits: float = RATE_BITS,
+                 tag: str = ""):
+        """delay_line: use bench/delayline.py even where the kernel has netem; delay_s: one way (a delay
+        line without delay shows what the line itself costs); tag: tells apart the links of one process."""
+        self._force_line = delay_line
+        self._delay, self._rate = delay_s, rate_bits
+        tag = f"{os.getpid() % 100000}{tag}"
         self.ns_root, self.ns_worker = f"dlx{tag}r", f"dlx{tag}w"
         self._veth = (f"dlx{tag}a", f"dlx{tag}b")
         self.qdisc = ""
         self.delay_s = 0.0
+        self.per_segment = 66   # framing bytes per TCP segment: a veth's (an Ethernet's through the delay line)
+        self._line = None       # the delay line's process, when it is the link
+        self._stats = None      # its figures' file, then (once it has stopped) the figures
+        self.is_delay_line = False
 
     def root(self, cmd: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.ns_root, *cmd]
@@ -51,22 +65,64 @@ class Link:
         for ns in (self.ns_root, self.ns_worker):
             _ip("netns", "add", ns)
         _ip("link", "add", a, "type", "veth", "peer", "name", b)
-        for ns, dev, addr in ((self.ns_root, a, ROOT_ADDR), (self.ns_worker, b, WORKER_ADDR)):
+        self._address(a, b)
+        for ns, dev in ((self.ns_root, a), (self.ns_worker, b)):
+            delay = f"{self._delay * 1e6:g}us"
+            rate = f"{self._rate / 1e6:g}mbit"
+            netem = ["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "netem", "delay", delay, "rate", rate]
+            if not self._force_line and subprocess.run(netem, capture_output=True).returncode == 0:
+                self.qdisc, self.delay_s = f"netem delay {delay} rate {rate}", self._delay
+            elif os.path.exists("/dev/net/tun"):
+                _ip("-n", self.ns_root, "link", "del", a)   # and its peer
+                self._delay_line(a, b)
+                return
+            else:
+                subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
+                                "burst", "32kb", "latency", "50ms"], check=True, capture_output=True)
+                self.qdisc, self.delay_s = f"tbf rate {rate} (no netem in this kernel: no added delay)", 0.0
+
+    def _address(self, a: str, b: str) -> None:
+        for ns, dev, addr, peer in ((self.ns_root, a, ROOT_ADDR, WORKER_ADDR), (self.ns_worker, b, WORKER_ADDR,
+                                                                                 ROOT_ADDR)):
             _ip("link", "set", dev, "netns", ns)
-            _ip("-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
+            _ip("-n", ns, "addr", "add", addr, "peer", f"{peer}/32", "dev", dev)
             _ip("-n", ns, "link", "set", dev, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
-        for ns, dev in ((self.ns_root, a), (self.ns_worker, b)):
-            netem = ["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "netem", "delay", "0.1ms", "rate", "1gbit"]
-            if subprocess.run(netem, capture_output=True).returncode == 0:
-                self.qdisc, self.delay_s = "netem delay 0.1ms rate 1gbit", DELAY_S
-            else:
-                subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", "1gbit",
-                                "burst", "32kb", "latency", "50ms"], check=True, capture_output=True)
-                self.qdisc, self.delay_s = "tbf rate 1gbit (no netem in this kernel: no added delay)", 0.0
+
+    def _delay_line(self, a: str, b: str) -> None:
+        fd, self._stats = tempfile.mkstemp(prefix="delayline-", suffix=".json")
+        os.close(fd)
+        self._line = subprocess.Popen([sys.executable, str(Path(__file__).with_name("delayline.py")), a, b,
+                                       "--delay-us", str(self._delay * 1e6), "--rate-bits", str(self._rate),
+                                       "--stats", self._stats], stdout=subprocess.PIPE, text=True)
+        if self._line.stdout.readline().strip() != "ready":
+            raise RuntimeError("bench/delayline.py did not start")
+        self._address(a, b)
+        self.qdisc = (f"delay line {self._delay * 1e3:g} ms + {self._rate / 1e9:g} Gbit/s each way over TUN "
+                      f"(bench/delayline.py"
+                      f"{'' if self._force_line else '; no netem in this kernel'})")
+        self.delay_s, self.per_segment = self._delay, 90
+        self.is_delay_line = True
+
+    def lateness(self) -> str:
+        """How far from their time the delay line let packets through, once closed ("" for a qdisc)."""
+        s = self._stats
+        if not isinstance(s, dict):
+            return ""
+        return (f"delay line: {s['packets']} packets left {s['error_us_median']:+.0f} us from their time (median; "
+                f"10th percentile {s['error_us_p10']:+.0f}, 90th {s['error_us_p90']:+.0f}, latest "
+                f"{s['error_us_max']:+.0f}); its own CPU {1e6 * s['cpu_s'] / max(1, s['packets']):.0f} us a packet")
 
     def close(self) -> None:
-        for ns in (self.ns_root, self.ns_worker):   # deleting a namespace deletes its end of the veth pair
+        if self._line is not None:
+            self._line.terminate()
+            self._line.wait(10)
+            self._line = None
+        if isinstance(self._stats, str):
+            stats = Path(self._stats)
+            self._stats = json.loads(stats.read_text()) if stats.exists() and stats.stat().st_size else None
+            stats.unlink(missing_ok=True)
+        for ns in (self.ns_root, self.ns_worker):   # deleting a namespace deletes its devices
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
