@@ -12,7 +12,8 @@ decoding, Q80 buffers. Beside the root's compute (I) and exchange time (T), wI /
 from its TIMES frame. Model: bench/engine.py's b1, random weights in the shape of Llama 3.2 1B (dim 2048,
 16 layers, 32/8 heads, FFN 8192, vocab 49152; Q40): model B of ../shared/ANCHORS.md, whose figures for the
 C++ reference are printed beside ours (or measured in the same run with --cpp-dllama, a binary you built).
---pin runs the root on core 0 and the worker on core 1 (`taskset`; also through the shaped link); --compare-env
+--pin runs the root on core 0 and the worker on core 1 (`taskset`; also through the shaped link, where a
+delay line's directions run beside their senders); --compare-env
 adds 2 nodes whose root and worker (one of its own) run with those variables set, on loopback and, with
 --link shaped/both, through the link: `DLLAMA_SPIN_US=2000` (receives that spin before they sleep), or
 `PYTHONPATH=<another checkout>` (its code), against the default in the same run.
@@ -190,14 +191,17 @@ def exchange_only(ftype: str, n_nodes=2, dim=2048, n_layers=16, vocab=49152, tok
             "sent_bytes_per_token": sent / tokens, "recv_bytes_per_token": recv / tokens}
 
 
-def exchange_only_shaped(link, ftype: str, n_nodes: int, tokens: int) -> dict:
-    """exchange_only with the root in the link's root namespace and the echo workers in the other."""
+def exchange_only_shaped(link, ftype: str, n_nodes: int, tokens: int, pin: bool = False) -> dict:
+    """exchange_only with the root in the link's root namespace and the echo workers in the other (with
+    pin, the root on core 0 and the workers on core 1)."""
     from netns import ROOT_ADDR
 
+    root_pin, worker_pin = (["taskset", "-c", "0"], ["taskset", "-c", "1"]) if pin else ([], [])
     code = (f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import cluster; "
             f"print(json.dumps(cluster.exchange_only({ftype!r}, {n_nodes}, tokens={tokens}, host={ROOT_ADDR!r}, "
-            f"worker_prefix={link.worker([])!r})))")
-    out = subprocess.run(link.root([sys.executable, "-c", code]), capture_output=True, text=True, check=True)
+            f"worker_prefix={link.worker(worker_pin)!r})))")
+    out = subprocess.run(link.root([*root_pin, sys.executable, "-c", code]), capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -223,9 +227,11 @@ def cpp_run(binary: str, model: Path, tok: Path, threads: int, steps: int, nodes
     return {"avg_token_ms": 1000 / float(rates[-1])}
 
 
-def print_exchange_only(ftype: str, n_nodes: int, tokens: int, link=None) -> dict:
-    r = exchange_only(ftype, n_nodes, tokens=tokens) if link is None else exchange_only_shaped(link, ftype, n_nodes,
-                                                                                             tokens)
+def print_exchange_only(ftype: str, n_nodes: int, tokens: int, link=None, pin: bool = False) -> dict:
+    if link is None:
+        r = exchange_only(ftype, n_nodes, tokens=tokens, worker_prefix=("taskset", "-c", "1") if pin else ())
+    else:
+        r = exchange_only_shaped(link, ftype, n_nodes, tokens, pin)
     where = "loopback" if link is None else f"shaped link ({link.qdisc})"
     print(f"exchanges alone, {where}, {n_nodes} processes computing nothing, {ftype} buffers: "
           f"{r['ms_per_token']:.2f} ms/token (median of {tokens}; p10 {r['ms_per_token_p10']:.2f}) = "
@@ -241,25 +247,33 @@ def exchanges_only(args) -> None:
     import cost_model
 
     loop = {}
-    for n in args.nodes:
-        if args.link in ("loopback", "both") or n not in loop:
-            loop[n] = print_exchange_only("q80", n, args.tokens)
-        if args.link in ("loopback", "both") and n == 2:
-            print_exchange_only("f32", n, args.tokens)
+    cores = os.sched_getaffinity(0)
+    if args.pin:   # the loopback root is this process
+        os.sched_setaffinity(0, {0})
+    try:
+        for n in args.nodes:
+            if args.link in ("loopback", "both") or n not in loop:
+                loop[n] = print_exchange_only("q80", n, args.tokens, pin=args.pin)
+            if args.link in ("loopback", "both") and n == 2:
+                print_exchange_only("f32", n, args.tokens, pin=args.pin)
+    finally:
+        os.sched_setaffinity(0, cores)
     if args.link == "loopback":
         return
     from netns import Link
 
-    with Link() as link, contextlib.ExitStack() as stack:
+    cpus = (0, 1) if args.pin else None
+    with Link(cpus=cpus) as link, contextlib.ExitStack() as stack:
         # what the delay line costs by itself (its wake-ups and copies, which a wire has not)
-        bare = stack.enter_context(Link(delay_line=True, delay_s=0.0, tag="z")) if link.is_delay_line else None
+        bare = (stack.enter_context(Link(delay_line=True, delay_s=0.0, tag="z", cpus=cpus)) if link.is_delay_line
+                else None)
         rtt = 2 * link.delay_s
         for n in args.nodes:
             if n != 2:
                 continue   # the namespaces hold one worker
-            got = print_exchange_only("q80", n, args.tokens, link)
+            got = print_exchange_only("q80", n, args.tokens, link, args.pin)
             if bare is not None:
-                print_exchange_only("q80", n, args.tokens, bare)
+                print_exchange_only("q80", n, args.tokens, bare, args.pin)
             dim, n_layers, vocab = cost_model.SHAPES["1B shape (b1)"]
             overhead = loop[n]["us_per_exchange"] * 1e-6
             c = cost_model.components(dim, n_layers, vocab, n, overhead, rtt, 1e9, link.per_segment)
@@ -317,7 +331,8 @@ def main() -> int:
     root_pin, worker_pin = (("taskset", "-c", "0"), ("taskset", "-c", "1")) if args.pin else ((), ())
     runs = {name: [] for name, _, _ in configs}
     cpp = {name: [] for name, _, _ in configs}
-    link = Link().__enter__() if args.link != "loopback" else None
+    # a delay line's directions run where their senders do: the root's on core 0, the worker's on core 1
+    link = Link(cpus=(0, 1) if args.pin else None).__enter__() if args.link != "loopback" else None
     workers = {}
     try:
         if args.link != "shaped":

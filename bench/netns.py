@@ -26,10 +26,11 @@ class Link:
     """`with Link() as link:` run commands on either side with link.root(cmd) / link.worker(cmd) prefixes."""
 
     def __init__(self, delay_line: bool = False, delay_s: float = DELAY_S, rate_bits: float = RATE_BITS,
-                 tag: str = ""):
+                 tag: str = "", cpus: tuple[int, int] | None = None):
         """delay_line: use bench/delayline.py even where the kernel has netem; delay_s: one way (a delay
-        line without delay shows what the line itself costs); tag: tells apart the links of one process."""
-        self._force_line = delay_line
+        line without delay shows what the line itself costs); tag: tells apart the links of one process;
+        cpus: the cores the root and the worker run on, where the delay line's two directions should run."""
+        self._force_line, self._cpus = delay_line, cpus
         self._delay, self._rate = delay_s, rate_bits
         tag = f"{os.getpid() % 100000}{tag}"
         self.ns_root, self.ns_worker = f"dlx{tag}r", f"dlx{tag}w"
@@ -92,9 +93,10 @@ class Link:
     def _delay_line(self, a: str, b: str) -> None:
         fd, self._stats = tempfile.mkstemp(prefix="delayline-", suffix=".json")
         os.close(fd)
+        cpus = ["--cpus", *map(str, self._cpus)] if self._cpus else []
         self._line = subprocess.Popen([sys.executable, str(Path(__file__).with_name("delayline.py")), a, b,
                                        "--delay-us", str(self._delay * 1e6), "--rate-bits", str(self._rate),
-                                       "--stats", self._stats], stdout=subprocess.PIPE, text=True)
+                                       "--stats", self._stats, *cpus], stdout=subprocess.PIPE, text=True)
         if self._line.stdout.readline().strip() != "ready":
             raise RuntimeError("bench/delayline.py did not start")
         self._address(a, b)
@@ -106,12 +108,13 @@ class Link:
 
     def lateness(self) -> str:
         """How far from their time the delay line let packets through, once closed ("" for a qdisc)."""
-        s = self._stats
-        if not isinstance(s, dict):
+        if not isinstance(self._stats, list):
             return ""
-        return (f"delay line: {s['packets']} packets left {s['error_us_median']:+.0f} us from their time (median; "
-                f"10th percentile {s['error_us_p10']:+.0f}, 90th {s['error_us_p90']:+.0f}, latest "
-                f"{s['error_us_max']:+.0f}); its own CPU {1e6 * s['cpu_s'] / max(1, s['packets']):.0f} us a packet")
+        ways = [f"{way} {s['packets']} packets left {s['error_us_median']:+.0f} us from their time (median; 10th "
+                f"percentile {s['error_us_p10']:+.0f}, 90th {s['error_us_p90']:+.0f}, latest {s['error_us_max']:+.0f})"
+                for way, s in zip(("root to worker", "worker to root"), self._stats)]
+        cpu_us = 1e6 * sum(s["cpu_s"] for s in self._stats) / max(1, sum(s["packets"] for s in self._stats))
+        return f"delay line: {'; '.join(ways)}; its own CPU {cpu_us:.0f} us a packet"
 
     def close(self) -> None:
         if self._line is not None:
@@ -119,9 +122,12 @@ class Link:
             self._line.wait(10)
             self._line = None
         if isinstance(self._stats, str):
-            stats = Path(self._stats)
-            self._stats = json.loads(stats.read_text()) if stats.exists() and stats.stat().st_size else None
-            stats.unlink(missing_ok=True)
+            base = Path(self._stats)
+            ways = [base.with_name(f"{base.name}.{way}") for way in (0, 1)]
+            ready = all(f.exists() and f.stat().st_size for f in ways)
+            self._stats = [json.loads(f.read_text()) for f in ways] if ready else None
+            for f in (base, *ways):
+                f.unlink(missing_ok=True)
         for ns in (self.ns_root, self.ns_worker):   # deleting a namespace deletes its devices
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
