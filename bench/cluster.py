@@ -43,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 PROMPT = "Hello world"
 CONFIGS = [("1 node x 1 thread", 1, 1), ("2 nodes x 1 thread", 2, 1), ("1 node x 2 threads", 1, 2)]
 SHAPED = "2 nodes x 1 thread, shaped link"
+PIN_ROOT, PIN_WORKER = ("taskset", "-c", "0"), ("taskset", "-c", "1")   # --pin
 # ../shared/ANCHORS.md, model B, Distributed Llama C++ (Jan 2026), Q80 buffers: ms per token
 ANCHOR_MS = {"1 node x 1 thread": "143-172", "2 nodes x 1 thread": "83-104 (T 8.5-23)",
              "1 node x 2 threads": "82-109", SHAPED: "-"}
@@ -196,10 +197,10 @@ def exchange_only_shaped(link, ftype: str, n_nodes: int, tokens: int, pin: bool 
     pin, the root on core 0 and the workers on core 1)."""
     from netns import ROOT_ADDR
 
-    root_pin, worker_pin = (["taskset", "-c", "0"], ["taskset", "-c", "1"]) if pin else ([], [])
+    root_pin, worker_pin = (PIN_ROOT, PIN_WORKER) if pin else ((), ())
     code = (f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import cluster; "
             f"print(json.dumps(cluster.exchange_only({ftype!r}, {n_nodes}, tokens={tokens}, host={ROOT_ADDR!r}, "
-            f"worker_prefix={link.worker(worker_pin)!r})))")
+            f"worker_prefix={link.worker([*worker_pin])!r})))")
     out = subprocess.run(link.root([*root_pin, sys.executable, "-c", code]), capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -229,7 +230,7 @@ def cpp_run(binary: str, model: Path, tok: Path, threads: int, steps: int, nodes
 
 def print_exchange_only(ftype: str, n_nodes: int, tokens: int, link=None, pin: bool = False) -> dict:
     if link is None:
-        r = exchange_only(ftype, n_nodes, tokens=tokens, worker_prefix=("taskset", "-c", "1") if pin else ())
+        r = exchange_only(ftype, n_nodes, tokens=tokens, worker_prefix=PIN_WORKER if pin else ())
     else:
         r = exchange_only_shaped(link, ftype, n_nodes, tokens, pin)
     where = "loopback" if link is None else f"shaped link ({link.qdisc})"
@@ -328,7 +329,7 @@ def main() -> int:
             shaped_other = SHAPED + ", " + " ".join(args.compare_env)
             configs.append((shaped_other, 2, 1))
         ANCHOR_MS.update({name: "-" for name in (other, shaped_other) if name})
-    root_pin, worker_pin = (("taskset", "-c", "0"), ("taskset", "-c", "1")) if args.pin else ((), ())
+    root_pin, worker_pin = (PIN_ROOT, PIN_WORKER) if args.pin else ((), ())
     runs = {name: [] for name, _, _ in configs}
     cpp = {name: [] for name, _, _ in configs}
     # a delay line's directions run where their senders do: the root's on core 0, the worker's on core 1

@@ -1,5 +1,5 @@
-"""A link with a real one-way delay and line rate for kernels without netem: two TUN devices joined by this
-process, which holds every packet in flight for the delay and paces each direction at the rate.
+"""A link with a real one-way delay and line rate for kernels without netem: two TUN devices joined by two
+processes, one a direction, which hold every packet in flight for the delay and pace it at the rate.
 
     python bench/delayline.py TUN_A TUN_B [--delay-us 100] [--rate-bits 1e9] [--stats FILE] [--cpus A B]
 

@@ -3,7 +3,8 @@
 Needs root (ip netns, tc). Each side's egress is shaped with `tc qdisc ... netem delay 0.1ms rate 1gbit`
 (0.2 ms round trip, 1 Gbit/s each way). A kernel without netem (CONFIG_NET_SCH_NETEM unset, as in some
 containers) gets the same link from bench/delayline.py instead: two TUN devices, one in each namespace,
-and a real-time process between them that holds each packet for the delay and paces it at the rate.
+and a real-time process a direction between them that holds each packet for the delay and paces it at
+the rate.
 Without TUN either, `tbf rate 1gbit` only: the bandwidth is real, the delay is not, and `Link.delay_s` says
 so (0), so that a caller can add round trips x RTT itself and say it did. Addresses are private ones that
 exist only inside the two namespaces, which are deleted on exit (with their devices).
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from cost_model import ETHERNET_OVERHEAD, VETH_OVERHEAD
 
 ROOT_ADDR, WORKER_ADDR = "10.213.0.1", "10.213.0.2"   # only ever inside the two namespaces below
 DELAY_S, RATE_BITS = 100e-6, 1e9
@@ -37,7 +40,7 @@ class Link:
         self._veth = (f"dlx{tag}a", f"dlx{tag}b")
         self.qdisc = ""
         self.delay_s = 0.0
-        self.per_segment = 66   # framing bytes per TCP segment: a veth's (an Ethernet's through the delay line)
+        self.per_segment = VETH_OVERHEAD   # framing bytes per TCP segment (an Ethernet's through the delay line)
         self._line = None       # the delay line's process, when it is the link
         self._stats = None      # its figures' file, then (once it has stopped) the figures
         self.is_delay_line = False
@@ -103,7 +106,7 @@ class Link:
         self.qdisc = (f"delay line {self._delay * 1e3:g} ms + {self._rate / 1e9:g} Gbit/s each way over TUN "
                       f"(bench/delayline.py"
                       f"{'' if self._force_line else '; no netem in this kernel'})")
-        self.delay_s, self.per_segment = self._delay, 90
+        self.delay_s, self.per_segment = self._delay, ETHERNET_OVERHEAD
         self.is_delay_line = True
 
     def lateness(self) -> str:

@@ -1,6 +1,6 @@
 """bench/delayline.py, the link bench/cluster.py measures two nodes through where the kernel has no netem:
-between two network namespaces made here (and removed), a round trip must take the 0.2 ms it stands for,
-a bulk transfer the time 1 Gbit/s allows, and every byte must arrive as sent."""
+between two network namespaces made here (and removed), a round trip must take 0.2 ms longer than through
+the same line without delay, a bulk transfer the time its rate allows, and every byte must arrive as sent."""
 
 import json
 import os
